@@ -1,0 +1,67 @@
+"""fdiv: one definition of a divergence drives every training objective.
+
+Orientation everywhere: ``D(P || Q)`` with **P the target** (teacher, reference,
+data) and **Q the model** (student, policy).
+
+>>> import torch, fdiv
+>>> kl = fdiv.get("forward_kl")
+>>> teacher, student = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 0.0, 0.0]])
+>>> kl(teacher, student).shape
+torch.Size([1])
+"""
+
+from .math import (
+    Bhattacharyya,
+    Divergence,
+    FDivergence,
+    Renyi,
+    Standardized,
+    Swapped,
+    aliases,
+    available,
+    get,
+    register,
+    resolve,
+)
+from .math.generators import (
+    AlphaDivergence,
+    ForwardKL,
+    Hellinger,
+    JensenShannon,
+    Jeffreys,
+    NeymanChi2,
+    PearsonChi2,
+    ReverseKL,
+    SkewForwardKL,
+    SkewReverseKL,
+    TotalVariation,
+    Triangular,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlphaDivergence",
+    "Bhattacharyya",
+    "Divergence",
+    "FDivergence",
+    "ForwardKL",
+    "Hellinger",
+    "JensenShannon",
+    "Jeffreys",
+    "NeymanChi2",
+    "PearsonChi2",
+    "Renyi",
+    "ReverseKL",
+    "SkewForwardKL",
+    "SkewReverseKL",
+    "Standardized",
+    "Swapped",
+    "TotalVariation",
+    "Triangular",
+    "aliases",
+    "available",
+    "get",
+    "register",
+    "resolve",
+]

@@ -1,0 +1,937 @@
+r"""f-divergence generators.
+
+An f-divergence between categorical distributions is
+
+.. math:: D_f(P \,\|\, Q) = \sum_i q_i \, f(p_i / q_i), \qquad f \text{ convex}, \ f(1) = 0,
+
+with **P the target** and **Q the model** (``../DESIGN.md`` §1). A
+:class:`FDivergence` carries everything the objectives and kernels need:
+
+* the generator ``f``, its derivatives ``f'`` and ``f''`` and the convex
+  conjugate ``f*(u) = sup_{t >= 0} (u t - f(t))``;
+* the limits ``f(0)`` (entries with ``p = 0``) and ``f'(inf) = lim f(t)/t``
+  (entries with ``q = 0``) that make zero probabilities exact;
+* :meth:`FDivergence.swapped`, the generator ``t f(1/t)`` of ``D_f(Q || P)``;
+* the **pointwise log-space forms**, the contract every kernel is built on: with
+  ``a = log p_i``, ``b = log q_i`` and ``t = exp(a - b)``
+
+  - value ``q f(t)``,
+  - ``d/da = p f'(t)``,
+  - ``d/db = q (f(t) - t f'(t))``,
+
+  written so that no ``exp`` overflows for finite ``a, b``.
+
+A kernel needs only those three forms plus the softmax chain rule
+``dD/dz_j = g_j - softmax(z)_j * sum_i g_i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._numerics import as_float_tensor, expm1_ratio, log_abs_diff_exp, log_mixture_offsets
+from .base import Divergence
+
+INF = math.inf
+
+
+def _check_open_unit(name: str, value: float, *, low_closed=False, high_closed=False) -> float:
+    value = float(value)
+    ok_low = value >= 0 if low_closed else value > 0
+    ok_high = value <= 1 if high_closed else value < 1
+    if not (ok_low and ok_high and math.isfinite(value)):
+        interval = ("[" if low_closed else "(") + "0, 1" + ("]" if high_closed else ")")
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return value
+
+
+class FDivergence(Divergence):
+    """Base class of f-divergences, defined by their generator.
+
+    A subclass must implement :meth:`f` and :meth:`f_prime`, and should give
+    :meth:`f_at_zero`, :meth:`f_prime_at_infinity` and :meth:`_forms` (the
+    stable log-space forms); the defaults are generic but evaluate ``t = p/q``
+    directly, which overflows for extreme logits. Everything else — the
+    categorical evaluation, gradients, swapping, Monte-Carlo estimators — is
+    derived.
+    """
+
+    # ------------------------------------------------------------ generator
+    def f(self, t) -> torch.Tensor:
+        """The generator ``f(t)`` for ``t >= 0`` (with its limit at ``t = 0``)."""
+        raise NotImplementedError(f"generator {self.name!r} does not define f")
+
+    def f_prime(self, t) -> torch.Tensor:
+        """``f'(t)`` for ``t > 0``."""
+        raise NotImplementedError(f"generator {self.name!r} does not define f_prime")
+
+    def f_double_prime(self, t) -> torch.Tensor:
+        """``f''(t)`` for ``t > 0``; by default the autograd derivative of :meth:`f_prime`."""
+        t = as_float_tensor(t).detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.f_prime(t).sum(), t)
+        return grad
+
+    def conjugate(self, u) -> torch.Tensor:
+        """The convex conjugate ``f*(u) = sup_{t >= 0} (u t - f(t))`` (``+inf`` outside its domain)."""
+        raise NotImplementedError(
+            f"generator {self.name!r} has no closed-form convex conjugate; "
+            "use a log-ratio critic (fdiv.variational_bound(..., critic='log_ratio')) instead"
+        )
+
+    def f_at_zero(self) -> float:
+        """``f(0) = lim_{t -> 0} f(t)``: the contribution per unit of ``q`` where ``p = 0``."""
+        value = float(self.f(torch.zeros((), dtype=torch.float64)))
+        if math.isnan(value):
+            raise NotImplementedError(f"generator {self.name!r} must define f_at_zero()")
+        return value
+
+    def f_prime_at_infinity(self) -> float:
+        """``f'(inf) = lim_{t -> inf} f(t) / t``: the contribution per unit of ``p`` where ``q = 0``."""
+        raise NotImplementedError(
+            f"generator {self.name!r} must define f_prime_at_infinity() to handle entries with q = 0"
+        )
+
+    def swapped(self) -> "FDivergence":
+        """The generator ``t f(1/t)``, so that ``D_f(P || Q) = D_swapped(Q || P)``."""
+        return Swapped(self)
+
+    # ------------------------------------------------------ log-space forms
+    def _forms(self, a: torch.Tensor, b: torch.Tensor):
+        """``(q f(t), p f'(t), q (f(t) - t f'(t)))`` for finite ``a = log p``, ``b = log q``.
+
+        Generic version: evaluates ``t = exp(a - b)``; built-ins override it with
+        forms that cannot overflow.
+        """
+        p, q, t = torch.exp(a), torch.exp(b), torch.exp(a - b)
+        value = q * self.f(t)
+        grad_a = p * self.f_prime(t)
+        return value, grad_a, value - grad_a
+
+    def log_forms(self, a: torch.Tensor, b: torch.Tensor):
+        """The three pointwise forms for log-probabilities that may be ``-inf``.
+
+        Entries with ``p = 0`` take ``(q f(0), 0, q f(0))``, entries with ``q = 0``
+        take ``(p f'(inf), p f'(inf), 0)``, entries with both zero take zeros.
+        Where the value is ``+inf`` (a support mismatch the divergence does not
+        allow) the two gradients are set to 0: the gradient of an infinite
+        divergence is undefined.
+        """
+        p_zero, q_zero = a == -INF, b == -INF
+        any_zero = p_zero | q_zero
+        has_zero = bool(any_zero.any())
+        if has_zero:
+            a = torch.where(any_zero, torch.zeros_like(a), a)
+            b = torch.where(any_zero, torch.zeros_like(b), b)
+        value, grad_a, grad_b = self._forms(a, b)
+        if not has_zero:
+            return value, grad_a, grad_b
+        zero = torch.zeros_like(value)
+        p, q = torch.exp(a), torch.exp(b)
+        only_p_zero, only_q_zero = p_zero & ~q_zero, q_zero & ~p_zero
+        if bool(only_p_zero.any()):
+            at_p_zero = q * self.f_at_zero()
+            value = torch.where(only_p_zero, at_p_zero, value)
+            grad_a = torch.where(only_p_zero, zero, grad_a)
+            grad_b = torch.where(only_p_zero, at_p_zero, grad_b)
+        if bool(only_q_zero.any()):
+            at_q_zero = p * self.f_prime_at_infinity()
+            value = torch.where(only_q_zero, at_q_zero, value)
+            grad_a = torch.where(only_q_zero, at_q_zero, grad_a)
+            grad_b = torch.where(only_q_zero, zero, grad_b)
+        both = p_zero & q_zero
+        value = torch.where(both, zero, value)
+        infinite = torch.isinf(value) & any_zero
+        grad_a = torch.where(both | infinite, zero, grad_a)
+        grad_b = torch.where(both | infinite, zero, grad_b)
+        return value, grad_a, grad_b
+
+    def pointwise(self, a, b) -> torch.Tensor:
+        """Pointwise value ``q f(p/q)`` from ``a = log p``, ``b = log q``."""
+        return self.log_forms(as_float_tensor(a), as_float_tensor(b))[0]
+
+    def pointwise_grad_a(self, a, b) -> torch.Tensor:
+        """``d/da [q f(p/q)] = p f'(p/q)``."""
+        return self.log_forms(as_float_tensor(a), as_float_tensor(b))[1]
+
+    def pointwise_grad_b(self, a, b) -> torch.Tensor:
+        """``d/db [q f(p/q)] = q (f(t) - t f'(t))``."""
+        return self.log_forms(as_float_tensor(a), as_float_tensor(b))[2]
+
+    # ----------------------------------------------------- categorical path
+    def _rowwise(self, log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+        return _FDivergenceRows.apply(self, log_p, log_q, dim)
+
+    # ------------------------------------------------------------- metadata
+    @property
+    def character(self) -> tuple[str, ...]:
+        """Tags derived from the generator's limits and symmetry.
+
+        ``f'(inf) = inf`` forces ``q > 0`` wherever ``p > 0`` (mass-covering);
+        ``f(0) = inf`` forces ``p > 0`` wherever ``q > 0`` (mode-seeking); both
+        finite means the divergence is bounded by ``f(0) + f'(inf)``.
+        """
+        tags = []
+        try:
+            f0, fpinf = self.f_at_zero(), self.f_prime_at_infinity()
+        except NotImplementedError:
+            return ("symmetric",) if self.is_symmetric() else ()
+        if fpinf == INF:
+            tags.append("mass-covering")
+        if f0 == INF:
+            tags.append("mode-seeking")
+        if f0 < INF and fpinf < INF:
+            tags.append(f"bounded by {f0 + fpinf:.4g}")
+        if self.is_symmetric():
+            tags.append("symmetric")
+        return tuple(tags)
+
+    def is_symmetric(self) -> bool:
+        """Whether ``D(P || Q) = D(Q || P)``, i.e. ``f(t) = t f(1/t)`` (checked on a grid)."""
+        t = torch.tensor([0.05, 0.3, 0.7, 1.6, 4.0, 25.0], dtype=torch.float64)
+        here = self.f(t)
+        there = t * self.f(1.0 / t)
+        return bool(torch.allclose(here, there, rtol=1e-9, atol=1e-12))
+
+
+class _FDivergenceRows(torch.autograd.Function):
+    """Row sums of the pointwise forms; gradients come from the forms themselves."""
+
+    @staticmethod
+    def forward(ctx, divergence: FDivergence, log_p, log_q, dim: int):
+        value, grad_a, grad_b = divergence.log_forms(log_p, log_q)
+        ctx.dim = dim
+        ctx.save_for_backward(grad_a, grad_b)
+        return value.sum(dim=dim)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        grad_a, grad_b = ctx.saved_tensors
+        g = grad_rows.unsqueeze(ctx.dim)
+        return None, g * grad_a if ctx.needs_input_grad[1] else None, g * grad_b if ctx.needs_input_grad[2] else None, None
+
+
+class Swapped(FDivergence):
+    """``t f(1/t)``: the divergence with its two arguments exchanged."""
+
+    def __init__(self, base: FDivergence):
+        self.base = base
+        self.name = f"swapped({base.name})"
+        self.formula = f"D_{base.name}(Q || P)"
+
+    @property
+    def params(self) -> dict:
+        return {"base": self.base}
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        at_zero = torch.full_like(t, self.base.f_prime_at_infinity())
+        safe = torch.where(t == 0, torch.ones_like(t), t)
+        return torch.where(t == 0, at_zero, safe * self.base.f(1.0 / safe))
+
+    def f_prime(self, t):
+        t = as_float_tensor(t)
+        inv = 1.0 / t
+        return self.base.f(inv) - inv * self.base.f_prime(inv)
+
+    def f_double_prime(self, t):
+        t = as_float_tensor(t)
+        return self.base.f_double_prime(1.0 / t) / t**3
+
+    def f_at_zero(self):
+        return self.base.f_prime_at_infinity()
+
+    def f_prime_at_infinity(self):
+        return self.base.f_at_zero()
+
+    def swapped(self):
+        return self.base
+
+    def _forms(self, a, b):
+        value, grad_q_side, grad_p_side = self.base._forms(b, a)
+        return value, grad_p_side, grad_q_side
+
+
+class Standardized(FDivergence):
+    """``f(t) - f'(1) (t - 1)``: the same divergence on distributions, with ``f'(1) = 0``.
+
+    Families whose end points are KL (``alpha`` at 0 and 1, scaled ``js`` at 0
+    and 1) use it so that their generator is continuous in the parameter.
+    """
+
+    def __init__(self, base: FDivergence):
+        self.base = base
+        self.name = base.name
+        self.formula = base.formula
+        self._slope = float(base.f_prime(torch.ones((), dtype=torch.float64)))
+
+    @property
+    def params(self) -> dict:
+        return {"base": self.base}
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        return self.base.f(t) - self._slope * (t - 1)
+
+    def f_prime(self, t):
+        return self.base.f_prime(t) - self._slope
+
+    def f_double_prime(self, t):
+        return self.base.f_double_prime(t)
+
+    def conjugate(self, u):
+        return self.base.conjugate(as_float_tensor(u) + self._slope) - self._slope
+
+    def f_at_zero(self):
+        return self.base.f_at_zero() + self._slope
+
+    def f_prime_at_infinity(self):
+        return self.base.f_prime_at_infinity() - self._slope
+
+    def swapped(self):
+        return Standardized(self.base.swapped())
+
+    def _forms(self, a, b):
+        value, grad_a, grad_b = self.base._forms(a, b)
+        p, q = torch.exp(a), torch.exp(b)
+        return value - self._slope * (p - q), grad_a - self._slope * p, grad_b + self._slope * q
+
+
+# ---------------------------------------------------------------- built-ins
+
+
+class ForwardKL(FDivergence):
+    r"""Forward Kullback–Leibler divergence ``KL(P || Q) = sum p log(p/q)``; mass-covering.
+
+    Generator ``f(t) = t log t``; ``f*(u) = exp(u - 1)``. The classic knowledge
+    distillation loss (Hinton et al., 2015, "Distilling the Knowledge in a
+    Neural Network").
+    """
+
+    name = "forward_kl"
+    formula = "KL(P||Q) = Σ p·log(p/q)"
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        return torch.xlogy(t, t)
+
+    def f_prime(self, t):
+        return torch.log(as_float_tensor(t)) + 1
+
+    def f_double_prime(self, t):
+        return 1.0 / as_float_tensor(t)
+
+    def conjugate(self, u):
+        return torch.exp(as_float_tensor(u) - 1)
+
+    def f_at_zero(self):
+        return 0.0
+
+    def f_prime_at_infinity(self):
+        return INF
+
+    def swapped(self):
+        return ReverseKL()
+
+    def _forms(self, a, b):
+        p = torch.exp(a)
+        d = a - b
+        return p * d, p * (d + 1), -p
+
+
+class ReverseKL(FDivergence):
+    r"""Reverse Kullback–Leibler divergence ``KL(Q || P) = sum q log(q/p)``; mode-seeking.
+
+    Generator ``f(t) = -log t``; ``f*(u) = -1 - log(-u)`` for ``u < 0``. The
+    usual RLHF/DPO penalty (Rafailov et al., 2023) and MiniLLM's objective (Gu
+    et al., 2024).
+    """
+
+    name = "reverse_kl"
+    formula = "KL(Q||P) = Σ q·log(q/p)"
+
+    def f(self, t):
+        return -torch.log(as_float_tensor(t))
+
+    def f_prime(self, t):
+        return -1.0 / as_float_tensor(t)
+
+    def f_double_prime(self, t):
+        return as_float_tensor(t) ** -2
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        neg = torch.where(u < 0, u, -torch.ones_like(u))
+        return torch.where(u < 0, -1 - torch.log(-neg), torch.full_like(u, INF))
+
+    def f_at_zero(self):
+        return INF
+
+    def f_prime_at_infinity(self):
+        return 0.0
+
+    def swapped(self):
+        return ForwardKL()
+
+    def _forms(self, a, b):
+        q = torch.exp(b)
+        d = b - a
+        return q * d, -q, q * (d + 1)
+
+
+class JensenShannon(FDivergence):
+    r"""Generalised (skew) Jensen–Shannon divergence; bounded.
+
+    .. math:: JS_\beta(P \| Q) = \beta\,KL(P \| M) + (1-\beta)\,KL(Q \| M), \quad M = \beta P + (1-\beta) Q.
+
+    Generator ``f(t) = beta t log t - (beta t + 1 - beta) log(beta t + 1 - beta)``.
+    ``beta = 0.5`` is the symmetric JS divergence, bounded by ``log 2``. This is
+    the convention of TRL's ``generalized_jsd_loss`` and Liger's JSD (GKD, Agarwal
+    et al., 2024).
+
+    With ``scaled=True`` the value is divided by ``beta (1 - beta)``; the scaled
+    family is continuous on ``[0, 1]`` with ``beta = 0`` exactly forward KL and
+    ``beta = 1`` exactly reverse KL (the two end points TRL special-cases).
+    Unscaled, ``beta`` must lie in ``(0, 1)``: the unscaled limits are 0.
+    """
+
+    name = "js"
+    formula = "β·KL(P||M) + (1−β)·KL(Q||M),  M = βP + (1−β)Q"
+
+    def __init__(self, beta: float = 0.5, scaled: bool = False):
+        if not isinstance(scaled, bool):
+            raise ValueError(f"scaled must be True or False, got {scaled!r}")
+        if scaled:
+            beta = _check_open_unit("beta", beta, low_closed=True, high_closed=True)
+        else:
+            try:
+                beta = _check_open_unit("beta", beta)
+            except ValueError:
+                raise ValueError(
+                    f"beta must lie in (0, 1) for the unscaled js, got {beta!r}; at beta = 0 or 1 it is "
+                    "identically 0 — use 'forward_kl' / 'reverse_kl', or js with scaled=True"
+                ) from None
+        self.beta, self.scaled = beta, scaled
+        self._scale = 1.0 / (beta * (1 - beta)) if scaled and 0 < beta < 1 else 1.0
+        self._end = (
+            Standardized(ForwardKL()) if scaled and beta == 0 else Standardized(ReverseKL()) if scaled and beta == 1 else None
+        )
+
+    @property
+    def params(self):
+        return {"beta": self.beta, "scaled": self.scaled}
+
+    def f(self, t):
+        if self._end is not None:
+            return self._end.f(t)
+        t, beta = as_float_tensor(t), self.beta
+        mix = beta * t + (1 - beta)
+        return self._scale * (beta * torch.xlogy(t, t) - mix * torch.log(mix))
+
+    def f_prime(self, t):
+        if self._end is not None:
+            return self._end.f_prime(t)
+        t, beta = as_float_tensor(t), self.beta
+        return self._scale * beta * (torch.log(t) - torch.log(beta * t + 1 - beta))
+
+    def f_double_prime(self, t):
+        if self._end is not None:
+            return self._end.f_double_prime(t)
+        t, beta = as_float_tensor(t), self.beta
+        return self._scale * beta * (1 - beta) / (t * (beta * t + 1 - beta))
+
+    def conjugate(self, u):
+        if self._end is not None:
+            return self._end.conjugate(u)
+        u, beta, c = as_float_tensor(u), self.beta, self._scale
+        v = u / c
+        ok = v < -beta * math.log(beta)
+        s = torch.exp(torch.where(ok, v, torch.zeros_like(v)) / beta)
+        inside = -(1 - beta) * torch.log((1 - beta * s) / (1 - beta))
+        return torch.where(ok, c * inside, torch.full_like(u, INF))
+
+    def f_at_zero(self):
+        if self._end is not None:
+            return self._end.f_at_zero()
+        return self._scale * -(1 - self.beta) * math.log1p(-self.beta)
+
+    def f_prime_at_infinity(self):
+        if self._end is not None:
+            return self._end.f_prime_at_infinity()
+        return self._scale * -self.beta * math.log(self.beta)
+
+    def swapped(self):
+        return JensenShannon(1 - self.beta, scaled=self.scaled)
+
+    def _forms(self, a, b):
+        if self._end is not None:
+            return self._end._forms(a, b)
+        beta = self.beta
+        la, lb = log_mixture_offsets(a, b, beta)
+        grad_a = -beta * self._scale * torch.exp(a) * la
+        grad_b = -(1 - beta) * self._scale * torch.exp(b) * lb
+        return grad_a + grad_b, grad_a, grad_b
+
+
+class SkewForwardKL(FDivergence):
+    r"""Skew forward KL ``KL(P || alpha P + (1 - alpha) Q)``; mass-covering, bounded by ``-log alpha``.
+
+    DistiLLM's SKL (Ko et al., 2024, "DistiLLM: Towards Streamlined Distillation
+    for Large Language Models"; default ``alpha = 0.1``). Generator
+    ``f(t) = t log(t / (alpha t + 1 - alpha))``. ``alpha = 0`` is forward KL
+    exactly. No closed-form conjugate.
+    """
+
+    name = "skew_forward_kl"
+    formula = "KL(P || αP + (1−α)Q)"
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
+
+    @property
+    def params(self):
+        return {"alpha": self.alpha}
+
+    def f(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        return torch.xlogy(t, t) - torch.xlogy(t, alpha * t + 1 - alpha)
+
+    def f_prime(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        mix = alpha * t + 1 - alpha
+        return torch.log(t / mix) + (1 - alpha) / mix
+
+    def f_double_prime(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        mix = alpha * t + 1 - alpha
+        return (1 - alpha) ** 2 / (t * mix**2)
+
+    def f_at_zero(self):
+        return 0.0
+
+    def f_prime_at_infinity(self):
+        return -math.log(self.alpha) if self.alpha > 0 else INF
+
+    def swapped(self):
+        return SkewReverseKL(self.alpha)
+
+    def _forms(self, a, b):
+        if self.alpha == 0:
+            return ForwardKL._forms(self, a, b)
+        la, lb = log_mixture_offsets(a, b, self.alpha)
+        p = torch.exp(a)
+        value = -p * la
+        grad_b = -(1 - self.alpha) * p * torch.exp(-lb)
+        return value, value - grad_b, grad_b
+
+
+class SkewReverseKL(FDivergence):
+    r"""Skew reverse KL ``KL(Q || alpha Q + (1 - alpha) P)``; mode-seeking, bounded by ``-log alpha``.
+
+    DistiLLM's SRKL (Ko et al., 2024; default ``alpha = 0.1``). Generator
+    ``f(t) = -log(alpha + (1 - alpha) t)``. ``alpha = 0`` is reverse KL exactly.
+    """
+
+    name = "skew_reverse_kl"
+    formula = "KL(Q || αQ + (1−α)P)"
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
+
+    @property
+    def params(self):
+        return {"alpha": self.alpha}
+
+    def f(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        return -torch.log(alpha + (1 - alpha) * t)
+
+    def f_prime(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        return -(1 - alpha) / (alpha + (1 - alpha) * t)
+
+    def f_double_prime(self, t):
+        t, alpha = as_float_tensor(t), self.alpha
+        return ((1 - alpha) / (alpha + (1 - alpha) * t)) ** 2
+
+    def conjugate(self, u):
+        u, alpha = as_float_tensor(u), self.alpha
+        if alpha == 0:
+            return ReverseKL().conjugate(u)
+        kink = -(1 - alpha) / alpha
+        neg = torch.where(u < 0, u, -torch.ones_like(u))
+        interior = -1 - alpha * u / (1 - alpha) + torch.log((1 - alpha) / -neg)
+        flat = torch.full_like(u, math.log(alpha))
+        return torch.where(u >= 0, torch.full_like(u, INF), torch.where(u <= kink, interior, flat))
+
+    def f_at_zero(self):
+        return -math.log(self.alpha) if self.alpha > 0 else INF
+
+    def f_prime_at_infinity(self):
+        return 0.0
+
+    def swapped(self):
+        return SkewForwardKL(self.alpha)
+
+    def _forms(self, a, b):
+        if self.alpha == 0:
+            return ReverseKL._forms(self, a, b)
+        la, lb = log_mixture_offsets(a, b, 1 - self.alpha)
+        q = torch.exp(b)
+        value = -q * lb
+        grad_a = -(1 - self.alpha) * q * torch.exp(-la)
+        return value, grad_a, value - grad_a
+
+
+class TotalVariation(FDivergence):
+    r"""Total variation distance ``TV(P, Q) = 1/2 sum |p - q|``; symmetric, bounded by 1.
+
+    Generator ``f(t) = |t - 1| / 2``. ``1 - TV`` is the expected acceptance rate of
+    speculative decoding (DistillSpec, Zhou et al., 2024). At ``p = q`` the
+    subgradient 0 is used.
+    """
+
+    name = "tv"
+    formula = "½·Σ |p − q|"
+
+    def f(self, t):
+        return 0.5 * (as_float_tensor(t) - 1).abs()
+
+    def f_prime(self, t):
+        return 0.5 * torch.sign(as_float_tensor(t) - 1)
+
+    def f_double_prime(self, t):
+        return torch.zeros_like(as_float_tensor(t))
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        return torch.where(u > 0.5, torch.full_like(u, INF), torch.clamp(u, min=-0.5))
+
+    def f_at_zero(self):
+        return 0.5
+
+    def f_prime_at_infinity(self):
+        return 0.5
+
+    def swapped(self):
+        return self
+
+    def _forms(self, a, b):
+        p, q = torch.exp(a), torch.exp(b)
+        sign = torch.sign(a - b)
+        return 0.5 * (p - q).abs(), 0.5 * p * sign, -0.5 * q * sign
+
+
+class Hellinger(FDivergence):
+    r"""Squared Hellinger distance ``H^2(P, Q) = 1/2 sum (sqrt p - sqrt q)^2 = 1 - sum sqrt(p q)``.
+
+    Normalised to ``[0, 1]`` (Le Cam's convention); generator
+    ``f(t) = (sqrt t - 1)^2 / 2``, conjugate ``f*(u) = u / (1 - 2u)`` for ``u < 1/2``.
+    Some authors omit the 1/2: multiply by 2 for that convention.
+    """
+
+    name = "hellinger"
+    formula = "½·Σ (√p − √q)²  = 1 − Σ √(pq)"
+
+    def f(self, t):
+        return 0.5 * (torch.sqrt(as_float_tensor(t)) - 1) ** 2
+
+    def f_prime(self, t):
+        return 0.5 * (1 - torch.rsqrt(as_float_tensor(t)))
+
+    def f_double_prime(self, t):
+        return 0.25 * as_float_tensor(t) ** -1.5
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        ok = u < 0.5
+        safe = torch.where(ok, u, torch.zeros_like(u))
+        return torch.where(ok, safe / (1 - 2 * safe), torch.full_like(u, INF))
+
+    def f_at_zero(self):
+        return 0.5
+
+    def f_prime_at_infinity(self):
+        return 0.5
+
+    def swapped(self):
+        return self
+
+    def _forms(self, a, b):
+        p, q = torch.exp(a), torch.exp(b)
+        geometric = torch.exp(0.5 * (a + b))
+        value = 0.5 * torch.exp(2 * (log_abs_diff_exp(a, b) - torch.logaddexp(0.5 * a, 0.5 * b)))
+        return value, 0.5 * (p - geometric), 0.5 * (q - geometric)
+
+
+class PearsonChi2(FDivergence):
+    r"""Pearson chi-squared divergence ``chi2(P || Q) = sum (p - q)^2 / q``; strongly mass-covering.
+
+    Generator ``f(t) = (t - 1)^2``; conjugate ``u + u^2/4`` for ``u >= -2`` (else ``-1``).
+    Unbounded; it overflows to ``+inf`` when ``p^2/q`` does.
+    """
+
+    name = "pearson_chi2"
+    formula = "Σ (p − q)² / q"
+
+    def f(self, t):
+        return (as_float_tensor(t) - 1) ** 2
+
+    def f_prime(self, t):
+        return 2 * (as_float_tensor(t) - 1)
+
+    def f_double_prime(self, t):
+        return torch.full_like(as_float_tensor(t), 2.0)
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        return torch.where(u >= -2, u + u**2 / 4, -torch.ones_like(u))
+
+    def f_at_zero(self):
+        return 1.0
+
+    def f_prime_at_infinity(self):
+        return INF
+
+    def swapped(self):
+        return NeymanChi2()
+
+    def _forms(self, a, b):
+        log_gap = log_abs_diff_exp(a, b)
+        value = torch.exp(2 * log_gap - b)
+        grad_a = 2 * torch.sign(a - b) * torch.exp(a + log_gap - b)
+        grad_b = torch.exp(b) - torch.exp(2 * a - b)
+        return value, grad_a, grad_b
+
+
+class NeymanChi2(FDivergence):
+    r"""Neyman chi-squared divergence ``chi2(Q || P) = sum (p - q)^2 / p``; mode-seeking.
+
+    Generator ``f(t) = (t - 1)^2 / t``; conjugate ``2 - 2 sqrt(1 - u)`` for ``u < 1``.
+    """
+
+    name = "neyman_chi2"
+    formula = "Σ (p − q)² / p"
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        return (t - 1) ** 2 / t
+
+    def f_prime(self, t):
+        return 1 - as_float_tensor(t) ** -2
+
+    def f_double_prime(self, t):
+        return 2 * as_float_tensor(t) ** -3
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        ok = u < 1
+        safe = torch.where(ok, u, torch.zeros_like(u))
+        return torch.where(ok, 2 - 2 * torch.sqrt(1 - safe), torch.full_like(u, INF))
+
+    def f_at_zero(self):
+        return INF
+
+    def f_prime_at_infinity(self):
+        return 1.0
+
+    def swapped(self):
+        return PearsonChi2()
+
+    def _forms(self, a, b):
+        log_gap = log_abs_diff_exp(a, b)
+        value = torch.exp(2 * log_gap - a)
+        ratio = torch.exp(2 * b - a)
+        return value, torch.exp(a) - ratio, 2 * (ratio - torch.exp(b))
+
+
+class AlphaDivergence(FDivergence):
+    r"""Amari's alpha-divergence, any real ``alpha``.
+
+    .. math:: D_\alpha(P \| Q) = \frac{1 - \sum_i p_i^\alpha q_i^{1-\alpha}}{\alpha (1 - \alpha)}
+
+    Generator ``f(t) = (t^alpha - alpha t - (1 - alpha)) / (alpha (alpha - 1))``,
+    ``f'(t) = (t^(alpha-1) - 1) / (alpha - 1)``, ``f''(t) = t^(alpha-2)``.
+    ``alpha -> 1`` is forward KL and ``alpha -> 0`` reverse KL, exactly at the
+    end points and continuously near them (the forms use ``expm1``). ``alpha = 1/2``
+    is ``4 H^2`` (symmetric), ``alpha = 2`` is ``chi2(P||Q) / 2``, ``alpha = -1``
+    is ``chi2(Q||P) / 2``. Reference: Amari (2009), "alpha-divergence is unique,
+    belonging to both f-divergence and Bregman divergence classes"; Cichocki &
+    Amari (2010). Note that f-DPO/TRL's ``alpha`` is ``1 - alpha`` here.
+    """
+
+    name = "alpha"
+    formula = "(1 − Σ p^α q^(1−α)) / (α(1−α))"
+
+    def __init__(self, alpha: float = 0.5):
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
+        self.alpha = alpha
+        self._end = Standardized(ForwardKL()) if alpha == 1 else Standardized(ReverseKL()) if alpha == 0 else None
+
+    @property
+    def params(self):
+        return {"alpha": self.alpha}
+
+    def f(self, t):
+        if self._end is not None:
+            return self._end.f(t)
+        t, al = as_float_tensor(t), self.alpha
+        return (t**al - al * t - (1 - al)) / (al * (al - 1))
+
+    def f_prime(self, t):
+        if self._end is not None:
+            return self._end.f_prime(t)
+        t, al = as_float_tensor(t), self.alpha
+        return (t ** (al - 1) - 1) / (al - 1)
+
+    def f_double_prime(self, t):
+        return as_float_tensor(t) ** (self.alpha - 2)
+
+    def conjugate(self, u):
+        if self._end is not None:
+            return self._end.conjugate(u)
+        u, al = as_float_tensor(u), self.alpha
+        s = 1 + (al - 1) * u
+        ok = s > 0
+        value = (torch.where(ok, s, torch.ones_like(s)) ** (al / (al - 1)) - 1) / al
+        outside = torch.full_like(u, INF if al < 1 else -1.0 / al)
+        return torch.where(ok, value, outside)
+
+    def f_at_zero(self):
+        return 1.0 / self.alpha if self.alpha > 0 else INF
+
+    def f_prime_at_infinity(self):
+        return 1.0 / (1 - self.alpha) if self.alpha < 1 else INF
+
+    def swapped(self):
+        return AlphaDivergence(1 - self.alpha)
+
+    def _forms(self, a, b):
+        al = self.alpha
+        p, q = torch.exp(a), torch.exp(b)
+        d = a - b
+        if al >= 0.5:
+            # grad_a = p expm1((al-1) d) / (al-1); value = (grad_a + q - p) / al
+            x = (al - 1) * d
+            small = x.abs() <= 1
+            near = p * d * expm1_ratio(torch.where(small, x, torch.zeros_like(x)))
+            far = (torch.exp(al * a + (1 - al) * b) - p) / (al - 1) if al != 1 else near
+            grad_a = torch.where(small, near, far)
+            value = (grad_a + q - p) / al
+        else:
+            # F = q expm1(al d) / al; value = (F - p + q) / (al - 1)
+            y = al * d
+            small = y.abs() <= 1
+            near = q * d * expm1_ratio(torch.where(small, y, torch.zeros_like(y)))
+            far = (torch.exp(b + y) - q) / al if al != 0 else near
+            moment = torch.where(small, near, far)
+            value = (moment - p + q) / (al - 1)
+            grad_a = (al * moment + q - p) / (al - 1)
+        return value, grad_a, value - grad_a
+
+
+class Jeffreys(FDivergence):
+    r"""Jeffreys divergence ``KL(P || Q) + KL(Q || P) = sum (p - q) log(p/q)``; symmetric.
+
+    Generator ``f(t) = (t - 1) log t``. Its conjugate needs the Lambert W function
+    and is not provided in closed form.
+    """
+
+    name = "jeffreys"
+    formula = "KL(P||Q) + KL(Q||P) = Σ (p − q)·log(p/q)"
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        return (t - 1) * torch.log(t)
+
+    def f_prime(self, t):
+        t = as_float_tensor(t)
+        return torch.log(t) + 1 - 1 / t
+
+    def f_double_prime(self, t):
+        t = as_float_tensor(t)
+        return 1 / t + 1 / t**2
+
+    def f_at_zero(self):
+        return INF
+
+    def f_prime_at_infinity(self):
+        return INF
+
+    def swapped(self):
+        return self
+
+    def _forms(self, a, b):
+        p, q = torch.exp(a), torch.exp(b)
+        d = a - b
+        return (p - q) * d, p * (d + 1) - q, q * (1 - d) - p
+
+
+class Triangular(FDivergence):
+    r"""Triangular discrimination (Le Cam) ``Delta(P, Q) = sum (p - q)^2 / (p + q)``; symmetric, in ``[0, 2]``.
+
+    Generator ``f(t) = (t - 1)^2 / (t + 1)``; conjugate ``4 - u - 4 sqrt(1 - u)``
+    on ``[-3, 1]``. Le Cam's distance is ``Delta / 2`` (Topsøe, 2000, "Some
+    inequalities for information divergence and related measures of
+    discrimination").
+    """
+
+    name = "triangular"
+    formula = "Σ (p − q)² / (p + q)"
+
+    def f(self, t):
+        t = as_float_tensor(t)
+        return (t - 1) ** 2 / (t + 1)
+
+    def f_prime(self, t):
+        t = as_float_tensor(t)
+        return (t - 1) * (t + 3) / (t + 1) ** 2
+
+    def f_double_prime(self, t):
+        return 8 / (as_float_tensor(t) + 1) ** 3
+
+    def conjugate(self, u):
+        u = as_float_tensor(u)
+        clipped = torch.clamp(u, -3.0, 1.0)
+        inside = 4 - clipped - 4 * torch.sqrt(1 - clipped)
+        return torch.where(u > 1, torch.full_like(u, INF), torch.where(u < -3, -torch.ones_like(u), inside))
+
+    def f_at_zero(self):
+        return 1.0
+
+    def f_prime_at_infinity(self):
+        return 1.0
+
+    def swapped(self):
+        return self
+
+    def _forms(self, a, b):
+        log_gap = log_abs_diff_exp(a, b)
+        log_sum = torch.logaddexp(a, b)
+        value = torch.exp(2 * log_gap - log_sum)
+        log_p_plus_3q = torch.logaddexp(a, b + math.log(3.0))
+        grad_a = torch.sign(a - b) * torch.exp(a + log_gap + log_p_plus_3q - 2 * log_sum)
+        return value, grad_a, value - grad_a
+
+
+BUILTIN_GENERATORS = (
+    ForwardKL,
+    ReverseKL,
+    JensenShannon,
+    SkewForwardKL,
+    SkewReverseKL,
+    TotalVariation,
+    Hellinger,
+    PearsonChi2,
+    NeymanChi2,
+    AlphaDivergence,
+    Jeffreys,
+    Triangular,
+)
+
+__all__ = ["FDivergence", "Swapped", "Standardized", *[cls.__name__ for cls in BUILTIN_GENERATORS]]
