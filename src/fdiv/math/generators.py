@@ -122,14 +122,13 @@ class FDivergence(Divergence):
         p_zero, q_zero = a == -INF, b == -INF
         any_zero = p_zero | q_zero
         has_zero = bool(any_zero.any())
-        if has_zero:
-            a = torch.where(any_zero, torch.zeros_like(a), a)
-            b = torch.where(any_zero, torch.zeros_like(b), b)
-        value, grad_a, grad_b = self._forms(a, b)
         if not has_zero:
-            return value, grad_a, grad_b
-        zero = torch.zeros_like(value)
+            return self._forms(a, b)
         p, q = torch.exp(a), torch.exp(b)
+        value, grad_a, grad_b = self._forms(
+            torch.where(any_zero, torch.zeros_like(a), a), torch.where(any_zero, torch.zeros_like(b), b)
+        )
+        zero = torch.zeros_like(value)
         only_p_zero, only_q_zero = p_zero & ~q_zero, q_zero & ~p_zero
         if bool(only_p_zero.any()):
             at_p_zero = q * self.f_at_zero()

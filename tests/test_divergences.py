@@ -1,0 +1,279 @@
+"""Every categorical divergence against the independent mpmath reference."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.spatial.distance
+import scipy.special
+import torch
+
+import fdiv
+from reference import REFERENCES, assert_close_to_reference
+
+# Every divergence with the parameter values whose regimes differ.
+SPECS = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("js", {}),
+    ("js", {"beta": 0.1}),
+    ("js", {"beta": 0.9}),
+    ("js", {"beta": 0.0, "scaled": True}),
+    ("js", {"beta": 0.3, "scaled": True}),
+    ("js", {"beta": 1.0, "scaled": True}),
+    ("skew_forward_kl", {}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 0.7}),
+    ("skew_reverse_kl", {}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.7}),
+    ("tv", {}),
+    ("hellinger", {}),
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+    ("alpha", {}),
+    ("alpha", {"alpha": 1.0}),
+    ("alpha", {"alpha": 0.0}),
+    ("alpha", {"alpha": 1 - 1e-7}),
+    ("alpha", {"alpha": 2.0}),
+    ("alpha", {"alpha": -1.0}),
+    ("alpha", {"alpha": 0.3}),
+    ("alpha", {"alpha": 4.0}),
+    ("jeffreys", {}),
+    ("triangular", {}),
+    ("renyi", {}),
+    ("renyi", {"alpha": 1.0}),
+    ("renyi", {"alpha": 1 + 1e-7}),
+    ("renyi", {"alpha": 2.0}),
+    ("renyi", {"alpha": 0.0}),
+    ("renyi", {"alpha": 0.2}),
+    ("renyi", {"alpha": 6.0}),
+    ("bhattacharyya", {}),
+]
+SPEC_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in SPECS]
+
+
+def test_specs_cover_every_registered_divergence():
+    assert {name for name, _ in SPECS} == set(fdiv.available())
+    assert set(REFERENCES) == set(fdiv.available())
+
+
+def _logit_cases():
+    g = torch.Generator().manual_seed(1234)
+    rows, vocab = 5, 11
+    base = torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    other = torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    masked_p = base.clone()
+    masked_p[:, [2, 7]] = -math.inf
+    masked_q = other.clone()
+    masked_q[:, [2, 7]] = -math.inf
+    only_q_masked = other.clone()
+    only_q_masked[:, 3] = -math.inf
+    one_hot = other.clone()
+    one_hot[:, 0] += 25.0
+    near_other = base + 1e-4 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    return {
+        "random": (base, other),
+        "large_logits": (base * 1e4, other * 1e4),
+        "moderately_large_logits": (base * 30, other * 30),
+        "both_masked_same": (masked_p, masked_q),
+        "p_has_zeros": (masked_p, other),
+        "q_has_zeros": (base, only_q_masked),
+        "identical": (base, base.clone()),
+        "near_identical": (base, near_other),
+        "near_one_hot_target": (one_hot, base),
+        "shifted": (base + 100.0, other - 50.0),
+    }
+
+
+CASES = _logit_cases()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name,params", SPECS, ids=SPEC_IDS)
+def test_float64_matches_reference(name, params, case):
+    p_logits, q_logits = CASES[case]
+    value = fdiv.get(name, **params)(p_logits, q_logits)
+    assert value.dtype == torch.float64 and value.shape == (p_logits.shape[0],)
+    rtol = 1e-6 if case != "near_identical" else 1e-4  # the value is ~1e-9: float64 cancellation
+    assert_close_to_reference(name, value, p_logits.numpy(), q_logits.numpy(), rtol=rtol, **params)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("name,params", SPECS[::3], ids=SPEC_IDS[::3])
+def test_temperature_applies_to_both(name, params, temperature):
+    p_logits, q_logits = CASES["random"]
+    value = fdiv.get(name, **params)(p_logits, q_logits, temperature=temperature)
+    assert_close_to_reference(
+        name, value, p_logits.numpy(), q_logits.numpy(), temperature=temperature, **params
+    )
+
+
+@pytest.mark.parametrize("name,params", SPECS, ids=SPEC_IDS)
+def test_float32_close_to_reference(name, params):
+    p_logits, q_logits = CASES["random"]
+    value = fdiv.get(name, **params)(p_logits.float(), q_logits.float())
+    assert value.dtype == torch.float32
+    assert_close_to_reference(name, value, p_logits.numpy(), q_logits.numpy(), rtol=2e-4, atol=1e-6, **params)
+
+
+def test_scipy_agrees_on_kl_and_js():
+    p_logits, q_logits = CASES["random"]
+    p = torch.softmax(p_logits, -1).numpy()
+    q = torch.softmax(q_logits, -1).numpy()
+    np.testing.assert_allclose(fdiv.get("kl")(p_logits, q_logits), scipy.special.rel_entr(p, q).sum(-1), rtol=1e-12)
+    js = scipy.spatial.distance.jensenshannon(p, q, axis=-1) ** 2
+    np.testing.assert_allclose(fdiv.get("js")(p_logits, q_logits), js, rtol=1e-10)
+
+
+def test_support_mismatch_is_inf_not_nan():
+    p = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64)
+    q = torch.tensor([[0.0, -math.inf, 1.0]], dtype=torch.float64)
+    assert fdiv.get("forward_kl")(p, q).item() == math.inf
+    assert fdiv.get("reverse_kl")(p, q).item() == math.inf
+    assert fdiv.get("pearson_chi2")(p, q).item() == math.inf
+    assert math.isfinite(fdiv.get("js")(p, q).item())
+    assert math.isfinite(fdiv.get("tv")(p, q).item())
+
+
+def test_masked_entries_behave_as_absent():
+    g = torch.Generator().manual_seed(5)
+    p, q = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    padded_p = torch.cat([p, torch.full((3, 4), -math.inf, dtype=torch.float64)], dim=-1).requires_grad_(True)
+    padded_q = torch.cat([q, torch.full((3, 4), -math.inf, dtype=torch.float64)], dim=-1).requires_grad_(True)
+    for name, params in SPECS:
+        div = fdiv.get(name, **params)
+        plain_p, plain_q = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        expected = div(plain_p, plain_q)
+        got = div(padded_p, padded_q)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14, msg=name)
+        if not torch.isfinite(expected).all():
+            continue
+        grads_plain = torch.autograd.grad(expected.sum(), (plain_p, plain_q))
+        grads_padded = torch.autograd.grad(got.sum(), (padded_p, padded_q))
+        for g_plain, g_padded in zip(grads_plain, grads_padded):
+            torch.testing.assert_close(g_padded[:, :6], g_plain, rtol=1e-10, atol=1e-12, msg=name)
+            assert (g_padded[:, 6:] == 0).all(), name
+
+
+@pytest.mark.parametrize("name,params", SPECS, ids=SPEC_IDS)
+def test_gradcheck_both_arguments(name, params):
+    g = torch.Generator().manual_seed(7)
+    p = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    div = fdiv.get(name, **params)
+    assert torch.autograd.gradcheck(lambda x, y: div(x, y, temperature=1.3), (p, q))
+
+
+@pytest.mark.parametrize("name,params", SPECS, ids=SPEC_IDS)
+def test_gradcheck_with_masked_entries(name, params):
+    g = torch.Generator().manual_seed(8)
+    p = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    p[:, 1] = -math.inf
+    q[:, 1] = -math.inf
+    div = fdiv.get(name, **params)
+    p_missing_mass = p.clone()
+    p_missing_mass[:, 4] = -math.inf  # p = 0 where q > 0: finite unless f(0) = inf
+    if torch.isfinite(div(p_missing_mass, q)).all():
+        p = p_missing_mass
+    p.requires_grad_(True)
+    q.requires_grad_(True)
+    assert torch.autograd.gradcheck(div, (p, q))
+
+
+@pytest.mark.parametrize("name,params", SPECS, ids=SPEC_IDS)
+def test_gradient_matches_autograd_of_naive_expression(name, params):
+    """The fused gradients agree with autograd of the textbook formula on probabilities."""
+    g = torch.Generator().manual_seed(9)
+    p_logits = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    q_logits = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = fdiv.get(name, **params)(p_logits, q_logits)
+    naive = _naive_torch(name, torch.softmax(p_logits, -1), torch.softmax(q_logits, -1), **params)
+    near_kl_limit = name in ("alpha", "renyi") and 0 < abs(params.get("alpha", 0.5) - 1) < 1e-3
+    # near alpha = 1 the naive formula itself loses ~1e-16 / |alpha - 1| relative precision
+    rtol = 1e-6 if near_kl_limit else 1e-9
+    torch.testing.assert_close(ours, naive, rtol=rtol, atol=1e-12)
+    weights = torch.rand(4, generator=g, dtype=torch.float64)
+    g_ours = torch.autograd.grad((ours * weights).sum(), (p_logits, q_logits))
+    g_naive = torch.autograd.grad((naive * weights).sum(), (p_logits, q_logits))
+    for a, b in zip(g_ours, g_naive):
+        torch.testing.assert_close(a, b, rtol=100 * rtol, atol=1e-11)
+
+
+def _naive_torch(name, p, q, **params):
+    kl = lambda x, y: (x * (x / y).log()).sum(-1)  # noqa: E731
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "js":
+        beta, scaled = params.get("beta", 0.5), params.get("scaled", False)
+        if scaled and beta in (0.0, 1.0):
+            return kl(p, q) if beta == 0 else kl(q, p)
+        m = beta * p + (1 - beta) * q
+        value = beta * kl(p, m) + (1 - beta) * kl(q, m)
+        return value / (beta * (1 - beta)) if scaled else value
+    if name == "skew_forward_kl":
+        a = params.get("alpha", 0.1)
+        return kl(p, a * p + (1 - a) * q)
+    if name == "skew_reverse_kl":
+        a = params.get("alpha", 0.1)
+        return kl(q, a * q + (1 - a) * p)
+    if name == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "hellinger":
+        return 0.5 * ((p.sqrt() - q.sqrt()) ** 2).sum(-1)
+    if name == "pearson_chi2":
+        return ((p - q) ** 2 / q).sum(-1)
+    if name == "neyman_chi2":
+        return ((p - q) ** 2 / p).sum(-1)
+    if name == "alpha":
+        a = params.get("alpha", 0.5)
+        if a in (0.0, 1.0):
+            return kl(p, q) if a == 1 else kl(q, p)
+        return (1 - (p**a * q ** (1 - a)).sum(-1)) / (a * (1 - a))
+    if name == "jeffreys":
+        return kl(p, q) + kl(q, p)
+    if name == "triangular":
+        return ((p - q) ** 2 / (p + q)).sum(-1)
+    if name == "renyi":
+        a = params.get("alpha", 0.5)
+        return kl(p, q) if a == 1 else (p**a * q ** (1 - a)).sum(-1).log() / (a - 1)
+    if name == "bhattacharyya":
+        return -(p * q).sqrt().sum(-1).log()
+    raise KeyError(name)
+
+
+def test_reduction_and_dim():
+    p, q = CASES["random"]
+    div = fdiv.get("js")
+    rows = div(p, q)
+    torch.testing.assert_close(div(p, q, reduction="sum"), rows.sum())
+    torch.testing.assert_close(div(p, q, reduction="mean"), rows.mean())
+    torch.testing.assert_close(div(p.T, q.T, dim=0), rows)
+    batched = div(p.reshape(5, 1, 11), q.reshape(5, 1, 11))
+    assert batched.shape == (5, 1)
+
+
+def test_log_prob_and_prob_entry_points_agree_with_logits():
+    p, q = CASES["p_has_zeros"]
+    div = fdiv.get("reverse_kl")
+    log_p, log_q = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    torch.testing.assert_close(div.from_log_probs(log_p, log_q), div(p, q))
+    torch.testing.assert_close(div.from_probs(log_p.exp(), log_q.exp()), div(p, q))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(dtype):
+    p, q = CASES["random"]
+    p_half = p.to(dtype).requires_grad_(True)
+    q_half = q.to(dtype).requires_grad_(True)
+    for name, params in SPECS[::4]:
+        div = fdiv.get(name, **params)
+        value = div(p_half, q_half)
+        assert value.dtype == torch.float32
+        exact = div(p_half.detach().double(), q_half.detach().double())
+        torch.testing.assert_close(value.double(), exact, rtol=1e-5, atol=1e-6)
+        gp, gq = torch.autograd.grad(value.sum(), (p_half, q_half))
+        assert gp.dtype == dtype and gq.dtype == dtype
