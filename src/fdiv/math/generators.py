@@ -564,7 +564,7 @@ class SkewReverseKL(FDivergence):
         neg = torch.where(u < 0, u, -torch.ones_like(u))
         interior = -1 - alpha * u / (1 - alpha) + torch.log((1 - alpha) / -neg)
         flat = torch.full_like(u, math.log(alpha))
-        return torch.where(u >= 0, torch.full_like(u, INF), torch.where(u <= kink, interior, flat))
+        return torch.where(u >= 0, torch.full_like(u, INF), torch.where(u >= kink, interior, flat))
 
     def f_at_zero(self):
         return -math.log(self.alpha) if self.alpha > 0 else INF
@@ -780,13 +780,21 @@ class AlphaDivergence(FDivergence):
         if self._end is not None:
             return self._end.f(t)
         t, al = as_float_tensor(t), self.alpha
-        return (t**al - al * t - (1 - al)) / (al * (al - 1))
+        at_zero = t == 0
+        log_t = torch.log(torch.where(at_zero, torch.ones_like(t), t))
+        # t^al - al t - (1 - al) rewritten with expm1 so that al -> 1 and al -> 0 keep precision
+        if al >= 0.5:
+            value = (t * log_t * expm1_ratio((al - 1) * log_t) - (t - 1)) / al
+        else:
+            value = (log_t * expm1_ratio(al * log_t) - (t - 1)) / (al - 1)
+        return torch.where(at_zero, torch.full_like(t, self.f_at_zero()), value)
 
     def f_prime(self, t):
         if self._end is not None:
             return self._end.f_prime(t)
         t, al = as_float_tensor(t), self.alpha
-        return (t ** (al - 1) - 1) / (al - 1)
+        log_t = torch.log(t)
+        return log_t * expm1_ratio((al - 1) * log_t)
 
     def f_double_prime(self, t):
         return as_float_tensor(t) ** (self.alpha - 2)
@@ -795,9 +803,13 @@ class AlphaDivergence(FDivergence):
         if self._end is not None:
             return self._end.conjugate(u)
         u, al = as_float_tensor(u), self.alpha
-        s = 1 + (al - 1) * u
-        ok = s > 0
-        value = (torch.where(ok, s, torch.ones_like(s)) ** (al / (al - 1)) - 1) / al
+        # f*(u) = (s^(al/(al-1)) - 1) / al with s = 1 + (al-1) u, written as expm1(al u log1p(x)/x) / al
+        x = (al - 1) * u
+        ok = x > -1
+        x_safe = torch.where(ok, x, torch.zeros_like(x))
+        log_ratio = torch.where(x_safe == 0, torch.ones_like(x), torch.log1p(x_safe) / torch.where(x_safe == 0, torch.ones_like(x), x_safe))
+        y = u * log_ratio
+        value = y * expm1_ratio(al * y)
         outside = torch.full_like(u, INF if al < 1 else -1.0 / al)
         return torch.where(ok, value, outside)
 
@@ -814,24 +826,25 @@ class AlphaDivergence(FDivergence):
         al = self.alpha
         p, q = torch.exp(a), torch.exp(b)
         d = a - b
-        if al >= 0.5:
-            # grad_a = p expm1((al-1) d) / (al-1); value = (grad_a + q - p) / al
-            x = (al - 1) * d
-            small = x.abs() <= 1
-            near = p * d * expm1_ratio(torch.where(small, x, torch.zeros_like(x)))
-            far = (torch.exp(al * a + (1 - al) * b) - p) / (al - 1) if al != 1 else near
-            grad_a = torch.where(small, near, far)
-            value = (grad_a + q - p) / al
-        else:
-            # F = q expm1(al d) / al; value = (F - p + q) / (al - 1)
-            y = al * d
-            small = y.abs() <= 1
-            near = q * d * expm1_ratio(torch.where(small, y, torch.zeros_like(y)))
-            far = (torch.exp(b + y) - q) / al if al != 0 else near
-            moment = torch.where(small, near, far)
-            value = (moment - p + q) / (al - 1)
-            grad_a = (al * moment + q - p) / (al - 1)
-        return value, grad_a, value - grad_a
+        # q (t^al - 1) / al and p (t^(al-1) - 1) / (al-1): each weight times expm1 of a log-ratio,
+        # with the 1/al or 1/(al-1) factor folded into expm1_ratio where the factor may vanish
+        grad_a = _weighted_expm1_over(a, p, d, al - 1)
+        grad_b = -_weighted_expm1_over(b, q, d, al)
+        # q f(t) = grad_a + grad_b >= 0; both overflow together only when q f(t) does
+        overflow = torch.isinf(grad_a) | torch.isinf(grad_b)
+        value = torch.where(overflow, torch.full_like(grad_a, INF), grad_a + grad_b)
+        return value, grad_a, grad_b
+
+
+def _weighted_expm1_over(log_w: torch.Tensor, w: torch.Tensor, d: torch.Tensor, c: float) -> torch.Tensor:
+    """``w * expm1(c d) / c`` (``w d`` at ``c = 0``), finite whenever the result is representable."""
+    x = c * d
+    small = x.abs() <= 1
+    near = w * d * expm1_ratio(torch.where(small, x, torch.zeros_like(x)))
+    if c == 0:
+        return near
+    far = (torch.exp(log_w + torch.where(small, torch.zeros_like(x), x)) - w) / c
+    return torch.where(small, near, far)
 
 
 class Jeffreys(FDivergence):

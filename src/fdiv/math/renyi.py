@@ -56,7 +56,7 @@ class Renyi(Divergence):
         a = torch.where(masked, torch.zeros_like(log_p), log_p)
         b = torch.where(masked, torch.zeros_like(log_q), log_q)
         d = a - b
-        p = torch.exp(a)
+        p = torch.exp(log_p)
         # entries with p = 0 contribute nothing for alpha > 0; for alpha = 0, p^0 = 0 there too
         live = ~p_zero
         if al == 1:
