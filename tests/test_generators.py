@@ -202,7 +202,7 @@ def test_character_tags():
 
 
 @settings(max_examples=40, deadline=None)
-@given(zp=_logits(5, 8.0), zq=_logits(5, 8.0))
+@given(zp=_logits(5, 4.0), zq=_logits(5, 4.0))  # limits are non-uniform: keep p/q bounded
 def test_documented_limits(zp, zq):
     p, q = torch.from_numpy(zp), torch.from_numpy(zq)
     fkl, rkl = fdiv.get("forward_kl")(p, q).item(), fdiv.get("reverse_kl")(p, q).item()
