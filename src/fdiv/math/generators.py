@@ -406,13 +406,12 @@ class JensenShannon(FDivergence):
         if scaled:
             beta = _check_open_unit("beta", beta, low_closed=True, high_closed=True)
         else:
-            try:
-                beta = _check_open_unit("beta", beta)
-            except ValueError:
+            if beta in (0, 1):
                 raise ValueError(
-                    f"beta must lie in (0, 1) for the unscaled js, got {beta!r}; at beta = 0 or 1 it is "
-                    "identically 0 — use 'forward_kl' / 'reverse_kl', or js with scaled=True"
-                ) from None
+                    f"beta must lie in (0, 1) for the unscaled js, got {beta!r}: at beta = 0 or 1 it is "
+                    "identically 0. Use 'forward_kl' / 'reverse_kl', or js with scaled=True"
+                )
+            beta = _check_open_unit("beta", beta)
         self.beta, self.scaled = beta, scaled
         self._scale = 1.0 / (beta * (1 - beta)) if scaled and 0 < beta < 1 else 1.0
         self._end = (
