@@ -33,7 +33,7 @@ def test_list_json_is_structured(capsys):
 def test_compute_probabilities_and_logits(capsys, tmp_path):
     assert main(["compute", "js", "--p", "0.5,0.5,0", "--q", "0.1,0.2,0.7"]) == 0
     value = float(capsys.readouterr().out)
-    expected = reference_rows("js", np.log([[0.5, 0.5, 0.0]]), np.log([[0.1, 0.2, 0.7]]))[0]
+    expected = reference_rows("js", [[0.0, 0.0, -np.inf]], np.log([[0.1, 0.2, 0.7]]))[0]
     assert value == pytest.approx(expected, rel=1e-12)
 
     logits_p, logits_q = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 1.0]])
