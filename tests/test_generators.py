@@ -137,6 +137,20 @@ def test_pointwise_forms_never_nan_for_finite_inputs(name, params, dtype):
         assert not torch.isnan(form).any(), name
 
 
+@pytest.mark.parametrize("name,params", F_SPECS, ids=F_IDS)
+def test_grad_b_is_the_swapped_grad_a_at_extreme_ratios(name, params):
+    """d/db of q f(p/q) equals d/da of the swapped generator with the arguments exchanged.
+
+    For the built-ins the two sides are computed by different code, so this
+    catches cancellation in either (e.g. grad_b written as value - grad_a).
+    """
+    gen = fdiv.get(name, **params)
+    swapped = gen.swapped()
+    levels = torch.tensor([0.0, -1e-3, -2.0, -20.0, -40.0, -300.0], dtype=torch.float64)
+    a, b = torch.meshgrid(levels, levels, indexing="ij")
+    torch.testing.assert_close(gen.pointwise_grad_b(a, b), swapped.pointwise_grad_a(b, a), rtol=1e-9, atol=1e-300)
+
+
 # ---------------------------------------------------------------- properties
 
 DIV_SPECS = SPECS

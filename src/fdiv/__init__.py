@@ -23,6 +23,7 @@ from .math import (
     register,
     resolve,
 )
+from .math.estimators import kl_estimate, kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
 from .math.generators import (
     AlphaDivergence,
     ForwardKL,
@@ -62,6 +63,12 @@ __all__ = [
     "aliases",
     "available",
     "get",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "mc_estimate",
     "register",
     "resolve",
+    "variational_bound",
 ]

@@ -925,9 +925,12 @@ class Triangular(FDivergence):
         log_gap = log_abs_diff_exp(a, b)
         log_sum = torch.logaddexp(a, b)
         value = torch.exp(2 * log_gap - log_sum)
+        sign = torch.sign(a - b)
         log_p_plus_3q = torch.logaddexp(a, b + math.log(3.0))
-        grad_a = torch.sign(a - b) * torch.exp(a + log_gap + log_p_plus_3q - 2 * log_sum)
-        return value, grad_a, value - grad_a
+        log_3p_plus_q = torch.logaddexp(a + math.log(3.0), b)
+        grad_a = sign * torch.exp(a + log_gap + log_p_plus_3q - 2 * log_sum)
+        grad_b = -sign * torch.exp(b + log_gap + log_3p_plus_q - 2 * log_sum)
+        return value, grad_a, grad_b
 
 
 BUILTIN_GENERATORS = (
