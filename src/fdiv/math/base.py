@@ -33,13 +33,18 @@ def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values.mean()
 
 
+def check_float_tensor(name: str, x) -> None:
+    """TypeError naming ``name`` unless ``x`` is a floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
 def check_pair(p: torch.Tensor, q: torch.Tensor, p_name: str, q_name: str, dim: int) -> int:
     """Validate two same-shaped floating tensors and return ``dim`` made non-negative."""
     for name, x in ((p_name, p), (q_name, q)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        check_float_tensor(name, x)
         if x.dim() == 0:
             raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
     if p.shape != q.shape:

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._numerics import compute_dtype, times
-from .base import check_reduction
+from .base import check_float_tensor, check_reduction
 from .generators import FDivergence
 from .registry import get
 
@@ -54,16 +54,9 @@ def _as_f_divergence(divergence, caller: str) -> FDivergence:
     return div
 
 
-def _check_tensor(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-
-
 def _check_same_shape(log_p, log_q, p_name: str = "log_p", q_name: str = "log_q") -> None:
-    _check_tensor(p_name, log_p)
-    _check_tensor(q_name, log_q)
+    check_float_tensor(p_name, log_p)
+    check_float_tensor(q_name, log_q)
     if log_p.shape != log_q.shape:
         raise ValueError(
             f"{q_name} must have the same shape as {p_name} (one entry per sample, never "
@@ -403,7 +396,7 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.
 def _check_weights(name: str, weights, critic_name: str, critic_values: torch.Tensor):
     if weights is None:
         return None
-    _check_tensor(name, weights)
+    check_float_tensor(name, weights)
     if weights.shape != critic_values.shape:
         raise ValueError(
             f"{name} must have the shape of {critic_name}: got {tuple(weights.shape)} and "
@@ -507,8 +500,8 @@ def variational_bound(
     div = _as_f_divergence(divergence, "variational_bound")
     if critic not in CRITICS:
         raise ValueError(f"critic must be 'log_ratio' or 'conjugate', got {critic!r}")
-    _check_tensor("critic_p", critic_p)
-    _check_tensor("critic_q", critic_q)
+    check_float_tensor("critic_p", critic_p)
+    check_float_tensor("critic_q", critic_q)
     for name, x in (("critic_p", critic_p), ("critic_q", critic_q)):
         if x.numel() == 0:
             raise ValueError(f"{name} is empty")
