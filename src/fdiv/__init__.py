@@ -23,6 +23,7 @@ from .math import (
     register,
     resolve,
 )
+from .math.closed_forms import available_closed_forms, closed_form, register_closed_form
 from .math.estimators import kl_estimate, kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
 from .math.generators import (
     AlphaDivergence,
@@ -62,6 +63,8 @@ __all__ = [
     "Triangular",
     "aliases",
     "available",
+    "available_closed_forms",
+    "closed_form",
     "get",
     "kl_estimate",
     "kl_k1",
@@ -69,6 +72,7 @@ __all__ = [
     "kl_k3",
     "mc_estimate",
     "register",
+    "register_closed_form",
     "resolve",
     "variational_bound",
 ]

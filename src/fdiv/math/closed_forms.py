@@ -211,7 +211,7 @@ def _candidates(name: str, type_p: type, type_q: type) -> tuple:
             "no registered pair is more specific in both arguments; using the one most specific in p. "
             "Register the exact pair to silence this.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     cached = tuple(found)
     _LOOKUP_CACHE[key] = cached
@@ -242,6 +242,31 @@ def available_closed_forms() -> list[tuple[str, str, str]]:
 
 def closed_form(name: str, p: Distribution, q: Distribution, **params) -> torch.Tensor:
     r"""The divergence ``D_name(P || Q)`` between two distributions, in closed form.
+
+    ``p`` is the target ``P`` and ``q`` the model ``Q``. With the Chernoff
+    coefficient :math:`c_a(P, Q) = \int p^a q^{1-a}` the Gaussian forms are
+
+    .. math::
+
+        \mathrm{KL}(P \| Q) &= \tfrac12 \big[\operatorname{tr}(\Sigma_q^{-1}\Sigma_p)
+            + \Delta^\top \Sigma_q^{-1} \Delta - d + \log|\Sigma_q| - \log|\Sigma_p|\big],
+            \qquad \Delta = \mu_p - \mu_q \\
+        \log c_a(P, Q) &= -\tfrac{a(1-a)}{2} \Delta^\top \Sigma_a^{-1} \Delta
+            - \tfrac12 \log \frac{|\Sigma_a|}{|\Sigma_p|^{1-a} |\Sigma_q|^{a}},
+            \qquad \Sigma_a = a \Sigma_q + (1-a) \Sigma_p \\
+        \text{renyi}_\alpha &= \frac{\log c_\alpha}{\alpha - 1}, \quad
+        \text{bhattacharyya} = -\log c_{1/2}, \quad
+        \text{hellinger} = 1 - c_{1/2}, \quad
+        \text{alpha}_\alpha = \frac{c_\alpha - 1}{\alpha(\alpha - 1)}, \\
+        \text{pearson\_chi2} &= c_2 - 1 = \int \frac{(p-q)^2}{q}, \quad
+        \text{neyman\_chi2} = c_{-1} - 1 = \int \frac{(p-q)^2}{p}, \quad
+        \text{jeffreys} = \mathrm{KL}(P \| Q) + \mathrm{KL}(Q \| P).
+
+    ``renyi`` at ``alpha == 1`` and ``alpha`` at ``alpha == 1`` / ``0`` return the
+    exact KL formula. Where :math:`\Sigma_a` is not positive definite (only for
+    ``a > 1`` or ``a < 0``) the integral diverges and the result is ``+inf`` for
+    that batch entry, with zero gradient; never ``nan``. Categorical pairs are
+    computed by ``fdiv.get(name, **params).from_log_probs``.
 
     Args:
         name: a divergence name or alias (``"forward_kl"``, ``"kl"``, ``"renyi"``, ...).
@@ -311,7 +336,7 @@ def _take_params(divergence: str, params: dict, allowed: dict) -> dict:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         valid = ", ".join(allowed) if allowed else "none"
-        raise TypeError(f"unexpected parameter(s) {', '.join(unknown)} for {divergence!r}; valid: {valid}")
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {divergence!r}; valid: {valid}")
     return {k: params.get(k, default) for k, default in allowed.items()}
 
 
@@ -503,8 +528,10 @@ def _gaussian_divergence(name: str, core: _Core, p: Distribution, q: Distributio
     if name == "jeffreys":
         return kl(p, q) + kl(q, p)
     if name == "renyi":
-        if not alpha > 0:
-            raise ValueError(f"alpha for 'renyi' must be > 0, got {alpha!r}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha for 'renyi' must be >= 0, got {alpha!r}")
+        if alpha == 0:  # -log Q(supp P) = 0: Gaussians have full support
+            return torch.zeros_like(kl(p, q))
         if alpha == 1:
             return kl(p, q)
         return log_c(p, q, alpha) / (alpha - 1)

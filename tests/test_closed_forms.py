@@ -1,0 +1,832 @@
+"""Closed-form divergences between torch.distributions objects.
+
+References used here, all independent of the code under test:
+* torch.distributions.kl_divergence (KL for every pair);
+* float64 adaptive quadrature (scipy.integrate.quad) of each defining integral, univariate Normals;
+* seeded Monte-Carlo with SciPy densities for full-covariance Gaussians, tolerance 5 standard errors;
+* exact structural facts: affine invariance, diagonal == product, d = 1 MVN == Normal;
+* direct numpy float64 sums for categoricals.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, stats
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+    OneHotCategorical,
+    kl_divergence,
+)
+
+import fdiv.math.closed_forms as cf
+from fdiv.math.closed_forms import available_closed_forms, closed_form, register_closed_form
+
+DT = torch.float64
+GAUSSIAN_NAMES = cf.GAUSSIAN_DIVERGENCES
+# (name, params): every Gaussian divergence with a spread of orders
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jeffreys", {}),
+    ("bhattacharyya", {}),
+    ("hellinger", {}),
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+    *[("renyi", {"alpha": a}) for a in (0.3, 0.5, 0.99, 1.0, 1.01, 2.0)],
+    *[("alpha", {"alpha": a}) for a in (-0.5, 0.0, 0.3, 0.5, 0.99, 1.0, 1.01, 2.0)],
+]
+
+
+def case_id(case):
+    name, params = case
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+def tt(x):
+    return torch.as_tensor(x, dtype=DT)
+
+
+def random_tril(generator, *batch, d=3, scale=0.4):
+    """Lower-triangular factors with a positive diagonal."""
+    raw = torch.randn(*batch, d, d, dtype=DT, generator=generator) * scale
+    diag = torch.rand(*batch, d, dtype=DT, generator=generator) * 0.8 + 0.6
+    return torch.tril(raw, -1) + torch.diag_embed(diag)
+
+
+def mvn(loc, cov):
+    return MultivariateNormal(tt(loc), covariance_matrix=tt(cov))
+
+
+# ----------------------------------------------------------------------------- KL vs torch
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_matches_torch_normal(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = Normal(torch.randn(3, 1, dtype=DT, generator=g), torch.rand(3, 1, dtype=DT, generator=g) + 0.3)
+    q = Normal(torch.randn(4, dtype=DT, generator=g), torch.rand(4, dtype=DT, generator=g) + 0.3)
+    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    assert forward.shape == reverse.shape == (3, 4)
+    torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_matches_torch_diagonal(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = Independent(Normal(torch.randn(2, 5, dtype=DT, generator=g), torch.rand(2, 5, dtype=DT, generator=g) + 0.3), 1)
+    q = Independent(Normal(torch.randn(5, dtype=DT, generator=g), torch.rand(5, dtype=DT, generator=g) + 0.3), 1)
+    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    assert forward.shape == (2,)
+    torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_matches_torch_mvn(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = MultivariateNormal(torch.randn(2, 3, 4, dtype=DT, generator=g), scale_tril=random_tril(g, 2, 3, d=4))
+    q = MultivariateNormal(torch.randn(3, 4, dtype=DT, generator=g), scale_tril=random_tril(g, 3, d=4))
+    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    assert forward.shape == (2, 3)
+    torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_matches_torch_categorical(seed):
+    g = torch.Generator().manual_seed(seed)
+    p = Categorical(logits=3 * torch.randn(2, 3, 6, dtype=DT, generator=g))
+    q = Categorical(logits=3 * torch.randn(3, 6, dtype=DT, generator=g))
+    torch.testing.assert_close(closed_form("forward_kl", p, q), kl_divergence(p, q), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(closed_form("reverse_kl", p, q), kl_divergence(q, p), rtol=1e-12, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- Normal vs quadrature
+NORMAL_PARAMS = [  # (mu_p, sigma_p, mu_q, sigma_q); every order in CASES converges for these
+    (0.3, 1.0, -0.4, 1.2),
+    (0.0, 0.7, 1.1, 0.8),
+    (-1.2, 1.5, 0.5, 1.3),
+]
+
+
+def _logpdf(x, mu, sigma):
+    return -0.5 * ((x - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+
+def _quad(integrand, mp, sp, mq, sq):
+    width = 40 * max(sp, sq)
+    lo, hi = min(mp, mq) - width, max(mp, mq) + width
+    value, _ = integrate.quad(integrand, lo, hi, points=sorted({mp, mq}), limit=500, epsabs=1e-14, epsrel=1e-12)
+    return value
+
+
+def quadrature_reference(name, params, mp, sp, mq, sq):
+    """The defining integral of each divergence, evaluated numerically."""
+    lp = lambda x: _logpdf(x, mp, sp)  # noqa: E731
+    lq = lambda x: _logpdf(x, mq, sq)  # noqa: E731
+    q_ = lambda f: _quad(f, mp, sp, mq, sq)  # noqa: E731
+    kl_pq = q_(lambda x: math.exp(lp(x)) * (lp(x) - lq(x)))
+    kl_qp = q_(lambda x: math.exp(lq(x)) * (lq(x) - lp(x)))
+    chernoff = lambda a: q_(lambda x: math.exp(a * lp(x) + (1 - a) * lq(x)))  # noqa: E731
+    if name == "forward_kl":
+        return kl_pq
+    if name == "reverse_kl":
+        return kl_qp
+    if name == "jeffreys":
+        return q_(lambda x: (math.exp(lp(x)) - math.exp(lq(x))) * (lp(x) - lq(x)))
+    if name == "bhattacharyya":
+        return -math.log(chernoff(0.5))
+    if name == "hellinger":  # ½ ∫ (√p - √q)²
+        return 0.5 * q_(lambda x: (math.exp(0.5 * lp(x)) - math.exp(0.5 * lq(x))) ** 2)
+    if name == "pearson_chi2":  # ∫ (p - q)² / q, expanded so that no term underflows to 0/0
+        return q_(lambda x: math.exp(2 * lp(x) - lq(x)) - 2 * math.exp(lp(x)) + math.exp(lq(x)))
+    if name == "neyman_chi2":
+        return q_(lambda x: math.exp(2 * lq(x) - lp(x)) - 2 * math.exp(lq(x)) + math.exp(lp(x)))
+    a = params["alpha"]
+    if name == "renyi":
+        return kl_pq if a == 1 else math.log(chernoff(a)) / (a - 1)
+    if name == "alpha":
+        if a == 1:
+            return kl_pq
+        if a == 0:
+            return kl_qp
+        return (chernoff(a) - 1) / (a * (a - 1))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_normal_matches_quadrature(case):
+    name, params = case
+    for mp, sp, mq, sq in NORMAL_PARAMS:
+        got = closed_form(name, Normal(tt(mp), tt(sp)), Normal(tt(mq), tt(sq)), **params)
+        want = quadrature_reference(name, params, mp, sp, mq, sq)
+        assert got.dtype == DT and got.shape == ()
+        assert float(got) == pytest.approx(want, rel=1e-8, abs=1e-11), (mp, sp, mq, sq)
+
+
+# ----------------------------------------------------------------------------- MVN vs Monte Carlo
+MC_SAMPLES = 100_000
+MVN_P = (np.array([0.2, -0.5, 1.0]), np.array([[1.0, 0.3, -0.2], [0.3, 0.8, 0.1], [-0.2, 0.1, 1.2]]))
+# generalised eigenvalues of Σq against Σp are 0.78, 0.99, 1.30: inside (2/3, 3/2), where every
+# estimator below has finite variance (checked in _mc_moment)
+MVN_Q = (np.array([-0.1, 0.2, 0.6]), np.array([[1.2, 0.45, -0.1], [0.45, 0.9, 0.2], [-0.1, 0.2, 1.0]]))
+
+
+def _is_pd(matrix):
+    return bool(np.all(np.linalg.eigvalsh(matrix) > 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _mc_log_densities():
+    """log p and log q at MC_SAMPLES draws from P and, independently, from Q (seeded, drawn once)."""
+    rng = np.random.default_rng(1234)
+    (mp, cp), (mq, cq) = MVN_P, MVN_Q
+    dp, dq = stats.multivariate_normal(mp, cp), stats.multivariate_normal(mq, cq)
+    x_p, x_q = dp.rvs(MC_SAMPLES, random_state=rng), dq.rvs(MC_SAMPLES, random_state=rng)
+    return {"P": (dp.logpdf(x_p), dq.logpdf(x_p)), "Q": (dp.logpdf(x_q), dq.logpdf(x_q))}
+
+
+def _mean_and_se(values):
+    return values.mean(), values.std(ddof=1) / math.sqrt(values.size)
+
+
+def _mc_moment(order):
+    """Estimate of ∫ p^a q^(1-a) with its standard error (importance sampling from P or Q).
+
+    Sampling from P, the second moment is the Chernoff integral of order 2a - 1; from Q,
+    of order 2a. Each is finite iff the matching covariance mix is positive definite,
+    asserted so the standard error is meaningful.
+    """
+    (_, cp), (_, cq) = MVN_P, MVN_Q
+    if order >= 0.5:
+        log_p, log_q = _mc_log_densities()["P"]
+        weights, second = np.exp((1 - order) * (log_q - log_p)), 2 * order - 1
+    else:
+        log_p, log_q = _mc_log_densities()["Q"]
+        weights, second = np.exp(order * (log_p - log_q)), 2 * order
+    assert _is_pd(second * cq + (1 - second) * cp), "test setup: infinite-variance estimator"
+    return _mean_and_se(weights)
+
+
+def _mc_kl(sample_from_p):
+    """E_P[log p/q] (sample_from_p) or E_Q[log q/p], with standard error."""
+    log_p, log_q = _mc_log_densities()["P" if sample_from_p else "Q"]
+    return _mean_and_se(log_p - log_q if sample_from_p else log_q - log_p)
+
+
+# KL-type cases are estimated directly; the others through the Chernoff integral they determine
+MC_CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jeffreys", {}),
+    ("renyi", {"alpha": 0.3}),
+    ("renyi", {"alpha": 0.5}),
+    ("renyi", {"alpha": 1.5}),
+    ("bhattacharyya", {}),
+    ("hellinger", {}),
+    ("alpha", {"alpha": -0.3}),
+    ("alpha", {"alpha": 0.7}),
+    ("alpha", {"alpha": 2.0}),
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+]
+
+
+def _estimand(name, params, value):
+    """Map a divergence value to the Chernoff integral it determines (order, integral)."""
+    a = params.get("alpha")
+    if name == "renyi":
+        return a, math.exp((a - 1) * value)
+    if name == "bhattacharyya":
+        return 0.5, math.exp(-value)
+    if name == "hellinger":
+        return 0.5, 1 - value
+    if name == "alpha":
+        return a, 1 + a * (a - 1) * value
+    if name == "pearson_chi2":
+        return 2.0, 1 + value
+    if name == "neyman_chi2":
+        return -1.0, 1 + value
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("case", MC_CASES, ids=case_id)
+def test_mvn_matches_monte_carlo(case):
+    name, params = case
+    value = float(closed_form(name, mvn(*MVN_P), mvn(*MVN_Q), **params))
+    if name in ("forward_kl", "reverse_kl", "jeffreys"):
+        est, se = 0.0, 0.0
+        for from_p in {"forward_kl": [True], "reverse_kl": [False], "jeffreys": [True, False]}[name]:
+            m, s = _mc_kl(from_p)
+            est, se = est + m, math.hypot(se, s)
+        target = value
+    else:
+        order, target = _estimand(name, params, value)
+        est, se = _mc_moment(order)
+    assert se > 0
+    assert abs(target - est) <= 5 * se, (name, params, target, est, se)
+
+
+# ----------------------------------------------------------------------------- exact cross-checks
+def _assert_same(a, b, rtol=1e-10, atol=1e-12):
+    assert a.shape == b.shape
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite) and not torch.isnan(a).any()
+    assert torch.equal(a[~finite], b[~finite])
+    torch.testing.assert_close(a[finite], b[finite], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_diagonal_equals_mvn_with_diagonal_covariance(case):
+    name, params = case
+    g = torch.Generator().manual_seed(7)
+    loc_p, loc_q = torch.randn(3, 4, dtype=DT, generator=g), torch.randn(4, dtype=DT, generator=g)
+    scale_p = torch.rand(3, 4, dtype=DT, generator=g) + 0.5
+    scale_q = torch.rand(4, dtype=DT, generator=g) + 0.5
+    scale_p[2, 1] = 3.0 * scale_q[1]  # one batch entry where orders > 1 (or < 0) diverge
+    diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
+    diag = closed_form(name, diag_p, diag_q, **params)
+    full = closed_form(
+        name,
+        MultivariateNormal(loc_p, covariance_matrix=torch.diag_embed(scale_p**2)),
+        MultivariateNormal(loc_q, covariance_matrix=torch.diag_embed(scale_q**2)),
+        **params,
+    )
+    assert diag.shape == (3,)
+    _assert_same(diag, full)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_independent_over_several_dims_equals_flattened_mvn(case):
+    """Independent(Normal, 2) and nested Independent wrappers sum over every event dim."""
+    name, params = case
+    g = torch.Generator().manual_seed(9)
+    loc_p, loc_q = torch.randn(2, 3, 2, dtype=DT, generator=g), torch.randn(2, 3, 2, dtype=DT, generator=g)
+    scale_p = 0.5 * torch.rand(2, 3, 2, dtype=DT, generator=g) + 0.8
+    scale_q = 0.5 * torch.rand(2, 3, 2, dtype=DT, generator=g) + 0.8
+    p2 = Independent(Normal(loc_p, scale_p), 2)
+    q_nested = Independent(Independent(Normal(loc_q, scale_q), 1), 1)
+    value = closed_form(name, p2, q_nested, **params)
+    full = closed_form(
+        name,
+        MultivariateNormal(loc_p.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_p.reshape(2, 6) ** 2)),
+        MultivariateNormal(loc_q.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_q.reshape(2, 6) ** 2)),
+        **params,
+    )
+    assert value.shape == (2,)
+    _assert_same(value, full)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_independent_mvn_equals_block_diagonal_mvn(case):
+    name, params = case
+    g = torch.Generator().manual_seed(10)
+    loc_p, loc_q = torch.randn(3, 2, dtype=DT, generator=g), torch.randn(3, 2, dtype=DT, generator=g)
+    tril_p, tril_q = random_tril(g, 3, d=2, scale=0.2), random_tril(g, 3, d=2, scale=0.2)
+    blocks = closed_form(
+        name,
+        Independent(MultivariateNormal(loc_p, scale_tril=tril_p), 1),
+        Independent(MultivariateNormal(loc_q, scale_tril=tril_q), 1),
+        **params,
+    )
+    full = closed_form(
+        name,
+        MultivariateNormal(loc_p.reshape(6), scale_tril=torch.block_diag(*tril_p)),
+        MultivariateNormal(loc_q.reshape(6), scale_tril=torch.block_diag(*tril_q)),
+        **params,
+    )
+    assert blocks.shape == ()
+    _assert_same(blocks, full)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_mvn_in_one_dimension_equals_normal(case):
+    name, params = case
+    mu_p, sd_p, mu_q, sd_q = tt([0.3, -1.0, 0.0]), tt([1.0, 0.6, 2.5]), tt([-0.4, 0.5, 0.1]), tt([1.2, 0.7, 1.0])
+    uni = closed_form(name, Normal(mu_p, sd_p), Normal(mu_q, sd_q), **params)
+    multi = closed_form(
+        name,
+        MultivariateNormal(mu_p[:, None], scale_tril=sd_p[:, None, None]),
+        MultivariateNormal(mu_q[:, None], scale_tril=sd_q[:, None, None]),
+        **params,
+    )
+    _assert_same(multi, uni)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_mvn_affine_invariance(case):
+    """Divergences are invariant under a shared invertible affine map; this turns the
+    (quadrature-checked) diagonal case into an exact check of full covariances."""
+    name, params = case
+    g = torch.Generator().manual_seed(11)
+    loc_p, loc_q = torch.randn(2, 3, dtype=DT, generator=g), torch.randn(2, 3, dtype=DT, generator=g)
+    scale_p, scale_q = torch.rand(2, 3, dtype=DT, generator=g) + 0.5, torch.rand(2, 3, dtype=DT, generator=g) + 0.5
+    A = torch.randn(3, 3, dtype=DT, generator=g) + 2 * torch.eye(3, dtype=DT)
+    b = torch.randn(3, dtype=DT, generator=g)
+    diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
+    diag = closed_form(name, diag_p, diag_q, **params)
+
+    def mapped(loc, scale):
+        cov = A @ torch.diag_embed(scale**2) @ A.T
+        return MultivariateNormal(loc @ A.T + b, scale_tril=torch.linalg.cholesky(cov))
+
+    full = closed_form(name, mapped(loc_p, scale_p), mapped(loc_q, scale_q), **params)
+    _assert_same(full, diag, rtol=1e-9, atol=1e-11)
+
+
+# ----------------------------------------------------------------------------- identities
+def _gaussian_pairs():
+    g = torch.Generator().manual_seed(3)
+    normal = (
+        Normal(torch.randn(4, dtype=DT, generator=g), torch.rand(4, dtype=DT, generator=g) + 0.5),
+        Normal(torch.randn(4, dtype=DT, generator=g), torch.rand(4, dtype=DT, generator=g) + 0.5),
+    )
+    diag = tuple(
+        Independent(Normal(torch.randn(4, 3, dtype=DT, generator=g), torch.rand(4, 3, dtype=DT, generator=g) + 0.5), 1)
+        for _ in range(2)
+    )
+    full = (
+        MultivariateNormal(torch.randn(4, 3, dtype=DT, generator=g), scale_tril=random_tril(g, 4)),
+        MultivariateNormal(torch.randn(4, 3, dtype=DT, generator=g), scale_tril=random_tril(g, 4)),
+    )
+    return {"normal": normal, "diagonal": diag, "mvn": full}
+
+
+PAIRS = _gaussian_pairs()
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_renyi_and_alpha_are_continuous_at_their_kl_limits(kind):
+    p, q = PAIRS[kind]
+    kl_pq, kl_qp = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    assert (kl_pq > 1e-2).all()  # a non-trivial limit
+    torch.testing.assert_close(closed_form("renyi", p, q, alpha=1.0), kl_pq, rtol=0, atol=0)
+    torch.testing.assert_close(closed_form("alpha", p, q, alpha=1.0), kl_pq, rtol=0, atol=0)
+    torch.testing.assert_close(closed_form("alpha", p, q, alpha=0.0), kl_qp, rtol=0, atol=0)
+    for eps in (1e-6, -1e-6):
+        # |D_(1+eps) - KL| = O(eps): 1e-4 relative would catch a wrong branch at alpha = 1
+        torch.testing.assert_close(closed_form("renyi", p, q, alpha=1 + eps), kl_pq, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(closed_form("alpha", p, q, alpha=1 + eps), kl_pq, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(closed_form("alpha", p, q, alpha=eps), kl_qp, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_identities(kind):
+    p, q = PAIRS[kind]
+    cfp = lambda name, **kw: closed_form(name, p, q, **kw)  # noqa: E731
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)  # noqa: E731
+    close(cfp("hellinger"), 1 - torch.exp(-cfp("bhattacharyya")))
+    close(cfp("bhattacharyya"), cfp("renyi", alpha=0.5) / 2)
+    close(cfp("alpha", alpha=0.5), 4 * cfp("hellinger"))
+    close(cfp("renyi", alpha=2.0), torch.log1p(cfp("pearson_chi2")))
+    close(cfp("neyman_chi2"), closed_form("pearson_chi2", q, p))
+    close(cfp("reverse_kl"), closed_form("forward_kl", q, p))
+    close(cfp("jeffreys"), cfp("forward_kl") + cfp("reverse_kl"))
+    close(cfp("bhattacharyya"), closed_form("bhattacharyya", q, p))
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_divergence_of_a_distribution_to_itself_is_zero(kind, case):
+    name, params = case
+    p, _ = PAIRS[kind]
+    value = closed_form(name, p, p, **params)
+    torch.testing.assert_close(value, torch.zeros_like(value), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mp=st.floats(-3, 3),
+    mq=st.floats(-3, 3),
+    log_sp=st.floats(-1.5, 1.5),
+    log_sq=st.floats(-1.5, 1.5),
+    case=st.sampled_from(CASES),
+)
+def test_normal_divergences_are_non_negative_and_never_nan(mp, mq, log_sp, log_sq, case):
+    name, params = case
+    value = closed_form(name, Normal(tt(mp), tt(math.exp(log_sp))), Normal(tt(mq), tt(math.exp(log_sq))), **params)
+    assert not torch.isnan(value)
+    assert value >= -1e-12
+
+
+# ----------------------------------------------------------------------------- gradients
+def _mvn_from(loc, raw):
+    return MultivariateNormal(loc, scale_tril=torch.tril(raw), validate_args=False)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("forward_kl", {}), ("reverse_kl", {}), ("renyi", {"alpha": 0.5}), ("renyi", {"alpha": 2.0}),
+     ("hellinger", {}), ("alpha", {"alpha": -0.5}), ("neyman_chi2", {})],
+    ids=case_id,
+)
+def test_gradcheck_mvn(case):
+    name, params = case
+    g = torch.Generator().manual_seed(5)
+
+    def near_identity(*batch):
+        return torch.eye(3, dtype=DT) + 0.08 * torch.randn(*batch, 3, 3, dtype=DT, generator=g)
+
+    # close covariances, so every order used here (-1 ... 2) has a finite integral
+    inputs = (
+        torch.randn(2, 3, dtype=DT, generator=g),
+        near_identity(2),
+        torch.randn(3, dtype=DT, generator=g),
+        near_identity(),
+    )
+    inputs = tuple(x.requires_grad_() for x in inputs)
+
+    def fn(loc_p, raw_p, loc_q, raw_q):
+        return closed_form(name, _mvn_from(loc_p, raw_p), _mvn_from(loc_q, raw_q), **params)
+
+    assert torch.isfinite(fn(*inputs)).all()
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_mvn_covariance_parametrisation():
+    g = torch.Generator().manual_seed(6)
+    factor_p = torch.randn(3, 3, dtype=DT, generator=g).requires_grad_()
+    factor_q = torch.randn(3, 3, dtype=DT, generator=g).requires_grad_()
+    loc = torch.randn(3, dtype=DT, generator=g).requires_grad_()
+    eye = torch.eye(3, dtype=DT)
+
+    def fn(loc, fp, fq):
+        p = MultivariateNormal(loc, covariance_matrix=fp @ fp.T + eye)
+        q = MultivariateNormal(torch.zeros(3, dtype=DT), covariance_matrix=fq @ fq.T + eye)
+        return closed_form("renyi", p, q, alpha=0.7)
+
+    assert torch.autograd.gradcheck(fn, (loc, factor_p, factor_q))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("forward_kl", {}), ("renyi", {"alpha": 1.5}), ("pearson_chi2", {}), ("alpha", {"alpha": 0.3})],
+    ids=case_id,
+)
+def test_gradcheck_normal_and_diagonal(case):
+    name, params = case
+    g = torch.Generator().manual_seed(8)
+    inputs = tuple(
+        x.requires_grad_()
+        for x in (
+            torch.randn(2, 3, dtype=DT, generator=g),
+            0.3 * torch.rand(2, 3, dtype=DT, generator=g) + 0.9,  # scales within 1.5x: all orders finite
+            torch.randn(3, dtype=DT, generator=g),
+            0.3 * torch.rand(3, dtype=DT, generator=g) + 0.9,
+        )
+    )
+    assert torch.isfinite(closed_form(name, Normal(*inputs[:2]), Normal(*inputs[2:]), **params)).all()
+    assert torch.autograd.gradcheck(lambda a, b, c, d: closed_form(name, Normal(a, b), Normal(c, d), **params), inputs)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: closed_form(name, Independent(Normal(a, b), 1), Independent(Normal(c, d), 1), **params),
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("kind", ["normal", "mvn"])
+def test_infinite_entries_have_finite_gradients(kind):
+    scale_p = tt([1.0, 3.0]).requires_grad_()  # second entry: 2 σq² - σp² < 0, the chi2 integral diverges
+    loc_p = tt([0.0, 0.5]).requires_grad_()
+    if kind == "normal":
+        p, q = Normal(loc_p, scale_p), Normal(tt(0.2), tt(1.1))
+    else:
+        scale_tril = torch.diag_embed(scale_p[:, None].expand(2, 2))
+        p = MultivariateNormal(loc_p[:, None].expand(2, 2), scale_tril=scale_tril)
+        q = MultivariateNormal(tt([0.2, 0.2]), scale_tril=1.1 * torch.eye(2, dtype=DT))
+    value = closed_form("pearson_chi2", p, q)
+    assert torch.isfinite(value[0]) and value[1] == math.inf
+    value.sum().backward()
+    assert torch.isfinite(scale_p.grad).all() and torch.isfinite(loc_p.grad).all()
+    assert scale_p.grad[0] != 0
+
+
+def test_singular_mix_gives_inf_and_finite_gradients():
+    # alpha = 9/8 with Σp = diag(9, 1), Σq = I: Σa = 9/8 Σq - 1/8 Σp = diag(0, 1) exactly, singular;
+    # the integral diverges along the first axis and the failed Cholesky has a zero pivot
+    scale_p = tt([3.0, 1.0]).requires_grad_()
+    loc_p = tt([0.1, -0.2]).requires_grad_()
+    p = MultivariateNormal(loc_p, scale_tril=torch.diag(scale_p))
+    q = MultivariateNormal(tt([0.0, 0.0]), scale_tril=torch.eye(2, dtype=DT))
+    value = closed_form("renyi", p, q, alpha=1.125)
+    assert value == math.inf
+    value.backward()
+    assert torch.isfinite(scale_p.grad).all() and torch.isfinite(loc_p.grad).all()
+
+
+# ----------------------------------------------------------------------------- +inf regime
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("pearson_chi2", {}),
+        ("renyi", {"alpha": 3.0}),
+        ("alpha", {"alpha": 2.0}),
+        ("alpha", {"alpha": -2.0}),
+        ("neyman_chi2", {}),
+    ],
+)
+def test_divergent_integrals_give_inf_not_nan(name, params):
+    # σp = 2 σq makes every order > 1 diverge; σq = 2 σp makes every order < 0 diverge
+    wide, narrow = tt([2.0, 1.0]), tt([1.0, 2.0])
+    value = closed_form(name, Normal(tt(0.0), wide), Normal(tt(0.3), narrow), **params)
+    diverges_first = name in ("pearson_chi2", "renyi") or params.get("alpha", 0) > 1
+    assert not torch.isnan(value).any()
+    assert torch.isinf(value).sum() == 1
+    assert value[0 if diverges_first else 1] == math.inf
+    # two dims, one of each kind: the product integral diverges for every order outside [0, 1]
+    diag_p, diag_q = Independent(Normal(tt([0.0, 0.0]), wide), 1), Independent(Normal(tt([0.3, 0.3]), narrow), 1)
+    full_p = MultivariateNormal(tt([0.0, 0.0]), covariance_matrix=torch.diag(wide**2))
+    full_q = MultivariateNormal(tt([0.3, 0.3]), covariance_matrix=torch.diag(narrow**2))
+    assert closed_form(name, diag_p, diag_q, **params) == math.inf
+    assert closed_form(name, full_p, full_q, **params) == math.inf
+
+
+def test_mvn_indefinite_mix_gives_inf():
+    # correlated covariances: each marginal variance is fine, the mix 2 Σq - Σp is indefinite
+    p = mvn([0.0, 0.0], [[1.0, 0.9], [0.9, 1.0]])
+    q = mvn([0.1, 0.0], [[1.0, -0.9], [-0.9, 1.0]])
+    assert closed_form("pearson_chi2", p, q) == math.inf
+    assert closed_form("renyi", p, q, alpha=2.0) == math.inf
+    assert torch.isfinite(closed_form("renyi", p, q, alpha=0.9))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_js_has_no_gaussian_closed_form():
+    with pytest.raises(NotImplementedError, match="js") as info:
+        closed_form("js", Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)))
+    message = str(info.value)
+    assert "Normal" in message and "forward_kl" in message  # lists what does exist for the pair
+    with pytest.raises(NotImplementedError, match="MultivariateNormal"):
+        closed_form("js", mvn([0.0], [[1.0]]), mvn([1.0], [[1.0]]), beta=0.5)
+
+
+def test_unregistered_pair_names_both_types():
+    with pytest.raises(NotImplementedError) as info:
+        closed_form("forward_kl", Normal(tt(0.0), tt(1.0)), Categorical(logits=tt([0.0, 1.0])))
+    assert "Normal" in str(info.value) and "Categorical" in str(info.value)
+    with pytest.raises(NotImplementedError, match="tv"):
+        closed_form("tv", Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)))
+
+
+@pytest.mark.parametrize("name, alpha", [("renyi", -1.0), ("renyi", math.nan), ("alpha", math.inf)])
+def test_bad_alpha_raises(name, alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        closed_form(name, Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)), alpha=alpha)
+
+
+def test_renyi_order_zero_is_minus_log_mass_of_the_support():
+    """-log Q(supp P): 0 for Gaussians (full support), the masked mass for categoricals."""
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(3.0), tt(0.5))
+    assert closed_form("renyi", p, q, alpha=0.0).item() == 0.0
+    cat_p = Categorical(probs=tt([0.5, 0.5, 0.0]))
+    cat_q = Categorical(probs=tt([0.25, 0.25, 0.5]))
+    assert closed_form("renyi", cat_p, cat_q, alpha=0.0).item() == pytest.approx(math.log(2.0), rel=1e-12)
+
+
+def test_bad_parameters_and_arguments():
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0))
+    with pytest.raises(TypeError, match="alpha"):
+        closed_form("renyi", p, q, alpha="half")
+    with pytest.raises(ValueError, match="beta"):
+        closed_form("renyi", p, q, beta=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        closed_form("forward_kl", p, q, alpha=0.5)
+    with pytest.raises(TypeError, match="p must be"):
+        closed_form("forward_kl", torch.zeros(3), q)
+    with pytest.raises(TypeError, match="q must be"):
+        closed_form("forward_kl", p, "normal")
+    with pytest.raises(ValueError, match="unknown divergence"):
+        closed_form("no_such_divergence", p, q)
+    with pytest.raises(ValueError, match="event"):
+        closed_form("forward_kl", mvn([0.0, 0.0], np.eye(2)), mvn([0.0, 0.0, 0.0], np.eye(3)))
+    with pytest.raises(ValueError, match="batch shapes"):
+        closed_form("hellinger", Normal(torch.zeros(2), 1.0), Normal(torch.zeros(3), 1.0))
+    base = Normal(torch.zeros(2, 3, dtype=DT), tt(1.0))
+    with pytest.raises(ValueError, match="event"):
+        closed_form("forward_kl", Independent(base, 1), Independent(base, 2))
+    with pytest.raises(ValueError, match="categories"):
+        closed_form("forward_kl", Categorical(logits=torch.zeros(3)), Categorical(logits=torch.zeros(4)))
+
+
+def test_alpha_accepts_zero_dim_tensor_and_int():
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.5))
+    want = closed_form("renyi", p, q, alpha=2.0)
+    assert closed_form("renyi", p, q, alpha=torch.tensor(2.0)) == want
+    assert closed_form("renyi", p, q, alpha=2) == want
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_dtype_follows_the_parameters(kind):
+    p64, q64 = PAIRS[kind]
+    want = closed_form("renyi", p64, q64, alpha=0.7)
+
+    def cast(dist, dtype):
+        if isinstance(dist, Independent):
+            return Independent(cast(dist.base_dist, dtype), dist.reinterpreted_batch_ndims)
+        if isinstance(dist, Normal):
+            return Normal(dist.loc.to(dtype), dist.scale.to(dtype))
+        return MultivariateNormal(dist.loc.to(dtype), scale_tril=dist.scale_tril.to(dtype))
+
+    for dtype, result_dtype, rtol in ((torch.float32, torch.float32, 1e-4), (torch.bfloat16, torch.float32, 5e-2)):
+        got = closed_form("renyi", cast(p64, dtype), cast(q64, dtype), alpha=0.7)
+        assert got.dtype == result_dtype
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol)
+    mixed = closed_form("renyi", cast(p64, torch.float32), q64, alpha=0.7)
+    assert mixed.dtype == DT
+
+
+def test_aliases_resolve():
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.5))
+    assert closed_form("kl", p, q) == closed_form("forward_kl", p, q)
+    assert closed_form("chi2", p, q) == closed_form("pearson_chi2", p, q)
+    with pytest.raises(NotImplementedError, match="jsd"):  # message shows the name the caller used
+        closed_form("jsd", p, q)
+
+
+# ----------------------------------------------------------------------------- registry
+@pytest.fixture
+def clean_registry():
+    saved = dict(cf._REGISTRY)
+    yield
+    cf._REGISTRY.clear()
+    cf._REGISTRY.update(saved)
+    cf._LOOKUP_CACHE.clear()
+
+
+class MyNormal(Normal):
+    pass
+
+
+def test_subclass_dispatch_and_cache_invalidation(clean_registry):
+    p, q = MyNormal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(2.0))
+    inherited = closed_form("forward_kl", p, q)  # served (and memoised) by the Normal formula
+    torch.testing.assert_close(inherited, kl_divergence(Normal(tt(0.0), tt(1.0)), q))
+
+    @register_closed_form("forward_kl", MyNormal, Normal)
+    def _specific(p, q):
+        return torch.full(torch.broadcast_shapes(p.batch_shape, q.batch_shape), 42.0, dtype=DT)
+
+    assert closed_form("forward_kl", p, q) == 42.0  # the memoised lookup was dropped
+    plain = closed_form("forward_kl", Normal(tt(1.0), tt(2.0)), Normal(tt(0.0), tt(1.0)))
+    assert closed_form("forward_kl", q, p) == plain  # (Normal, MyNormal) does not match (MyNormal, Normal)
+    assert ("forward_kl", "MyNormal", "Normal") in available_closed_forms()
+
+
+def test_register_custom_name_and_alias(clean_registry):
+    @register_closed_form("my_divergence", Normal, Normal)
+    def _mine(p, q, scale=1.0):
+        return scale * (p.loc - q.loc).abs()
+
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(2.0), tt(1.0))
+    assert closed_form("my_divergence", p, q, scale=3.0) == 6.0
+
+    @register_closed_form("tvd", Normal, Normal)  # an fdiv alias is stored under its canonical name
+    def _tv(p, q):
+        return torch.zeros(())
+
+    assert closed_form("tv", p, q) == 0.0
+
+
+def test_ambiguous_registration_warns_and_prefers_p(clean_registry):
+    register_closed_form("my_divergence", Normal, Distribution)(lambda p, q: torch.tensor(1.0))
+    register_closed_form("my_divergence", Distribution, Normal)(lambda p, q: torch.tensor(2.0))
+    p = Normal(tt(0.0), tt(1.0))
+    with pytest.warns(RuntimeWarning, match="ambiguous"):
+        assert closed_form("my_divergence", p, p) == 1.0
+    register_closed_form("my_divergence", Normal, Normal)(lambda p, q: torch.tensor(3.0))
+    assert closed_form("my_divergence", p, p) == 3.0
+
+
+@pytest.mark.parametrize("bad", [int, 3, torch.Tensor, "Normal", None])
+def test_register_rejects_non_distribution_types(bad):
+    with pytest.raises(TypeError, match="type_p"):
+        register_closed_form("forward_kl", bad, Normal)
+    with pytest.raises(TypeError, match="type_q"):
+        register_closed_form("forward_kl", Normal, bad)
+
+
+def test_available_closed_forms_lists_the_table():
+    table = available_closed_forms()
+    assert table == sorted(table)
+    for name in GAUSSIAN_NAMES:
+        for family in ("Normal", "Independent", "MultivariateNormal"):
+            assert (name, family, family) in table
+    assert ("js", "Normal", "Normal") not in table
+    assert ("js", "Categorical", "Categorical") in table
+    assert ("tv", "Categorical", "Categorical") in table  # fallback over every fdiv divergence
+
+
+def test_register_accepts_the_distribution_base_class(clean_registry):
+    class Exotic(Distribution):
+        pass
+
+    @register_closed_form("forward_kl", Distribution, Distribution)
+    def _catch_all(p, q):
+        return torch.tensor(-1.0)
+
+    assert closed_form("forward_kl", Exotic(validate_args=False), Exotic(validate_args=False)) == -1.0
+    # the more specific Normal pair still wins for Normals
+    assert closed_form("forward_kl", Normal(tt(0.0), tt(1.0)), Normal(tt(0.0), tt(1.0))) == 0.0
+
+
+# ----------------------------------------------------------------------------- categoricals
+def _np_reference(name, p, q, alpha=None):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if name == "forward_kl":
+            return np.sum(np.where(p > 0, p * np.log(p / q), 0.0), -1)
+        if name == "hellinger":
+            return 1 - np.sum(np.sqrt(p * q), -1)
+        if name == "pearson_chi2":
+            return np.sum((p - q) ** 2 / q, -1)
+        if name == "renyi":
+            return np.log(np.sum(p**alpha * q ** (1 - alpha), -1)) / (alpha - 1)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    "name, params", [("forward_kl", {}), ("hellinger", {}), ("pearson_chi2", {}), ("renyi", {"alpha": 2.0})]
+)
+def test_categorical_matches_numpy(name, params):
+    rng = np.random.default_rng(0)
+    p_np = rng.dirichlet(np.ones(5), size=(3, 1))
+    q_np = rng.dirichlet(np.ones(5), size=(4,))
+    want = _np_reference(name, p_np, q_np, **params)
+    got = closed_form(name, Categorical(probs=tt(p_np)), Categorical(probs=tt(q_np)), **params)
+    assert got.shape == (3, 4) and got.dtype == DT
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-14)
+    p_onehot, q_onehot = OneHotCategorical(probs=tt(p_np)), OneHotCategorical(logits=tt(np.log(q_np)))
+    onehot = closed_form(name, p_onehot, q_onehot, **params)
+    np.testing.assert_allclose(onehot.numpy(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_categorical_zero_probabilities_are_exact():
+    p = Categorical(probs=tt([0.5, 0.5, 0.0]))
+    q_missing = Categorical(probs=tt([0.5, 0.0, 0.5]))
+    q_full = Categorical(probs=tt([0.2, 0.3, 0.5]))
+    # Q misses mass of P: infinite, like torch (whose clamped logits would give a finite value)
+    assert closed_form("forward_kl", p, q_missing) == math.inf == kl_divergence(p, q_missing)
+    want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.3)
+    assert float(closed_form("forward_kl", p, q_full)) == pytest.approx(want, rel=1e-13)
+
+
+def test_categorical_other_fdiv_divergences_and_gradients():
+    logits_p = torch.randn(2, 6, dtype=DT, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    logits_q = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    p, q = Categorical(logits=logits_p), Categorical(logits=logits_q)
+    tv = closed_form("tv", p, q)
+    want = 0.5 * (p.probs - q.probs).abs().sum(-1)
+    torch.testing.assert_close(tv, want, rtol=1e-12, atol=1e-14)
+    js = closed_form("js", p, q, beta=0.3)
+    assert js.shape == (2,) and (js > 0).all()
+    assert torch.autograd.gradcheck(
+        lambda a, b: closed_form("renyi", Categorical(logits=a), Categorical(logits=b), alpha=0.7), (logits_p, logits_q)
+    )
