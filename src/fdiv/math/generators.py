@@ -117,34 +117,31 @@ class FDivergence(Divergence):
         take ``(p f'(inf), p f'(inf), 0)``, entries with both zero take zeros.
         Where the value is ``+inf`` (a support mismatch the divergence does not
         allow) the two gradients are set to 0: the gradient of an infinite
-        divergence is undefined.
+        divergence is undefined. Inputs without ``-inf`` skip the masking.
         """
+        if not bool(((a == -INF) | (b == -INF)).any()):
+            return self._forms(a, b)
+        return self.masked_log_forms(a, b)
+
+    def masked_log_forms(self, a: torch.Tensor, b: torch.Tensor):
+        """:meth:`log_forms` without the data-dependent branch (for compiled kernels)."""
         p_zero, q_zero = a == -INF, b == -INF
         any_zero = p_zero | q_zero
-        has_zero = bool(any_zero.any())
-        if not has_zero:
-            return self._forms(a, b)
         p, q = torch.exp(a), torch.exp(b)
         value, grad_a, grad_b = self._forms(
             torch.where(any_zero, torch.zeros_like(a), a), torch.where(any_zero, torch.zeros_like(b), b)
         )
         zero = torch.zeros_like(value)
         only_p_zero, only_q_zero = p_zero & ~q_zero, q_zero & ~p_zero
-        if bool(only_p_zero.any()):
-            at_p_zero = q * self.f_at_zero()
-            value = torch.where(only_p_zero, at_p_zero, value)
-            grad_a = torch.where(only_p_zero, zero, grad_a)
-            grad_b = torch.where(only_p_zero, at_p_zero, grad_b)
-        if bool(only_q_zero.any()):
-            at_q_zero = p * self.f_prime_at_infinity()
-            value = torch.where(only_q_zero, at_q_zero, value)
-            grad_a = torch.where(only_q_zero, at_q_zero, grad_a)
-            grad_b = torch.where(only_q_zero, zero, grad_b)
-        both = p_zero & q_zero
-        value = torch.where(both, zero, value)
-        infinite = torch.isinf(value) & any_zero
-        grad_a = torch.where(both | infinite, zero, grad_a)
-        grad_b = torch.where(both | infinite, zero, grad_b)
+        at_p_zero = q * self.f_at_zero()
+        at_q_zero = p * self.f_prime_at_infinity()
+        value = torch.where(only_p_zero, at_p_zero, torch.where(only_q_zero, at_q_zero, value))
+        value = torch.where(p_zero & q_zero, zero, value)
+        grad_a = torch.where(only_q_zero, at_q_zero, grad_a)
+        grad_b = torch.where(only_p_zero, at_p_zero, grad_b)
+        undefined = (p_zero & q_zero) | (torch.isinf(value) & any_zero)
+        grad_a = torch.where(undefined | only_p_zero, zero, grad_a)
+        grad_b = torch.where(undefined | only_q_zero, zero, grad_b)
         return value, grad_a, grad_b
 
     def pointwise(self, a, b) -> torch.Tensor:
