@@ -1,0 +1,86 @@
+"""The one kernel template: a chunk of rows of logits -> row losses and logit gradients.
+
+Every path (chunked eager, compiled, fused-linear, sparse, vocab-parallel) calls
+:func:`logit_chunk` or one of its compiled copies. It uses only the generator's
+pointwise log-space forms and the softmax chain rule
+
+    dD/dz_j = (g_j - softmax(z)_j * sum_i g_i) / T,
+
+so a new divergence needs no kernel code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from ..math.base import Divergence
+from ..math.generators import FDivergence
+
+
+def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
+    """Row losses ``D(P_teacher || Q_student)`` and gradients w.r.t. both logit chunks, in float32 (or float64).
+
+    Returns ``(row_loss [n], grad_student [n, V], grad_teacher [n, V] or None)``.
+    """
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    log_q = torch.log_softmax(student.to(dtype) * inv_temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
+    forms = divergence.masked_log_forms if masked else divergence._forms
+    value, grad_p, grad_q = forms(log_p, log_q)
+    grad_student = (grad_q - log_q.exp() * grad_q.sum(-1, keepdim=True)) * inv_temperature
+    grad_teacher = None
+    if teacher_grad:
+        grad_teacher = (grad_p - log_p.exp() * grad_p.sum(-1, keepdim=True)) * inv_temperature
+    return value.sum(-1), grad_student, grad_teacher
+
+
+def autograd_chunk(divergence: Divergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
+    """The same contract for divergences without pointwise forms (Rényi, user ``Divergence`` subclasses)."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        s = student.detach().to(dtype).requires_grad_(True)
+        t = teacher.detach().to(dtype).requires_grad_(teacher_grad)
+        rows = divergence(t, s, temperature=1.0 / inv_temperature)
+        inputs = (s, t) if teacher_grad else (s,)
+        grads = torch.autograd.grad(rows.sum(), inputs)
+    return rows.detach(), grads[0], grads[1] if teacher_grad else None
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("FDIV_COMPILE", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(divergence: FDivergence, masked: bool, teacher_grad: bool, device_type: str):
+    fn = functools.partial(logit_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+_COMPILE_FAILED: set = set()
+
+
+def chunk_function(divergence: Divergence, backend: str, masked: bool, teacher_grad: bool, device_type: str):
+    """The chunk kernel for ``backend`` in {"eager", "compile"}; falls back to eager if compiling fails."""
+    if not isinstance(divergence, FDivergence):
+        return functools.partial(autograd_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
+    eager = functools.partial(logit_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
+    if backend != "compile" or not _compile_enabled():
+        return eager
+    key = (type(divergence), repr(divergence), masked, teacher_grad, device_type)
+    if key in _COMPILE_FAILED:
+        return eager
+    compiled = _compiled(divergence, masked, teacher_grad, device_type)
+
+    def run(student, teacher, inv_temperature):
+        try:
+            return compiled(student, teacher, inv_temperature)
+        except Exception as error:  # a missing compiler or an unsupported op: stay correct, lose speed
+            _COMPILE_FAILED.add(key)
+            warnings.warn(f"fdiv: torch.compile failed for {divergence!r} ({type(error).__name__}); using eager", stacklevel=3)
+            return eager(student, teacher, inv_temperature)
+
+    return run

@@ -1,0 +1,215 @@
+r"""Logits-level token loss for any divergence, chunked, with the gradient computed in the forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..math.base import check_float_tensor, check_temperature
+from ..math.registry import get
+from ._chunk import chunk_function
+
+REDUCTIONS = ("mean", "sum", "none")
+BACKENDS = ("auto", "eager", "compile")
+#: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
+#: one-off compile time (seconds) outweighs the saving.
+COMPILE_MIN_ELEMENTS = 1 << 24
+#: Working-set target for one chunk of fp32 rows, in elements (4 MiB of float32).
+CHUNK_ELEMENTS = 1 << 20
+
+
+def default_chunk_size(rows: int, vocab: int) -> int:
+    """Rows per chunk so that one fp32 chunk is about ``CHUNK_ELEMENTS`` elements."""
+    return max(1, min(rows, CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def resolve_row_weights(
+    leading_shape, device, mask, labels, ignore_index, reduction: str, scale: float, dtype=torch.float32
+):
+    """Per-row weights ``w`` so that the loss is ``sum_rows w * D_row`` (or ``w * D_row`` for "none").
+
+    "mean" averages over counted rows (a documented 0 when none is counted), "sum"
+    adds them, "none" returns every row with uncounted rows set to 0.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if mask is not None and labels is not None:
+        raise ValueError("give either mask= or labels= (with ignore_index), not both")
+    n = math.prod(leading_shape)
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != tuple(leading_shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a tensor of shape {tuple(leading_shape)}, got {got}")
+        mask = labels != ignore_index
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError("mask must be a bool tensor (True = counted)")
+        if mask.shape != tuple(leading_shape):
+            raise ValueError(f"mask must have shape {tuple(leading_shape)}, got {tuple(mask.shape)}")
+        weights = mask.reshape(n).to(device=device, dtype=dtype)
+    else:
+        weights = torch.ones(n, device=device, dtype=dtype)
+    if reduction == "mean":
+        weights = weights / weights.sum().clamp_min(1.0)
+    return weights * scale
+
+
+def check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
+    check_float_tensor(student_name, student)
+    check_float_tensor(teacher_name, teacher)
+    if student.dim() < 1:
+        raise ValueError(f"{student_name} must have a vocabulary dimension, got a scalar")
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ValueError(
+            f"vocabulary mismatch: {student_name} has V={student.shape[-1]}, {teacher_name} has V={teacher.shape[-1]}"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"shape mismatch: {student_name} {tuple(student.shape)} vs {teacher_name} {tuple(teacher.shape)}"
+        )
+    if student.device != teacher.device:
+        raise ValueError(f"device mismatch: {student_name} on {student.device}, {teacher_name} on {teacher.device}")
+
+
+def pick_backend(backend: str, elements: int, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "compile" if elements >= COMPILE_MIN_ELEMENTS else "eager"
+
+
+def has_masked_entries(*tensors) -> bool:
+    return any(bool(torch.isneginf(t).any()) for t in tensors)
+
+
+class _TokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, divergence, inv_temperature, weights, reduction, chunk_size, backend):
+        n, vocab = student.shape
+        teacher_grad = teacher.requires_grad
+        grad_student = torch.empty_like(student) if student.requires_grad else None
+        grad_teacher = torch.empty_like(teacher) if teacher_grad else None
+        rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
+        masked = has_masked_entries(student, teacher)
+        kernel = chunk_function(divergence, backend, masked, teacher_grad, student.device.type)
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            w = weights[start:stop, None]
+            if not bool(w.any()):  # nothing counted here: zero loss and gradient, even for garbage rows
+                for grad in (grad_student, grad_teacher):
+                    if grad is not None:
+                        grad[start:stop] = 0
+                continue
+            if stop - start < chunk_size and backend == "compile":  # the ragged tail: no recompile
+                tail = chunk_function(divergence, "eager", masked, teacher_grad, student.device.type)
+                loss, g_s, g_t = tail(student[start:stop], teacher[start:stop], inv_temperature)
+            else:
+                loss, g_s, g_t = kernel(student[start:stop], teacher[start:stop], inv_temperature)
+            counted = w != 0
+            rows[start:stop] = torch.where(counted[:, 0], loss, 0.0)
+            if grad_student is not None:
+                grad_student[start:stop] = torch.where(counted, g_s * w, 0.0)
+            if grad_teacher is not None:
+                grad_teacher[start:stop] = torch.where(counted, g_t * w, 0.0)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad_student, grad_teacher)
+        weighted = rows * weights
+        return weighted if reduction == "none" else weighted.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grad_student, grad_teacher = ctx.saved_tensors
+        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        out = []
+        for grad in (grad_student, grad_teacher):
+            if grad is None:
+                out.append(None)
+            elif ctx.reduction != "none" and grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+                out.append(grad)  # the usual loss.backward(): no extra pass over [N, V]
+            else:
+                out.append(grad.mul_(scale.to(grad.dtype)))
+        return out[0], out[1], None, None, None, None, None, None
+
+
+def token_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence="forward_kl",
+    *,
+    temperature: float = 1.0,
+    temperature_scaling: bool = False,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    **divergence_params,
+) -> torch.Tensor:
+    r"""Per-token divergence ``D(P_teacher || Q_student)`` between two logit tensors, chunked.
+
+    .. math:: \mathcal{L} = \frac{s}{|M|} \sum_{n \in M} D\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big),
+              \quad s = T^2 \text{ if temperature_scaling else } 1
+
+    **P is the teacher (target), Q the student (model)**: ``"forward_kl"`` is
+    Hinton's KD loss KL(teacher || student), ``"reverse_kl"`` is KL(student || teacher).
+
+    The rows are processed ``chunk_size`` at a time and the gradient w.r.t. the
+    student (and the teacher, if it requires grad) is computed during the forward
+    pass from the generator's pointwise forms, so no autograd graph of ``[N, V]``
+    intermediates is built: peak extra memory is the gradient plus one chunk of
+    float32 workspace. Any registered divergence works; f-divergences use the
+    pointwise-form template, others (``renyi``) an autograd pass per chunk.
+
+    Args:
+        student_logits: ``[..., V]`` model logits (any float dtype; bf16/fp16 are computed in fp32).
+        teacher_logits: ``[..., V]`` target logits, same shape. ``-inf`` marks masked vocabulary entries.
+        divergence: registered name, alias or :class:`fdiv.Divergence`; ``**divergence_params`` build it
+            (``token_loss(s, t, "js", beta=0.1)``).
+        temperature: ``T > 0`` dividing both logits.
+        temperature_scaling: multiply the loss by ``T**2`` (Hinton et al., 2015) so gradient
+            magnitudes do not shrink with ``T``. Off by default (TRL, Liger and ModelOpt omit it).
+        mask: bool ``[...]``, True = counted. Or ``labels`` ``[...]`` with ``ignore_index``.
+        reduction: ``"mean"`` over counted tokens (0 when none is counted, with zero gradient),
+            ``"sum"``, or ``"none"`` (shape ``[...]``, uncounted tokens 0).
+        chunk_size: rows per chunk; default keeps one float32 chunk near 4 MiB.
+        backend: ``"eager"``, ``"compile"`` (torch.compile of the chunk kernel: one fused loop on CPU,
+            Triton on GPU) or ``"auto"`` (compile from 2**24 logits on; ``FDIV_COMPILE=0`` disables it).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
+        Gradients come back in the input dtype. Backward may be called once.
+
+    References:
+        Hinton, Vinyals & Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    divergence = get(divergence, **divergence_params)
+    inv_temperature = 1.0 / check_temperature(temperature)
+    leading = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    n = student.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, vocab)
+    elif not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
+    chosen = pick_backend(backend, n * vocab, student.device)
+    out = _TokenLoss.apply(student, teacher, divergence, inv_temperature, weights, reduction, chunk_size, chosen)
+    if reduction == "none":
+        out = out.reshape(leading)
+    if torch.isnan(out).any():
+        raise ValueError(
+            "token_loss is NaN: the logits contain NaN or +inf, or a row whose entries are all -inf"
+        )
+    return out
+
+
+__all__ = ["token_loss", "default_chunk_size"]
