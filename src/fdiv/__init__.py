@@ -10,6 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
+from .kernels import fused_linear_loss, token_loss, topk_token_loss
 from .math import (
     Bhattacharyya,
     Divergence,
@@ -65,6 +66,7 @@ __all__ = [
     "available",
     "available_closed_forms",
     "closed_form",
+    "fused_linear_loss",
     "get",
     "kl_estimate",
     "kl_k1",
@@ -74,5 +76,7 @@ __all__ = [
     "register",
     "register_closed_form",
     "resolve",
+    "token_loss",
+    "topk_token_loss",
     "variational_bound",
 ]

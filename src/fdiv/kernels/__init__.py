@@ -1,5 +1,7 @@
 """Layer 2: fast paths for large vocabularies, all built on the generator's pointwise forms."""
 
+from .fused_linear import fused_linear_loss
+from .sparse import topk_token_loss
 from .token import token_loss
 
-__all__ = ["token_loss"]
+__all__ = ["fused_linear_loss", "token_loss", "topk_token_loss"]

@@ -2,6 +2,7 @@ r"""Logits-level token loss for any divergence, chunked, with the gradient compu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -84,29 +85,30 @@ def has_masked_entries(*tensors) -> bool:
     return any(bool(torch.isneginf(t).any()) for t in tensors)
 
 
-class _TokenLoss(torch.autograd.Function):
+class ChunkedLogitsLoss(torch.autograd.Function):
+    """Sum of weighted row losses of ``[N, V]`` logits, gradients computed chunk by chunk in forward.
+
+    ``run_chunk(start, stop)`` returns ``(row_loss [n], grad_student [n, V], grad_teacher or None)``
+    for the rows ``start:stop``, unweighted. Chunks whose rows all have weight 0 are skipped (their
+    gradient is 0 even if the rows hold garbage), and uncounted rows inside a chunk are zeroed.
+    """
+
     @staticmethod
-    def forward(ctx, student, teacher, divergence, inv_temperature, weights, reduction, chunk_size, backend):
-        n, vocab = student.shape
-        teacher_grad = teacher.requires_grad
+    def forward(ctx, student, teacher, run_chunk, weights, reduction, chunk_size):
+        n = student.shape[0]
         grad_student = torch.empty_like(student) if student.requires_grad else None
-        grad_teacher = torch.empty_like(teacher) if teacher_grad else None
+        want_teacher = teacher is not None and teacher.requires_grad
+        grad_teacher = torch.empty_like(teacher) if want_teacher else None
         rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
-        masked = has_masked_entries(student, teacher)
-        kernel = chunk_function(divergence, backend, masked, teacher_grad, student.device.type)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             w = weights[start:stop, None]
-            if not bool(w.any()):  # nothing counted here: zero loss and gradient, even for garbage rows
+            if not bool(w.any()):
                 for grad in (grad_student, grad_teacher):
                     if grad is not None:
                         grad[start:stop] = 0
                 continue
-            if stop - start < chunk_size and backend == "compile":  # the ragged tail: no recompile
-                tail = chunk_function(divergence, "eager", masked, teacher_grad, student.device.type)
-                loss, g_s, g_t = tail(student[start:stop], teacher[start:stop], inv_temperature)
-            else:
-                loss, g_s, g_t = kernel(student[start:stop], teacher[start:stop], inv_temperature)
+            loss, g_s, g_t = run_chunk(start, stop)
             counted = w != 0
             rows[start:stop] = torch.where(counted[:, 0], loss, 0.0)
             if grad_student is not None:
@@ -122,16 +124,34 @@ class _TokenLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         grad_student, grad_teacher = ctx.saved_tensors
-        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
-        out = []
-        for grad in (grad_student, grad_teacher):
-            if grad is None:
-                out.append(None)
-            elif ctx.reduction != "none" and grad_output.device.type == "cpu" and grad_output.item() == 1.0:
-                out.append(grad)  # the usual loss.backward(): no extra pass over [N, V]
-            else:
-                out.append(grad.mul_(scale.to(grad.dtype)))
-        return out[0], out[1], None, None, None, None, None, None
+        return scale_saved_gradient(grad_student, grad_output, ctx.reduction), scale_saved_gradient(
+            grad_teacher, grad_output, ctx.reduction
+        ), None, None, None, None
+
+
+def scale_saved_gradient(grad, grad_output, reduction):
+    """``grad * grad_output`` in place; skipped for the usual scalar 1 on CPU (no extra pass)."""
+    if grad is None:
+        return None
+    if reduction == "none":
+        return grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+    if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+        return grad
+    return grad.mul_(grad_output.to(grad.dtype))
+
+
+def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend):
+    """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template."""
+    masked = has_masked_entries(student, teacher)
+    teacher_grad = teacher.requires_grad
+    kernel = chunk_function(divergence, backend, masked, teacher_grad, student.device.type)
+    tail = chunk_function(divergence, "eager", masked, teacher_grad, student.device.type)
+
+    def run(start, stop, full=None):
+        fn = kernel if full is None or stop - start == full else tail  # the ragged last chunk: no recompile
+        return fn(student[start:stop], teacher[start:stop], inv_temperature)
+
+    return run
 
 
 def token_loss(
@@ -202,14 +222,20 @@ def token_loss(
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
     chosen = pick_backend(backend, n * vocab, student.device)
-    out = _TokenLoss.apply(student, teacher, divergence, inv_temperature, weights, reduction, chunk_size, chosen)
+    runner = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen)
+    run_chunk = functools.partial(runner, full=chunk_size)
+    out = ChunkedLogitsLoss.apply(student, teacher, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
+    raise_if_nan_loss(out, "token_loss")
+    return out
+
+
+def raise_if_nan_loss(out, caller):
     if torch.isnan(out).any():
         raise ValueError(
-            "token_loss is NaN: the logits contain NaN or +inf, or a row whose entries are all -inf"
+            f"{caller} is NaN: the logits contain NaN or +inf, or a counted row whose entries are all -inf"
         )
-    return out
 
 
 __all__ = ["token_loss", "default_chunk_size"]
