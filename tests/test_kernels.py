@@ -1,0 +1,341 @@
+"""token_loss, topk_token_loss and fused_linear_loss against the reference path (fdiv.get(...)) and autograd."""
+
+import math
+
+import pytest
+import torch
+
+import fdiv
+from test_divergences import SPEC_IDS, SPECS
+
+F_SPECS = [(n, p) for n, p in SPECS if isinstance(fdiv.get(n, **p), fdiv.FDivergence)]
+KERNEL_SPECS = SPECS[::2] + [("renyi", {"alpha": 2.0})]
+KERNEL_IDS = SPEC_IDS[::2] + ["renyi-alpha=2.0"]
+
+
+def _pair(n=7, v=13, seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    return s, t
+
+
+def _reference(name, params, student, teacher, *, temperature=1.0, mask=None, reduction="mean", t2=False):
+    rows = fdiv.get(name, **params)(teacher, student, temperature=temperature)
+    if t2:
+        rows = rows * temperature**2
+    if mask is not None:
+        rows = torch.where(mask, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    count = mask.sum().clamp_min(1) if mask is not None else rows.numel()
+    return rows.sum() / count
+
+
+def _grads(loss, tensors, weights=None):
+    target = loss if weights is None else (loss * weights).sum()
+    return torch.autograd.grad(target, tensors)
+
+
+@pytest.mark.parametrize("name,params", KERNEL_SPECS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_loss_matches_reference_float64(name, params, reduction):
+    s, t = _pair()
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    mask = torch.tensor([True, False, True, True, True, False, True])
+    kwargs = dict(temperature=1.7, mask=mask, reduction=reduction)
+    got = fdiv.token_loss(s, t, name, chunk_size=3, temperature_scaling=True, **kwargs, **params)
+    ref = _reference(name, params, s, t, t2=True, **kwargs)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    weights = torch.rand(7, dtype=torch.float64) if reduction == "none" else None
+    for a, b in zip(_grads(got, (s, t), weights), _grads(ref, (s, t), weights)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 7, 100])
+def test_chunk_boundaries_do_not_matter(chunk_size):
+    s, t = _pair(n=7)
+    s.requires_grad_(True)
+    got = fdiv.token_loss(s, t, "js", beta=0.3, chunk_size=chunk_size)
+    ref = _reference("js", {"beta": 0.3}, s, t)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_grads(got, (s,))[0], _grads(ref, (s,))[0], rtol=1e-10, atol=1e-14)
+
+
+def test_labels_ignore_index_and_leading_dims():
+    s, t = _pair(n=12)
+    s3, t3 = s.reshape(3, 4, 13).requires_grad_(True), t.reshape(3, 4, 13)
+    labels = torch.randint(0, 13, (3, 4))
+    labels[0, 1] = labels[2, 3] = -100
+    got = fdiv.token_loss(s3, t3, "reverse_kl", labels=labels)
+    ref = _reference("reverse_kl", {}, s3, t3, mask=labels != -100)
+    torch.testing.assert_close(got, ref)
+    rows = fdiv.token_loss(s3, t3, "reverse_kl", labels=labels, reduction="none")
+    assert rows.shape == (3, 4) and rows[0, 1] == 0 and rows[2, 3] == 0
+
+
+def test_masked_vocabulary_and_float32():
+    s, t = _pair(dtype=torch.float32)
+    s[:, [0, 5]] = -math.inf
+    t[:, [0, 5]] = -math.inf
+    t[:, 7] = -math.inf  # teacher gives 0 where the student does not: finite for f(0) < inf
+    for name, params in F_SPECS:
+        div = fdiv.get(name, **params)
+        if math.isinf(div.f_at_zero()):
+            continue
+        student = s.clone().requires_grad_(True)
+        got = fdiv.token_loss(student, t, div, chunk_size=4)
+        ref = _reference(name, params, s.double().requires_grad_(True), t.double())
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-6)
+        grad = _grads(got, (student,))[0]
+        assert torch.isfinite(grad).all() and (grad[:, [0, 5]] == 0).all()
+
+
+def test_all_tokens_masked_is_a_documented_zero():
+    s, t = _pair()
+    s.requires_grad_(True)
+    s_garbage = s.detach().clone()
+    s_garbage[:] = math.nan  # rows that are not counted are never read into the loss
+    mask = torch.zeros(7, dtype=torch.bool)
+    loss = fdiv.token_loss(s, t, "forward_kl", mask=mask)
+    assert loss.item() == 0.0
+    assert (_grads(loss, (s,))[0] == 0).all()
+    assert fdiv.token_loss(s_garbage, t, "forward_kl", mask=mask).item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype):
+    s, t = _pair(n=6, v=50, dtype=dtype)
+    s.requires_grad_(True)
+    got = fdiv.token_loss(s, t, "js")
+    assert got.dtype == torch.float32
+    s64 = s.detach().double().requires_grad_(True)
+    ref = _reference("js", {}, s64, t.double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-7)  # exact up to fp32, not bf16
+    grad = _grads(got, (s,))[0]
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), _grads(ref, (s64,))[0], rtol=1e-2, atol=1e-4)
+
+
+def test_compiled_backend_matches_eager():
+    s, t = _pair(n=9, v=32, dtype=torch.float32)
+    s.requires_grad_(True)
+    for name in ("forward_kl", "js"):
+        eager = fdiv.token_loss(s, t, name, backend="eager", chunk_size=4)
+        compiled = fdiv.token_loss(s, t, name, backend="compile", chunk_size=4)
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(_grads(compiled, (s,))[0], _grads(eager, (s,))[0], rtol=1e-5, atol=1e-7)
+
+
+def test_backward_scales_by_upstream_gradient():
+    s, t = _pair()
+    s.requires_grad_(True)
+    got = fdiv.token_loss(s, t, "tv")
+    (g,) = torch.autograd.grad(3.5 * got, s)
+    ref = _reference("tv", {}, s, t)
+    (g_ref,) = torch.autograd.grad(3.5 * ref, s)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_token_loss_errors():
+    s, t = _pair()
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fdiv.token_loss(s, t[:, :5])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fdiv.token_loss(s, t[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        fdiv.token_loss(s, t, temperature=0)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fdiv.token_loss(s, t, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        fdiv.token_loss(s, t, mask=torch.ones(7))
+    with pytest.raises(ValueError, match="reduction"):
+        fdiv.token_loss(s, t, reduction="batchmean")
+    with pytest.raises(ValueError, match="chunk_size"):
+        fdiv.token_loss(s, t, chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        fdiv.token_loss(s, t, backend="cuda")
+    with pytest.raises(ValueError, match="beta"):
+        fdiv.token_loss(s, t, "js", beta=2.0)
+    bad = s.clone()
+    bad[2, 3] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fdiv.token_loss(bad, t)
+
+
+# ------------------------------------------------------------------ sparse
+
+
+def _topk_teacher(t, k):
+    log_p = torch.log_softmax(t, -1)
+    values, indices = log_p.topk(k, dim=-1)
+    return log_p, values, indices
+
+
+def _bucket_reference(name, params, student, values, indices, temperature=1.0):
+    log_q = torch.log_softmax(student / temperature, -1)
+    b_k = log_q.gather(-1, indices)
+    b_tail = torch.log1p(-b_k.exp().sum(-1, keepdim=True))
+    a_tail = torch.log1p(-values.exp().sum(-1, keepdim=True))
+    div = fdiv.get(name, **params)
+    return div.from_log_probs(torch.cat([values, a_tail], -1), torch.cat([b_k, b_tail], -1))
+
+
+@pytest.mark.parametrize("name,params", F_SPECS[::2], ids=[f"{n}-{p}" for n, p in F_SPECS[::2]])
+def test_topk_bucket_and_renormalize_match_explicit_coarsening(name, params):
+    s, t = _pair(n=6, v=15)
+    s.requires_grad_(True)
+    _, values, indices = _topk_teacher(t, 4)
+    got = fdiv.topk_token_loss(s, indices, values, name, temperature=1.3, chunk_size=4, reduction="none", **params)
+    ref = _bucket_reference(name, params, s, values, indices, temperature=1.3)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    w = torch.rand(6, dtype=torch.float64)
+    torch.testing.assert_close(_grads(got, (s,), w)[0], _grads(ref, (s,), w)[0], rtol=1e-8, atol=1e-12)
+
+    got = fdiv.topk_token_loss(s, indices, values, name, tail="renormalize", **params)
+    div = fdiv.get(name, **params)
+    ref = div.from_log_probs(torch.log_softmax(values, -1), torch.log_softmax(s.gather(-1, indices), -1)).mean()
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(_grads(got, (s,))[0], _grads(ref, (s,))[0], rtol=1e-8, atol=1e-12)
+
+
+def test_topk_of_an_exactly_sparse_teacher_is_the_full_divergence():
+    s, t = _pair(n=5, v=12)
+    s.requires_grad_(True)
+    _, _, indices = _topk_teacher(t, 3)
+    sparse_teacher = torch.full_like(t, -math.inf).scatter(-1, indices, t.gather(-1, indices))
+    values = torch.log_softmax(sparse_teacher, -1).gather(-1, indices)
+    for name in ("forward_kl", "js", "tv", "hellinger"):
+        got = fdiv.topk_token_loss(s, indices, values, name)
+        full = fdiv.token_loss(s, sparse_teacher, name)
+        torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(_grads(got, (s,))[0], _grads(full, (s,))[0], rtol=1e-9, atol=1e-13)
+
+
+def test_topk_never_exceeds_the_full_divergence():
+    s, t = _pair(n=8, v=20)
+    log_p, values, indices = _topk_teacher(t, 5)
+    for name in ("forward_kl", "reverse_kl", "js", "pearson_chi2"):
+        full = fdiv.token_loss(s, t, name, reduction="none")
+        bucket = fdiv.topk_token_loss(s, indices, values, name, reduction="none")
+        assert (bucket <= full + 1e-12).all(), name
+
+
+def test_topk_errors():
+    s, t = _pair()
+    _, values, indices = _topk_teacher(t, 3)
+    with pytest.raises(ValueError, match="must lie in"):
+        fdiv.topk_token_loss(s, indices + 20, values)
+    dup = indices.clone()
+    dup[:, 1] = dup[:, 0]
+    with pytest.raises(ValueError, match="repeated"):
+        fdiv.topk_token_loss(s, dup, values)
+    with pytest.raises(ValueError, match="log-probabilities"):
+        fdiv.topk_token_loss(s, indices, values.exp() + 1)
+    with pytest.raises(ValueError, match="tail"):
+        fdiv.topk_token_loss(s, indices, values, tail="zero")
+    with pytest.raises(ValueError, match="shape"):
+        fdiv.topk_token_loss(s, indices[:3], values[:3])
+    with pytest.raises(ValueError, match="f-divergence"):
+        fdiv.topk_token_loss(s, indices, values, "renyi")
+
+
+# ------------------------------------------------------------------ fused linear
+
+
+def _linear_problem(n=9, hs=6, ht=5, v=17, dtype=torch.float64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return dict(
+        student_hidden=make(n, hs).requires_grad_(True),
+        student_weight=(make(v, hs) * 0.7).requires_grad_(True),
+        student_bias=make(v).requires_grad_(True),
+        teacher_hidden=make(n, ht),
+        teacher_weight=make(v, ht),
+        teacher_bias=make(v),
+    )
+
+
+@pytest.mark.parametrize("name,params", SPECS[:16:3], ids=SPEC_IDS[:16:3])
+def test_fused_linear_matches_materialised_logits(name, params):
+    prob = _linear_problem()
+    labels = torch.randint(0, 17, (9,))
+    labels[[1, 6]] = -100
+    got = fdiv.fused_linear_loss(
+        **prob, divergence=name, labels=labels, hard_label_weight=0.25, divergence_weight=0.75,
+        temperature=2.0, temperature_scaling=True, chunk_size=4, **params,
+    )
+    student = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
+    teacher = prob["teacher_hidden"] @ prob["teacher_weight"].T + prob["teacher_bias"]
+    mask = labels != -100
+    ref = 0.75 * _reference(name, params, student, teacher, temperature=2.0, mask=mask, t2=True)
+    ref = ref + 0.25 * torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    params_ = (prob["student_hidden"], prob["student_weight"], prob["student_bias"])
+    for a, b in zip(_grads(got, params_), _grads(ref, params_)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_linear_sparse_teacher_and_sum_reduction():
+    prob = _linear_problem()
+    teacher = prob.pop("teacher_hidden") @ prob.pop("teacher_weight").T + prob.pop("teacher_bias")
+    _, values, indices = _topk_teacher(teacher, 5)
+    got = fdiv.fused_linear_loss(
+        **prob, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence="reverse_kl",
+        reduction="sum", chunk_size=2,
+    )
+    student = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
+    ref = _bucket_reference("reverse_kl", {}, student, values, indices).sum()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    params_ = (prob["student_hidden"], prob["student_weight"], prob["student_bias"])
+    for a, b in zip(_grads(got, params_), _grads(ref, params_)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_linear_bf16_uses_float32_logits():
+    prob = _linear_problem(n=8, hs=32, ht=32, v=64, dtype=torch.bfloat16)
+    got = fdiv.fused_linear_loss(**prob, divergence="js", chunk_size=3)
+    assert got.dtype == torch.float32
+    exact = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in prob.items()}
+    ref = fdiv.fused_linear_loss(**exact, divergence="js")
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+    grads = _grads(got, (prob["student_weight"], prob["student_hidden"]))
+    ref_grads = _grads(ref, (exact["student_weight"], exact["student_hidden"]))
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=2e-3)
+
+
+def test_fused_linear_chunk_from_memory_budget():
+    from fdiv.kernels.fused_linear import chunk_rows_for_budget
+
+    assert chunk_rows_for_budget(4096, 128256, 256 * 2**20) == 256 * 2**20 // (8 * 4 * 128256)
+    assert chunk_rows_for_budget(3, 10, 2**30) == 3
+    assert chunk_rows_for_budget(100, 10**9, 1) == 1
+    prob = _linear_problem()
+    small = fdiv.fused_linear_loss(**prob, memory_budget=1)
+    large = fdiv.fused_linear_loss(**prob)
+    torch.testing.assert_close(small, large)
+
+
+def test_fused_linear_errors():
+    prob = _linear_problem()
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        fdiv.fused_linear_loss(**{**prob, "student_weight": torch.randn(17, 4, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fdiv.fused_linear_loss(
+            **{**prob, "teacher_weight": torch.randn(16, 5, dtype=torch.float64), "teacher_bias": None}
+        )
+    with pytest.raises(ValueError, match="row mismatch"):
+        fdiv.fused_linear_loss(**{**prob, "teacher_hidden": torch.randn(3, 5, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="student_bias must have shape"):
+        fdiv.fused_linear_loss(**{**prob, "student_bias": torch.randn(3, dtype=torch.float64)})
+    with pytest.raises(ValueError, match="needs labels"):
+        fdiv.fused_linear_loss(**prob, hard_label_weight=0.5)
+    with pytest.raises(ValueError, match="reduction"):
+        fdiv.fused_linear_loss(**prob, reduction="none")
+    with pytest.raises(ValueError, match="teacher_hidden and teacher_weight are required"):
+        fdiv.fused_linear_loss(prob["student_hidden"], prob["student_weight"])
