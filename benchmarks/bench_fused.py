@@ -1,0 +1,136 @@
+"""Fused linear distillation loss (hidden states x lm_head), forward + backward: time and peak
+memory of fdiv.fused_linear_loss against the materialised-logits PyTorch path and
+Liger-Kernel's chunked LigerFusedLinearJSDLoss at the same chunk size (JSD, beta = 0.5).
+
+Each measurement runs in its own subprocess (peak RSS belongs to one method).
+
+    python benchmarks/bench_fused.py                          # N=1024, V=128256, H in {2048, 4096}
+    python benchmarks/bench_fused.py --n 256 --hidden 512 --vocab 32000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    "naive": "materialised logits, torch autograd",
+    "liger": "Liger LigerFusedLinearJSDLoss (compiled=False)",
+    "liger-compiled": "Liger LigerFusedLinearJSDLoss (compiled=True)",
+    "fdiv": "fdiv.fused_linear_loss",
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: int) -> dict:
+    import torch
+
+    import fdiv
+
+    torch.manual_seed(0)
+    student_hidden = torch.randn(n, hidden).requires_grad_(True)
+    student_weight = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(True)
+    teacher_hidden = torch.randn(n, hidden)
+    teacher_weight = torch.randn(vocab, hidden) / hidden**0.5
+    labels = torch.randint(0, vocab, (n,))
+    if method.startswith("liger"):
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.5, compiled=method == "liger-compiled", chunk_size=chunk
+        )
+
+    def step():
+        student_hidden.grad = student_weight.grad = None
+        if method == "naive":
+            log_q = torch.log_softmax(student_hidden @ student_weight.T, -1)
+            with torch.no_grad():
+                log_p = torch.log_softmax(teacher_hidden @ teacher_weight.T, -1)
+            log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
+            loss = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1)).mean()
+        elif method.startswith("liger"):
+            loss = liger(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+        else:
+            loss = fdiv.fused_linear_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, "js", chunk_size=chunk
+            )
+        loss.backward()
+        return float(loss)
+
+    baseline = _rss_bytes()
+    value = step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak - baseline), "loss": value}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--hidden", default="2048,4096")
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--chunk", type=int, default=128, help="rows per chunk, the same for Liger and fdiv")
+    parser.add_argument("--methods", default="naive,liger,fdiv")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--worker", default=None)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.n, int(args.hidden), args.vocab, args.chunk, args.repeats)))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats}")
+    for hidden in (int(h) for h in args.hidden.split(",")):
+        logits_bytes = args.n * args.vocab * 4
+        weight_grad_bytes = args.vocab * hidden * 4
+        print(
+            f"\n### N={args.n}, H={hidden}, V={args.vocab}, chunk={args.chunk} rows "
+            f"(logits {logits_bytes / 2**20:.0f} MiB, lm_head gradient {weight_grad_bytes / 2**20:.0f} MiB)\n"
+        )
+        print("| method | ms | x naive | x Liger | peak extra MiB | peak extra / naive | loss |")
+        print("|---|---|---|---|---|---|---|")
+        results = {}
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n), "--hidden", str(hidden),
+                   "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                if proc.returncode != 0:
+                    tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                    results[method] = {"error": tail[0][:80]}
+                else:
+                    results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                results[method] = {"error": f"timeout > {args.timeout}s"}
+        naive = results.get("naive", {})
+        liger = results.get("liger", {})
+        for method, res in results.items():
+            if "error" in res:
+                print(f"| {METHODS[method]} | {res['error']} | | | | | |")
+                continue
+            x_naive = f"{naive['ms'] / res['ms']:.2f}" if "ms" in naive else "—"
+            x_liger = f"{liger['ms'] / res['ms']:.2f}" if "ms" in liger else "—"
+            mem = res["peak_extra_bytes"]
+            mem_ratio = f"{mem / naive['peak_extra_bytes']:.2f}" if naive.get("peak_extra_bytes") else "—"
+            print(f"| {METHODS[method]} | {res['ms']:.0f} | {x_naive} | {x_liger} | {mem / 2**20:.0f} | {mem_ratio} | {res['loss']:.6f} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

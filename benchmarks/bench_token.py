@@ -1,0 +1,144 @@
+"""Logits-level divergence loss, forward + backward: time and peak memory against the naive
+PyTorch expression, TRL's generalized JSD loss and the memory-bandwidth / exp floors.
+
+Every measurement runs in its own subprocess so that peak RSS belongs to that method alone.
+
+    python benchmarks/bench_token.py                       # both shapes of the issue
+    python benchmarks/bench_token.py --shapes 2048x32000   # one shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+METHODS = {
+    # name: (divergence, label)
+    "naive:forward_kl": "naive torch (autograd)",
+    "trl:forward_kl": "TRL generalized_jsd_loss(beta=0)",
+    "fdiv-eager:forward_kl": "fdiv.token_loss eager",
+    "fdiv-compile:forward_kl": "fdiv.token_loss compiled",
+    "naive:js": "naive torch (autograd)",
+    "trl:js": "TRL generalized_jsd_loss(beta=0.5)",
+    "fdiv-eager:js": "fdiv.token_loss eager",
+    "fdiv-compile:js": "fdiv.token_loss compiled",
+    "floor:bandwidth": "read 2 + write 1 logits tensor (torch.add)",
+    "floor:exp": "2 exp per element (torch.exp x2)",
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
+    import torch
+
+    import fdiv
+
+    torch.manual_seed(0)
+    kind, div = method.split(":")
+    student = torch.randn(n, vocab).requires_grad_(kind not in ("floor",))
+    teacher = torch.randn(n, vocab)
+    out = torch.empty(n, vocab) if kind == "floor" else None
+    if kind == "trl":
+        from trl.experimental.gkd import GKDTrainer
+
+    def step():
+        if kind == "floor":
+            if div == "bandwidth":
+                torch.add(student, teacher, out=out)
+            else:
+                torch.exp(student, out=out)
+                torch.exp(teacher, out=out)
+            return
+        student.grad = None
+        if kind == "naive":
+            log_q = torch.log_softmax(student, -1)
+            log_p = torch.log_softmax(teacher, -1)
+            if div == "forward_kl":
+                loss = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+            else:
+                log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - torch.log(torch.tensor(2.0))
+                loss = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1)).mean()
+        elif kind == "trl":
+            beta = 0.0 if div == "forward_kl" else 0.5
+            # TRL's batchmean without labels divides by the batch size: rows here
+            loss = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta)
+        else:
+            backend = "eager" if kind == "fdiv-eager" else "compile"
+            loss = fdiv.token_loss(student, teacher, div, backend=backend)
+        loss.backward()
+
+    baseline = _rss_bytes()
+    step()  # warm-up (and compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak - baseline)}
+
+
+def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--shapes", f"{n}x{vocab}", "--repeats", str(repeats)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout}s"}
+    if result.returncode != 0:
+        tail = (result.stderr or "").strip().splitlines()[-1:] or [f"exit {result.returncode}"]
+        reason = "killed (out of memory)" if result.returncode in (-9, 137) else tail[0][:80]
+        return {"error": reason}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="2048x32000,4096x128256")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--worker", default=None)
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    if args.worker:
+        print(json.dumps(worker(args.worker, *shapes[0], args.repeats)))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats}")
+    for n, vocab in shapes:
+        logits_bytes = n * vocab * 4
+        results = {m: run_one(m, n, vocab, args.repeats, args.timeout) for m in args.methods.split(",")}
+        floor_ms = results.get("floor:bandwidth", {}).get("ms")
+        print(f"\n### N={n}, V={vocab} (one fp32 logits tensor = {logits_bytes / 2**20:.0f} MiB)\n")
+        print("| method | divergence | ms | x naive | x TRL | x bandwidth floor | peak extra / logits tensor |")
+        print("|---|---|---|---|---|---|---|")
+        for method, res in results.items():
+            kind, div = method.split(":")
+            if "error" in res:
+                print(f"| {METHODS[method]} | {div} | {res['error']} | | | | |")
+                continue
+            naive = results.get(f"naive:{div}", {}).get("ms")
+            trl = results.get(f"trl:{div}", {}).get("ms")
+            ratio = lambda ref: f"{ref / res['ms']:.2f}" if ref else "—"  # noqa: E731
+            floor = f"{res['ms'] / floor_ms:.1f}" if floor_ms else "—"
+            mem = res["peak_extra_bytes"] / logits_bytes
+            print(f"| {METHODS[method]} | {div} | {res['ms']:.0f} | {ratio(naive)} | {ratio(trl)} | {floor} | {mem:.2f} |")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
