@@ -339,3 +339,22 @@ def test_fused_linear_errors():
         fdiv.fused_linear_loss(**prob, reduction="none")
     with pytest.raises(ValueError, match="teacher_hidden and teacher_weight are required"):
         fdiv.fused_linear_loss(prob["student_hidden"], prob["student_weight"])
+
+
+def test_no_grad_evaluation_and_single_backward():
+    s, t = _pair()
+    s.requires_grad_(True)
+    with torch.no_grad():
+        value = fdiv.token_loss(s, t, "js")
+    assert not value.requires_grad
+    torch.testing.assert_close(value, _reference("js", {}, s, t).detach())
+    loss = fdiv.token_loss(s, t, "js")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run once"):
+        loss.backward()
+    prob = _linear_problem()
+    with torch.no_grad():
+        fused = fdiv.fused_linear_loss(**prob)
+    assert not fused.requires_grad
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        fdiv.token_loss(torch.zeros(3, 0), torch.zeros(3, 0))

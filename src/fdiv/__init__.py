@@ -10,7 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
-from .kernels import fused_linear_loss, token_loss, topk_token_loss
+from .kernels import fused_linear_loss, token_loss, topk_token_loss, vocab_parallel_token_loss
 from .math import (
     Bhattacharyya,
     Divergence,
@@ -79,4 +79,5 @@ __all__ = [
     "token_loss",
     "topk_token_loss",
     "variational_bound",
+    "vocab_parallel_token_loss",
 ]

@@ -9,7 +9,7 @@ from ..math.generators import FDivergence
 from ..math.registry import get
 from ._chunk import chunk_function
 from .sparse import TAILS, check_topk, sparse_chunk
-from .token import pick_backend, raise_if_nan_loss, resolve_row_weights
+from .token import pick_backend, raise_if_nan_loss, refuse_second_backward, resolve_row_weights
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -64,11 +64,11 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Chunks of rows: student logits by GEMM, teacher side by ``teacher_chunk``, gradients accumulated in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_chunk, weights, ce_labels, ce_weights, chunk_size):
+    def forward(ctx, hidden, weight, bias, teacher_chunk, weights, ce_labels, ce_weights, chunk_size, grad_enabled):
         n = hidden.shape[0]
         linear = _LinearFP32(weight, bias)
         acc = linear.compute
-        needs = ctx.needs_input_grad
+        needs = [x is not None and x.requires_grad and grad_enabled for x in (hidden, weight, bias)]
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if needs[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
@@ -99,6 +99,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, x.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+        ctx.used = False
         ctx.save_for_backward(
             *(None if g is None else g.to(t.dtype) for g, t in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight)))
         )
@@ -107,8 +108,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        refuse_second_backward(ctx)
         grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def fused_linear_loss(
@@ -200,7 +202,7 @@ def fused_linear_loss(
     inv_temperature = 1.0 / check_temperature(temperature)
     if chunk_size is None:
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
-    elif not (isinstance(chunk_size, int) and chunk_size > 0):
+    elif isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     acc = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
     scale = divergence_weight * (1.0 / inv_temperature**2 if temperature_scaling else 1.0)
@@ -240,7 +242,8 @@ def fused_linear_loss(
             return rows, grad
 
     out = _FusedLinearLoss.apply(
-        student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ce_weights, chunk_size
+        student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ce_weights, chunk_size,
+        torch.is_grad_enabled(),
     )
     raise_if_nan_loss(out, "fused_linear_loss")
     return out

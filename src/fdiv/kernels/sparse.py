@@ -29,7 +29,7 @@ import torch
 from ..math.base import check_float_tensor, check_temperature
 from ..math.generators import FDivergence
 from ..math.registry import get
-from .token import ChunkedLogitsLoss, default_chunk_size, raise_if_nan_loss, resolve_row_weights
+from .token import apply_chunked, default_chunk_size, raise_if_nan_loss, resolve_row_weights
 
 TAILS = ("bucket", "renormalize")
 
@@ -147,7 +147,7 @@ def topk_token_loss(
             divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail
         )
 
-    out = ChunkedLogitsLoss.apply(student, None, run_chunk, weights, reduction, chunk_size)
+    out = apply_chunked(student, None, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
     raise_if_nan_loss(out, "topk_token_loss")

@@ -96,9 +96,8 @@ class ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, run_chunk, weights, reduction, chunk_size):
         n = student.shape[0]
-        grad_student = torch.empty_like(student) if student.requires_grad else None
-        want_teacher = teacher is not None and teacher.requires_grad
-        grad_teacher = torch.empty_like(teacher) if want_teacher else None
+        grad_student = torch.empty_like(student) if wants_grad(student) else None
+        grad_teacher = torch.empty_like(teacher) if wants_grad(teacher) else None
         rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -116,6 +115,7 @@ class ChunkedLogitsLoss(torch.autograd.Function):
             if grad_teacher is not None:
                 grad_teacher[start:stop] = torch.where(counted, g_t * w, 0.0)
         ctx.reduction = reduction
+        ctx.used = False
         ctx.save_for_backward(grad_student, grad_teacher)
         weighted = rows * weights
         return weighted if reduction == "none" else weighted.sum()
@@ -123,10 +123,25 @@ class ChunkedLogitsLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        refuse_second_backward(ctx)
         grad_student, grad_teacher = ctx.saved_tensors
         return scale_saved_gradient(grad_student, grad_output, ctx.reduction), scale_saved_gradient(
             grad_teacher, grad_output, ctx.reduction
         ), None, None, None, None
+
+
+def wants_grad(x) -> bool:
+    """Only tensors that need a gradient get one; :func:`apply_chunked` detaches under ``no_grad``."""
+    return x is not None and x.requires_grad
+
+
+def refuse_second_backward(ctx):
+    if ctx.used:
+        raise RuntimeError(
+            "fdiv losses compute their gradient in the forward pass and scale it in place: "
+            "backward can run once per forward (retain_graph=True is not supported)"
+        )
+    ctx.used = True
 
 
 def scale_saved_gradient(grad, grad_output, reduction):
@@ -140,10 +155,19 @@ def scale_saved_gradient(grad, grad_output, reduction):
     return grad.mul_(grad_output.to(grad.dtype))
 
 
+def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
+    """:class:`ChunkedLogitsLoss` with gradients only where autograd will ask for them."""
+    if not torch.is_grad_enabled():
+        with torch.no_grad():
+            plain = [t.detach() if t is not None else None for t in (student, teacher)]
+            return ChunkedLogitsLoss.apply(plain[0], plain[1], run_chunk, weights, reduction, chunk_size)
+    return ChunkedLogitsLoss.apply(student, teacher, run_chunk, weights, reduction, chunk_size)
+
+
 def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend):
     """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template."""
     masked = has_masked_entries(student, teacher)
-    teacher_grad = teacher.requires_grad
+    teacher_grad = teacher.requires_grad and torch.is_grad_enabled()
     kernel = chunk_function(divergence, backend, masked, teacher_grad, student.device.type)
     tail = chunk_function(divergence, "eager", masked, teacher_grad, student.device.type)
 
@@ -207,6 +231,8 @@ def token_loss(
         Hinton, Vinyals & Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
     check_logit_pair(student_logits, teacher_logits)
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits has an empty vocabulary (V = 0)")
     divergence = get(divergence, **divergence_params)
     inv_temperature = 1.0 / check_temperature(temperature)
     leading = student_logits.shape[:-1]
@@ -216,7 +242,7 @@ def token_loss(
     n = student.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab)
-    elif not (isinstance(chunk_size, int) and chunk_size > 0):
+    elif isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -224,7 +250,7 @@ def token_loss(
     chosen = pick_backend(backend, n * vocab, student.device)
     runner = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen)
     run_chunk = functools.partial(runner, full=chunk_size)
-    out = ChunkedLogitsLoss.apply(student, teacher, run_chunk, weights, reduction, chunk_size)
+    out = apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
     raise_if_nan_loss(out, "token_loss")

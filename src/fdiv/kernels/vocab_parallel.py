@@ -1,0 +1,354 @@
+r"""Vocabulary-parallel token loss: the vocabulary sharded over a ``torch.distributed`` group.
+
+In a tensor-parallel language model the output projection is split by columns,
+so each rank holds only a ``[..., V_local]`` slice of the logits. This module
+computes the same per-token divergence as :func:`fdiv.token_loss` on the
+concatenated ``[..., V]`` logits without ever gathering them: per chunk of rows
+it all-reduces three tensors of shape ``[k <= 3, rows]``, never anything of vocabulary size.
+
+The approach is the vocab-parallel cross-entropy of Megatron-LM (Shoeybi et al.,
+2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+Parallelism", §3), generalised from cross-entropy to every f-divergence through
+the generator's pointwise log-space forms (``DESIGN.md`` §2).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..math.base import check_temperature
+from ..math.generators import FDivergence
+from ..math.registry import get
+from .token import REDUCTIONS, check_logit_pair, default_chunk_size, has_masked_entries, resolve_row_weights
+
+_NOT_INITIALIZED = (
+    "vocab_parallel_token_loss needs an initialized torch.distributed process group "
+    "(call torch.distributed.init_process_group first); for full-vocabulary logits in a "
+    "single process use fdiv.token_loss instead"
+)
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides the two logit shards (identical on all ranks)."""
+
+    divergence: FDivergence
+    inv_temperature: float
+    weights: torch.Tensor  # [n] per-row weights (mask, mean, T^2 scaling folded in)
+    reduction: str
+    chunk_size: int
+    group: object
+    masked: bool  # some rank holds a -inf logit: every rank takes the masked forms
+    student_grad: bool  # some rank needs the student gradient: every rank reduces sum(grad_b)
+    teacher_grad: bool  # some rank needs the teacher gradient: every rank reduces sum(grad_a)
+    local_student_grad: bool
+    local_teacher_grad: bool
+
+
+def _check_group(group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(_NOT_INITIALIZED)
+    if group is not None and dist.get_rank(group) < 0:
+        raise ValueError("this process is not a member of the process group passed as group=")
+
+
+def _digest(counted: torch.Tensor) -> list[int]:
+    """Three integers that (practically) identify the set of counted rows."""
+    idx = torch.arange(counted.numel(), device=counted.device, dtype=torch.int64)
+    c = counted.to(torch.int64)
+    mixed = (idx * 2654435761) % 2147483647
+    return [c.sum(), (c * idx).sum(), (c * mixed).sum()]
+
+
+def _divergence_tag(divergence) -> int:
+    text = repr(divergence)
+    # a parameter with a default object repr would differ between processes: do not compare it
+    return 0 if " at 0x" in text else zlib.crc32(text.encode())
+
+
+def _agree_across_ranks(agree: dict, flags: dict, device, group):
+    """One all-reduce (MAX) of a small int64 tensor: checks that every ``agree`` entry is equal on all
+    ranks and ORs (or maxes) the ``flags``. Every rank sees the same reduced values, so every rank
+    raises the same error and none is left waiting in a later collective."""
+    names = list(agree)
+    values = []
+    for name in names:
+        v = agree[name]
+        values.append(v if isinstance(v, torch.Tensor) else torch.tensor(int(v), dtype=torch.int64))
+    agree_t = torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
+    flag_t = torch.tensor([int(v) for v in flags.values()], dtype=torch.int64, device=device)
+    payload = torch.cat([agree_t, -agree_t, flag_t])
+    dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
+    out = payload.tolist()
+    k = len(names)
+    high = dict(zip(names, out[:k]))
+    low = dict(zip(names, (-x for x in out[k : 2 * k])))
+    return high, low, dict(zip(flags, out[2 * k :]))
+
+
+def _chunk(plan: _Plan, student, teacher):
+    """Row losses and local logit gradients for one chunk of rows: exactly three all-reduces."""
+    group, inv_t = plan.group, plan.inv_temperature
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student.to(dtype) * inv_t
+    t = teacher.to(dtype) * inv_t
+    rows = s.shape[0]
+    # 1) MAX of the row maxima (stabiliser only: no gradient flows through it)
+    if s.shape[-1] > 0:
+        top = torch.stack([s.amax(-1), t.amax(-1)])
+    else:  # an empty shard contributes nothing
+        top = torch.full((2, rows), -math.inf, dtype=dtype, device=s.device)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    s = s - top[0, :, None]
+    t = t - top[1, :, None]
+    # 2) SUM of the shifted sum-exps -> log Z = max + log(sum)
+    sum_exp = torch.stack([s.exp().sum(-1), t.exp().sum(-1)])
+    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+    log_sum = sum_exp.log()
+    log_q = s - log_sum[0, :, None]
+    log_p = t - log_sum[1, :, None]
+    forms = plan.divergence.masked_log_forms if plan.masked else plan.divergence._forms
+    value, grad_p, grad_q = forms(log_p, log_q)
+    # 3) SUM of the partial row sums: the value and sum_i g_i of each needed gradient
+    partial = [value.sum(-1)]
+    if plan.student_grad:
+        partial.append(grad_q.sum(-1))
+    if plan.teacher_grad:
+        partial.append(grad_p.sum(-1))
+    partial = torch.stack(partial)
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    row_loss = partial[0]
+    grad_s = grad_t = None
+    if plan.local_student_grad:
+        grad_s = (grad_q - log_q.exp() * partial[1, :, None]) * inv_t
+    if plan.local_teacher_grad:
+        grad_t = (grad_p - log_p.exp() * partial[-1, :, None]) * inv_t
+    return row_loss, grad_s, grad_t
+
+
+class _VocabParallelTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, plan: _Plan):
+        n = student.shape[0]
+        weights = plan.weights
+        grad_student = torch.empty_like(student) if plan.local_student_grad else None
+        grad_teacher = torch.empty_like(teacher) if plan.local_teacher_grad else None
+        rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
+        for start in range(0, n, plan.chunk_size):
+            stop = min(start + plan.chunk_size, n)
+            w = weights[start:stop, None]
+            # the weights agree on all ranks (checked), so every rank skips the same chunks
+            if not bool(w.any()):
+                for grad in (grad_student, grad_teacher):
+                    if grad is not None:
+                        grad[start:stop] = 0
+                continue
+            loss, g_s, g_t = _chunk(plan, student[start:stop], teacher[start:stop])
+            counted = w != 0
+            rows[start:stop] = torch.where(counted[:, 0], loss, 0.0)
+            if grad_student is not None:
+                grad_student[start:stop] = torch.where(counted, g_s * w, 0.0)
+            if grad_teacher is not None:
+                grad_teacher[start:stop] = torch.where(counted, g_t * w, 0.0)
+        ctx.reduction = plan.reduction
+        ctx.used = False
+        ctx.save_for_backward(grad_student, grad_teacher)
+        weighted = rows * weights
+        return weighted if plan.reduction == "none" else weighted.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if getattr(ctx, "used", False):  # the stored gradients are scaled in place: a second pass would be wrong
+            raise RuntimeError("vocab_parallel_token_loss: backward may be called only once per forward")
+        ctx.used = True
+        grad_student, grad_teacher = ctx.saved_tensors
+        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        unit = ctx.reduction != "none" and grad_output.device.type == "cpu" and grad_output.item() == 1.0
+        out = []
+        for grad in (grad_student, grad_teacher):
+            if grad is None or unit:
+                out.append(grad)
+            else:
+                out.append(grad.mul_(scale.to(grad.dtype)))
+        return out[0], out[1], None
+
+
+def vocab_parallel_token_loss(
+    student_logits_shard: torch.Tensor,
+    teacher_logits_shard: torch.Tensor,
+    divergence="forward_kl",
+    *,
+    group=None,
+    temperature: float = 1.0,
+    temperature_scaling: bool = False,
+    mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    **divergence_params,
+) -> torch.Tensor:
+    r"""Per-token f-divergence ``D(P_teacher || Q_student)`` with the vocabulary sharded across ranks.
+
+    Every rank of ``group`` passes its ``[..., V_r]`` slice of the student and the
+    teacher logits (the same vocabulary slice for both; slices may be uneven and
+    any rank's may be empty). The result is, on every rank, the value of
+
+    .. math:: \mathcal{L} = \frac{s}{|M|} \sum_{n \in M} D_f\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big),
+              \quad s = T^2 \text{ if temperature_scaling else } 1
+
+    on the concatenated ``[..., V]`` logits, i.e. exactly :func:`fdiv.token_loss`,
+    and the gradient w.r.t. each rank's shard is that rank's slice of the
+    single-process gradient. **P is the teacher (target), Q the student (model)**:
+    ``"forward_kl"`` is KL(teacher || student), ``"reverse_kl"`` is KL(student || teacher).
+
+    How: per row, ``log Z = m + log sum_r sum_{i in r} exp(x_i - m)`` with ``m`` the
+    all-reduced maximum; then each rank evaluates the generator's pointwise forms
+    ``(q f(p/q), p f'(p/q), q (f - t f'))`` on its local log-probabilities
+    ``a = t/T - log Z_t``, ``b = z/T - log Z_z``; the row value and the chain-rule
+    sums ``sum_i g_i`` over the *full* vocabulary are all-reduced, and the local
+    gradient is ``(g_j - softmax_j * sum_i g_i) / T``. Gradients are computed
+    during the forward pass, chunk by chunk (as in :func:`fdiv.token_loss`); the
+    backward pass only scales them and communicates nothing.
+
+    Communication (on ``group``), all of it independent of the vocabulary size:
+
+    * once per call: one all-reduce (MAX) of a small int64 tensor that checks that
+      all ranks agree on the number of rows, the counted rows (mask / labels), the
+      chunk size, the compute dtype, the reduction, the temperature and the
+      divergence, and decides on every rank alike whether the masked (``-inf``)
+      forms are needed and which gradients are reduced;
+    * per chunk of rows that has at least one counted row, exactly **3 all-reduces**:
+      MAX of the row maxima ``[2, rows]`` (student, teacher), SUM of the shifted
+      sum-exps ``[2, rows]``, SUM of the partial row sums ``[k, rows]`` with
+      ``k = 1`` (value) ``+ 1`` (sum of ``d/db``, if any rank's student needs a
+      gradient) ``+ 1`` (sum of ``d/da``, if any rank's teacher needs one).
+
+    With ``n`` rows and chunk size ``c`` that is ``1 + 3 * ceil(n / c)`` collectives
+    (fewer when whole chunks are uncounted).
+
+    Args:
+        student_logits_shard: ``[..., V_r]`` this rank's slice of the model logits (any float
+            dtype; bf16/fp16 are computed in fp32, float64 in float64).
+        teacher_logits_shard: ``[..., V_r]`` the same slice of the target logits. ``-inf`` marks
+            masked vocabulary entries (on any rank).
+        divergence: an f-divergence: registered name, alias or :class:`fdiv.FDivergence`;
+            ``**divergence_params`` build it. Other divergences (``renyi``, ...) raise ValueError.
+        group: the tensor-parallel process group; ``None`` is the default group.
+        temperature, temperature_scaling, mask, labels, ignore_index, reduction, chunk_size:
+            as in :func:`fdiv.token_loss`; ``mask``/``labels`` are ``[...]`` and must be the same
+            on every rank. The default ``chunk_size`` sizes a chunk by the largest shard.
+
+    Returns:
+        The same tensor on every rank: a float32 scalar (float64 for float64 inputs), or ``[...]``
+        for ``reduction="none"``. Gradients come back in the input dtype. Backward may be called
+        once; with ``reduction="none"`` each rank scales its gradient by its own ``grad_output``.
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialized (use :func:`fdiv.token_loss`).
+        ValueError: a non-f divergence, the ranks disagree on the number of rows (or the mask,
+            chunk size, ...), or the same input errors as :func:`fdiv.token_loss`. Errors found
+            on the local arguments are raised before any communication, so pass the same
+            arguments on every rank.
+
+    Example (inside a tensor-parallel model whose lm_head is split by vocabulary columns)::
+
+        student_shard = hidden @ lm_head_shard.T            # [B, S, V_r] on this rank
+        with torch.no_grad():
+            teacher_shard = teacher_hidden @ teacher_head_shard.T
+        loss = vocab_parallel_token_loss(student_shard, teacher_shard, "js", beta=0.5,
+                                         group=tp_group, labels=labels)
+        loss.backward()                                      # every rank, same loss value
+
+    References:
+        Shoeybi et al. (2019), Megatron-LM (vocab-parallel cross-entropy); Hinton, Vinyals &
+        Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
+    """
+    check_logit_pair(student_logits_shard, teacher_logits_shard, "student_logits_shard", "teacher_logits_shard")
+    divergence = get(divergence, **divergence_params)
+    if not isinstance(divergence, FDivergence):
+        raise ValueError(
+            f"vocab_parallel_token_loss supports only f-divergences (fdiv.FDivergence); got "
+            f"{getattr(divergence, 'name', type(divergence).__name__)!r} ({divergence!r}). Gather the "
+            "logits and use fdiv.token_loss for it"
+        )
+    temperature = check_temperature(temperature)
+    inv_temperature = 1.0 / temperature
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_group(group)
+
+    leading = student_logits_shard.shape[:-1]
+    vocab_local = student_logits_shard.shape[-1]
+    n = math.prod(leading)
+    student = student_logits_shard.reshape(n, vocab_local)  # (n, -1) would be ambiguous for an empty shard
+    teacher = teacher_logits_shard.reshape(n, vocab_local)
+    device = student.device
+    scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    weights = resolve_row_weights(leading, device, mask, labels, ignore_index, reduction, scale, dtype)
+
+    local_student_grad = torch.is_grad_enabled() and student.requires_grad
+    local_teacher_grad = torch.is_grad_enabled() and teacher.requires_grad
+    agree = {"rows": n}
+    agree.update(zip(("counted rows", "counted-row checksum", "counted-row hash"), _digest(weights != 0)))
+    agree.update(
+        {
+            "chunk_size": 0 if chunk_size is None else chunk_size,
+            "compute dtype": int(dtype == torch.float64),
+            "reduction": REDUCTIONS.index(reduction),
+            "temperature": torch.tensor(temperature, dtype=torch.float64).view(torch.int64),
+            "temperature_scaling": bool(temperature_scaling),
+            "divergence": _divergence_tag(divergence),
+        }
+    )
+    flags = {
+        "vocab": vocab_local,
+        "masked": has_masked_entries(student, teacher),
+        "student_grad": local_student_grad,
+        "teacher_grad": local_teacher_grad,
+    }
+    high, low, flags = _agree_across_ranks(agree, flags, device, group)
+    for name in agree:
+        if high[name] != low[name]:
+            if name == "rows":
+                raise ValueError(
+                    "all ranks must hold the same rows of logits: student_logits_shard has "
+                    f"{n} rows (shape {tuple(student_logits_shard.shape)}) on this rank, but the ranks of the "
+                    f"group hold between {low[name]} and {high[name]}"
+                )
+            raise ValueError(f"the ranks of the group disagree on the {name} (every rank must pass the same value)")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, flags["vocab"])
+
+    plan = _Plan(
+        divergence=divergence,
+        inv_temperature=inv_temperature,
+        weights=weights,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        group=group,
+        masked=bool(flags["masked"]),
+        student_grad=bool(flags["student_grad"]),
+        teacher_grad=bool(flags["teacher_grad"]),
+        local_student_grad=local_student_grad,
+        local_teacher_grad=local_teacher_grad,
+    )
+    out = _VocabParallelTokenLoss.apply(student, teacher, plan)
+    if reduction == "none":
+        out = out.reshape(leading)
+    if torch.isnan(out).any():  # the same on every rank: every rank raises
+        raise ValueError(
+            "vocab_parallel_token_loss is NaN: the logits contain NaN or +inf, or a row whose entries are "
+            "-inf on every rank"
+        )
+    return out
+
+
+__all__ = ["vocab_parallel_token_loss"]
