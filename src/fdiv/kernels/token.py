@@ -82,7 +82,8 @@ def pick_backend(backend: str, elements: int, device: torch.device) -> str:
 
 
 def has_masked_entries(*tensors) -> bool:
-    return any(bool(torch.isneginf(t).any()) for t in tensors)
+    """Whether any tensor holds ``-inf`` (one reduction pass each, no ``[N, V]`` temporary)."""
+    return any(t.numel() > 0 and bool(t.amin() == -math.inf) for t in tensors)
 
 
 class ChunkedLogitsLoss(torch.autograd.Function):
@@ -108,12 +109,16 @@ class ChunkedLogitsLoss(torch.autograd.Function):
                         grad[start:stop] = 0
                 continue
             loss, g_s, g_t = run_chunk(start, stop)
+            all_counted = bool(w.all())
             counted = w != 0
-            rows[start:stop] = torch.where(counted[:, 0], loss, 0.0)
-            if grad_student is not None:
-                grad_student[start:stop] = torch.where(counted, g_s * w, 0.0)
-            if grad_teacher is not None:
-                grad_teacher[start:stop] = torch.where(counted, g_t * w, 0.0)
+            rows[start:stop] = loss if all_counted else torch.where(counted[:, 0], loss, 0.0)
+            for grad, g in ((grad_student, g_s), (grad_teacher, g_t)):
+                if grad is None:
+                    continue
+                if all_counted:
+                    torch.mul(g, w, out=grad[start:stop]) if g.dtype == grad.dtype else grad[start:stop].copy_(g * w)
+                else:
+                    grad[start:stop] = torch.where(counted, g * w, 0.0)
         ctx.reduction = reduction
         ctx.used = False
         ctx.save_for_backward(grad_student, grad_teacher)
@@ -165,15 +170,25 @@ def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
 
 
 def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend):
-    """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template."""
-    masked = has_masked_entries(student, teacher)
+    """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template.
+
+    On CPU each chunk is checked for ``-inf`` (cheap: the chunk is in cache) and takes the
+    unmasked forms when it has none; on other devices one check covers all chunks (no sync
+    per chunk).
+    """
     teacher_grad = teacher.requires_grad and torch.is_grad_enabled()
-    kernel = chunk_function(divergence, backend, masked, teacher_grad, student.device.type)
-    tail = chunk_function(divergence, "eager", masked, teacher_grad, student.device.type)
+    device = student.device.type
+    global_masked = None if device == "cpu" else has_masked_entries(student, teacher)
+    kernels = {}
 
     def run(start, stop, full=None):
-        fn = kernel if full is None or stop - start == full else tail  # the ragged last chunk: no recompile
-        return fn(student[start:stop], teacher[start:stop], inv_temperature)
+        s_chunk, t_chunk = student[start:stop], teacher[start:stop]
+        masked = has_masked_entries(s_chunk, t_chunk) if global_masked is None else global_masked
+        mode = backend if full is None or stop - start == full else "eager"  # the ragged tail: no recompile
+        key = (mode, masked)
+        if key not in kernels:
+            kernels[key] = chunk_function(divergence, mode, masked, teacher_grad, device)
+        return kernels[key](s_chunk, t_chunk, inv_temperature)
 
     return run
 
