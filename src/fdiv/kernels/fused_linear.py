@@ -227,7 +227,9 @@ def fused_linear_loss(
 
     else:
         teacher_linear = _LinearFP32(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-        chosen = pick_backend(backend, chunk_size * vocab * max(1, n // chunk_size), student_hidden.device)
+        chosen = pick_backend(backend, n * vocab, student_hidden.device)
+        if chosen == "triton":
+            raise ValueError("fused_linear_loss supports backend 'auto', 'eager' or 'compile'")
         kernels = {}
 
         def teacher_chunk(logits, start, stop):

@@ -12,7 +12,7 @@ from ..math.registry import get
 from ._chunk import chunk_function
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "eager", "compile")
+BACKENDS = ("auto", "eager", "compile", "triton")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
 #: one-off compile time (seconds) outweighs the saving.
 COMPILE_MIN_ELEMENTS = 1 << 24
@@ -73,11 +73,27 @@ def check_logit_pair(student, teacher, student_name="student_logits", teacher_na
         raise ValueError(f"device mismatch: {student_name} on {student.device}, {teacher_name} on {teacher.device}")
 
 
-def pick_backend(backend: str, elements: int, device: torch.device) -> str:
+def pick_backend(backend: str, elements: int, device: torch.device, student=None, teacher=None, divergence=None) -> str:
+    """``auto``: the Triton kernel on CUDA where it supports the divergence and dtype, else
+    ``compile`` from ``COMPILE_MIN_ELEMENTS`` logits on, else ``eager``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        from . import triton_kernel
+
+        if student is not None and not triton_kernel.usable(student, teacher, divergence):
+            raise ValueError(
+                "backend='triton' needs triton, CUDA tensors (or TRITON_INTERPRET=1 on CPU), float32/bf16/fp16 "
+                f"logits and a divergence with Triton forms; {divergence!r} on {device} does not qualify"
+            )
+        return backend
     if backend != "auto":
         return backend
+    if device.type == "cuda" and student is not None:
+        from . import triton_kernel
+
+        if triton_kernel.usable(student, teacher, divergence):
+            return "triton"
     return "compile" if elements >= COMPILE_MIN_ELEMENTS else "eager"
 
 
@@ -160,6 +176,26 @@ def scale_saved_gradient(grad, grad_output, reduction):
     return grad.mul_(grad_output.to(grad.dtype))
 
 
+class TritonTokenLoss(torch.autograd.Function):
+    """One Triton launch over all rows: the row losses and the weighted logit gradients."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, divergence, inv_temperature, weights, reduction):
+        from .triton_kernel import triton_token_rows
+
+        rows, grad_student, grad_teacher = triton_token_rows(
+            student, teacher, divergence, inv_temperature, weights.float(), wants_grad(teacher),
+            student_grad=wants_grad(student),
+        )
+        ctx.reduction = reduction
+        ctx.used = False
+        ctx.save_for_backward(grad_student, grad_teacher)
+        weighted = rows.to(weights.dtype) * weights
+        return weighted if reduction == "none" else weighted.sum()
+
+    backward = ChunkedLogitsLoss.backward
+
+
 def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
     """:class:`ChunkedLogitsLoss` with gradients only where autograd will ask for them."""
     if not torch.is_grad_enabled():
@@ -236,7 +272,9 @@ def token_loss(
             ``"sum"``, or ``"none"`` (shape ``[...]``, uncounted tokens 0).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4 MiB.
         backend: ``"eager"``, ``"compile"`` (torch.compile of the chunk kernel: one fused loop on CPU,
-            Triton on GPU) or ``"auto"`` (compile from 2**24 logits on; ``FDIV_COMPILE=0`` disables it).
+            Inductor-generated Triton on GPU), ``"triton"`` (the hand-written kernel of
+            :mod:`fdiv.kernels.triton_kernel`: one launch, no chunking) or ``"auto"`` (Triton on CUDA where
+            supported, else compile from 2**24 logits on, else eager; ``FDIV_COMPILE=0`` disables compiling).
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
@@ -262,10 +300,15 @@ def token_loss(
     scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
-    chosen = pick_backend(backend, n * vocab, student.device)
-    runner = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen)
-    run_chunk = functools.partial(runner, full=chunk_size)
-    out = apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
+    chosen = pick_backend(backend, n * vocab, student.device, student, teacher, divergence)
+    if chosen == "triton":
+        grad_on = torch.is_grad_enabled()
+        pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
+        out = TritonTokenLoss.apply(*pair, divergence, inv_temperature, weights, reduction)
+    else:
+        runner = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen)
+        run_chunk = functools.partial(runner, full=chunk_size)
+        out = apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
     raise_if_nan_loss(out, "token_loss")

@@ -1,0 +1,411 @@
+"""The Triton token kernel against the eager reference, run on the CPU in Triton's interpreter.
+
+Triton fixes its mode when ``triton.language`` is first imported: its own ``@jit``
+library functions (``tl.sum``, ``tl.max``, ...) are built then, interpreted or compiled,
+and a kernel of the other kind cannot call them. So ``TRITON_INTERPRET=1`` must be in the
+environment before the process imports triton, and once set it holds for the whole
+process. To keep a test session's other Triton users (torch.compile on a GPU, a GPU run of
+this kernel) in compiled mode, the interpreter cases run
+
+* in this process when ``TRITON_INTERPRET=1`` was set before triton was imported
+  (``TRITON_INTERPRET=1 pytest tests/test_triton_kernel.py``), and otherwise
+* in a child pytest of this file that sets ``TRITON_INTERPRET=1`` first
+  (:func:`test_interpreter_cases_in_child`); here they are then reported as skipped
+  with that reason. :func:`test_compiles_for_sm90` compiles the kernel to PTX and cubin
+  for an H100 in a child without the variable: no GPU is needed for that.
+"""
+
+import os
+import subprocess
+import sys
+
+if os.environ.get("FDIV_TRITON_CHILD") == "1":  # the child: interpreter mode before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fdiv  # noqa: E402
+from fdiv.kernels import triton_kernel as tk  # noqa: E402
+from fdiv.kernels._chunk import logit_chunk  # noqa: E402
+from fdiv.math.generators import ForwardKL, JensenShannon, SkewForwardKL, Standardized, Swapped  # noqa: E402
+
+HAVE_TRITON = tk.triton_available()
+
+
+def _interpreter_here() -> bool:
+    if not HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if "triton.language" not in sys.modules:
+        return True  # it will be imported now, in interpreter mode
+    return tk._interpret_mode()
+
+
+RUN_HERE = _interpreter_here()
+IN_CHILD = os.environ.get("FDIV_TRITON_CHILD") == "1"
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="the `triton` package is not installed")
+
+
+def interpreted(test):
+    """Interpreter cases: here when this process is in interpreter mode, else in the child.
+
+    In a parent process with Triton they are not collected (the child runs and reports them
+    through test_interpreter_cases_in_child); without Triton they are reported as skipped.
+    """
+    if RUN_HERE:
+        return test
+    if not HAVE_TRITON:
+        return pytest.mark.skip(reason="the `triton` package is not installed")(test)
+    return None  # a module attribute that is not a function is not collected
+
+
+# numpy warns about the 0 * inf and log(0) the kernel computes and then discards with tl.where
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+SPECS = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("js", {}),
+    ("js", {"beta": 0.1}),
+    ("js", {"beta": 0.9}),
+    ("js", {"beta": 0.0, "scaled": True}),
+    ("js", {"beta": 0.3, "scaled": True}),
+    ("js", {"beta": 1.0, "scaled": True}),
+    ("skew_forward_kl", {}),
+    ("skew_forward_kl", {"alpha": 0.0}),
+    ("skew_forward_kl", {"alpha": 0.7}),
+    ("skew_reverse_kl", {}),
+    ("skew_reverse_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.7}),
+    ("tv", {}),
+    ("hellinger", {}),
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+    ("jeffreys", {}),
+    ("triangular", {}),
+    ("alpha", {}),
+    ("alpha", {"alpha": 1.0}),
+    ("alpha", {"alpha": 0.0}),
+    ("alpha", {"alpha": 1 - 1e-7}),
+    ("alpha", {"alpha": 2.0}),
+    ("alpha", {"alpha": -1.0}),
+]
+WRAPPED = {
+    "swapped(js 0.3)": lambda: Swapped(JensenShannon(0.3)),
+    "standardized(swapped(skew_fkl 0.2))": lambda: Standardized(Swapped(SkewForwardKL(0.2))),
+    "swapped(standardized(forward_kl))": lambda: Swapped(Standardized(ForwardKL())),
+}
+
+
+def _build(spec):
+    if isinstance(spec, str):
+        return WRAPPED[spec]()
+    name, params = spec
+    return fdiv.get(name, **params)
+
+
+def _spec_id(spec):
+    if isinstance(spec, str):
+        return spec
+    name, params = spec
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+ALL = [*SPECS, *WRAPPED]
+
+
+def make_inputs(div, n=6, vocab=37, seed=0, dtype=torch.float32):
+    """Logits with every masking pattern the divergence allows, row by row.
+
+    row 0 plain; row 1 the same entries masked in both (one in the ragged tail tile);
+    row 2 teacher-only masks where f(0) is finite (else both); row 3 student-only masks
+    where f'(inf) is finite (else both); row 4 weight 0; row 5 peaked, plus masks.
+    """
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, vocab, generator=g) * 3
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    inf = -math.inf
+    finite_f0 = math.isfinite(div.f_at_zero())
+    finite_fpinf = math.isfinite(div.f_prime_at_infinity())
+    both = [1, 5, vocab - 2]
+    student[1, both] = inf
+    teacher[1, both] = inf
+    if n > 2:
+        cols = [0, min(9, vocab - 3)]
+        teacher[2, cols] = inf
+        if not finite_f0:
+            student[2, cols] = inf
+    if n > 3:
+        student[3, [3, vocab - 1]] = inf
+        if not finite_fpinf:
+            teacher[3, [3, vocab - 1]] = inf
+    if n > 5:
+        student[5, 7] += 12.0
+        teacher[5, 7] += 10.0
+        student[5, 2] = teacher[5, 2] = inf
+        if finite_f0:
+            teacher[5, min(11, vocab - 1)] = inf
+    weights = torch.rand(n, generator=g) + 0.5
+    if n > 4:
+        weights[4] = 0.0
+    return student.to(dtype), teacher.to(dtype), weights
+
+
+def reference(div, student, teacher, temperature, weights):
+    """Unweighted rows and the gradients of ``sum_n w_n D_n`` by autograd of the categorical path, fp32."""
+    s = student.detach().float().requires_grad_(True)
+    t = teacher.detach().float().requires_grad_(True)
+    rows = div(t, s, temperature=temperature)
+    counted = weights != 0
+    (rows[counted] * weights[counted]).sum().backward()
+    return rows.detach(), s.grad, t.grad
+
+
+def check_against_reference(div, student, teacher, temperature, weights, block_v, rtol=1e-5, grad_rtol=1e-5):
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0 / temperature, weights, True, block_v=block_v)
+    ref_rows, ref_s, ref_t = reference(div, student, teacher, temperature, weights)
+    counted = weights != 0
+    assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
+    assert g_s.dtype == student.dtype and g_t.dtype == teacher.dtype
+    assert torch.all(rows[~counted] == 0)
+    torch.testing.assert_close(rows[counted], ref_rows[counted], rtol=rtol, atol=1e-6)
+    for got, want in ((g_s, ref_s), (g_t, ref_t)):
+        scale = want.abs().max().item()
+        if got.dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=grad_rtol, atol=1e-6 * max(scale, 1.0))
+        else:  # the fp32 gradient rounded once to the input dtype
+            torch.testing.assert_close(got.float(), want.to(got.dtype).float(), rtol=grad_rtol, atol=1e-5 * scale)
+        assert torch.all(got[~counted] == 0)
+
+
+# ------------------------------------------------------------------- interpreter cases
+
+
+@interpreted
+@pytest.mark.parametrize("spec", ALL, ids=_spec_id)
+def test_fp32_ragged_tiles_masks_temperature_weights(spec):
+    div = _build(spec)
+    assert tk.supports(div)
+    student, teacher, weights = make_inputs(div)
+    check_against_reference(div, student, teacher, 2.0, weights, block_v=16)  # 37 = 16 + 16 + 5
+    # a row that fits one tile (read once), another temperature
+    student, teacher, weights = make_inputs(div, n=3, vocab=8, seed=1)
+    check_against_reference(div, student, teacher, 0.7, weights, block_v=None)
+
+
+@interpreted
+@pytest.mark.parametrize("spec", ALL, ids=_spec_id)
+def test_bf16_inputs_fp32_math(spec):
+    div = _build(spec)
+    student, teacher, weights = make_inputs(div, vocab=21, dtype=torch.bfloat16, seed=2)
+    # rows: fp32 math on the bf16 values; gradients: the fp32 gradient rounded once to bf16
+    check_against_reference(div, student, teacher, 1.5, weights, block_v=16, grad_rtol=1.6e-2)  # 21 = 16 + 5
+
+
+@interpreted
+@pytest.mark.parametrize("spec", [("forward_kl", {}), ("js", {"beta": 0.1}), ("alpha", {"alpha": -1.0})], ids=_spec_id)
+def test_fp16_and_mixed_dtypes(spec):
+    div = _build(spec)
+    student, teacher, weights = make_inputs(div, dtype=torch.float16, seed=3)
+    check_against_reference(div, student, teacher, 1.0, weights, block_v=32, grad_rtol=2e-3)
+    student, teacher, weights = make_inputs(div, seed=4)
+    check_against_reference(div, student, teacher.bfloat16(), 1.0, weights, block_v=16, grad_rtol=1.6e-2)
+
+
+@interpreted
+@pytest.mark.parametrize("spec", [("forward_kl", {}), ("reverse_kl", {}), ("js", {}), ("tv", {})], ids=_spec_id)
+def test_matches_token_loss_eager(spec):
+    name, params = spec
+    div = _build(spec)
+    student, teacher, _ = make_inputs(div, n=5, seed=5)
+    mask = torch.tensor([True, True, False, True, True])
+    s = student.clone().requires_grad_(True)
+    t = teacher.clone().requires_grad_(True)
+    ref = fdiv.token_loss(s, t, name, temperature=2.0, mask=mask, reduction="none", backend="eager", **params)
+    ref.backward(torch.ones_like(ref))
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 0.5, mask.float(), True, block_v=16)
+    torch.testing.assert_close(rows * mask, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_s, s.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_t, t.grad, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_loss_triton_backend_matches_eager(reduction):
+    """fdiv.token_loss(..., backend="triton") end to end: value, both gradients, upstream scaling."""
+    div = _build(("js", {"beta": 0.3}))
+    student, teacher, _ = make_inputs(div, n=5, seed=6)
+    mask = torch.tensor([True, False, True, True, True])
+    results = []
+    for backend in ("eager", "triton"):
+        s = student.clone().requires_grad_(True)
+        t = teacher.clone().requires_grad_(True)
+        out = fdiv.token_loss(s, t, div, temperature=1.5, mask=mask, reduction=reduction, backend=backend)
+        (out * 2.5).sum().backward()
+        results.append((out.detach(), s.grad, t.grad))
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("spec", [("reverse_kl", {}), ("neyman_chi2", {}), ("pearson_chi2", {})], ids=_spec_id)
+def test_support_mismatch_gives_inf_row_and_finite_gradients(spec):
+    # reverse KL / Neyman with p = 0 < q, Pearson with q = 0 < p: the eager kernel's +inf, gradient 0 there
+    div = _build(spec)
+    student, teacher, _ = make_inputs(div, n=3, seed=6)
+    victim = teacher if not math.isfinite(div.f_at_zero()) else student
+    victim[1, [4, 30]] = -math.inf
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 0.5, torch.ones(3), True, block_v=16)
+    ref_rows, ref_s, ref_t = logit_chunk(div, student, teacher, 0.5, True, True)
+    assert math.isinf(rows[1].item()) and math.isinf(ref_rows[1].item())
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_t, ref_t, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(g_s).all() and torch.isfinite(g_t).all()
+
+
+@interpreted
+def test_uncounted_rows_are_not_read_and_all_masked_row_is_nan():
+    div = fdiv.get("js")
+    student, teacher, _ = make_inputs(div, n=3, seed=7)
+    student[0] = math.nan  # garbage in an uncounted row
+    teacher[0] = math.inf
+    student[2] = -math.inf  # not a distribution: NaN, which token_loss turns into an error
+    weights = torch.tensor([0.0, 1.0, 1.0])
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, True, block_v=16)
+    assert rows[0] == 0 and torch.all(g_s[0] == 0) and torch.all(g_t[0] == 0)
+    assert torch.isfinite(rows[1]) and torch.isfinite(g_s[1]).all()
+    assert torch.isnan(rows[2])
+
+
+@interpreted
+def test_strided_rows_forward_only_and_preallocated_outputs():
+    div = fdiv.get("skew_reverse_kl", alpha=0.3)
+    g = torch.Generator().manual_seed(8)
+    wide_s, wide_t = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)
+    student, teacher = wide_s[:, :37], wide_t[:, 3:40]  # row stride 50, unit column stride: no copy
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0])
+    ref_rows, ref_s, ref_t = reference(div, student, teacher, 1.0, weights)
+    out_s = torch.full((4, 37), 7.0)
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, False, block_v=16, out_student=out_s)
+    assert g_s is out_s and g_t is None
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
+    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, False, student_grad=False, block_v=16)
+    assert g_s is None and g_t is None
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
+    # column-strided input is made contiguous
+    rows, g_s, _ = tk.triton_token_rows(student.t().contiguous().t(), teacher, div, 1.0, weights, False, block_v=64)
+    torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+def test_vocabulary_of_one_and_default_block():
+    div = fdiv.get("forward_kl")
+    rows, g_s, _ = tk.triton_token_rows(torch.randn(2, 1), torch.randn(2, 1), div, 1.0, torch.ones(2), False)
+    assert torch.all(rows == 0) and torch.all(g_s == 0)
+    student, teacher, weights = make_inputs(div, n=2, vocab=300, seed=9)
+    check_against_reference(div, student, teacher, 1.0, weights, block_v=None)  # one 512-wide tile
+
+
+# ------------------------------------------------------------- drivers and host checks
+
+
+@needs_triton
+@pytest.mark.skipif(RUN_HERE, reason="the interpreter cases run in this process")
+def test_interpreter_cases_in_child():
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env.update(TRITON_INTERPRET="1", FDIV_TRITON_CHILD="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"interpreter child failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+    assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-3000:]
+
+
+COMPILE_SCRIPT = r"""
+import sys, torch, fdiv
+from fdiv.kernels import triton_kernel as tk
+from fdiv.math.generators import ForwardKL, SkewForwardKL, Standardized, Swapped
+assert tk.supports("js") and "triton" not in sys.modules, "importing the module must not import triton"
+assert not tk._interpret_mode()
+cases = [
+    (fdiv.get("js", beta=0.3), torch.bfloat16, False, True),         # libdevice log1p/expm1, 3 passes, both grads
+    (fdiv.get("alpha", alpha=0.3), torch.float32, True, False),       # one tile, student grad only
+    (Standardized(Swapped(SkewForwardKL(0.2))), torch.float16, False, False),  # SWAP and STANDARDIZE
+]
+for div, dtype, single, teacher_grad in cases:
+    kernel = tk.compile_for_target(div, dtype=dtype, single_tile=single, teacher_grad=teacher_grad)
+    assert ".entry _token_rows_kernel" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
+try:  # compiled mode and CPU tensors: a clear error, not a crash
+    tk.triton_token_rows(torch.randn(2, 5), torch.randn(2, 5), "js", 1.0, torch.ones(2), False)
+except RuntimeError as error:
+    assert "CUDA tensors" in str(error), error
+else:
+    raise AssertionError("expected RuntimeError")
+print("compiled OK")
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(IN_CHILD, reason="run by the parent process")
+def test_compiles_for_sm90():
+    """PTX and cubin for sm_90 without a GPU; also: the module imports without importing triton."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FDIV_TRITON_CHILD")}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled OK" in done.stdout, done.stderr[-4000:]
+
+
+def test_supports():
+    for spec in ALL:
+        assert tk.supports(_build(spec)) == HAVE_TRITON
+    assert tk.supports("jeffreys") == HAVE_TRITON
+    assert not tk.supports("renyi")
+    assert not tk.supports(fdiv.get("bhattacharyya"))
+    assert not tk.supports("no_such_divergence")
+
+    class MyKL(ForwardKL):  # a subclass may change its forms: never run it with ForwardKL's
+        name = "my_kl"
+
+    assert not tk.supports(MyKL())
+    assert not tk.supports(Swapped(MyKL()))
+    # backend selection: CPU tensors only in interpreter mode, never float64
+    x = torch.randn(2, 5)
+    assert tk.usable(x, x, "js") == RUN_HERE
+    assert not tk.usable(x.double(), x.double(), "js")
+    assert not tk.usable(x, x, "renyi")
+
+
+@needs_triton
+def test_input_errors_before_any_launch():
+    div = fdiv.get("forward_kl")
+    ok = torch.randn(3, 7)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        tk.triton_token_rows(ok.double(), ok.double(), div, 1.0, torch.ones(3), False)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        tk.triton_token_rows(ok, torch.randn(3, 8), div, 1.0, torch.ones(3), False)
+    with pytest.raises(ValueError, match="2-D"):
+        tk.triton_token_rows(ok[0], ok[0], div, 1.0, torch.ones(3), False)
+    with pytest.raises(ValueError, match="row_weights"):
+        tk.triton_token_rows(ok, ok, div, 1.0, torch.ones(4), False)
+    with pytest.raises(ValueError, match="inv_temperature"):
+        tk.triton_token_rows(ok, ok, div, 0.0, torch.ones(3), False)
+    with pytest.raises(ValueError, match="no forms"):
+        tk.triton_token_rows(ok, ok, "renyi", 1.0, torch.ones(3), False)
+
+
+def test_without_triton(monkeypatch):
+    monkeypatch.setattr(tk, "triton_available", lambda: False)
+    assert not tk.supports("forward_kl")
+    with pytest.raises(RuntimeError, match="triton"):
+        tk.triton_token_rows(torch.randn(2, 5), torch.randn(2, 5), "forward_kl", 1.0, torch.ones(2), False)
+
+
+def test_pick_block():
+    assert tk.pick_block(37, interpret=False) == (64, 4)
+    assert tk.pick_block(4096, interpret=False) == (4096, 16)
+    assert tk.pick_block(128256, interpret=False) == (4096, 16)
+    assert tk.pick_block(3, interpret=False)[0] == 16
+    assert tk.pick_block(32000, interpret=True)[0] == tk.MAX_BLOCK_V_INTERPRET
