@@ -29,7 +29,7 @@ import torch
 from ..math.base import check_float_tensor, check_temperature
 from ..math.generators import FDivergence
 from ..math.registry import get
-from .token import apply_chunked, default_chunk_size, raise_if_nan_loss, resolve_row_weights
+from .token import apply_chunked, chunk_runner, default_chunk_size, raise_if_nan_loss, resolve_row_weights
 
 TAILS = ("bucket", "renormalize")
 
@@ -142,10 +142,12 @@ def topk_token_loss(
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
 
-    def run_chunk(start, stop):
+    def kernel(start, stop):
         return sparse_chunk(
             divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail
         )
+
+    run_chunk = chunk_runner(kernel)
 
     out = apply_chunked(student, None, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":

@@ -2,7 +2,6 @@ r"""Logits-level token loss for any divergence, chunked, with the gradient compu
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -105,9 +104,10 @@ def has_masked_entries(*tensors) -> bool:
 class ChunkedLogitsLoss(torch.autograd.Function):
     """Sum of weighted row losses of ``[N, V]`` logits, gradients computed chunk by chunk in forward.
 
-    ``run_chunk(start, stop)`` returns ``(row_loss [n], grad_student [n, V], grad_teacher or None)``
-    for the rows ``start:stop``, unweighted. Chunks whose rows all have weight 0 are skipped (their
-    gradient is 0 even if the rows hold garbage), and uncounted rows inside a chunk are zeroed.
+    ``run_chunk(start, stop, w, out_student, out_teacher)`` returns the unweighted row losses of rows
+    ``start:stop`` and writes ``w * gradient`` into the given gradient slices (None when not wanted);
+    :func:`store_weighted` does that for kernels that return their gradients. Chunks whose rows all
+    have weight 0 are skipped (their gradient is 0 even if the rows hold garbage).
     """
 
     @staticmethod
@@ -119,22 +119,14 @@ class ChunkedLogitsLoss(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             w = weights[start:stop, None]
+            slices = [None if g is None else g[start:stop] for g in (grad_student, grad_teacher)]
             if not bool(w.any()):
-                for grad in (grad_student, grad_teacher):
+                for grad in slices:
                     if grad is not None:
-                        grad[start:stop] = 0
+                        grad.zero_()
                 continue
-            loss, g_s, g_t = run_chunk(start, stop)
-            all_counted = bool(w.all())
-            counted = w != 0
-            rows[start:stop] = loss if all_counted else torch.where(counted[:, 0], loss, 0.0)
-            for grad, g in ((grad_student, g_s), (grad_teacher, g_t)):
-                if grad is None:
-                    continue
-                if all_counted:
-                    torch.mul(g, w, out=grad[start:stop]) if g.dtype == grad.dtype else grad[start:stop].copy_(g * w)
-                else:
-                    grad[start:stop] = torch.where(counted, g * w, 0.0)
+            loss = run_chunk(start, stop, w, *slices)
+            rows[start:stop] = torch.where(w[:, 0] != 0, loss, 0.0)
         ctx.reduction = reduction
         ctx.used = False
         ctx.save_for_backward(grad_student, grad_teacher)
@@ -149,6 +141,31 @@ class ChunkedLogitsLoss(torch.autograd.Function):
         return scale_saved_gradient(grad_student, grad_output, ctx.reduction), scale_saved_gradient(
             grad_teacher, grad_output, ctx.reduction
         ), None, None, None, None
+
+
+def store_weighted(grad, w, out) -> None:
+    """``out = w * grad`` with rows of weight 0 set to 0 (even where ``grad`` is NaN)."""
+    if out is None:
+        return
+    if bool(w.all()):
+        if grad.dtype == out.dtype:
+            torch.mul(grad, w, out=out)
+        else:
+            out.copy_(grad * w)
+    else:
+        out.copy_(torch.where(w != 0, grad * w, 0.0))
+
+
+def chunk_runner(kernel):
+    """Adapt a ``kernel(start, stop) -> (loss, grad_student, grad_teacher)`` to the ``run_chunk`` contract."""
+
+    def run(start, stop, w, out_student, out_teacher):
+        loss, g_s, g_t = kernel(start, stop)
+        store_weighted(g_s, w, out_student)
+        store_weighted(g_t, w, out_teacher)
+        return loss
+
+    return run
 
 
 def wants_grad(x) -> bool:
@@ -205,26 +222,28 @@ def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
     return ChunkedLogitsLoss.apply(student, teacher, run_chunk, weights, reduction, chunk_size)
 
 
-def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend):
+def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, chunk_size):
     """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template.
 
     On CPU each chunk is checked for ``-inf`` (cheap: the chunk is in cache) and takes the
     unmasked forms when it has none; on other devices one check covers all chunks (no sync
-    per chunk).
+    per chunk). The ragged last chunk runs eager so that no second shape is compiled.
     """
     teacher_grad = teacher.requires_grad and torch.is_grad_enabled()
     device = student.device.type
     global_masked = None if device == "cpu" else has_masked_entries(student, teacher)
     kernels = {}
 
-    def run(start, stop, full=None):
+    def run(start, stop, w, out_student, out_teacher):
         s_chunk, t_chunk = student[start:stop], teacher[start:stop]
         masked = has_masked_entries(s_chunk, t_chunk) if global_masked is None else global_masked
-        mode = backend if full is None or stop - start == full else "eager"  # the ragged tail: no recompile
-        key = (mode, masked)
-        if key not in kernels:
-            kernels[key] = chunk_function(divergence, mode, masked, teacher_grad, device)
-        return kernels[key](s_chunk, t_chunk, inv_temperature)
+        mode = backend if stop - start == chunk_size else "eager"
+        if (mode, masked) not in kernels:
+            kernels[(mode, masked)] = chunk_function(divergence, mode, masked, teacher_grad, device)
+        loss, g_s, g_t = kernels[(mode, masked)](s_chunk, t_chunk, inv_temperature)
+        store_weighted(g_s, w, out_student)
+        store_weighted(g_t, w, out_teacher)
+        return loss
 
     return run
 
@@ -306,8 +325,7 @@ def token_loss(
         pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
         out = TritonTokenLoss.apply(*pair, divergence, inv_temperature, weights, reduction)
     else:
-        runner = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen)
-        run_chunk = functools.partial(runner, full=chunk_size)
+        run_chunk = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen, chunk_size)
         out = apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
