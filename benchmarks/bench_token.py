@@ -1,7 +1,9 @@
 """Logits-level divergence loss, forward + backward: time and peak memory against the naive
 PyTorch expression, TRL's generalized JSD loss and the memory-bandwidth / exp floors.
 
-Every measurement runs in its own subprocess so that peak RSS belongs to that method alone.
+Every measurement runs in its own subprocess. Peak memory is the peak RSS during the timed
+repetitions (the window opens after a warm-up call, so one-off compilation and imports are not
+counted) minus the RSS just before them, with the inputs allocated and no gradient held.
 
     python benchmarks/bench_token.py                       # both shapes of the issue
     python benchmarks/bench_token.py --shapes 2048x32000   # one shape
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,20 @@ METHODS = {
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
@@ -79,15 +94,17 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
             loss = fdiv.token_loss(student, teacher, div, backend=backend)
         loss.backward()
 
+    step()  # warm-up (and compilation), outside the memory window
+    if kind != "floor":
+        student.grad = None
     baseline = _rss_bytes()
-    step()  # warm-up (and compilation)
+    _reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak - baseline)}
+    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, _peak_rss_bytes() - baseline)}
 
 
 def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int) -> dict:
