@@ -1,0 +1,17 @@
+"""Layer 5: the lab — studies that compare divergences on the same task, and their report."""
+
+from .runner import LabConfig, LabError, parse_divergences, run_lab, summary_table
+from .study import Figure, StudyContext, StudyResult, register_study, studies
+
+__all__ = [
+    "Figure",
+    "LabConfig",
+    "LabError",
+    "StudyContext",
+    "StudyResult",
+    "parse_divergences",
+    "register_study",
+    "run_lab",
+    "studies",
+    "summary_table",
+]

@@ -1,0 +1,151 @@
+"""The lab report: results.json (validated against a schema), summary.md and a self-contained index.html."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import json
+from pathlib import Path
+
+from .study import StudyResult
+
+#: JSON Schema (draft 2020-12 subset) of results.json; ``validate_results`` checks it without dependencies.
+RESULTS_SCHEMA = {
+    "type": "object",
+    "required": ["fdiv_version", "created", "config", "studies"],
+    "properties": {
+        "fdiv_version": {"type": "string"},
+        "created": {"type": "string"},
+        "config": {"type": "object"},
+        "studies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "title", "finding", "columns", "rows", "figures", "config", "units", "seconds"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "title": {"type": "string"},
+                    "finding": {"type": "string"},
+                    "columns": {"type": "array", "items": {"type": "string"}},
+                    "rows": {"type": "array", "items": {"type": "object", "required": ["divergence"]}},
+                    "figures": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["path", "title", "caption"],
+                            "properties": {
+                                "path": {"type": "string"},
+                                "title": {"type": "string"},
+                                "caption": {"type": "string"},
+                            },
+                        },
+                    },
+                    "config": {"type": "object"},
+                    "units": {"type": "object"},
+                    "seconds": {"type": "number"},
+                },
+            },
+        },
+    },
+}
+
+_TYPES = {"object": dict, "array": list, "string": str, "number": (int, float), "integer": int, "boolean": bool}
+
+
+def validate_results(data, schema=RESULTS_SCHEMA, where="results") -> None:
+    """Raise ValueError at the first place ``data`` breaks the schema (type, required, properties, items)."""
+    expected = schema.get("type")
+    if expected and not isinstance(data, _TYPES[expected]):
+        raise ValueError(f"{where}: expected {expected}, got {type(data).__name__}")
+    for key in schema.get("required", ()):
+        if key not in data:
+            raise ValueError(f"{where}: missing required key {key!r}")
+    for key, sub in schema.get("properties", {}).items():
+        if isinstance(data, dict) and key in data:
+            validate_results(data[key], sub, f"{where}.{key}")
+    if "items" in schema and isinstance(data, list):
+        for index, item in enumerate(data):
+            validate_results(item, schema["items"], f"{where}[{index}]")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _markdown(results: list[StudyResult], created: str) -> str:
+    lines = [f"# fdiv lab report\n\nCreated {created}. Every divergence is D(P || Q): P = target, Q = model.\n"]
+    for result in results:
+        lines.append(f"## {result.title}\n\n**Finding.** {result.finding}\n")
+        columns = ["divergence", *result.columns]
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+        for row in result.rows:
+            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        if result.units:
+            lines.append("\n" + "; ".join(f"*{k}*: {v}" for k, v in result.units.items()))
+        for figure in result.figures:
+            lines.append(f"\n![{figure.title}]({figure.path})\n\n{figure.caption}")
+        lines.append(f"\n({result.seconds:.1f} s)\n")
+    return "\n".join(lines)
+
+
+def _html(results: list[StudyResult], out: Path, created: str) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>fdiv lab report</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
+        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.finding{background:#eef6ff;padding:.6em 1em;",
+        "border-left:4px solid #1f77b4}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:.9em}",
+        ".units{color:#555;font-size:.9em}nav a{margin-right:1em}</style></head><body>",
+        "<h1>fdiv lab report</h1>",
+        f"<p>Created {esc(created)}. Every divergence is D(P&nbsp;||&nbsp;Q): <b>P = target</b>, <b>Q = model</b>. "
+        "Numbers in <code>results.json</code>, with the configuration that produced each.</p><nav>",
+    ]
+    parts += [f"<a href='#{esc(r.name)}'>{esc(r.title)}</a>" for r in results]
+    parts.append("</nav>")
+    for result in results:
+        columns = ["divergence", *result.columns]
+        parts.append(f"<section id='{esc(result.name)}'><h2>{esc(result.title)}</h2>")
+        parts.append(f"<p class='finding'><b>Finding.</b> {esc(result.finding)}</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+        for row in result.rows:
+            parts.append("<tr>" + "".join(f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>")
+        parts.append("</table>")
+        if result.units:
+            parts.append("<p class='units'>" + "; ".join(f"<i>{esc(k)}</i>: {esc(v)}" for k, v in result.units.items()) + "</p>")
+        for figure in result.figures:
+            data = base64.b64encode((out / figure.path).read_bytes()).decode()
+            parts.append(
+                f"<figure><a href='{esc(figure.path)}'><img alt='{esc(figure.title)}' src='data:image/png;base64,{data}'></a>"
+                f"<figcaption>{esc(figure.caption)}</figcaption></figure>"
+            )
+        parts.append(f"<p class='units'>{result.seconds:.1f} s</p></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, results: list[StudyResult], config: dict) -> dict:
+    """Write results.json, summary.md and index.html into ``out``; return the results document."""
+    from .. import __version__
+
+    for result in results:
+        for figure in result.figures:
+            if not (out / figure.path).is_file():
+                raise FileNotFoundError(f"study {result.name!r} lists figure {figure.path!r}, which was not written")
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    document = {
+        "fdiv_version": __version__,
+        "created": created,
+        "config": json.loads(json.dumps(config, default=str)),
+        "studies": [r.to_json() for r in results],
+    }
+    validate_results(document)
+    (out / "results.json").write_text(json.dumps(document, indent=1))
+    (out / "results.schema.json").write_text(json.dumps(RESULTS_SCHEMA, indent=1))
+    (out / "summary.md").write_text(_markdown(results, created))
+    (out / "index.html").write_text(_html(results, out, created))
+    return document

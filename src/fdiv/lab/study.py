@@ -1,0 +1,98 @@
+"""What a lab study is: a name, defaults, and ``run(ctx) -> StudyResult``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+
+@dataclass
+class StudyContext:
+    """Everything a study may use. ``divergences`` are ``(name, params)`` pairs, already validated."""
+
+    divergences: list[tuple[str, dict]]
+    steps: int | None
+    seed: int
+    device: torch.device
+    out_dir: Path  # the report folder; a study writes its files under out_dir / <study name>
+    progress: Callable[[int, int], None] = lambda done, total: None
+
+    def steps_or(self, default: int) -> int:
+        return self.steps if self.steps is not None else default
+
+    def study_dir(self, name: str) -> Path:
+        path = self.out_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class Figure:
+    """A PNG written by the study. ``path`` is relative to the report folder."""
+
+    path: str
+    title: str
+    caption: str
+
+
+@dataclass
+class StudyResult:
+    """One study's outcome: a row of metrics per configuration, figures, and the finding in words."""
+
+    name: str
+    title: str
+    finding: str  # one or two sentences computed from the numbers, e.g. which divergence had the lowest entropy
+    columns: list[str]  # the metric columns of ``rows`` shown in the summary table, in order
+    rows: list[dict]  # each: {"divergence": label, <config keys>, <metrics>}
+    figures: list[Figure] = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # everything needed to reproduce the numbers
+    units: dict = field(default_factory=dict)  # column -> unit / meaning, shown under the table
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StudyResult":
+        data = dict(data)
+        data["figures"] = [Figure(**f) for f in data.get("figures", [])]
+        return cls(**data)
+
+
+class Study(Protocol):
+    name: str
+    title: str
+    description: str
+    default_steps: int
+    default_divergences: tuple[str, ...]
+
+    def run(self, ctx: StudyContext) -> StudyResult: ...
+
+
+_STUDIES: dict[str, Study] = {}
+
+
+def register_study(study: Study) -> Study:
+    """Add a study to ``fdiv lab --list`` (usable as a class decorator on a Study class)."""
+    instance = study() if isinstance(study, type) else study
+    for attr in ("name", "title", "description", "default_steps", "default_divergences", "run"):
+        if not hasattr(instance, attr):
+            raise TypeError(f"a study needs `{attr}`; {instance!r} has none")
+    _STUDIES[instance.name] = instance
+    return study
+
+
+def studies() -> dict[str, Study]:
+    from . import studies as _builtin  # noqa: F401  (registers the built-in studies)
+
+    return dict(_STUDIES)
+
+
+def divergence_label(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return f"{name}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) + ")"
