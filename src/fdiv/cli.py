@@ -144,12 +144,100 @@ def cmd_compute(args) -> int:
     return 0
 
 
+def cmd_lab(args) -> int:
+    from .lab import LabConfig, LabError, parse_divergences, run_lab, studies, summary_table
+    from .lab.runner import DEFAULT_STUDIES, load_config_file
+
+    if args.list:
+        for name, study in studies().items():
+            default = " (default)" if name in DEFAULT_STUDIES else ""
+            print(f"{name}{default}: {study.title}")
+            print(textwrap.indent(textwrap.fill(study.description, 88), "    "))
+            print(f"    default steps: {study.default_steps}; default divergences: {', '.join(study.default_divergences)}")
+        return 0
+    try:
+        values = load_config_file(args.config) if args.config else {}
+        if args.study is not None:
+            values["studies"] = args.study
+        if args.divergences is not None:
+            values["divergences"] = args.divergences
+        for key in ("steps", "seed", "out", "device"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
+        if args.resume:
+            values["resume"] = True
+        studies_value = values.get("studies", list(DEFAULT_STUDIES))
+        if isinstance(studies_value, str):
+            studies_value = [s.strip() for s in studies_value.split(",") if s.strip()]
+        divergences = values.get("divergences")
+        if isinstance(divergences, str):
+            divergences = parse_divergences(divergences)
+        elif isinstance(divergences, list):
+            divergences = [
+                parse_divergences(d)[0] if isinstance(d, str) else (d["name"], {k: v for k, v in d.items() if k != "name"})
+                for d in divergences
+            ]
+        config = LabConfig(
+            studies=studies_value,
+            divergences=divergences,
+            steps=values.get("steps"),
+            seed=int(values.get("seed", 0)),
+            out=str(values.get("out", "fdiv-report")),
+            device=values.get("device", "cpu"),
+            resume=bool(values.get("resume", False)),
+        )
+        results = run_lab(config)
+    except LabError as error:
+        print(f"fdiv lab: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fdiv lab: interrupted; finished studies are in the report (use --resume to continue)", file=sys.stderr)
+        return 130
+    print(summary_table(results))
+    print(f"\nReport: {Path(config.out) / 'index.html'} (also summary.md, results.json, PNG figures)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad options give one clear line (and exit 2), not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="fdiv",
         description="Divergences for training models. Every divergence is D(P || Q), P = target, Q = model.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+
+    p_lab = sub.add_parser(
+        "lab",
+        help="run studies comparing divergences on the same task and write a report (the main job)",
+        description="Run the lab studies (default: modes, distill, lm) and write DIR/index.html, summary.md, "
+        "results.json and the PNG figures.",
+    )
+    p_lab.add_argument("--study", default=None, help="comma-separated study names (see --list)")
+    p_lab.add_argument("--divergences", default=None, help="e.g. forward_kl,reverse_kl,js(beta=0.3)")
+    p_lab.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit (study default if omitted)")
+    p_lab.add_argument("--seed", type=int, default=None, help="random seed (default 0); results are deterministic for a seed")
+    p_lab.add_argument("--out", default=None, help="report folder (default fdiv-report)")
+    p_lab.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p_lab.add_argument("--config", default=None, help="a .toml or .json file with the same keys")
+    p_lab.add_argument("--resume", action="store_true", help="reuse finished studies with the same configuration")
+    p_lab.add_argument("--list", action="store_true", help="list the studies and exit")
+    p_lab.set_defaults(func=cmd_lab)
 
     p_list = sub.add_parser("list", help="print every registered divergence with its formula and character")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
