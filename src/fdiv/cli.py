@@ -145,11 +145,11 @@ def cmd_compute(args) -> int:
 
 
 def cmd_lab(args) -> int:
-    from .lab import LabConfig, LabError, parse_divergences, run_lab, studies, summary_table
+    from .lab import LabConfig, LabError, available_studies, parse_divergences, run_lab, summary_table
     from .lab.runner import DEFAULT_STUDIES, load_config_file
 
     if args.list:
-        for name, study in studies().items():
+        for name, study in available_studies().items():
             default = " (default)" if name in DEFAULT_STUDIES else ""
             print(f"{name}{default}: {study.title}")
             print(textwrap.indent(textwrap.fill(study.description, 88), "    "))
@@ -262,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad option already reported in one line
+        return exit_.code if isinstance(exit_.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -14,7 +14,7 @@ import torch
 
 from ..math import registry
 from .report import write_report
-from .study import StudyContext, StudyResult, divergence_label, studies
+from .study import StudyContext, StudyResult, available_studies, divergence_label
 
 DEFAULT_STUDIES = ("modes", "distill", "lm")
 
@@ -75,7 +75,7 @@ def parse_divergences(text: str) -> list[tuple[str, dict]]:
 
 def validate(config: LabConfig) -> LabConfig:
     """Check everything before any study runs; raise LabError with the valid choices."""
-    available = studies()
+    available = available_studies()
     if not config.studies:
         raise LabError(f"no study selected; choose from: {', '.join(available)}")
     for name in config.studies:
@@ -162,7 +162,7 @@ def run_lab(config: LabConfig, echo=print) -> list[StudyResult]:
     """Run the selected studies, writing each result as it finishes, then the report."""
     config = validate(config)
     out = Path(config.out)
-    available = studies()
+    available = available_studies()
     results: list[StudyResult] = []
     interrupted = False
     torch_threads = torch.get_num_threads()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -86,10 +87,13 @@ def register_study(study: Study) -> Study:
     return study
 
 
-def studies() -> dict[str, Study]:
-    from . import studies as _builtin  # noqa: F401  (registers the built-in studies)
-
+def available_studies() -> dict[str, Study]:
+    """Every registered study by name (importing the built-in studies registers them)."""
+    importlib.import_module(__package__ + ".studies")
     return dict(_STUDIES)
+
+
+studies = available_studies  # the name inside this module; ``fdiv.lab.studies`` is the subpackage
 
 
 def divergence_label(name: str, params: dict) -> str:
