@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import fdiv
-from fdiv.lab import plotting
-from fdiv.lab.study import Figure, StudyContext, StudyResult, divergence_label, register_study
+from ... import token_loss, topk_token_loss
+from .. import plotting
+from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
 
 #: Study settings (recorded in ``StudyResult.config``).
 TEMPERATURE = 2.0
@@ -50,7 +50,7 @@ TEACHER_LR = 3e-3
 #: below ~1e-7 (the top-k mass rounds to 1), and a zero tail makes reverse-KL-like divergences infinite
 #: whenever the student puts mass outside the top-k; rows below the floor get their top-k rescaled to 1 - floor.
 TAIL_FLOOR = 1e-6
-STUDENT_LR = 1e-2
+STUDENT_LR = 2e-2
 TEST_FRACTION = 0.3
 ECE_BINS = 15
 CURVE_POINTS = 20  # test-accuracy evaluations per student run (training-curve figure)
@@ -229,14 +229,14 @@ class DistillStudy:
             label = divergence_label(name, params)
 
             def full(z, name=name, params=params, temperature=TEMPERATURE):
-                return fdiv.token_loss(
+                return token_loss(
                     z, teacher_train_logits, name, temperature=temperature, temperature_scaling=True, **params
                 )
 
             indices, logprobs = topk_targets(TEMPERATURE)
 
             def sparse(z, name=name, params=params, indices=indices, logprobs=logprobs):
-                return fdiv.topk_token_loss(
+                return topk_token_loss(
                     z, indices, logprobs, name, tail="bucket",
                     temperature=TEMPERATURE, temperature_scaling=True, **params,
                 )
@@ -248,7 +248,7 @@ class DistillStudy:
             for temperature in SWEEP_TEMPERATURES:
 
                 def swept(z, temperature=temperature):
-                    return fdiv.token_loss(
+                    return token_loss(
                         z, teacher_train_logits, "forward_kl", temperature=temperature, temperature_scaling=True
                     )
 
@@ -418,7 +418,7 @@ class DistillStudy:
 
     @staticmethod
     def _curves(curves, teacher_accuracy: float, out_dir, steps: int) -> Figure:
-        fig, axes = plotting.new_figure(width=10.0, height=4.0, ncols=2)
+        fig, axes = plotting.new_figure(width=11.5, height=4.0, ncols=2)
         kinds = ["full", f"top-{TOP_K}"]
         # zoom on the part after the first quarter of training, where the divergences differ
         late = [a for _, _, _, _, curve in curves for step, a in curve if step > steps // 4] or [0.0]
@@ -434,7 +434,7 @@ class DistillStudy:
             ax.set_ylabel("test accuracy (fraction correct)")
             ax.set_ylim(low, min(1.0, max(teacher_accuracy, high) + 0.01))
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7, loc="lower right")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         path = out_dir / "training_curves.png"
         plotting.save(fig, path, f"Student test accuracy during distillation ({steps} steps)")
         return Figure(
