@@ -166,6 +166,10 @@ def run_lab(config: LabConfig, echo=print) -> list[StudyResult]:
     results: list[StudyResult] = []
     interrupted = False
     torch_threads = torch.get_num_threads()
+    if config.device == "cpu":
+        # the studies' tensors are tiny: one intra-op thread is fastest, and stays fast when other
+        # processes share the cores (two OpenMP threads were measured >10x slower on a busy 2-core machine)
+        torch.set_num_threads(1)
     try:
         for name in config.studies:
             study = available[name]

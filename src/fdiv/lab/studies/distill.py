@@ -182,17 +182,6 @@ class DistillStudy:
     )
 
     def run(self, ctx: StudyContext) -> StudyResult:
-        # The tensors are tiny (1257 x 64 inputs, 10 classes): on CPU one intra-op thread is fastest, and on a
-        # shared 2-core machine two OpenMP threads were measured >10x slower (spin-waiting on a busy core).
-        threads = torch.get_num_threads()
-        if ctx.device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            return self._run(ctx)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self, ctx: StudyContext) -> StudyResult:
         start = time.perf_counter()
         steps = ctx.steps_or(self.default_steps)
         seed = ctx.seed

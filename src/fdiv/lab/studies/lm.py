@@ -430,15 +430,6 @@ class LanguageModelStudy:
     default_divergences = ("forward_kl", "reverse_kl", "js", "tv", "skew_forward_kl", "skew_reverse_kl")
 
     def run(self, ctx: StudyContext) -> StudyResult:
-        # Tiny tensors: one thread is fastest, and stays fast when other processes share the cores.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._run(ctx)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self, ctx: StudyContext) -> StudyResult:
         start = time.perf_counter()
         settings = dict(SETTINGS)
         steps = ctx.steps_or(self.default_steps)
