@@ -25,12 +25,13 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce(values: torch.Tensor, reduction: str, dim: int | None = None) -> torch.Tensor:
+    """``"none"`` | ``"sum"`` | ``"mean"`` over ``dim`` (all elements when None)."""
     if reduction == "none":
         return values
     if reduction == "sum":
-        return values.sum()
-    return values.mean()
+        return values.sum() if dim is None else values.sum(dim=dim)
+    return values.mean() if dim is None else values.mean(dim=dim)
 
 
 def check_float_tensor(name: str, x) -> None:

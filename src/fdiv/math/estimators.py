@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._numerics import compute_dtype, times
-from .base import check_float_tensor, check_reduction
+from .base import check_float_tensor, check_reduction, reduce
 from .generators import FDivergence
 from .registry import get
 
@@ -74,14 +74,6 @@ def _check_dim(x: torch.Tensor, dim: int, name: str) -> int:
     if x.shape[dim] == 0:
         raise ValueError(f"{name} has no samples along dim={dim}")
     return dim % x.dim()
-
-
-def _reduce(terms: torch.Tensor, reduction: str, dim: int) -> torch.Tensor:
-    if reduction == "none":
-        return terms
-    if reduction == "sum":
-        return terms.sum(dim=dim)
-    return terms.mean(dim=dim)
 
 
 class _ValueWithSlope(torch.autograd.Function):
@@ -249,7 +241,7 @@ def mc_estimate(
     dtype = compute_dtype(log_p, log_q)
     log_ratio = log_p.to(dtype) - log_q.to(dtype)
     terms = _mc_terms(div, log_ratio, samples_from, bool(control_variate))
-    return _reduce(terms, reduction, dim)
+    return reduce(terms, reduction, dim)
 
 
 # --------------------------------------------------------- Schulman's k1/k2/k3
@@ -380,7 +372,7 @@ def kl_estimate(
     terms = per_sample(log_p, log_q)
     if reduction != "none":
         dim = _check_dim(terms, dim, "log_p")
-    return _reduce(terms, reduction, dim)
+    return reduce(terms, reduction, dim)
 
 
 # --------------------------------------------------------- variational bound
