@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
+
+from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 METHODS = {
     "naive": "materialised logits, torch autograd",
@@ -26,25 +27,6 @@ METHODS = {
     "liger-compiled": "Liger LigerFusedLinearJSDLoss (compiled=True)",
     "fdiv": "fdiv.fused_linear_loss",
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: int) -> dict:
@@ -84,14 +66,14 @@ def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: in
 
     value = step()  # warm-up (and compilation), outside the memory window
     student_hidden.grad = student_weight.grad = None
-    baseline = _rss_bytes()
-    _reset_peak_rss()
+    baseline = rss_bytes()
+    reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak - baseline), "loss": value}
 
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 METHODS = {
@@ -34,25 +36,6 @@ METHODS = {
     "floor:bandwidth": "read 2 + write 1 logits tensor (torch.add)",
     "floor:exp": "2 exp per element (torch.exp x2)",
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
@@ -97,14 +80,14 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
     step()  # warm-up (and compilation), outside the memory window
     if kind != "floor":
         student.grad = None
-    baseline = _rss_bytes()
-    _reset_peak_rss()
+    baseline = rss_bytes()
+    reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, _peak_rss_bytes() - baseline)}
+    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak_rss_bytes() - baseline)}
 
 
 def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int) -> dict:
