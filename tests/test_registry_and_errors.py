@@ -208,3 +208,12 @@ def test_probabilities_entry_point_matches_numpy():
     pn, qn = p.numpy(), q.numpy()
     expected = np.sum(np.where(pn > 0, pn * np.log(np.where(pn > 0, pn, 1) / qn), 0.0), axis=-1)
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-12)
+
+
+def test_generator_methods_on_non_f_divergences_say_so():
+    for name in ("renyi", "bhattacharyya"):
+        div = fdiv.get(name)
+        assert not isinstance(div, fdiv.FDivergence)
+        for method, arg in (("f", 1.0), ("f_prime", 1.0), ("conjugate", 0.0)):
+            with pytest.raises(NotImplementedError, match=f"'{name}' is not an f-divergence"):
+                getattr(div, method)(arg)

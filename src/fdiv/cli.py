@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .math import registry
+from .math.generators import FDivergence
 
 
 def _parse_number(text: str):
@@ -88,7 +89,7 @@ def _rows_for_listing():
                 "formula": cls.formula,
                 "character": ", ".join(instance.character) or "—",
                 "aliases": ", ".join(sorted(alias_of.get(name, []))),
-                "f_divergence": hasattr(instance, "f_prime"),
+                "f_divergence": isinstance(instance, FDivergence),
             }
         )
     return rows

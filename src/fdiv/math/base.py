@@ -179,6 +179,22 @@ class Divergence:
     def _rowwise(self, log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
         raise NotImplementedError
 
+    # Generator methods exist only on f-divergences; elsewhere they say so instead of AttributeError.
+    def _no_generator(self, method: str):
+        raise NotImplementedError(
+            f"{self.name!r} is not an f-divergence: it has no generator, so no {method}() "
+            "(f-divergences are subclasses of fdiv.FDivergence)"
+        )
+
+    def f(self, t):
+        self._no_generator("f")
+
+    def f_prime(self, t):
+        self._no_generator("f_prime")
+
+    def conjugate(self, u):
+        self._no_generator("conjugate")
+
     # ------------------------------------------------------------- metadata
     @property
     def params(self) -> dict:
