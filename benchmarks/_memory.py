@@ -1,8 +1,10 @@
-"""Process memory readings for the benchmarks (Linux /proc): current RSS and a resettable peak."""
+"""Process memory readings for the benchmarks (Linux /proc) and the one timing window both scripts use."""
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 
 def rss_bytes() -> int:
@@ -22,3 +24,18 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def timed_window(step, repeats: int) -> dict:
+    """Median milliseconds of ``repeats`` calls of ``step`` and the peak RSS they add over the RSS before them.
+
+    Call it after a warm-up and with no gradient held, so one-off compilation is outside the window.
+    """
+    baseline = rss_bytes()
+    reset_peak_rss()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak_rss_bytes() - baseline)}

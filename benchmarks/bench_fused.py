@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
-from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from _memory import timed_window
 
 METHODS = {
     "naive": "materialised logits, torch autograd",
@@ -66,15 +64,7 @@ def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: in
 
     value = step()  # warm-up (and compilation), outside the memory window
     student_hidden.grad = student_weight.grad = None
-    baseline = rss_bytes()
-    reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    peak = peak_rss_bytes()
-    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak - baseline), "loss": value}
+    return {**timed_window(step, repeats), "loss": value}
 
 
 def main() -> None:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-from _memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from _memory import timed_window
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -80,14 +78,7 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
     step()  # warm-up (and compilation), outside the memory window
     if kind != "floor":
         student.grad = None
-    baseline = rss_bytes()
-    reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak_rss_bytes() - baseline)}
+    return timed_window(step, repeats)
 
 
 def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int) -> dict:

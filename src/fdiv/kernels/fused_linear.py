@@ -7,9 +7,8 @@ import torch
 from ..math.base import check_float_tensor, check_temperature
 from ..math.generators import FDivergence
 from ..math.registry import get
-from ._chunk import chunk_function
 from .sparse import TAILS, check_topk, sparse_chunk
-from .token import pick_backend, raise_if_nan_loss, refuse_second_backward, resolve_row_weights
+from .token import ChunkKernels, pick_backend, raise_if_nan_loss, refuse_second_backward, resolve_row_weights
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -230,17 +229,12 @@ def fused_linear_loss(
         chosen = pick_backend(backend, n * vocab, student_hidden.device)
         if chosen == "triton":
             raise ValueError("fused_linear_loss supports backend 'auto', 'eager' or 'compile'")
-        kernels = {}
+        kernels = ChunkKernels(divergence, chosen, False, student_hidden.device.type, chunk_size)
 
         def teacher_chunk(logits, start, stop):
             with torch.no_grad():
                 teacher_logits = teacher_linear(teacher_hidden[start:stop].detach())
-            masked = bool(torch.isneginf(teacher_logits).any()) or bool(torch.isneginf(logits).any())
-            mode = chosen if stop - start == chunk_size else "eager"
-            key = (mode, masked)
-            if key not in kernels:
-                kernels[key] = chunk_function(divergence, mode, masked, False, logits.device.type)
-            rows, grad, _ = kernels[key](logits, teacher_logits, inv_temperature)
+            rows, grad, _ = kernels(logits, teacher_logits, inv_temperature)
             return rows, grad
 
     out = _FusedLinearLoss.apply(

@@ -225,25 +225,45 @@ def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
     return ChunkedLogitsLoss.apply(student, teacher, run_chunk, weights, reduction, chunk_size)
 
 
-def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, chunk_size):
-    """``run_chunk`` for dense teacher logits through the (eager or compiled) chunk template.
+class ChunkKernels:
+    """Picks the chunk kernel for a pair of logit chunks: eager or compiled (``backend``; the ragged
+    last chunk runs eager so no second shape is compiled), masked forms only where ``-inf`` occurs.
 
-    On CPU each chunk is checked for ``-inf`` (cheap: the chunk is in cache) and takes the
-    unmasked forms when it has none; on other devices one check covers all chunks (no sync
-    per chunk). The ragged last chunk runs eager so that no second shape is compiled.
+    On CPU each chunk is checked for ``-inf`` (cheap: the chunk is in cache); on other devices
+    ``global_masked`` covers all chunks (no sync per chunk).
     """
-    teacher_grad = teacher.requires_grad and torch.is_grad_enabled()
+
+    def __init__(self, divergence, backend, teacher_grad, device_type, chunk_size, global_masked=None):
+        self.divergence, self.backend, self.teacher_grad = divergence, backend, teacher_grad
+        self.device_type, self.chunk_size, self.global_masked = device_type, chunk_size, global_masked
+        self._cache = {}
+
+    def __call__(self, student_chunk, teacher_chunk, inv_temperature):
+        masked = self.global_masked
+        if masked is None:
+            masked = has_masked_entries(student_chunk, teacher_chunk)
+        mode = self.backend if student_chunk.shape[0] == self.chunk_size else "eager"
+        if (mode, masked) not in self._cache:
+            self._cache[(mode, masked)] = chunk_function(
+                self.divergence, mode, masked, self.teacher_grad, self.device_type
+            )
+        return self._cache[(mode, masked)](student_chunk, teacher_chunk, inv_temperature)
+
+
+def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, chunk_size):
+    """``run_chunk`` for dense teacher logits through :class:`ChunkKernels`."""
     device = student.device.type
-    global_masked = None if device == "cpu" else has_masked_entries(student, teacher)
-    kernels = {}
+    kernels = ChunkKernels(
+        divergence,
+        backend,
+        teacher.requires_grad and torch.is_grad_enabled(),
+        device,
+        chunk_size,
+        None if device == "cpu" else has_masked_entries(student, teacher),
+    )
 
     def run(start, stop, w, out_student, out_teacher):
-        s_chunk, t_chunk = student[start:stop], teacher[start:stop]
-        masked = has_masked_entries(s_chunk, t_chunk) if global_masked is None else global_masked
-        mode = backend if stop - start == chunk_size else "eager"
-        if (mode, masked) not in kernels:
-            kernels[(mode, masked)] = chunk_function(divergence, mode, masked, teacher_grad, device)
-        loss, g_s, g_t = kernels[(mode, masked)](s_chunk, t_chunk, inv_temperature)
+        loss, g_s, g_t = kernels(student[start:stop], teacher[start:stop], inv_temperature)
         store_weighted(g_s, w, out_student)
         store_weighted(g_t, w, out_teacher)
         return loss

@@ -471,7 +471,18 @@ class JensenShannon(FDivergence):
         return grad_a + grad_b, grad_a, grad_b
 
 
-class SkewForwardKL(FDivergence):
+class _SkewKL(FDivergence):
+    """Shared parameter of the two skew KLs: the mixture weight ``alpha`` in [0, 1)."""
+
+    def __init__(self, alpha: float = 0.1):
+        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
+
+    @property
+    def params(self):
+        return {"alpha": self.alpha}
+
+
+class SkewForwardKL(_SkewKL):
     r"""Skew forward KL ``KL(P || alpha P + (1 - alpha) Q)``; mass-covering, bounded by ``-log alpha``.
 
     DistiLLM's SKL (Ko et al., 2024, "DistiLLM: Towards Streamlined Distillation
@@ -482,13 +493,6 @@ class SkewForwardKL(FDivergence):
 
     name = "skew_forward_kl"
     formula = "KL(P || αP + (1−α)Q)"
-
-    def __init__(self, alpha: float = 0.1):
-        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
-
-    @property
-    def params(self):
-        return {"alpha": self.alpha}
 
     def f(self, t):
         t, alpha = as_float_tensor(t), self.alpha
@@ -523,7 +527,7 @@ class SkewForwardKL(FDivergence):
         return value, value - grad_b, grad_b
 
 
-class SkewReverseKL(FDivergence):
+class SkewReverseKL(_SkewKL):
     r"""Skew reverse KL ``KL(Q || alpha Q + (1 - alpha) P)``; mode-seeking, bounded by ``-log alpha``.
 
     DistiLLM's SRKL (Ko et al., 2024; default ``alpha = 0.1``). Generator
@@ -532,13 +536,6 @@ class SkewReverseKL(FDivergence):
 
     name = "skew_reverse_kl"
     formula = "KL(Q || αQ + (1−α)P)"
-
-    def __init__(self, alpha: float = 0.1):
-        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
-
-    @property
-    def params(self):
-        return {"alpha": self.alpha}
 
     def f(self, t):
         t, alpha = as_float_tensor(t), self.alpha
