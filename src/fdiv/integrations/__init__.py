@@ -1,0 +1,1 @@
+"""Layer 4: adapters to training frameworks (Hugging Face transformers / TRL)."""
