@@ -10,6 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
+from . import distill
 from .kernels import fused_linear_loss, token_loss, topk_token_loss, vocab_parallel_token_loss
 from .math import (
     Bhattacharyya,
@@ -66,6 +67,7 @@ __all__ = [
     "available",
     "available_closed_forms",
     "closed_form",
+    "distill",
     "fused_linear_loss",
     "get",
     "kl_estimate",
