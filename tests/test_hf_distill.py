@@ -16,6 +16,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fdiv.integrations.hf import (  # noqa: E402
+    sequence_logps,
+    token_logps,
     DistillationTrainer,
     count_response_tokens,
     distillation_loss,
@@ -529,3 +531,26 @@ def test_errors_name_the_argument(tmp_path):
         DistillationTrainer(model=student, teacher_model=teacher, args=args, divergence="renyi", fused=True)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         DistillationTrainer(model=student, teacher_model=llama(3, vocab=V + 8), args=args)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_token_logps_equal_a_float64_gather_over_the_response_tokens(arch):
+    model = ARCHS[arch](3).double().eval()
+    batch = make_batch(ROWS, seed=4)
+    out = token_logps(model, batch, temperature=1.5)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    labels = batch["labels"]
+    seq = sequence_logps(model, batch, temperature=1.5)
+    for b in range(labels.shape[0]):
+        total = 0.0
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                assert out.logps[b, t].item() == 0 and not out.mask[b, t]
+                continue
+            row = [x / 1.5 for x in logits[b, t].tolist()]
+            top = max(row)
+            ref = row[y] - (top + math.log(sum(math.exp(x - top) for x in row)))
+            assert abs(out.logps[b, t].item() - ref) < 1e-10
+            total += ref
+        assert abs(seq[b].item() - total) < 1e-9
