@@ -10,7 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
-from . import distill
+from . import distill, preference
 from .kernels import fused_linear_loss, token_loss, topk_token_loss, vocab_parallel_token_loss
 from .math import (
     Bhattacharyya,
@@ -75,6 +75,7 @@ __all__ = [
     "kl_k2",
     "kl_k3",
     "mc_estimate",
+    "preference",
     "register",
     "register_closed_form",
     "resolve",

@@ -752,7 +752,9 @@ class AlphaDivergence(FDivergence):
     is ``4 H^2`` (symmetric), ``alpha = 2`` is ``chi2(P||Q) / 2``, ``alpha = -1``
     is ``chi2(Q||P) / 2``. Reference: Amari (2009), "alpha-divergence is unique,
     belonging to both f-divergence and Bregman divergence classes"; Cichocki &
-    Amari (2010). Note that f-DPO/TRL's ``alpha`` is ``1 - alpha`` here.
+    Amari (2010). In f-DPO (Wang et al., 2024) ``alpha`` here is the paper's alpha for the
+    regulariser D(policy || reference); TRL's current ``f_alpha_divergence_coef`` c is
+    ``1 - alpha`` here (see :func:`fdiv.preference.from_trl_alpha`).
     """
 
     name = "alpha"
