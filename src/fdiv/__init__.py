@@ -10,7 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
-from . import distill, preference
+from . import distill, preference, rl
 from .kernels import fused_linear_loss, token_loss, topk_token_loss, vocab_parallel_token_loss
 from .math import (
     Bhattacharyya,
@@ -79,6 +79,7 @@ __all__ = [
     "register",
     "register_closed_form",
     "resolve",
+    "rl",
     "token_loss",
     "topk_token_loss",
     "variational_bound",
