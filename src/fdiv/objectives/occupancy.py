@@ -1,0 +1,402 @@
+r"""Occupancy-measure regularisation against reward hacking (Laidlaw et al., 2024, "Correlated Proxies").
+
+Orientation, as everywhere in fdiv: ``D(P || Q)`` with **P the target** (here the
+reference / "safe" / base policy) and **Q the model** (the policy being trained).
+
+The method ("ORPO" in the authors' code; not the odds-ratio preference method of the
+same name) replaces the usual action-distribution KL penalty of RLHF by a chi-squared
+penalty on the **occupancy measures** (the distributions of visited state-action pairs,
+or, for a language model, of whole responses):
+
+.. math::
+
+    \max_\pi \; J(\pi, \tilde R) - \lambda \sqrt{\chi^2(\mu_\pi \,\|\, \mu_\mathrm{ref})},
+    \qquad
+    \chi^2(\mu_\pi \,\|\, \mu_\mathrm{ref}) = \sum \frac{\mu_\pi^2}{\mu_\mathrm{ref}} - 1
+                                          = \sum \frac{(\mu_\pi - \mu_\mathrm{ref})^2}{\mu_\mathrm{ref}}.
+
+**Which chi-squared is that in fdiv's names?** With P = reference and Q = policy it is
+``sum (q - p)^2 / p``, i.e. fdiv's :class:`~fdiv.NeymanChi2` ``neyman_chi2(P || Q)``
+(equivalently ``pearson_chi2`` with the arguments swapped, ``pearson_chi2(Q || P)``). It
+is the mode-seeking chi-squared: it is infinite as soon as the policy puts mass where the
+reference has none. ``fdiv.get("neyman_chi2").from_probs(mu_ref, mu_pi)`` evaluates it
+exactly on categoricals; ``pearson_chi2.from_probs(mu_ref, mu_pi)`` is the *other* one.
+
+=====================================  ======================================================================
+function                               what it computes
+=====================================  ======================================================================
+:func:`discriminator_loss`             logistic loss whose optimum is ``d = log(mu_pi / mu_ref)``
+:func:`occupancy_penalty`              per-step penalties ``d``, ``e^d - 1`` or ``(e^d - 1) / sqrt(chi2_hat)``
+:func:`chi2_regularizer`               the LLM (sequence-level) form ``sqrt(max(chi2_hat, floor))``
+=====================================  ======================================================================
+
+Reference: C. Laidlaw, S. Singhal, A. Dragan (2024), "Correlated Proxies: A New Definition
+and Improved Mitigation for Reward Hacking", arXiv 2403.03185 (first version titled
+"Preventing Reward Hacking with Occupancy Measure Regularization"); code
+``github.com/cassidylaidlaw/orpo`` (``occupancy_measures/agents/orpo.py``) and
+``github.com/cassidylaidlaw/llm_optimization`` (``src/ppo/custom_trlx_trainers/modeling.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..math.base import check_float_tensor
+from ..math.estimators import mc_estimate
+
+__all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occupancy_penalty"]
+
+#: The ``kind`` values of :func:`occupancy_penalty`.
+OCCUPANCY_PENALTIES = ("kl", "chi2", "sqrt_chi2")
+
+
+# --------------------------------------------------------------------------- checks
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_scores(name: str, x) -> torch.Tensor:
+    check_float_tensor(name, x)
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: it needs at least one sample")
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"{name} contains NaN")
+    if bool(torch.isinf(x).any()):
+        raise ValueError(f"{name} contains +-inf; discriminator scores must be finite")
+    return x
+
+
+def _check_positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = out >= 0 if allow_zero else out > 0
+    if not (ok and math.isfinite(out)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- discriminator
+def discriminator_loss(policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
+    r"""Logistic loss of the occupancy-measure discriminator: its optimum is ``d = log(mu_pi / mu_ref)``.
+
+    .. math::
+
+        \mathcal{L}(d) = \frac{1}{N_\pi}\sum_{x \sim \mu_\pi} \mathrm{softplus}(-d(x))
+                       + \frac{1}{N_\mathrm{ref}}\sum_{x \sim \mu_\mathrm{ref}} \mathrm{softplus}(d(x))
+
+    i.e. binary cross-entropy with the policy's samples as the positive class. Each side is
+    averaged separately, so the population optimum is ``d*(x) = log mu_pi(x) / mu_ref(x)``
+    whatever the two sample counts (the batches are "balanced" by the two means). Plug
+    ``d`` into :func:`occupancy_penalty`.
+
+    Relation to fdiv's variational bounds: with ``v = d`` as a log-ratio critic,
+    ``L(d) = 2 log 2 - 2 * variational_bound("js", d_pi, d_ref)``, so minimising this loss
+    maximises the Fenchel lower bound on the Jensen-Shannon divergence
+    ``JS(mu_pi || mu_ref)``; at the optimum ``L = 2 log 2 - 2 JS``.
+
+    Args:
+        policy_scores: discriminator outputs ``d(x)`` on samples of the current policy
+            (state-action pairs or responses), any shape, finite.
+        reference_scores: outputs on samples of the reference policy, any shape.
+
+    Returns:
+        A scalar, differentiable w.r.t. both inputs (float32 for half-precision inputs,
+        float64 for float64).
+
+    Raises:
+        TypeError: non-float inputs. ValueError: an empty input, NaN or infinite scores.
+
+    Example::
+
+        >>> import torch
+        >>> from fdiv.objectives.occupancy import discriminator_loss
+        >>> round(discriminator_loss(torch.zeros(3), torch.zeros(5)).item(), 6)  # 2 log 2
+        1.386294
+
+    Reference: Laidlaw et al. (2024), arXiv 2403.03185; ``_kl_discriminator_loss`` in
+    ``cassidylaidlaw/orpo``.
+    """
+    _check_scores("policy_scores", policy_scores)
+    _check_scores("reference_scores", reference_scores)
+    dtype = _compute_dtype(policy_scores, reference_scores)
+    return F.softplus(-policy_scores.to(dtype)).mean() + F.softplus(reference_scores.to(dtype)).mean()
+
+
+# --------------------------------------------------------------------------- per-step penalties
+def _trimmed_log_chi2(d: torch.Tensor, trim: float) -> tuple[float, bool]:
+    """``(log chi2_hat, chi2_hat > 0)`` of the ``trim``-trimmed batch mean of ``e^d - 1``, in float64.
+
+    ``floor(trim * n)`` of the smallest and of the largest ``d`` are dropped (``e^d - 1``
+    is increasing, so this trims ``e^d - 1``). Overflow-free: when ``e^d`` exceeds the
+    float64 range the mean is formed from ``logsumexp``.
+    """
+    flat = d.detach().reshape(-1).to(torch.float64)
+    n = flat.numel()
+    cut = int(math.floor(trim * n))
+    kept = torch.sort(flat).values[cut : n - cut] if cut > 0 else flat
+    if float(kept.max()) < 700.0:
+        chi2_hat = float(torch.expm1(kept).mean())
+        if chi2_hat <= 0.0:
+            return -math.inf, False
+        return math.log(chi2_hat), True
+    # log mean e^d, then log(e^lme - 1) = lme + log1p(-e^-lme); lme > 0 here.
+    lme = float(torch.logsumexp(kept, 0)) - math.log(kept.numel())
+    return lme + math.log1p(-math.exp(-lme)), True
+
+
+def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float = 0.01) -> torch.Tensor:
+    r"""Per-step occupancy-measure penalties ``g`` from discriminator scores ``d ~ log(mu_pi / mu_ref)``.
+
+    The policy is trained on the reward ``R~ - lambda * g`` (subtract the result, times
+    the coefficient, from the proxy reward of each step). With ``d`` from a discriminator
+    trained by :func:`discriminator_loss`:
+
+    =================  ==================================  =============================================
+    ``kind``           ``g``                               mean over policy samples estimates
+    =================  ==================================  =============================================
+    ``"kl"``           ``d``                               ``KL(mu_pi || mu_ref)`` (fdiv ``reverse_kl``)
+    ``"chi2"``         ``e^d - 1``                         ``chi2(mu_pi || mu_ref)`` (``neyman_chi2``)
+    ``"sqrt_chi2"``    ``(e^d - 1) / sqrt(chi2_hat)``      ``sqrt(chi2(mu_pi || mu_ref))`` (untrimmed)
+    =================  ==================================  =============================================
+
+    As rewards, ``e^d`` has the policy gradient of ``chi2 / 2`` (since
+    ``grad sum mu_pi^2 / mu_ref = 2 E_pi[(mu_pi / mu_ref) grad log mu_pi]``), so the
+    ``"sqrt_chi2"`` reward has the policy gradient of ``sqrt(chi2)``: the paper's penalty.
+
+    For ``"sqrt_chi2"``, ``chi2_hat`` is the **trimmed batch mean** of ``e^d - 1``: the
+    ``floor(trim * n)`` smallest and largest entries of the ``n`` scores in ``d`` (all of
+    them, flattened) are dropped before averaging. If ``chi2_hat <= 0`` (possible with
+    an imperfect discriminator) the penalty falls back to the ``"chi2"`` one, as in the
+    authors' code. ``chi2_hat`` is a batch statistic computed without gradient (a
+    constant scale, as in the authors' code where all penalties are detached rewards).
+
+    Numerics: ``e^d - 1`` is ``expm1(d)`` (exact near ``d = 0``); the ``"sqrt_chi2"``
+    scale is applied in log space, so ``e^d / sqrt(chi2_hat)`` stays finite whenever it
+    is representable even if ``e^d`` alone is not, and ``chi2_hat`` is formed in float64
+    (from ``logsumexp`` past ``d = 700``). ``"chi2"`` overflows to ``+inf`` where ``e^d``
+    does (``d > 88.7`` in float32): the authors' code silently replaces non-finite
+    penalties by 0, fdiv does not.
+
+    **Code quirk** (``_sqrt_chi2_discriminator_rewards`` at ``cassidylaidlaw/orpo``): the
+    trim count is ``int(0.01 * n)`` and the kept slice ``sorted[i:-i]``, which is *empty*
+    for ``n < 100``; the mean is then NaN, the penalties NaN, and the code's later
+    "non-finite to 0" step zeroes the whole penalty. fdiv uses the untrimmed mean when
+    ``floor(trim * n) == 0``, which is what the trimming evidently intends.
+
+    Args:
+        d: discriminator scores on the **policy's** samples, any shape, finite.
+        kind: ``"kl"``, ``"chi2"`` or ``"sqrt_chi2"`` (default, the paper's regulariser).
+        trim: fraction in ``[0, 0.5)`` trimmed from each end for ``chi2_hat`` (default
+            0.01, the authors' value); ignored by the other kinds.
+
+    Returns:
+        Penalties of the shape of ``d`` (float32 for half precision, float64 for float64),
+        differentiable w.r.t. ``d``.
+
+    Raises:
+        TypeError: non-float ``d``. ValueError: empty or non-finite ``d``, an unknown
+        ``kind``, ``trim`` outside ``[0, 0.5)``.
+
+    Example::
+
+        >>> import torch
+        >>> from fdiv.objectives.occupancy import occupancy_penalty
+        >>> d = torch.tensor([0.0, 0.5, -0.5])
+        >>> occupancy_penalty(d, "chi2")
+        tensor([ 0.0000,  0.6487, -0.3935])
+
+    Reference: Laidlaw et al. (2024), arXiv 2403.03185, the ORPO algorithm; the
+    ``_kl/_chi2/_sqrt_chi2_discriminator_rewards`` methods of ``cassidylaidlaw/orpo``.
+    """
+    if kind not in OCCUPANCY_PENALTIES:
+        raise ValueError(f"kind must be one of {OCCUPANCY_PENALTIES}, got {kind!r}")
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= float(trim) < 0.5:
+        raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
+    _check_scores("d", d)
+    dtype = _compute_dtype(d)
+    x = d.to(dtype)
+    if kind == "kl":
+        return x.clone() if x is d else x
+    chi2 = torch.expm1(x)
+    if kind == "chi2":
+        return chi2
+    log_chi2_hat, positive = _trimmed_log_chi2(x, float(trim))
+    if not positive:
+        return chi2
+    log_scale = 0.5 * log_chi2_hat
+    # e^d / s - 1 / s, in log space where expm1(d) overflows (the other branch sees a clamped input).
+    limit = math.log(torch.finfo(dtype).max) - 1.0
+    inside = x < limit
+    scaled = torch.expm1(torch.clamp(x, max=limit)) * math.exp(-log_scale)
+    outside = torch.exp(torch.clamp(x, min=limit) - log_scale) - math.exp(-log_scale)
+    return torch.where(inside, scaled, outside)
+
+
+# --------------------------------------------------------------------------- LLM form
+def _check_logps(policy_logps, reference_logps, mask):
+    check_float_tensor("policy_logps", policy_logps)
+    check_float_tensor("reference_logps", reference_logps)
+    if policy_logps.shape != reference_logps.shape:
+        raise ValueError(
+            f"reference_logps must have the shape of policy_logps (never broadcast): got "
+            f"{tuple(reference_logps.shape)} and {tuple(policy_logps.shape)}"
+        )
+    if policy_logps.device != reference_logps.device:
+        raise ValueError(
+            f"device mismatch: policy_logps is on {policy_logps.device}, reference_logps on {reference_logps.device}"
+        )
+    if policy_logps.dim() == 0:
+        raise ValueError("policy_logps is a scalar: give [B] sequence log-probs or [B, T] token log-probs")
+    if policy_logps.numel() == 0 or policy_logps.shape[0] == 0:
+        raise ValueError("policy_logps is empty: the estimate needs at least one sequence")
+    if mask is None:
+        return None
+    if policy_logps.dim() == 1:
+        raise ValueError(
+            "mask is only for per-token log-probs [B, T]; 1-D inputs are already sequence log-probs [B]"
+        )
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a tensor of the shape of policy_logps, got {type(mask).__name__}")
+    if mask.shape != policy_logps.shape:
+        raise ValueError(f"mask must have shape {tuple(policy_logps.shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask must be bool or contain only 0 and 1 (1 = counted response token)")
+        mask = mask != 0
+    return mask.to(policy_logps.device)
+
+
+def _check_counted_values(policy_logps, reference_logps, counted):
+    for name, x in (("policy_logps", policy_logps), ("reference_logps", reference_logps)):
+        values = x if counted is None else x[counted]
+        if bool(torch.isnan(values).any()):
+            raise ValueError(f"{name} contains NaN on a counted token")
+        if bool(torch.isposinf(values).any()):
+            raise ValueError(f"{name} contains +inf on a counted token; log-probabilities must be <= 0")
+        if bool(torch.isneginf(values).any()):
+            why = (
+                "the policy cannot have sampled a token it gives probability 0"
+                if name == "policy_logps"
+                else "the policy sampled a token the reference rules out, so chi2(mu_pi || mu_ref) is infinite"
+            )
+            raise ValueError(f"{name} contains -inf on a counted token: {why}")
+
+
+def chi2_regularizer(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    sqrt: bool = True,
+    linearize_at: float | None = 10.0,
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    r"""The sequence-level chi-squared regulariser of RLHF with occupancy measures (Laidlaw et al., 2024).
+
+    For a language model the occupancy measure of a response is its sequence
+    probability, so with ``l = sum_t mask_t (log pi(y_t) - log pi_ref(y_t))`` the
+    log-ratio of a response ``y`` **sampled from the policy**,
+
+    .. math::
+
+        \widehat{\chi^2} = \frac{1}{B} \sum_{b} \big(e^{l_b} - 1\big) + \big(e^{-l_b} - 1\big)
+                         = \frac{1}{B} \sum_b \big(2\cosh l_b - 2\big),
+        \qquad
+        \text{loss} = \sqrt{\max(\widehat{\chi^2}, \text{floor})}   \;\; (\texttt{sqrt=True}),
+
+    an unbiased estimate of ``chi2(mu_pi || mu_ref) = E_pi[pi / pi_ref] - 1``, which is
+    fdiv's ``neyman_chi2(P || Q)`` with **P = reference**, **Q = policy**. Add
+    ``coef * loss`` to the policy loss (the authors' example: ``coef = 8e-4``).
+
+    **The control variate.** The plain estimator is ``e^l - 1`` per sample. Its
+    companion ``e^{-l} - 1 = pi_ref / pi - 1`` has mean exactly 0 under the policy
+    (``E_pi[pi_ref / pi] = 1``), so adding it keeps the estimate unbiased while making
+    every term ``(e^{l/2} - e^{-l/2})^2 >= 0``. This is exactly the Monte-Carlo term of
+    the generator ``f(r) = (r - 1)^2 / r`` of ``neyman_chi2`` at ``r = pi_ref / pi``:
+    the terms are computed by :func:`fdiv.mc_estimate` (``"neyman_chi2"``, samples from
+    Q), from the generator's log-space forms, so they keep full relative precision for
+    ``l`` near 0 (where ``expm1(l) + expm1(-l)`` would cancel).
+
+    **Linearisation.** Sequence log-ratios can be large, and ``e^{|l|}`` then dominates
+    the batch mean and its gradient. As in the authors' code, for ``|l| >= c``
+    (``c = linearize_at``, default 10) the exponential of the large side is replaced by
+    its tangent at ``c``: ``e^{|l|} -> e^c (1 + |l| - c)``, so the term becomes
+    ``e^c (1 + |l| - c) - 1 + expm1(-|l|)``. Value and first derivative are continuous
+    at ``|l| = c``; beyond it the estimate is biased low (it grows linearly, not
+    exponentially) and its gradient is bounded by ``e^c`` per unit of ``l``. Pass
+    ``linearize_at=None`` for the exact (unlinearised) estimator.
+
+    The related KL estimate of the same code, ``mean(l + expm1(-l))``, is Schulman's
+    ``k3`` for ``KL(pi || pi_ref)``: ``fdiv.kl_estimate(reference, policy, "k3")``.
+
+    Args:
+        policy_logps: log-probabilities under the policy of tokens **sampled from the
+            policy**: ``[B, T]`` per token (summed over ``T`` with ``mask``) or ``[B]``
+            sequence log-probs (then ``mask`` must be None). Any further leading
+            dimensions are batch dimensions too (``[..., T]``).
+        reference_logps: the same tokens under the reference policy, same shape.
+        mask: ``[B, T]`` bool (or 0/1) mask of the counted response tokens; uncounted
+            entries are ignored entirely (they may hold anything, even NaN).
+        sqrt: return ``sqrt(max(chi2_hat, floor))`` (default, the paper's penalty);
+            ``False`` returns ``chi2_hat`` itself (no floor).
+        linearize_at: ``c > 0``, or None for no linearisation.
+        floor: ``> 0``, the lower clamp under the square root (default ``1e-4``): keeps the
+            gradient of ``sqrt`` finite; below it the gradient is 0.
+
+    Returns:
+        A scalar (float32 for half-precision inputs, float64 for float64), differentiable
+        w.r.t. both inputs (one backward pass).
+
+    Raises:
+        TypeError: non-float inputs. ValueError: shape or device mismatch, a bad mask, a
+        NaN / ``+inf`` / ``-inf`` log-probability on a counted token (``-inf`` in
+        ``reference_logps`` means the divergence is infinite), ``linearize_at <= 0`` or
+        ``floor <= 0``.
+
+    Example::
+
+        >>> import torch, math
+        >>> from fdiv.objectives.occupancy import chi2_regularizer
+        >>> pi, ref = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+        >>> x = torch.tensor([0, 1])            # two samples: exactly E_pi for this pi
+        >>> round(chi2_regularizer(pi[x].log(), ref[x].log(), sqrt=False).item(), 6)   # = 1/3
+        0.333333
+
+    Reference: Laidlaw et al. (2024), arXiv 2403.03185, Section on RLHF; the
+    ``PPOWithRefPolicyConfig.loss`` of ``cassidylaidlaw/llm_optimization``.
+    """
+    counted = _check_logps(policy_logps, reference_logps, mask)
+    if not isinstance(sqrt, bool):
+        raise ValueError(f"sqrt must be True or False, got {sqrt!r}")
+    c = _check_positive("linearize_at", linearize_at, allow_none=True)
+    floor = _check_positive("floor", floor)
+    _check_counted_values(policy_logps, reference_logps, counted)
+    dtype = _compute_dtype(policy_logps, reference_logps)
+    diff = policy_logps.to(dtype) - reference_logps.to(dtype)
+    if counted is None:
+        log_ratio = diff if diff.dim() == 1 else diff.sum(-1)
+    else:
+        log_ratio = torch.where(counted, diff, torch.zeros_like(diff)).sum(-1)
+
+    inner = log_ratio if c is None else log_ratio.clamp(-c, c)
+    # neyman_chi2(P = ref || Q = pi) from Q-samples: f(r) with r = pi_ref / pi = e^{-l}.
+    terms = mc_estimate("neyman_chi2", -inner, torch.zeros_like(inner), samples_from="q", reduction="none")
+    if c is not None:
+        big = log_ratio.abs() >= c
+        a = torch.where(big, log_ratio.abs(), torch.full_like(log_ratio, c))
+        linear = math.exp(c) * (1.0 + a - c) - 1.0 + torch.expm1(-a)
+        terms = torch.where(big, linear, terms)
+    chi2_hat = terms.mean()
+    if not sqrt:
+        return chi2_hat
+    return torch.sqrt(torch.clamp(chi2_hat, min=floor))
