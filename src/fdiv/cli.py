@@ -217,6 +217,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .lab.runner import DEFAULT_STUDIES
+
     parser = _OneLineParser(
         prog="fdiv",
         description="Divergences for training models. Every divergence is D(P || Q), P = target, Q = model.",
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_lab = sub.add_parser(
         "lab",
         help="run studies comparing divergences on the same task and write a report (the main job)",
-        description="Run the lab studies (default: modes, distill, lm) and write DIR/index.html, summary.md, "
+        description="Run the lab studies (default: " + ", ".join(DEFAULT_STUDIES) + ") and write DIR/index.html, summary.md, "
         "results.json and the PNG figures.",
     )
     p_lab.add_argument("--study", default=None, help="comma-separated study names (see --list)")

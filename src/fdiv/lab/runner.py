@@ -16,7 +16,7 @@ from ..math import registry
 from .report import write_report
 from .study import StudyContext, StudyResult, available_studies, divergence_label
 
-DEFAULT_STUDIES = ("modes", "distill", "lm")
+DEFAULT_STUDIES = ("modes", "distill", "lm", "preference")
 
 
 class LabError(ValueError):
