@@ -868,3 +868,37 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss():
     assert all(math.isfinite(v) for v in kls)
     assert any((p.detach() - b).abs().max() > 0 for p, b in zip(policy.parameters(), before))
     assert kls[-1] > 1e-4 and max(kls[1:]) > kls[0]
+
+
+def test_dph_forward_kl_restores_a_dropped_correct_answer_reverse_kl_does_not():
+    """Two correct answers; RL has collapsed the policy onto the first. Exact gradient ascent on
+    E_pi[r] - eta D for 300 steps: the mass-covering term (DPH-RL's forward KL, an expectation over
+    pi_0) pulls the second correct answer back, with a restoring force ~ pi_0(y); reverse KL's force
+    on an answer is ~ pi(y), so it leaves the dropped answer where it is, although both regularised
+    objectives share the same optimum ratio pi(y1) / pi(y0) = pi_0(y1) / pi_0(y0) for equal rewards."""
+    r = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    pi0 = torch.tensor([0.4, 0.2, 0.2, 0.2], dtype=torch.float64)
+    collapsed = torch.tensor([0.9998, 1e-4, 5e-5, 5e-5], dtype=torch.float64).log()
+    eta = 0.1
+
+    def train(regulariser):
+        theta = collapsed.clone().requires_grad_(True)
+        opt = torch.optim.SGD([theta], lr=1.0)
+        for _ in range(300):
+            opt.zero_grad()
+            logp = torch.log_softmax(theta, 0)
+            (-(logp.exp() * r).sum() + eta * regulariser(logp)).backward()
+            opt.step()
+        return torch.softmax(theta.detach(), 0)
+
+    def forward_kl(logp):  # E_{pi_0}[f(pi / pi_0)], the samples' weights are pi_0
+        terms = dph_loss(policy_logps=logp, initial_logps=pi0.log(), divergence="forward_kl", aggregation="none")
+        return (pi0 * terms).sum()
+
+    def reverse_kl(logp):  # sum pi log(pi / pi_0), written out
+        return (logp.exp() * (logp - pi0.log())).sum()
+
+    fkl, rkl = train(forward_kl), train(reverse_kl)
+    assert fkl[1] > 0.25 and fkl[1] / fkl[0] > 0.4  # optimum ratio 0.5
+    assert rkl[1] < 2e-4  # still dropped
+    assert rkl[0] > 0.999
