@@ -814,7 +814,7 @@ def test_disco_bad_input(kwargs, match):
 
 
 # ====================================================================== end to end
-def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss():
+def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss_and_a_chi2_regulariser():
     transformers = pytest.importorskip("transformers")
     from fdiv.integrations.hf import generate_completions, token_logps
 
@@ -858,7 +858,9 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss():
         pg = -aggregate(advantage[:, None] * out.logps, out.mask, "token-mean")
         kl_loss = kl_estimate(out.logps, ref, "k3" if step % 2 else "k2", placement="loss", mask=out.mask,
                               aggregation="token-mean")
-        loss = pg + beta * kl_loss
+        chi2 = fdiv.rl.chi2_regularizer(out.logps, ref, mask=out.mask)  # Correlated Proxies' sqrt(chi2) term
+        assert torch.isfinite(chi2) and chi2.item() >= 1e-2  # sqrt of the 1e-4 floor
+        loss = pg + beta * kl_loss + 1e-3 * chi2
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
