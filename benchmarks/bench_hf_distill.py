@@ -110,7 +110,7 @@ def worker(method: str, divergence: str, args) -> dict:
         student.zero_grad(set_to_none=True)
         loss = compute(student, teacher, batch)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     start = time.perf_counter()
     value = step()  # warm-up (and any compilation), outside the memory window

@@ -948,3 +948,32 @@ def test_empty_batch_mean_is_zero_and_fdpo_divergences_listing():
     assert P.fdpo_loss(divergence="js", reduction="mean", **kw).item() == 0.0
     assert P.fdpo_loss(divergence="js", **kw).shape == (0,)
     assert "reverse_kl" in P.fdpo_divergences() and "tv" not in P.fdpo_divergences()
+
+
+def test_implicit_reward_refuses_to_sum_per_sequence_inputs():
+    from fdiv.objectives.preference import implicit_reward
+
+    with pytest.raises(ValueError, match="reduce='none'"):
+        implicit_reward(policy_logps=torch.tensor([-5.0, -7.0]), reference_logps=torch.tensor([-5.5, -7.2]), beta=0.1)
+    out = implicit_reward(policy_logps=torch.tensor([-5.0, -7.0]), reference_logps=torch.tensor([-5.5, -7.2]),
+                          beta=0.1, reduce="none")
+    assert torch.allclose(out, torch.tensor([0.05, 0.02]))
+
+
+def test_sparse_po_bool_masks_equal_their_float_weights():
+    from fdiv.objectives.preference import sparse_po_loss
+
+    batch = _sparse_batch(seed=3)
+    g = torch.Generator().manual_seed(4)
+    hard = {
+        "chosen_reward_mask": torch.rand(3, 5, generator=g) > 0.4,
+        "rejected_reward_mask": torch.rand(3, 4, generator=g) > 0.4,
+        "chosen_kl_mask": torch.rand(3, 5, generator=g) > 0.4,
+        "rejected_kl_mask": torch.rand(3, 4, generator=g) > 0.4,
+    }
+    as_float = {k: v.to(torch.float64) for k, v in hard.items()}
+    a = sparse_po_loss(**batch, **hard, beta=0.1, l1_reward=0.01)
+    b = sparse_po_loss(**batch, **as_float, beta=0.1, l1_reward=0.01)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="chosen_reward_mask must be a bool or floating"):
+        sparse_po_loss(**batch, chosen_reward_mask=torch.ones(3, 5, dtype=torch.long), beta=0.1)

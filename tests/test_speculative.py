@@ -390,3 +390,15 @@ def test_errors_name_the_argument():
         speculative_block(model, model, torch.zeros(3, 1, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="target_fn"):
         speculative_block(lambda x: torch.zeros(2, 5), model, torch.zeros(3, 1, dtype=torch.int64), 2)
+
+
+def test_expected_block_length_float32_gradient_matches_float64_near_one():
+    from fdiv.objectives.speculative import expected_block_length
+
+    for exponent in (-5.34, -4.0, -3.0, -2.0):
+        a = 1.0 - 10.0**exponent
+        x = torch.tensor(a, dtype=torch.float32, requires_grad=True)
+        expected_block_length(x, 4).backward()
+        exact = sum(j * float(x) ** (j - 1) for j in range(1, 5))  # d/da sum_{j<=4} a^j at the float32 alpha
+        assert x.grad.dtype == torch.float32
+        assert x.grad.item() == pytest.approx(exact, rel=1e-6)

@@ -26,7 +26,7 @@ from .math import (
     resolve,
 )
 from .math.closed_forms import available_closed_forms, closed_form, register_closed_form
-from .math.estimators import kl_estimate, kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
+from .math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
 from .math.generators import (
     AlphaDivergence,
     ForwardKL,
@@ -70,7 +70,6 @@ __all__ = [
     "distill",
     "fused_linear_loss",
     "get",
-    "kl_estimate",
     "kl_k1",
     "kl_k2",
     "kl_k3",

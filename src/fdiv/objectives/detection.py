@@ -248,7 +248,7 @@ def dcpdd_score(
         >>> from fdiv.objectives.detection import dcpdd_score
         >>> ref = torch.full((10,), 0.05); ref[7], ref[9] = 0.1, 0.01
         >>> logp = torch.tensor([0.5, 0.2, 0.5]).log(); ids = torch.tensor([7, 9, 7])
-        >>> round(dcpdd_score(logp, ids, ref, a=1.0).item(), 6)   # mean(0.5 ln 10, 0.2 ln 100)
+        >>> round(dcpdd_score(logp, ids, ref, a=1.0).item(), 6)   # mean(min(0.5 ln 10, 1), 0.2 ln 100)
         0.960517
     """
     check_float_tensor("token_logprobs", token_logprobs)

@@ -150,6 +150,7 @@ def _cross_entropy_rows(student2d, labels_flat, counted_flat, ignore_index, dtyp
     uncounted rows reaches neither the value nor the gradient.
     """
     n = student2d.shape[0]
+    labels_flat = labels_flat.to(student2d.device)
     if counted_flat is None:
         return F.cross_entropy(student2d.to(dtype), labels_flat, ignore_index=ignore_index, reduction="none")
     idx = counted_flat.nonzero(as_tuple=True)[0]

@@ -337,7 +337,7 @@ def chi2_regularizer(
     ``linearize_at=None`` for the exact (unlinearised) estimator.
 
     The related KL estimate of the same code, ``mean(l + expm1(-l))``, is Schulman's
-    ``k3`` for ``KL(pi || pi_ref)``: ``fdiv.kl_estimate(reference, policy, "k3")``.
+    ``k3`` for ``KL(pi || pi_ref)``: ``fdiv.rl.kl_estimate(policy_logps, reference_logps, "k3")``.
 
     Args:
         policy_logps: log-probabilities under the policy of tokens **sampled from the

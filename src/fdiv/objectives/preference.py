@@ -749,7 +749,11 @@ def _check_labels(name: str, labels, shape, vocab: int, ignore_index: int, devic
 
 
 def _check_float_mask(name: str, mask, shape, device, dtype) -> torch.Tensor:
-    _check_tensor(name, mask)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = mask.to(dtype)  # a hard 0/1 mask
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool or floating tensor of non-negative token weights, got {got}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)} (one weight per token), got {tuple(mask.shape)}")
     if mask.device != device:
@@ -1180,8 +1184,12 @@ def implicit_reward(
         keep = _bool_mask("mask", mask, p.shape, p.device)
         diff = torch.where(keep, diff, torch.zeros_like(diff))
     if reduce == "sum":
-        if diff.dim() == 0:
-            raise ValueError("reduce='sum' adds the last (token) dimension; got scalar log-probabilities")
+        if diff.dim() < 2:
+            raise ValueError(
+                "reduce='sum' adds the token dimension of [B, T] log-probabilities; got shape "
+                f"{tuple(diff.shape)}. Per-sequence log-probabilities ([B], e.g. from sequence_logps) "
+                "need reduce='none'"
+            )
         diff = diff.sum(-1)
     return beta * diff
 

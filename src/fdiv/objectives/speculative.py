@@ -278,6 +278,10 @@ def expected_block_length(alpha, draft_length) -> torch.Tensor:
     alpha = _as_tensor("alpha", alpha)
     _check_unit_interval("alpha", alpha.detach())
     gamma = _check_draft_length(draft_length, alpha)
+    out_dtype = alpha.dtype
+    # float64 throughout: the series switch below is tuned to float64 rounding (in float32 the
+    # autograd derivative of the closed form near alpha = 1 would be off by ~1%).
+    alpha, gamma = alpha.double(), gamma.double()
     n = gamma + 1  # float tensor
     # -expm1(n log(alpha)) / (1 - alpha) is accurate for every alpha < 1 (d = 1 - alpha is exact
     # near 1), but it is 0/0 at alpha = 1 and its autograd derivative cancels badly when n d is
@@ -291,7 +295,7 @@ def expected_block_length(alpha, draft_length) -> torch.Tensor:
     d_near = torch.where(near, d, torch.zeros_like(d))
     series = n - n * (n - 1) / 2 * d_near + n * (n - 1) * (n - 2) / 6 * d_near**2
     at_zero = 1.0 + alpha * (n > 1).to(alpha.dtype)
-    return torch.where(near, series, torch.where(zero, at_zero, far))
+    return torch.where(near, series, torch.where(zero, at_zero, far)).to(out_dtype)
 
 
 def _check_draft_length(draft_length, alpha):
