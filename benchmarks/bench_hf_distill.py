@@ -169,7 +169,7 @@ def check_conventions() -> None:
             student.zero_grad(set_to_none=True)
             loss = loss_fn(method, divergence)(student, teacher, batch)
             loss.backward()
-            values[method], grads[method] = float(loss), student.lm_head.weight.grad.clone()
+            values[method], grads[method] = float(loss.detach()), student.lm_head.weight.grad.clone()
         dloss = max(abs(v - values["trl"]) for v in values.values())
         dgrad = max(float((g - grads["trl"]).abs().max()) for g in grads.values())
         lines.append(f"  tiny Llama (fp64), {divergence}: loss {values['trl']:.6f}, max |loss - TRL| = {dloss:.1e}, "
