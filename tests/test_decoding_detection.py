@@ -23,8 +23,7 @@ from fdiv.objectives.decoding import (
 )
 from fdiv.objectives.detection import build_reference_frequencies, dcpdd_score, dcpdd_score_batch
 
-transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # a test dependency (the test extras)
 
 F64 = torch.float64
 

@@ -66,6 +66,7 @@ import math
 import torch
 
 from ..math.base import check_float_tensor
+from ._checks import check_same_layout
 
 __all__ = [
     "UNCERTAINTY_STATISTICS",
@@ -204,15 +205,7 @@ def uscd_scores(
     """
     _check_logits("standard_logits", standard_logits)
     _check_logits("lame_logits", lame_logits)
-    if standard_logits.shape != lame_logits.shape:
-        raise ValueError(
-            f"lame_logits must have the shape of standard_logits (never broadcast): got "
-            f"{tuple(lame_logits.shape)} and {tuple(standard_logits.shape)}"
-        )
-    if standard_logits.device != lame_logits.device:
-        raise ValueError(
-            f"device mismatch: standard_logits is on {standard_logits.device}, lame_logits on {lame_logits.device}"
-        )
+    check_same_layout("standard_logits", standard_logits, "lame_logits", lame_logits)
     if uncertainty not in UNCERTAINTY_STATISTICS:
         raise ValueError(f"uncertainty must be one of {UNCERTAINTY_STATISTICS}, got {uncertainty!r}")
     tau = _number("tau", tau, allow_inf=True)

@@ -39,6 +39,7 @@ from torch import nn
 from ..kernels.token import REDUCTIONS, check_logit_pair, default_chunk_size, token_loss
 from ..math.base import check_float_tensor, check_temperature
 from ..math.registry import get
+from ._checks import check_bool_mask
 
 __all__ = [
     "DualHead",
@@ -107,14 +108,6 @@ def _check_labels(labels, leading, vocab: int, ignore_index: int, name: str = "l
     return labels
 
 
-def _check_mask(mask, leading) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError("mask must be a bool tensor (True = counted)")
-    if tuple(mask.shape) != tuple(leading):
-        raise ValueError(f"mask must have shape {tuple(leading)}, got {tuple(mask.shape)}")
-    return mask
-
-
 def _counted(leading, device, mask, labels, ignore_index, vocab) -> torch.Tensor | None:
     """Bool ``[...]`` of counted rows (labels != ignore_index AND mask), or None when every row counts."""
     counted = None
@@ -122,7 +115,7 @@ def _counted(leading, device, mask, labels, ignore_index, vocab) -> torch.Tensor
         _check_labels(labels, leading, vocab, ignore_index)
         counted = (labels != ignore_index).to(device)
     if mask is not None:
-        mask = _check_mask(mask, leading).to(device)
+        mask = check_bool_mask(mask, leading, device)
         counted = mask if counted is None else counted & mask
     return counted
 
@@ -402,7 +395,7 @@ def plackett_luce_loss(
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("weights must be finite and >= 0")
     if mask is not None:
-        _check_mask(mask, leading)
+        check_bool_mask(mask, leading, None)
     dtype = _compute_dtype(student_logits, weights)
     student2d = student_logits.reshape(-1, classes)
     perm2d = permutation.reshape(-1, k).to(device=student_logits.device, dtype=torch.long)
@@ -764,7 +757,7 @@ def binary_kl_loss(
     _check_reduction(reduction)
     leading = student_logits.shape[:-1]
     if mask is not None:
-        _check_mask(mask, leading)
+        check_bool_mask(mask, leading, None)
     dtype = _compute_dtype(student_logits, teacher_logits)
     classes = student_logits.shape[-1]
     s2d = student_logits.reshape(-1, classes)

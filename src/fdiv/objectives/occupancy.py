@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..math.base import check_float_tensor
 from ..math.estimators import mc_estimate
+from ._checks import check_same_layout
 
 __all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occupancy_penalty"]
 
@@ -246,15 +247,7 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
 def _check_logps(policy_logps, reference_logps, mask):
     check_float_tensor("policy_logps", policy_logps)
     check_float_tensor("reference_logps", reference_logps)
-    if policy_logps.shape != reference_logps.shape:
-        raise ValueError(
-            f"reference_logps must have the shape of policy_logps (never broadcast): got "
-            f"{tuple(reference_logps.shape)} and {tuple(policy_logps.shape)}"
-        )
-    if policy_logps.device != reference_logps.device:
-        raise ValueError(
-            f"device mismatch: policy_logps is on {policy_logps.device}, reference_logps on {reference_logps.device}"
-        )
+    check_same_layout("policy_logps", policy_logps, "reference_logps", reference_logps)
     if policy_logps.dim() == 0:
         raise ValueError("policy_logps is a scalar: give [B] sequence log-probs or [B, T] token log-probs")
     if policy_logps.numel() == 0 or policy_logps.shape[0] == 0:

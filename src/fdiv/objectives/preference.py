@@ -63,6 +63,7 @@ from ..math.base import Divergence
 from ..math.estimators import variational_bound
 from ..math.generators import AlphaDivergence, FDivergence, ForwardKL, JensenShannon, ReverseKL
 from ..math.registry import available, get
+from ._checks import check_bool_mask
 
 __all__ = [
     "D2O_NOT_PINNED",
@@ -182,14 +183,6 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 def _raise_if_nan(out: torch.Tensor, caller: str) -> None:
     if bool(torch.isnan(out).any()):
         raise FloatingPointError(f"{caller} evaluated to NaN on finite, checked inputs; please report this as a bug")
-
-
-def _bool_mask(name: str, mask, shape, device) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor (True = counted)")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask.to(device)
 
 
 def _cached(cache: dict, key, compute):
@@ -1112,7 +1105,7 @@ def d2o_loss(
     if self_mask is None:
         self_term = ratio.mean(-1)
     else:
-        keep = _bool_mask("self_mask", self_mask, ps.shape, ps.device)
+        keep = check_bool_mask(self_mask, ps.shape, ps.device, "self_mask")
         count = keep.sum(-1)
         if bool((count == 0).any()):
             raise ValueError("self_mask has a row without any self-generated sample; every row needs at least one")
@@ -1138,7 +1131,7 @@ def _sequence_log_ratio(prefix: str, policy_logps, reference_logps, mask) -> tor
         raise ValueError(f"{p_name} must be [B] or [B, T], got shape {tuple(p.shape)}")
     diff = p - r
     if mask is not None:
-        keep = _bool_mask(m_name, mask, p.shape, p.device)
+        keep = check_bool_mask(mask, p.shape, p.device, m_name)
         diff = torch.where(keep, diff, torch.zeros_like(diff))
     return diff.sum(-1)
 
@@ -1181,7 +1174,7 @@ def implicit_reward(
         raise ValueError(f"reduce must be 'sum' or 'none', got {reduce!r}")
     diff = p - r
     if mask is not None:
-        keep = _bool_mask("mask", mask, p.shape, p.device)
+        keep = check_bool_mask(mask, p.shape, p.device, "mask")
         diff = torch.where(keep, diff, torch.zeros_like(diff))
     if reduce == "sum":
         if diff.dim() < 2:

@@ -39,6 +39,7 @@ import torch
 
 from ..math._numerics import compute_dtype
 from ..math.base import check_float_tensor, check_temperature
+from ._checks import check_bool_mask
 
 __all__ = ["SinkhornResult", "sinkhorn_log", "sinkhorn_kd_loss", "zero_one_cost", "index_cost"]
 
@@ -306,16 +307,6 @@ def _sample_cost(cost, num_classes, dtype, device):
     return cost.to(device=device, dtype=dtype)
 
 
-def _check_mask(mask, shape, device):
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError("mask must be a bool tensor (True = counted)")
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask.to(device)
-
-
 # --------------------------------------------------------------------------- SinKD
 def sinkhorn_kd_loss(
     student_logits: torch.Tensor,
@@ -477,7 +468,7 @@ def _clean(logits, keep, dtype, temperature):
 
 
 def _batch_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype):
-    keep = _check_mask(mask, student.shape[:-1], student.device)
+    keep = check_bool_mask(mask, student.shape[:-1], student.device)
     cost = "l1" if cost is None else cost
     if not (callable(cost) or (isinstance(cost, str) and cost in BATCH_COSTS)):
         raise ValueError(f"cost must be one of {BATCH_COSTS} or a callable for mode='batch', got {cost!r}")
@@ -511,7 +502,7 @@ def _batch_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction
 
 
 def _sample_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype):
-    keep = _check_mask(mask, student.shape[:-1], student.device)
+    keep = check_bool_mask(mask, student.shape[:-1], student.device)
     num_classes = student.shape[-1]
     c = _sample_cost("zero_one" if cost is None else cost, num_classes, dtype, student.device)
     log_s = torch.log_softmax(_clean(student, keep, dtype, temperature), dim=-1)

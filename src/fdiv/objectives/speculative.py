@@ -27,6 +27,7 @@ import torch
 
 from ..math._numerics import compute_dtype
 from ..math.base import check_float_tensor, check_temperature
+from ._checks import check_bool_mask
 
 __all__ = [
     "acceptance_rate",
@@ -86,16 +87,6 @@ def _resolve_temperature(temperature, greedy):
     if value == 0.0:
         return True, None
     return False, check_temperature(value)
-
-
-def _check_mask(mask, shape, device):
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError("mask must be a bool tensor (True = counted)")
-    if mask.shape != tuple(shape):
-        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask.to(device)
 
 
 def _log_probs(logits, temperature, dtype):
@@ -165,7 +156,7 @@ def acceptance_rate(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     greedy, temperature = _resolve_temperature(temperature, greedy)
-    keep = _check_mask(mask, target_logits.shape[:-1], target_logits.device)
+    keep = check_bool_mask(mask, target_logits.shape[:-1], target_logits.device)
     dtype = compute_dtype(target_logits, draft_logits)
     target = _clean_rows(target_logits, keep, dtype)
     draft = _clean_rows(draft_logits, keep, dtype)
@@ -222,7 +213,7 @@ def sequence_acceptance_rate(
     _check_pair(target_logits, draft_logits)
     if target_logits.dim() < 2:
         raise ValueError(f"target_logits must have shape [..., L, V], got {tuple(target_logits.shape)}")
-    keep = _check_mask(mask, target_logits.shape[:-1], target_logits.device)
+    keep = check_bool_mask(mask, target_logits.shape[:-1], target_logits.device)
     rows = acceptance_rate(target_logits, draft_logits, temperature=temperature, greedy=greedy, mask=keep)
     if keep is None:
         return rows.mean(dim=-1)
