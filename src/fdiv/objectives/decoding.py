@@ -66,6 +66,7 @@ import math
 import torch
 
 from ..math.base import check_float_tensor
+from ..math._numerics import compute_dtype
 from ._checks import check_same_layout
 
 __all__ = [
@@ -108,10 +109,6 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} has a row whose logits are all -inf: it is not a distribution")
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _statistic(probs: torch.Tensor, uncertainty: str) -> torch.Tensor:
     if uncertainty == "std":
         return probs.std(dim=-1)  # unbiased (correction=1), torch's default, as in the authors' code
@@ -139,7 +136,7 @@ def uscd_uncertainty(standard_logits: torch.Tensor, uncertainty: str = "std") ->
     if uncertainty not in UNCERTAINTY_STATISTICS:
         raise ValueError(f"uncertainty must be one of {UNCERTAINTY_STATISTICS}, got {uncertainty!r}")
     _check_logits("standard_logits", standard_logits)
-    probs = torch.softmax(standard_logits.to(_compute_dtype(standard_logits)), dim=-1)
+    probs = torch.softmax(standard_logits.to(compute_dtype(standard_logits)), dim=-1)
     return _statistic(probs, uncertainty)
 
 
@@ -212,7 +209,7 @@ def uscd_scores(
     k = _number("k", k)
     lam = _number("lam", lam)
 
-    dtype = _compute_dtype(standard_logits, lame_logits)
+    dtype = compute_dtype(standard_logits, lame_logits)
     log_ps = torch.log_softmax(standard_logits.to(dtype), dim=-1)
     log_pl = torch.log_softmax(lame_logits.to(dtype), dim=-1)
     p_s = log_ps.exp()

@@ -39,6 +39,7 @@ from torch import nn
 from ..kernels.token import REDUCTIONS, check_logit_pair, default_chunk_size, token_loss
 from ..math.base import check_float_tensor, check_temperature
 from ..math.registry import get
+from ..math._numerics import compute_dtype
 from ._checks import check_bool_mask
 
 __all__ = [
@@ -79,10 +80,6 @@ def _check_weight(name: str, value) -> float:
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     """The loss dtype of :func:`fdiv.token_loss`: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -396,7 +393,7 @@ def plackett_luce_loss(
         raise ValueError("weights must be finite and >= 0")
     if mask is not None:
         check_bool_mask(mask, leading, None)
-    dtype = _compute_dtype(student_logits, weights)
+    dtype = compute_dtype(student_logits, weights)
     student2d = student_logits.reshape(-1, classes)
     perm2d = permutation.reshape(-1, k).to(device=student_logits.device, dtype=torch.long)
     present = torch.zeros(perm2d.shape[0], classes, dtype=torch.int16, device=perm2d.device)
@@ -485,7 +482,7 @@ def pld_loss(
     _check_ignore_index(ignore_index)
     leading = student_logits.shape[:-1]
     _check_labels(labels, leading, classes, ignore_index)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     counted = (labels != ignore_index).reshape(-1).to(student_logits.device)
     idx = counted.nonzero(as_tuple=True)[0]
     s = student_logits.reshape(-1, classes)[idx].to(dtype)
@@ -758,7 +755,7 @@ def binary_kl_loss(
     leading = student_logits.shape[:-1]
     if mask is not None:
         check_bool_mask(mask, leading, None)
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     classes = student_logits.shape[-1]
     s2d = student_logits.reshape(-1, classes)
     t2d = teacher_logits.reshape(-1, classes)
@@ -908,7 +905,7 @@ def dual_head_kd_loss(
     _check_ignore_index(ignore_index)
     leading = main_logits.shape[:-1]
     counted = _counted(leading, main_logits.device, None, labels, ignore_index, classes)
-    dtype = _compute_dtype(main_logits, aux_logits, teacher_logits)
+    dtype = compute_dtype(main_logits, aux_logits, teacher_logits)
     ce_rows = _cross_entropy_rows(
         main_logits.reshape(-1, classes), labels.reshape(-1), counted.reshape(-1), ignore_index, dtype
     )

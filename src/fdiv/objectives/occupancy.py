@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..math.base import check_float_tensor
 from ..math.estimators import mc_estimate
+from ..math._numerics import compute_dtype
 from ._checks import check_same_layout
 
 __all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occupancy_penalty"]
@@ -55,10 +56,6 @@ OCCUPANCY_PENALTIES = ("kl", "chi2", "sqrt_chi2")
 
 
 # --------------------------------------------------------------------------- checks
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _check_scores(name: str, x) -> torch.Tensor:
     check_float_tensor(name, x)
     if x.numel() == 0:
@@ -129,7 +126,7 @@ def discriminator_loss(policy_scores: torch.Tensor, reference_scores: torch.Tens
     """
     _check_scores("policy_scores", policy_scores)
     _check_scores("reference_scores", reference_scores)
-    dtype = _compute_dtype(policy_scores, reference_scores)
+    dtype = compute_dtype(policy_scores, reference_scores)
     return F.softplus(-policy_scores.to(dtype)).mean() + F.softplus(reference_scores.to(dtype)).mean()
 
 
@@ -224,7 +221,7 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
     if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= float(trim) < 0.5:
         raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
     _check_scores("d", d)
-    dtype = _compute_dtype(d)
+    dtype = compute_dtype(d)
     x = d.to(dtype)
     if kind == "kl":
         return x.clone() if x is d else x
@@ -374,7 +371,7 @@ def chi2_regularizer(
     c = _check_positive("linearize_at", linearize_at, allow_none=True)
     floor = _check_positive("floor", floor)
     _check_counted_values(policy_logps, reference_logps, counted)
-    dtype = _compute_dtype(policy_logps, reference_logps)
+    dtype = compute_dtype(policy_logps, reference_logps)
     diff = policy_logps.to(dtype) - reference_logps.to(dtype)
     if counted is None:
         log_ratio = diff if diff.dim() == 1 else diff.sum(-1)

@@ -63,6 +63,7 @@ from ..math.base import Divergence
 from ..math.estimators import variational_bound
 from ..math.generators import AlphaDivergence, FDivergence, ForwardKL, JensenShannon, ReverseKL
 from ..math.registry import available, get
+from ..math._numerics import compute_dtype
 from ._checks import check_bool_mask
 
 __all__ = [
@@ -134,12 +135,8 @@ def _check_group(named: dict, *, shape=None, finite=True) -> tuple:
             raise ValueError(f"device mismatch: {name} is on {x.device}, {first_name} on {first.device}")
         if finite:
             _check_finite(name, x)
-    dtype = _compute_dtype(*(x for _, x in items))
+    dtype = compute_dtype(*(x for _, x in items))
     return tuple(x.to(dtype) for _, x in items)
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _number(name: str, value, *, low: float | None = None, low_open=True, high: float | None = None, high_open=True):
@@ -861,7 +858,7 @@ def sparse_po_loss(
     lam_u = _number("l1_reward", l1_reward, low=0.0, low_open=False)
     lam_d = _number("l1_kl", l1_kl, low=0.0, low_open=False)
     _check_reduction(reduction)
-    dtype = _compute_dtype(policy_chosen_logits, policy_rejected_logits)
+    dtype = compute_dtype(policy_chosen_logits, policy_rejected_logits)
     counted_w = _check_labels("chosen_labels", chosen_labels, (b_w, t_w), v_w, ignore_index, device)
     counted_l = _check_labels("rejected_labels", rejected_labels, (b_l, t_l), v_l, ignore_index, device)
     labels_w, labels_l = chosen_labels.to(device), rejected_labels.to(device)
@@ -1095,7 +1092,7 @@ def d2o_loss(
     for name, x in zip(negatives, neg):
         if x.device != ps.device:
             raise ValueError(f"device mismatch: {name} is on {x.device}, policy_self_logps on {ps.device}")
-    dtype = _compute_dtype(ps, *neg)
+    dtype = compute_dtype(ps, *neg)
     ps, rs = ps.to(dtype), rs.to(dtype)
     pn, rn = neg[0].to(dtype), neg[-1].to(dtype)
     beta = _positive("beta", beta)

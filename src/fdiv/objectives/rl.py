@@ -62,6 +62,7 @@ import torch
 from ..math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate
 from ..math.generators import FDivergence
 from ..math.registry import get
+from ..math._numerics import compute_dtype
 
 __all__ = [
     "AGGREGATIONS",
@@ -147,10 +148,6 @@ def _check_values(name: str, x: torch.Tensor, counted: torch.Tensor | None, *, n
         raise ValueError(f"{name} contains +inf at counted positions; log-probabilities and log-scores must be finite")
     if neg_inf is not None and bool(torch.isneginf(sel).any()):
         raise ValueError(f"{name} contains -inf at counted positions: {neg_inf}")
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _sanitized(x: torch.Tensor, counted: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -376,7 +373,7 @@ def kl_estimate(
         neg_inf="the reference gives probability 0 to a sampled token, so KL(policy || reference) is infinite",
     )
     tensors = [policy_logps, reference_logps] + ([old_logps] if old_logps is not None else [])
-    dtype = _compute_dtype(*tensors)
+    dtype = compute_dtype(*tensors)
     pol = _sanitized(policy_logps, counted, dtype)
     ref = _sanitized(reference_logps, counted, dtype)
 
@@ -480,7 +477,7 @@ def f_estimate(
     _check_values(
         "reference_logps", reference_logps, counted, neg_inf=None if on_policy else "the reference drew these samples"
     )
-    dtype = _compute_dtype(policy_logps, reference_logps)
+    dtype = compute_dtype(policy_logps, reference_logps)
     pol = _sanitized(policy_logps, counted, dtype)
     ref = _sanitized(reference_logps, counted, dtype)
     terms = mc_estimate(
@@ -688,7 +685,7 @@ def _fdpg_inputs(caller, policy_logps, target_log_scores, log_partition, diverge
         "policy_logps", policy_logps, None, neg_inf="log pi(x) multiplies the pseudo-reward; it must be finite"
     )
     _check_values("target_log_scores", target_log_scores, None)
-    dtype = _compute_dtype(policy_logps, target_log_scores)
+    dtype = compute_dtype(policy_logps, target_log_scores)
     f_prime = _fdpg_f_prime(div, policy_logps, target_log_scores, log_z, dtype)
     if not bool(torch.isfinite(f_prime).all()):
         raise ValueError(
@@ -901,7 +898,7 @@ def dph_loss(
     counted = _check_mask(mask, policy_logps.shape, policy_logps.device)
     _check_values("initial_logps", initial_logps, counted, neg_inf="the tokens were sampled from the initial policy")
     _check_values("policy_logps", policy_logps, counted)
-    dtype = _compute_dtype(policy_logps, initial_logps)
+    dtype = compute_dtype(policy_logps, initial_logps)
     pol = _sanitized(policy_logps, counted, dtype)
     init = _sanitized(initial_logps, counted, dtype)
     if c is None:
@@ -1119,7 +1116,7 @@ def disco_loss(
     )
     _check_values("old_logps", old_logps, counted, neg_inf="the sampling policy drew these tokens")
 
-    dtype = _compute_dtype(policy_logps, old_logps)
+    dtype = compute_dtype(policy_logps, old_logps)
     pol = _sanitized(policy_logps, counted, dtype)
     old = _sanitized(old_logps, counted, dtype).detach()
     n_tok = lengths.to(dtype)
