@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.token import REDUCTIONS, check_logit_pair, default_chunk_size, token_loss
-from ..math.base import check_float_tensor, check_temperature
+from ..kernels.token import check_logit_pair, default_chunk_size, token_loss
+from ..math.base import check_float_tensor, check_reduction, check_temperature
 from ..math.registry import get
 from ..math._numerics import compute_dtype
 from ._checks import check_bool_mask
@@ -58,12 +58,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- shared checks
-def _check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
 def _check_weight(name: str, value) -> float:
     """A finite, non-negative Python float (bools are refused: they are almost always a mistake)."""
     if isinstance(value, bool):
@@ -250,7 +244,7 @@ def kd_loss(
         raise ValueError("hard_label_weight and divergence_weight are both 0: the loss would be identically 0")
     if lam_ce > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels= (the hard targets of the cross-entropy term)")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_ignore_index(ignore_index)
     check_temperature(temperature)
     div = get(divergence, **divergence_params)
@@ -367,7 +361,7 @@ def plackett_luce_loss(
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty class dimension [..., C]")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     classes = student_logits.shape[-1]
     leading = student_logits.shape[:-1]
     if not isinstance(permutation, torch.Tensor) or permutation.dtype == torch.bool or (
@@ -478,7 +472,7 @@ def pld_loss(
     if classes == 0:
         raise ValueError("student_logits has an empty class dimension (C = 0)")
     inv_tau = 1.0 / check_temperature(temperature)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_ignore_index(ignore_index)
     leading = student_logits.shape[:-1]
     _check_labels(labels, leading, classes, ignore_index)
@@ -642,7 +636,7 @@ def balanced_kd_loss(
     if lam_ce > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels= (the hard targets of the cross-entropy term)")
     inv_t = 1.0 / check_temperature(temperature)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_ignore_index(ignore_index)
     rule = _resolve_weight_fn(weight_fn)
     leading = student_logits.shape[:-1]
@@ -751,7 +745,7 @@ def binary_kl_loss(
     temp = check_temperature(temperature)
     if not isinstance(normalized, bool):
         raise ValueError(f"normalized must be True or False, got {normalized!r}")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     leading = student_logits.shape[:-1]
     if mask is not None:
         check_bool_mask(mask, leading, None)
@@ -901,7 +895,7 @@ def dual_head_kd_loss(
         raise ValueError("main_logits has an empty class dimension (C = 0)")
     gamma = _check_weight("ce_weight", ce_weight)
     alpha = _check_weight("kd_weight", kd_weight)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_ignore_index(ignore_index)
     leading = main_logits.shape[:-1]
     counted = _counted(leading, main_logits.device, None, labels, ignore_index, classes)

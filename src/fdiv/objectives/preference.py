@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.token import token_loss
-from ..math.base import Divergence
+from ..math.base import Divergence, check_reduction
 from ..math.estimators import variational_bound
 from ..math.generators import AlphaDivergence, FDivergence, ForwardKL, JensenShannon, ReverseKL
 from ..math.registry import available, get
@@ -88,7 +88,6 @@ __all__ = [
     "sparse_po_loss",
 ]
 
-REDUCTIONS = ("none", "mean", "sum")
 #: Default cap on exponentials: a score (or critic) is never larger than ``e**80`` in magnitude,
 #: TRL's clamp for fp32 / bf16. ``e**80 ~ 5.5e34`` fits float32 with room for ``beta * (s_w - s_l)``.
 DEFAULT_MAX_EXPONENT = 80.0
@@ -161,12 +160,6 @@ def _number(name: str, value, *, low: float | None = None, low_open=True, high: 
 
 def _positive(name: str, value) -> float:
     return _number(name, value, low=0.0)
-
-
-def _check_reduction(reduction) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -557,7 +550,7 @@ def fdpo_loss(
                                   reference_rejected_logps)
     beta = _positive("beta", beta)
     eps = _number("label_smoothing", label_smoothing, low=0.0, low_open=False, high=0.5)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     max_exponent = _positive("max_exponent", max_exponent)
     div = _admissible(divergence, divergence_params)
     z = beta * _fdpo_delta(div, pc, pr, rc, rr, max_exponent)
@@ -857,7 +850,7 @@ def sparse_po_loss(
     kappa = _number("kl_weight", kl_weight, low=0.0, low_open=False)
     lam_u = _number("l1_reward", l1_reward, low=0.0, low_open=False)
     lam_d = _number("l1_kl", l1_kl, low=0.0, low_open=False)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     dtype = compute_dtype(policy_chosen_logits, policy_rejected_logits)
     counted_w = _check_labels("chosen_labels", chosen_labels, (b_w, t_w), v_w, ignore_index, device)
     counted_l = _check_labels("rejected_labels", rejected_labels, (b_l, t_l), v_l, ignore_index, device)
@@ -1097,7 +1090,7 @@ def d2o_loss(
     pn, rn = neg[0].to(dtype), neg[-1].to(dtype)
     beta = _positive("beta", beta)
     alpha = _positive("alpha", alpha)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     ratio = ps - rs
     if self_mask is None:
         self_term = ratio.mean(-1)
