@@ -128,8 +128,9 @@ def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Ten
     """
     from ...objectives.preference import fdpo_score
 
+    div = registry.get(name, **params)  # an instance: js's own "beta" must not clash with f-DPO's beta
     grid = torch.linspace(*SCORE_GRID[:2], SCORE_GRID[2], dtype=DTYPE, device=bandit.reward.device)
-    table = torch.cummax(fdpo_score(log_ratio=grid, divergence=name, **params), dim=0).values
+    table = torch.cummax(fdpo_score(log_ratio=grid, divergence=div), dim=0).values
 
     def inverse(values: torch.Tensor) -> torch.Tensor:
         index = torch.searchsorted(table, values.contiguous()).clamp(1, len(grid) - 1)
@@ -144,7 +145,7 @@ def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Ten
     high = -log_ref.gather(-1, best)  # the best response alone carries mass 1
     for _ in range(80):
         mid = 0.5 * (low + high)
-        log_ratio = inverse(torch.clamp(fdpo_score(log_ratio=mid, divergence=name, **params) - gap, min=table[0]))
+        log_ratio = inverse(torch.clamp(fdpo_score(log_ratio=mid, divergence=div) - gap, min=table[0]))
         log_ratio = torch.minimum(log_ratio, mid)
         too_much = torch.logsumexp(log_ref + log_ratio, dim=-1, keepdim=True) > 0
         high = torch.where(too_much, mid, high)
@@ -161,7 +162,7 @@ def _population_loss(bandit: _Bandit, log_pi: torch.Tensor, name: str, params: d
         policy_chosen_logps=log_pi[contexts, chosen], policy_rejected_logps=log_pi[contexts, rejected],
         reference_chosen_logps=bandit.log_ref[contexts, chosen],
         reference_rejected_logps=bandit.log_ref[contexts, rejected],
-        divergence=name, beta=beta, **params,
+        divergence=registry.get(name, **params), beta=beta,
     )
     return (weights * losses).sum()
 
@@ -180,7 +181,7 @@ def _train_sampled(bandit: _Bandit, name: str, params: dict, beta: float, steps:
             policy_chosen_logps=log_pi[contexts, chosen], policy_rejected_logps=log_pi[contexts, rejected],
             reference_chosen_logps=bandit.log_ref[contexts, chosen],
             reference_rejected_logps=bandit.log_ref[contexts, rejected],
-            divergence=name, beta=beta, reduction="mean", **params,
+            divergence=registry.get(name, **params), beta=beta, reduction="mean",
         )
 
     for _ in range(steps):
@@ -197,7 +198,7 @@ def _check_supported(name: str, params: dict) -> str | None:
     from ...objectives.preference import fdpo_admissibility
 
     try:
-        verdict = fdpo_admissibility(name, **params)
+        verdict = fdpo_admissibility(registry.get(name, **params))
     except (ValueError, NotImplementedError) as error:
         return str(error).split("\n")[0]
     return None if verdict.admissible else verdict.reason.split("\n")[0]
