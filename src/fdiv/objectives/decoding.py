@@ -67,7 +67,7 @@ import torch
 
 from ..math.base import check_float_tensor
 from ..math._numerics import compute_dtype
-from ._checks import check_same_layout
+from ._shared import check_same_layout
 
 __all__ = [
     "UNCERTAINTY_STATISTICS",

@@ -40,7 +40,7 @@ from ..kernels.token import check_logit_pair, default_chunk_size, token_loss
 from ..math.base import check_float_tensor, check_reduction, check_temperature
 from ..math.registry import get
 from ..math._numerics import compute_dtype
-from ._checks import check_bool_mask
+from ._shared import check_bool_mask, reduce_rows
 
 __all__ = [
     "DualHead",
@@ -109,17 +109,6 @@ def _counted(leading, device, mask, labels, ignore_index, vocab) -> torch.Tensor
         mask = check_bool_mask(mask, leading, device)
         counted = mask if counted is None else counted & mask
     return counted
-
-
-def _reduce_rows(rows: torch.Tensor, counted: torch.Tensor | None, reduction: str, leading) -> torch.Tensor:
-    """``rows`` ``[n]`` (uncounted rows already 0) reduced as documented in the module docstring."""
-    if reduction == "none":
-        return rows.reshape(leading)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    count = rows.numel() if counted is None else counted.sum().clamp_min(1).to(rows.dtype)
-    return total / count
 
 
 def _raise_if_nan(out: torch.Tensor, caller: str, hint: str) -> None:
@@ -271,7 +260,7 @@ def kd_loss(
         student2d = student_logits.reshape(-1, vocab)
         counted_flat = None if counted is None else counted.reshape(-1)
         ce_rows = _cross_entropy_rows(student2d, labels.reshape(-1), counted_flat, ignore_index, dtype)
-        ce = _reduce_rows(ce_rows, counted, reduction, leading)
+        ce = reduce_rows(ce_rows.reshape(leading), counted, reduction)
         ce = ce if lam_ce == 1.0 else ce * lam_ce
         total = ce if total is None else total + ce
     _raise_if_nan(total, "kd_loss", "the logits contain NaN or +inf, or a counted row is all -inf")
@@ -406,7 +395,7 @@ def plackett_luce_loss(
         idx = counted.nonzero(as_tuple=True)[0]
         picked = _pl_rows(student2d[idx].to(dtype), full[idx], w2d[idx])
         rows = torch.zeros(n, dtype=dtype, device=student2d.device).index_put((idx,), picked)
-    out = _reduce_rows(rows, None if mask is None else mask, reduction, leading)
+    out = reduce_rows(rows.reshape(leading), mask, reduction)
     _raise_if_nan(out, "plackett_luce_loss", "student_logits contain NaN or +inf")
     return out
 
@@ -491,7 +480,7 @@ def pld_loss(
     alpha = torch.softmax(t * inv_tau, dim=-1).gather(1, perm)
     picked = _pl_rows(s, perm, alpha)
     rows = torch.zeros(counted.shape[0], dtype=dtype, device=student_logits.device).index_put((idx,), picked)
-    out = _reduce_rows(rows, counted.reshape(leading), reduction, leading)
+    out = reduce_rows(rows.reshape(leading), counted.reshape(leading), reduction)
     _raise_if_nan(out, "pld_loss", "student_logits contain NaN or +inf, or a teacher row is all -inf")
     return out
 
@@ -672,7 +661,7 @@ def balanced_kd_loss(
     if lam_ce > 0:
         ce_rows = _cross_entropy_rows(student2d, labels.reshape(-1), counted_flat, ignore_index, dtype)
         rows = rows + (ce_rows if lam_ce == 1.0 else lam_ce * ce_rows)
-    out = _reduce_rows(rows, counted, reduction, leading)
+    out = reduce_rows(rows.reshape(leading), counted, reduction)
     _raise_if_nan(out, "balanced_kd_loss", "the logits contain NaN or +inf, or a counted row is all -inf")
     if return_weights:
         return out, w_f.reshape(leading), w_r.reshape(leading)
@@ -770,7 +759,7 @@ def binary_kl_loss(
         rows = picked
     else:
         rows = torch.zeros(s2d.shape[0], dtype=dtype, device=s2d.device).index_put((idx,), picked)
-    out = _reduce_rows(rows, mask, reduction, leading)
+    out = reduce_rows(rows.reshape(leading), mask, reduction)
     if not bool(torch.isfinite(out).all()):
         raise ValueError("binary_kl_loss is not finite: the logits must be finite (NaN or +-inf in a counted row)")
     return out
@@ -903,7 +892,7 @@ def dual_head_kd_loss(
     ce_rows = _cross_entropy_rows(
         main_logits.reshape(-1, classes), labels.reshape(-1), counted.reshape(-1), ignore_index, dtype
     )
-    ce = gamma * _reduce_rows(ce_rows, counted, reduction, leading)
+    ce = gamma * reduce_rows(ce_rows.reshape(leading), counted, reduction)
     kd = alpha * binary_kl_loss(
         aux_logits, teacher_logits, temperature, normalized, mask=counted, reduction=reduction
     ).to(dtype)

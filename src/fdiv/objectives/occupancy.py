@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ..math.base import check_float_tensor
 from ..math.estimators import mc_estimate
 from ..math._numerics import compute_dtype
-from ._checks import check_same_layout
+from ._shared import check_same_layout
 
 __all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occupancy_penalty"]
 

@@ -64,7 +64,7 @@ from ..math.estimators import variational_bound
 from ..math.generators import AlphaDivergence, FDivergence, ForwardKL, JensenShannon, ReverseKL
 from ..math.registry import available, get
 from ..math._numerics import compute_dtype
-from ._checks import check_bool_mask
+from ._shared import check_bool_mask
 
 __all__ = [
     "D2O_NOT_PINNED",

@@ -39,7 +39,7 @@ import torch
 
 from ..math._numerics import compute_dtype
 from ..math.base import check_float_tensor, check_temperature
-from ._checks import check_bool_mask
+from ._shared import check_bool_mask, reduce_rows, zero_uncounted_rows
 
 __all__ = ["SinkhornResult", "sinkhorn_log", "sinkhorn_kd_loss", "zero_one_cost", "index_cost"]
 
@@ -461,9 +461,7 @@ def _diagnose_nan(student, teacher, mask, mode, culprit=None):
 def _clean(logits, keep, dtype, temperature):
     """Logits in the compute dtype divided by T, with uncounted rows replaced by zeros
     (so garbage there can reach neither the loss nor the gradient)."""
-    x = logits.to(dtype)
-    if keep is not None:
-        x = torch.where(keep.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+    x = zero_uncounted_rows(logits, keep, dtype)
     return x / temperature if temperature != 1.0 else x
 
 
@@ -491,14 +489,7 @@ def _batch_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction
         log_m = torch.where(live, -torch.log(live_counts), minus_inf)
     result = _sinkhorn_core(w, log_m, log_m, epsilon, n_iters, tol)
     rows = (result.plan * w).sum(dim=-1) * counts.clamp_min(1.0).unsqueeze(-1)
-    if keep is not None:
-        rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=rows.device))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    total = counts.sum() if keep is not None else torch.tensor(float(rows.numel()), dtype=dtype)
-    return rows.sum() / total.clamp_min(1.0)
+    return reduce_rows(rows, keep, reduction)
 
 
 def _sample_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype):
@@ -521,11 +512,4 @@ def _sample_mode(student, teacher, temperature, epsilon, n_iters, cost, reductio
     log_s = log_s.expand(batch_shape + (num_classes,))
     log_t = log_t.expand(batch_shape + (num_classes,))
     rows = _sinkhorn_core(c, log_s, log_t, epsilon, n_iters, tol).cost
-    if keep is not None:
-        rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=rows.device))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    count = keep.sum().to(dtype) if keep is not None else torch.tensor(float(rows.numel()), dtype=dtype)
-    return rows.sum() / count.clamp_min(1.0)
+    return reduce_rows(rows, keep, reduction)

@@ -27,7 +27,7 @@ import torch
 
 from ..math._numerics import compute_dtype
 from ..math.base import check_float_tensor, check_temperature
-from ._checks import check_bool_mask
+from ._shared import check_bool_mask, reduce_rows, zero_uncounted_rows
 
 __all__ = [
     "acceptance_rate",
@@ -96,14 +96,6 @@ def _log_probs(logits, temperature, dtype):
     return torch.log_softmax(x, dim=-1)
 
 
-def _clean_rows(logits, keep, dtype):
-    """Uncounted rows replaced by zeros, so garbage there reaches neither value nor gradient."""
-    x = logits.to(dtype)
-    if keep is None:
-        return x
-    return torch.where(keep.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
-
-
 # --------------------------------------------------------------------------- acceptance
 def acceptance_rate(
     target_logits: torch.Tensor,
@@ -158,8 +150,8 @@ def acceptance_rate(
     greedy, temperature = _resolve_temperature(temperature, greedy)
     keep = check_bool_mask(mask, target_logits.shape[:-1], target_logits.device)
     dtype = compute_dtype(target_logits, draft_logits)
-    target = _clean_rows(target_logits, keep, dtype)
-    draft = _clean_rows(draft_logits, keep, dtype)
+    target = zero_uncounted_rows(target_logits, keep, dtype)
+    draft = zero_uncounted_rows(draft_logits, keep, dtype)
     if greedy:
         # argmax would silently rank NaN: check the inputs first
         _check_logit_values("target_logits", target)
@@ -173,14 +165,7 @@ def acceptance_rate(
             _check_logit_values("target_logits", target)
             _check_logit_values("draft_logits", draft)
             raise FloatingPointError("acceptance_rate is NaN on finite inputs; please report this as a bug")
-    if keep is not None:
-        rows = torch.where(keep, rows, torch.zeros((), dtype=dtype, device=rows.device))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    count = keep.sum().to(dtype) if keep is not None else torch.tensor(float(rows.numel()), dtype=dtype)
-    return rows.sum() / count.clamp_min(1.0)
+    return reduce_rows(rows, keep, reduction)
 
 
 def sequence_acceptance_rate(

@@ -153,36 +153,34 @@ def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Ten
     return torch.log_softmax(log_ref + log_ratio, dim=-1)
 
 
-def _population_loss(bandit: _Bandit, log_pi: torch.Tensor, name: str, params: dict, beta: float) -> torch.Tensor:
-    """Expected f-DPO loss over all Bradley-Terry pairs."""
+def _pair_losses(bandit: _Bandit, log_pi: torch.Tensor, pairs, div, beta: float) -> torch.Tensor:
+    """Per-pair f-DPO losses of the policy ``log_pi`` on ``pairs = (contexts, chosen, rejected)``."""
     from ...objectives.preference import fdpo_loss
 
-    contexts, chosen, rejected, weights = bandit.population
-    losses = fdpo_loss(
+    contexts, chosen, rejected = pairs
+    return fdpo_loss(
         policy_chosen_logps=log_pi[contexts, chosen], policy_rejected_logps=log_pi[contexts, rejected],
         reference_chosen_logps=bandit.log_ref[contexts, chosen],
         reference_rejected_logps=bandit.log_ref[contexts, rejected],
-        divergence=registry.get(name, **params), beta=beta,
+        divergence=div, beta=beta,
     )
-    return (weights * losses).sum()
+
+
+def _population_loss(bandit: _Bandit, log_pi: torch.Tensor, name: str, params: dict, beta: float) -> torch.Tensor:
+    """Expected f-DPO loss over all Bradley-Terry pairs."""
+    *pairs, weights = bandit.population
+    return (weights * _pair_losses(bandit, log_pi, pairs, registry.get(name, **params), beta)).sum()
 
 
 def _train_sampled(bandit: _Bandit, name: str, params: dict, beta: float, steps: int, tick) -> tuple[torch.Tensor, float]:
     """Adam on the sampled pairs from the reference; the policy's log-probabilities and the final loss."""
-    from ...objectives.preference import fdpo_loss
-
-    contexts, chosen, rejected = bandit.contexts, bandit.chosen, bandit.rejected
+    pairs = (bandit.contexts, bandit.chosen, bandit.rejected)
+    div = registry.get(name, **params)
     logits = bandit.ref_logits.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=LR, betas=ADAM_BETAS)
 
     def loss_value() -> torch.Tensor:
-        log_pi = torch.log_softmax(logits, dim=-1)
-        return fdpo_loss(
-            policy_chosen_logps=log_pi[contexts, chosen], policy_rejected_logps=log_pi[contexts, rejected],
-            reference_chosen_logps=bandit.log_ref[contexts, chosen],
-            reference_rejected_logps=bandit.log_ref[contexts, rejected],
-            divergence=registry.get(name, **params), beta=beta, reduction="mean",
-        )
+        return _pair_losses(bandit, torch.log_softmax(logits, dim=-1), pairs, div, beta).mean()
 
     for _ in range(steps):
         optimiser.zero_grad(set_to_none=True)
