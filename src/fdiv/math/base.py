@@ -9,89 +9,12 @@ per row, with **P the target** (teacher, reference, data) and **Q the model**
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 
+from .._validate import check_logit_pair, check_reduction, check_temperature, raise_if_nan, reduce
 from ._numerics import compute_dtype
-
-REDUCTIONS = ("none", "sum", "mean")
-
-
-def check_reduction(reduction: str) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def reduce(values: torch.Tensor, reduction: str, dim: int | None = None) -> torch.Tensor:
-    """``"none"`` | ``"sum"`` | ``"mean"`` over ``dim`` (all elements when None)."""
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum() if dim is None else values.sum(dim=dim)
-    return values.mean() if dim is None else values.mean(dim=dim)
-
-
-def check_float_tensor(name: str, x) -> None:
-    """TypeError naming ``name`` unless ``x`` is a floating-point tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-
-
-def check_pair(p: torch.Tensor, q: torch.Tensor, p_name: str, q_name: str, dim: int) -> int:
-    """Validate two same-shaped floating tensors and return ``dim`` made non-negative."""
-    for name, x in ((p_name, p), (q_name, q)):
-        check_float_tensor(name, x)
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
-    if p.shape != q.shape:
-        if p.dim() == q.dim() and p.shape[dim] != q.shape[dim]:
-            raise ValueError(
-                f"vocabulary mismatch: {p_name} has {p.shape[dim]} entries along dim={dim} "
-                f"but {q_name} has {q.shape[dim]} (shapes {tuple(p.shape)} and {tuple(q.shape)})"
-            )
-        raise ValueError(
-            f"shape mismatch: {p_name} has shape {tuple(p.shape)} but {q_name} has shape "
-            f"{tuple(q.shape)}; they must be equal (fdiv never broadcasts)"
-        )
-    if p.device != q.device:
-        raise ValueError(f"device mismatch: {p_name} is on {p.device}, {q_name} on {q.device}")
-    if not -p.dim() <= dim < p.dim():
-        raise ValueError(f"dim={dim} is out of range for tensors with {p.dim()} dimensions")
-    if p.shape[dim] == 0:
-        raise ValueError(f"{p_name} has an empty vocabulary (size 0 along dim={dim})")
-    return dim % p.dim()
-
-
-def check_temperature(temperature) -> float:
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return value
-
-
-def raise_if_nan(result: torch.Tensor, p: torch.Tensor, q: torch.Tensor, p_name: str, q_name: str, dim: int):
-    """Turn a ``nan`` result into an error that says which input caused it."""
-    if not torch.isnan(result).any():
-        return
-    for name, x in ((p_name, p), (q_name, q)):
-        if torch.isnan(x).any():
-            raise ValueError(f"{name} contains NaN")
-        if torch.isposinf(x).any():
-            raise ValueError(f"{name} contains +inf; logits must be finite or -inf (masked)")
-        if (x == -math.inf).all(dim=dim).any():
-            raise ValueError(
-                f"{name} has a row whose entries are all -inf along dim={dim}: it is not a distribution"
-            )
-    raise FloatingPointError("divergence evaluated to NaN on finite inputs; please report this as a bug")
-
 
 class Divergence:
     """Base class of every categorical divergence ``D(P || Q)``.
@@ -129,7 +52,7 @@ class Divergence:
             float32 and the result is float32; float64 stays float64. Gradients reach
             both arguments in their own dtype.
         """
-        dim = check_pair(p_logits, q_logits, "p_logits", "q_logits", dim)
+        dim = check_logit_pair("p_logits", p_logits, "q_logits", q_logits, dim=dim)
         temperature = check_temperature(temperature)
         check_reduction(reduction)
         dtype = compute_dtype(p_logits, q_logits)
@@ -140,7 +63,7 @@ class Divergence:
         log_p = torch.log_softmax(p_scaled, dim=dim)
         log_q = torch.log_softmax(q_scaled, dim=dim)
         rows = self._rowwise(log_p, log_q, dim)
-        raise_if_nan(rows, p_logits, q_logits, "p_logits", "q_logits", dim)
+        raise_if_nan(rows, {"p_logits": p_logits, "q_logits": q_logits}, dim)
         return reduce(rows, reduction)
 
     def from_log_probs(
@@ -151,18 +74,18 @@ class Divergence:
         The inputs are used as given: they must each sum to one after ``exp``
         along ``dim`` (use :meth:`__call__` for unnormalised logits).
         """
-        dim = check_pair(log_p, log_q, "log_p", "log_q", dim)
+        dim = check_logit_pair("log_p", log_p, "log_q", log_q, dim=dim)
         check_reduction(reduction)
         dtype = compute_dtype(log_p, log_q)
         rows = self._rowwise(log_p.to(dtype), log_q.to(dtype), dim)
-        raise_if_nan(rows, log_p, log_q, "log_p", "log_q", dim)
+        raise_if_nan(rows, {"log_p": log_p, "log_q": log_q}, dim)
         return reduce(rows, reduction)
 
     def from_probs(
         self, p: torch.Tensor, q: torch.Tensor, *, dim: int = -1, reduction: str = "none"
     ) -> torch.Tensor:
         """``D(P || Q)`` from probability vectors (non-negative, summing to one along ``dim``)."""
-        dim = check_pair(p, q, "p", "q", dim)
+        dim = check_logit_pair("p", p, "q", q, dim=dim)
         for name, x in (("p", p), ("q", q)):
             if torch.isnan(x).any() or (x < 0).any():
                 raise ValueError(f"{name} must contain non-negative probabilities")

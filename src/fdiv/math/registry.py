@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 
+from .._validate import ArgumentTypeError
 from .base import Divergence
 from .generators import BUILTIN_GENERATORS
 from .renyi import Bhattacharyya, Renyi
@@ -95,6 +96,32 @@ def get(name, **params) -> Divergence:
         valid = ", ".join(accepted) if accepted else "none"
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for divergence {label!r}; valid: {valid}")
     return cls(**params)
+
+
+def as_divergence(divergence, *, name: str = "divergence", f_divergence: bool = False, caller: str | None = None):
+    """The one divergence rule: ``divergence`` is a registered name (or alias) or a built
+    :class:`Divergence` instance; resolved once at the public boundary.
+
+    Parameters never travel beside it: build the instance, ``fdiv.get("js", beta=0.3)``,
+    and pass that. With ``f_divergence=True`` anything but an :class:`~fdiv.FDivergence`
+    is a ValueError naming ``name`` (and ``caller`` when given).
+    """
+    if isinstance(divergence, Divergence):
+        div = divergence
+    elif isinstance(divergence, str):
+        div = get(divergence)
+    else:
+        raise ArgumentTypeError(
+            f"{name} must be a registered divergence name or a fdiv.Divergence instance "
+            f"(e.g. fdiv.get('js', beta=0.3)), got {type(divergence).__name__}"
+        )
+    if f_divergence:
+        from .generators import FDivergence
+
+        if not isinstance(div, FDivergence):
+            who = f"{caller} needs" if caller else "this needs"
+            raise ValueError(f"{who} an f-divergence (fdiv.FDivergence) as {name}; {div.name!r} is not one")
+    return div
 
 
 def parameters_of(cls: type[Divergence]) -> dict[str, object]:

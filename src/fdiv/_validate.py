@@ -1,0 +1,356 @@
+"""The one validation and reduction layer (private; layer 0, imports nothing from fdiv).
+
+Every public function of fdiv checks its arguments here, once, at the public
+boundary; private cores trust their inputs. Every failure is one ``ValueError``
+line that names the argument (:class:`ArgumentTypeError` for a wrong type is a
+``ValueError`` too, and a ``TypeError`` for callers who catch that).
+
+The mask contract (everywhere): ``None`` (everything counted), or a tensor of
+exactly the shape of the values it masks, on their device (never moved
+silently), of dtype ``bool`` or a numeric dtype holding only 0 and 1; True / 1 =
+counted. Per-item float weights are never a mask: functions that take them name
+them ``weights=``.
+
+The reduction vocabulary (everywhere): ``"mean"`` = sum over counted items /
+number of counted items (0, with zero gradient, when none is counted),
+``"sum"`` = sum over counted items, ``"none"`` = the items, uncounted ones set
+to 0. Per-token ``[B, T]`` losses also accept verl's sequence modes
+(:data:`SEQUENCE_REDUCTIONS`); ``"token-mean"`` is another spelling of
+``"mean"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+#: verl's ``agg_loss`` modes over ``[B, T]`` per-token values (sequences x tokens).
+SEQUENCE_REDUCTIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+class ArgumentTypeError(ValueError, TypeError):
+    """An argument of the wrong type: a ValueError like every input error, and a TypeError."""
+
+
+# ----------------------------------------------------------------------------- numbers
+def check_number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """``value`` as a float in the interval ``[low, high]`` (ends open where asked).
+
+    Accepts Python numbers and one-element tensors; bools, NaN and (unless
+    ``allow_inf``) infinities are refused.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"{name} must be a number, got {value!r}") from None
+    if math.isnan(out) or (math.isinf(out) and not allow_inf):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    bad_low = low is not None and (out < low or (low_open and out == low))
+    bad_high = high is not None and (out > high or (high_open and out == high))
+    if bad_low or bad_high:
+        raise ValueError(f"{name} must lie in {_interval(low, high, low_open, high_open)}, got {value!r}")
+    return out
+
+
+def _interval(low, high, low_open, high_open) -> str:
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{left}{lo}, {hi}{right}"
+
+
+def check_positive(name: str, value, *, allow_none: bool = False, allow_inf: bool = False) -> float | None:
+    """A number ``> 0``."""
+    return check_number(name, value, low=0.0, low_open=True, allow_none=allow_none, allow_inf=allow_inf)
+
+
+def check_nonnegative(name: str, value, *, allow_none: bool = False) -> float | None:
+    """A finite number ``>= 0`` (a loss weight, a penalty coefficient)."""
+    return check_number(name, value, low=0.0, allow_none=allow_none)
+
+
+def check_unit_interval(name: str, value, *, low_open: bool = False, high_open: bool = False) -> float:
+    """A number in ``[0, 1]`` (ends open where asked)."""
+    return check_number(name, value, low=0.0, high=1.0, low_open=low_open, high_open=high_open)
+
+
+def check_int(name: str, value, *, low: int | None = None, allow_none: bool = False) -> int | None:
+    """A Python (or one-element tensor) integer ``>= low``; bools and floats are refused."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices: Iterable) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_temperature(temperature) -> float:
+    """The one temperature check: a finite number ``> 0`` (it divides both logit tensors)."""
+    return check_positive("temperature", temperature)
+
+
+def check_callable(name: str, value, *, allow_none: bool = False) -> Callable | None:
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        raise ArgumentTypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+# ----------------------------------------------------------------------------- tensors
+def check_tensor(
+    name: str,
+    x,
+    *,
+    floating: bool = True,
+    min_dim: int = 0,
+    dim: int | None = None,
+    allow_none: bool = False,
+) -> torch.Tensor | None:
+    """``x`` is a tensor (floating-point unless ``floating=False``) with the given number of dimensions."""
+    if x is None and allow_none:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise ArgumentTypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_device(first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor) -> None:
+    if first.device != second.device:
+        raise ValueError(f"device mismatch: {first_name} is on {first.device}, {second_name} on {second.device}")
+
+
+def check_like(first_name: str, first: torch.Tensor, second_name: str, second, *, floating: bool = True) -> torch.Tensor:
+    """``second`` is a tensor with exactly the shape (never broadcast) and the device of ``first``."""
+    check_tensor(second_name, second, floating=floating)
+    if first.shape != second.shape:
+        raise ValueError(
+            f"{second_name} must have the shape of {first_name} {tuple(first.shape)} (never broadcast), "
+            f"got {tuple(second.shape)}"
+        )
+    check_same_device(first_name, first, second_name, second)
+    return second
+
+
+def check_group(named: dict, *, floating: bool = True, min_dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """Several same-shaped tensors given as ``{name: tensor}``; the first one sets shape and device."""
+    items = list(named.items())
+    first_name, first = items[0]
+    check_tensor(first_name, first, floating=floating, min_dim=min_dim)
+    for name, x in items[1:]:
+        check_like(first_name, first, name, x, floating=floating)
+    return tuple(x for _, x in items)
+
+
+def check_logit_pair(
+    first_name: str, first, second_name: str, second, *, dim: int = -1
+) -> int:
+    """Two floating logit (or log-probability) tensors of one shape and device with a non-empty
+    vocabulary along ``dim``; returns ``dim`` made non-negative."""
+    for name, x in ((first_name, first), (second_name, second)):
+        check_tensor(name, x)
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+    if not -first.dim() <= dim < first.dim():
+        raise ValueError(f"dim={dim} is out of range for tensors with {first.dim()} dimensions")
+    if first.shape != second.shape:
+        if first.dim() == second.dim() and first.shape[dim] != second.shape[dim]:
+            raise ValueError(
+                f"vocabulary mismatch: {first_name} has {first.shape[dim]} entries along dim={dim} but "
+                f"{second_name} has {second.shape[dim]} (shapes {tuple(first.shape)} and {tuple(second.shape)})"
+            )
+        raise ValueError(
+            f"shape mismatch: {first_name} has shape {tuple(first.shape)} but {second_name} has shape "
+            f"{tuple(second.shape)}; they must be equal (fdiv never broadcasts)"
+        )
+    check_same_device(first_name, first, second_name, second)
+    if first.shape[dim] == 0:
+        raise ValueError(f"{first_name} has an empty vocabulary (size 0 along dim={dim})")
+    return dim % first.dim()
+
+
+def check_mask(mask, shape, device, name: str = "mask") -> torch.Tensor | None:
+    """The one mask contract (module docstring): a bool tensor of ``shape`` on ``device``, or None.
+
+    0/1 numeric masks become bool (that test syncs with the device; bool masks never do).
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ArgumentTypeError(
+            f"{name} must be a bool (or 0/1) tensor of shape {tuple(shape)}, got {type(mask).__name__}"
+        )
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != torch.device(device):
+        raise ValueError(f"device mismatch: {name} is on {mask.device}, the values it masks on {device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(
+            f"{name} must be bool or hold only 0 and 1 (True / 1 = counted); per-item float weights are not a mask"
+        )
+    return mask != 0
+
+
+def check_labels(labels, shape, device, vocab: int, ignore_index: int = -100, name: str = "labels") -> torch.Tensor:
+    """Integer class ids of ``shape`` on ``device``, each in ``[0, vocab)`` or equal to ``ignore_index``."""
+    check_int("ignore_index", ignore_index)
+    if not isinstance(labels, torch.Tensor):
+        raise ArgumentTypeError(f"{name} must be an integer tensor of shape {tuple(shape)}, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ArgumentTypeError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+    if labels.device != torch.device(device):
+        raise ValueError(f"device mismatch: {name} is on {labels.device}, the logits on {device}")
+    valid = labels != ignore_index
+    if bool((valid & ((labels < 0) | (labels >= vocab))).any()):
+        raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return labels
+
+
+def check_finite(name: str, x: torch.Tensor, counted: torch.Tensor | None = None, *, allow_neg_inf: bool = False) -> None:
+    """NaN or +inf (and -inf unless allowed) at a counted position is an error naming ``name``."""
+    sel = x if counted is None else x[counted]
+    if sel.numel() == 0:
+        return
+    if bool(torch.isnan(sel).any()):
+        raise ValueError(f"{name} contains NaN" + ("" if counted is None else " at counted positions"))
+    if bool(torch.isposinf(sel).any()):
+        raise ValueError(f"{name} contains +inf" + ("" if counted is None else " at counted positions"))
+    if not allow_neg_inf and bool(torch.isneginf(sel).any()):
+        raise ValueError(f"{name} contains -inf" + ("" if counted is None else " at counted positions"))
+
+
+def raise_if_nan(result: torch.Tensor, named_inputs: dict, dim: int = -1) -> None:
+    """Turn a NaN ``result`` into an error that names the input that caused it."""
+    if not bool(torch.isnan(result).any()):
+        return
+    for name, x in named_inputs.items():
+        if bool(torch.isnan(x).any()):
+            raise ValueError(f"{name} contains NaN")
+        if bool(torch.isposinf(x).any()):
+            raise ValueError(f"{name} contains +inf; logits must be finite or -inf (masked)")
+        if x.dim() > 0 and x.shape[dim] > 0 and bool((x == -math.inf).all(dim=dim).any()):
+            raise ValueError(f"{name} has a row whose entries are all -inf along dim={dim}: it is not a distribution")
+    raise FloatingPointError("divergence evaluated to NaN on finite inputs; please report this as a bug")
+
+
+# ----------------------------------------------------------------------------- reduction
+def check_reduction(reduction, *, sequence_modes: bool = False) -> str:
+    """One of :data:`REDUCTIONS` (plus :data:`SEQUENCE_REDUCTIONS` where ``sequence_modes``)."""
+    allowed = REDUCTIONS + SEQUENCE_REDUCTIONS if sequence_modes else REDUCTIONS
+    return check_choice("reduction", reduction, allowed)
+
+
+def reduce(
+    values: torch.Tensor, reduction: str, *, mask: torch.Tensor | None = None, dim: int | None = None
+) -> torch.Tensor:
+    """The one reducer: ``values`` over the counted items (``mask`` True; all when None).
+
+    ``reduction`` is checked by the caller (:func:`check_reduction`); ``mask`` is a bool
+    tensor of the shape of ``values`` (:func:`check_mask`). Uncounted items become 0, so
+    garbage there reaches neither the value nor the gradient. ``"mean"`` divides by the
+    number counted (a zero-size or fully masked input gives 0). Sequence modes take
+    ``[..., T]`` values: sequences are the leading dimensions, tokens the last;
+
+    * ``"seq-mean-token-sum"``: mean over sequences with a counted token of their token sums;
+    * ``"seq-mean-token-mean"``: mean over those sequences of their token means;
+    * ``"seq-mean-token-sum-norm"``: (sum over those sequences of their token sums) / T.
+
+    Sequences without a counted token are dropped from the sequence means, as verl does.
+    With ``dim``, ``"sum"`` and ``"mean"`` reduce that dimension only (a Monte-Carlo average).
+    """
+    if mask is not None:
+        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    if reduction == "none":
+        return values
+    if dim is not None and reduction in ("sum", "mean"):
+        total = values.sum(dim=dim)
+        if reduction == "sum":
+            return total
+        count = values.shape[dim] if mask is None else mask.sum(dim=dim).clamp_min(1).to(values.dtype)
+        return total / (max(count, 1) if isinstance(count, int) else count)
+    if reduction == "sum":
+        return values.sum()
+    if reduction in ("mean", "token-mean"):
+        if mask is None:
+            return values.sum() / max(values.numel(), 1)
+        return values.sum() / mask.sum().clamp_min(1).to(values.dtype)
+    if values.dim() == 0:
+        raise ValueError(f"reduction={reduction!r} needs a token dimension; the values are a scalar")
+    tokens = values.shape[-1]
+    seq_sum = values.sum(-1)
+    if mask is None:
+        seq_count = torch.full_like(seq_sum, float(tokens))
+    else:
+        seq_count = mask.sum(-1).to(values.dtype)
+    live = seq_count > 0
+    n_live = live.sum().clamp_min(1).to(values.dtype)
+    if reduction == "seq-mean-token-sum":
+        return seq_sum.sum() / n_live
+    if reduction == "seq-mean-token-mean":
+        return (seq_sum / seq_count.clamp_min(1)).sum() / n_live
+    if reduction == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / max(tokens, 1)
+    raise ValueError(f"reduction must be one of {REDUCTIONS + SEQUENCE_REDUCTIONS}, got {reduction!r}")
+
+
+def zero_uncounted_rows(logits: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., V]`` logits in ``dtype`` with uncounted rows (``keep`` ``[...]`` False) set to 0."""
+    x = logits.to(dtype)
+    if keep is None:
+        return x
+    return torch.where(keep.unsqueeze(-1), x, torch.zeros((), dtype=dtype, device=x.device))
+
+
+# ----------------------------------------------------------------------------- temperature
+def temperature_factor(temperature: float, temperature_scaling: bool) -> float:
+    """The one T² rule: an objective multiplies its divergence term by ``T**2`` when
+    ``temperature_scaling`` (Hinton et al. 2015), else by 1. Kernels never scale."""
+    return temperature * temperature if temperature_scaling else 1.0
