@@ -252,3 +252,84 @@ def test_generator_is_continuous_across_family_end_points():
         at_end = fdiv.get("js", beta=beta, scaled=True)
         near = fdiv.get("js", beta=abs(beta - 1e-7), scaled=True)
         torch.testing.assert_close(near.f(t), at_end.f(t), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ generator properties (one place)
+def _f_divergences():
+    out = []
+    for name in fdiv.available():
+        div = fdiv.get(name)
+        if isinstance(div, fdiv.FDivergence):
+            out.append(div)
+    out += [fdiv.get("alpha", alpha=a) for a in (-1.0, 0.0, 0.3, 1.0, 2.5)]
+    out += [fdiv.get("js", beta=b, scaled=True) for b in (0.0, 0.3, 1.0)]
+    out += [fdiv.get("skew_forward_kl", alpha=0.0), fdiv.get("skew_reverse_kl", alpha=0.4)]
+    return out
+
+
+@pytest.mark.parametrize("div", _f_divergences(), ids=repr)
+def test_slope_at_one_is_the_derivative_at_one(div):
+    # central difference of f at t = 1 in float64, independent of f_prime and of the forms
+    h = 1e-6
+    t = torch.tensor([1 - h, 1 + h], dtype=torch.float64)
+    values = div.f(t)
+    numeric = float((values[1] - values[0]) / (2 * h))
+    assert div.slope_at_one() == pytest.approx(numeric, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("div", _f_divergences(), ids=repr)
+def test_f_prime_at_zero_is_the_limit(div):
+    for g in (div, div.swapped()):
+        limit = g.f_prime_at_zero()
+        near = g.f_prime(torch.tensor([1e-12, 1e-24], dtype=torch.float64))
+        if limit == -math.inf:
+            assert near[1] < near[0] - 1  # still falling without bound
+        else:
+            assert float(near[1]) == pytest.approx(limit, rel=1e-4, abs=1e-6)
+
+
+def test_strict_convexity_on_the_generator():
+    assert not fdiv.get("tv").is_strictly_convex()
+    for name in ("forward_kl", "reverse_kl", "js", "hellinger", "pearson_chi2", "triangular"):
+        assert fdiv.get(name).is_strictly_convex(), name
+
+
+def test_kernel_form_only_for_the_forms_it_describes():
+    class MyKL(fdiv.ForwardKL):
+        name = "my_kl_with_own_forms"
+
+        def _forms(self, a, b):  # a user override: a kernel must not assume forward-KL forms
+            return fdiv.ForwardKL._forms(self, a, b)
+
+    assert MyKL().kernel_form() is None
+    assert fdiv.get("renyi").kernel_form() is None
+    kl = fdiv.get("forward_kl").kernel_form()
+    assert kl.name == "forward_kl" and not kl.swap and kl.slope == 0
+    swapped = fdiv.Swapped(fdiv.get("forward_kl")).kernel_form()
+    assert swapped.name == "forward_kl" and swapped.swap
+    js = fdiv.get("js", beta=0.3).kernel_form()
+    assert js.constants[:2] == (0.3, 0.7) and js.constants[2] == pytest.approx(math.log(0.7 / 0.3), rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    "family, params, base",
+    [
+        ("js", {"beta": 0.0, "scaled": True}, fdiv.ForwardKL),
+        ("js", {"beta": 1.0, "scaled": True}, fdiv.ReverseKL),
+        ("alpha", {"alpha": 1.0}, fdiv.ForwardKL),
+        ("alpha", {"alpha": 0.0}, fdiv.ReverseKL),
+    ],
+)
+def test_family_end_points_are_derived_generators(family, params, base):
+    div = fdiv.get(family, **params)
+    family_cls = fdiv.JensenShannon if family == "js" else fdiv.AlphaDivergence
+    assert isinstance(div, family_cls) and isinstance(div, fdiv.Standardized)
+    assert not hasattr(div, "_end")
+    assert div.params == {k: float(v) if not isinstance(v, bool) else v for k, v in params.items()}
+    reference = fdiv.Standardized(base())
+    p, q = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64) * 3
+    torch.testing.assert_close(div(p, q), base()(p, q), rtol=1e-13, atol=0)
+    t = torch.tensor([0.1, 1.0, 7.0], dtype=torch.float64)
+    torch.testing.assert_close(div.f(t), reference.f(t), rtol=1e-14, atol=1e-15)
+    assert div.kernel_form() == reference.kernel_form()
+    assert div == fdiv.get(family, **params) and div != fdiv.get(family, **({"beta": 0.5} if family == "js" else {"alpha": 0.5}))

@@ -67,7 +67,7 @@ def test_shape_vocabulary_and_argument_errors():
         kl(p, p, reduction="batchmean")
     with pytest.raises(TypeError, match="q_logits must be a torch.Tensor"):
         kl(p, p.numpy())
-    with pytest.raises(TypeError, match="p_logits must have a floating dtype"):
+    with pytest.raises(TypeError, match="p_logits must have a floating-point dtype"):
         kl(torch.ones(3, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError, match="dim=2 is out of range"):
         kl(p, p, dim=2)

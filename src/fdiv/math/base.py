@@ -118,6 +118,10 @@ class Divergence:
     def conjugate(self, u):
         self._no_generator("conjugate")
 
+    def kernel_form(self):
+        """The fused-kernel recipe of an f-divergence; None here (no generator, reference path only)."""
+        return None
+
     # ------------------------------------------------------------- metadata
     @property
     def params(self) -> dict:

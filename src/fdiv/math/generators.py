@@ -28,6 +28,7 @@ A kernel needs only those three forms plus the softmax chain rule
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +36,30 @@ from ._numerics import as_float_tensor, expm1_ratio, log_abs_diff_exp, log_mixtu
 from .base import Divergence
 
 INF = math.inf
+
+
+class KernelForm(NamedTuple):
+    """The fused-kernel recipe a generator offers (:meth:`FDivergence.kernel_form`).
+
+    ``name`` is a built-in family of log-space forms (``"forward_kl"``, ``"js"``, ...),
+    ``constants`` its numeric constants, ``swap`` exchanges the two arguments
+    (``D_f(P || Q) = D_{f◇}(Q || P)``) and ``slope`` is the ``f'(1)`` of a
+    :class:`Standardized` wrapper (the kernel subtracts ``slope (p - q)``).
+    """
+
+    name: str
+    constants: tuple = ()
+    swap: bool = False
+    slope: float = 0.0
+
+
+def _mixture_constants(w: float) -> tuple:
+    """``(w, 1 - w, log(1 - w) - log w)``: the constants of a log-mixture form with weight ``w``."""
+    return (w, 1.0 - w, math.log1p(-w) - math.log(w))
+
+
+#: ``log u`` grid on which :meth:`FDivergence.is_strictly_convex` checks ``f'' > 0``.
+_CONVEXITY_GRID = torch.exp(torch.linspace(-12.0, 12.0, 25, dtype=torch.float64))
 
 
 def _check_open_unit(name: str, value: float, *, low_closed=False, high_closed=False) -> float:
@@ -97,6 +122,59 @@ class FDivergence(Divergence):
     def swapped(self) -> "FDivergence":
         """The generator ``t f(1/t)``, so that ``D_f(P || Q) = D_swapped(Q || P)``."""
         return Swapped(self)
+
+    # -------------------------------------------------- derived properties
+    def slope_at_one(self) -> float:
+        """``f'(1)``: 0 for standardised generators; the constant a control variate subtracts."""
+        zero = torch.zeros((), dtype=torch.float64)
+        return float(self._forms(zero, zero)[1])
+
+    def f_prime_at_zero(self) -> float:
+        """``f'(0+) = lim_{t -> 0} f'(t)``, possibly ``-inf``.
+
+        ``f(0) = inf`` forces ``-inf`` (convexity); otherwise ``f_prime`` at exactly 0,
+        whose IEEE value is the limit for every closed form here. A generator whose
+        ``f_prime(0)`` is NaN or raises is probed at ``t = 1e-100, 1e-200, 1e-300``:
+        still falling by more than 1 per step counts as ``-inf`` (a heuristic).
+        """
+        try:
+            if self.f_at_zero() == INF:
+                return -INF
+        except NotImplementedError:
+            pass
+        try:
+            value = float(self.f_prime(torch.zeros((), dtype=torch.float64)))
+        except (NotImplementedError, ArithmeticError, RuntimeError, ValueError):
+            value = math.nan
+        if not math.isnan(value):
+            return value
+        probe = self.f_prime(torch.tensor([1e-100, 1e-200, 1e-300], dtype=torch.float64)).tolist()
+        if all(math.isfinite(v) for v in probe) and probe[0] - probe[1] > 1 and probe[1] - probe[2] > 1:
+            return -INF
+        return probe[-1]
+
+    def is_strictly_convex(self) -> bool:
+        """Whether ``f'' > 0`` (finite) on a log grid of ``(0, inf)``, ``t = e^-12 .. e^12``."""
+        try:
+            curvature = self.f_double_prime(_CONVEXITY_GRID)
+        except NotImplementedError:
+            return False
+        return bool(torch.isfinite(curvature).all() and (curvature > 0).all())
+
+    def kernel_form(self) -> "KernelForm | None":
+        """The built-in log-space forms a fused kernel may use for this generator, or None.
+
+        None for user generators, and for any subclass that overrides ``_forms`` below the
+        class that declared the recipe (so a kernel never runs the wrong forms).
+        """
+        mro = type(self).__mro__
+        owner = next(k for k in mro if "_kernel_form" in vars(k))
+        if owner is FDivergence or any("_forms" in vars(k) for k in mro[: mro.index(owner)]):
+            return None
+        return self._kernel_form()
+
+    def _kernel_form(self) -> "KernelForm | None":
+        return None
 
     # ------------------------------------------------------ log-space forms
     def _forms(self, a: torch.Tensor, b: torch.Tensor):
@@ -250,6 +328,10 @@ class Swapped(FDivergence):
         value, grad_q_side, grad_p_side = self.base._forms(b, a)
         return value, grad_p_side, grad_q_side
 
+    def _kernel_form(self):
+        inner = self.base.kernel_form()
+        return None if inner is None else inner._replace(swap=not inner.swap, slope=-inner.slope)
+
 
 class Standardized(FDivergence):
     """``f(t) - f'(1) (t - 1)``: the same divergence on distributions, with ``f'(1) = 0``.
@@ -295,6 +377,10 @@ class Standardized(FDivergence):
         p, q = torch.exp(a), torch.exp(b)
         return value - self._slope * (p - q), grad_a - self._slope * p, grad_b + self._slope * q
 
+    def _kernel_form(self):
+        inner = self.base.kernel_form()
+        return None if inner is None else inner._replace(slope=inner.slope + self._slope)
+
 
 # ---------------------------------------------------------------- built-ins
 
@@ -331,6 +417,9 @@ class ForwardKL(FDivergence):
 
     def swapped(self):
         return ReverseKL()
+
+    def _kernel_form(self):
+        return KernelForm("forward_kl")
 
     def _forms(self, a, b):
         p = torch.exp(a)
@@ -372,6 +461,9 @@ class ReverseKL(FDivergence):
     def swapped(self):
         return ForwardKL()
 
+    def _kernel_form(self):
+        return KernelForm("reverse_kl")
+
     def _forms(self, a, b):
         q = torch.exp(b)
         d = b - a
@@ -410,37 +502,31 @@ class JensenShannon(FDivergence):
                 )
             beta = _check_open_unit("beta", beta)
         self.beta, self.scaled = beta, scaled
-        self._scale = 1.0 / (beta * (1 - beta)) if scaled and 0 < beta < 1 else 1.0
-        self._end = (
-            Standardized(ForwardKL()) if scaled and beta == 0 else Standardized(ReverseKL()) if scaled and beta == 1 else None
-        )
+        self._scale = 1.0 / (beta * (1 - beta)) if scaled else 1.0
+
+    def __new__(cls, beta: float = 0.5, scaled: bool = False):
+        if cls is JensenShannon and scaled is True and _is_end_point(beta):
+            return _JSEndPoint(beta, scaled)
+        return super().__new__(cls)
 
     @property
     def params(self):
         return {"beta": self.beta, "scaled": self.scaled}
 
     def f(self, t):
-        if self._end is not None:
-            return self._end.f(t)
         t, beta = as_float_tensor(t), self.beta
         mix = beta * t + (1 - beta)
         return self._scale * (beta * torch.xlogy(t, t) - mix * torch.log(mix))
 
     def f_prime(self, t):
-        if self._end is not None:
-            return self._end.f_prime(t)
         t, beta = as_float_tensor(t), self.beta
         return self._scale * beta * (torch.log(t) - torch.log(beta * t + 1 - beta))
 
     def f_double_prime(self, t):
-        if self._end is not None:
-            return self._end.f_double_prime(t)
         t, beta = as_float_tensor(t), self.beta
         return self._scale * beta * (1 - beta) / (t * (beta * t + 1 - beta))
 
     def conjugate(self, u):
-        if self._end is not None:
-            return self._end.conjugate(u)
         u, beta, c = as_float_tensor(u), self.beta, self._scale
         v = u / c
         ok = v < -beta * math.log(beta)
@@ -449,21 +535,19 @@ class JensenShannon(FDivergence):
         return torch.where(ok, c * inside, torch.full_like(u, INF))
 
     def f_at_zero(self):
-        if self._end is not None:
-            return self._end.f_at_zero()
         return self._scale * -(1 - self.beta) * math.log1p(-self.beta)
 
     def f_prime_at_infinity(self):
-        if self._end is not None:
-            return self._end.f_prime_at_infinity()
         return self._scale * -self.beta * math.log(self.beta)
 
     def swapped(self):
         return JensenShannon(1 - self.beta, scaled=self.scaled)
 
+    def _kernel_form(self):
+        beta, scale = self.beta, self._scale
+        return KernelForm("js", (*_mixture_constants(beta), -beta * scale, -(1 - beta) * scale))
+
     def _forms(self, a, b):
-        if self._end is not None:
-            return self._end._forms(a, b)
         beta = self.beta
         la, lb = log_mixture_offsets(a, b, beta)
         grad_a = -beta * self._scale * torch.exp(a) * la
@@ -517,6 +601,11 @@ class SkewForwardKL(_SkewKL):
     def swapped(self):
         return SkewReverseKL(self.alpha)
 
+    def _kernel_form(self):
+        if self.alpha == 0:
+            return KernelForm("forward_kl")
+        return KernelForm("skew_forward_kl", (*_mixture_constants(self.alpha), -(1 - self.alpha)))
+
     def _forms(self, a, b):
         if self.alpha == 0:
             return ForwardKL._forms(self, a, b)
@@ -568,6 +657,11 @@ class SkewReverseKL(_SkewKL):
     def swapped(self):
         return SkewForwardKL(self.alpha)
 
+    def _kernel_form(self):
+        if self.alpha == 0:
+            return KernelForm("reverse_kl")
+        return KernelForm("skew_reverse_kl", (*_mixture_constants(1 - self.alpha), -(1 - self.alpha)))
+
     def _forms(self, a, b):
         if self.alpha == 0:
             return ReverseKL._forms(self, a, b)
@@ -611,6 +705,9 @@ class TotalVariation(FDivergence):
     def swapped(self):
         return self
 
+    def _kernel_form(self):
+        return KernelForm("tv")
+
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
         sign = torch.sign(a - b)
@@ -652,6 +749,9 @@ class Hellinger(FDivergence):
     def swapped(self):
         return self
 
+    def _kernel_form(self):
+        return KernelForm("hellinger")
+
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
         geometric = torch.exp(0.5 * (a + b))
@@ -690,6 +790,9 @@ class PearsonChi2(FDivergence):
 
     def swapped(self):
         return NeymanChi2()
+
+    def _kernel_form(self):
+        return KernelForm("pearson_chi2")
 
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)
@@ -733,6 +836,9 @@ class NeymanChi2(FDivergence):
     def swapped(self):
         return PearsonChi2()
 
+    def _kernel_form(self):
+        return KernelForm("neyman_chi2")
+
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)
         value = torch.exp(2 * log_gap - a)
@@ -765,15 +871,17 @@ class AlphaDivergence(FDivergence):
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
         self.alpha = alpha
-        self._end = Standardized(ForwardKL()) if alpha == 1 else Standardized(ReverseKL()) if alpha == 0 else None
+
+    def __new__(cls, alpha: float = 0.5):
+        if cls is AlphaDivergence and _is_end_point(alpha):
+            return _AlphaEndPoint(alpha)
+        return super().__new__(cls)
 
     @property
     def params(self):
         return {"alpha": self.alpha}
 
     def f(self, t):
-        if self._end is not None:
-            return self._end.f(t)
         t, al = as_float_tensor(t), self.alpha
         at_zero = t == 0
         log_t = torch.log(torch.where(at_zero, torch.ones_like(t), t))
@@ -785,8 +893,6 @@ class AlphaDivergence(FDivergence):
         return torch.where(at_zero, torch.full_like(t, self.f_at_zero()), value)
 
     def f_prime(self, t):
-        if self._end is not None:
-            return self._end.f_prime(t)
         t, al = as_float_tensor(t), self.alpha
         log_t = torch.log(t)
         return log_t * expm1_ratio((al - 1) * log_t)
@@ -795,8 +901,6 @@ class AlphaDivergence(FDivergence):
         return as_float_tensor(t) ** (self.alpha - 2)
 
     def conjugate(self, u):
-        if self._end is not None:
-            return self._end.conjugate(u)
         u, al = as_float_tensor(u), self.alpha
         # f*(u) = (s^(al/(al-1)) - 1) / al with s = 1 + (al-1) u, written as expm1(al u log1p(x)/x) / al
         x = (al - 1) * u
@@ -816,6 +920,13 @@ class AlphaDivergence(FDivergence):
 
     def swapped(self):
         return AlphaDivergence(1 - self.alpha)
+
+    def f_prime_at_zero(self):
+        # f'(t) = (t^(alpha-1) - 1) / (alpha - 1)
+        return -INF if self.alpha <= 1 else -1.0 / (self.alpha - 1.0)
+
+    def _kernel_form(self):
+        return KernelForm("alpha", (self.alpha - 1, self.alpha))
 
     def _forms(self, a, b):
         al = self.alpha
@@ -840,6 +951,62 @@ def _weighted_expm1_over(log_w: torch.Tensor, w: torch.Tensor, d: torch.Tensor, 
         return near
     far = (torch.exp(log_w + torch.where(small, torch.zeros_like(x), x)) - w) / c
     return torch.where(small, near, far)
+
+
+def _is_end_point(value) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) in (0.0, 1.0)
+    except (TypeError, ValueError):
+        return False
+
+
+class _JSEndPoint(Standardized, JensenShannon):
+    """Scaled ``js`` at ``beta = 0`` (forward KL) or ``1`` (reverse KL): a derived generator,
+    the standardised KL itself, that still reads as ``js(beta, scaled=True)``."""
+
+    def __new__(cls, beta, scaled=True):
+        return object.__new__(cls)
+
+    def __init__(self, beta, scaled=True):
+        Standardized.__init__(self, ForwardKL() if float(beta) == 0 else ReverseKL())
+        self.beta, self.scaled, self._scale = float(beta), True, 1.0
+        self.name, self.formula = JensenShannon.name, JensenShannon.formula
+
+    @property
+    def params(self):
+        return {"beta": self.beta, "scaled": True}
+
+    def swapped(self):
+        return JensenShannon(1 - self.beta, scaled=True)
+
+    def __repr__(self):
+        return f"JensenShannon(beta={self.beta!r}, scaled=True)"
+
+
+class _AlphaEndPoint(Standardized, AlphaDivergence):
+    """``alpha`` at 1 (forward KL) or 0 (reverse KL): a derived generator, the standardised
+    KL itself, that still reads as ``alpha(alpha)``."""
+
+    def __new__(cls, alpha):
+        return object.__new__(cls)
+
+    def __init__(self, alpha):
+        Standardized.__init__(self, ForwardKL() if float(alpha) == 1 else ReverseKL())
+        self.alpha = float(alpha)
+        self.name, self.formula = AlphaDivergence.name, AlphaDivergence.formula
+
+    @property
+    def params(self):
+        return {"alpha": self.alpha}
+
+    def swapped(self):
+        return AlphaDivergence(1 - self.alpha)
+
+    def f_prime_at_zero(self):
+        return -INF
+
+    def __repr__(self):
+        return f"AlphaDivergence(alpha={self.alpha!r})"
 
 
 class Jeffreys(FDivergence):
@@ -872,6 +1039,9 @@ class Jeffreys(FDivergence):
 
     def swapped(self):
         return self
+
+    def _kernel_form(self):
+        return KernelForm("jeffreys")
 
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
@@ -916,6 +1086,9 @@ class Triangular(FDivergence):
 
     def swapped(self):
         return self
+
+    def _kernel_form(self):
+        return KernelForm("triangular", (math.log(3.0),))
 
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)
