@@ -70,9 +70,9 @@ def test_spec_exact_expectations():
     x = torch.tensor([0, 1])
     pol = torch.tensor(pi, dtype=F64).log()[x]
     refl = torch.tensor(ref, dtype=F64).log()[x]
-    assert chi2_regularizer(pol, refl, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
-    assert chi2_regularizer(pol, refl).item() == pytest.approx(math.sqrt(1 / 3), abs=1e-14)
-    assert chi2_regularizer(pol, refl, linearize_at=None, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=refl).item() == pytest.approx(math.sqrt(1 / 3), abs=1e-14)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, linearize_at=None, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
 
 
 def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
@@ -82,7 +82,7 @@ def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
     x = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3, 3])
     pol = torch.tensor(pi, dtype=F64).log()[x]
     refl = torch.tensor(ref, dtype=F64).log()[x]
-    got = chi2_regularizer(pol, refl, sqrt=False).item()
+    got = chi2_regularizer(policy_logps=pol, reference_logps=refl, sqrt=False).item()
     assert got == pytest.approx(_hand_chi2(pi, ref), rel=1e-12)
     neyman = fdiv.get("neyman_chi2").from_probs(torch.tensor(ref, dtype=F64), torch.tensor(pi, dtype=F64))
     assert got == pytest.approx(neyman.item(), rel=1e-12)
@@ -91,10 +91,10 @@ def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
 @pytest.mark.parametrize("c", [10.0, 2.0, None])
 def test_terms_match_the_authors_formula_including_linearisation(c):
     l = np.array([-30.0, -12.0, -10.0, -9.5, -2.0, -1e-3, 0.0, 0.3, 4.0, 10.0, 10.5, 25.0])
-    got = chi2_regularizer(torch.tensor(l, dtype=F64), torch.zeros(len(l), dtype=F64), sqrt=False, linearize_at=c)
+    got = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64), sqrt=False, linearize_at=c)
     expected = _hand_llm_terms(l, c).mean()
     assert got.item() == pytest.approx(expected, rel=1e-13)
-    root = chi2_regularizer(torch.tensor(l, dtype=F64), torch.zeros(len(l), dtype=F64), linearize_at=c)
+    root = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64), linearize_at=c)
     assert root.item() == pytest.approx(math.sqrt(max(expected, 1e-4)), rel=1e-13)
 
 
@@ -103,8 +103,8 @@ def test_linearisation_is_continuous_with_a_continuous_slope():
     for side in (1.0, -1.0):
         lo = torch.tensor([side * (c - 1e-7)], dtype=F64, requires_grad=True)
         hi = torch.tensor([side * (c + 1e-7)], dtype=F64, requires_grad=True)
-        v_lo = chi2_regularizer(lo, torch.zeros_like(lo), sqrt=False, linearize_at=c)
-        v_hi = chi2_regularizer(hi, torch.zeros_like(hi), sqrt=False, linearize_at=c)
+        v_lo = chi2_regularizer(policy_logps=lo, reference_logps=torch.zeros_like(lo), sqrt=False, linearize_at=c)
+        v_hi = chi2_regularizer(policy_logps=hi, reference_logps=torch.zeros_like(hi), sqrt=False, linearize_at=c)
         v_lo.backward()
         v_hi.backward()
         assert v_lo.item() == pytest.approx(v_hi.item(), rel=1e-6)
@@ -116,9 +116,9 @@ def test_linearisation_is_continuous_with_a_continuous_slope():
 def test_terms_keep_relative_precision_near_zero():
     # 2 cosh l - 2 = 4 sinh^2(l/2): the naive expm1(l) + expm1(-l) loses every digit at l = 1e-9.
     for l in (1e-9, -3e-6, 1e-3):
-        got = chi2_regularizer(torch.tensor([l], dtype=F64), torch.zeros(1, dtype=F64), sqrt=False).item()
+        got = chi2_regularizer(policy_logps=torch.tensor([l], dtype=F64), reference_logps=torch.zeros(1, dtype=F64), sqrt=False).item()
         assert got == pytest.approx(4 * math.sinh(l / 2) ** 2, rel=1e-12)
-    got32 = chi2_regularizer(torch.tensor([1e-4]), torch.zeros(1), sqrt=False).item()
+    got32 = chi2_regularizer(policy_logps=torch.tensor([1e-4]), reference_logps=torch.zeros(1), sqrt=False).item()
     assert got32 == pytest.approx(1e-8, rel=1e-5)
 
 
@@ -135,19 +135,19 @@ def test_token_level_inputs_with_mask_equal_sequence_level_inputs():
         [sum(pol[b, t].item() - ref[b, t].item() for t in range(7) if mask[b, t]) for b in range(4)]
     )
     expected = _hand_llm_terms(seq, 10.0).mean()
-    got = chi2_regularizer(pol_dirty, ref_dirty, mask, sqrt=False)
+    got = chi2_regularizer(policy_logps=pol_dirty, reference_logps=ref_dirty, mask=mask, sqrt=False)
     assert got.item() == pytest.approx(expected, rel=1e-12)
-    assert chi2_regularizer(pol, ref, mask.long(), sqrt=False).item() == pytest.approx(expected, rel=1e-12)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=mask.long(), sqrt=False).item() == pytest.approx(expected, rel=1e-12)
     # no mask: every token counts
     full = np.array([(pol[b] - ref[b]).sum().item() for b in range(4)])
-    assert chi2_regularizer(pol, ref, sqrt=False).item() == pytest.approx(_hand_llm_terms(full, 10.0).mean(), rel=1e-12)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=ref, sqrt=False).item() == pytest.approx(_hand_llm_terms(full, 10.0).mean(), rel=1e-12)
 
 
 def test_gradient_matches_the_closed_form_and_gradcheck():
     l = torch.tensor([0.4, -0.7, 1.3, 12.0, -0.1], dtype=F64)
     pol = l.clone().requires_grad_(True)
     ref = torch.zeros(5, dtype=F64, requires_grad=True)
-    loss = chi2_regularizer(pol, ref)  # sqrt, linearised at 10
+    loss = chi2_regularizer(policy_logps=pol, reference_logps=ref)  # sqrt, linearised at 10
     loss.backward()
     terms = _hand_llm_terms(l.numpy(), 10.0)
     chi2 = terms.mean()
@@ -160,58 +160,58 @@ def test_gradient_matches_the_closed_form_and_gradcheck():
     tokens = (torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(2)) * 0.5).requires_grad_(True)
     ref_tokens = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) * 0.5
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda x: chi2_regularizer(x, ref_tokens, mask, linearize_at=1.5), (tokens,))
+    assert torch.autograd.gradcheck(lambda x: chi2_regularizer(policy_logps=x, reference_logps=ref_tokens, mask=mask, linearize_at=1.5), (tokens,))
 
 
 def test_floor_clamps_value_and_zeroes_gradient():
     pol = torch.tensor([1e-3, -1e-3], dtype=F64, requires_grad=True)
-    loss = chi2_regularizer(pol, torch.zeros(2, dtype=F64), floor=1e-4)
+    loss = chi2_regularizer(policy_logps=pol, reference_logps=torch.zeros(2, dtype=F64), floor=1e-4)
     assert loss.item() == pytest.approx(1e-2)  # chi2_hat ~ 1e-6 < floor
     loss.backward()
     assert torch.all(pol.grad == 0)
-    unclamped = chi2_regularizer(pol.detach(), torch.zeros(2, dtype=F64), floor=1e-12)
+    unclamped = chi2_regularizer(policy_logps=pol.detach(), reference_logps=torch.zeros(2, dtype=F64), floor=1e-12)
     assert unclamped.item() == pytest.approx(1e-3, rel=1e-6)
 
 
 def test_dtypes():
     pol = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], dtype=torch.float16)
     ref = torch.tensor([[-1.5, -2.0], [-0.4, -0.3]], dtype=torch.float16)
-    out = chi2_regularizer(pol, ref)
+    out = chi2_regularizer(policy_logps=pol, reference_logps=ref)
     assert out.dtype == torch.float32
-    assert chi2_regularizer(pol.double(), ref.double()).dtype == F64
-    assert out.item() == pytest.approx(chi2_regularizer(pol.double(), ref.double()).item(), rel=1e-6)
+    assert chi2_regularizer(policy_logps=pol.double(), reference_logps=ref.double()).dtype == F64
+    assert out.item() == pytest.approx(chi2_regularizer(policy_logps=pol.double(), reference_logps=ref.double()).item(), rel=1e-6)
 
 
 def test_chi2_regularizer_bad_input():
     pol, ref = torch.zeros(3, 4), torch.zeros(3, 4)
     with pytest.raises(ValueError, match="reference_logps"):
-        chi2_regularizer(pol, torch.zeros(3, 5))
+        chi2_regularizer(policy_logps=pol, reference_logps=torch.zeros(3, 5))
     with pytest.raises(ValueError, match="mask"):
-        chi2_regularizer(pol[:, 0], ref[:, 0], torch.ones(3, dtype=torch.bool))
+        chi2_regularizer(policy_logps=pol[:, 0], reference_logps=ref[:, 0], mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
-        chi2_regularizer(pol, ref, torch.full((3, 4), 2))
+        chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=torch.full((3, 4), 2))
     with pytest.raises(ValueError, match="mask"):
-        chi2_regularizer(pol, ref, torch.ones(3, 3, dtype=torch.bool))
+        chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="policy_logps contains NaN"):
-        chi2_regularizer(pol.index_fill(1, torch.tensor([1]), float("nan")), ref)
+        chi2_regularizer(policy_logps=pol.index_fill(1, torch.tensor([1]), float("nan")), reference_logps=ref)
     with pytest.raises(ValueError, match="reference_logps contains -inf"):
-        chi2_regularizer(pol, ref.index_fill(1, torch.tensor([1]), float("-inf")))
+        chi2_regularizer(policy_logps=pol, reference_logps=ref.index_fill(1, torch.tensor([1]), float("-inf")))
     with pytest.raises(ValueError, match="policy_logps contains -inf"):
-        chi2_regularizer(pol.index_fill(1, torch.tensor([1]), float("-inf")), ref)
+        chi2_regularizer(policy_logps=pol.index_fill(1, torch.tensor([1]), float("-inf")), reference_logps=ref)
     with pytest.raises(ValueError, match=r"\+inf"):
-        chi2_regularizer(pol.index_fill(1, torch.tensor([1]), float("inf")), ref)
+        chi2_regularizer(policy_logps=pol.index_fill(1, torch.tensor([1]), float("inf")), reference_logps=ref)
     with pytest.raises(ValueError, match="linearize_at"):
-        chi2_regularizer(pol, ref, linearize_at=0.0)
+        chi2_regularizer(policy_logps=pol, reference_logps=ref, linearize_at=0.0)
     with pytest.raises(ValueError, match="floor"):
-        chi2_regularizer(pol, ref, floor=0.0)
+        chi2_regularizer(policy_logps=pol, reference_logps=ref, floor=0.0)
     with pytest.raises(ValueError, match="sqrt"):
-        chi2_regularizer(pol, ref, sqrt="yes")
+        chi2_regularizer(policy_logps=pol, reference_logps=ref, sqrt="yes")
     with pytest.raises(ValueError, match="policy_logps"):
-        chi2_regularizer(torch.zeros(()), torch.zeros(()))
+        chi2_regularizer(policy_logps=torch.zeros(()), reference_logps=torch.zeros(()))
     with pytest.raises(ValueError, match="empty"):
-        chi2_regularizer(torch.zeros(0), torch.zeros(0))
+        chi2_regularizer(policy_logps=torch.zeros(0), reference_logps=torch.zeros(0))
     with pytest.raises(TypeError, match="policy_logps"):
-        chi2_regularizer(torch.zeros(3, dtype=torch.long), torch.zeros(3))
+        chi2_regularizer(policy_logps=torch.zeros(3, dtype=torch.long), reference_logps=torch.zeros(3))
 
 
 # ============================================================================ discriminator
@@ -227,7 +227,7 @@ def test_discriminator_recovers_the_log_occupancy_ratio():
     x_ref = torch.multinomial(mu_ref, n, replacement=True, generator=g)
     d = torch.zeros(3, requires_grad=True)  # a logistic discriminator over the 3 states
     for _ in range(40):
-        (grad,) = torch.autograd.grad(discriminator_loss(d[x_pi], d[x_ref]), d)
+        (grad,) = torch.autograd.grad(discriminator_loss(policy_scores=d[x_pi], reference_scores=d[x_ref]), d)
         with torch.no_grad():
             d -= 6.0 * grad
     truth = (mu_pi / mu_ref).log()
@@ -243,7 +243,7 @@ def test_discriminator_loss_formula_and_the_js_bound():
     d_pi = torch.randn(7, generator=g, dtype=F64)
     d_ref = torch.randn(5, generator=g, dtype=F64)
     expected = _np_softplus(-d_pi.numpy()).mean() + _np_softplus(d_ref.numpy()).mean()
-    got = discriminator_loss(d_pi, d_ref)
+    got = discriminator_loss(policy_scores=d_pi, reference_scores=d_ref)
     assert got.item() == pytest.approx(expected, rel=1e-14)
     bound = variational_bound("js", d_pi, d_ref)  # P-samples = the discriminator's positive class
     assert got.item() == pytest.approx(2 * math.log(2) - 2 * bound.item(), rel=1e-12)
@@ -263,18 +263,18 @@ def test_discriminator_loss_formula_and_the_js_bound():
 def test_discriminator_loss_gradient_and_errors():
     d_pi = torch.tensor([0.3, -1.0], dtype=F64, requires_grad=True)
     d_ref = torch.tensor([2.0], dtype=F64, requires_grad=True)
-    discriminator_loss(d_pi, d_ref).backward()
+    discriminator_loss(policy_scores=d_pi, reference_scores=d_ref).backward()
     sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     np.testing.assert_allclose(d_pi.grad.numpy(), -sig(-d_pi.detach().numpy()) / 2, rtol=1e-13)
     np.testing.assert_allclose(d_ref.grad.numpy(), sig(d_ref.detach().numpy()), rtol=1e-13)
     with pytest.raises(ValueError, match="policy_scores"):
-        discriminator_loss(torch.tensor([float("nan")]), torch.zeros(2))
+        discriminator_loss(policy_scores=torch.tensor([float("nan")]), reference_scores=torch.zeros(2))
     with pytest.raises(ValueError, match="reference_scores"):
-        discriminator_loss(torch.zeros(2), torch.tensor([float("inf")]))
+        discriminator_loss(policy_scores=torch.zeros(2), reference_scores=torch.tensor([float("inf")]))
     with pytest.raises(ValueError, match="reference_scores is empty"):
-        discriminator_loss(torch.zeros(2), torch.zeros(0))
+        discriminator_loss(policy_scores=torch.zeros(2), reference_scores=torch.zeros(0))
     with pytest.raises(TypeError, match="policy_scores"):
-        discriminator_loss(torch.zeros(2, dtype=torch.long), torch.zeros(2))
+        discriminator_loss(policy_scores=torch.zeros(2, dtype=torch.long), reference_scores=torch.zeros(2))
 
 
 # ============================================================================ per-step penalties
@@ -294,21 +294,21 @@ def _authors_sqrt_chi2(d):
 def test_penalties_match_hand_formulas():
     g = torch.Generator().manual_seed(5)
     d = torch.randn(300, generator=g, dtype=F64) * 0.8 + 0.3
-    np.testing.assert_array_equal(occupancy_penalty(d, "kl").numpy(), d.numpy())
-    np.testing.assert_allclose(occupancy_penalty(d, "chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
-    np.testing.assert_allclose(occupancy_penalty(d, "sqrt_chi2").numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
-    np.testing.assert_allclose(occupancy_penalty(d).numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
+    np.testing.assert_array_equal(occupancy_penalty(policy_scores=d, kind="kl").numpy(), d.numpy())
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d).numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
 
 
 def test_trimming_drops_the_extremes_on_both_sides():
     d = np.concatenate([np.full(198, 0.5), [30.0, -30.0]])  # one outlier at each end, n = 200: cut 2 per side
-    got = occupancy_penalty(torch.tensor(d, dtype=F64), "sqrt_chi2", trim=0.01).numpy()
+    got = occupancy_penalty(policy_scores=torch.tensor(d, dtype=F64), kind="sqrt_chi2", trim=0.01).numpy()
     kept = np.sort(np.expm1(d))[2:-2]
     np.testing.assert_allclose(got, np.expm1(d) / np.sqrt(kept.mean()), rtol=1e-12)
-    untrimmed = occupancy_penalty(torch.tensor(d, dtype=F64), "sqrt_chi2", trim=0.0).numpy()
+    untrimmed = occupancy_penalty(policy_scores=torch.tensor(d, dtype=F64), kind="sqrt_chi2", trim=0.0).numpy()
     np.testing.assert_allclose(untrimmed, np.expm1(d) / np.sqrt(np.expm1(d).mean()), rtol=1e-12)
     # a larger trim
-    got = occupancy_penalty(torch.tensor(d, dtype=F64), "sqrt_chi2", trim=0.1).numpy()
+    got = occupancy_penalty(policy_scores=torch.tensor(d, dtype=F64), kind="sqrt_chi2", trim=0.1).numpy()
     kept = np.sort(np.expm1(d))[20:-20]
     np.testing.assert_allclose(got, np.expm1(d) / np.sqrt(kept.mean()), rtol=1e-12)
 
@@ -316,7 +316,7 @@ def test_trimming_drops_the_extremes_on_both_sides():
 def test_small_batches_use_the_untrimmed_mean_where_the_authors_code_gives_nan():
     d = torch.tensor([0.2, 1.0, -0.3, 0.7], dtype=F64)  # n < 100: int(0.01 n) = 0
     assert np.isnan(_authors_sqrt_chi2(d.numpy())).all()  # the quirk
-    got = occupancy_penalty(d, "sqrt_chi2")
+    got = occupancy_penalty(policy_scores=d, kind="sqrt_chi2")
     expected = np.expm1(d.numpy()) / np.sqrt(np.expm1(d.numpy()).mean())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-13)
 
@@ -324,24 +324,24 @@ def test_small_batches_use_the_untrimmed_mean_where_the_authors_code_gives_nan()
 def test_sqrt_chi2_falls_back_to_chi2_when_the_estimate_is_not_positive():
     d = torch.tensor([-1.0, -0.5, 0.2, -2.0], dtype=F64)
     assert np.expm1(d.numpy()).mean() <= 0
-    np.testing.assert_allclose(occupancy_penalty(d, "sqrt_chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
     zero = torch.zeros(5, dtype=F64)  # chi2_hat = 0 exactly: the fallback too
-    assert torch.all(occupancy_penalty(zero, "sqrt_chi2") == 0)
+    assert torch.all(occupancy_penalty(policy_scores=zero, kind="sqrt_chi2") == 0)
 
 
 def test_sqrt_chi2_stays_finite_where_e_to_the_d_overflows():
     d = np.full(300, 20.0)
     d[:150] += 0.01 * np.arange(150) / 150
     d[-1] = 95.0  # e^95 overflows float32; the trimmed mean drops it (cut = 3 per side)
-    got = occupancy_penalty(torch.tensor(d, dtype=torch.float32), "sqrt_chi2")
+    got = occupancy_penalty(policy_scores=torch.tensor(d, dtype=torch.float32), kind="sqrt_chi2")
     assert torch.isfinite(got).all()
     kept = np.sort(np.expm1(d.astype(np.float32).astype(np.float64)))[3:-3]
     expected = np.expm1(d.astype(np.float32).astype(np.float64)) / np.sqrt(kept.mean())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
-    assert torch.isinf(occupancy_penalty(torch.tensor(d, dtype=torch.float32), "chi2")[-1])  # e^95 itself
+    assert torch.isinf(occupancy_penalty(policy_scores=torch.tensor(d, dtype=torch.float32), kind="chi2")[-1])  # e^95 itself
     # float64: logsumexp path past d = 700
     big = torch.tensor([800.0, 801.0, 802.0], dtype=F64)
-    out = occupancy_penalty(big, "sqrt_chi2")
+    out = occupancy_penalty(policy_scores=big, kind="sqrt_chi2")
     log_mean = math.log(sum(math.exp(v - 802.0) for v in (800.0, 801.0, 802.0)) / 3) + 802.0
     expected = [math.exp(v - 0.5 * log_mean) for v in (800.0, 801.0, 802.0)]
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12)
@@ -355,24 +355,24 @@ def test_penalty_gradients():
         ("sqrt_chi2", np.exp(d.detach().numpy()) / np.sqrt(np.expm1(d.detach().numpy()).mean())),
     ):
         d.grad = None
-        occupancy_penalty(d, kind).sum().backward()
+        occupancy_penalty(policy_scores=d, kind=kind).sum().backward()
         np.testing.assert_allclose(d.grad.numpy(), expected, rtol=1e-13, err_msg=kind)
 
 
 def test_penalty_dtypes_and_errors():
-    assert occupancy_penalty(torch.zeros(3, dtype=torch.bfloat16), "chi2").dtype == torch.float32
-    assert occupancy_penalty(torch.zeros(3, dtype=F64)).dtype == F64
+    assert occupancy_penalty(policy_scores=torch.zeros(3, dtype=torch.bfloat16), kind="chi2").dtype == torch.float32
+    assert occupancy_penalty(policy_scores=torch.zeros(3, dtype=F64)).dtype == F64
     with pytest.raises(ValueError, match="kind"):
-        occupancy_penalty(torch.zeros(3), "tv")
+        occupancy_penalty(policy_scores=torch.zeros(3), kind="tv")
     with pytest.raises(ValueError, match="trim"):
-        occupancy_penalty(torch.zeros(3), trim=0.5)
+        occupancy_penalty(policy_scores=torch.zeros(3), trim=0.5)
     with pytest.raises(ValueError, match="trim"):
-        occupancy_penalty(torch.zeros(3), trim=-0.1)
+        occupancy_penalty(policy_scores=torch.zeros(3), trim=-0.1)
     with pytest.raises(ValueError, match="d contains NaN"):
-        occupancy_penalty(torch.tensor([0.0, float("nan")]))
+        occupancy_penalty(policy_scores=torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match="d contains"):
-        occupancy_penalty(torch.tensor([0.0, float("inf")]), "chi2")
+        occupancy_penalty(policy_scores=torch.tensor([0.0, float("inf")]), kind="chi2")
     with pytest.raises(ValueError, match="d is empty"):
-        occupancy_penalty(torch.zeros(0))
+        occupancy_penalty(policy_scores=torch.zeros(0))
     with pytest.raises(TypeError, match="d must"):
-        occupancy_penalty(torch.zeros(3, dtype=torch.long))
+        occupancy_penalty(policy_scores=torch.zeros(3, dtype=torch.long))

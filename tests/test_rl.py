@@ -89,13 +89,13 @@ def test_k1_and_k3_are_unbiased_and_k3_is_nonnegative_everywhere():
     pol, ref = pi.log(), REF.log()
     exact = float(np.sum(rel_entr(pi.numpy(), REF.numpy())))  # scipy: KL(pi || ref)
     for est in ("k1", "k3"):
-        mean = (pi * kl_estimate(pol, ref, est)).sum()
+        mean = (pi * kl_estimate(policy_logps=pol, reference_logps=ref, estimator=est)).sum()
         assert mean.item() == pytest.approx(exact, rel=1e-13, abs=1e-15)
-    k1 = kl_estimate(pol, ref, "k1")
+    k1 = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1")
     assert (k1 < 0).any()  # k1 is negative wherever ref > pi
     # k3 >= 0 at every outcome, also for extreme and tiny log-ratios
     lr = torch.tensor([-40.0, -5.0, -1e-9, 0.0, 1e-9, 3.0, 30.0], dtype=D64)
-    k3 = kl_estimate(torch.zeros_like(lr), lr, "k3")
+    k3 = kl_estimate(policy_logps=torch.zeros_like(lr), reference_logps=lr, estimator="k3")
     assert (k3 >= 0).all() and torch.isfinite(k3).all()
     assert k3[2].item() == pytest.approx(0.5e-18, rel=1e-6)  # relative precision near r = 1
 
@@ -104,11 +104,11 @@ def test_k2_is_biased_by_the_computed_amount():
     pi = torch.softmax(_theta(2).detach(), 0)
     ell = np.log(pi.numpy() / REF.numpy())  # log(pi / ref)
     expected_bias = float(np.sum(pi.numpy() * (0.5 * ell**2 - ell)))
-    mean_k2 = (pi * kl_estimate(pi.log(), REF.log(), "k2")).sum().item()
+    mean_k2 = (pi * kl_estimate(policy_logps=pi.log(), reference_logps=REF.log(), estimator="k2")).sum().item()
     true_kl = float(np.sum(rel_entr(pi.numpy(), REF.numpy())))
     assert mean_k2 - true_kl == pytest.approx(expected_bias, rel=1e-12)
     assert abs(expected_bias) > 1e-3  # a real bias, not rounding
-    assert (kl_estimate(pi.log(), REF.log(), "k2") >= 0).all()
+    assert (kl_estimate(policy_logps=pi.log(), reference_logps=REF.log(), estimator="k2") >= 0).all()
 
 
 # estimator -> which exact gradient its on-policy expected gradient must equal
@@ -126,7 +126,7 @@ LOSS_GRADIENTS = {
 def test_expected_loss_gradient_of_each_estimator(estimator):
     theta = _theta(3)
     pi = torch.softmax(theta, 0)
-    terms = kl_estimate(pi.log(), REF.log(), estimator, placement="loss")
+    terms = kl_estimate(policy_logps=pi.log(), reference_logps=REF.log(), estimator=estimator, placement="loss")
     expected_grad = _grad((pi.detach() * terms).sum(), theta)  # E_{x~pi}[grad k(x)]
     target = {
         "zero": torch.zeros_like(theta),
@@ -141,16 +141,16 @@ def test_expected_loss_gradient_of_each_estimator(estimator):
 
 def test_default_placement_is_a_detached_value():
     theta = _theta(11)
-    out = kl_estimate(torch.log_softmax(theta, 0), REF.log(), "k2")
+    out = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k2")
     assert not out.requires_grad
-    assert kl_estimate(torch.log_softmax(theta, 0), REF.log(), "k2", placement="loss").requires_grad
+    assert kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k2", placement="loss").requires_grad
 
 
 def test_straight_through_keeps_the_value():
     theta = _theta(4)
     pol = torch.log_softmax(theta, 0)
     for base in ("k1", "k3"):
-        torch.testing.assert_close(kl_estimate(pol, REF.log(), base + "+"), kl_estimate(pol, REF.log(), base))
+        torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base + "+"), kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base))
 
 
 def test_reward_placement_score_function_gradients():
@@ -160,7 +160,7 @@ def test_reward_placement_score_function_gradients():
     for est, target in (("k1", grad_rev), ("k3", grad_rev - grad_fwd)):
         pi = torch.softmax(theta, 0)
         logp = pi.log()
-        k = kl_estimate(logp, REF.log(), est, placement="reward")
+        k = kl_estimate(policy_logps=logp, reference_logps=REF.log(), estimator=est, placement="reward")
         assert not k.requires_grad
         # REINFORCE with reward -k: loss = -E[(-k) log pi] = E[sg(k) log pi]
         g = _grad((pi.detach() * k * logp).sum(), theta)
@@ -173,12 +173,12 @@ def test_importance_weighted_kl_is_unbiased_under_the_old_policy(estimator):
     theta_old = (theta.detach() + torch.tensor([0.3, -0.2, 0.5, 0.0, -0.4], dtype=D64))
     pi_old = torch.softmax(theta_old, 0)
     pol = torch.log_softmax(theta, 0)
-    terms = kl_estimate(pol, REF.log(), estimator, placement="loss", old_logps=pi_old.log())
+    terms = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=estimator, placement="loss", old_logps=pi_old.log())
     g = _grad((pi_old * terms).sum(), theta)  # E_{x ~ pi_old}[grad(rho k)]
     target = _grad(kl(torch.softmax(theta, 0), REF), theta)
     torch.testing.assert_close(g, target, rtol=1e-12, atol=1e-14)
     # without the weight, the off-policy k3 gradient is wrong
-    plain_terms = kl_estimate(torch.log_softmax(theta, 0), REF.log(), estimator, placement="loss")
+    plain_terms = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator=estimator, placement="loss")
     plain = _grad((pi_old * plain_terms).sum(), theta)
     assert (plain - target).abs().max() > 1e-2
 
@@ -186,22 +186,22 @@ def test_importance_weighted_kl_is_unbiased_under_the_old_policy(estimator):
 def test_importance_weight_changes_gradient_even_at_rho_one():
     theta = _theta(7)
     pol = torch.log_softmax(theta, 0)
-    with_is = kl_estimate(pol, REF.log(), "k3", placement="loss", old_logps=pol.detach())
-    without = kl_estimate(pol, REF.log(), "k3")
+    with_is = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator="k3", placement="loss", old_logps=pol.detach())
+    without = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator="k3")
     torch.testing.assert_close(with_is, without)  # same value
     g_is = _grad(with_is.sum(), theta)
-    g_plain = _grad(kl_estimate(torch.log_softmax(theta, 0), REF.log(), "k3", placement="loss").sum(), theta)
+    g_plain = _grad(kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k3", placement="loss").sum(), theta)
     assert (g_is - g_plain).abs().max() > 1e-3
 
 
 def test_clamps_match_verl_and_are_off_by_default():
     pol = torch.tensor([0.0, 0.0], dtype=D64, requires_grad=True)
     ref = torch.tensor([30.0, 0.5], dtype=D64)  # log r = 30 and 0.5
-    plain = kl_estimate(pol, ref, "k3")
+    plain = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3")
     assert plain[0].item() == pytest.approx(math.exp(30) - 31, rel=1e-12)
-    lr_clamped = kl_estimate(pol, ref, "k3", log_ratio_clamp=20.0)
+    lr_clamped = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", log_ratio_clamp=20.0)
     assert lr_clamped[0].item() == pytest.approx(math.exp(20) - 21, rel=1e-12)
-    both = kl_estimate(pol, ref, "k3", placement="loss", log_ratio_clamp=20.0, value_clamp=10.0)
+    both = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", placement="loss", log_ratio_clamp=20.0, value_clamp=10.0)
     assert both[0].item() == 10.0
     assert both[1].item() == pytest.approx(math.exp(0.5) - 1.5, rel=1e-12)
     g = _grad(both.sum(), pol)
@@ -213,14 +213,14 @@ def test_mask_ignores_padding_and_equals_slicing():
     ref = torch.tensor([[-1.5, -1.0, 5.0], [-0.9, float("-inf"), float("nan")]], dtype=D64)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     for est in ("k1", "k2", "k3", "k3+"):
-        out = kl_estimate(pol, ref, est, placement="loss", mask=mask)
+        out = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=est, placement="loss", mask=mask)
         assert torch.isfinite(out).all() and (out[~mask] == 0).all()
-        sliced = kl_estimate(pol.detach()[mask], ref[mask], est)
+        sliced = kl_estimate(policy_logps=pol.detach()[mask], reference_logps=ref[mask], estimator=est)
         torch.testing.assert_close(out[mask].detach(), sliced)
         g = _grad(out.sum(), pol)
         assert torch.isfinite(g).all() and (g[~mask] == 0).all()
     # 0/1 float masks work like bool ones
-    torch.testing.assert_close(kl_estimate(pol, ref, "k3", mask=mask.double()), kl_estimate(pol, ref, "k3", mask=mask))
+    torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask.double()), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask))
 
 
 def test_aggregate_modes_against_hand_sums():
@@ -242,7 +242,7 @@ def test_aggregate_modes_against_hand_sums():
 def test_half_precision_computes_in_float32():
     pol = torch.tensor([-1.0, -2.0], dtype=torch.bfloat16)
     ref = torch.tensor([-1.5, -1.0], dtype=torch.bfloat16)
-    out = kl_estimate(pol, ref, "k3")
+    out = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3")
     assert out.dtype == torch.float32
     assert out[0].item() == pytest.approx(math.exp(-0.5) - 1 + 0.5, rel=1e-6)
 
@@ -253,7 +253,7 @@ def test_half_precision_computes_in_float32():
         (dict(reference_logps=torch.zeros(3)), "reference_logps must have the shape"),
         (dict(estimator="k4"), "estimator"),
         (dict(placement="advantage"), "placement"),
-        (dict(aggregation="mean"), "aggregation"),
+        (dict(reduction="mean"), "aggregation"),
         (dict(policy_logps=torch.tensor([[float("nan"), 0.0]])), "policy_logps contains NaN"),
         (dict(reference_logps=torch.tensor([[float("-inf"), 0.0]])), "reference_logps contains -inf"),
         (dict(policy_logps=torch.tensor([[float("-inf"), 0.0]])), "policy_logps contains -inf"),
@@ -284,7 +284,7 @@ def test_every_public_name_exists_and_is_documented():
 def test_public_namespace_calls_policy_first():
     assert fdiv.rl.kl_estimate is kl_estimate
     pol, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.2, -1.5])
-    torch.testing.assert_close(fdiv.rl.kl_estimate(pol, ref, estimator="k1"), pol - ref)
+    torch.testing.assert_close(fdiv.rl.kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1"), pol - ref)
 
 
 # ====================================================================== f_estimate
@@ -306,49 +306,49 @@ def test_f_estimate_unbiased_value_and_exact_loss_gradient(name, params, samples
     pi = torch.softmax(theta, 0)
     weights = pi.detach() if samples_from == "policy" else REF
     for cv in (True, False):
-        terms = f_estimate(pi.log(), REF.log(), name, samples_from=samples_from, control_variate=cv, **params)
+        terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, control_variate=cv, **params)
         exact = reference_divergence(name, REF, pi.detach(), **params)
         assert (weights * terms).sum().item() == pytest.approx(exact.item(), rel=1e-12, abs=1e-14)
         if cv:
             assert (terms >= -1e-15).all()  # f above its tangent at 1
-    loss_terms = f_estimate(pi.log(), REF.log(), name, samples_from=samples_from, placement="loss", **params)
+    loss_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, placement="loss", **params)
     g = _grad((weights * loss_terms).sum(), theta)
     target = _grad(reference_divergence(name, REF, torch.softmax(theta, 0), **params), theta)
     torch.testing.assert_close(g, target, rtol=1e-11, atol=1e-13)
     if samples_from == "reference":  # samples that do not depend on theta: the pathwise gradient is exact
         pi = torch.softmax(theta, 0)
-        value_terms = f_estimate(pi.log(), REF.log(), name, samples_from=samples_from, placement="value", **params)
+        value_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, placement="value", **params)
         torch.testing.assert_close(_grad((weights * value_terms).sum(), theta), target, rtol=1e-11, atol=1e-13)
 
 
 def test_f_estimate_matches_k3_and_reward_is_detached():
     pol, ref = torch.tensor([-1.0, -2.0, -0.5], dtype=D64), torch.tensor([-1.2, -1.5, -0.4], dtype=D64)
-    torch.testing.assert_close(f_estimate(pol, ref, "reverse_kl"), kl_estimate(pol, ref, "k3"))
-    torch.testing.assert_close(f_estimate(pol, ref, "reverse_kl", control_variate=False), kl_estimate(pol, ref, "k1"))
+    torch.testing.assert_close(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl"), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3"))
+    torch.testing.assert_close(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl", control_variate=False), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1"))
     theta = _theta(9)
     pi = torch.softmax(theta, 0)
     # "value" on policy samples: the pathwise (k3-like) gradient of reverse KL is the forward-KL gradient
-    assert not f_estimate(pi.log(), REF.log(), "reverse_kl").requires_grad  # default: detached
-    g = _grad((pi.detach() * f_estimate(pi.log(), REF.log(), "reverse_kl", placement="value")).sum(), theta)
+    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl").requires_grad  # default: detached
+    g = _grad((pi.detach() * f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl", placement="value")).sum(), theta)
     torch.testing.assert_close(g, _grad(kl(REF, torch.softmax(theta, 0)), theta), rtol=1e-12, atol=1e-14)
-    assert not f_estimate(pi.log(), REF.log(), "js", placement="reward").requires_grad
+    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="js", placement="reward").requires_grad
 
 
 def test_f_estimate_bad_input():
     z = torch.zeros(3)
     with pytest.raises(ValueError, match="f-divergence"):
-        f_estimate(z, z, "renyi")
+        f_estimate(policy_logps=z, reference_logps=z, divergence="renyi")
     with pytest.raises(ValueError, match="samples_from"):
-        f_estimate(z, z, samples_from="q")
+        f_estimate(policy_logps=z, reference_logps=z, samples_from="q")
     with pytest.raises(ValueError, match="unknown divergence"):
-        f_estimate(z, z, "kl_forward_typo")
+        f_estimate(policy_logps=z, reference_logps=z, divergence="kl_forward_typo")
     with pytest.raises(ValueError, match="reference_logps contains -inf"):
-        f_estimate(z, torch.tensor([0.0, -math.inf, 0.0]), samples_from="reference")
+        f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), samples_from="reference")
     with pytest.raises(ValueError, match="control_variate"):
-        f_estimate(z, z, control_variate=1)
+        f_estimate(policy_logps=z, reference_logps=z, control_variate=1)
     with pytest.raises(ValueError, match="reference_logps is -inf"):  # KL(policy || ref) is infinite
-        f_estimate(z, torch.tensor([0.0, -math.inf, 0.0]), "reverse_kl", placement="loss")
-    ok = f_estimate(z, torch.tensor([0.0, -math.inf, 0.0]), "js", placement="loss")  # bounded: finite
+        f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="reverse_kl", placement="loss")
+    ok = f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="js", placement="loss")  # bounded: finite
     assert torch.isfinite(ok).all()
 
 
@@ -554,7 +554,7 @@ def test_dph_spec_values_and_the_js_factor_two():
 def test_dph_terms_equal_the_dph_code_generators():
     u = torch.tensor([0.05, 0.5, 0.9, 1.0, 1.3, 4.0, 30.0], dtype=D64)
     pol, init = u.log(), torch.zeros_like(u)
-    terms = lambda **kw: dph_loss(policy_logps=pol, initial_logps=init, aggregation="none", **kw)  # noqa: E731
+    terms = lambda **kw: dph_loss(policy_logps=pol, initial_logps=init, reduction="none", **kw)  # noqa: E731
     torch.testing.assert_close(terms(), u - 1 - u.log(), rtol=1e-13, atol=1e-15)  # verl low_var_kl, swapped args
     torch.testing.assert_close(terms(control_variate=False), -u.log(), rtol=1e-13, atol=1e-15)
     torch.testing.assert_close(2 * terms(divergence="js"), u * u.log() - (u + 1) * torch.log((u + 1) / 2),
@@ -571,13 +571,13 @@ def test_dph_zero_at_the_initial_policy_and_unbiased_gradient(name, params):
     pi0 = _probs([0.05, 0.15, 0.2, 0.25, 0.35])
     theta = pi0.log().clone().requires_grad_(True)
     terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(), divergence=name,
-                     aggregation="none", **params)
+                     reduction="none", **params)
     assert terms.abs().max().item() <= 1e-15
     assert _grad((pi0 * terms).sum(), theta).abs().max().item() <= 1e-15
     # away from pi_0: E_{pi_0}[grad term] = grad D(pi_0 || pi), exactly
     theta = _theta(10)
     terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(), divergence=name,
-                     aggregation="none", **params)
+                     reduction="none", **params)
     g = _grad((pi0 * terms).sum(), theta)
     target = _grad(reference_divergence(name, pi0, torch.softmax(theta, 0), **params), theta)
     torch.testing.assert_close(g, target, rtol=1e-12, atol=1e-14)
@@ -642,9 +642,9 @@ def test_dph_clamps_mask_and_errors():
     pol = torch.tensor([[-30.0, -1.0, float("nan")]], dtype=D64, requires_grad=True)
     init = torch.tensor([[-1.0, -1.5, 0.0]], dtype=D64)
     mask = torch.tensor([[1, 1, 0]])
-    out = dph_loss(policy_logps=pol, initial_logps=init, mask=mask, aggregation="none")
+    out = dph_loss(policy_logps=pol, initial_logps=init, mask=mask, reduction="none")
     assert out[0, 0].item() == pytest.approx(math.exp(-29) - 1 + 29, rel=1e-12) and out[0, 2] == 0
-    clamped = dph_loss(policy_logps=pol, initial_logps=init, mask=mask, aggregation="none",
+    clamped = dph_loss(policy_logps=pol, initial_logps=init, mask=mask, reduction="none",
                        log_ratio_clamp=20.0, value_clamp=10.0)
     assert clamped[0, 0].item() == 10.0
     g = _grad(clamped.sum(), pol)
@@ -660,23 +660,23 @@ def test_dph_clamps_mask_and_errors():
     with pytest.raises(ValueError, match="f-divergence"):
         dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), divergence="renyi")
     with pytest.raises(ValueError, match="aggregation"):
-        dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), aggregation="mean")
+        dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), reduction="mean")
 
 
 def test_dph_split_rules():
     correct = [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 1, 1, 1, 1], [0] * 8, [1, 1, 1], [1] * 8]
     # the authors' code: all of the first 4 attempts; prompts with fewer than 4 attempts are skipped
-    assert dph_split(correct, k=4) == ([0, 4], [1, 2], [3])
+    assert dph_split(correct=correct, k=4) == ([0, 4], [1, 2], [3])
     # "solved in all k attempts" with every attempt
-    assert dph_split(correct) == ([3, 4], [0, 1, 2], [])
-    assert dph_split(correct, k=8, min_correct=7, drop_unsolved=True) == ([1, 4], [0], [2, 3])
-    assert dph_split(torch.tensor([[True, True], [False, True]])) == ([0], [1], [])
+    assert dph_split(correct=correct) == ([3, 4], [0, 1, 2], [])
+    assert dph_split(correct=correct, k=8, min_correct=7, drop_unsolved=True) == ([1, 4], [0], [2, 3])
+    assert dph_split(correct=torch.tensor([[True, True], [False, True]])) == ([0], [1], [])
     with pytest.raises(ValueError, match="min_correct"):
-        dph_split(correct, k=2, min_correct=3)
+        dph_split(correct=correct, k=2, min_correct=3)
     with pytest.raises(ValueError, match="correct"):
-        dph_split([[1, 2]])
+        dph_split(correct=[[1, 2]])
     with pytest.raises(ValueError, match="k must"):
-        dph_split(correct, k=0)
+        dph_split(correct=correct, k=0)
 
 
 # ====================================================================== DisCO
@@ -833,7 +833,7 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss_and_a_chi2_regula
         with torch.no_grad():
             pol = token_logps(policy, rollout)
             ref = token_logps(reference, rollout).logps
-        return kl_estimate(pol.logps, ref, "k3", mask=pol.mask, aggregation="token-mean").item()
+        return kl_estimate(policy_logps=pol.logps, reference_logps=ref, estimator="k3", mask=pol.mask, reduction="token-mean").item()
 
     kls = [measured_kl(0)]
     assert kls[0] == 0.0  # the policy starts as the reference
@@ -844,15 +844,15 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss_and_a_chi2_regula
             ref = token_logps(reference, rollout).logps
         response = rollout["labels"][:, 1:]
         score = ((response == target_token) & out.mask).sum(-1).double() / out.mask.sum(-1).clamp_min(1)
-        kl_reward = kl_estimate(out.logps, ref, "k1", placement="reward", mask=out.mask)  # KL in the reward
+        kl_reward = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k1", placement="reward", mask=out.mask)  # KL in the reward
         assert not kl_reward.requires_grad
         reward = score - beta * kl_reward.sum(-1).double()
         mean = torch.zeros(2, dtype=torch.float64).index_add(0, group_ids, reward) / group
         advantage = (reward - mean[group_ids]).float()
         pg = -aggregate(advantage[:, None] * out.logps, out.mask, "token-mean")
-        kl_loss = kl_estimate(out.logps, ref, "k3" if step % 2 else "k2", placement="loss", mask=out.mask,
-                              aggregation="token-mean")
-        chi2 = fdiv.rl.chi2_regularizer(out.logps, ref, mask=out.mask)  # Correlated Proxies' sqrt(chi2) term
+        kl_loss = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k3" if step % 2 else "k2", placement="loss", mask=out.mask,
+                              reduction="token-mean")
+        chi2 = fdiv.rl.chi2_regularizer(policy_logps=out.logps, reference_logps=ref, mask=out.mask)  # Correlated Proxies' sqrt(chi2) term
         assert torch.isfinite(chi2) and chi2.item() >= 1e-2 * (1 - 1e-6)  # sqrt of the 1e-4 floor
         loss = pg + beta * kl_loss + 1e-3 * chi2
         assert torch.isfinite(loss)
@@ -888,7 +888,7 @@ def test_dph_forward_kl_restores_a_dropped_correct_answer_reverse_kl_does_not():
         return torch.softmax(theta.detach(), 0)
 
     def forward_kl(logp):  # E_{pi_0}[f(pi / pi_0)], the samples' weights are pi_0
-        terms = dph_loss(policy_logps=logp, initial_logps=pi0.log(), divergence="forward_kl", aggregation="none")
+        terms = dph_loss(policy_logps=logp, initial_logps=pi0.log(), divergence="forward_kl", reduction="none")
         return (pi0 * terms).sum()
 
     def reverse_kl(logp):  # sum pi log(pi / pi_0), written out

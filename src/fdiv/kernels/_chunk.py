@@ -3,6 +3,7 @@
 Every path (chunked eager, compiled, fused-linear, sparse, vocab-parallel) calls
 :func:`logit_chunk` or one of its compiled copies. It uses only the generator's
 pointwise log-space forms and the softmax chain rule
+(:func:`fdiv.kernels._rowmath.softmax_backward`)
 
     dD/dz_j = (g_j - softmax(z)_j * sum_i g_i) / T,
 
@@ -19,6 +20,7 @@ import torch
 
 from ..math.base import Divergence
 from ..math.generators import FDivergence
+from ._rowmath import softmax_backward
 
 
 def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
@@ -31,10 +33,10 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
     log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
     forms = divergence.masked_log_forms if masked else divergence._forms
     value, grad_p, grad_q = forms(log_p, log_q)
-    grad_student = (grad_q - log_q.exp() * grad_q.sum(-1, keepdim=True)) * inv_temperature
+    grad_student = softmax_backward(grad_q, log_q, scale=inv_temperature)
     grad_teacher = None
     if teacher_grad:
-        grad_teacher = (grad_p - log_p.exp() * grad_p.sum(-1, keepdim=True)) * inv_temperature
+        grad_teacher = softmax_backward(grad_p, log_p, scale=inv_temperature)
     return value.sum(-1), grad_student, grad_teacher
 
 

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from ..math.base import check_float_tensor, check_temperature
-from ..math.generators import FDivergence
-from ..math.registry import get
+from .._validate import (
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    raise_if_nan,
+)
+from ..math.registry import as_divergence
+from ._rowmath import counted_rows, cross_entropy_rows, kd_ce_combine, resolve_check_finite, row_weights
 from .sparse import TAILS, check_topk, sparse_chunk
-from .token import ChunkKernels, pick_backend, raise_if_nan_loss, refuse_second_backward, resolve_row_weights
+from .token import ChunkKernels, pick_backend, refuse_second_backward
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -41,29 +50,29 @@ class _LinearFP32:
 
 
 def _check_linear(hidden, weight, bias, hidden_name, weight_name, bias_name):
-    check_float_tensor(hidden_name, hidden)
-    check_float_tensor(weight_name, weight)
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"{hidden_name} must be [N, H] and {weight_name} [V, H]; got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
+    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None, one device (kernel-specific)."""
+    check_tensor(hidden_name, hidden, dim=2)
+    check_tensor(weight_name, weight, dim=2)
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden size mismatch: {hidden_name} has H={hidden.shape[1]} but {weight_name} has H={weight.shape[1]}"
         )
-    if hidden.device != weight.device:
-        raise ValueError(f"device mismatch: {hidden_name} on {hidden.device}, {weight_name} on {weight.device}")
+    check_same_device(hidden_name, hidden, weight_name, weight)
     if bias is not None:
-        check_float_tensor(bias_name, bias)
+        check_tensor(bias_name, bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_same_device(weight_name, weight, bias_name, bias)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
-    """Chunks of rows: student logits by GEMM, teacher side by ``teacher_chunk``, gradients accumulated in forward."""
+    """Chunks of rows: student logits by GEMM, teacher side by ``teacher_chunk``, cross-entropy by
+    :func:`~fdiv.kernels._rowmath.cross_entropy_rows`, both combined by
+    :func:`~fdiv.kernels._rowmath.kd_ce_combine`; gradients accumulated in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_chunk, weights, ce_labels, ce_weights, chunk_size, grad_enabled):
+    def forward(ctx, hidden, weight, bias, teacher_chunk, weights, labels, ignore_index, divergence_weight,
+                hard_label_weight, chunk_size, grad_enabled):  # fmt: skip
         n = hidden.shape[0]
         linear = _LinearFP32(weight, bias)
         acc = linear.compute
@@ -72,26 +81,28 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        weights = weights.to(acc)
+        may_skip = weights.device.type == "cpu"  # bool() of a CPU tensor does not sync a device
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
-            w = weights[start:stop, None].to(acc)
-            cw = None if ce_weights is None else ce_weights[start:stop, None].to(acc)
-            if not bool(w.any()) and (cw is None or not bool(cw.any())):
+            w = weights[start:stop]
+            if may_skip and not bool(w.any()):
                 continue
             x = hidden[start:stop]
             logits = linear(x)
-            rows, grad_logits = teacher_chunk(logits, start, stop)
             counted = w != 0
-            total += torch.where(counted[:, 0], rows, 0.0).mul(w[:, 0]).sum()
-            grad_logits = torch.where(counted, grad_logits * w, 0.0)
-            if cw is not None:
-                log_q = torch.log_softmax(logits, dim=-1)
-                labels = ce_labels[start:stop]
-                safe = torch.where(cw[:, 0] != 0, labels, torch.zeros_like(labels)).long()
-                total -= (log_q.gather(-1, safe[:, None]) * cw).sum()
-                grad_ce = log_q.exp_().mul_(cw)
-                grad_ce.scatter_add_(-1, safe[:, None], -cw)
-                grad_logits += grad_ce
+            d_rows = d_grad = ce_rows = ce_grad = None
+            if divergence_weight:
+                d_rows, d_grad = teacher_chunk(logits, start, stop)
+            if hard_label_weight:
+                ce_rows, ce_grad = cross_entropy_rows(
+                    logits, labels[start:stop], counted, ignore_index=ignore_index, dtype=acc, with_grad=True
+                )
+            mix = dict(divergence_weight=divergence_weight, hard_label_weight=hard_label_weight)
+            rows = kd_ce_combine(d_rows, ce_rows, **mix)
+            grad_logits = kd_ce_combine(d_grad, ce_grad, **mix)
+            total += torch.where(counted, rows, 0.0).mul(w).sum()
+            grad_logits = torch.where(counted[:, None], grad_logits * w[:, None], 0.0)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ linear.weight
             if grad_weight is not None:
@@ -109,23 +120,22 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         refuse_second_backward(ctx)
         grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], None, None, None, None, None, None
+        return grads[0], grads[1], grads[2], *([None] * 8)
 
 
 def fused_linear_loss(
+    *,
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     divergence="forward_kl",
-    *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     teacher_topk_indices: torch.Tensor | None = None,
     teacher_topk_logprobs: torch.Tensor | None = None,
     tail: str = "bucket",
     temperature: float = 1.0,
-    temperature_scaling: bool = False,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
@@ -135,34 +145,38 @@ def fused_linear_loss(
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     backend: str = "auto",
-    **divergence_params,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     r"""Distillation loss from hidden states, never materialising the ``[N, V]`` logits.
 
-    .. math:: \mathcal{L} = w_D\, \frac{s}{|M|} \sum_{n \in M} D\big(P_n \,\|\, Q_n\big)
-              \;+\; w_{CE}\, \frac{1}{|M|} \sum_{n \in M} -\log Q^{(T=1)}_n(y_n)
+    .. math:: \mathcal{L} = \frac{1}{|M|} \sum_{n \in M} \Big( w_D\, D\big(P_n \,\|\, Q_n\big)
+              \;+\; w_{CE}\, \big(-\log Q^{(T=1)}_n(y_n)\big) \Big)
 
     with ``Q_n = softmax((h^S_n W_S^T + b_S) / T)`` the student (model) and
     ``P_n = softmax((h^T_n W_T^T + b_T) / T)`` the teacher (target), or the sparse
     top-k teacher given by ``teacher_topk_indices`` / ``teacher_topk_logprobs``
-    (``tail`` as in :func:`fdiv.topk_token_loss`). ``s = T**2`` if
-    ``temperature_scaling``. The teacher side runs under ``no_grad``.
+    (``tail`` as in :func:`fdiv.topk_token_loss`). Both terms are taken over the same
+    counted rows ``M`` (:func:`~fdiv.kernels._rowmath.kd_ce_combine`). No ``T**2``
+    factor (kernels never scale; an objective passes ``divergence_weight * T**2``
+    for Hinton's convention). The teacher side runs under ``no_grad``.
 
     Rows are processed ``chunk_size`` at a time (default: from ``memory_budget``
     bytes of float32 chunk workspace); each chunk's logits are computed, turned into
-    a logit gradient by the divergence's pointwise forms, and immediately
-    contracted into the gradients of ``student_hidden``, ``student_weight`` and
-    ``student_bias`` (accumulated in float32). Peak extra memory: those gradients
-    plus one chunk.
+    a logit gradient by the divergence's pointwise forms and the softmax chain rule,
+    and immediately contracted into the gradients of ``student_hidden``,
+    ``student_weight`` and ``student_bias`` (accumulated in float32). Peak extra
+    memory: those gradients plus one chunk.
 
     Args:
         student_hidden: ``[N, H_s]``; student_weight: ``[V, H_s]``; student_bias: ``[V]`` or None.
         teacher_hidden: ``[N, H_t]``; teacher_weight: ``[V, H_t]``; teacher_bias: ``[V]`` or None.
+        divergence: an f-divergence: registered name or :class:`fdiv.FDivergence` instance.
         labels: ``[N]`` token ids; rows equal to ``ignore_index`` are not counted (or give ``mask``).
-        hard_label_weight: weight of the hard-label cross-entropy (needs ``labels``); the
-            cross-entropy uses the student logits at temperature 1.
-        divergence_weight: weight of the divergence term.
+        hard_label_weight: weight ``w_CE >= 0`` of the hard-label cross-entropy (needs ``labels``);
+            the cross-entropy uses the student logits at temperature 1.
+        divergence_weight: weight ``w_D >= 0`` of the divergence term (not both 0).
         reduction: ``"mean"`` over counted rows or ``"sum"``.
+        check_finite: as in :func:`fdiv.token_loss` (default on for CPU tensors only).
 
     Returns:
         A float32 scalar (float64 for float64 inputs). Half-precision inputs are multiplied
@@ -171,14 +185,16 @@ def fused_linear_loss(
     _check_linear(student_hidden, student_weight, student_bias, "student_hidden", "student_weight", "student_bias")
     sparse = teacher_topk_indices is not None or teacher_topk_logprobs is not None
     n, vocab = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
+    check_finite = resolve_check_finite(check_finite, device)
     if sparse:
         if teacher_hidden is not None or teacher_weight is not None:
             raise ValueError("give either teacher_hidden/teacher_weight or teacher_topk_indices/logprobs, not both")
         if teacher_topk_indices is None or teacher_topk_logprobs is None:
             raise ValueError("a sparse teacher needs both teacher_topk_indices and teacher_topk_logprobs")
-        check_topk(student_hidden.new_empty(n, vocab), teacher_topk_indices, teacher_topk_logprobs, "the logits")
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+        check_topk((n,), vocab, device, teacher_topk_indices, teacher_topk_logprobs, scan=check_finite,
+                   target="the logits of student_hidden @ student_weight.T")  # fmt: skip
+        tail = check_choice("tail", tail, TAILS)
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("teacher_hidden and teacher_weight are required (or a sparse top-k teacher)")
@@ -191,25 +207,26 @@ def fused_linear_loss(
             raise ValueError(
                 f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has V={teacher_weight.shape[0]}"
             )
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum' for fused_linear_loss, got {reduction!r}")
+        check_same_device("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    reduction = check_reduction(reduction)
+    if reduction == "none":
+        raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_loss, got 'none'")
+    hard_label_weight = check_nonnegative("hard_label_weight", hard_label_weight)
+    divergence_weight = check_nonnegative("divergence_weight", divergence_weight)
+    if hard_label_weight == 0 and divergence_weight == 0:
+        raise ValueError("hard_label_weight and divergence_weight are both 0: the loss would be identically 0")
     if hard_label_weight and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
-    divergence = get(divergence, **divergence_params)
-    if not isinstance(divergence, FDivergence):
-        raise ValueError(f"fused_linear_loss needs an f-divergence; {divergence.name!r} is not one")
+    divergence = as_divergence(divergence, f_divergence=True, caller="fused_linear_loss")
     inv_temperature = 1.0 / check_temperature(temperature)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    memory_budget = check_int("memory_budget", memory_budget, low=1)
+    backend = check_choice("backend", backend, ("auto", "eager", "compile"))
     if chunk_size is None:
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
-    elif isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    counted = counted_rows((n,), device, mask, labels, ignore_index, vocab)
     acc = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
-    scale = divergence_weight * (1.0 / inv_temperature**2 if temperature_scaling else 1.0)
-    weights = resolve_row_weights((n,), student_hidden.device, mask, labels, ignore_index, reduction, scale, acc)
-    ce_weights = None
-    if hard_label_weight:
-        ce_weights = resolve_row_weights((n,), student_hidden.device, mask, labels, ignore_index, reduction, 1.0, acc)
-        ce_weights = ce_weights * hard_label_weight
+    weights = row_weights(counted, n, reduction, acc, device)
 
     if sparse:
 
@@ -226,10 +243,9 @@ def fused_linear_loss(
 
     else:
         teacher_linear = _LinearFP32(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-        chosen = pick_backend(backend, n * vocab, student_hidden.device)
-        if chosen == "triton":
-            raise ValueError("fused_linear_loss supports backend 'auto', 'eager' or 'compile'")
-        kernels = ChunkKernels(divergence, chosen, False, student_hidden.device.type, chunk_size)
+        chosen = pick_backend(backend, n * vocab, device)
+        # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
+        kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
         def teacher_chunk(logits, start, stop):
             with torch.no_grad():
@@ -238,10 +254,16 @@ def fused_linear_loss(
             return rows, grad
 
     out = _FusedLinearLoss.apply(
-        student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ce_weights, chunk_size,
-        torch.is_grad_enabled(),
-    )
-    raise_if_nan_loss(out, "fused_linear_loss")
+        student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ignore_index,
+        divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(),
+    )  # fmt: skip
+    if check_finite:
+        named = {"student_hidden": student_hidden, "student_weight": student_weight}
+        if sparse:
+            named["teacher_topk_logprobs"] = teacher_topk_logprobs
+        else:
+            named.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
+        raise_if_nan(out, named)
     return out
 
 

@@ -26,27 +26,48 @@ import math
 
 import torch
 
-from ..math.base import check_float_tensor, check_temperature
+from .._validate import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    raise_if_nan,
+)
 from ..math.generators import FDivergence
-from ..math.registry import get
-from .token import apply_chunked, chunk_runner, default_chunk_size, raise_if_nan_loss, resolve_row_weights
+from ..math.registry import as_divergence
+from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights, softmax_backward
+from .token import apply_chunked, chunk_runner, default_chunk_size
 
 TAILS = ("bucket", "renormalize")
 
 
-def check_topk(student_logits, indices, logprobs, student_name="student_logits"):
-    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32):
-        raise ValueError("teacher_topk_indices must be an int64/int32 tensor of token ids")
-    check_float_tensor("teacher_topk_logprobs", logprobs)
-    leading = student_logits.shape[:-1]
-    if indices.shape[:-1] != leading or logprobs.shape != indices.shape:
+def check_topk(leading, vocab: int, device, indices, logprobs, *, scan: bool = True, target: str = "student_logits"):
+    """The top-k teacher contract (kernel-specific, built from :mod:`fdiv._validate`).
+
+    ``teacher_topk_indices`` int64/int32 and ``teacher_topk_logprobs`` floating, both
+    ``[*leading, k]`` on ``device``. With ``scan`` (a host sync on accelerators), also: ids in
+    ``[0, vocab)``, distinct within a row, log-probabilities ``<= 0``.
+    """
+    check_tensor("teacher_topk_indices", indices, floating=False, min_dim=1)
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ArgumentTypeError(f"teacher_topk_indices must be an int64/int32 tensor of token ids, got {indices.dtype}")
+    check_tensor("teacher_topk_logprobs", logprobs, min_dim=1)
+    leading = tuple(leading)
+    if tuple(indices.shape[:-1]) != leading or logprobs.shape != indices.shape:
         raise ValueError(
             f"teacher_topk_indices {tuple(indices.shape)} and teacher_topk_logprobs {tuple(logprobs.shape)} "
-            f"must both have shape {(*leading, 'k')} to match {student_name} {tuple(student_logits.shape)}"
+            f"must both have shape {(*leading, 'k')} to match {target}"
         )
-    vocab = student_logits.shape[-1]
+    if indices.device != torch.device(device):
+        raise ValueError(f"device mismatch: teacher_topk_indices is on {indices.device}, {target} on {device}")
+    check_same_device("teacher_topk_indices", indices, "teacher_topk_logprobs", logprobs)
+    if not scan:
+        return
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
-        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), the {student_name} vocabulary")
+        raise ValueError(f"teacher_topk_indices must lie in [0, {vocab}), the vocabulary of {target}")
     if indices.shape[-1] > 1:
         ordered = indices.sort(dim=-1).values
         if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
@@ -72,7 +93,7 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
         b_k = torch.log_softmax(z_k, dim=-1)
         a_hat = a_k - torch.logsumexp(a_k, dim=-1, keepdim=True)
         value, _, grad_b = divergence.masked_log_forms(a_hat, b_k)
-        grad_k = (grad_b - b_k.exp() * grad_b.sum(-1, keepdim=True)) * inv_temperature
+        grad_k = softmax_backward(grad_b, b_k, scale=inv_temperature)
         grad = torch.zeros_like(z).scatter_(-1, idx, grad_k)
         return value.sum(-1), grad, None
     log_q = torch.log_softmax(z, dim=-1)
@@ -82,78 +103,79 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
     a_tail = _log1m_exp(torch.logsumexp(a_k, dim=-1, keepdim=True))
     value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]
-    # d b_tail / d log q_v = q_v / q_tail outside the top-k; then the softmax chain rule
-    q = log_q.exp()
+    # d b_tail / d log q_v = q_v / q_tail outside the top-k; then the softmax chain rule, whose
+    # sum_i g_i over the full vocabulary is the sum over the k + 1 coarsened outcomes
     per_mass = torch.where(b_tail > -math.inf, g_tail * torch.exp(-b_tail), torch.zeros_like(g_tail))
-    grad_log_q = (q * per_mass).scatter_(-1, idx, g_k)
-    total = grad_b.sum(-1, keepdim=True)
-    grad = (grad_log_q - q * total) * inv_temperature
+    grad_log_q = (log_q.exp() * per_mass).scatter_(-1, idx, g_k)
+    grad = softmax_backward(grad_log_q, log_q, grad_sum=grad_b.sum(-1, keepdim=True), scale=inv_temperature)
     return value.sum(-1), grad, None
 
 
 def topk_token_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
     divergence="forward_kl",
-    *,
     tail: str = "bucket",
     temperature: float = 1.0,
-    temperature_scaling: bool = False,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
-    **divergence_params,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     r"""Token loss ``D(P_teacher || Q_student)`` against a sparse top-k teacher.
 
     Args:
-        student_logits: ``[..., V]`` model logits; ``temperature`` divides them.
-        teacher_topk_indices: ``[..., k]`` token ids (distinct within a row).
-        teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids, normalised over
+        student_logits: ``[..., V]`` model (Q) logits; ``temperature`` divides them.
+        teacher_topk_indices: ``[..., k]`` token ids (distinct within a row), int64 or int32.
+        teacher_topk_logprobs: ``[..., k]`` the teacher's (P) log-probabilities of those ids, normalised over
             the full vocabulary at the distillation temperature (store them that way: the
             temperature is not re-applied to the teacher).
-        divergence: any registered f-divergence (``**divergence_params`` build it).
+        divergence: an f-divergence: registered name or :class:`fdiv.FDivergence` instance
+            (``divergence=fdiv.get("js", beta=0.3)``).
         tail: ``"bucket"`` or ``"renormalize"`` — see :mod:`fdiv.kernels.sparse`.
-        mask / labels / ignore_index / reduction / temperature_scaling / chunk_size: as in
-            :func:`fdiv.token_loss`.
+        mask / labels / ignore_index / reduction / chunk_size: as in :func:`fdiv.token_loss`
+            (no ``T**2`` factor: kernels never scale).
+        check_finite: as in :func:`fdiv.token_loss`; it also gates the scans of the top-k ids
+            (range, repeats) and of ``log p <= 0`` (default on for CPU tensors only).
 
     Returns:
         The loss (float32; float64 for float64 inputs); gradient w.r.t. ``student_logits`` only.
     """
-    check_float_tensor("student_logits", student_logits)
-    check_topk(student_logits, teacher_topk_indices, teacher_topk_logprobs)
-    if tail not in TAILS:
-        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
-    divergence = get(divergence, **divergence_params)
-    if not isinstance(divergence, FDivergence):
-        raise ValueError(f"topk_token_loss needs an f-divergence; {divergence.name!r} is not one")
-    inv_temperature = 1.0 / check_temperature(temperature)
+    check_tensor("student_logits", student_logits, min_dim=1)
     leading, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError("student_logits has an empty vocabulary (size 0 along dim=-1)")
+    check_finite = resolve_check_finite(check_finite, student_logits.device)
+    check_topk(leading, vocab, student_logits.device, teacher_topk_indices, teacher_topk_logprobs, scan=check_finite)
+    tail = check_choice("tail", tail, TAILS)
+    divergence = as_divergence(divergence, f_divergence=True, caller="topk_token_loss")
+    inv_temperature = 1.0 / check_temperature(temperature)
+    reduction = check_reduction(reduction)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
     k = teacher_topk_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     indices = teacher_topk_indices.reshape(-1, k)
     logprobs = teacher_topk_logprobs.reshape(-1, k)
     n = student.shape[0]
     chunk_size = chunk_size or default_chunk_size(n, vocab)
-    scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
+    weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
 
     def kernel(start, stop):
         return sparse_chunk(
             divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail
         )
 
-    run_chunk = chunk_runner(kernel)
-
-    out = apply_chunked(student, None, run_chunk, weights, reduction, chunk_size)
+    out = apply_chunked(student, None, chunk_runner(kernel), weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
-    raise_if_nan_loss(out, "topk_token_loss")
+    if check_finite:
+        raise_if_nan(out, {"student_logits": student_logits, "teacher_topk_logprobs": teacher_topk_logprobs})
     return out
 
 
-__all__ = ["topk_token_loss", "sparse_chunk", "TAILS"]
+__all__ = ["topk_token_loss", "sparse_chunk", "check_topk", "TAILS"]

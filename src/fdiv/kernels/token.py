@@ -6,11 +6,18 @@ import math
 
 import torch
 
-from ..math.base import check_float_tensor, check_temperature
-from ..math.registry import get
+from .._validate import (
+    check_choice,
+    check_int,
+    check_logit_pair,
+    check_reduction,
+    check_temperature,
+    raise_if_nan,
+)
+from ..math.registry import as_divergence
 from ._chunk import chunk_function
+from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights
 
-REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "eager", "compile", "triton")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
 #: one-off compile time (seconds) outweighs the saving.
@@ -27,59 +34,10 @@ def default_chunk_size(rows: int, vocab: int, backend: str = "eager") -> int:
     return max(1, min(rows, elements // max(vocab, 1)))
 
 
-def resolve_row_weights(
-    leading_shape, device, mask, labels, ignore_index, reduction: str, scale: float, dtype=torch.float32
-):
-    """Per-row weights ``w`` so that the loss is ``sum_rows w * D_row`` (or ``w * D_row`` for "none").
-
-    "mean" averages over counted rows (a documented 0 when none is counted), "sum"
-    adds them, "none" returns every row with uncounted rows set to 0.
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if mask is not None and labels is not None:
-        raise ValueError("give either mask= or labels= (with ignore_index), not both")
-    n = math.prod(leading_shape)
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.shape != tuple(leading_shape):
-            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be a tensor of shape {tuple(leading_shape)}, got {got}")
-        mask = labels != ignore_index
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor (True = counted)")
-        if mask.shape != tuple(leading_shape):
-            raise ValueError(f"mask must have shape {tuple(leading_shape)}, got {tuple(mask.shape)}")
-        weights = mask.reshape(n).to(device=device, dtype=dtype)
-    else:
-        weights = torch.ones(n, device=device, dtype=dtype)
-    if reduction == "mean":
-        weights = weights / weights.sum().clamp_min(1.0)
-    return weights * scale
-
-
-def check_logit_pair(student, teacher, student_name="student_logits", teacher_name="teacher_logits"):
-    check_float_tensor(student_name, student)
-    check_float_tensor(teacher_name, teacher)
-    if student.dim() < 1:
-        raise ValueError(f"{student_name} must have a vocabulary dimension, got a scalar")
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"vocabulary mismatch: {student_name} has V={student.shape[-1]}, {teacher_name} has V={teacher.shape[-1]}"
-        )
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"shape mismatch: {student_name} {tuple(student.shape)} vs {teacher_name} {tuple(teacher.shape)}"
-        )
-    if student.device != teacher.device:
-        raise ValueError(f"device mismatch: {student_name} on {student.device}, {teacher_name} on {teacher.device}")
-
-
 def pick_backend(backend: str, elements: int, device: torch.device, student=None, teacher=None, divergence=None) -> str:
     """``auto``: the Triton kernel on CUDA where it supports the divergence and dtype, else
     ``compile`` from ``COMPILE_MIN_ELEMENTS`` logits on, else ``eager``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "triton":
         from . import triton_kernel
 
@@ -110,7 +68,8 @@ class ChunkedLogitsLoss(torch.autograd.Function):
     ``run_chunk(start, stop, w, out_student, out_teacher)`` returns the unweighted row losses of rows
     ``start:stop`` and writes ``w * gradient`` into the given gradient slices (None when not wanted);
     :func:`store_weighted` does that for kernels that return their gradients. Chunks whose rows all
-    have weight 0 are skipped (their gradient is 0 even if the rows hold garbage).
+    have weight 0 are skipped on CPU (their gradient is 0 even if the rows hold garbage); on other
+    devices every chunk runs and uncounted rows are zeroed by ``torch.where`` (no host sync per chunk).
     """
 
     @staticmethod
@@ -119,11 +78,12 @@ class ChunkedLogitsLoss(torch.autograd.Function):
         grad_student = torch.empty_like(student) if wants_grad(student) else None
         grad_teacher = torch.empty_like(teacher) if wants_grad(teacher) else None
         rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
+        may_skip = weights.device.type == "cpu"  # bool() of a CPU tensor does not sync a device
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             w = weights[start:stop, None]
             slices = [None if g is None else g[start:stop] for g in (grad_student, grad_teacher)]
-            if not bool(w.any()):
+            if may_skip and not bool(w.any()):
                 for grad in slices:
                     if grad is not None:
                         grad.zero_()
@@ -150,7 +110,7 @@ def store_weighted(grad, w, out) -> None:
     """``out = w * grad`` with rows of weight 0 set to 0 (even where ``grad`` is NaN)."""
     if out is None:
         return
-    if bool(w.all()):
+    if w.device.type == "cpu" and bool(w.all()):
         if grad.dtype == out.dtype:
             torch.mul(grad, w, out=out)
         else:
@@ -200,11 +160,16 @@ class TritonTokenLoss(torch.autograd.Function):
     """One Triton launch over all rows: the row losses and the weighted logit gradients."""
 
     @staticmethod
-    def forward(ctx, student, teacher, divergence, inv_temperature, weights, reduction):
+    def forward(ctx, student, teacher, divergence, temperature, weights, reduction):
         from .triton_kernel import triton_token_rows
 
         rows, grad_student, grad_teacher = triton_token_rows(
-            student, teacher, divergence, inv_temperature, weights.float(), wants_grad(teacher),
+            student_logits=student,
+            teacher_logits=teacher,
+            divergence=divergence,
+            temperature=temperature,
+            row_weights=weights.float(),
+            teacher_grad=wants_grad(teacher),
             student_grad=wants_grad(student),
         )
         ctx.reduction = reduction
@@ -229,8 +194,9 @@ class ChunkKernels:
     """Picks the chunk kernel for a pair of logit chunks: eager or compiled (``backend``; the ragged
     last chunk runs eager so no second shape is compiled), masked forms only where ``-inf`` occurs.
 
-    On CPU each chunk is checked for ``-inf`` (cheap: the chunk is in cache); on other devices
-    ``global_masked`` covers all chunks (no sync per chunk).
+    ``global_masked=None`` checks each chunk for ``-inf`` (cheap on CPU: the chunk is in cache;
+    a host sync per chunk elsewhere, so accelerators pass a bool); ``True`` runs the masked forms
+    everywhere (exact on finite inputs too, no data-dependent branch), ``False`` the plain forms.
     """
 
     def __init__(self, divergence, backend, teacher_grad, device_type, chunk_size, global_masked=None):
@@ -250,7 +216,16 @@ class ChunkKernels:
         return self._cache[(mode, masked)](student_chunk, teacher_chunk, inv_temperature)
 
 
-def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, chunk_size):
+def global_masked_flag(check_finite: bool, device_type: str, *tensors):
+    """The ``global_masked`` of :class:`ChunkKernels`: with ``check_finite``, per chunk on CPU
+    (None) and one scan of the whole inputs elsewhere; without it, the masked forms everywhere
+    (True: no scan, no host sync)."""
+    if not check_finite:
+        return True
+    return None if device_type == "cpu" else has_masked_entries(*tensors)
+
+
+def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, chunk_size, check_finite=True):
     """``run_chunk`` for dense teacher logits through :class:`ChunkKernels`."""
     device = student.device.type
     kernels = ChunkKernels(
@@ -259,7 +234,7 @@ def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, c
         teacher.requires_grad and torch.is_grad_enabled(),
         device,
         chunk_size,
-        None if device == "cpu" else has_masked_entries(student, teacher),
+        global_masked_flag(check_finite, device, student, teacher),
     )
 
     def run(start, stop, w, out_student, out_teacher):
@@ -272,44 +247,45 @@ def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, c
 
 
 def token_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     divergence="forward_kl",
-    *,
     temperature: float = 1.0,
-    temperature_scaling: bool = False,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str = "auto",
-    **divergence_params,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     r"""Per-token divergence ``D(P_teacher || Q_student)`` between two logit tensors, chunked.
 
-    .. math:: \mathcal{L} = \frac{s}{|M|} \sum_{n \in M} D\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big),
-              \quad s = T^2 \text{ if temperature_scaling else } 1
+    .. math:: \mathcal{L} = \frac{1}{|M|} \sum_{n \in M} D\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big)
 
     **P is the teacher (target), Q the student (model)**: ``"forward_kl"`` is
     Hinton's KD loss KL(teacher || student), ``"reverse_kl"`` is KL(student || teacher).
+    A kernel never multiplies by ``T**2``: objectives that offer Hinton's factor
+    (:func:`fdiv.distill.kd_loss` with ``temperature_scaling=True``) apply it.
 
     The rows are processed ``chunk_size`` at a time and the gradient w.r.t. the
     student (and the teacher, if it requires grad) is computed during the forward
-    pass from the generator's pointwise forms, so no autograd graph of ``[N, V]``
-    intermediates is built: peak extra memory is the gradient plus one chunk of
-    float32 workspace. Any registered divergence works; f-divergences use the
-    pointwise-form template, others (``renyi``) an autograd pass per chunk.
+    pass from the generator's pointwise forms and the softmax chain rule, so no
+    autograd graph of ``[N, V]`` intermediates is built: peak extra memory is the
+    gradient plus one chunk of float32 workspace. Any registered divergence works;
+    f-divergences use the pointwise-form template, others (``renyi``) an autograd
+    pass per chunk.
 
     Args:
-        student_logits: ``[..., V]`` model logits (any float dtype; bf16/fp16 are computed in fp32).
-        teacher_logits: ``[..., V]`` target logits, same shape. ``-inf`` marks masked vocabulary entries.
-        divergence: registered name, alias or :class:`fdiv.Divergence`; ``**divergence_params`` build it
-            (``token_loss(s, t, "js", beta=0.1)``).
+        student_logits: ``[..., V]`` model (Q) logits (any float dtype; bf16/fp16 are computed in fp32).
+        teacher_logits: ``[..., V]`` target (P) logits, same shape and device. ``-inf`` marks masked
+            vocabulary entries.
+        divergence: a registered name (or alias) or a :class:`fdiv.Divergence` instance; parameters
+            travel inside the instance: ``divergence=fdiv.get("js", beta=0.1)``.
         temperature: ``T > 0`` dividing both logits.
-        temperature_scaling: multiply the loss by ``T**2`` (Hinton et al., 2015) so gradient
-            magnitudes do not shrink with ``T``. Off by default (TRL, Liger and ModelOpt omit it).
-        mask: bool ``[...]``, True = counted. Or ``labels`` ``[...]`` with ``ignore_index``.
+        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted. Or ``labels`` ``[...]``
+            with ``ignore_index`` (not both).
         reduction: ``"mean"`` over counted tokens (0 when none is counted, with zero gradient),
             ``"sum"``, or ``"none"`` (shape ``[...]``, uncounted tokens 0).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4 MiB.
@@ -317,50 +293,61 @@ def token_loss(
             Inductor-generated Triton on GPU), ``"triton"`` (the hand-written kernel of
             :mod:`fdiv.kernels.triton_kernel`: one launch, no chunking) or ``"auto"`` (Triton on CUDA where
             supported, else compile from 2**24 logits on, else eager; ``FDIV_COMPILE=0`` disables compiling).
+        check_finite: scan the data: pick the plain or the ``-inf``-aware forms by looking for ``-inf``
+            (per chunk on CPU, once elsewhere) and raise ValueError naming the input when the loss is
+            NaN. ``None`` (default): on for CPU tensors, off otherwise — then the ``-inf``-aware forms
+            always run (same numbers on finite inputs), a NaN loss is returned as is and no step
+            synchronises the device with the host.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.
         Gradients come back in the input dtype. Backward may be called once.
 
+    Example::
+
+        >>> import torch, fdiv
+        >>> s = torch.tensor([[0.0, 1.0, 2.0]]); t = torch.tensor([[2.0, 1.0, 0.0]])
+        >>> ref = fdiv.get("js", beta=0.3)(t, s)
+        >>> got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.3))
+        >>> torch.allclose(got, ref.mean())
+        True
+
     References:
         Hinton, Vinyals & Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
-    check_logit_pair(student_logits, teacher_logits)
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits has an empty vocabulary (V = 0)")
-    divergence = get(divergence, **divergence_params)
-    inv_temperature = 1.0 / check_temperature(temperature)
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    divergence = as_divergence(divergence, caller="token_loss")
+    temperature = check_temperature(temperature)
+    inv_temperature = 1.0 / temperature
+    reduction = check_reduction(reduction)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     leading = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    check_finite = resolve_check_finite(check_finite, student_logits.device)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     n = student.shape[0]
     chosen = pick_backend(backend, n * vocab, student.device, student, teacher, divergence)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, chosen)
-    elif isinstance(chunk_size, bool) or not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    weights = resolve_row_weights(leading, student.device, mask, labels, ignore_index, reduction, scale, dtype)
-    if chosen == "triton":
-        grad_on = torch.is_grad_enabled()
-        pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
-        out = TritonTokenLoss.apply(*pair, divergence, inv_temperature, weights, reduction)
-    else:
-        run_chunk = dense_chunk_runner(student, teacher, divergence, inv_temperature, chosen, chunk_size)
-        out = apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
+    weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
+    out = _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, chosen, check_finite)
     if reduction == "none":
         out = out.reshape(leading)
-    raise_if_nan_loss(out, "token_loss")
+    if check_finite:
+        raise_if_nan(out, {"student_logits": student_logits, "teacher_logits": teacher_logits})
     return out
 
 
-def raise_if_nan_loss(out, caller):
-    if torch.isnan(out).any():
-        raise ValueError(
-            f"{caller} is NaN: the logits contain NaN or +inf, or a counted row whose entries are all -inf"
-        )
+def _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, backend, check_finite):
+    """The core of :func:`token_loss` on ``[N, V]`` rows with resolved, checked arguments."""
+    if backend == "triton":
+        grad_on = torch.is_grad_enabled()
+        pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
+        return TritonTokenLoss.apply(*pair, divergence, temperature, weights, reduction)
+    run_chunk = dense_chunk_runner(student, teacher, divergence, 1.0 / temperature, backend, chunk_size, check_finite)
+    return apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
 
 
 __all__ = ["token_loss", "default_chunk_size"]

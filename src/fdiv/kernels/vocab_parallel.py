@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..math.base import check_temperature
+from .._validate import check_temperature
 from ..math.generators import FDivergence
 from ..math.registry import get
 from .token import REDUCTIONS, check_logit_pair, default_chunk_size, has_masked_entries, resolve_row_weights

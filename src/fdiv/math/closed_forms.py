@@ -1,9 +1,12 @@
 r"""Closed-form divergences between ``torch.distributions`` objects.
 
-``closed_form(name, p, q, **params)`` returns ``D_name(P || Q)`` with **P the
+``closed_form(divergence, p=target, q=model)`` returns ``D(P || Q)`` with **P the
 target** (data, teacher, prior) and **Q the model**, the orientation used
-everywhere in fdiv. The result has the broadcast batch shape of ``p`` and ``q``
-and is differentiable with respect to the distribution parameters.
+everywhere in fdiv. ``divergence`` is a registered name or a built instance;
+parameters such as ``alpha`` come from the instance
+(``closed_form(fdiv.get("renyi", alpha=2.0), p=p, q=q)``). The result has the
+broadcast batch shape of ``p`` and ``q`` and is differentiable with respect to
+the distribution parameters.
 
 Implementations live in a registry keyed by ``(name, type_p, type_q)``;
 dispatch picks the most specific registered pair along both MROs, as
@@ -20,8 +23,8 @@ Built in:
   everything else derives from the log Chernoff coefficient
   ``log c_a(P, Q) = log ∫ p^a q^(1-a)``.
 * ``Categorical``/``Categorical`` and ``OneHotCategorical``/``OneHotCategorical``
-  for every divergence registered in fdiv, by delegating to
-  ``fdiv.get(name, **params).from_log_probs``.
+  for every divergence registered in fdiv (and any instance you pass), by
+  delegating to the divergence instance's own ``from_log_probs``.
 
 Where a Gaussian integral diverges (``a Σ_q + (1 - a) Σ_p`` not positive
 definite, which can only happen for ``a > 1`` or ``a < 0``) the result is
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from typing import Callable, Container, NamedTuple
 
@@ -55,6 +57,11 @@ from torch.distributions import (
     Normal,
     OneHotCategorical,
 )
+
+from .._validate import ArgumentTypeError
+from ._numerics import compute_dtype
+from .base import Divergence
+from .registry import as_divergence, available, resolve
 
 __all__ = [
     "CLOSED_FORM_DIVERGENCES",

@@ -65,7 +65,7 @@ import math
 
 import torch
 
-from ..math.base import check_float_tensor
+from .._validate import check_tensor as check_float_tensor
 from ..math._numerics import compute_dtype
 from ._shared import check_same_layout
 

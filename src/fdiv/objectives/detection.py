@@ -31,7 +31,8 @@ function                                   what it computes
 :func:`build_reference_frequencies`        ``p'``: Laplace-smoothed token frequencies ``[V]`` from counts or
                                            token ids
 :func:`dcpdd_score`                        ``beta`` per text, from token log-probs ``[n]`` or ``[B, n]``
-:func:`dcpdd_score_batch`                  ``beta`` per text of a tokenised batch, scored by a HF causal LM
+:func:`fdiv.integrations.hf.dcpdd_score_batch`  ``beta`` per text of a tokenised batch, scored by a HF causal
+                                           LM (layer 4: it runs the model)
 =========================================  ================================================================
 
 Reference: W. Zhang, R. Zhang, J. Guo, M. de Rijke, Y. Fan, X. Cheng (2024), "Pretraining
@@ -47,39 +48,36 @@ from collections.abc import Iterable
 
 import torch
 
-from ..math.base import check_float_tensor
+from .._validate import (
+    ArgumentTypeError,
+    check_bool,
+    check_int,
+    check_mask,
+    check_positive,
+    check_same_device,
+    check_tensor,
+)
 
-__all__ = ["build_reference_frequencies", "dcpdd_score", "dcpdd_score_batch"]
-
-IGNORE_INDEX = -100
+__all__ = ["build_reference_frequencies", "dcpdd_score"]
 
 
-# --------------------------------------------------------------------------- checks
-def _check_ids(name: str, ids) -> torch.Tensor:
+def _check_token_ids(name: str, ids) -> torch.Tensor:
+    """An integer tensor of token ids (range checked by the caller, on its counted positions).
+
+    Specific to token ids masked by a bool ``mask`` (``check_labels`` exempts an
+    ``ignore_index`` value instead, which would let that id through at a counted position).
+    """
     if not isinstance(ids, torch.Tensor):
-        raise ValueError(f"{name} must be an integer tensor of token ids, got {type(ids).__name__}")
+        raise ArgumentTypeError(f"{name} must be an integer tensor of token ids, got {type(ids).__name__}")
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise ValueError(f"{name} must have an integer dtype (token ids), got {ids.dtype}")
+        raise ArgumentTypeError(f"{name} must have an integer dtype (token ids), got {ids.dtype}")
     return ids
-
-
-def _check_clip(a) -> float:
-    # The authors' argparse passes a as the string "0.01"; accept numeric strings the same way.
-    if isinstance(a, bool):
-        raise ValueError(f"a must be a number > 0, got {a!r}")
-    try:
-        out = float(a)
-    except (TypeError, ValueError):
-        raise ValueError(f"a must be a number > 0 (or inf for no clipping), got {a!r}") from None
-    if not out > 0:  # also NaN
-        raise ValueError(f"a must be a number > 0 (or inf for no clipping), got {a!r}")
-    return out
 
 
 # --------------------------------------------------------------------------- reference frequencies
 def build_reference_frequencies(
-    counts: torch.Tensor | None = None,
     *,
+    counts: torch.Tensor | None = None,
     token_ids=None,
     vocab_size: int | None = None,
     laplace: bool = True,
@@ -124,27 +122,19 @@ def build_reference_frequencies(
 
         >>> import torch
         >>> from fdiv.objectives.detection import build_reference_frequencies
-        >>> build_reference_frequencies(torch.tensor([3, 0, 1]))   # (c + 1) / (4 + 3)
+        >>> build_reference_frequencies(counts=torch.tensor([3, 0, 1]))   # (c + 1) / (4 + 3)
         tensor([0.5714, 0.1429, 0.2857], dtype=torch.float64)
     """
-    if not isinstance(laplace, bool):
-        raise ValueError(f"laplace must be True or False, got {laplace!r}")
+    check_bool("laplace", laplace)
     if (counts is None) == (token_ids is None):
         raise ValueError("give exactly one of counts= ([V] token counts) and token_ids= (with vocab_size=)")
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0):
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    if max_tokens_per_document is not None and (
-        isinstance(max_tokens_per_document, bool)
-        or not isinstance(max_tokens_per_document, int)
-        or max_tokens_per_document <= 0
-    ):
-        raise ValueError(f"max_tokens_per_document must be a positive int, got {max_tokens_per_document!r}")
+    check_int("vocab_size", vocab_size, low=1, allow_none=True)
+    check_int("max_tokens_per_document", max_tokens_per_document, low=1, allow_none=True)
 
     if counts is not None:
-        if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
-            raise ValueError("counts must be a 1-D real tensor [V] of token counts")
+        check_tensor("counts", counts, floating=False, dim=1)
         if counts.dtype == torch.bool or counts.is_complex():
-            raise ValueError("counts must be a 1-D real tensor [V] of token counts")
+            raise ArgumentTypeError(f"counts must be a real tensor [V] of token counts, got {counts.dtype}")
         if counts.numel() == 0:
             raise ValueError("counts is empty (V = 0)")
         if vocab_size is not None and vocab_size != counts.numel():
@@ -166,7 +156,7 @@ def build_reference_frequencies(
         total = torch.zeros(vocab_size, dtype=torch.float64)
         for doc in documents:
             ids = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
-            ids = _check_ids("token_ids", ids).reshape(-1).cpu()
+            ids = _check_token_ids("token_ids", ids).reshape(-1).cpu()
             if max_tokens_per_document is not None:
                 ids = ids[:max_tokens_per_document]
             if ids.numel() == 0:
@@ -195,10 +185,10 @@ def _first_occurrence(ids: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
 
 
 def dcpdd_score(
+    *,
     token_logprobs: torch.Tensor,
     token_ids: torch.Tensor,
     reference_frequencies: torch.Tensor,
-    *,
     a: float = 0.01,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -225,12 +215,13 @@ def dcpdd_score(
 
     Args:
         token_logprobs: ``[n]`` or ``[B, n]`` log-probabilities (``<= 0``) of the tokens.
-        token_ids: integer ids of the same tokens, same shape, in ``[0, V)``.
+        token_ids: integer ids of the same tokens, same shape and device, in ``[0, V)``.
         reference_frequencies: ``[V]`` non-negative frequencies ``p'`` (e.g.
-            :func:`build_reference_frequencies`).
+            :func:`build_reference_frequencies`); moved to the device of ``token_logprobs``.
         a: clipping constant ``> 0`` (default 0.01; numeric strings are accepted, as the
             authors' argparse passes ``"0.01"``).
-        mask: optional bool ``[n]`` / ``[B, n]``, True = counted (padding False).
+        mask: optional ``[n]`` / ``[B, n]`` bool (or 0/1) tensor on the device of
+            ``token_logprobs``, True = counted (padding False); masked positions are never read.
 
     Returns:
         ``beta``: a 0-dim tensor for ``[n]`` inputs, ``[B]`` for ``[B, n]``; float64 if
@@ -248,35 +239,31 @@ def dcpdd_score(
         >>> from fdiv.objectives.detection import dcpdd_score
         >>> ref = torch.full((10,), 0.05); ref[7], ref[9] = 0.1, 0.01
         >>> logp = torch.tensor([0.5, 0.2, 0.5]).log(); ids = torch.tensor([7, 9, 7])
-        >>> round(dcpdd_score(logp, ids, ref, a=1.0).item(), 6)   # mean(min(0.5 ln 10, 1), 0.2 ln 100)
+        >>> beta = dcpdd_score(token_logprobs=logp, token_ids=ids, reference_frequencies=ref, a=1.0)
+        >>> round(beta.item(), 6)   # mean(min(0.5 ln 10, 1), 0.2 ln 100)
         0.960517
     """
-    check_float_tensor("token_logprobs", token_logprobs)
-    _check_ids("token_ids", token_ids)
-    check_float_tensor("reference_frequencies", reference_frequencies)
+    check_tensor("token_logprobs", token_logprobs)
+    _check_token_ids("token_ids", token_ids)
+    check_tensor("reference_frequencies", reference_frequencies)
     if token_logprobs.dim() not in (1, 2):
         raise ValueError(f"token_logprobs must be [n] or [B, n], got shape {tuple(token_logprobs.shape)}")
     if token_ids.shape != token_logprobs.shape:
         raise ValueError(
-            f"token_ids must have the shape of token_logprobs: got {tuple(token_ids.shape)} and "
-            f"{tuple(token_logprobs.shape)}"
+            f"token_ids must have the shape of token_logprobs {tuple(token_logprobs.shape)}, "
+            f"got {tuple(token_ids.shape)}"
         )
     if reference_frequencies.dim() != 1 or reference_frequencies.numel() == 0:
         shape = tuple(reference_frequencies.shape)
         raise ValueError(f"reference_frequencies must be a non-empty [V] tensor, got shape {shape}")
-    clip = _check_clip(a)
+    # The authors' argparse passes a as the string "0.01": check_number's float() accepts numeric strings too.
+    clip = check_positive("a", a, allow_inf=True)
+    check_same_device("token_logprobs", token_logprobs, "token_ids", token_ids)
+    mask = check_mask(mask, token_logprobs.shape, token_logprobs.device)
     single = token_logprobs.dim() == 1
     logp = token_logprobs.detach().reshape(1, -1) if single else token_logprobs.detach()
     ids = token_ids.reshape(1, -1) if single else token_ids
-    if mask is None:
-        counted = torch.ones_like(logp, dtype=torch.bool)
-    else:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError("mask must be a bool tensor (True = counted)")
-        if mask.shape != token_logprobs.shape:
-            raise ValueError(f"mask must have shape {tuple(token_logprobs.shape)}, got {tuple(mask.shape)}")
-        counted = mask.reshape(logp.shape).to(logp.device)
-    ids = ids.to(logp.device)
+    counted = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.reshape(logp.shape)
     ref = reference_frequencies.detach().to(device=logp.device, dtype=torch.float64)
     if bool(torch.isnan(ref).any()) or bool((ref < 0).any()):
         raise ValueError("reference_frequencies must be non-negative (no NaN)")
@@ -307,60 +294,3 @@ def dcpdd_score(
     beta = torch.where(keep, alpha, torch.zeros_like(alpha)).sum(1) / keep.sum(1)
     beta = beta.to(dtype)
     return beta[0] if single else beta
-
-
-def dcpdd_score_batch(
-    model,
-    batch: dict,
-    reference_frequencies: torch.Tensor,
-    *,
-    a: float = 0.01,
-    ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
-    r"""DC-PDD scores ``[B]`` of a tokenised text batch under a Hugging Face causal LM.
-
-    Runs :func:`fdiv.integrations.hf.token_logps` under ``torch.no_grad`` with the model
-    in eval mode (its training flag is restored afterwards), then :func:`dcpdd_score`
-    on the predicted tokens. Every attended token of a text except its first is scored,
-    unless ``batch["labels"]`` says otherwise (``ignore_index`` = not scored).
-
-    Args:
-        model: a causal LM returning ``.logits`` ``[B, L, V]``; ``V`` must not exceed the
-            length of ``reference_frequencies`` for the ids that occur.
-        batch: ``input_ids`` ``[B, L]`` and optionally ``attention_mask`` (left or right
-            padding) and ``labels``, e.g. ``tokenizer(texts, return_tensors="pt", padding=True)``.
-            If the tokenizer prepends a BOS token, it is the unscored first position.
-        reference_frequencies: ``[V]`` frequencies ``p'`` built with the **same tokenizer**.
-        a: clipping constant of :func:`dcpdd_score`.
-
-    Returns:
-        float32 ``[B]`` scores (larger = more likely a training member).
-    """
-    from ..integrations.hf import token_logps  # transformers is optional: import on use
-
-    if not isinstance(batch, dict) and not hasattr(batch, "keys"):
-        raise ValueError(f"batch must be a dict with input_ids (and attention_mask), got {type(batch).__name__}")
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ValueError("batch['input_ids'] must be a [B, L] tensor of token ids")
-    if ids.shape[1] < 2:
-        raise ValueError("batch['input_ids'] needs at least 2 tokens per text (the first is not predicted)")
-    local = dict(batch)
-    if local.get("labels") is None:
-        attention = local.get("attention_mask")
-        labels = ids.clone()
-        if attention is not None:
-            labels = labels.masked_fill(attention.to(ids.device) == 0, ignore_index)
-        local["labels"] = labels
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        with torch.no_grad():
-            scored = token_logps(model, local, ignore_index=ignore_index)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
-    targets = local["labels"][:, 1:].to(scored.logps.device)
-    targets = torch.where(scored.mask, targets, torch.zeros_like(targets))
-    return dcpdd_score(scored.logps, targets, reference_frequencies, a=a, mask=scored.mask)

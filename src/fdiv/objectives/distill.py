@@ -36,11 +36,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.token import check_logit_pair, default_chunk_size, token_loss
-from ..math.base import check_float_tensor, check_reduction, check_temperature
-from ..math.registry import get
+from .._validate import (
+    ArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_finite,
+    check_int,
+    check_labels,
+    check_logit_pair,
+    check_mask,
+    check_nonnegative,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    check_unit_interval,
+    raise_if_nan,
+    reduce,
+    temperature_factor,
+)
+from ..kernels._rowmath import cross_entropy_rows, kd_ce_combine
+from ..kernels.token import default_chunk_size, token_loss
 from ..math._numerics import compute_dtype
-from ._shared import check_bool_mask, reduce_rows
+from ..math.registry import as_divergence
 
 __all__ = [
     "DualHead",
@@ -57,97 +75,67 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- shared checks
-def _check_weight(name: str, value) -> float:
-    """A finite, non-negative Python float (bools are refused: they are almost always a mistake)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if not (math.isfinite(out) and out >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return out
-
-
+# --------------------------------------------------------------------------- shared plumbing
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
     """The loss dtype of :func:`fdiv.token_loss`: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    return ignore_index
-
-
-def _check_labels(labels, leading, vocab: int, ignore_index: int, name: str = "labels") -> torch.Tensor:
-    """Integer ``labels`` of shape ``leading``; every non-ignored entry must lie in ``[0, vocab)``."""
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{name} must be an integer tensor of shape {tuple(leading)}, got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{name} must have an integer dtype (class indices), got {labels.dtype}")
-    if tuple(labels.shape) != tuple(leading):
-        raise ValueError(f"{name} must have shape {tuple(leading)} (the logits without V), got {tuple(labels.shape)}")
-    valid = labels != ignore_index
-    if bool(((labels < 0) | (labels >= vocab))[valid].any()):
-        bad = labels[valid & ((labels < 0) | (labels >= vocab))][0].item()
-        raise ValueError(
-            f"{name} has the class index {bad}, outside [0, {vocab}) and not ignore_index={ignore_index}"
-        )
-    return labels
 
 
 def _counted(leading, device, mask, labels, ignore_index, vocab) -> torch.Tensor | None:
     """Bool ``[...]`` of counted rows (labels != ignore_index AND mask), or None when every row counts."""
     counted = None
     if labels is not None:
-        _check_labels(labels, leading, vocab, ignore_index)
-        counted = (labels != ignore_index).to(device)
-    if mask is not None:
-        mask = check_bool_mask(mask, leading, device)
-        counted = mask if counted is None else counted & mask
+        check_labels(labels, leading, device, vocab, ignore_index)
+        counted = labels != ignore_index
+    keep = check_mask(mask, leading, device)
+    if keep is not None:
+        counted = keep if counted is None else counted & keep
     return counted
 
 
-def _raise_if_nan(out: torch.Tensor, caller: str, hint: str) -> None:
-    if torch.isnan(out).any():
-        raise ValueError(f"{caller} is NaN: {hint}")
+def _counted_rows(named: dict, counted: torch.Tensor | None) -> dict:
+    """The counted rows of each ``[..., V]`` input, for :func:`raise_if_nan` (garbage elsewhere is allowed)."""
+    if counted is None:
+        return named
+    return {name: x.detach()[counted] for name, x in named.items()}
 
 
-def _cross_entropy_rows(student2d, labels_flat, counted_flat, ignore_index, dtype) -> torch.Tensor:
-    """Hard-label cross-entropy at T = 1 per row ``[n]``, 0 on uncounted rows.
+def _check_result(out: torch.Tensor, named: dict, counted: torch.Tensor | None) -> None:
+    """A NaN loss becomes an error naming the input (counted rows only) that caused it."""
+    if bool(torch.isnan(out).any()):
+        raise_if_nan(out, _counted_rows(named, counted))
 
-    Only the counted rows are read (torch ``cross_entropy`` with ``ignore_index``), so garbage in
-    uncounted rows reaches neither the value nor the gradient.
-    """
-    n = student2d.shape[0]
-    labels_flat = labels_flat.to(student2d.device)
-    if counted_flat is None:
-        return F.cross_entropy(student2d.to(dtype), labels_flat, ignore_index=ignore_index, reduction="none")
-    idx = counted_flat.nonzero(as_tuple=True)[0]
-    ce = F.cross_entropy(student2d[idx].to(dtype), labels_flat[idx], ignore_index=ignore_index, reduction="none")
-    return torch.zeros(n, dtype=dtype, device=student2d.device).index_put((idx,), ce)
+
+def _hard_label_ce(student_logits, labels, counted, ignore_index, dtype) -> torch.Tensor:
+    """Hard-label cross-entropy at ``T = 1`` per row ``[...]`` (0 on uncounted rows): the kernels'
+    shared :func:`fdiv.kernels._rowmath.cross_entropy_rows` on the flattened rows."""
+    vocab = student_logits.shape[-1]
+    rows = cross_entropy_rows(
+        student_logits.reshape(-1, vocab),
+        labels.reshape(-1),
+        None if counted is None else counted.reshape(-1),
+        ignore_index=ignore_index,
+        dtype=dtype,
+    )
+    return rows.reshape(student_logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------- Hinton KD / skew KL
 def kd_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     divergence="forward_kl",
-    *,
+    temperature: float = 1.0,
+    temperature_scaling: bool = False,
     labels: torch.Tensor | None = None,
     hard_label_weight: float = 0.0,
     divergence_weight: float = 1.0,
-    temperature: float = 1.0,
-    temperature_scaling: bool = True,
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str = "auto",
-    **divergence_params,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss: a divergence to the teacher plus an optional hard-label CE.
 
@@ -160,46 +148,53 @@ def kd_loss(
     with ``z`` the student logits, ``t`` the teacher logits, ``M`` the counted tokens
     (``labels != ignore_index`` and ``mask``), ``lambda_D = divergence_weight`` and
     ``lambda_CE = hard_label_weight``. Both terms are averaged over the **same** counted tokens.
-    The cross-entropy is always at ``T = 1`` (Hinton et al., 2015).
+    The cross-entropy is always at ``T = 1`` and is never scaled by ``T**2``.
+
+    **The temperature rule** (one rule in all of fdiv): ``temperature_scaling=False`` by
+    default, so with the default weights ``kd_loss(...)`` is exactly
+    :func:`fdiv.token_loss` for the same divergence and temperature (the TRL / Liger /
+    DistiLLM convention). ``temperature_scaling=True`` multiplies the divergence term (only)
+    by ``T**2``, Hinton et al.'s (2015) correction that keeps the soft-target gradients of
+    order 1 as ``T`` grows.
 
     **Orientation**: ``D(P_teacher || Q_student)``. ``divergence="forward_kl"`` (default) is
     Hinton KD; ``"reverse_kl"`` is KL(student || teacher) (MiniLLM's objective, evaluated
-    exactly over the vocabulary); ``"skew_forward_kl"`` / ``"skew_reverse_kl"`` with
-    ``alpha=`` are DistiLLM's SKL / SRKL (Ko et al., 2024, default there ``alpha=0.1``);
-    ``"js"`` with ``beta=`` is GKD's generalised JSD (TRL / Liger convention). Any
-    registered divergence name or :class:`fdiv.Divergence` works; ``**divergence_params``
-    build it.
+    exactly over the vocabulary); ``fdiv.get("skew_forward_kl", alpha=0.1)`` /
+    ``fdiv.get("skew_reverse_kl", alpha=0.1)`` are DistiLLM's SKL / SRKL (Ko et al., 2024);
+    ``fdiv.get("js", beta=0.5)`` is GKD's generalised JSD (TRL / Liger convention). Any
+    registered divergence name or :class:`fdiv.Divergence` instance works; parameters go into
+    the instance, never beside it.
 
     The divergence term is :func:`fdiv.token_loss` (chunked over rows, gradient computed in
-    the forward pass, so no ``[N, V]`` autograd graph); the CE term is torch's
-    ``cross_entropy`` with ``ignore_index`` on the counted rows.
+    the forward pass, so no ``[N, V]`` autograd graph); the CE term is the kernels' shared
+    hard-label cross-entropy over the counted rows.
 
     Conventions versus peers (see ``docs/distillation.md``): torchdistill's ``KDLoss`` is
     ``hard_label_weight=alpha, divergence_weight=beta, temperature_scaling=True``; TRL, Liger
-    and ModelOpt omit ``T**2`` (pass ``temperature_scaling=False``); Liger's chunked JSD
-    defaults to 0.5 / 0.5 weights; DistiLLM uses ``(1 - kd_ratio) * CE + kd_ratio * KD`` at
-    ``T = 1``. DistiLLM reports the cross-entropy form of forward / skew-forward KL (it
-    omits the teacher-entropy constant): the gradient is the same, the value differs by
-    ``sum P log P``.
+    and ModelOpt omit ``T**2`` (the default here); Liger's chunked JSD defaults to 0.5 / 0.5
+    weights; DistiLLM uses ``(1 - kd_ratio) * CE + kd_ratio * KD`` at ``T = 1``. DistiLLM
+    reports the cross-entropy form of forward / skew-forward KL (it omits the teacher-entropy
+    constant): the gradient is the same, the value differs by ``sum P log P``.
 
     Args:
         student_logits: ``[..., V]`` student logits (any float dtype; fp16 / bf16 compute in fp32).
-        teacher_logits: ``[..., V]`` teacher logits, same shape; ``-inf`` marks masked vocabulary
-            entries. Detach it (or run the teacher under ``torch.no_grad()``) unless the
-            teacher is trained as well: a teacher that requires grad gets a gradient.
-        divergence: registered name, alias or :class:`fdiv.Divergence` (default ``"forward_kl"``).
-        labels: ``[...]`` integer targets. They select the counted tokens (``!= ignore_index``)
-            for both terms even when ``hard_label_weight == 0``; required when it is > 0.
+        teacher_logits: ``[..., V]`` teacher logits, same shape and device; ``-inf`` marks masked
+            vocabulary entries. Detach it (or run the teacher under ``torch.no_grad()``) unless
+            the teacher is trained as well: a teacher that requires grad gets a gradient.
+        divergence: registered name or :class:`fdiv.Divergence` instance (default ``"forward_kl"``).
+        temperature: ``T > 0`` dividing both logits in the divergence term (not in the CE).
+        temperature_scaling: multiply the divergence term by ``T**2`` (Hinton's convention;
+            off by default, as everywhere in fdiv).
+        labels: ``[...]`` integer targets on the logits' device. They select the counted tokens
+            (``!= ignore_index``) for both terms even when ``hard_label_weight == 0``; required
+            when it is > 0.
         hard_label_weight: weight ``lambda_CE >= 0`` of the hard-label cross-entropy.
         divergence_weight: weight ``lambda_D >= 0`` of the divergence term.
-        temperature: ``T > 0`` dividing both logits in the divergence term (not in the CE).
-        temperature_scaling: multiply the divergence by ``T**2`` (Hinton's convention, on by
-            default here; :func:`fdiv.token_loss` leaves it off by default).
-        mask: bool ``[...]``, True = counted; combined with ``labels`` by AND.
+        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted; combined with
+            ``labels`` by AND.
         ignore_index: label value that is not counted.
         reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (``[...]``).
         chunk_size, backend: passed to :func:`fdiv.token_loss`.
-        **divergence_params: parameters of ``divergence`` (``alpha=``, ``beta=``, ...).
 
     Returns:
         A float32 scalar (float64 for float64 student logits), or ``[...]`` for ``"none"``.
@@ -208,7 +203,8 @@ def kd_loss(
     Raises:
         ValueError: shape / vocabulary / device mismatch, a temperature <= 0, a negative
             weight, both weights 0, ``hard_label_weight > 0`` without ``labels``, labels out of
-            range, an unknown divergence or parameter, or a NaN result (NaN or +inf logits).
+            range, an unknown divergence, or a NaN result (NaN or +inf logits). Tensors passed
+            positionally are a TypeError.
 
     Example::
 
@@ -216,54 +212,54 @@ def kd_loss(
         >>> from fdiv.objectives.distill import kd_loss
         >>> s, t = torch.zeros(2, 4, 3), torch.zeros(2, 4, 3)
         >>> labels = torch.zeros(2, 4, dtype=torch.long)
-        >>> round(kd_loss(s, t, labels=labels, hard_label_weight=1.0).item(), 6)  # KL = 0, CE = log 3
+        >>> loss = kd_loss(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=1.0)
+        >>> round(loss.item(), 6)  # KL = 0, CE = log 3
         1.098612
 
     References:
         Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network";
         Ko et al. (2024), "DistiLLM: Towards Streamlined Distillation for Large Language Models".
     """
-    check_logit_pair(student_logits, teacher_logits)
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     vocab = student_logits.shape[-1]
-    if vocab == 0:
-        raise ValueError("student_logits has an empty vocabulary (V = 0)")
-    lam_ce = _check_weight("hard_label_weight", hard_label_weight)
-    lam_d = _check_weight("divergence_weight", divergence_weight)
+    lam_ce = check_nonnegative("hard_label_weight", hard_label_weight)
+    lam_d = check_nonnegative("divergence_weight", divergence_weight)
     if lam_ce == 0 and lam_d == 0:
         raise ValueError("hard_label_weight and divergence_weight are both 0: the loss would be identically 0")
     if lam_ce > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels= (the hard targets of the cross-entropy term)")
     check_reduction(reduction)
-    _check_ignore_index(ignore_index)
-    check_temperature(temperature)
-    div = get(divergence, **divergence_params)
+    check_int("ignore_index", ignore_index)
+    temperature = check_temperature(temperature)
+    check_bool("temperature_scaling", temperature_scaling)
+    div = as_divergence(divergence, caller="kd_loss")
     leading = student_logits.shape[:-1]
     counted = _counted(leading, student_logits.device, mask, labels, ignore_index, vocab)
     dtype = _out_dtype(student_logits)
 
-    total = None
+    divergence_term = ce_term = None
     if lam_d > 0:
-        total = token_loss(
-            student_logits,
-            teacher_logits,
-            div,
+        divergence_term = token_loss(
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            divergence=div,
             temperature=temperature,
-            temperature_scaling=temperature_scaling,
             mask=counted,
             reduction=reduction,
             chunk_size=chunk_size,
             backend=backend,
         )
-        if lam_d != 1.0:
-            total = total * lam_d
     if lam_ce > 0:
-        student2d = student_logits.reshape(-1, vocab)
-        counted_flat = None if counted is None else counted.reshape(-1)
-        ce_rows = _cross_entropy_rows(student2d, labels.reshape(-1), counted_flat, ignore_index, dtype)
-        ce = reduce_rows(ce_rows.reshape(leading), counted, reduction)
-        ce = ce if lam_ce == 1.0 else ce * lam_ce
-        total = ce if total is None else total + ce
-    _raise_if_nan(total, "kd_loss", "the logits contain NaN or +inf, or a counted row is all -inf")
+        ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype)
+        ce_term = reduce(ce_rows, reduction, mask=counted)
+    # the T^2 factor (if any) multiplies the divergence term only, never the CE
+    total = kd_ce_combine(
+        divergence_term,
+        ce_term,
+        divergence_weight=lam_d * temperature_factor(temperature, temperature_scaling),
+        hard_label_weight=lam_ce,
+    )
+    _check_result(total, {"student_logits": student_logits, "teacher_logits": teacher_logits}, counted)
     return total
 
 
@@ -298,10 +294,10 @@ def _complete_permutation(permutation: torch.Tensor, classes: int) -> torch.Tens
 
 
 def plackett_luce_loss(
+    *,
     student_logits: torch.Tensor,
     permutation: torch.Tensor,
     weights: torch.Tensor,
-    *,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
@@ -329,7 +325,7 @@ def plackett_luce_loss(
             the target ranking, best first.
         weights: ``[..., K]`` or ``[K]`` non-negative finite weights ``w`` (gradients reach them
             if they require grad; detach them to treat them as constants).
-        mask: bool ``[...]``, True = counted.
+        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted.
         reduction: ``"mean"`` over counted rows, ``"sum"``, or ``"none"`` (``[...]``, uncounted 0).
 
     Returns:
@@ -340,23 +336,23 @@ def plackett_luce_loss(
         >>> import torch
         >>> from fdiv.objectives.distill import plackett_luce_loss
         >>> s = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
-        >>> round(plackett_luce_loss(s, torch.tensor([[0]]), torch.tensor([1.0])).item(), 6)  # = CE(s, 0)
+        >>> loss = plackett_luce_loss(student_logits=s, permutation=torch.tensor([[0]]), weights=torch.tensor([1.0]))
+        >>> round(loss.item(), 6)  # = CE(s, 0)
         0.407606
 
     References:
         Plackett (1975); Luce (1959); Xia et al. (2008), "Listwise approach to learning to rank";
         Bassam et al. (2025), "Plackett-Luce Distillation", arXiv 2506.12542.
     """
-    check_float_tensor("student_logits", student_logits)
-    if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
+    check_tensor("student_logits", student_logits, min_dim=1)
+    if student_logits.shape[-1] == 0:
         raise ValueError("student_logits must have a non-empty class dimension [..., C]")
     check_reduction(reduction)
     classes = student_logits.shape[-1]
     leading = student_logits.shape[:-1]
-    if not isinstance(permutation, torch.Tensor) or permutation.dtype == torch.bool or (
-        permutation.is_floating_point() or permutation.is_complex()
-    ):
-        raise ValueError("permutation must be an integer tensor of class indices [..., K]")
+    check_tensor("permutation", permutation, floating=False)
+    if permutation.dtype == torch.bool or permutation.is_floating_point() or permutation.is_complex():
+        raise ArgumentTypeError(f"permutation must have an integer dtype (class indices), got {permutation.dtype}")
     if permutation.dim() != student_logits.dim() or tuple(permutation.shape[:-1]) != tuple(leading):
         raise ValueError(
             f"permutation must have shape {tuple(leading)} + (K,), got {tuple(permutation.shape)}"
@@ -366,28 +362,30 @@ def plackett_luce_loss(
         raise ValueError(f"permutation must rank between 1 and C={classes} classes per row, got K={k}")
     if bool(((permutation < 0) | (permutation >= classes)).any()):
         raise ValueError(f"permutation holds class indices outside [0, {classes})")
-    check_float_tensor("weights", weights)
+    check_tensor("weights", weights)
     if weights.shape != (k,) and tuple(weights.shape) != tuple(permutation.shape):
         raise ValueError(
             f"weights must have shape ({k},) or {tuple(permutation.shape)} (one per ranked position), "
             f"got {tuple(weights.shape)}"
         )
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ValueError("weights must be finite and >= 0")
-    if mask is not None:
-        check_bool_mask(mask, leading, None)
+    check_finite("weights", weights.detach())
+    if bool((weights < 0).any()):
+        raise ValueError("weights must be >= 0")
+    mask = check_mask(mask, leading, student_logits.device)
     dtype = compute_dtype(student_logits, weights)
     student2d = student_logits.reshape(-1, classes)
-    perm2d = permutation.reshape(-1, k).to(device=student_logits.device, dtype=torch.long)
+    check_same_device("student_logits", student_logits, "permutation", permutation)
+    perm2d = permutation.reshape(-1, k).to(dtype=torch.long)
     present = torch.zeros(perm2d.shape[0], classes, dtype=torch.int16, device=perm2d.device)
     present.scatter_add_(1, perm2d, torch.ones_like(perm2d, dtype=torch.int16))
     if bool((present > 1).any()):
         raise ValueError("permutation repeats a class within a row; each class may be ranked once")
-    w2d = weights.to(device=student_logits.device, dtype=dtype).expand(*leading, k).reshape(-1, k)
+    check_same_device("student_logits", student_logits, "weights", weights)
+    w2d = weights.to(dtype=dtype).expand(*leading, k).reshape(-1, k)
     full = _complete_permutation(perm2d, classes)
     if k < classes:
         w2d = torch.cat([w2d, w2d.new_zeros(w2d.shape[0], classes - k)], dim=1)
-    counted = None if mask is None else mask.reshape(-1).to(student_logits.device)
+    counted = None if mask is None else mask.reshape(-1)
     n = student2d.shape[0]
     if counted is None:
         rows = _pl_rows(student2d.to(dtype), full, w2d)
@@ -395,16 +393,16 @@ def plackett_luce_loss(
         idx = counted.nonzero(as_tuple=True)[0]
         picked = _pl_rows(student2d[idx].to(dtype), full[idx], w2d[idx])
         rows = torch.zeros(n, dtype=dtype, device=student2d.device).index_put((idx,), picked)
-    out = reduce_rows(rows.reshape(leading), mask, reduction)
-    _raise_if_nan(out, "plackett_luce_loss", "student_logits contain NaN or +inf")
+    out = reduce(rows.reshape(leading), reduction, mask=mask)
+    _check_result(out, {"student_logits": student_logits}, mask)
     return out
 
 
 def pld_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
-    *,
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -436,7 +434,8 @@ def pld_loss(
         student_logits: ``[..., C]`` (``[N, C]`` classifier or ``[B, T, V]`` LM) student logits.
         teacher_logits: ``[..., C]`` teacher logits, same shape. Gradients reach them only if
             they require grad (through the weights ``alpha``; the ranking is piecewise constant).
-        labels: ``[...]`` integer true labels; rows with ``ignore_index`` are not counted.
+        labels: ``[...]`` integer true labels on the logits' device; rows with ``ignore_index`` are
+            not counted.
         temperature: teacher temperature ``tau > 0``.
         ignore_index: label value that is not counted.
         reduction: ``"mean"`` over counted rows (0 when none), ``"sum"``, or ``"none"`` (``[...]``).
@@ -450,29 +449,25 @@ def pld_loss(
         >>> from fdiv.objectives.distill import pld_loss
         >>> s = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
         >>> t = torch.tensor([[0.0, 3.0, 1.0]], dtype=torch.float64)
-        >>> round(pld_loss(s, t, torch.tensor([0])).item(), 6)
+        >>> round(pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([0])).item(), 6)
         0.281452
 
     References:
         Bassam et al. (2025), "Plackett-Luce Distillation", arXiv 2506.12542.
     """
-    check_logit_pair(student_logits, teacher_logits)
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     classes = student_logits.shape[-1]
-    if classes == 0:
-        raise ValueError("student_logits has an empty class dimension (C = 0)")
     inv_tau = 1.0 / check_temperature(temperature)
     check_reduction(reduction)
-    _check_ignore_index(ignore_index)
     leading = student_logits.shape[:-1]
-    _check_labels(labels, leading, classes, ignore_index)
+    check_labels(labels, leading, student_logits.device, classes, ignore_index)
     dtype = compute_dtype(student_logits, teacher_logits)
-    counted = (labels != ignore_index).reshape(-1).to(student_logits.device)
+    counted = (labels != ignore_index).reshape(-1)
     idx = counted.nonzero(as_tuple=True)[0]
     s = student_logits.reshape(-1, classes)[idx].to(dtype)
     t = teacher_logits.reshape(-1, classes)[idx].to(dtype)
-    y = labels.reshape(-1).to(student_logits.device)[idx].long()
-    if bool(torch.isnan(t).any()) or bool(torch.isposinf(t).any()):
-        raise ValueError("teacher_logits contain NaN or +inf in a counted row")
+    y = labels.reshape(-1)[idx].long()
+    check_finite("teacher_logits", t.detach(), allow_neg_inf=True)
     with torch.no_grad():
         key = t.detach().clone()
         key.scatter_(1, y[:, None], math.inf)
@@ -480,19 +475,19 @@ def pld_loss(
     alpha = torch.softmax(t * inv_tau, dim=-1).gather(1, perm)
     picked = _pl_rows(s, perm, alpha)
     rows = torch.zeros(counted.shape[0], dtype=dtype, device=student_logits.device).index_put((idx,), picked)
-    out = reduce_rows(rows.reshape(leading), counted.reshape(leading), reduction)
-    _raise_if_nan(out, "pld_loss", "student_logits contain NaN or +inf, or a teacher row is all -inf")
+    out = reduce(rows.reshape(leading), reduction, mask=counted.reshape(leading))
+    _check_result(out, {"student_logits": s, "teacher_logits": t}, None)
     return out
 
 
 # --------------------------------------------------------------------------- BD-KD
-def jeffreys_weights(teacher_entropy: torch.Tensor, student_entropy: torch.Tensor):
+def jeffreys_weights(*, teacher_entropy: torch.Tensor, student_entropy: torch.Tensor):
     """``(w_f, w_r) = (1, 1)`` for every row: BD-KD's loss becomes Jeffreys' divergence KL(P||Q) + KL(Q||P)."""
     ones = torch.ones_like(teacher_entropy)
     return ones, ones
 
 
-def entropy_gap_weights(teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, *, strength: float = 0.5):
+def entropy_gap_weights(*, teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, strength: float = 0.5):
     r"""The default BD-KD weight rule of fdiv (**not pinned to the paper**, see :func:`balanced_kd_loss`).
 
     .. math::
@@ -504,9 +499,7 @@ def entropy_gap_weights(teacher_entropy: torch.Tensor, student_entropy: torch.Te
     entropies give ``(1, 1)``. ``strength = gamma`` in ``[0, 1]``: 0 is Jeffreys
     (:func:`jeffreys_weights`), 1 switches each row to a single direction.
     """
-    gamma = _check_weight("strength", strength)
-    if gamma > 1:
-        raise ValueError(f"strength must lie in [0, 1] (weights stay >= 0), got {strength!r}")
+    gamma = check_unit_interval("strength", strength)
     gap = torch.sign(student_entropy - teacher_entropy)
     return 1 - gamma * gap, 1 + gamma * gap
 
@@ -532,12 +525,10 @@ def _row_entropy(logits2d: torch.Tensor, inv_temperature: float, dtype: torch.dt
 
 def _resolve_weight_fn(weight_fn) -> Callable:
     if isinstance(weight_fn, str):
-        if weight_fn not in _WEIGHT_RULES:
-            raise ValueError(f"weight_fn must be one of {tuple(_WEIGHT_RULES)} or a callable, got {weight_fn!r}")
-        return _WEIGHT_RULES[weight_fn]
+        return _WEIGHT_RULES[check_choice("weight_fn", weight_fn, _WEIGHT_RULES)]
     if callable(weight_fn):
         return weight_fn
-    raise ValueError(f"weight_fn must be one of {tuple(_WEIGHT_RULES)} or a callable, got {weight_fn!r}")
+    raise ArgumentTypeError(f"weight_fn must be one of {tuple(_WEIGHT_RULES)} or a callable, got {weight_fn!r}")
 
 
 def _as_row_weight(name, value, n, dtype, device, counted_flat) -> torch.Tensor:
@@ -555,14 +546,14 @@ def _as_row_weight(name, value, n, dtype, device, counted_flat) -> torch.Tensor:
 
 
 def balanced_kd_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    *,
     weight_fn="entropy_gap",
     labels: torch.Tensor | None = None,
     hard_label_weight: float = 0.0,
     temperature: float = 1.0,
-    temperature_scaling: bool = True,
+    temperature_scaling: bool = False,
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -577,8 +568,10 @@ def balanced_kd_loss(
             + w_{r,n}\, KL(Q_n \| P_n) \big) + \lambda_{CE}\, \mathrm{CE}(Q^{(1)}_n, y_n) \Big]
 
     with ``P_n = softmax(t_n / T)`` the teacher, ``Q_n = softmax(z_n / T)`` the student,
-    ``s = T**2`` if ``temperature_scaling``, ``Q^(1)`` the student at ``T = 1``, and
-    ``(w_f, w_r) = weight_fn(H(P_n), H(Q_n))`` computed from the entropies of the softened
+    ``s = T**2`` if ``temperature_scaling`` (default off, the one fdiv rule; the CE is never
+    scaled), ``Q^(1)`` the student at ``T = 1``, and
+    ``(w_f, w_r) = weight_fn(teacher_entropy=H(P_n), student_entropy=H(Q_n))`` computed from
+    the entropies of the softened
     distributions **without gradient** (the weights are constants for backward). Both KL
     rows go through :func:`fdiv.token_loss` (``reduction="none"``).
 
@@ -599,8 +592,8 @@ def balanced_kd_loss(
         teacher_logits: ``[..., V]`` teacher logits, same shape. For the student's loss in online
             KD pass them detached; a teacher that requires grad gets the KL gradients.
         weight_fn: ``"entropy_gap"`` (default, not pinned), ``"jeffreys"``, or a callable
-            ``(teacher_entropy [n], student_entropy [n]) -> (w_f, w_r)``, each a number or a
-            tensor of ``n`` finite non-negative weights. It is called under ``torch.no_grad()``
+            ``(*, teacher_entropy [n], student_entropy [n]) -> (w_f, w_r)`` (called with these
+            two keywords), each a number or a tensor of ``n`` finite non-negative weights. It is called under ``torch.no_grad()``
             on detached float entropies (nats, at temperature ``T``) of all rows; ``n`` is the
             number of rows of the flattened ``[..., V]`` logits. Use
             ``functools.partial(entropy_gap_weights, strength=0.8)`` to change the strength.
@@ -617,16 +610,17 @@ def balanced_kd_loss(
         Amara, Sepahvand, Meyer, Gross & Clark (2022), "BD-KD: Balancing the Divergences for
         Online Knowledge Distillation", arXiv 2212.12965.
     """
-    check_logit_pair(student_logits, teacher_logits)
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     vocab = student_logits.shape[-1]
-    if vocab == 0:
-        raise ValueError("student_logits has an empty vocabulary (V = 0)")
-    lam_ce = _check_weight("hard_label_weight", hard_label_weight)
+    lam_ce = check_nonnegative("hard_label_weight", hard_label_weight)
     if lam_ce > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels= (the hard targets of the cross-entropy term)")
-    inv_t = 1.0 / check_temperature(temperature)
+    temperature = check_temperature(temperature)
+    inv_t = 1.0 / temperature
+    check_bool("temperature_scaling", temperature_scaling)
+    check_bool("return_weights", return_weights)
     check_reduction(reduction)
-    _check_ignore_index(ignore_index)
+    check_int("ignore_index", ignore_index)
     rule = _resolve_weight_fn(weight_fn)
     leading = student_logits.shape[:-1]
     counted = _counted(leading, student_logits.device, mask, labels, ignore_index, vocab)
@@ -639,30 +633,33 @@ def balanced_kd_loss(
     h_teacher = _row_entropy(teacher2d, inv_t, dtype)
     h_student = _row_entropy(student2d, inv_t, dtype)
     with torch.no_grad():
-        result = rule(h_teacher, h_student)
+        result = rule(teacher_entropy=h_teacher, student_entropy=h_student)
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise ValueError("weight_fn must return a pair (w_forward, w_reverse)")
     w_f = _as_row_weight("w_forward", result[0], n, dtype, student2d.device, counted_flat)
     w_r = _as_row_weight("w_reverse", result[1], n, dtype, student2d.device, counted_flat)
 
     common = dict(
+        student_logits=student_logits,
+        teacher_logits=teacher_logits,
         temperature=temperature,
-        temperature_scaling=temperature_scaling,
         mask=counted,
         reduction="none",
         chunk_size=chunk_size,
         backend=backend,
     )
+    factor = temperature_factor(temperature, temperature_scaling)
     rows = torch.zeros(n, dtype=dtype, device=student2d.device)
     if bool((w_f != 0).any()):
-        rows = rows + w_f * token_loss(student_logits, teacher_logits, "forward_kl", **common).reshape(n)
+        kl = token_loss(divergence=as_divergence("forward_kl"), **common).reshape(n)
+        rows = rows + (w_f if factor == 1.0 else w_f * factor) * kl
     if bool((w_r != 0).any()):
-        rows = rows + w_r * token_loss(student_logits, teacher_logits, "reverse_kl", **common).reshape(n)
-    if lam_ce > 0:
-        ce_rows = _cross_entropy_rows(student2d, labels.reshape(-1), counted_flat, ignore_index, dtype)
-        rows = rows + (ce_rows if lam_ce == 1.0 else lam_ce * ce_rows)
-    out = reduce_rows(rows.reshape(leading), counted, reduction)
-    _raise_if_nan(out, "balanced_kd_loss", "the logits contain NaN or +inf, or a counted row is all -inf")
+        kl = token_loss(divergence=as_divergence("reverse_kl"), **common).reshape(n)
+        rows = rows + (w_r if factor == 1.0 else w_r * factor) * kl
+    ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype).reshape(n) if lam_ce > 0 else None
+    rows = kd_ce_combine(rows, ce_rows, divergence_weight=1.0, hard_label_weight=lam_ce)
+    out = reduce(rows.reshape(leading), reduction, mask=counted)
+    _check_result(out, {"student_logits": student_logits, "teacher_logits": teacher_logits}, counted)
     if return_weights:
         return out, w_f.reshape(leading), w_r.reshape(leading)
     return out
@@ -672,80 +669,15 @@ def balanced_kd_loss(
 _LOG2 = math.log(2.0)
 
 
-def binary_kl_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float = 2.0,
-    normalized: bool = True,
-    *,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    r"""Dual-Head KD's logit-level binary KL: one Bernoulli per class, summed over classes.
-
-    ``normalized=False`` (BinaryKL):
-
-    .. math::
-        \frac{T^2}{N} \sum_{n, k} KL\big(\mathrm{Ber}(\sigma(t_{nk}/T)) \,\|\, \mathrm{Ber}(\sigma(z_{nk}/T))\big)
-
-    ``normalized=True`` (BinaryKL-Norm, what the authors' code trains with; default):
-
-    .. math::
-        \frac{T^2}{N} \sum_{n, k} KL\big(\mathrm{Ber}(\tfrac12) \,\|\, \mathrm{Ber}(\sigma((z_{nk} - t_{nk})/T))\big)
-        = \frac{T^2}{N} \sum_{n, k} \log\cosh\frac{z_{nk} - t_{nk}}{2T}
-
-    with ``z`` the student (auxiliary-head) logits, ``t`` the teacher logits and ``N`` the
-    number of counted rows. Orientation: teacher Bernoulli first (the target), as everywhere
-    in fdiv. Neither form is a softmax divergence: they compare each logit separately, are
-    0 iff ``z = t`` and are **not** invariant to adding a constant to a row.
-
-    Computed stably for any finite logits (``+-1e4`` included): ``log cosh(x/2)`` as
-    ``logaddexp(x/2, -x/2) - log 2`` and the Bernoulli KL through ``softplus``, never
-    ``log(cosh(.))`` or ``log(sigmoid(.))`` (the reference code clamps the sigmoid at ``1e-8``,
-    which caps the loss for large gaps; fdiv does not).
-
-    Args:
-        student_logits: ``[..., C]`` logits of the auxiliary head (any float dtype).
-        teacher_logits: ``[..., C]`` teacher logits, same shape; must be finite.
-        temperature: ``T > 0`` (paper default 2).
-        normalized: BinaryKL-Norm (True) or BinaryKL (False).
-        mask: bool ``[...]``, True = counted.
-        reduction: ``"mean"`` over counted rows (the paper's ``1/N``), ``"sum"``, or ``"none"``.
-
-    Returns:
-        float32 (float64 for float64 inputs) scalar, or ``[...]`` for ``"none"``.
-
-    Example (the spec check)::
-
-        >>> import torch
-        >>> from fdiv.objectives.distill import binary_kl_loss
-        >>> zs = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
-        >>> zt = torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64)
-        >>> round(binary_kl_loss(zs, zt, temperature=2.0).item(), 6)
-        1.156784
-
-    References:
-        Yang et al. (2024), "Learning from Teacher's Failure: Dual-Head Knowledge Distillation"
-        (Dual-Head KD), arXiv 2411.08937.
-    """
-    check_logit_pair(student_logits, teacher_logits)
-    if student_logits.shape[-1] == 0:
-        raise ValueError("student_logits has an empty class dimension (C = 0)")
-    temp = check_temperature(temperature)
-    if not isinstance(normalized, bool):
-        raise ValueError(f"normalized must be True or False, got {normalized!r}")
-    check_reduction(reduction)
-    leading = student_logits.shape[:-1]
-    if mask is not None:
-        check_bool_mask(mask, leading, None)
-    dtype = compute_dtype(student_logits, teacher_logits)
-    classes = student_logits.shape[-1]
-    s2d = student_logits.reshape(-1, classes)
-    t2d = teacher_logits.reshape(-1, classes)
-    counted = None if mask is None else mask.reshape(-1).to(student_logits.device)
-    idx = None if counted is None else counted.nonzero(as_tuple=True)[0]
-    s = (s2d if idx is None else s2d[idx]).to(dtype) / temp
-    t = (t2d if idx is None else t2d[idx]).to(dtype) / temp
+def _binary_kl_rows(student, teacher, keep, temperature, factor, normalized, dtype) -> torch.Tensor:
+    """Per-row binary KL ``[...]`` (times ``factor``) on validated inputs; uncounted rows 0."""
+    classes = student.shape[-1]
+    leading = student.shape[:-1]
+    s2d = student.reshape(-1, classes)
+    t2d = teacher.reshape(-1, classes)
+    idx = None if keep is None else keep.reshape(-1).nonzero(as_tuple=True)[0]
+    s = (s2d if idx is None else s2d[idx]).to(dtype) / temperature
+    t = (t2d if idx is None else t2d[idx]).to(dtype) / temperature
     if normalized:
         half = 0.5 * (s - t)
         elem = torch.logaddexp(half, -half) - _LOG2
@@ -754,15 +686,91 @@ def binary_kl_loss(
         elem = torch.sigmoid(t) * (F.softplus(-s) - F.softplus(-t)) + torch.sigmoid(-t) * (
             F.softplus(s) - F.softplus(t)
         )
-    picked = elem.sum(-1) * (temp * temp)
+    picked = elem.sum(-1)
+    if factor != 1.0:
+        picked = picked * factor
+    if not bool(torch.isfinite(picked.detach()).all()):
+        # the binary KL needs finite logits (no -inf: every class is its own Bernoulli)
+        check_finite("student_logits", s.detach())
+        check_finite("teacher_logits", t.detach())
+        raise FloatingPointError("binary_kl_loss is not finite on finite inputs; please report this as a bug")
     if idx is None:
-        rows = picked
-    else:
-        rows = torch.zeros(s2d.shape[0], dtype=dtype, device=s2d.device).index_put((idx,), picked)
-    out = reduce_rows(rows.reshape(leading), mask, reduction)
-    if not bool(torch.isfinite(out).all()):
-        raise ValueError("binary_kl_loss is not finite: the logits must be finite (NaN or +-inf in a counted row)")
-    return out
+        return picked.reshape(leading)
+    return torch.zeros(s2d.shape[0], dtype=dtype, device=s2d.device).index_put((idx,), picked).reshape(leading)
+
+
+def binary_kl_loss(
+    *,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    temperature_scaling: bool = False,
+    normalized: bool = True,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Dual-Head KD's logit-level binary KL: one Bernoulli per class, summed over classes.
+
+    ``normalized=False`` (BinaryKL):
+
+    .. math::
+        \frac{s}{N} \sum_{n, k} KL\big(\mathrm{Ber}(\sigma(t_{nk}/T)) \,\|\, \mathrm{Ber}(\sigma(z_{nk}/T))\big)
+
+    ``normalized=True`` (BinaryKL-Norm, what the authors' code trains with; default):
+
+    .. math::
+        \frac{s}{N} \sum_{n, k} KL\big(\mathrm{Ber}(\tfrac12) \,\|\, \mathrm{Ber}(\sigma((z_{nk} - t_{nk})/T))\big)
+        = \frac{s}{N} \sum_{n, k} \log\cosh\frac{z_{nk} - t_{nk}}{2T}
+
+    with ``z`` the student (auxiliary-head) logits, ``t`` the teacher logits, ``N`` the
+    number of counted rows and ``s = T**2`` if ``temperature_scaling`` else 1 (the one fdiv
+    temperature rule: off by default; the paper trains with ``T = 2`` and ``T**2``, i.e.
+    ``temperature=2.0, temperature_scaling=True``). Orientation: teacher Bernoulli first
+    (the target), as everywhere in fdiv. Neither form is a softmax divergence: they compare
+    each logit separately, are 0 iff ``z = t`` and are **not** invariant to adding a
+    constant to a row.
+
+    Computed stably for any finite logits (``+-1e4`` included): ``log cosh(x/2)`` as
+    ``logaddexp(x/2, -x/2) - log 2`` and the Bernoulli KL through ``softplus``, never
+    ``log(cosh(.))`` or ``log(sigmoid(.))`` (the reference code clamps the sigmoid at ``1e-8``,
+    which caps the loss for large gaps; fdiv does not).
+
+    Args:
+        student_logits: ``[..., C]`` logits of the auxiliary head (any float dtype).
+        teacher_logits: ``[..., C]`` teacher logits, same shape and device; must be finite.
+        temperature: ``T > 0`` dividing both logits (default 1; the paper uses 2).
+        temperature_scaling: multiply the loss by ``T**2`` (Hinton's convention; off by default).
+        normalized: BinaryKL-Norm (True) or BinaryKL (False).
+        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted.
+        reduction: ``"mean"`` over counted rows (the paper's ``1/N``), ``"sum"``, or ``"none"``.
+
+    Returns:
+        float32 (float64 for float64 inputs) scalar, or ``[...]`` for ``"none"``.
+
+    Example (the spec check, at the paper's ``T = 2`` with ``T**2``)::
+
+        >>> import torch
+        >>> from fdiv.objectives.distill import binary_kl_loss
+        >>> zs = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+        >>> zt = torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64)
+        >>> loss = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=2.0, temperature_scaling=True)
+        >>> round(loss.item(), 6)
+        1.156784
+
+    References:
+        Yang et al. (2024), "Learning from Teacher's Failure: Dual-Head Knowledge Distillation"
+        (Dual-Head KD), arXiv 2411.08937.
+    """
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    temperature = check_temperature(temperature)
+    check_bool("temperature_scaling", temperature_scaling)
+    check_bool("normalized", normalized)
+    check_reduction(reduction)
+    keep = check_mask(mask, student_logits.shape[:-1], student_logits.device)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    factor = temperature_factor(temperature, temperature_scaling)
+    rows = _binary_kl_rows(student_logits, teacher_logits, keep, temperature, factor, normalized, dtype)
+    return reduce(rows, reduction, mask=keep)
 
 
 class DualHeadClassifier(nn.Module):
@@ -799,20 +807,16 @@ class DualHeadClassifier(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if aux not in ("linear", "mlp"):
-            raise ValueError(f"aux must be 'linear' or 'mlp', got {aux!r}")
+        check_int("in_features", in_features, low=1)
+        check_int("num_classes", num_classes, low=1)
+        check_choice("aux", aux, ("linear", "mlp"))
         self.aux_kind = aux
         self.main = nn.Linear(in_features, num_classes, bias=bias)
         if aux == "linear":
             self.aux = nn.Linear(in_features, num_classes, bias=bias)
         else:
-            if isinstance(hidden_features, bool) or not isinstance(hidden_features, int) or hidden_features < 1:
-                raise ValueError(f"hidden_features must be a positive int, got {hidden_features!r}")
-            if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
-                raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+            check_int("hidden_features", hidden_features, low=1)
+            check_unit_interval("dropout", dropout, high_open=True)
             self.aux = nn.Sequential(
                 nn.Linear(in_features, hidden_features, bias=bias),
                 nn.Dropout(dropout),
@@ -822,7 +826,7 @@ class DualHeadClassifier(nn.Module):
             )
 
     def forward(self, features: torch.Tensor):
-        check_float_tensor("features", features)
+        check_tensor("features", features)
         if features.dim() < 1 or features.shape[-1] != self.main.in_features:
             raise ValueError(
                 f"features must have shape [..., {self.main.in_features}], got {tuple(features.shape)}"
@@ -841,14 +845,15 @@ DualHead = DualHeadClassifier
 
 
 def dual_head_kd_loss(
+    *,
     main_logits: torch.Tensor,
     aux_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
-    *,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
-    temperature: float = 2.0,
+    temperature: float = 1.0,
+    temperature_scaling: bool = False,
     normalized: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -857,51 +862,53 @@ def dual_head_kd_loss(
     r"""Dual-Head KD: cross-entropy on the main head, binary KL to the teacher on the auxiliary head.
 
     .. math::
-        \mathcal{L} = \gamma \, \mathrm{CE}(z^{main}, y) + \alpha \, \mathrm{BinaryKL\text{-}Norm}_T(z^{aux}, t)
+        \mathcal{L} = \gamma \, \mathrm{CE}(z^{main}, y) + \alpha \, s \, \mathrm{BinaryKL\text{-}Norm}_T(z^{aux}, t)
 
-    with ``gamma = ce_weight``, ``alpha = kd_weight`` (paper: 1 and 1 on CIFAR, 1 and 0.1 on
-    ImageNet; ``T = 2``) and the binary KL of :func:`binary_kl_loss` (``normalized=False`` for
-    plain BinaryKL). Both terms average over the rows whose label is not ``ignore_index``.
+    with ``gamma = ce_weight``, ``alpha = kd_weight`` and ``s = T**2`` if
+    ``temperature_scaling`` else 1 (the one fdiv temperature rule: off by default; the CE is
+    never scaled). The paper uses 1 and 1 on CIFAR, 1 and 0.1 on ImageNet, with ``T = 2``
+    and ``T**2``: pass ``temperature=2.0, temperature_scaling=True`` to reproduce it. The
+    binary KL is that of :func:`binary_kl_loss` (``normalized=False`` for plain BinaryKL).
+    Both terms average over the rows whose label is not ``ignore_index``.
     For the optional gradient alignment, take the gradients of the two parts
     (``return_parts=True``) with respect to the shared parameters and combine them as
-    ``g_main + project_conflicting(g_main, g_aux)``.
+    ``g_main + project_conflicting(g_main=g_main, g_aux=g_aux)``.
 
     Args:
         main_logits: ``[..., C]`` main-head logits.
         aux_logits: ``[..., C]`` auxiliary-head logits.
         teacher_logits: ``[..., C]`` teacher logits (detach them for a frozen teacher).
-        labels: ``[...]`` integer labels.
+        labels: ``[...]`` integer labels on the logits' device.
         ce_weight, kd_weight: non-negative weights.
-        temperature, normalized: of the binary KL.
+        temperature, temperature_scaling, normalized: of the binary KL (:func:`binary_kl_loss`).
         ignore_index: label value that is not counted.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         return_parts: return ``(total, weighted_ce, weighted_kd)`` instead of ``total``.
     """
-    check_logit_pair(main_logits, aux_logits, "main_logits", "aux_logits")
-    check_logit_pair(aux_logits, teacher_logits, "aux_logits", "teacher_logits")
+    check_logit_pair("main_logits", main_logits, "aux_logits", aux_logits)
+    check_logit_pair("aux_logits", aux_logits, "teacher_logits", teacher_logits)
     classes = main_logits.shape[-1]
-    if classes == 0:
-        raise ValueError("main_logits has an empty class dimension (C = 0)")
-    gamma = _check_weight("ce_weight", ce_weight)
-    alpha = _check_weight("kd_weight", kd_weight)
+    gamma = check_nonnegative("ce_weight", ce_weight)
+    alpha = check_nonnegative("kd_weight", kd_weight)
+    temperature = check_temperature(temperature)
+    check_bool("temperature_scaling", temperature_scaling)
+    check_bool("normalized", normalized)
+    check_bool("return_parts", return_parts)
     check_reduction(reduction)
-    _check_ignore_index(ignore_index)
     leading = main_logits.shape[:-1]
-    counted = _counted(leading, main_logits.device, None, labels, ignore_index, classes)
+    check_labels(labels, leading, main_logits.device, classes, ignore_index)
+    counted = labels != ignore_index
     dtype = compute_dtype(main_logits, aux_logits, teacher_logits)
-    ce_rows = _cross_entropy_rows(
-        main_logits.reshape(-1, classes), labels.reshape(-1), counted.reshape(-1), ignore_index, dtype
-    )
-    ce = gamma * reduce_rows(ce_rows.reshape(leading), counted, reduction)
-    kd = alpha * binary_kl_loss(
-        aux_logits, teacher_logits, temperature, normalized, mask=counted, reduction=reduction
-    ).to(dtype)
+    ce = gamma * reduce(_hard_label_ce(main_logits, labels, counted, ignore_index, dtype), reduction, mask=counted)
+    factor = temperature_factor(temperature, temperature_scaling)
+    kd_rows = _binary_kl_rows(aux_logits, teacher_logits, counted, temperature, factor, normalized, dtype)
+    kd = alpha * reduce(kd_rows, reduction, mask=counted)
     total = ce + kd
-    _raise_if_nan(total, "dual_head_kd_loss", "the logits contain NaN or +-inf")
+    _check_result(total, {"main_logits": main_logits}, counted)
     return (total, ce, kd) if return_parts else total
 
 
-def project_conflicting(g_main, g_aux):
+def project_conflicting(*, g_main, g_aux):
     r"""PCGrad-style projection: remove from ``g_aux`` its component against ``g_main``.
 
     .. math::
@@ -911,6 +918,7 @@ def project_conflicting(g_main, g_aux):
     The inner product runs over all entries of all tensors together (one flattened
     parameter vector). Afterwards ``<g_aux', g_main> >= 0`` (exactly 0 when projected), the part
     of ``g_aux`` orthogonal to ``g_main`` is unchanged, and projecting again changes nothing.
+    Both arguments are keyword-only (their roles are not symmetric).
     Dual-Head KD (Yang et al., 2024) uses it with the cross-entropy gradient as ``g_main``
     and the auxiliary binary-KL gradient as ``g_aux``, then steps along ``g_main + g_aux'``
     (Yu et al., 2020, "Gradient Surgery for Multi-Task Learning", with one reference task).
@@ -938,7 +946,7 @@ def project_conflicting(g_main, g_aux):
     for i, (m, a) in enumerate(zip(mains, auxes)):
         for name, x in (("g_main", m), ("g_aux", a)):
             if x is not None:
-                check_float_tensor(f"{name}[{i}]" if not single else name, x)
+                check_tensor(f"{name}[{i}]" if not single else name, x)
         if m is not None and a is not None and m.shape != a.shape:
             raise ValueError(f"shape mismatch at entry {i}: g_main {tuple(m.shape)} vs g_aux {tuple(a.shape)}")
         if m is not None:

@@ -44,10 +44,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..math.base import check_float_tensor
-from ..math.estimators import mc_estimate
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_like,
+    check_mask,
+    check_number,
+    check_positive,
+    check_tensor,
+    reduce,
+)
 from ..math._numerics import compute_dtype
-from ._shared import check_same_layout
+from ..math.estimators import mc_estimate
 
 __all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occupancy_penalty"]
 
@@ -55,36 +64,17 @@ __all__ = ["OCCUPANCY_PENALTIES", "chi2_regularizer", "discriminator_loss", "occ
 OCCUPANCY_PENALTIES = ("kl", "chi2", "sqrt_chi2")
 
 
-# --------------------------------------------------------------------------- checks
 def _check_scores(name: str, x) -> torch.Tensor:
-    check_float_tensor(name, x)
+    """Discriminator scores: a non-empty float tensor, finite everywhere (specific to this module)."""
+    check_tensor(name, x)
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: it needs at least one sample")
-    if bool(torch.isnan(x).any()):
-        raise ValueError(f"{name} contains NaN")
-    if bool(torch.isinf(x).any()):
-        raise ValueError(f"{name} contains +-inf; discriminator scores must be finite")
+    check_finite(name, x)
     return x
 
 
-def _check_positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    ok = out >= 0 if allow_zero else out > 0
-    if not (ok and math.isfinite(out)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return out
-
-
 # --------------------------------------------------------------------------- discriminator
-def discriminator_loss(policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
+def discriminator_loss(*, policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
     r"""Logistic loss of the occupancy-measure discriminator: its optimum is ``d = log(mu_pi / mu_ref)``.
 
     .. math::
@@ -98,7 +88,7 @@ def discriminator_loss(policy_scores: torch.Tensor, reference_scores: torch.Tens
     ``d`` into :func:`occupancy_penalty`.
 
     Relation to fdiv's variational bounds: with ``v = d`` as a log-ratio critic,
-    ``L(d) = 2 log 2 - 2 * variational_bound("js", d_pi, d_ref)``, so minimising this loss
+    ``L(d) = 2 log 2 - 2 * variational_bound(divergence="js", target_scores=d_pi, model_scores=d_ref)``, so minimising this loss
     maximises the Fenchel lower bound on the Jensen-Shannon divergence
     ``JS(mu_pi || mu_ref)``; at the optimum ``L = 2 log 2 - 2 JS``.
 
@@ -112,13 +102,15 @@ def discriminator_loss(policy_scores: torch.Tensor, reference_scores: torch.Tens
         float64 for float64).
 
     Raises:
-        TypeError: non-float inputs. ValueError: an empty input, NaN or infinite scores.
+        ArgumentTypeError (a ValueError and a TypeError): non-tensor or non-float inputs.
+        ValueError: an empty input, NaN or infinite scores.
 
     Example::
 
         >>> import torch
         >>> from fdiv.objectives.occupancy import discriminator_loss
-        >>> round(discriminator_loss(torch.zeros(3), torch.zeros(5)).item(), 6)  # 2 log 2
+        >>> d_pi, d_ref = torch.zeros(3), torch.zeros(5)   # the uninformative discriminator: 2 log 2
+        >>> round(discriminator_loss(policy_scores=d_pi, reference_scores=d_ref).item(), 6)
         1.386294
 
     Reference: Laidlaw et al. (2024), arXiv 2403.03185; ``_kl_discriminator_loss`` in
@@ -152,12 +144,12 @@ def _trimmed_log_chi2(d: torch.Tensor, trim: float) -> tuple[float, bool]:
     return lme + math.log1p(-math.exp(-lme)), True
 
 
-def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float = 0.01) -> torch.Tensor:
+def occupancy_penalty(*, policy_scores: torch.Tensor, kind: str = "sqrt_chi2", trim: float = 0.01) -> torch.Tensor:
     r"""Per-step occupancy-measure penalties ``g`` from discriminator scores ``d ~ log(mu_pi / mu_ref)``.
 
     The policy is trained on the reward ``R~ - lambda * g`` (subtract the result, times
-    the coefficient, from the proxy reward of each step). With ``d`` from a discriminator
-    trained by :func:`discriminator_loss`:
+    the coefficient, from the proxy reward of each step). With ``d = policy_scores``, the
+    outputs on the policy's samples of a discriminator trained by :func:`discriminator_loss`:
 
     =================  ==================================  =============================================
     ``kind``           ``g``                               mean over policy samples estimates
@@ -172,7 +164,7 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
     ``"sqrt_chi2"`` reward has the policy gradient of ``sqrt(chi2)``: the paper's penalty.
 
     For ``"sqrt_chi2"``, ``chi2_hat`` is the **trimmed batch mean** of ``e^d - 1``: the
-    ``floor(trim * n)`` smallest and largest entries of the ``n`` scores in ``d`` (all of
+    ``floor(trim * n)`` smallest and largest entries of the ``n`` scores in ``policy_scores`` (all of
     them, flattened) are dropped before averaging. If ``chi2_hat <= 0`` (possible with
     an imperfect discriminator) the penalty falls back to the ``"chi2"`` one, as in the
     authors' code. ``chi2_hat`` is a batch statistic computed without gradient (a
@@ -192,7 +184,7 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
     ``floor(trim * n) == 0``, which is what the trimming evidently intends.
 
     Args:
-        d: discriminator scores on the **policy's** samples, any shape, finite.
+        policy_scores: discriminator scores ``d`` on the **policy's** samples, any shape, finite.
         kind: ``"kl"``, ``"chi2"`` or ``"sqrt_chi2"`` (default, the paper's regulariser).
         trim: fraction in ``[0, 0.5)`` trimmed from each end for ``chi2_hat`` (default
             0.01, the authors' value); ignored by the other kinds.
@@ -202,33 +194,31 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
         differentiable w.r.t. ``d``.
 
     Raises:
-        TypeError: non-float ``d``. ValueError: empty or non-finite ``d``, an unknown
-        ``kind``, ``trim`` outside ``[0, 0.5)``.
+        ArgumentTypeError: non-float ``policy_scores``. ValueError: empty or non-finite
+        ``policy_scores``, an unknown ``kind``, ``trim`` outside ``[0, 0.5)``.
 
     Example::
 
         >>> import torch
         >>> from fdiv.objectives.occupancy import occupancy_penalty
         >>> d = torch.tensor([0.0, 0.5, -0.5])
-        >>> occupancy_penalty(d, "chi2")
+        >>> occupancy_penalty(policy_scores=d, kind="chi2")
         tensor([ 0.0000,  0.6487, -0.3935])
 
     Reference: Laidlaw et al. (2024), arXiv 2403.03185, the ORPO algorithm; the
     ``_kl/_chi2/_sqrt_chi2_discriminator_rewards`` methods of ``cassidylaidlaw/orpo``.
     """
-    if kind not in OCCUPANCY_PENALTIES:
-        raise ValueError(f"kind must be one of {OCCUPANCY_PENALTIES}, got {kind!r}")
-    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= float(trim) < 0.5:
-        raise ValueError(f"trim must be a fraction in [0, 0.5), got {trim!r}")
-    _check_scores("d", d)
-    dtype = compute_dtype(d)
-    x = d.to(dtype)
+    check_choice("kind", kind, OCCUPANCY_PENALTIES)
+    trim = check_number("trim", trim, low=0.0, high=0.5, high_open=True)
+    _check_scores("policy_scores", policy_scores)
+    dtype = compute_dtype(policy_scores)
+    x = policy_scores.to(dtype)
     if kind == "kl":
-        return x.clone() if x is d else x
+        return x.clone() if x is policy_scores else x
     chi2 = torch.expm1(x)
     if kind == "chi2":
         return chi2
-    log_chi2_hat, positive = _trimmed_log_chi2(x, float(trim))
+    log_chi2_hat, positive = _trimmed_log_chi2(x, trim)
     if not positive:
         return chi2
     log_scale = 0.5 * log_chi2_hat
@@ -242,51 +232,24 @@ def occupancy_penalty(d: torch.Tensor, kind: str = "sqrt_chi2", *, trim: float =
 
 # --------------------------------------------------------------------------- LLM form
 def _check_logps(policy_logps, reference_logps, mask):
-    check_float_tensor("policy_logps", policy_logps)
-    check_float_tensor("reference_logps", reference_logps)
-    check_same_layout("policy_logps", policy_logps, "reference_logps", reference_logps)
-    if policy_logps.dim() == 0:
-        raise ValueError("policy_logps is a scalar: give [B] sequence log-probs or [B, T] token log-probs")
+    """The counted-token mask of :func:`chi2_regularizer` (None: all counted), after the input checks."""
+    check_tensor("policy_logps", policy_logps, min_dim=1)
+    check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
     if policy_logps.numel() == 0 or policy_logps.shape[0] == 0:
         raise ValueError("policy_logps is empty: the estimate needs at least one sequence")
-    if mask is None:
-        return None
-    if policy_logps.dim() == 1:
-        raise ValueError(
-            "mask is only for per-token log-probs [B, T]; 1-D inputs are already sequence log-probs [B]"
-        )
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a tensor of the shape of policy_logps, got {type(mask).__name__}")
-    if mask.shape != policy_logps.shape:
-        raise ValueError(f"mask must have shape {tuple(policy_logps.shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must be bool or contain only 0 and 1 (1 = counted response token)")
-        mask = mask != 0
-    return mask.to(policy_logps.device)
-
-
-def _check_counted_values(policy_logps, reference_logps, counted):
-    for name, x in (("policy_logps", policy_logps), ("reference_logps", reference_logps)):
-        values = x if counted is None else x[counted]
-        if bool(torch.isnan(values).any()):
-            raise ValueError(f"{name} contains NaN on a counted token")
-        if bool(torch.isposinf(values).any()):
-            raise ValueError(f"{name} contains +inf on a counted token; log-probabilities must be <= 0")
-        if bool(torch.isneginf(values).any()):
-            why = (
-                "the policy cannot have sampled a token it gives probability 0"
-                if name == "policy_logps"
-                else "the policy sampled a token the reference rules out, so chi2(mu_pi || mu_ref) is infinite"
-            )
-            raise ValueError(f"{name} contains -inf on a counted token: {why}")
+    if mask is not None and policy_logps.dim() == 1:
+        raise ValueError("mask is only for per-token log-probs [B, T]; 1-D inputs are already sequence log-probs [B]")
+    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
+    check_finite("policy_logps", policy_logps, counted)  # the policy sampled these tokens
+    check_finite("reference_logps", reference_logps, counted)  # -inf: chi2(mu_pi || mu_ref) is infinite
+    return counted
 
 
 def chi2_regularizer(
+    *,
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
     mask: torch.Tensor | None = None,
-    *,
     sqrt: bool = True,
     linearize_at: float | None = 10.0,
     floor: float = 1e-4,
@@ -327,7 +290,8 @@ def chi2_regularizer(
     ``linearize_at=None`` for the exact (unlinearised) estimator.
 
     The related KL estimate of the same code, ``mean(l + expm1(-l))``, is Schulman's
-    ``k3`` for ``KL(pi || pi_ref)``: ``fdiv.rl.kl_estimate(policy_logps, reference_logps, "k3")``.
+    ``k3`` for ``KL(pi || pi_ref)``:
+    ``fdiv.rl.kl_estimate(policy_logps=..., reference_logps=..., estimator="k3")``.
 
     Args:
         policy_logps: log-probabilities under the policy of tokens **sampled from the
@@ -348,7 +312,7 @@ def chi2_regularizer(
         w.r.t. both inputs (one backward pass).
 
     Raises:
-        TypeError: non-float inputs. ValueError: shape or device mismatch, a bad mask, a
+        ArgumentTypeError: non-float inputs. ValueError: shape or device mismatch, a bad mask, a
         NaN / ``+inf`` / ``-inf`` log-probability on a counted token (``-inf`` in
         ``reference_logps`` means the divergence is infinite), ``linearize_at <= 0`` or
         ``floor <= 0``.
@@ -359,28 +323,27 @@ def chi2_regularizer(
         >>> from fdiv.objectives.occupancy import chi2_regularizer
         >>> pi, ref = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
         >>> x = torch.tensor([0, 1])            # two samples: exactly E_pi for this pi
-        >>> round(chi2_regularizer(pi[x].log(), ref[x].log(), sqrt=False).item(), 6)   # = 1/3
+        >>> chi2 = chi2_regularizer(policy_logps=pi[x].log(), reference_logps=ref[x].log(), sqrt=False)
+        >>> round(chi2.item(), 6)   # = 1/3
         0.333333
 
     Reference: Laidlaw et al. (2024), arXiv 2403.03185, Section on RLHF; the
     ``PPOWithRefPolicyConfig.loss`` of ``cassidylaidlaw/llm_optimization``.
     """
     counted = _check_logps(policy_logps, reference_logps, mask)
-    if not isinstance(sqrt, bool):
-        raise ValueError(f"sqrt must be True or False, got {sqrt!r}")
-    c = _check_positive("linearize_at", linearize_at, allow_none=True)
-    floor = _check_positive("floor", floor)
-    _check_counted_values(policy_logps, reference_logps, counted)
+    check_bool("sqrt", sqrt)
+    c = check_positive("linearize_at", linearize_at, allow_none=True)
+    floor = check_positive("floor", floor)
     dtype = compute_dtype(policy_logps, reference_logps)
     diff = policy_logps.to(dtype) - reference_logps.to(dtype)
-    if counted is None:
-        log_ratio = diff if diff.dim() == 1 else diff.sum(-1)
-    else:
-        log_ratio = torch.where(counted, diff, torch.zeros_like(diff)).sum(-1)
+    log_ratio = diff if diff.dim() == 1 else reduce(diff, "none", mask=counted).sum(-1)
 
     inner = log_ratio if c is None else log_ratio.clamp(-c, c)
     # neyman_chi2(P = ref || Q = pi) from Q-samples: f(r) with r = pi_ref / pi = e^{-l}.
-    terms = mc_estimate("neyman_chi2", -inner, torch.zeros_like(inner), samples_from="q", reduction="none")
+    terms = mc_estimate(
+        divergence="neyman_chi2", target_logps=-inner, model_logps=torch.zeros_like(inner),
+        samples_from="model", reduction="none",
+    )
     if c is not None:
         big = log_ratio.abs() >= c
         a = torch.where(big, log_ratio.abs(), torch.full_like(log_ratio, c))

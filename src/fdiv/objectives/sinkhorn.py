@@ -37,14 +37,28 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._validate import (
+    ArgumentTypeError,
+    check_choice,
+    check_finite,
+    check_int,
+    check_logit_pair,
+    check_mask,
+    check_number,
+    check_positive,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    raise_if_nan,
+    reduce,
+    zero_uncounted_rows,
+)
 from ..math._numerics import compute_dtype
-from ..math.base import check_float_tensor, check_temperature
-from ._shared import check_bool_mask, reduce_rows, zero_uncounted_rows
 
 __all__ = ["SinkhornResult", "sinkhorn_log", "sinkhorn_kd_loss", "zero_one_cost", "index_cost"]
 
 MODES = ("batch", "sample")
-REDUCTIONS = ("mean", "sum", "none")
 BATCH_COSTS = ("l1", "l2", "sqeuclidean")
 SAMPLE_COSTS = ("zero_one", "index")
 
@@ -71,57 +85,37 @@ class SinkhornResult(NamedTuple):
     marginal_error: torch.Tensor
 
 
-# --------------------------------------------------------------------------- checks
-def _check_positive_number(name: str, value) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not (out > 0 and math.isfinite(out)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return out
+# --------------------------------------------------------------------------- marginals
+def _log_marginal(name, probs, log_probs, cost, shape, dtype):
+    """log of a marginal given as masses (``name``), as log-masses (``log_name``), or None (uniform).
 
-
-def _check_n_iters(n_iters) -> int:
-    if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
-        raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
-    return n_iters
-
-
-def _check_tol(tol):
-    if tol is None:
-        return None
-    return _check_positive_number("tol", tol)
-
-
-def _log_marginal(name, probs, log_probs, shape, dtype, device):
-    """log of a marginal given as probabilities, as log-probabilities, or None (uniform)."""
+    Specific to transport: a marginal broadcasts against the cost's leading dimensions
+    (one marginal shared by a batch of problems), unlike the never-broadcast logit pairs.
+    """
+    log_name = f"log_{name}"
     if probs is not None and log_probs is not None:
-        raise ValueError(f"give either {name}= or log_{name}=, not both")
+        raise ValueError(f"give either {name}= or {log_name}=, not both")
     if probs is None and log_probs is None:
         size = shape[-1]
-        return torch.full(shape, -math.log(size), dtype=dtype, device=device)
-    label = name if probs is not None else f"log_{name}"
+        return torch.full(shape, -math.log(size), dtype=dtype, device=cost.device)
+    label = name if probs is not None else log_name
     x = probs if probs is not None else log_probs
-    check_float_tensor(label, x)
-    if x.dim() == 0 or x.shape[-1] != shape[-1]:
+    check_tensor(label, x, min_dim=1)
+    if x.shape[-1] != shape[-1]:
         raise ValueError(f"{label} must have {shape[-1]} entries along its last dimension, got shape {tuple(x.shape)}")
     try:
         torch.broadcast_shapes(x.shape, shape)
     except RuntimeError:
         raise ValueError(f"{label} of shape {tuple(x.shape)} does not broadcast to {tuple(shape)}") from None
-    if x.device != device:
-        raise ValueError(f"device mismatch: {label} is on {x.device}, cost on {device}")
-    if torch.isnan(x).any():
-        raise ValueError(f"{label} contains NaN")
+    check_same_device("cost", cost, label, x)
     x = x.to(dtype)
     if probs is not None:
-        if (x < 0).any() or torch.isinf(x).any():
-            raise ValueError(f"{label} must contain finite non-negative masses")
+        check_finite(label, x.detach())
+        if bool((x < 0).any()):
+            raise ValueError(f"{label} must contain non-negative masses")
         log_x = torch.log(x)
     else:
-        if torch.isposinf(x).any():
-            raise ValueError(f"{label} contains +inf")
+        check_finite(label, x.detach(), allow_neg_inf=True)
         log_x = x
     if (log_x == -math.inf).all(dim=-1).any():
         raise ValueError(f"{label} has a marginal with zero total mass")
@@ -135,8 +129,8 @@ def _check_balanced(log_a, log_b, dtype):
     gap = (mass_a - mass_b).abs() / torch.maximum(mass_a, mass_b)
     if (gap > tol).any():
         raise ValueError(
-            "a and b must have the same total mass (balanced transport); relative gap up to "
-            f"{gap.max().item():.3g}"
+            "row_marginal and column_marginal must have the same total mass (balanced transport); "
+            f"relative gap up to {gap.max().item():.3g}"
         )
 
 
@@ -175,15 +169,15 @@ def _sinkhorn_core(cost, log_a, log_b, epsilon: float, n_iters: int, tol):
 
 
 def sinkhorn_log(
-    cost: torch.Tensor,
-    a: torch.Tensor | None = None,
-    b: torch.Tensor | None = None,
     *,
+    cost: torch.Tensor,
+    row_marginal: torch.Tensor | None = None,
+    column_marginal: torch.Tensor | None = None,
+    log_row_marginal: torch.Tensor | None = None,
+    log_column_marginal: torch.Tensor | None = None,
     epsilon: float = 0.1,
     n_iters: int = 20,
     tol: float | None = None,
-    log_a: torch.Tensor | None = None,
-    log_b: torch.Tensor | None = None,
 ) -> SinkhornResult:
     r"""Entropic optimal transport by Sinkhorn iterations in the log domain, batched.
 
@@ -198,20 +192,24 @@ def sinkhorn_log(
     normalising the rows and columns of ``K = exp(-C / epsilon)``. After the last step
     the column marginals are exact; ``marginal_error`` reports the row violation.
 
+    All arguments are keyword-only: the row marginal ``a`` and the column marginal ``b``
+    of the usual notation are ``row_marginal`` and ``column_marginal``.
+
     Args:
         cost: ground cost ``C``, shape ``[..., n, m]`` (leading dims are independent problems).
             Finite; any float dtype (half precision is computed in float32).
-        a: row marginal, shape broadcastable to ``[..., n]``, non-negative; ``None`` = uniform
-            ``1/n``. Zero entries are allowed (their plan rows are exactly 0).
-        b: column marginal ``[..., m]``, same total mass as ``a``; ``None`` = uniform ``1/m``.
+        row_marginal: ``a``, shape broadcastable to ``[..., n]``, non-negative, on ``cost``'s
+            device; ``None`` = uniform ``1/n``. Zero entries are allowed (their plan rows are
+            exactly 0).
+        column_marginal: ``b``, ``[..., m]``, same total mass as ``a``; ``None`` = uniform ``1/m``.
+        log_row_marginal, log_column_marginal: the marginals as log-masses instead (``-inf`` =
+            zero mass). Use these when the marginals come from ``log_softmax``: gradients stay
+            finite where a mass is exactly zero.
         epsilon: entropic regularisation ``> 0``, in cost units. Small values approach
             exact OT but need more iterations (roughly ``max(C) / epsilon``).
         n_iters: number of (row, column) update pairs; gradients flow through all of them.
         tol: optional early stop once the row-marginal violation is ``<= tol`` (one
             host sync per iteration; off by default).
-        log_a, log_b: the marginals as log-masses instead (``-inf`` = zero mass). Use these
-            when the marginals come from ``log_softmax``: gradients stay finite where a
-            mass is exactly zero.
 
     Returns:
         :class:`SinkhornResult` ``(cost, plan, f, g, marginal_error)``. float64 inputs give
@@ -222,7 +220,7 @@ def sinkhorn_log(
         >>> C = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
         >>> a = torch.tensor([0.7, 0.3], dtype=torch.float64)
         >>> b = torch.tensor([0.4, 0.6], dtype=torch.float64)
-        >>> res = sinkhorn_log(C, a, b, epsilon=0.01, n_iters=500)
+        >>> res = sinkhorn_log(cost=C, row_marginal=a, column_marginal=b, epsilon=0.01, n_iters=500)
         >>> round(res.cost.item(), 4)  # exact OT = total variation = 0.3
         0.3
         >>> res.plan.sum(-2)  # columns are exact
@@ -232,21 +230,18 @@ def sinkhorn_log(
         Cuturi (2013), Sinkhorn Distances; Peyre & Cuturi (2019), Computational Optimal
         Transport, section 4.4 (log-domain stabilisation).
     """
-    check_float_tensor("cost", cost)
-    if cost.dim() < 2:
-        raise ValueError(f"cost must have at least 2 dimensions [..., n, m], got shape {tuple(cost.shape)}")
+    check_tensor("cost", cost, min_dim=2)
     if cost.shape[-1] == 0 or cost.shape[-2] == 0:
         raise ValueError(f"cost has an empty side, shape {tuple(cost.shape)}")
-    if not torch.isfinite(cost).all():
-        raise ValueError("cost must be finite (it contains NaN or inf)")
-    epsilon = _check_positive_number("epsilon", epsilon)
-    n_iters = _check_n_iters(n_iters)
-    tol = _check_tol(tol)
-    tensors = [t for t in (cost, a, b, log_a, log_b) if isinstance(t, torch.Tensor)]
-    dtype = compute_dtype(*tensors)
+    check_finite("cost", cost.detach())
+    epsilon = check_positive("epsilon", epsilon)
+    n_iters = check_int("n_iters", n_iters, low=1)
+    tol = check_positive("tol", tol, allow_none=True)
+    marginals = (row_marginal, column_marginal, log_row_marginal, log_column_marginal)
+    dtype = compute_dtype(cost, *[t for t in marginals if isinstance(t, torch.Tensor)])
     c = cost.to(dtype)
-    la = _log_marginal("a", a, log_a, c.shape[:-1], dtype, c.device)
-    lb = _log_marginal("b", b, log_b, c.shape[:-2] + c.shape[-1:], dtype, c.device)
+    la = _log_marginal("row_marginal", row_marginal, log_row_marginal, c, c.shape[:-1], dtype)
+    lb = _log_marginal("column_marginal", column_marginal, log_column_marginal, c, c.shape[:-2] + c.shape[-1:], dtype)
     _check_balanced(la, lb, dtype)
     result = _sinkhorn_core(c, la, lb, epsilon, n_iters, tol)
     if torch.isnan(result.cost).any():
@@ -257,16 +252,14 @@ def sinkhorn_log(
 # --------------------------------------------------------------------------- ground costs
 def zero_one_cost(num_classes: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """The ``C x C`` 0-1 ground cost ``1[k != l]``; exact OT under it equals total variation."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_int("num_classes", num_classes, low=1)
     return 1.0 - torch.eye(num_classes, dtype=dtype, device=device)
 
 
 def index_cost(num_classes: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """The ``C x C`` ordinal ground cost ``|k - l|``; exact OT under it is the 1-D
     Wasserstein-1 distance ``sum_k |F_p(k) - F_q(k)|`` between the class CDFs."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    check_int("num_classes", num_classes, low=1)
     k = torch.arange(num_classes, dtype=dtype, device=device)
     return (k[:, None] - k[None, :]).abs()
 
@@ -296,15 +289,16 @@ def _sample_cost(cost, num_classes, dtype, device):
             return index_cost(num_classes, dtype=dtype, device=device)
         raise ValueError(f"cost must be one of {SAMPLE_COSTS} or a [C, C] tensor for mode='sample', got {cost!r}")
     if not isinstance(cost, torch.Tensor):
-        raise ValueError(
+        raise ArgumentTypeError(
             f"cost must be one of {SAMPLE_COSTS} or a [C, C] tensor for mode='sample', got {type(cost).__name__}"
         )
-    check_float_tensor("cost", cost)
+    check_tensor("cost", cost)
     if cost.dim() < 2 or cost.shape[-2:] != (num_classes, num_classes):
         raise ValueError(f"cost must have shape [..., {num_classes}, {num_classes}], got {tuple(cost.shape)}")
-    if not torch.isfinite(cost).all():
-        raise ValueError("cost must be finite (it contains NaN or inf)")
-    return cost.to(device=device, dtype=dtype)
+    if cost.device != torch.device(device):
+        raise ValueError(f"device mismatch: cost is on {cost.device}, the logits on {device}")
+    check_finite("cost", cost.detach())
+    return cost.to(dtype=dtype)
 
 
 # --------------------------------------------------------------------------- SinKD

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..math._numerics import compute_dtype
-from ..math.base import check_float_tensor, check_temperature
+from .._validate import check_tensor as check_float_tensor, check_temperature
 from ._shared import check_bool_mask, reduce_rows, zero_uncounted_rows
 
 __all__ = [
