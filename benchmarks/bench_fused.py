@@ -57,7 +57,12 @@ def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: in
             loss = liger(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
         else:
             loss = fdiv.fused_linear_loss(
-                student_hidden, student_weight, teacher_hidden, teacher_weight, "js", chunk_size=chunk
+                student_hidden=student_hidden,
+                student_weight=student_weight,
+                teacher_hidden=teacher_hidden,
+                teacher_weight=teacher_weight,
+                divergence="js",
+                chunk_size=chunk,
             )
         loss.backward()
         return float(loss)

@@ -41,9 +41,9 @@ METHODS = {
     "trl": "TRL GKDTrainer.generalized_jsd_loss",
 }
 DIVERGENCES = {
-    # name: (fdiv divergence kwargs, TRL beta)
-    "forward_kl": ({"divergence": "forward_kl"}, 0.0),
-    "js": ({"divergence": "js", "beta": 0.5}, 0.5),
+    # name: (fdiv registered name and parameters, TRL beta)
+    "forward_kl": (("forward_kl", {}), 0.0),
+    "js": (("js", {"beta": 0.5}), 0.5),
 }
 
 
@@ -73,9 +73,10 @@ def build(vocab: int, hidden: int, layers: int, teacher_hidden: int, teacher_lay
 def loss_fn(method: str, divergence: str):
     import torch
 
+    import fdiv
     from fdiv.integrations.hf import distillation_loss
 
-    fdiv_kwargs, trl_beta = DIVERGENCES[divergence]
+    (name, params), trl_beta = DIVERGENCES[divergence]
     if method == "trl":
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
@@ -93,7 +94,10 @@ def loss_fn(method: str, divergence: str):
 
         return trl_loss
     fused = method == "fused"
-    return lambda student, teacher, batch: distillation_loss(student, teacher, batch, **fdiv_kwargs, fused=fused)
+    div = fdiv.get(name, **params)  # the divergence is built once; parameters travel inside it
+    return lambda student, teacher, batch: distillation_loss(
+        student=student, teacher=teacher, batch=batch, divergence=div, fused=fused
+    )
 
 
 def worker(method: str, divergence: str, args) -> dict:
@@ -143,13 +147,14 @@ def check_conventions() -> None:
     trl = lambda beta: float(GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta))  # noqa: E731
     lines = []
     for b in (0.2, 0.5, 0.9):
-        ours = float(fdiv.token_loss(s[mask], t[mask], "js", beta=b))
+        js = fdiv.get("js", beta=b)
+        ours = float(fdiv.token_loss(student_logits=s[mask], teacher_logits=t[mask], divergence=js))
         same, flipped = abs(ours - trl(b)), abs(ours - trl(1 - b))
         lines.append(f"  fdiv js beta={b}: |fdiv - TRL(beta={b})| = {same:.1e}, |fdiv - TRL(beta={1 - b:.1f})| = {flipped:.1e}")
         if not same < 1e-10:
             raise SystemExit(f"convention check failed: fdiv js beta={b} != TRL beta={b}\n" + "\n".join(lines))
     for name, beta in (("forward_kl", 0.0), ("reverse_kl", 1.0)):
-        diff = abs(float(fdiv.token_loss(s[mask], t[mask], name)) - trl(beta))
+        diff = abs(float(fdiv.token_loss(student_logits=s[mask], teacher_logits=t[mask], divergence=name)) - trl(beta))
         lines.append(f"  fdiv {name}: |fdiv - TRL(beta={beta:.0f})| = {diff:.1e}")
         if not diff < 1e-10:
             raise SystemExit(f"convention check failed: fdiv {name} != TRL beta={beta}\n" + "\n".join(lines))

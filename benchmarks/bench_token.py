@@ -72,7 +72,7 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
             loss = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta)
         else:
             backend = "eager" if kind == "fdiv-eager" else "compile"
-            loss = fdiv.token_loss(student, teacher, div, backend=backend)
+            loss = fdiv.token_loss(student_logits=student, teacher_logits=teacher, divergence=div, backend=backend)
         loss.backward()
 
     step()  # warm-up (and compilation), outside the memory window

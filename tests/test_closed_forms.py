@@ -29,8 +29,10 @@ from torch.distributions import (
     kl_divergence,
 )
 
+import fdiv.math
 import fdiv.math.closed_forms as cf
 from fdiv.math.closed_forms import available_closed_forms, closed_form, register_closed_form
+from fdiv.math.registry import get
 
 DT = torch.float64
 GAUSSIAN_NAMES = cf.GAUSSIAN_DIVERGENCES
@@ -74,7 +76,7 @@ def test_kl_matches_torch_normal(seed):
     g = torch.Generator().manual_seed(seed)
     p = Normal(torch.randn(3, 1, dtype=DT, generator=g), torch.rand(3, 1, dtype=DT, generator=g) + 0.3)
     q = Normal(torch.randn(4, dtype=DT, generator=g), torch.rand(4, dtype=DT, generator=g) + 0.3)
-    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    forward, reverse = closed_form("forward_kl", p=p, q=q), closed_form("reverse_kl", p=p, q=q)
     assert forward.shape == reverse.shape == (3, 4)
     torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-12, atol=1e-13)
@@ -85,7 +87,7 @@ def test_kl_matches_torch_diagonal(seed):
     g = torch.Generator().manual_seed(seed)
     p = Independent(Normal(torch.randn(2, 5, dtype=DT, generator=g), torch.rand(2, 5, dtype=DT, generator=g) + 0.3), 1)
     q = Independent(Normal(torch.randn(5, dtype=DT, generator=g), torch.rand(5, dtype=DT, generator=g) + 0.3), 1)
-    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    forward, reverse = closed_form("forward_kl", p=p, q=q), closed_form("reverse_kl", p=p, q=q)
     assert forward.shape == (2,)
     torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-12, atol=1e-13)
@@ -96,7 +98,7 @@ def test_kl_matches_torch_mvn(seed):
     g = torch.Generator().manual_seed(seed)
     p = MultivariateNormal(torch.randn(2, 3, 4, dtype=DT, generator=g), scale_tril=random_tril(g, 2, 3, d=4))
     q = MultivariateNormal(torch.randn(3, 4, dtype=DT, generator=g), scale_tril=random_tril(g, 3, d=4))
-    forward, reverse = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    forward, reverse = closed_form("forward_kl", p=p, q=q), closed_form("reverse_kl", p=p, q=q)
     assert forward.shape == (2, 3)
     torch.testing.assert_close(forward, kl_divergence(p, q), rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(reverse, kl_divergence(q, p), rtol=1e-11, atol=1e-12)
@@ -107,8 +109,8 @@ def test_kl_matches_torch_categorical(seed):
     g = torch.Generator().manual_seed(seed)
     p = Categorical(logits=3 * torch.randn(2, 3, 6, dtype=DT, generator=g))
     q = Categorical(logits=3 * torch.randn(3, 6, dtype=DT, generator=g))
-    torch.testing.assert_close(closed_form("forward_kl", p, q), kl_divergence(p, q), rtol=1e-12, atol=1e-13)
-    torch.testing.assert_close(closed_form("reverse_kl", p, q), kl_divergence(q, p), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(closed_form("forward_kl", p=p, q=q), kl_divergence(p, q), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(closed_form("reverse_kl", p=p, q=q), kl_divergence(q, p), rtol=1e-12, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------- Normal vs quadrature
@@ -168,7 +170,7 @@ def quadrature_reference(name, params, mp, sp, mq, sq):
 def test_normal_matches_quadrature(case):
     name, params = case
     for mp, sp, mq, sq in NORMAL_PARAMS:
-        got = closed_form(name, Normal(tt(mp), tt(sp)), Normal(tt(mq), tt(sq)), **params)
+        got = closed_form(get(name, **params), p=Normal(tt(mp), tt(sp)), q=Normal(tt(mq), tt(sq)))
         want = quadrature_reference(name, params, mp, sp, mq, sq)
         assert got.dtype == DT and got.shape == ()
         assert float(got) == pytest.approx(want, rel=1e-8, abs=1e-11), (mp, sp, mq, sq)
@@ -263,7 +265,7 @@ def _estimand(name, params, value):
 @pytest.mark.parametrize("case", MC_CASES, ids=case_id)
 def test_mvn_matches_monte_carlo(case):
     name, params = case
-    value = float(closed_form(name, mvn(*MVN_P), mvn(*MVN_Q), **params))
+    value = float(closed_form(get(name, **params), p=mvn(*MVN_P), q=mvn(*MVN_Q)))
     if name in ("forward_kl", "reverse_kl", "jeffreys"):
         est, se = 0.0, 0.0
         for from_p in {"forward_kl": [True], "reverse_kl": [False], "jeffreys": [True, False]}[name]:
@@ -295,12 +297,11 @@ def test_diagonal_equals_mvn_with_diagonal_covariance(case):
     scale_q = torch.rand(4, dtype=DT, generator=g) + 0.5
     scale_p[2, 1] = 3.0 * scale_q[1]  # one batch entry where orders > 1 (or < 0) diverge
     diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
-    diag = closed_form(name, diag_p, diag_q, **params)
+    diag = closed_form(get(name, **params), p=diag_p, q=diag_q)
     full = closed_form(
-        name,
-        MultivariateNormal(loc_p, covariance_matrix=torch.diag_embed(scale_p**2)),
-        MultivariateNormal(loc_q, covariance_matrix=torch.diag_embed(scale_q**2)),
-        **params,
+        get(name, **params),
+        p=MultivariateNormal(loc_p, covariance_matrix=torch.diag_embed(scale_p**2)),
+        q=MultivariateNormal(loc_q, covariance_matrix=torch.diag_embed(scale_q**2)),
     )
     assert diag.shape == (3,)
     _assert_same(diag, full)
@@ -316,12 +317,11 @@ def test_independent_over_several_dims_equals_flattened_mvn(case):
     scale_q = 0.5 * torch.rand(2, 3, 2, dtype=DT, generator=g) + 0.8
     p2 = Independent(Normal(loc_p, scale_p), 2)
     q_nested = Independent(Independent(Normal(loc_q, scale_q), 1), 1)
-    value = closed_form(name, p2, q_nested, **params)
+    value = closed_form(get(name, **params), p=p2, q=q_nested)
     full = closed_form(
-        name,
-        MultivariateNormal(loc_p.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_p.reshape(2, 6) ** 2)),
-        MultivariateNormal(loc_q.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_q.reshape(2, 6) ** 2)),
-        **params,
+        get(name, **params),
+        p=MultivariateNormal(loc_p.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_p.reshape(2, 6) ** 2)),
+        q=MultivariateNormal(loc_q.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_q.reshape(2, 6) ** 2)),
     )
     assert value.shape == (2,)
     _assert_same(value, full)
@@ -334,16 +334,14 @@ def test_independent_mvn_equals_block_diagonal_mvn(case):
     loc_p, loc_q = torch.randn(3, 2, dtype=DT, generator=g), torch.randn(3, 2, dtype=DT, generator=g)
     tril_p, tril_q = random_tril(g, 3, d=2, scale=0.2), random_tril(g, 3, d=2, scale=0.2)
     blocks = closed_form(
-        name,
-        Independent(MultivariateNormal(loc_p, scale_tril=tril_p), 1),
-        Independent(MultivariateNormal(loc_q, scale_tril=tril_q), 1),
-        **params,
+        get(name, **params),
+        p=Independent(MultivariateNormal(loc_p, scale_tril=tril_p), 1),
+        q=Independent(MultivariateNormal(loc_q, scale_tril=tril_q), 1),
     )
     full = closed_form(
-        name,
-        MultivariateNormal(loc_p.reshape(6), scale_tril=torch.block_diag(*tril_p)),
-        MultivariateNormal(loc_q.reshape(6), scale_tril=torch.block_diag(*tril_q)),
-        **params,
+        get(name, **params),
+        p=MultivariateNormal(loc_p.reshape(6), scale_tril=torch.block_diag(*tril_p)),
+        q=MultivariateNormal(loc_q.reshape(6), scale_tril=torch.block_diag(*tril_q)),
     )
     assert blocks.shape == ()
     _assert_same(blocks, full)
@@ -353,12 +351,11 @@ def test_independent_mvn_equals_block_diagonal_mvn(case):
 def test_mvn_in_one_dimension_equals_normal(case):
     name, params = case
     mu_p, sd_p, mu_q, sd_q = tt([0.3, -1.0, 0.0]), tt([1.0, 0.6, 2.5]), tt([-0.4, 0.5, 0.1]), tt([1.2, 0.7, 1.0])
-    uni = closed_form(name, Normal(mu_p, sd_p), Normal(mu_q, sd_q), **params)
+    uni = closed_form(get(name, **params), p=Normal(mu_p, sd_p), q=Normal(mu_q, sd_q))
     multi = closed_form(
-        name,
-        MultivariateNormal(mu_p[:, None], scale_tril=sd_p[:, None, None]),
-        MultivariateNormal(mu_q[:, None], scale_tril=sd_q[:, None, None]),
-        **params,
+        get(name, **params),
+        p=MultivariateNormal(mu_p[:, None], scale_tril=sd_p[:, None, None]),
+        q=MultivariateNormal(mu_q[:, None], scale_tril=sd_q[:, None, None]),
     )
     _assert_same(multi, uni)
 
@@ -374,13 +371,13 @@ def test_mvn_affine_invariance(case):
     A = torch.randn(3, 3, dtype=DT, generator=g) + 2 * torch.eye(3, dtype=DT)
     b = torch.randn(3, dtype=DT, generator=g)
     diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
-    diag = closed_form(name, diag_p, diag_q, **params)
+    diag = closed_form(get(name, **params), p=diag_p, q=diag_q)
 
     def mapped(loc, scale):
         cov = A @ torch.diag_embed(scale**2) @ A.T
         return MultivariateNormal(loc @ A.T + b, scale_tril=torch.linalg.cholesky(cov))
 
-    full = closed_form(name, mapped(loc_p, scale_p), mapped(loc_q, scale_q), **params)
+    full = closed_form(get(name, **params), p=mapped(loc_p, scale_p), q=mapped(loc_q, scale_q))
     _assert_same(full, diag, rtol=1e-9, atol=1e-11)
 
 
@@ -408,31 +405,31 @@ PAIRS = _gaussian_pairs()
 @pytest.mark.parametrize("kind", PAIRS)
 def test_renyi_and_alpha_are_continuous_at_their_kl_limits(kind):
     p, q = PAIRS[kind]
-    kl_pq, kl_qp = closed_form("forward_kl", p, q), closed_form("reverse_kl", p, q)
+    kl_pq, kl_qp = closed_form("forward_kl", p=p, q=q), closed_form("reverse_kl", p=p, q=q)
     assert (kl_pq > 1e-2).all()  # a non-trivial limit
-    torch.testing.assert_close(closed_form("renyi", p, q, alpha=1.0), kl_pq, rtol=0, atol=0)
-    torch.testing.assert_close(closed_form("alpha", p, q, alpha=1.0), kl_pq, rtol=0, atol=0)
-    torch.testing.assert_close(closed_form("alpha", p, q, alpha=0.0), kl_qp, rtol=0, atol=0)
+    torch.testing.assert_close(closed_form(get("renyi", alpha=1.0), p=p, q=q), kl_pq, rtol=0, atol=0)
+    torch.testing.assert_close(closed_form(get("alpha", alpha=1.0), p=p, q=q), kl_pq, rtol=0, atol=0)
+    torch.testing.assert_close(closed_form(get("alpha", alpha=0.0), p=p, q=q), kl_qp, rtol=0, atol=0)
     for eps in (1e-6, -1e-6):
         # |D_(1+eps) - KL| = O(eps): 1e-4 relative would catch a wrong branch at alpha = 1
-        torch.testing.assert_close(closed_form("renyi", p, q, alpha=1 + eps), kl_pq, rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(closed_form("alpha", p, q, alpha=1 + eps), kl_pq, rtol=1e-4, atol=1e-8)
-        torch.testing.assert_close(closed_form("alpha", p, q, alpha=eps), kl_qp, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(closed_form(get("renyi", alpha=1 + eps), p=p, q=q), kl_pq, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(closed_form(get("alpha", alpha=1 + eps), p=p, q=q), kl_pq, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(closed_form(get("alpha", alpha=eps), p=p, q=q), kl_qp, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("kind", PAIRS)
 def test_identities(kind):
     p, q = PAIRS[kind]
-    cfp = lambda name, **kw: closed_form(name, p, q, **kw)  # noqa: E731
+    cfp = lambda name, **kw: closed_form(get(name, **kw), p=p, q=q)  # noqa: E731
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)  # noqa: E731
     close(cfp("hellinger"), 1 - torch.exp(-cfp("bhattacharyya")))
     close(cfp("bhattacharyya"), cfp("renyi", alpha=0.5) / 2)
     close(cfp("alpha", alpha=0.5), 4 * cfp("hellinger"))
     close(cfp("renyi", alpha=2.0), torch.log1p(cfp("pearson_chi2")))
-    close(cfp("neyman_chi2"), closed_form("pearson_chi2", q, p))
-    close(cfp("reverse_kl"), closed_form("forward_kl", q, p))
+    close(cfp("neyman_chi2"), closed_form("pearson_chi2", p=q, q=p))
+    close(cfp("reverse_kl"), closed_form("forward_kl", p=q, q=p))
     close(cfp("jeffreys"), cfp("forward_kl") + cfp("reverse_kl"))
-    close(cfp("bhattacharyya"), closed_form("bhattacharyya", q, p))
+    close(cfp("bhattacharyya"), closed_form("bhattacharyya", p=q, q=p))
 
 
 @pytest.mark.parametrize("kind", PAIRS)
@@ -440,7 +437,7 @@ def test_identities(kind):
 def test_divergence_of_a_distribution_to_itself_is_zero(kind, case):
     name, params = case
     p, _ = PAIRS[kind]
-    value = closed_form(name, p, p, **params)
+    value = closed_form(get(name, **params), p=p, q=p)
     torch.testing.assert_close(value, torch.zeros_like(value), rtol=0, atol=1e-12)
 
 
@@ -454,7 +451,9 @@ def test_divergence_of_a_distribution_to_itself_is_zero(kind, case):
 )
 def test_normal_divergences_are_non_negative_and_never_nan(mp, mq, log_sp, log_sq, case):
     name, params = case
-    value = closed_form(name, Normal(tt(mp), tt(math.exp(log_sp))), Normal(tt(mq), tt(math.exp(log_sq))), **params)
+    value = closed_form(
+        get(name, **params), p=Normal(tt(mp), tt(math.exp(log_sp))), q=Normal(tt(mq), tt(math.exp(log_sq)))
+    )
     assert not torch.isnan(value)
     assert value >= -1e-12
 
@@ -466,8 +465,15 @@ def _mvn_from(loc, raw):
 
 @pytest.mark.parametrize(
     "case",
-    [("forward_kl", {}), ("reverse_kl", {}), ("renyi", {"alpha": 0.5}), ("renyi", {"alpha": 2.0}),
-     ("hellinger", {}), ("alpha", {"alpha": -0.5}), ("neyman_chi2", {})],
+    [
+        ("forward_kl", {}),
+        ("reverse_kl", {}),
+        ("renyi", {"alpha": 0.5}),
+        ("renyi", {"alpha": 2.0}),
+        ("hellinger", {}),
+        ("alpha", {"alpha": -0.5}),
+        ("neyman_chi2", {}),
+    ],
     ids=case_id,
 )
 def test_gradcheck_mvn(case):
@@ -487,7 +493,7 @@ def test_gradcheck_mvn(case):
     inputs = tuple(x.requires_grad_() for x in inputs)
 
     def fn(loc_p, raw_p, loc_q, raw_q):
-        return closed_form(name, _mvn_from(loc_p, raw_p), _mvn_from(loc_q, raw_q), **params)
+        return closed_form(get(name, **params), p=_mvn_from(loc_p, raw_p), q=_mvn_from(loc_q, raw_q))
 
     assert torch.isfinite(fn(*inputs)).all()
     assert torch.autograd.gradcheck(fn, inputs)
@@ -503,7 +509,7 @@ def test_gradcheck_mvn_covariance_parametrisation():
     def fn(loc, fp, fq):
         p = MultivariateNormal(loc, covariance_matrix=fp @ fp.T + eye)
         q = MultivariateNormal(torch.zeros(3, dtype=DT), covariance_matrix=fq @ fq.T + eye)
-        return closed_form("renyi", p, q, alpha=0.7)
+        return closed_form(get("renyi", alpha=0.7), p=p, q=q)
 
     assert torch.autograd.gradcheck(fn, (loc, factor_p, factor_q))
 
@@ -525,10 +531,14 @@ def test_gradcheck_normal_and_diagonal(case):
             0.3 * torch.rand(3, dtype=DT, generator=g) + 0.9,
         )
     )
-    assert torch.isfinite(closed_form(name, Normal(*inputs[:2]), Normal(*inputs[2:]), **params)).all()
-    assert torch.autograd.gradcheck(lambda a, b, c, d: closed_form(name, Normal(a, b), Normal(c, d), **params), inputs)
+    assert torch.isfinite(closed_form(get(name, **params), p=Normal(*inputs[:2]), q=Normal(*inputs[2:]))).all()
     assert torch.autograd.gradcheck(
-        lambda a, b, c, d: closed_form(name, Independent(Normal(a, b), 1), Independent(Normal(c, d), 1), **params),
+        lambda a, b, c, d: closed_form(get(name, **params), p=Normal(a, b), q=Normal(c, d)), inputs
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: closed_form(
+            get(name, **params), p=Independent(Normal(a, b), 1), q=Independent(Normal(c, d), 1)
+        ),
         inputs,
     )
 
@@ -543,7 +553,7 @@ def test_infinite_entries_have_finite_gradients(kind):
         scale_tril = torch.diag_embed(scale_p[:, None].expand(2, 2))
         p = MultivariateNormal(loc_p[:, None].expand(2, 2), scale_tril=scale_tril)
         q = MultivariateNormal(tt([0.2, 0.2]), scale_tril=1.1 * torch.eye(2, dtype=DT))
-    value = closed_form("pearson_chi2", p, q)
+    value = closed_form("pearson_chi2", p=p, q=q)
     assert torch.isfinite(value[0]) and value[1] == math.inf
     value.sum().backward()
     assert torch.isfinite(scale_p.grad).all() and torch.isfinite(loc_p.grad).all()
@@ -557,7 +567,7 @@ def test_singular_mix_gives_inf_and_finite_gradients():
     loc_p = tt([0.1, -0.2]).requires_grad_()
     p = MultivariateNormal(loc_p, scale_tril=torch.diag(scale_p))
     q = MultivariateNormal(tt([0.0, 0.0]), scale_tril=torch.eye(2, dtype=DT))
-    value = closed_form("renyi", p, q, alpha=1.125)
+    value = closed_form(get("renyi", alpha=1.125), p=p, q=q)
     assert value == math.inf
     value.backward()
     assert torch.isfinite(scale_p.grad).all() and torch.isfinite(loc_p.grad).all()
@@ -577,7 +587,7 @@ def test_singular_mix_gives_inf_and_finite_gradients():
 def test_divergent_integrals_give_inf_not_nan(name, params):
     # σp = 2 σq makes every order > 1 diverge; σq = 2 σp makes every order < 0 diverge
     wide, narrow = tt([2.0, 1.0]), tt([1.0, 2.0])
-    value = closed_form(name, Normal(tt(0.0), wide), Normal(tt(0.3), narrow), **params)
+    value = closed_form(get(name, **params), p=Normal(tt(0.0), wide), q=Normal(tt(0.3), narrow))
     diverges_first = name in ("pearson_chi2", "renyi") or params.get("alpha", 0) > 1
     assert not torch.isnan(value).any()
     assert torch.isinf(value).sum() == 1
@@ -586,88 +596,93 @@ def test_divergent_integrals_give_inf_not_nan(name, params):
     diag_p, diag_q = Independent(Normal(tt([0.0, 0.0]), wide), 1), Independent(Normal(tt([0.3, 0.3]), narrow), 1)
     full_p = MultivariateNormal(tt([0.0, 0.0]), covariance_matrix=torch.diag(wide**2))
     full_q = MultivariateNormal(tt([0.3, 0.3]), covariance_matrix=torch.diag(narrow**2))
-    assert closed_form(name, diag_p, diag_q, **params) == math.inf
-    assert closed_form(name, full_p, full_q, **params) == math.inf
+    assert closed_form(get(name, **params), p=diag_p, q=diag_q) == math.inf
+    assert closed_form(get(name, **params), p=full_p, q=full_q) == math.inf
 
 
 def test_mvn_indefinite_mix_gives_inf():
     # correlated covariances: each marginal variance is fine, the mix 2 Σq - Σp is indefinite
     p = mvn([0.0, 0.0], [[1.0, 0.9], [0.9, 1.0]])
     q = mvn([0.1, 0.0], [[1.0, -0.9], [-0.9, 1.0]])
-    assert closed_form("pearson_chi2", p, q) == math.inf
-    assert closed_form("renyi", p, q, alpha=2.0) == math.inf
-    assert torch.isfinite(closed_form("renyi", p, q, alpha=0.9))
+    assert closed_form("pearson_chi2", p=p, q=q) == math.inf
+    assert closed_form(get("renyi", alpha=2.0), p=p, q=q) == math.inf
+    assert torch.isfinite(closed_form(get("renyi", alpha=0.9), p=p, q=q))
 
 
 # ----------------------------------------------------------------------------- errors
 def test_js_has_no_gaussian_closed_form():
     with pytest.raises(NotImplementedError, match="js") as info:
-        closed_form("js", Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)))
+        closed_form("js", p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(1.0), tt(1.0)))
     message = str(info.value)
     assert "Normal" in message and "forward_kl" in message  # lists what does exist for the pair
     with pytest.raises(NotImplementedError, match="MultivariateNormal"):
-        closed_form("js", mvn([0.0], [[1.0]]), mvn([1.0], [[1.0]]), beta=0.5)
+        closed_form(get("js", beta=0.5), p=mvn([0.0], [[1.0]]), q=mvn([1.0], [[1.0]]))
 
 
 def test_unregistered_pair_names_both_types():
     with pytest.raises(NotImplementedError) as info:
-        closed_form("forward_kl", Normal(tt(0.0), tt(1.0)), Categorical(logits=tt([0.0, 1.0])))
+        closed_form("forward_kl", p=Normal(tt(0.0), tt(1.0)), q=Categorical(logits=tt([0.0, 1.0])))
     assert "Normal" in str(info.value) and "Categorical" in str(info.value)
     with pytest.raises(NotImplementedError, match="tv"):
-        closed_form("tv", Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)))
+        closed_form("tv", p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(1.0), tt(1.0)))
 
 
 @pytest.mark.parametrize("name, alpha", [("renyi", -1.0), ("renyi", math.nan), ("alpha", math.inf)])
 def test_bad_alpha_raises(name, alpha):
+    """Parameters are validated once, when the instance is built (never beside closed_form)."""
     with pytest.raises(ValueError, match="alpha"):
-        closed_form(name, Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0)), alpha=alpha)
+        get(name, alpha=alpha)
 
 
 def test_renyi_order_zero_is_minus_log_mass_of_the_support():
     """-log Q(supp P): 0 for Gaussians (full support), the masked mass for categoricals."""
     p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(3.0), tt(0.5))
-    assert closed_form("renyi", p, q, alpha=0.0).item() == 0.0
+    assert closed_form(get("renyi", alpha=0.0), p=p, q=q).item() == 0.0
     cat_p = Categorical(probs=tt([0.5, 0.5, 0.0]))
     cat_q = Categorical(probs=tt([0.25, 0.25, 0.5]))
-    assert closed_form("renyi", cat_p, cat_q, alpha=0.0).item() == pytest.approx(math.log(2.0), rel=1e-12)
+    assert closed_form(get("renyi", alpha=0.0), p=cat_p, q=cat_q).item() == pytest.approx(math.log(2.0), rel=1e-12)
 
 
 def test_bad_parameters_and_arguments():
     p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.0))
     with pytest.raises(TypeError, match="alpha"):
-        closed_form("renyi", p, q, alpha="half")
+        get("renyi", alpha="half")
     with pytest.raises(ValueError, match="beta"):
-        closed_form("renyi", p, q, beta=0.5)
-    with pytest.raises(ValueError, match="alpha"):
-        closed_form("forward_kl", p, q, alpha=0.5)
+        get("renyi", beta=0.5)
+    with pytest.raises(TypeError):  # no **params beside the divergence: they live in the instance
+        closed_form("renyi", p=p, q=q, alpha=2.0)
+    with pytest.raises(TypeError, match="divergence must be"):
+        closed_form(3, p=p, q=q)
+    with pytest.raises(TypeError, match="divergence must be"):  # a class is not a built instance
+        closed_form(fdiv.math.Renyi, p=p, q=q)
     with pytest.raises(TypeError, match="p must be"):
-        closed_form("forward_kl", torch.zeros(3), q)
+        closed_form("forward_kl", p=torch.zeros(3), q=q)
     with pytest.raises(TypeError, match="q must be"):
-        closed_form("forward_kl", p, "normal")
+        closed_form("forward_kl", p=p, q="normal")
     with pytest.raises(ValueError, match="unknown divergence"):
-        closed_form("no_such_divergence", p, q)
+        closed_form("no_such_divergence", p=p, q=q)
     with pytest.raises(ValueError, match="event"):
-        closed_form("forward_kl", mvn([0.0, 0.0], np.eye(2)), mvn([0.0, 0.0, 0.0], np.eye(3)))
+        closed_form("forward_kl", p=mvn([0.0, 0.0], np.eye(2)), q=mvn([0.0, 0.0, 0.0], np.eye(3)))
     with pytest.raises(ValueError, match="batch shapes"):
-        closed_form("hellinger", Normal(torch.zeros(2), 1.0), Normal(torch.zeros(3), 1.0))
+        closed_form("hellinger", p=Normal(torch.zeros(2), 1.0), q=Normal(torch.zeros(3), 1.0))
     base = Normal(torch.zeros(2, 3, dtype=DT), tt(1.0))
     with pytest.raises(ValueError, match="event"):
-        closed_form("forward_kl", Independent(base, 1), Independent(base, 2))
+        closed_form("forward_kl", p=Independent(base, 1), q=Independent(base, 2))
     with pytest.raises(ValueError, match="categories"):
-        closed_form("forward_kl", Categorical(logits=torch.zeros(3)), Categorical(logits=torch.zeros(4)))
+        closed_form("forward_kl", p=Categorical(logits=torch.zeros(3)), q=Categorical(logits=torch.zeros(4)))
 
 
 def test_alpha_accepts_zero_dim_tensor_and_int():
     p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.5))
-    want = closed_form("renyi", p, q, alpha=2.0)
-    assert closed_form("renyi", p, q, alpha=torch.tensor(2.0)) == want
-    assert closed_form("renyi", p, q, alpha=2) == want
+    want = closed_form(get("renyi", alpha=2.0), p=p, q=q)
+    assert closed_form(get("renyi", alpha=torch.tensor(2.0)), p=p, q=q) == want
+    assert closed_form(get("renyi", alpha=2), p=p, q=q) == want
 
 
 @pytest.mark.parametrize("kind", PAIRS)
 def test_dtype_follows_the_parameters(kind):
     p64, q64 = PAIRS[kind]
-    want = closed_form("renyi", p64, q64, alpha=0.7)
+    want = closed_form(get("renyi", alpha=0.7), p=p64, q=q64)
 
     def cast(dist, dtype):
         if isinstance(dist, Independent):
@@ -677,19 +692,19 @@ def test_dtype_follows_the_parameters(kind):
         return MultivariateNormal(dist.loc.to(dtype), scale_tril=dist.scale_tril.to(dtype))
 
     for dtype, result_dtype, rtol in ((torch.float32, torch.float32, 1e-4), (torch.bfloat16, torch.float32, 5e-2)):
-        got = closed_form("renyi", cast(p64, dtype), cast(q64, dtype), alpha=0.7)
+        got = closed_form(get("renyi", alpha=0.7), p=cast(p64, dtype), q=cast(q64, dtype))
         assert got.dtype == result_dtype
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol)
-    mixed = closed_form("renyi", cast(p64, torch.float32), q64, alpha=0.7)
+    mixed = closed_form(get("renyi", alpha=0.7), p=cast(p64, torch.float32), q=q64)
     assert mixed.dtype == DT
 
 
 def test_aliases_resolve():
     p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(1.5))
-    assert closed_form("kl", p, q) == closed_form("forward_kl", p, q)
-    assert closed_form("chi2", p, q) == closed_form("pearson_chi2", p, q)
+    assert closed_form("kl", p=p, q=q) == closed_form("forward_kl", p=p, q=q)
+    assert closed_form("chi2", p=p, q=q) == closed_form("pearson_chi2", p=p, q=q)
     with pytest.raises(NotImplementedError, match="jsd"):  # message shows the name the caller used
-        closed_form("jsd", p, q)
+        closed_form("jsd", p=p, q=q)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -708,50 +723,52 @@ class MyNormal(Normal):
 
 def test_subclass_dispatch_and_cache_invalidation(clean_registry):
     p, q = MyNormal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(2.0))
-    inherited = closed_form("forward_kl", p, q)  # served (and memoised) by the Normal formula
+    inherited = closed_form("forward_kl", p=p, q=q)  # served (and memoised) by the Normal formula
     torch.testing.assert_close(inherited, kl_divergence(Normal(tt(0.0), tt(1.0)), q))
 
-    @register_closed_form("forward_kl", MyNormal, Normal)
+    @register_closed_form("forward_kl", type_p=MyNormal, type_q=Normal)
     def _specific(p, q):
         return torch.full(torch.broadcast_shapes(p.batch_shape, q.batch_shape), 42.0, dtype=DT)
 
-    assert closed_form("forward_kl", p, q) == 42.0  # the memoised lookup was dropped
-    plain = closed_form("forward_kl", Normal(tt(1.0), tt(2.0)), Normal(tt(0.0), tt(1.0)))
-    assert closed_form("forward_kl", q, p) == plain  # (Normal, MyNormal) does not match (MyNormal, Normal)
+    assert closed_form("forward_kl", p=p, q=q) == 42.0  # the memoised lookup was dropped
+    plain = closed_form("forward_kl", p=Normal(tt(1.0), tt(2.0)), q=Normal(tt(0.0), tt(1.0)))
+    assert closed_form("forward_kl", p=q, q=p) == plain  # (Normal, MyNormal) does not match (MyNormal, Normal)
     assert ("forward_kl", "MyNormal", "Normal") in available_closed_forms()
 
 
 def test_register_custom_name_and_alias(clean_registry):
-    @register_closed_form("my_divergence", Normal, Normal)
+    @register_closed_form("my_divergence", type_p=Normal, type_q=Normal)
     def _mine(p, q, scale=1.0):
         return scale * (p.loc - q.loc).abs()
 
     p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(2.0), tt(1.0))
-    assert closed_form("my_divergence", p, q, scale=3.0) == 6.0
+    assert closed_form("my_divergence", p=p, q=q) == 2.0  # a name fdiv does not know: no parameters
+    with pytest.raises(ValueError, match="unknown divergence"):  # and it is no fdiv divergence
+        get("my_divergence")
 
-    @register_closed_form("tvd", Normal, Normal)  # an fdiv alias is stored under its canonical name
+    @register_closed_form("tvd", type_p=Normal, type_q=Normal)  # an fdiv alias is stored under its canonical name
     def _tv(p, q):
         return torch.zeros(())
 
-    assert closed_form("tv", p, q) == 0.0
+    assert closed_form("tv", p=p, q=q) == 0.0
 
 
 def test_ambiguous_registration_warns_and_prefers_p(clean_registry):
-    register_closed_form("my_divergence", Normal, Distribution)(lambda p, q: torch.tensor(1.0))
-    register_closed_form("my_divergence", Distribution, Normal)(lambda p, q: torch.tensor(2.0))
+    register_closed_form("my_divergence", type_p=Normal, type_q=Distribution)(lambda p, q: torch.tensor(1.0))
+    register_closed_form("my_divergence", type_p=Distribution, type_q=Normal)(lambda p, q: torch.tensor(2.0))
     p = Normal(tt(0.0), tt(1.0))
     with pytest.warns(RuntimeWarning, match="ambiguous"):
-        assert closed_form("my_divergence", p, p) == 1.0
-    register_closed_form("my_divergence", Normal, Normal)(lambda p, q: torch.tensor(3.0))
-    assert closed_form("my_divergence", p, p) == 3.0
+        assert closed_form("my_divergence", p=p, q=p) == 1.0
+    register_closed_form("my_divergence", type_p=Normal, type_q=Normal)(lambda p, q: torch.tensor(3.0))
+    assert closed_form("my_divergence", p=p, q=p) == 3.0
 
 
 @pytest.mark.parametrize("bad", [int, 3, torch.Tensor, "Normal", None])
 def test_register_rejects_non_distribution_types(bad):
     with pytest.raises(TypeError, match="type_p"):
-        register_closed_form("forward_kl", bad, Normal)
+        register_closed_form("forward_kl", type_p=bad, type_q=Normal)
     with pytest.raises(TypeError, match="type_q"):
-        register_closed_form("forward_kl", Normal, bad)
+        register_closed_form("forward_kl", type_p=Normal, type_q=bad)
 
 
 def test_available_closed_forms_lists_the_table():
@@ -769,13 +786,13 @@ def test_register_accepts_the_distribution_base_class(clean_registry):
     class Exotic(Distribution):
         pass
 
-    @register_closed_form("forward_kl", Distribution, Distribution)
+    @register_closed_form("forward_kl", type_p=Distribution, type_q=Distribution)
     def _catch_all(p, q):
         return torch.tensor(-1.0)
 
-    assert closed_form("forward_kl", Exotic(validate_args=False), Exotic(validate_args=False)) == -1.0
+    assert closed_form("forward_kl", p=Exotic(validate_args=False), q=Exotic(validate_args=False)) == -1.0
     # the more specific Normal pair still wins for Normals
-    assert closed_form("forward_kl", Normal(tt(0.0), tt(1.0)), Normal(tt(0.0), tt(1.0))) == 0.0
+    assert closed_form("forward_kl", p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(0.0), tt(1.0))) == 0.0
 
 
 # ----------------------------------------------------------------------------- categoricals
@@ -800,11 +817,11 @@ def test_categorical_matches_numpy(name, params):
     p_np = rng.dirichlet(np.ones(5), size=(3, 1))
     q_np = rng.dirichlet(np.ones(5), size=(4,))
     want = _np_reference(name, p_np, q_np, **params)
-    got = closed_form(name, Categorical(probs=tt(p_np)), Categorical(probs=tt(q_np)), **params)
+    got = closed_form(get(name, **params), p=Categorical(probs=tt(p_np)), q=Categorical(probs=tt(q_np)))
     assert got.shape == (3, 4) and got.dtype == DT
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-14)
     p_onehot, q_onehot = OneHotCategorical(probs=tt(p_np)), OneHotCategorical(logits=tt(np.log(q_np)))
-    onehot = closed_form(name, p_onehot, q_onehot, **params)
+    onehot = closed_form(get(name, **params), p=p_onehot, q=q_onehot)
     np.testing.assert_allclose(onehot.numpy(), want, rtol=1e-12, atol=1e-14)
 
 
@@ -813,20 +830,122 @@ def test_categorical_zero_probabilities_are_exact():
     q_missing = Categorical(probs=tt([0.5, 0.0, 0.5]))
     q_full = Categorical(probs=tt([0.2, 0.3, 0.5]))
     # Q misses mass of P: infinite, like torch (whose clamped logits would give a finite value)
-    assert closed_form("forward_kl", p, q_missing) == math.inf == kl_divergence(p, q_missing)
+    assert closed_form("forward_kl", p=p, q=q_missing) == math.inf == kl_divergence(p, q_missing)
     want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.3)
-    assert float(closed_form("forward_kl", p, q_full)) == pytest.approx(want, rel=1e-13)
+    assert float(closed_form("forward_kl", p=p, q=q_full)) == pytest.approx(want, rel=1e-13)
 
 
 def test_categorical_other_fdiv_divergences_and_gradients():
     logits_p = torch.randn(2, 6, dtype=DT, generator=torch.Generator().manual_seed(0)).requires_grad_()
     logits_q = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_()
     p, q = Categorical(logits=logits_p), Categorical(logits=logits_q)
-    tv = closed_form("tv", p, q)
+    tv = closed_form("tv", p=p, q=q)
     want = 0.5 * (p.probs - q.probs).abs().sum(-1)
     torch.testing.assert_close(tv, want, rtol=1e-12, atol=1e-14)
-    js = closed_form("js", p, q, beta=0.3)
+    js = closed_form(get("js", beta=0.3), p=p, q=q)
     assert js.shape == (2,) and (js > 0).all()
     assert torch.autograd.gradcheck(
-        lambda a, b: closed_form("renyi", Categorical(logits=a), Categorical(logits=b), alpha=0.7), (logits_p, logits_q)
+        lambda a, b: closed_form(get("renyi", alpha=0.7), p=Categorical(logits=a), q=Categorical(logits=b)),
+        (logits_p, logits_q),
     )
+
+
+# ----------------------------------------------------------------------------- roles and instances
+def test_p_and_q_are_keyword_only():
+    """``p`` is the target and ``q`` the model, named at every call: no positional pair to swap."""
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(2.0))
+    with pytest.raises(TypeError):
+        closed_form("forward_kl", p, q)
+    with pytest.raises(TypeError):
+        closed_form("forward_kl", p, q=q)
+    with pytest.raises(TypeError):
+        closed_form(divergence="forward_kl", target=p, model=q)
+    with pytest.raises(TypeError):  # the registered pair's types are named too
+        register_closed_form("forward_kl", Normal, Normal)
+
+
+def test_orientation_p_is_the_target():
+    """forward_kl is KL(p || q) = KL(target || model); the two directions differ for this pair."""
+    target, model = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(3.0))
+    forward = closed_form("forward_kl", p=target, q=model)
+    torch.testing.assert_close(forward, kl_divergence(target, model), rtol=1e-12, atol=1e-14)
+    assert abs(float(forward - kl_divergence(model, target))) > 0.3
+    torch.testing.assert_close(closed_form("reverse_kl", p=target, q=model), kl_divergence(model, target))
+
+
+@pytest.mark.parametrize("name, alpha", [("alpha", 0.3), ("alpha", 2.0), ("renyi", 0.3), ("renyi", 2.0)])
+def test_instance_parameters_reach_the_gaussian_forms(name, alpha):
+    """``closed_form(fdiv.get(name, alpha=a), ...)`` uses that alpha (checked by quadrature)."""
+    mp, sp, mq, sq = 0.3, 1.0, -0.4, 1.2
+    target, model = Normal(tt(mp), tt(sp)), Normal(tt(mq), tt(sq))
+    got = closed_form(get(name, alpha=alpha), p=target, q=model)
+    want = quadrature_reference(name, {"alpha": alpha}, mp, sp, mq, sq)
+    assert float(got) == pytest.approx(want, rel=1e-8, abs=1e-11)
+    # a bare name is the default instance (alpha = 0.5), a different number
+    default = closed_form(name, p=target, q=model)
+    assert float(default) == pytest.approx(quadrature_reference(name, {"alpha": 0.5}, mp, sp, mq, sq), rel=1e-8)
+    assert abs(float(default) - want) > 1e-3
+
+
+def test_categorical_serves_any_divergence_instance():
+    """An instance fdiv has never registered is computed by its own from_log_probs."""
+
+    class QuarticTest(fdiv.math.FDivergence):
+        name = "quartic_closed_form_test"
+
+        def f(self, t):
+            return (torch.as_tensor(t) - 1) ** 4
+
+        def f_prime(self, t):
+            return 4 * (torch.as_tensor(t) - 1) ** 3
+
+        def f_at_zero(self):
+            return 1.0
+
+        def f_prime_at_infinity(self):
+            return math.inf
+
+    rng = np.random.default_rng(3)
+    p_np, q_np = rng.dirichlet(np.ones(5), size=2), rng.dirichlet(np.ones(5), size=2)
+    got = closed_form(QuarticTest(), p=Categorical(probs=tt(p_np)), q=Categorical(probs=tt(q_np)))
+    want = np.sum(q_np * (p_np / q_np - 1) ** 4, -1)  # sum_x q f(p/q), written out
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(NotImplementedError, match="quartic_closed_form_test"):  # no Gaussian form
+        closed_form(QuarticTest(), p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(1.0), tt(1.0)))
+
+
+def test_registered_closed_form_receives_the_instance_parameters(clean_registry):
+    from torch.distributions import Exponential
+
+    seen = []
+
+    @register_closed_form("renyi", type_p=Exponential, type_q=Exponential)
+    def _renyi_exponential(p, q, alpha):
+        seen.append(alpha)
+        # D_a(Exp(lp) || Exp(lq)) = log(lp/lq) + log(lp / (a lp + (1 - a) lq)) / (a - 1)
+        lp, lq = p.rate, q.rate
+        return torch.log(lp / lq) + torch.log(lp / (alpha * lp + (1 - alpha) * lq)) / (alpha - 1)
+
+    p, q = Exponential(tt(2.0)), Exponential(tt(1.0))
+    value = closed_form(get("renyi", alpha=2.0), p=p, q=q)
+    assert seen == [2.0]
+    # independent reference: D_2 = log ∫ p^2 / q = log(lp^2 / (lq (2 lp - lq))) = log(4/3)
+    assert float(value) == pytest.approx(math.log(4.0 / 3.0), rel=1e-12)
+    closed_form("renyi", p=p, q=q)  # the name: the default instance's alpha
+    assert seen == [2.0, 0.5]
+
+
+def test_closed_forms_module_imports_only_the_math_layer():
+    """Layering: fdiv.math (layer 1) never imports the top-level package or a higher layer."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cf))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(alias.name == "fdiv" or alias.name.startswith("fdiv.") for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                assert not (node.module or "").startswith("fdiv"), node.module
+            else:  # relative: inside fdiv.math (level 1) or fdiv._validate (level 2)
+                assert node.level == 1 or (node.level == 2 and node.module == "_validate"), (node.level, node.module)

@@ -130,7 +130,8 @@ LABELS_BT = torch.tensor([[0, 3, -100, 6, 2], [-100, 1, 5, 4, -100]])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_kd_loss_matches_loop_reference_with_labels_and_ce(scaling, reduction):
     s, t = _logits(2, 5, 7, seed=1), _logits(2, 5, 7, seed=2)
-    got = kd_loss(s, t, labels=LABELS_BT, hard_label_weight=0.3, divergence_weight=0.7, temperature=1.7,
+    got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.3, divergence_weight=0.7,
+                  temperature=1.7,
                   temperature_scaling=scaling, reduction=reduction, chunk_size=3)
     ref = _kd_reference(s, t, LABELS_BT, temperature=1.7, scaling=scaling, w_div=0.7, w_ce=0.3, reduction=reduction)
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
@@ -138,8 +139,8 @@ def test_kd_loss_matches_loop_reference_with_labels_and_ce(scaling, reduction):
 
 def test_kd_loss_t2_factor_is_exact():
     s, t = _logits(6, 9, seed=3), _logits(6, 9, seed=4)
-    with_t2 = kd_loss(s, t, temperature=3.0)
-    without = kd_loss(s, t, temperature=3.0, temperature_scaling=False)
+    with_t2 = kd_loss(student_logits=s, teacher_logits=t, temperature=3.0, temperature_scaling=True)
+    without = kd_loss(student_logits=s, teacher_logits=t, temperature=3.0)
     torch.testing.assert_close(with_t2, 9.0 * without, rtol=1e-13, atol=0)
     ref = _kd_reference(s, t, None, temperature=3.0, scaling=True, w_div=1.0, w_ce=0.0)
     torch.testing.assert_close(with_t2, ref, rtol=1e-11, atol=1e-13)
@@ -149,33 +150,35 @@ def test_kd_loss_t2_factor_is_exact():
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
 def test_kd_loss_skew_alpha_matches_mixture_kl(divergence, alpha):
     s, t = _logits(2, 5, 7, seed=5), _logits(2, 5, 7, seed=6)
-    got = kd_loss(s, t, divergence, alpha=alpha, labels=LABELS_BT, temperature=1.3)
-    ref = _kd_reference(s, t, LABELS_BT, temperature=1.3, scaling=True, w_div=1.0, w_ce=0.0,
+    got = kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get(divergence, alpha=alpha), labels=LABELS_BT,
+                  temperature=1.3)
+    ref = _kd_reference(s, t, LABELS_BT, temperature=1.3, scaling=False, w_div=1.0, w_ce=0.0,
                         divergence=divergence, alpha=alpha)
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
 
 
 def test_kd_loss_js_matches_scipy_and_reverse_kl_matches_loop():
     s, t = _logits(8, 6, seed=7), _logits(8, 6, seed=8)
-    got = kd_loss(s, t, "js", beta=0.5, temperature_scaling=False)
+    got = kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.5))
     ref = _kd_reference(s, t, None, temperature=1.0, scaling=False, w_div=1.0, w_ce=0.0, divergence="js")
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
-    got = kd_loss(s, t, "reverse_kl", temperature=0.7)
-    ref = _kd_reference(s, t, None, temperature=0.7, scaling=True, w_div=1.0, w_ce=0.0, divergence="reverse_kl")
+    got = kd_loss(student_logits=s, teacher_logits=t, divergence="reverse_kl", temperature=0.7)
+    ref = _kd_reference(s, t, None, temperature=0.7, scaling=False, w_div=1.0, w_ce=0.0, divergence="reverse_kl")
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
 
 
 def test_kd_loss_mask_and_labels_are_combined():
     s, t = _logits(2, 5, 7, seed=9), _logits(2, 5, 7, seed=10)
     mask = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
-    got = kd_loss(s, t, labels=LABELS_BT, mask=mask, hard_label_weight=1.0, temperature=2.0)
-    ref = _kd_reference(s, t, LABELS_BT, temperature=2.0, scaling=True, w_div=1.0, w_ce=1.0, mask=mask)
+    got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, mask=mask, hard_label_weight=1.0,
+                  temperature=2.0)
+    ref = _kd_reference(s, t, LABELS_BT, temperature=2.0, scaling=False, w_div=1.0, w_ce=1.0, mask=mask)
     torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
 
 
 def test_kd_loss_hard_label_only_is_torch_cross_entropy():
     s, t = _logits(2, 5, 7, seed=11), _logits(2, 5, 7, seed=12)
-    got = kd_loss(s, t, labels=LABELS_BT, hard_label_weight=1.0, divergence_weight=0.0)
+    got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=1.0, divergence_weight=0.0)
     ref = F.cross_entropy(s.reshape(-1, 7), LABELS_BT.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
 
@@ -185,7 +188,8 @@ def test_kd_loss_gradient_matches_finite_differences():
     labels = torch.tensor([[1, -100, 4], [0, 2, -100]])
 
     def fn(a, b):
-        return kd_loss(a, b, "skew_forward_kl", alpha=0.2, labels=labels, hard_label_weight=0.5, temperature=1.5)
+        return kd_loss(student_logits=a, teacher_logits=b, divergence=fdiv.get("skew_forward_kl", alpha=0.2),
+                       labels=labels, hard_label_weight=0.5, temperature=1.5, temperature_scaling=True)
 
     _finite_difference_check(fn, (s, t))
 
@@ -194,7 +198,8 @@ def test_kd_loss_gradient_matches_autograd_of_naive_expression():
     s, t = _logits(2, 5, 7, seed=15), _logits(2, 5, 7, seed=16)
     s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     T = 2.5
-    kd_loss(s1, t, labels=LABELS_BT, hard_label_weight=0.4, temperature=T).backward()
+    kd_loss(student_logits=s1, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.4, temperature=T,
+            temperature_scaling=True).backward()
     keep = LABELS_BT != -100
     logq = torch.log_softmax(s2 / T, -1)
     logp = torch.log_softmax(t / T, -1)
@@ -209,7 +214,7 @@ def test_kd_loss_no_counted_tokens_is_zero_with_zero_gradient():
     s = _logits(2, 3, 4, seed=17).requires_grad_(True)
     t = _logits(2, 3, 4, seed=18)
     labels = torch.full((2, 3), -100)
-    out = kd_loss(s, t, labels=labels, hard_label_weight=1.0)
+    out = kd_loss(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=1.0)
     assert out.item() == 0.0
     out.backward()
     assert torch.count_nonzero(s.grad) == 0
@@ -220,7 +225,7 @@ def test_kd_loss_ignored_rows_may_hold_nan():
     s[0, 2] = float("nan")
     t[1, 0] = float("nan")
     s.requires_grad_(True)
-    out = kd_loss(s, t, labels=LABELS_BT, hard_label_weight=1.0)
+    out = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=1.0)
     out.backward()
     assert torch.isfinite(out) and torch.isfinite(s.grad).all()
     assert torch.count_nonzero(s.grad[0, 2]) == 0
@@ -231,12 +236,12 @@ def test_kd_loss_large_logits_are_finite_and_exact():
     t = torch.tensor([[-1e4, 1e4, 0.0], [-1e4, 1e4, 5.0]], dtype=F64)
     labels = torch.tensor([0, 2])
     for div in ("forward_kl", "reverse_kl", "js", "skew_forward_kl"):
-        out = kd_loss(s, t, div, labels=labels, hard_label_weight=0.5)
+        out = kd_loss(student_logits=s, teacher_logits=t, divergence=div, labels=labels, hard_label_weight=0.5)
         assert torch.isfinite(out), div
         (g,) = torch.autograd.grad(out, s)
         assert torch.isfinite(g).all(), div
     # Row 0: KL(P||Q) = 2e4 (P on class 1, log Q_1 = -2e4); CE row 0 = 0, row 1 = 1e4 - 5.
-    out = kd_loss(s, t, labels=labels, hard_label_weight=0.5)
+    out = kd_loss(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=0.5)
     torch.testing.assert_close(out, torch.tensor((2e4 + 0.5 * (1e4 - 5.0)) / 2, dtype=F64), rtol=1e-12, atol=0)
 
 
@@ -244,11 +249,13 @@ def test_kd_loss_bf16_computes_in_float32():
     s32, t32 = _logits(4, 6, 11, seed=21, dtype=torch.float32), _logits(4, 6, 11, seed=22, dtype=torch.float32)
     labels = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
     s16 = s32.bfloat16().requires_grad_(True)
-    out = kd_loss(s16, t32.bfloat16(), labels=labels, hard_label_weight=0.5, temperature=2.0)
+    out = kd_loss(student_logits=s16, teacher_logits=t32.bfloat16(), labels=labels, hard_label_weight=0.5,
+                  temperature=2.0)
     assert out.dtype == torch.float32
     out.backward()
     assert s16.grad.dtype == torch.bfloat16
-    ref = kd_loss(s16.detach().float(), t32.bfloat16().float(), labels=labels, hard_label_weight=0.5, temperature=2.0)
+    ref = kd_loss(student_logits=s16.detach().float(), teacher_logits=t32.bfloat16().float(), labels=labels,
+                  hard_label_weight=0.5, temperature=2.0)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -260,10 +267,13 @@ def test_kd_loss_bf16_computes_in_float32():
         (dict(divergence_weight=float("nan")), "divergence_weight"),
         (dict(divergence_weight=0.0), "both 0"),
         (dict(temperature=0.0), "temperature"),
-        (dict(labels=torch.tensor([0, 5, 1])), "outside"),
+        (dict(labels=torch.tensor([0, 5, 1])), "labels must lie in"),
         (dict(labels=torch.zeros(3)), "integer dtype"),
         (dict(labels=torch.zeros(2, dtype=torch.long)), "shape"),
-        (dict(mask=torch.ones(3)), "mask must be a bool"),
+        (dict(mask=torch.full((3,), 0.5)), "mask must be bool"),
+        (dict(mask=torch.ones(4, dtype=torch.bool)), "mask must have shape"),
+        (dict(temperature_scaling=1), "temperature_scaling"),
+        (dict(divergence=3), "divergence"),
         (dict(reduction="batchmean"), "reduction"),
         (dict(ignore_index=1.5), "ignore_index"),
     ],
@@ -271,19 +281,116 @@ def test_kd_loss_bf16_computes_in_float32():
 def test_kd_loss_bad_input(kwargs, match):
     s, t = _logits(3, 4, seed=23), _logits(3, 4, seed=24)
     with pytest.raises(ValueError, match=match):
-        kd_loss(s, t, **kwargs)
+        kd_loss(student_logits=s, teacher_logits=t, **kwargs)
 
 
 def test_kd_loss_bad_divergence_and_shapes():
     s, t = _logits(3, 4, seed=25), _logits(3, 4, seed=26)
     with pytest.raises(ValueError, match="unknown divergence"):
-        kd_loss(s, t, "forward_kll")
+        kd_loss(student_logits=s, teacher_logits=t, divergence="forward_kll")
     with pytest.raises(ValueError, match="alpha"):
-        kd_loss(s, t, "skew_forward_kl", alpha=1.5)
+        kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("skew_forward_kl", alpha=1.5))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        kd_loss(s, _logits(3, 5, seed=27))
+        kd_loss(student_logits=s, teacher_logits=_logits(3, 5, seed=27))
     with pytest.raises(ValueError, match="NaN"):
-        kd_loss(torch.full((2, 3), float("nan"), dtype=F64), t[:2, :3])
+        kd_loss(student_logits=torch.full((2, 3), float("nan"), dtype=F64), teacher_logits=t[:2, :3])
+
+
+# ----------------------------------------------------------------------------- the boundary rules
+def _defaults_pair(seed):
+    return _logits(2, 5, 7, seed=seed), _logits(2, 5, 7, seed=seed + 1)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tv", "hellinger", "js_03", "skew_forward_kl_01"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+def test_kd_loss_at_defaults_is_token_loss(divergence, temperature):
+    """One temperature rule: with the defaults kd_loss is token_loss (no hidden T^2)."""
+    div = {"js_03": fdiv.get("js", beta=0.3), "skew_forward_kl_01": fdiv.get("skew_forward_kl", alpha=0.1)}.get(
+        divergence, divergence
+    )
+    s, t = _defaults_pair(200)
+    got = kd_loss(student_logits=s, teacher_logits=t, divergence=div, temperature=temperature)
+    ref = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=div, temperature=temperature)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    # and not the Hinton-scaled value (which differs whenever T != 1)
+    scaled = kd_loss(student_logits=s, teacher_logits=t, divergence=div, temperature=temperature,
+                     temperature_scaling=True)
+    torch.testing.assert_close(scaled, temperature**2 * ref, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_temperature_scaling_multiplies_the_divergence_term_only(reduction):
+    """T^2 scales the divergence, never the hard-label CE: against a float64 loop reference."""
+    s, t = _defaults_pair(210)
+    T, w_d, w_ce = 3.0, 0.6, 0.8
+    got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=w_ce, divergence_weight=w_d,
+                  temperature=T, temperature_scaling=True, reduction=reduction)
+    ref = _kd_reference(s, t, LABELS_BT, temperature=T, scaling=True, w_div=w_d, w_ce=w_ce, reduction=reduction)
+    torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-13)
+    # the CE part alone, computed independently, is the same with or without scaling
+    ce_only = _kd_reference(s, t, LABELS_BT, temperature=T, scaling=True, w_div=0.0, w_ce=w_ce, reduction=reduction)
+    kd_only = _kd_reference(s, t, LABELS_BT, temperature=T, scaling=False, w_div=w_d, w_ce=0.0, reduction=reduction)
+    torch.testing.assert_close(got, ce_only + T * T * kd_only, rtol=1e-11, atol=1e-13)
+    unscaled = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=w_ce,
+                       divergence_weight=w_d, temperature=T, reduction=reduction)
+    torch.testing.assert_close(unscaled, ce_only + kd_only, rtol=1e-11, atol=1e-13)
+
+
+def test_temperature_scaling_in_bdkd_binary_kl_and_dual_head():
+    s, t = _defaults_pair(220)
+    T = 2.5
+    plain = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="jeffreys", temperature=T,
+                             labels=LABELS_BT, hard_label_weight=0.5)
+    scaled = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="jeffreys", temperature=T,
+                              labels=LABELS_BT, hard_label_weight=0.5, temperature_scaling=True)
+    ce = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.5, divergence_weight=0.0)
+    torch.testing.assert_close(scaled - ce, T * T * (plain - ce), rtol=1e-11, atol=1e-13)
+    zs, zt = _logits(4, 5, seed=230), _logits(4, 5, seed=231)
+    b1 = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=T)
+    assert math.isclose(b1.item(), _binary_kl_reference(zs.numpy(), zt.numpy(), T, True) / (T * T), rel_tol=1e-12)
+    labels = torch.tensor([0, 4, -100, 2])
+    parts = dual_head_kd_loss(main_logits=zs, aux_logits=zs, teacher_logits=zt, labels=labels, temperature=T,
+                              return_parts=True)
+    parts_t2 = dual_head_kd_loss(main_logits=zs, aux_logits=zs, teacher_logits=zt, labels=labels, temperature=T,
+                                 temperature_scaling=True, return_parts=True)
+    torch.testing.assert_close(parts_t2[1], parts[1], rtol=0, atol=0)  # CE untouched
+    torch.testing.assert_close(parts_t2[2], T * T * parts[2], rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, t: kd_loss(s, t),
+        lambda s, t: balanced_kd_loss(s, t),
+        lambda s, t: pld_loss(s, t, torch.tensor([0, 1])),
+        lambda s, t: plackett_luce_loss(s, torch.tensor([[0], [1]]), torch.ones(1, dtype=F64)),
+        lambda s, t: binary_kl_loss(s, t),
+        lambda s, t: dual_head_kd_loss(s, s, t, torch.tensor([0, 1])),
+        lambda s, t: project_conflicting(s, t),
+        lambda s, t: entropy_gap_weights(s[:, 0], t[:, 0]),
+        lambda s, t: jeffreys_weights(s[:, 0], t[:, 0]),
+    ],
+)
+def test_tensors_are_keyword_only(call):
+    s, t = _logits(2, 3, seed=240), _logits(2, 3, seed=241)
+    with pytest.raises(TypeError, match="positional"):
+        call(s, t)
+
+
+def test_no_divergence_params_beside_divergence():
+    s, t = _logits(2, 3, seed=242), _logits(2, 3, seed=243)
+    with pytest.raises(TypeError):
+        kd_loss(student_logits=s, teacher_logits=t, divergence="js", beta=0.3)
+    with pytest.raises(TypeError):
+        kd_loss(student_logits=s, teacher_logits=t, divergence="js", divergence_params={"beta": 0.3})
+    # the instance route is the one way
+    got = kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.3))
+    ref = _kd_reference(s, t, None, temperature=1.0, scaling=False, w_div=1.0, w_ce=0.0, divergence="js")
+    assert not torch.allclose(got, ref)  # beta = 0.3 is not the symmetric JSD ...
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    m = 0.3 * p + 0.7 * q
+    js = (0.3 * (p * (p / m).log()).sum(-1) + 0.7 * (q * (q / m).log()).sum(-1)).mean()
+    torch.testing.assert_close(got, js, rtol=1e-12, atol=1e-14)  # ... it is beta-weighted JS
 
 
 # ----------------------------------------------------------------------------- PLD
@@ -313,12 +420,13 @@ def test_pld_spec_numbers():
     s = torch.tensor([[2.0, 1.0, 0.0]], dtype=F64)
     t = torch.tensor([[0.0, 3.0, 1.0]], dtype=F64)
     y = torch.tensor([0])
-    assert abs(pld_loss(s, t, y).item() - 0.281452) < 5e-7
+    assert abs(pld_loss(student_logits=s, teacher_logits=t, labels=y).item() - 0.281452) < 5e-7
     perm = torch.tensor([[0, 1, 2]])
     alpha = torch.softmax(t, -1)
     torch.testing.assert_close(alpha, torch.tensor([[0.042010, 0.843795, 0.114195]], dtype=F64), atol=5e-7, rtol=0)
     # position terms: the one-hot weights pick them out; the last one is exactly 0
-    terms = [plackett_luce_loss(s, perm, torch.eye(3, dtype=F64)[k]).item() for k in range(3)]
+    terms = [plackett_luce_loss(student_logits=s, permutation=perm,
+                                weights=torch.eye(3, dtype=F64)[k]).item() for k in range(3)]
     np.testing.assert_allclose(terms, [0.407606, 0.313262, 0.0], atol=5e-7)
     assert terms[2] == 0.0
     ce = F.cross_entropy(s, y).item()
@@ -331,7 +439,7 @@ def test_pld_matches_loop_reference(tau, reduction):
     s, t = _logits(9, 6, seed=31), _logits(9, 6, seed=32)
     t[3, 4] = t[3, 1]  # a tie in the teacher ranking: broken by class index
     labels = torch.tensor([0, 5, -100, 2, 3, 3, -100, 1, 4])
-    got = pld_loss(s, t, labels, temperature=tau, reduction=reduction)
+    got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=tau, reduction=reduction)
     rows = [0.0 if y == -100 else _pld_reference_row(si, ti, y, tau)
             for si, ti, y in zip(_rows(s).tolist(), _rows(t).tolist(), labels.tolist())]
     rows = torch.tensor(rows, dtype=F64)
@@ -342,9 +450,10 @@ def test_pld_matches_loop_reference(tau, reduction):
 def test_pld_on_sequences_equals_flattened():
     s, t = _logits(2, 4, 5, seed=33), _logits(2, 4, 5, seed=34)
     labels = torch.tensor([[0, 4, -100, 2], [1, 1, 3, -100]])
-    got = pld_loss(s, t, labels, temperature=2.0, reduction="none")
+    got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=2.0, reduction="none")
     assert got.shape == (2, 4)
-    flat = pld_loss(s.reshape(8, 5), t.reshape(8, 5), labels.reshape(8), temperature=2.0, reduction="none")
+    flat = pld_loss(student_logits=s.reshape(8, 5), teacher_logits=t.reshape(8, 5), labels=labels.reshape(8),
+                    temperature=2.0, reduction="none")
     torch.testing.assert_close(got.reshape(8), flat, rtol=0, atol=0)
 
 
@@ -354,28 +463,31 @@ def test_plackett_luce_one_hot_weights_is_cross_entropy_exactly():
     ce = F.cross_entropy(s, labels, reduction="none")
     ref = torch.tensor([-_np_log_softmax(r)[y] for r, y in zip(_rows(s), labels.tolist())], dtype=F64)
     torch.testing.assert_close(ce, ref, rtol=1e-14, atol=1e-15)
-    partial = plackett_luce_loss(s, labels[:, None], torch.ones(1, dtype=F64), reduction="none")
+    partial = plackett_luce_loss(student_logits=s, permutation=labels[:, None], weights=torch.ones(1, dtype=F64),
+                                 reduction="none")
     torch.testing.assert_close(partial, ce, rtol=1e-14, atol=1e-15)
     # a full ranking with weights (1, 0, ..., 0): the rest of the ranking does not matter
     others = torch.stack([torch.tensor([y] + [c for c in range(5) if c != y][::-1]) for y in labels.tolist()])
     one_hot = torch.tensor([1.0, 0, 0, 0, 0], dtype=F64)
-    torch.testing.assert_close(plackett_luce_loss(s, others, one_hot, reduction="none"), ce, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(plackett_luce_loss(student_logits=s, permutation=others, weights=one_hot,
+                                                  reduction="none"), ce, rtol=1e-14, atol=1e-15)
 
 
 def test_pld_cold_teacher_is_cross_entropy_when_argmax_is_label():
     s, t = _logits(6, 5, seed=36), _logits(6, 5, seed=37)
     labels = t.argmax(-1)
-    got = pld_loss(s, t, labels, temperature=1e-4)
+    got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=1e-4)
     torch.testing.assert_close(got, F.cross_entropy(s, labels), rtol=1e-14, atol=1e-15)
     # a warm teacher is different (the check can fail)
-    assert abs(pld_loss(s, t, labels).item() - F.cross_entropy(s, labels).item()) > 1e-3
+    assert abs(pld_loss(student_logits=s, teacher_logits=t,
+                        labels=labels).item() - F.cross_entropy(s, labels).item()) > 1e-3
 
 
 def test_plackett_luce_uniform_weights_is_listmle():
     s = _logits(5, 6, seed=38)
     g = torch.Generator().manual_seed(1)
     perm = torch.stack([torch.randperm(6, generator=g) for _ in range(5)])
-    got = plackett_luce_loss(s, perm, torch.ones(6, dtype=F64), reduction="none")
+    got = plackett_luce_loss(student_logits=s, permutation=perm, weights=torch.ones(6, dtype=F64), reduction="none")
     ref = [_listmle_reference_row(r, p, [1.0] * 6) for r, p in zip(_rows(s).tolist(), perm.tolist())]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-12, atol=1e-14)
 
@@ -385,7 +497,7 @@ def test_plackett_luce_partial_ranking_equals_zero_padded_full_ranking():
     g = torch.Generator().manual_seed(2)
     full = torch.stack([torch.randperm(7, generator=g) for _ in range(4)])
     w = torch.rand(4, 3, generator=g, dtype=F64)
-    got = plackett_luce_loss(s, full[:, :3], w, reduction="none")
+    got = plackett_luce_loss(student_logits=s, permutation=full[:, :3], weights=w, reduction="none")
     padded = torch.cat([w, torch.zeros(4, 4, dtype=F64)], 1)
     ref = [_listmle_reference_row(r, p, ww) for r, p, ww in zip(_rows(s).tolist(), full.tolist(), padded.tolist())]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-12, atol=1e-14)
@@ -395,17 +507,21 @@ def test_pld_shift_invariance_in_student_logits():
     s, t = _logits(6, 5, seed=40), _logits(6, 5, seed=41)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     shift = torch.linspace(-30, 50, 6, dtype=F64)[:, None]
-    torch.testing.assert_close(pld_loss(s + shift, t, labels), pld_loss(s, t, labels), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pld_loss(student_logits=s + shift, teacher_logits=t, labels=labels),
+                               pld_loss(student_logits=s, teacher_logits=t, labels=labels), rtol=1e-12, atol=1e-12)
 
 
 def test_pld_gradcheck():
     s = _logits(4, 5, seed=42).requires_grad_(True)
     t = _logits(4, 5, seed=43).requires_grad_(True)
     labels = torch.tensor([1, -100, 0, 3])
-    assert torch.autograd.gradcheck(lambda a, b: pld_loss(a, b, labels, temperature=1.5), (s, t))
+    assert torch.autograd.gradcheck(lambda a, b: pld_loss(student_logits=a, teacher_logits=b, labels=labels,
+                                                          temperature=1.5), (s, t))
     perm = torch.tensor([[2, 0, 1, 4, 3], [0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [1, 3, 0, 2, 4]])
     w = torch.rand(4, 5, dtype=F64, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, ww: plackett_luce_loss(a, perm, ww, reduction="sum"), (s, w))
+    assert torch.autograd.gradcheck(lambda a,
+                                    ww: plackett_luce_loss(student_logits=a, permutation=perm, weights=ww,
+                                                           reduction="sum"), (s, w))
 
 
 def test_pld_masked_vocabulary_is_finite_and_drops_the_class():
@@ -414,18 +530,18 @@ def test_pld_masked_vocabulary_is_finite_and_drops_the_class():
     t[:, 3] = -math.inf
     s.requires_grad_(True)
     labels = torch.tensor([0, 4, 2])
-    out = pld_loss(s, t, labels)
+    out = pld_loss(student_logits=s, teacher_logits=t, labels=labels)
     (g,) = torch.autograd.grad(out, s)
     assert torch.isfinite(out) and torch.isfinite(g).all()
     keep = [0, 1, 2, 4]
-    ref = pld_loss(s.detach()[:, keep], t[:, keep], torch.tensor([0, 3, 2]))
+    ref = pld_loss(student_logits=s.detach()[:, keep], teacher_logits=t[:, keep], labels=torch.tensor([0, 3, 2]))
     torch.testing.assert_close(out.detach(), ref, rtol=1e-13, atol=1e-14)
 
 
 def test_pld_large_logits_are_finite():
     s = torch.tensor([[1e4, -1e4, 0.0, 3.0]], dtype=F64, requires_grad=True)
     t = torch.tensor([[-1e4, 1e4, 2.0, 0.0]], dtype=F64)
-    out = pld_loss(s, t, torch.tensor([1]))
+    out = pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([1]))
     (g,) = torch.autograd.grad(out, s)
     assert torch.isfinite(out) and torch.isfinite(g).all()
     ref = _pld_reference_row(s.detach()[0].tolist(), t[0].tolist(), 1, 1.0)
@@ -435,29 +551,34 @@ def test_pld_large_logits_are_finite():
 def test_pld_no_counted_rows_and_float32():
     s, t = _logits(3, 4, seed=46, dtype=torch.float32), _logits(3, 4, seed=47, dtype=torch.float32)
     s.requires_grad_(True)
-    out = pld_loss(s, t, torch.full((3,), -100))
+    out = pld_loss(student_logits=s, teacher_logits=t, labels=torch.full((3,), -100))
     out.backward()
     assert out.item() == 0.0 and out.dtype == torch.float32 and torch.count_nonzero(s.grad) == 0
 
 
 def test_pld_and_plackett_luce_bad_input():
     s, t = _logits(3, 4, seed=48), _logits(3, 4, seed=49)
-    with pytest.raises(ValueError, match="outside"):
-        pld_loss(s, t, torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([0, 4, 1]))
     with pytest.raises(ValueError, match="shape"):
-        pld_loss(s, t, torch.tensor([0, 1]))
+        pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="temperature"):
-        pld_loss(s, t, torch.tensor([0, 1, 2]), temperature=-1.0)
+        pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([0, 1, 2]), temperature=-1.0)
     with pytest.raises(ValueError, match="repeats"):
-        plackett_luce_loss(s, torch.tensor([[0, 0], [1, 2], [2, 3]]), torch.ones(2, dtype=F64))
+        plackett_luce_loss(student_logits=s, permutation=torch.tensor([[0, 0], [1, 2], [2, 3]]),
+                           weights=torch.ones(2, dtype=F64))
     with pytest.raises(ValueError, match=">= 0"):
-        plackett_luce_loss(s, torch.tensor([[0], [1], [2]]), torch.tensor([-1.0], dtype=F64))
+        plackett_luce_loss(student_logits=s, permutation=torch.tensor([[0], [1], [2]]),
+                           weights=torch.tensor([-1.0], dtype=F64))
     with pytest.raises(ValueError, match="between 1 and C"):
-        plackett_luce_loss(s, torch.zeros(3, 0, dtype=torch.long), torch.ones(0, dtype=F64))
+        plackett_luce_loss(student_logits=s, permutation=torch.zeros(3, 0, dtype=torch.long),
+                           weights=torch.ones(0, dtype=F64))
     with pytest.raises(ValueError, match="weights must have shape"):
-        plackett_luce_loss(s, torch.tensor([[0], [1], [2]]), torch.ones(2, dtype=F64))
+        plackett_luce_loss(student_logits=s, permutation=torch.tensor([[0], [1], [2]]),
+                           weights=torch.ones(2, dtype=F64))
     with pytest.raises(ValueError, match="outside"):
-        plackett_luce_loss(s, torch.tensor([[0], [1], [7]]), torch.ones(1, dtype=F64))
+        plackett_luce_loss(student_logits=s, permutation=torch.tensor([[0], [1], [7]]),
+                           weights=torch.ones(1, dtype=F64))
 
 
 # ----------------------------------------------------------------------------- BD-KD
@@ -473,7 +594,8 @@ def _kl_rows(s, t, T):
 def test_bdkd_fixed_weights_is_weighted_sum_of_forward_and_reverse_kl():
     s, t = _logits(2, 5, 7, seed=51), _logits(2, 5, 7, seed=52)
     T = 1.8
-    got = balanced_kd_loss(s, t, weight_fn=lambda ht, hs: (0.3, 1.7), temperature=T, labels=LABELS_BT)
+    got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (0.3, 1.7), temperature=T,
+                           temperature_scaling=True, labels=LABELS_BT)
     fwd, rev = _kl_rows(s, t, T)
     keep = (LABELS_BT.reshape(-1) != -100).numpy()
     ref = (T * T * (0.3 * fwd + 1.7 * rev))[keep].mean()
@@ -485,8 +607,9 @@ def test_bdkd_per_row_weights_and_ce_term():
     labels = torch.tensor([0, 1, -100, 3, 4, 2])
     wf = torch.tensor([0.0, 0.5, 9.0, 1.0, 2.0, 0.25], dtype=F64)
     wr = torch.tensor([1.0, 0.5, 9.0, 0.0, 3.0, 0.75], dtype=F64)
-    got = balanced_kd_loss(s, t, weight_fn=lambda ht, hs: (wf, wr), labels=labels, hard_label_weight=0.4,
-                           temperature=2.0, reduction="none")
+    got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (wf, wr), labels=labels,
+                           hard_label_weight=0.4,
+                           temperature=2.0, temperature_scaling=True, reduction="none")
     fwd, rev = _kl_rows(s, t, 2.0)
     ce = np.array([-_np_log_softmax(r)[y] if y >= 0 else 0.0 for r, y in zip(_rows(s), labels.tolist())])
     ref = 4.0 * (wf.numpy() * fwd + wr.numpy() * rev) + 0.4 * ce
@@ -497,9 +620,10 @@ def test_bdkd_per_row_weights_and_ce_term():
 def test_bdkd_with_zero_reverse_weight_is_kd():
     s, t = _logits(2, 5, 7, seed=55), _logits(2, 5, 7, seed=56)
     s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    a = balanced_kd_loss(s1, t, weight_fn=lambda ht, hs: (1.0, 0.0), labels=LABELS_BT, hard_label_weight=0.2,
+    a = balanced_kd_loss(student_logits=s1, teacher_logits=t, weight_fn=lambda **_: (1.0, 0.0), labels=LABELS_BT,
+                         hard_label_weight=0.2,
                          temperature=3.0)
-    b = kd_loss(s2, t, labels=LABELS_BT, hard_label_weight=0.2, temperature=3.0)
+    b = kd_loss(student_logits=s2, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.2, temperature=3.0)
     torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
     a.backward()
     b.backward()
@@ -508,7 +632,7 @@ def test_bdkd_with_zero_reverse_weight_is_kd():
 
 def test_bdkd_jeffreys_is_closed_form():
     s, t = _logits(5, 6, seed=57), _logits(5, 6, seed=58)
-    got = balanced_kd_loss(s, t, weight_fn="jeffreys", reduction="none")
+    got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="jeffreys", reduction="none")
     ref = [float(np.sum((_np_softmax(zt) - _np_softmax(zs)) * (_np_log_softmax(zt) - _np_log_softmax(zs))))
            for zs, zt in zip(_rows(s), _rows(t))]
     torch.testing.assert_close(got, torch.tensor(ref, dtype=F64), rtol=1e-11, atol=1e-13)
@@ -519,14 +643,16 @@ def test_bdkd_weights_get_no_gradient():
     s, t = _logits(4, 6, seed=59), _logits(4, 6, seed=60)
     seen = {}
 
-    def soft_rule(ht, hs):  # a weight that WOULD carry gradient if the entropies did
+    def soft_rule(*, teacher_entropy, student_entropy):  # a weight that WOULD carry gradient if the entropies did
+        ht, hs = teacher_entropy, student_entropy
         seen["grad_enabled"] = torch.is_grad_enabled()
         seen["requires_grad"] = ht.requires_grad or hs.requires_grad
         return torch.sigmoid(hs - ht), 1 + torch.sigmoid(ht - hs)
 
     x = s.clone().requires_grad_(True)
     y = t.clone().requires_grad_(True)
-    balanced_kd_loss(x, y, weight_fn=soft_rule, temperature=1.5).backward()
+    balanced_kd_loss(student_logits=x, teacher_logits=y, weight_fn=soft_rule, temperature=1.5,
+                     temperature_scaling=True).backward()
     assert seen == {"grad_enabled": False, "requires_grad": False}
 
     def reference(a, b, detach):
@@ -554,16 +680,18 @@ def test_bdkd_default_rule_follows_entropy_gap():
     sharp = torch.tensor([[6.0, 0.0, 0.0, 0.0]], dtype=F64)
     s = torch.cat([flat, sharp, sharp])
     t = torch.cat([sharp, flat, sharp])
-    loss, wf, wr = balanced_kd_loss(s, t, return_weights=True, reduction="none")
+    loss, wf, wr = balanced_kd_loss(student_logits=s, teacher_logits=t, return_weights=True, reduction="none")
     # row 0: student flatter -> more reverse KL; row 1: student sharper -> more forward KL; row 2: tie
     torch.testing.assert_close(wf, torch.tensor([0.5, 1.5, 1.0], dtype=F64))
     torch.testing.assert_close(wr, torch.tensor([1.5, 0.5, 1.0], dtype=F64))
     fwd, rev = _kl_rows(s, t, 1.0)
     torch.testing.assert_close(loss, torch.tensor(wf.numpy() * fwd + wr.numpy() * rev, dtype=F64))
-    wf2, wr2 = entropy_gap_weights(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0]), strength=1.0)
+    wf2, wr2 = entropy_gap_weights(teacher_entropy=torch.tensor([1.0, 2.0]), student_entropy=torch.tensor([2.0, 1.0]),
+                                   strength=1.0)
     assert wf2.tolist() == [0.0, 2.0] and wr2.tolist() == [2.0, 0.0]
     strong = functools.partial(entropy_gap_weights, strength=0.0)
-    torch.testing.assert_close(balanced_kd_loss(s, t, weight_fn=strong), balanced_kd_loss(s, t, weight_fn=jeffreys_weights))
+    torch.testing.assert_close(balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=strong),
+                               balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=jeffreys_weights))
 
 
 def test_bdkd_gradient_matches_finite_differences():
@@ -573,7 +701,8 @@ def test_bdkd_gradient_matches_finite_differences():
     wr = torch.tensor([0.9, 5.0, 0.1], dtype=F64)
 
     def fn(a, b):
-        return balanced_kd_loss(a, b, weight_fn=lambda ht, hs: (wf, wr), labels=labels, hard_label_weight=0.7,
+        return balanced_kd_loss(student_logits=a, teacher_logits=b, weight_fn=lambda **_: (wf, wr), labels=labels,
+                                hard_label_weight=0.7,
                                 temperature=1.3)
 
     _finite_difference_check(fn, (s, t))
@@ -582,7 +711,7 @@ def test_bdkd_gradient_matches_finite_differences():
 def test_bdkd_large_logits_finite():
     s = torch.tensor([[1e4, -1e4, 0.0], [0.0, 0.0, 0.0]], dtype=F64, requires_grad=True)
     t = torch.tensor([[-1e4, 1e4, 0.0], [1e4, 0.0, -1e4]], dtype=F64)
-    out = balanced_kd_loss(s, t)
+    out = balanced_kd_loss(student_logits=s, teacher_logits=t)
     (g,) = torch.autograd.grad(out, s)
     assert torch.isfinite(out) and torch.isfinite(g).all()
 
@@ -590,17 +719,18 @@ def test_bdkd_large_logits_finite():
 def test_bdkd_bad_input():
     s, t = _logits(3, 4, seed=63), _logits(3, 4, seed=64)
     with pytest.raises(ValueError, match="weight_fn must be one of"):
-        balanced_kd_loss(s, t, weight_fn="paper")
+        balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="paper")
     with pytest.raises(ValueError, match="negative or not finite"):
-        balanced_kd_loss(s, t, weight_fn=lambda ht, hs: (-1.0, 1.0))
+        balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (-1.0, 1.0))
     with pytest.raises(ValueError, match="one weight per row"):
-        balanced_kd_loss(s, t, weight_fn=lambda ht, hs: (torch.ones(2), 1.0))
+        balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (torch.ones(2), 1.0))
     with pytest.raises(ValueError, match="pair"):
-        balanced_kd_loss(s, t, weight_fn=lambda ht, hs: 1.0)
+        balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: 1.0)
     with pytest.raises(ValueError, match="strength"):
-        balanced_kd_loss(s, t, weight_fn=functools.partial(entropy_gap_weights, strength=2.0))
+        balanced_kd_loss(student_logits=s, teacher_logits=t,
+                         weight_fn=functools.partial(entropy_gap_weights, strength=2.0))
     with pytest.raises(ValueError, match="needs labels"):
-        balanced_kd_loss(s, t, hard_label_weight=1.0)
+        balanced_kd_loss(student_logits=s, teacher_logits=t, hard_label_weight=1.0)
 
 
 # ----------------------------------------------------------------------------- Dual-Head KD
@@ -624,24 +754,27 @@ def _binary_kl_reference(zs, zt, T, normalized):
 def test_binary_kl_spec_value_both_routes():
     zs = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
     zt = torch.tensor([[0.0, 1.0, 0.5]], dtype=F64)
-    got = binary_kl_loss(zs, zt, temperature=2.0)
+    got = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=2.0, temperature_scaling=True)
     log_cosh = 4.0 * float(np.sum(np.log(np.cosh((zs - zt).numpy() / 4.0))))
     bernoulli = _binary_kl_reference(zs.numpy(), zt.numpy(), 2.0, True)
     assert math.isclose(log_cosh, bernoulli, rel_tol=1e-13)
     assert math.isclose(got.item(), log_cosh, rel_tol=1e-13)
     assert abs(got.item() - 1.156784) < 5e-7
-    plain = binary_kl_loss(zs, zt, temperature=2.0, normalized=False)
+    plain = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=2.0, temperature_scaling=True,
+                           normalized=False)
     assert math.isclose(plain.item(), _binary_kl_reference(zs.numpy(), zt.numpy(), 2.0, False), rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("normalized", [True, False])
 def test_binary_kl_matches_scipy_on_random_batches(normalized):
     zs, zt = _logits(5, 7, seed=71, scale=4.0), _logits(5, 7, seed=72, scale=4.0)
-    got = binary_kl_loss(zs, zt, temperature=1.5, normalized=normalized)
+    got = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=1.5, temperature_scaling=True,
+                         normalized=normalized)
     ref = _binary_kl_reference(zs.numpy(), zt.numpy(), 1.5, normalized)
     assert math.isclose(got.item(), ref, rel_tol=1e-11)
     mask = torch.tensor([True, False, True, True, False])
-    got = binary_kl_loss(zs, zt, temperature=1.5, normalized=normalized, mask=mask)
+    got = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=1.5, temperature_scaling=True,
+                         normalized=normalized, mask=mask)
     ref = _binary_kl_reference(zs.numpy()[mask.numpy()], zt.numpy()[mask.numpy()], 1.5, normalized)
     assert math.isclose(got.item(), ref, rel_tol=1e-11)
 
@@ -649,52 +782,56 @@ def test_binary_kl_matches_scipy_on_random_batches(normalized):
 def test_binary_kl_large_logits_exact_and_finite():
     zs = torch.tensor([[1e4, -1e4, 3.0]], dtype=F64, requires_grad=True)
     zt = torch.tensor([[-1e4, 1e4, 3.0]], dtype=F64)
-    out = binary_kl_loss(zs, zt, temperature=1.0)
+    out = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=1.0)
     (g,) = torch.autograd.grad(out, zs)
     # log cosh(1e4) = 1e4 - log 2 for each of the first two classes
     assert math.isclose(out.item(), 2 * (1e4 - math.log(2)), rel_tol=1e-14)
     assert torch.isfinite(g).all()
-    plain = binary_kl_loss(zs, zt, temperature=1.0, normalized=False)
+    plain = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=1.0, normalized=False)
     (g,) = torch.autograd.grad(plain, zs)
     assert torch.isfinite(plain) and torch.isfinite(g).all()
     assert math.isclose(plain.item(), 2e4, rel_tol=1e-12)  # KL(Ber(0)||Ber(e^-1e4)) = 1e4 per class
-    f32 = binary_kl_loss(zs.detach().float(), zt.float(), temperature=0.5)
+    f32 = binary_kl_loss(student_logits=zs.detach().float(), teacher_logits=zt.float(), temperature=0.5)
     assert torch.isfinite(f32)
 
 
 def test_binary_kl_zero_iff_equal_and_not_shift_invariant():
     z = _logits(3, 4, seed=73)
-    assert binary_kl_loss(z, z).item() == 0.0
-    assert binary_kl_loss(z, z, normalized=False).item() == 0.0
-    assert binary_kl_loss(z + 1.0, z).item() > 1e-3
-    assert binary_kl_loss(z + 1.0, z, normalized=False).item() > 1e-3
+    assert binary_kl_loss(student_logits=z, teacher_logits=z).item() == 0.0
+    assert binary_kl_loss(student_logits=z, teacher_logits=z, normalized=False).item() == 0.0
+    assert binary_kl_loss(student_logits=z + 1.0, teacher_logits=z).item() > 1e-3
+    assert binary_kl_loss(student_logits=z + 1.0, teacher_logits=z, normalized=False).item() > 1e-3
 
 
 def test_binary_kl_sequence_shape_and_reductions():
     zs, zt = _logits(2, 3, 4, seed=74), _logits(2, 3, 4, seed=75)
-    rows = binary_kl_loss(zs, zt, reduction="none")
+    rows = binary_kl_loss(student_logits=zs, teacher_logits=zt, reduction="none")
     assert rows.shape == (2, 3)
-    torch.testing.assert_close(rows.mean(), binary_kl_loss(zs, zt))
-    torch.testing.assert_close(rows.sum(), binary_kl_loss(zs, zt, reduction="sum"))
+    torch.testing.assert_close(rows.mean(), binary_kl_loss(student_logits=zs, teacher_logits=zt))
+    torch.testing.assert_close(rows.sum(), binary_kl_loss(student_logits=zs, teacher_logits=zt, reduction="sum"))
 
 
 @pytest.mark.parametrize("normalized", [True, False])
 def test_binary_kl_gradcheck(normalized):
     zs = _logits(3, 4, seed=76).requires_grad_(True)
     zt = _logits(3, 4, seed=77).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: binary_kl_loss(a, b, 1.7, normalized), (zs, zt))
+    assert torch.autograd.gradcheck(lambda a,
+                                    b: binary_kl_loss(student_logits=a, teacher_logits=b, temperature=1.7,
+                                                      normalized=normalized), (zs, zt))
 
 
 def test_binary_kl_bad_input():
     z = _logits(2, 3, seed=78)
     with pytest.raises(ValueError, match="temperature"):
-        binary_kl_loss(z, z, temperature=0)
+        binary_kl_loss(student_logits=z, teacher_logits=z, temperature=0)
     with pytest.raises(ValueError, match="normalized"):
-        binary_kl_loss(z, z, normalized="yes")
-    with pytest.raises(ValueError, match="finite"):
-        binary_kl_loss(torch.full((2, 3), math.inf, dtype=F64), z)
+        binary_kl_loss(student_logits=z, teacher_logits=z, normalized="yes")
+    with pytest.raises(ValueError, match=r"student_logits contains \+inf"):
+        binary_kl_loss(student_logits=torch.full((2, 3), math.inf, dtype=F64), teacher_logits=z)
+    with pytest.raises(ValueError, match=r"teacher_logits contains -inf"):
+        binary_kl_loss(student_logits=z, teacher_logits=torch.full((2, 3), -math.inf, dtype=F64))
     with pytest.raises(ValueError, match="shape mismatch"):
-        binary_kl_loss(z, _logits(3, 3, seed=79))
+        binary_kl_loss(student_logits=z, teacher_logits=_logits(3, 3, seed=79))
 
 
 @pytest.mark.parametrize("aux", ["linear", "mlp"])
@@ -721,7 +858,8 @@ def test_dual_head_kd_loss_routes_ce_to_main_and_kd_to_aux():
     main, aux, teacher = _logits(6, 5, seed=81), _logits(6, 5, seed=82), _logits(6, 5, seed=83)
     labels = torch.tensor([0, 4, -100, 1, 2, 3])
     m, a = main.clone().requires_grad_(True), aux.clone().requires_grad_(True)
-    total, ce, kd = dual_head_kd_loss(m, a, teacher, labels, ce_weight=0.7, kd_weight=0.1, temperature=2.0,
+    total, ce, kd = dual_head_kd_loss(main_logits=m, aux_logits=a, teacher_logits=teacher, labels=labels,
+                                      ce_weight=0.7, kd_weight=0.1, temperature=2.0, temperature_scaling=True,
                                       return_parts=True)
     keep = labels != -100
     ref_ce = F.cross_entropy(main[keep], labels[keep])
@@ -739,17 +877,20 @@ def test_dual_head_kd_loss_gradcheck():
     main, aux, teacher = _logits(3, 4, seed=84), _logits(3, 4, seed=85), _logits(3, 4, seed=86)
     labels = torch.tensor([0, 3, 1])
     inputs = tuple(x.requires_grad_(True) for x in (main, aux, teacher))
-    assert torch.autograd.gradcheck(lambda m, a, t: dual_head_kd_loss(m, a, t, labels, kd_weight=0.5), inputs)
+    assert torch.autograd.gradcheck(lambda m, a,
+                                    t: dual_head_kd_loss(main_logits=m, aux_logits=a, teacher_logits=t, labels=labels,
+                                                         kd_weight=0.5), inputs)
 
 
 def test_dual_head_kd_loss_bad_input():
     x = _logits(3, 4, seed=87)
     with pytest.raises(ValueError, match="ce_weight"):
-        dual_head_kd_loss(x, x, x, torch.tensor([0, 1, 2]), ce_weight=-1)
+        dual_head_kd_loss(main_logits=x, aux_logits=x, teacher_logits=x, labels=torch.tensor([0, 1, 2]), ce_weight=-1)
     with pytest.raises(ValueError, match="shape mismatch: main_logits"):
-        dual_head_kd_loss(x, _logits(2, 4, seed=1), x, torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match="outside"):
-        dual_head_kd_loss(x, x, x, torch.tensor([0, 1, 9]))
+        dual_head_kd_loss(main_logits=x, aux_logits=_logits(2, 4, seed=1), teacher_logits=x,
+                          labels=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        dual_head_kd_loss(main_logits=x, aux_logits=x, teacher_logits=x, labels=torch.tensor([0, 1, 9]))
 
 
 # ----------------------------------------------------------------------------- projection
@@ -758,17 +899,17 @@ def test_project_conflicting_properties():
     g_main = torch.randn(10, generator=g, dtype=F64)
     g_aux = -0.5 * g_main + torch.randn(10, generator=g, dtype=F64) * 0.3
     assert torch.dot(g_aux, g_main) < 0
-    out = project_conflicting(g_main, g_aux)
+    out = project_conflicting(g_main=g_main, g_aux=g_aux)
     assert abs(torch.dot(out, g_main).item()) < 1e-12
     # only a multiple of g_main was removed: the orthogonal part is untouched
     def orth(v):
         return v - torch.dot(v, g_main) / torch.dot(g_main, g_main) * g_main
 
     torch.testing.assert_close(orth(out), orth(g_aux), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(project_conflicting(g_main, out), out, rtol=1e-12, atol=1e-14)  # idempotent
+    torch.testing.assert_close(project_conflicting(g_main=g_main, g_aux=out), out, rtol=1e-12, atol=1e-14)  # idempotent
     agree = g_main * 0.2 + orth(g_aux)
-    assert torch.equal(project_conflicting(g_main, agree), agree)  # no conflict: unchanged
-    assert torch.equal(project_conflicting(torch.zeros(10, dtype=F64), g_aux), g_aux)
+    assert torch.equal(project_conflicting(g_main=g_main, g_aux=agree), agree)  # no conflict: unchanged
+    assert torch.equal(project_conflicting(g_main=torch.zeros(10, dtype=F64), g_aux=g_aux), g_aux)
 
 
 def test_project_conflicting_on_parameter_lists_matches_flattened():
@@ -776,11 +917,11 @@ def test_project_conflicting_on_parameter_lists_matches_flattened():
     mains = [torch.randn(3, 4, generator=g, dtype=F64), None, torch.randn(5, generator=g, dtype=F64)]
     auxes = [-torch.randn(3, 4, generator=g, dtype=F64) - 2 * mains[0], torch.randn(2, generator=g, dtype=F64),
              None]
-    out = project_conflicting(mains, auxes)
+    out = project_conflicting(g_main=mains, g_aux=auxes)
     flat_main = torch.cat([mains[0].reshape(-1), torch.zeros(2, dtype=F64), mains[2]])
     flat_aux = torch.cat([auxes[0].reshape(-1), auxes[1], torch.zeros(5, dtype=F64)])
     assert torch.dot(flat_aux, flat_main) < 0
-    flat_out = project_conflicting(flat_main, flat_aux)
+    flat_out = project_conflicting(g_main=flat_main, g_aux=flat_aux)
     got = torch.cat([out[0].reshape(-1), out[1], out[2]])
     torch.testing.assert_close(got, flat_out, rtol=1e-12, atol=1e-14)
     assert out[1] is auxes[1]  # g_main is None there: nothing to remove
@@ -788,12 +929,12 @@ def test_project_conflicting_on_parameter_lists_matches_flattened():
 
 def test_project_conflicting_bad_input():
     with pytest.raises(ValueError, match="both be tensors"):
-        project_conflicting(torch.zeros(3), [torch.zeros(3)])
+        project_conflicting(g_main=torch.zeros(3), g_aux=[torch.zeros(3)])
     with pytest.raises(ValueError, match="shape mismatch"):
-        project_conflicting([torch.zeros(3)], [torch.zeros(4)])
+        project_conflicting(g_main=[torch.zeros(3)], g_aux=[torch.zeros(4)])
     with pytest.raises(ValueError, match="has 1 tensors"):
-        project_conflicting([torch.zeros(3)], [torch.zeros(3), torch.zeros(3)])
+        project_conflicting(g_main=[torch.zeros(3)], g_aux=[torch.zeros(3), torch.zeros(3)])
     with pytest.raises(ValueError, match="NaN"):
-        project_conflicting(torch.tensor([1.0, float("nan")]), torch.ones(2))
+        project_conflicting(g_main=torch.tensor([1.0, float("nan")]), g_aux=torch.ones(2))
     with pytest.raises(TypeError, match="g_aux"):
-        project_conflicting(torch.ones(2), torch.ones(2, dtype=torch.long))
+        project_conflicting(g_main=torch.ones(2), g_aux=torch.ones(2, dtype=torch.long))

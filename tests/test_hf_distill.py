@@ -13,6 +13,8 @@ import torch
 
 import transformers  # a test dependency (the test extras)
 
+import fdiv
+
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from fdiv.integrations.hf import (  # noqa: E402
@@ -122,7 +124,8 @@ def test_loss_matches_float64_reference(arch, fused, divergence, params, tempera
     batch = make_batch(ROWS)
     expected = naive_loss(student, teacher, batch, divergence, temperature, hard, **params)
     got = distillation_loss(
-        student, teacher, batch, divergence, temperature=temperature, hard_label_weight=hard, fused=fused, **params
+        student=student, teacher=teacher, batch=batch, divergence=fdiv.get(divergence, **params),
+        temperature=temperature, hard_label_weight=hard, fused=fused,
     )
     assert got.dtype == torch.float64
     assert expected > 1e-3  # a meaningful, non-degenerate value
@@ -134,7 +137,9 @@ def test_float32_models_match_float64_reference(fused):
     student, teacher = pair("llama")
     batch = make_batch(ROWS)
     expected = naive_loss(student, teacher, batch, "forward_kl", hard=0.25)
-    got = distillation_loss(student, teacher, batch, "forward_kl", hard_label_weight=0.25, fused=fused)
+    got = distillation_loss(
+        student=student, teacher=teacher, batch=batch, divergence="forward_kl", hard_label_weight=0.25, fused=fused
+    )
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
@@ -161,7 +166,10 @@ def test_fused_and_unfused_agree_on_loss_and_gradients(variant):
     results = []
     for fused in (False, True):
         student.zero_grad(set_to_none=True)
-        loss = distillation_loss(student, teacher, batch, "js", beta=0.4, hard_label_weight=0.3, fused=fused)
+        loss = distillation_loss(
+            student=student, teacher=teacher, batch=batch, divergence=fdiv.get("js", beta=0.4),
+            hard_label_weight=0.3, fused=fused,
+        )
         loss.backward()
         grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
         results.append((loss.detach(), grads))
@@ -184,7 +192,7 @@ def test_num_items_in_batch_gives_the_mean_over_accumulated_micro_batches(fused)
     assert total == int(count_response_tokens(full)) == sum(c for _, c in ROWS)  # every completion token counted
 
     student.zero_grad(set_to_none=True)
-    mean = distillation_loss(student, teacher, full, "forward_kl", hard_label_weight=0.5, fused=fused)
+    mean = distillation_loss(student=student, teacher=teacher, batch=full, hard_label_weight=0.5, fused=fused)
     mean.backward()
     ref = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad(set_to_none=True)
@@ -192,7 +200,7 @@ def test_num_items_in_batch_gives_the_mean_over_accumulated_micro_batches(fused)
     for i, half in enumerate(halves):
         n_items = torch.tensor(total) if i == 0 else total  # tensor and int forms
         part = distillation_loss(
-            student, teacher, half, "forward_kl", hard_label_weight=0.5, fused=fused, num_items_in_batch=n_items
+            student=student, teacher=teacher, batch=half, hard_label_weight=0.5, fused=fused, num_items_in_batch=n_items
         )
         part.backward()
         parts.append(part.detach())
@@ -200,11 +208,13 @@ def test_num_items_in_batch_gives_the_mean_over_accumulated_micro_batches(fused)
     for n, p in student.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-8, atol=1e-11, msg=n)
     # sum-normalised: doubling num_items halves the loss
-    doubled = distillation_loss(student, teacher, halves[0], "forward_kl", fused=fused, num_items_in_batch=2 * total)
-    single = distillation_loss(student, teacher, halves[0], "forward_kl", fused=fused, num_items_in_batch=total)
+    doubled = distillation_loss(
+        student=student, teacher=teacher, batch=halves[0], fused=fused, num_items_in_batch=2 * total
+    )
+    single = distillation_loss(student=student, teacher=teacher, batch=halves[0], fused=fused, num_items_in_batch=total)
     torch.testing.assert_close(2 * doubled, single)
     with pytest.raises(ValueError, match="num_items_in_batch"):
-        distillation_loss(student, teacher, full, "forward_kl", fused=fused, num_items_in_batch=3)
+        distillation_loss(student=student, teacher=teacher, batch=full, fused=fused, num_items_in_batch=3)
 
 
 def mean_forward_kl(student_logits, teacher_logits, labels):
@@ -221,9 +231,12 @@ def test_loss_fn_receives_shifted_logits_and_is_rescaled_under_num_items():
     halves = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
     total = int(count_response_tokens(full))
     expected = naive_loss(student, teacher, full, "forward_kl")
-    torch.testing.assert_close(distillation_loss(student, teacher, full, loss_fn=mean_forward_kl), expected)
+    torch.testing.assert_close(
+        distillation_loss(student=student, teacher=teacher, batch=full, loss_fn=mean_forward_kl), expected
+    )
     parts = sum(
-        distillation_loss(student, teacher, h, loss_fn=mean_forward_kl, num_items_in_batch=total) for h in halves
+        distillation_loss(student=student, teacher=teacher, batch=h, loss_fn=mean_forward_kl, num_items_in_batch=total)
+        for h in halves
     )
     torch.testing.assert_close(parts, expected)
 
@@ -233,14 +246,19 @@ def test_loss_fn_receives_shifted_logits_and_is_rescaled_under_num_items():
         seen.update(shape=student_logits.shape, labels=labels, n=num_items_in_batch)
         return mean_forward_kl(student_logits, teacher_logits, labels) * (labels != -100).sum() / num_items_in_batch
 
-    parts = sum(distillation_loss(student, teacher, h, loss_fn=summing, num_items_in_batch=total) for h in halves)
+    parts = sum(
+        distillation_loss(student=student, teacher=teacher, batch=h, loss_fn=summing, num_items_in_batch=total)
+        for h in halves
+    )
     torch.testing.assert_close(parts, expected)
     assert seen["n"] == total and seen["shape"] == (2, full["input_ids"].shape[1] - 1, V)
     assert torch.equal(seen["labels"], halves[1]["labels"][:, 1:])
     with pytest.raises(ValueError, match="loss_fn"):
-        distillation_loss(student, teacher, full, loss_fn=mean_forward_kl, fused=True)
-    with pytest.raises(ValueError, match="divergence parameters"):
-        distillation_loss(student, teacher, full, loss_fn=mean_forward_kl, beta=0.5)
+        distillation_loss(student=student, teacher=teacher, batch=full, loss_fn=mean_forward_kl, fused=True)
+    with pytest.raises(ValueError, match="divergence has no effect with loss_fn"):
+        distillation_loss(
+            student=student, teacher=teacher, batch=full, loss_fn=mean_forward_kl, divergence=fdiv.get("js", beta=0.5)
+        )
 
 
 def test_post_processed_logits_are_refused_by_the_fused_path():
@@ -256,23 +274,24 @@ def test_post_processed_logits_are_refused_by_the_fused_path():
     teacher = llama(2).eval()
     batch = make_batch(ROWS)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        distillation_loss(gemma, teacher, batch, fused=True)
+        distillation_loss(student=gemma, teacher=teacher, batch=batch, fused=True)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        distillation_loss(teacher, gemma.eval(), batch, fused=True)  # a soft-capped teacher too
-    assert torch.isfinite(distillation_loss(gemma, teacher, batch, fused=False))  # logits path: its own logits
+        distillation_loss(student=teacher, teacher=gemma.eval(), batch=batch, fused=True)  # a soft-capped teacher too
+    # logits path: its own logits
+    assert torch.isfinite(distillation_loss(student=gemma, teacher=teacher, batch=batch, fused=False))
 
     # Run-time detection, whatever the config says: logits changed after lm_head ...
     student = llama(1)
     handle = student.register_forward_hook(lambda m, a, out: out.__class__(logits=out.logits * 2.0))
     with pytest.raises(ValueError, match="post-processed"):
-        distillation_loss(student, teacher, batch, fused=True)
+        distillation_loss(student=student, teacher=teacher, batch=batch, fused=True)
     handle.remove()
     # ... or the lm_head input changed after the decoder.
     handle = student.lm_head.register_forward_pre_hook(lambda m, args: (args[0] * 0.5,))
     with pytest.raises(ValueError, match="does not receive"):
-        distillation_loss(student, teacher, batch, fused=True)
+        distillation_loss(student=student, teacher=teacher, batch=batch, fused=True)
     handle.remove()
-    distillation_loss(student, teacher, batch, fused=True)
+    distillation_loss(student=student, teacher=teacher, batch=batch, fused=True)
 
 
 def reference_completion_checks(batch, out, eos_ids, max_new_tokens):
@@ -323,7 +342,7 @@ def test_generated_batch_masks_prompt_padding_and_everything_after_the_first_eos
         assert all(torch.equal(again[k], out[k]) for k in out)
     # a loss can be computed on the generated batch, and counts exactly its labelled tokens
     teacher = llama(2).eval()
-    assert torch.isfinite(distillation_loss(student, teacher, out, "reverse_kl"))
+    assert torch.isfinite(distillation_loss(student=student, teacher=teacher, batch=out, divergence="reverse_kl"))
     assert int(count_response_tokens(out)) == int((out["labels"] != -100).sum())
 
 
@@ -362,7 +381,7 @@ def test_scoring_uses_the_positions_generate_used_for_left_padded_prompts():
         seen["logits"] = student_logits.detach()
         return student_logits.sum() * 0
 
-    distillation_loss(student, llama(2).eval(), batch, loss_fn=capture)
+    distillation_loss(student=student, teacher=llama(2).eval(), batch=batch, loss_fn=capture)
     torch.testing.assert_close(seen["logits"][:, 4:], gen_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -371,15 +390,19 @@ def test_on_policy_batch_branches_and_seeding():
     batch = make_batch(ROWS)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        out, source = on_policy_batch(student, batch, teacher=teacher, lmbda=0.0, generator=g, max_new_tokens=3)
+        out, source = on_policy_batch(
+            student=student, batch=batch, teacher=teacher, lmbda=0.0, generator=g, max_new_tokens=3
+        )
         assert out is batch and source == "dataset"
     for _ in range(3):
-        out, source = on_policy_batch(student, batch, lmbda=1.0, generator=g, max_new_tokens=3)
+        out, source = on_policy_batch(student=student, batch=batch, lmbda=1.0, generator=g, max_new_tokens=3)
         assert source == "student" and out is not batch and "prompt_mask" in out
 
     def run(seed):
         gen = torch.Generator().manual_seed(seed)
-        return [on_policy_batch(student, batch, lmbda=0.5, generator=gen, max_new_tokens=3) for _ in range(8)]
+        return [
+            on_policy_batch(student=student, batch=batch, lmbda=0.5, generator=gen, max_new_tokens=3) for _ in range(8)
+        ]
 
     first, second = run(7), run(7)
     sources = [s for _, s in first]
@@ -390,8 +413,8 @@ def test_on_policy_batch_branches_and_seeding():
 
     # seq_kd: when the student does not generate, the teacher does, with the seed drawn from the generator
     out, source = on_policy_batch(
-        student, batch, teacher=teacher, lmbda=0.0, seq_kd=True, generator=torch.Generator().manual_seed(1),
-        max_new_tokens=4,
+        student=student, batch=batch, teacher=teacher, lmbda=0.0, seq_kd=True,
+        generator=torch.Generator().manual_seed(1), max_new_tokens=4,
     )
     replay = torch.Generator().manual_seed(1)
     torch.rand((), generator=replay)
@@ -399,9 +422,14 @@ def test_on_policy_batch_branches_and_seeding():
     expected = generate_completions(teacher, batch, max_new_tokens=4, seed=seed)
     assert source == "teacher" and all(torch.equal(out[k], expected[k]) for k in out)
 
-    step = gkd_step(student, teacher, batch, "js", beta=0.5, lmbda=1.0, max_new_tokens=3,
-                    generator=torch.Generator().manual_seed(2))
+    js = fdiv.get("js", beta=0.5)
+    step = gkd_step(student=student, teacher=teacher, batch=batch, divergence=js, lmbda=1.0, max_new_tokens=3,
+                    generator=torch.Generator().manual_seed(2), temperature=2.0, temperature_scaling=True)
     assert step.source == "student" and torch.isfinite(step.loss)
+    # the loss is distillation_loss on the batch it reports, with the same options
+    again = distillation_loss(student=student, teacher=teacher, batch=step.batch, divergence=js, temperature=2.0,
+                              temperature_scaling=True)
+    torch.testing.assert_close(step.loss, again, rtol=1e-6, atol=1e-7)
     step.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
@@ -447,15 +475,15 @@ def training_args(tmp_path, **overrides):
 
 
 @pytest.mark.parametrize(
-    "arch,fused,accumulation,divergence,params",
-    [("llama", False, 2, "js", {"beta": 0.5}), ("gpt2", True, 1, "reverse_kl", {})],
+    "arch,fused,accumulation,divergence",
+    [("llama", False, 2, fdiv.get("js", beta=0.5)), ("gpt2", True, 1, "reverse_kl")],
 )
-def test_trainer_runs_on_policy_end_to_end(tmp_path, arch, fused, accumulation, divergence, params):
+def test_trainer_runs_on_policy_end_to_end(tmp_path, arch, fused, accumulation, divergence):
     student, teacher = pair(arch)
     dataset = ListDataset([(3, 4), (5, 2), (2, 6), (4, 3)] * 2, seed=1)
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=training_args(tmp_path, gradient_accumulation_steps=accumulation),
-        train_dataset=dataset, data_collator=collate, divergence=divergence, divergence_params=params,
+        train_dataset=dataset, data_collator=collate, divergence=divergence,
         lmbda=0.5, max_new_tokens=4, generation_temperature=1.0, fused=fused, hard_label_weight=0.1,
         generation_seed=3,
     )
@@ -492,7 +520,10 @@ def test_trainer_counts_the_tokens_it_trains_on_and_does_not_rescale_them(tmp_pa
     student.zero_grad(set_to_none=True)
     steps = [float(trainer.training_step(trainer.model, s, num_items)) for s in samples]
     total = sum(int(count_response_tokens(s)) for s in samples)
-    expected = [float(distillation_loss(student, teacher, s, num_items_in_batch=total).detach()) for s in samples]
+    expected = [
+        float(distillation_loss(student=student, teacher=teacher, batch=s, num_items_in_batch=total).detach())
+        for s in samples
+    ]
     assert steps == pytest.approx(expected, rel=1e-10)
 
 
@@ -501,27 +532,31 @@ def test_errors_name_the_argument(tmp_path):
     batch = make_batch(ROWS)
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
     with pytest.raises(ValueError, match="labels"):
-        distillation_loss(student, teacher, no_labels)
+        distillation_loss(student=student, teacher=teacher, batch=no_labels)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        distillation_loss(student, llama(3, vocab=V + 8).eval(), batch)
+        distillation_loss(student=student, teacher=llama(3, vocab=V + 8).eval(), batch=batch)
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        distillation_loss(student, llama(3, vocab=V + 8).eval(), batch, fused=True)
+        distillation_loss(student=student, teacher=llama(3, vocab=V + 8).eval(), batch=batch, fused=True)
     with pytest.raises(ValueError, match="f-divergence"):
-        distillation_loss(student, teacher, batch, "renyi", fused=True)
+        distillation_loss(student=student, teacher=teacher, batch=batch, divergence="renyi", fused=True)
+    with pytest.raises(ValueError, match="divergence must be a registered divergence name"):
+        distillation_loss(student=student, teacher=teacher, batch=batch, divergence=0.5)
     with pytest.raises(ValueError, match="temperature"):
-        distillation_loss(student, teacher, batch, temperature=0.0)
+        distillation_loss(student=student, teacher=teacher, batch=batch, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature_scaling"):
+        distillation_loss(student=student, teacher=teacher, batch=batch, temperature_scaling=1)
     with pytest.raises(ValueError, match="hard_label_weight"):
-        distillation_loss(student, teacher, batch, hard_label_weight=-1.0)
+        distillation_loss(student=student, teacher=teacher, batch=batch, hard_label_weight=-1.0)
     with pytest.raises(ValueError, match="lmbda"):
-        on_policy_batch(student, batch, lmbda=1.5)
+        on_policy_batch(student=student, batch=batch, lmbda=1.5)
     with pytest.raises(ValueError, match="seq_kd"):
-        on_policy_batch(student, batch, lmbda=0.0, seq_kd=True)
+        on_policy_batch(student=student, batch=batch, lmbda=0.0, seq_kd=True)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_completions(student, batch, max_new_tokens=0)
     with pytest.raises(ValueError, match="no prompt tokens"):
         generate_completions(student, {**batch, "prompt_lengths": torch.tensor([2, 0, 1, 1])}, max_new_tokens=2)
     with pytest.warns(UserWarning, match="teacher is in training mode"):
-        distillation_loss(student, llama(2), batch)
+        distillation_loss(student=student, teacher=llama(2), batch=batch)
     args = training_args(tmp_path)
     with pytest.raises(ValueError, match="teacher_model"):
         DistillationTrainer(model=student, teacher_model=None, args=args)
@@ -554,3 +589,80 @@ def test_token_logps_equal_a_float64_gather_over_the_response_tokens(arch):
             assert abs(out.logps[b, t].item() - ref) < 1e-10
             total += ref
         assert abs(seq[b].item() - total) < 1e-9
+
+
+# ============================================================================ one spelling at the boundary
+def test_models_are_keyword_only_so_they_cannot_be_swapped(tmp_path):
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    with pytest.raises(TypeError):
+        distillation_loss(student, teacher, batch)
+    with pytest.raises(TypeError):
+        gkd_step(student, teacher, batch, lmbda=0.0)
+    with pytest.raises(TypeError):
+        on_policy_batch(student, batch, lmbda=0.0)
+    with pytest.raises(TypeError):
+        DistillationTrainer(student, teacher, training_args(tmp_path))
+    # the keyword forms work
+    assert torch.isfinite(distillation_loss(student=student, teacher=teacher, batch=batch))
+    assert on_policy_batch(student=student, batch=batch, lmbda=0.0)[1] == "dataset"
+
+
+def test_divergence_parameters_travel_only_inside_the_instance(tmp_path):
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    with pytest.raises(TypeError, match="divergence_params"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=training_args(tmp_path), divergence="js",
+            divergence_params={"beta": 0.3},
+        )
+    with pytest.raises(TypeError):
+        distillation_loss(student=student, teacher=teacher, batch=batch, divergence="js", beta=0.3)
+    with pytest.raises(TypeError):
+        distillation_loss(student=student, teacher=teacher, batch=batch, divergence_params={"beta": 0.3})
+    with pytest.raises(TypeError):
+        gkd_step(student=student, teacher=teacher, batch=batch, divergence="js", beta=0.3, lmbda=0.0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_trainer_with_a_divergence_instance_gives_the_loss_of_distillation_loss(tmp_path, fused):
+    student, teacher = pair("llama", torch.float64)
+    batch = make_batch(ROWS)
+    js = fdiv.get("js", beta=0.3)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path), divergence=js, fused=fused,
+        temperature=1.5, hard_label_weight=0.2,
+    )
+    assert trainer.divergence is js
+    got = trainer.compute_loss(student, batch)
+    direct = distillation_loss(
+        student=student, teacher=teacher, batch=batch, divergence=js, fused=fused, temperature=1.5,
+        hard_label_weight=0.2,
+    )
+    expected = naive_loss(student, teacher, batch, "js", 1.5, 0.2, beta=0.3)  # independent float64 reference
+    torch.testing.assert_close(got, direct, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # the instance's beta is used, not the registry's default one
+    default = naive_loss(student, teacher, batch, "js", 1.5, 0.2, beta=fdiv.get("js").beta)
+    assert abs(float(got.detach()) - float(default)) > 1e-4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_temperature_scaling_multiplies_the_divergence_term_only(tmp_path, fused):
+    student, teacher = pair("gpt2", torch.float64)
+    batch = make_batch(ROWS)
+    T, w = 2.0, 0.3
+    divergence_only = naive_loss(student, teacher, batch, "reverse_kl", T)
+    ce_only = naive_loss(student, teacher, batch, "reverse_kl", T, hard=w) - divergence_only
+    assert ce_only > 1e-3
+    common = dict(student=student, teacher=teacher, batch=batch, divergence="reverse_kl", temperature=T,
+                  hard_label_weight=w, fused=fused)
+    plain = distillation_loss(**common)  # the default is temperature_scaling=False
+    scaled = distillation_loss(**common, temperature_scaling=True)
+    torch.testing.assert_close(plain, divergence_only + ce_only, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scaled, T * T * divergence_only + ce_only, rtol=1e-10, atol=1e-12)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=training_args(tmp_path), divergence="reverse_kl",
+        temperature=T, temperature_scaling=True, hard_label_weight=w, fused=fused,
+    )
+    torch.testing.assert_close(trainer.compute_loss(student, batch), scaled, rtol=1e-12, atol=1e-14)

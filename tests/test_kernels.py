@@ -20,10 +20,8 @@ def _pair(n=7, v=13, seed=0, dtype=torch.float64, scale=2.0):
     return s, t
 
 
-def _reference(name, params, student, teacher, *, temperature=1.0, mask=None, reduction="mean", t2=False):
+def _reference(name, params, student, teacher, *, temperature=1.0, mask=None, reduction="mean"):
     rows = fdiv.get(name, **params)(teacher, student, temperature=temperature)
-    if t2:
-        rows = rows * temperature**2
     if mask is not None:
         rows = torch.where(mask, rows, torch.zeros_like(rows))
     if reduction == "none":
@@ -47,8 +45,9 @@ def test_token_loss_matches_reference_float64(name, params, reduction):
     t.requires_grad_(True)
     mask = torch.tensor([True, False, True, True, True, False, True])
     kwargs = dict(temperature=1.7, mask=mask, reduction=reduction)
-    got = fdiv.token_loss(s, t, name, chunk_size=3, temperature_scaling=True, **kwargs, **params)
-    ref = _reference(name, params, s, t, t2=True, **kwargs)
+    div = fdiv.get(name, **params)
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=div, chunk_size=3, **kwargs)
+    ref = _reference(name, params, s, t, **kwargs)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     weights = torch.rand(7, dtype=torch.float64) if reduction == "none" else None
     for a, b in zip(_grads(got, (s, t), weights), _grads(ref, (s, t), weights)):
@@ -59,7 +58,7 @@ def test_token_loss_matches_reference_float64(name, params, reduction):
 def test_chunk_boundaries_do_not_matter(chunk_size):
     s, t = _pair(n=7)
     s.requires_grad_(True)
-    got = fdiv.token_loss(s, t, "js", beta=0.3, chunk_size=chunk_size)
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.3), chunk_size=chunk_size)
     ref = _reference("js", {"beta": 0.3}, s, t)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(_grads(got, (s,))[0], _grads(ref, (s,))[0], rtol=1e-10, atol=1e-14)
@@ -70,10 +69,10 @@ def test_labels_ignore_index_and_leading_dims():
     s3, t3 = s.reshape(3, 4, 13).requires_grad_(True), t.reshape(3, 4, 13)
     labels = torch.randint(0, 13, (3, 4))
     labels[0, 1] = labels[2, 3] = -100
-    got = fdiv.token_loss(s3, t3, "reverse_kl", labels=labels)
+    got = fdiv.token_loss(student_logits=s3, teacher_logits=t3, divergence="reverse_kl", labels=labels)
     ref = _reference("reverse_kl", {}, s3, t3, mask=labels != -100)
     torch.testing.assert_close(got, ref)
-    rows = fdiv.token_loss(s3, t3, "reverse_kl", labels=labels, reduction="none")
+    rows = fdiv.token_loss(student_logits=s3, teacher_logits=t3, divergence="reverse_kl", labels=labels, reduction="none")
     assert rows.shape == (3, 4) and rows[0, 1] == 0 and rows[2, 3] == 0
 
 
@@ -87,7 +86,12 @@ def test_masked_vocabulary_and_float32():
         if math.isinf(div.f_at_zero()):
             continue
         student = s.clone().requires_grad_(True)
-        got = fdiv.token_loss(student, t, div, chunk_size=4)
+        got = fdiv.token_loss(student_logits=student, teacher_logits=t, divergence=div, chunk_size=4)
+        # without the scan the -inf-aware forms always run: the same numbers
+        unchecked = fdiv.token_loss(
+            student_logits=student, teacher_logits=t, divergence=div, chunk_size=4, check_finite=False
+        )
+        torch.testing.assert_close(unchecked, got, rtol=0, atol=0)
         ref = _reference(name, params, s.double().requires_grad_(True), t.double())
         torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-6)
         grad = _grads(got, (student,))[0]
@@ -100,17 +104,17 @@ def test_all_tokens_masked_is_a_documented_zero():
     s_garbage = s.detach().clone()
     s_garbage[:] = math.nan  # rows that are not counted are never read into the loss
     mask = torch.zeros(7, dtype=torch.bool)
-    loss = fdiv.token_loss(s, t, "forward_kl", mask=mask)
+    loss = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=mask)
     assert loss.item() == 0.0
     assert (_grads(loss, (s,))[0] == 0).all()
-    assert fdiv.token_loss(s_garbage, t, "forward_kl", mask=mask).item() == 0.0
+    assert fdiv.token_loss(student_logits=s_garbage, teacher_logits=t, mask=mask).item() == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(dtype):
     s, t = _pair(n=6, v=50, dtype=dtype)
     s.requires_grad_(True)
-    got = fdiv.token_loss(s, t, "js")
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")
     assert got.dtype == torch.float32
     s64 = s.detach().double().requires_grad_(True)
     ref = _reference("js", {}, s64, t.double())
@@ -124,8 +128,8 @@ def test_compiled_backend_matches_eager():
     s, t = _pair(n=9, v=32, dtype=torch.float32)
     s.requires_grad_(True)
     for name in ("forward_kl", "js"):
-        eager = fdiv.token_loss(s, t, name, backend="eager", chunk_size=4)
-        compiled = fdiv.token_loss(s, t, name, backend="compile", chunk_size=4)
+        eager = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, backend="eager", chunk_size=4)
+        compiled = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, backend="compile", chunk_size=4)
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(_grads(compiled, (s,))[0], _grads(eager, (s,))[0], rtol=1e-5, atol=1e-7)
 
@@ -133,7 +137,7 @@ def test_compiled_backend_matches_eager():
 def test_backward_scales_by_upstream_gradient():
     s, t = _pair()
     s.requires_grad_(True)
-    got = fdiv.token_loss(s, t, "tv")
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="tv")
     (g,) = torch.autograd.grad(3.5 * got, s)
     ref = _reference("tv", {}, s, t)
     (g_ref,) = torch.autograd.grad(3.5 * ref, s)
@@ -142,28 +146,211 @@ def test_backward_scales_by_upstream_gradient():
 
 def test_token_loss_errors():
     s, t = _pair()
+
+    def call(**kw):
+        return fdiv.token_loss(**{"student_logits": s, "teacher_logits": t, **kw})
+
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        fdiv.token_loss(s, t[:, :5])
+        call(teacher_logits=t[:, :5])
     with pytest.raises(ValueError, match="shape mismatch"):
-        fdiv.token_loss(s, t[:3])
+        call(teacher_logits=t[:3])
     with pytest.raises(ValueError, match="temperature"):
-        fdiv.token_loss(s, t, temperature=0)
+        call(temperature=0)
     with pytest.raises(ValueError, match="mask must have shape"):
-        fdiv.token_loss(s, t, mask=torch.ones(3, dtype=torch.bool))
+        call(mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
-        fdiv.token_loss(s, t, mask=torch.ones(7))
+        call(mask=torch.full((7,), 0.5))
+    with pytest.raises(ValueError, match="give either mask= or labels="):
+        call(mask=torch.ones(7, dtype=torch.bool), labels=torch.zeros(7, dtype=torch.long))
     with pytest.raises(ValueError, match="reduction"):
-        fdiv.token_loss(s, t, reduction="batchmean")
+        call(reduction="batchmean")
     with pytest.raises(ValueError, match="chunk_size"):
-        fdiv.token_loss(s, t, chunk_size=0)
+        call(chunk_size=0)
     with pytest.raises(ValueError, match="backend"):
-        fdiv.token_loss(s, t, backend="cuda")
-    with pytest.raises(ValueError, match="beta"):
-        fdiv.token_loss(s, t, "js", beta=2.0)
+        call(backend="cuda")
+    with pytest.raises(ValueError, match="check_finite"):
+        call(check_finite="yes")
+    with pytest.raises(ValueError, match="divergence"):
+        call(divergence=3)
     bad = s.clone()
     bad[2, 3] = math.nan
-    with pytest.raises(ValueError, match="NaN"):
-        fdiv.token_loss(bad, t)
+    with pytest.raises(ValueError, match="student_logits contains NaN"):
+        call(student_logits=bad)
+    # check_finite=False: no scan, the NaN comes back as a value
+    assert torch.isnan(call(student_logits=bad, check_finite=False))
+
+
+def test_zero_one_mask_counts_like_a_bool_mask():
+    s, t = _pair()
+    keep = torch.tensor([1, 0, 1, 1, 0, 1, 1])
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=keep)
+    ref = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=keep.bool())
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, _reference("forward_kl", {}, s, t, mask=keep.bool()))
+
+
+# ------------------------------------------------------------------ the boundary rules
+
+def test_kernels_take_tensors_by_keyword_only():
+    s, t = _pair()
+    _, values, indices = _topk_teacher(t, 3)
+    prob = _linear_problem()
+    with pytest.raises(TypeError):
+        fdiv.token_loss(s, t)
+    with pytest.raises(TypeError):
+        fdiv.token_loss(s, teacher_logits=t)
+    with pytest.raises(TypeError):
+        fdiv.topk_token_loss(s, indices, values)
+    with pytest.raises(TypeError):
+        fdiv.fused_linear_loss(prob["student_hidden"], prob["student_weight"])
+    with pytest.raises(TypeError):
+        fdiv.vocab_parallel_token_loss(s, t)
+
+
+@pytest.mark.parametrize("extra", [{"temperature_scaling": True}, {"temperature_scaling": False}, {"beta": 0.3},
+                                   {"divergence_params": {"beta": 0.3}}])  # fmt: skip
+def test_kernels_refuse_temperature_scaling_and_divergence_params(extra):
+    s, t = _pair()
+    _, values, indices = _topk_teacher(t, 3)
+    prob = _linear_problem()
+    calls = [
+        lambda: fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js", **extra),
+        lambda: fdiv.topk_token_loss(
+            student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence="js", **extra
+        ),
+        lambda: fdiv.fused_linear_loss(**prob, divergence="js", **extra),
+        lambda: fdiv.vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=t, **extra),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call()
+
+
+def test_kernels_never_scale_by_temperature_squared():
+    s, t = _pair()
+    for temperature in (0.5, 2.0, 4.0):
+        got = fdiv.token_loss(student_logits=s, teacher_logits=t, temperature=temperature)
+        ref = fdiv.get("forward_kl")(t, s, temperature=temperature).mean()
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_divergence_instance_equals_the_reference_path():
+    s, t = _pair(n=6, v=11)
+    js = fdiv.get("js", beta=0.3)
+    ref = js(t, s, temperature=1.5)
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=js, temperature=1.5, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    # and differs from the default-parameter divergence of the same name (the parameter is used)
+    default = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js", temperature=1.5, reduction="none")
+    assert not torch.allclose(default, ref)
+    # the same instance through the sparse path on an exactly sparse teacher, and the fused path
+    _, _, indices = _topk_teacher(t, 3)
+    sparse_teacher = torch.full_like(t, -math.inf).scatter(-1, indices, t.gather(-1, indices))
+    values = torch.log_softmax(sparse_teacher, -1).gather(-1, indices)
+    topk = fdiv.topk_token_loss(
+        student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence=js, reduction="none"
+    )
+    torch.testing.assert_close(topk, js(sparse_teacher, s), rtol=1e-10, atol=1e-12)
+    prob = _linear_problem()
+    fused = fdiv.fused_linear_loss(**prob, divergence=js, temperature=1.5)
+    student = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
+    teacher = prob["teacher_hidden"] @ prob["teacher_weight"].T + prob["teacher_bias"]
+    torch.testing.assert_close(fused, js(teacher, student, temperature=1.5).mean(), rtol=1e-10, atol=1e-12)
+
+
+def test_non_f_divergence_instance_is_refused_where_forms_are_needed():
+    s, t = _pair()
+    prob = _linear_problem()
+    with pytest.raises(ValueError, match="fused_linear_loss needs an f-divergence"):
+        fdiv.fused_linear_loss(**prob, divergence=fdiv.get("renyi", alpha=0.5))
+
+
+# ------------------------------------------------------------------ shared row math
+
+from fdiv._validate import reduce as validate_reduce  # noqa: E402
+from fdiv.kernels._rowmath import (  # noqa: E402
+    cross_entropy_rows,
+    kd_ce_combine,
+    row_weights,
+    softmax_backward,
+)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.4])
+def test_softmax_backward_matches_autograd_of_log_softmax_float64(scale):
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(5, 9, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    upstream = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    log_q = torch.log_softmax(z * scale, dim=-1)
+    (ref,) = torch.autograd.grad(log_q, z, upstream)
+    got = softmax_backward(upstream, log_q.detach(), scale=scale)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    # an explicit full-vocabulary sum (the vocab-parallel / sparse form) gives the same
+    got_sum = softmax_backward(upstream, log_q.detach(), grad_sum=upstream.sum(-1, keepdim=True), scale=scale)
+    torch.testing.assert_close(got_sum, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_softmax_backward_with_masked_entries_and_a_divergence():
+    # d/dz of a divergence through its pointwise forms == autograd of the reference path
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    z[:, 2] = -math.inf
+    t = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    t[:, 2] = -math.inf
+    div = fdiv.get("hellinger")
+    log_q = torch.log_softmax(z, -1)
+    _, _, grad_b = div.masked_log_forms(torch.log_softmax(t, -1), log_q)
+    got = softmax_backward(grad_b, log_q)
+    zz = z.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(div(t, zz).sum(), zz)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert (got[:, 2] == 0).all()
+
+
+def test_cross_entropy_rows_matches_torch_and_ignores_garbage_rows():
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (6,), generator=g)
+    labels[2] = -100
+    counted = torch.tensor([True, True, True, False, True, True])
+    z_bad = z.clone()
+    z_bad[3] = math.nan  # uncounted by mask
+    z_bad[2] = math.inf  # uncounted by label
+    zz = z_bad.clone().requires_grad_(True)
+    rows = cross_entropy_rows(zz, labels, counted)
+    keep = counted & (labels != -100)
+    ref_rows = torch.nn.functional.cross_entropy(z, labels.clamp_min(0), reduction="none")
+    torch.testing.assert_close(rows[keep], ref_rows[keep], rtol=1e-12, atol=1e-14)
+    assert (rows[~keep] == 0).all() and rows.dtype == torch.float64
+    (grad,) = torch.autograd.grad(rows.sum(), zz)
+    assert torch.isfinite(grad).all() and (grad[~keep] == 0).all()
+    zr = z.clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(zr[keep], labels[keep], reduction="sum"), zr
+    )
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-14)
+    # the analytic gradient (fused path) is softmax - onehot on counted rows
+    rows2, grad2 = cross_entropy_rows(z_bad, labels, counted, with_grad=True)
+    torch.testing.assert_close(rows2, rows.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad2, ref_grad, rtol=1e-12, atol=1e-14)
+    # half logits compute in float32
+    assert cross_entropy_rows(z.bfloat16(), labels).dtype == torch.float32
+
+
+def test_kd_ce_combine_and_row_weights_follow_the_reduction_vocabulary():
+    d = torch.tensor([1.0, 2.0, float("inf")])
+    ce = torch.tensor([0.5, 0.25, 1.0])
+    torch.testing.assert_close(kd_ce_combine(d, ce, divergence_weight=2.0, hard_label_weight=4.0), 2 * d + 4 * ce)
+    # a zero weight never reads its term (no 0 * inf = NaN)
+    torch.testing.assert_close(kd_ce_combine(d, ce, divergence_weight=0.0, hard_label_weight=1.0), ce)
+    torch.testing.assert_close(kd_ce_combine(None, ce, divergence_weight=0.0, hard_label_weight=0.5), ce * 0.5)
+    assert (kd_ce_combine(d, None, divergence_weight=0.0, hard_label_weight=0.0) == 0).all()
+    values = torch.tensor([0.3, 1.7, -2.0, 4.0, 0.1], dtype=torch.float64)
+    for counted in (None, torch.tensor([True, False, True, True, False]), torch.zeros(5, dtype=torch.bool)):
+        for reduction in ("mean", "sum", "none"):
+            w = row_weights(counted, 5, reduction, torch.float64, "cpu")
+            got = w * values if reduction == "none" else (w * values).sum()
+            torch.testing.assert_close(got, validate_reduce(values, reduction, mask=counted))
 
 
 # ------------------------------------------------------------------ sparse
@@ -189,14 +376,15 @@ def test_topk_bucket_and_renormalize_match_explicit_coarsening(name, params):
     s, t = _pair(n=6, v=15)
     s.requires_grad_(True)
     _, values, indices = _topk_teacher(t, 4)
-    got = fdiv.topk_token_loss(s, indices, values, name, temperature=1.3, chunk_size=4, reduction="none", **params)
+    div = fdiv.get(name, **params)
+    topk = dict(student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence=div)
+    got = fdiv.topk_token_loss(**topk, temperature=1.3, chunk_size=4, reduction="none")
     ref = _bucket_reference(name, params, s, values, indices, temperature=1.3)
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     w = torch.rand(6, dtype=torch.float64)
     torch.testing.assert_close(_grads(got, (s,), w)[0], _grads(ref, (s,), w)[0], rtol=1e-8, atol=1e-12)
 
-    got = fdiv.topk_token_loss(s, indices, values, name, tail="renormalize", **params)
-    div = fdiv.get(name, **params)
+    got = fdiv.topk_token_loss(**topk, tail="renormalize")
     ref = div.from_log_probs(torch.log_softmax(values, -1), torch.log_softmax(s.gather(-1, indices), -1)).mean()
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(_grads(got, (s,))[0], _grads(ref, (s,))[0], rtol=1e-8, atol=1e-12)
@@ -209,8 +397,10 @@ def test_topk_of_an_exactly_sparse_teacher_is_the_full_divergence():
     sparse_teacher = torch.full_like(t, -math.inf).scatter(-1, indices, t.gather(-1, indices))
     values = torch.log_softmax(sparse_teacher, -1).gather(-1, indices)
     for name in ("forward_kl", "js", "tv", "hellinger"):
-        got = fdiv.topk_token_loss(s, indices, values, name)
-        full = fdiv.token_loss(s, sparse_teacher, name)
+        got = fdiv.topk_token_loss(
+            student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence=name
+        )
+        full = fdiv.token_loss(student_logits=s, teacher_logits=sparse_teacher, divergence=name)
         torch.testing.assert_close(got, full, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(_grads(got, (s,))[0], _grads(full, (s,))[0], rtol=1e-9, atol=1e-13)
 
@@ -219,28 +409,42 @@ def test_topk_never_exceeds_the_full_divergence():
     s, t = _pair(n=8, v=20)
     log_p, values, indices = _topk_teacher(t, 5)
     for name in ("forward_kl", "reverse_kl", "js", "pearson_chi2"):
-        full = fdiv.token_loss(s, t, name, reduction="none")
-        bucket = fdiv.topk_token_loss(s, indices, values, name, reduction="none")
+        full = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, reduction="none")
+        bucket = fdiv.topk_token_loss(
+            student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values, divergence=name,
+            reduction="none",
+        )
         assert (bucket <= full + 1e-12).all(), name
 
 
 def test_topk_errors():
     s, t = _pair()
     _, values, indices = _topk_teacher(t, 3)
+
+    def call(**kw):
+        args = dict(student_logits=s, teacher_topk_indices=indices, teacher_topk_logprobs=values)
+        return fdiv.topk_token_loss(**{**args, **kw})
+
     with pytest.raises(ValueError, match="must lie in"):
-        fdiv.topk_token_loss(s, indices + 20, values)
+        call(teacher_topk_indices=indices + 20)
     dup = indices.clone()
     dup[:, 1] = dup[:, 0]
     with pytest.raises(ValueError, match="repeated"):
-        fdiv.topk_token_loss(s, dup, values)
+        call(teacher_topk_indices=dup)
     with pytest.raises(ValueError, match="log-probabilities"):
-        fdiv.topk_token_loss(s, indices, values.exp() + 1)
+        call(teacher_topk_logprobs=values.exp() + 1)
     with pytest.raises(ValueError, match="tail"):
-        fdiv.topk_token_loss(s, indices, values, tail="zero")
+        call(tail="zero")
     with pytest.raises(ValueError, match="shape"):
-        fdiv.topk_token_loss(s, indices[:3], values[:3])
+        call(teacher_topk_indices=indices[:3], teacher_topk_logprobs=values[:3])
+    with pytest.raises(ValueError, match="int64/int32"):
+        call(teacher_topk_indices=indices.float())
     with pytest.raises(ValueError, match="f-divergence"):
-        fdiv.topk_token_loss(s, indices, values, "renyi")
+        call(divergence="renyi")
+    # check_finite=False skips the data scans (a device sync each off the CPU), not the layout checks
+    assert call(teacher_topk_logprobs=values.exp() + 1, check_finite=False).dim() == 0
+    with pytest.raises(ValueError, match="shape"):
+        call(teacher_topk_indices=indices[:3], teacher_topk_logprobs=values[:3], check_finite=False)
 
 
 # ------------------------------------------------------------------ fused linear
@@ -265,13 +469,13 @@ def test_fused_linear_matches_materialised_logits(name, params):
     labels = torch.randint(0, 17, (9,))
     labels[[1, 6]] = -100
     got = fdiv.fused_linear_loss(
-        **prob, divergence=name, labels=labels, hard_label_weight=0.25, divergence_weight=0.75,
-        temperature=2.0, temperature_scaling=True, chunk_size=4, **params,
+        **prob, divergence=fdiv.get(name, **params), labels=labels, hard_label_weight=0.25, divergence_weight=0.75,
+        temperature=2.0, chunk_size=4,
     )
     student = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
     teacher = prob["teacher_hidden"] @ prob["teacher_weight"].T + prob["teacher_bias"]
     mask = labels != -100
-    ref = 0.75 * _reference(name, params, student, teacher, temperature=2.0, mask=mask, t2=True)
+    ref = 0.75 * _reference(name, params, student, teacher, temperature=2.0, mask=mask)
     ref = ref + 0.25 * torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     params_ = (prob["student_hidden"], prob["student_weight"], prob["student_bias"])
@@ -338,17 +542,23 @@ def test_fused_linear_errors():
     with pytest.raises(ValueError, match="reduction"):
         fdiv.fused_linear_loss(**prob, reduction="none")
     with pytest.raises(ValueError, match="teacher_hidden and teacher_weight are required"):
-        fdiv.fused_linear_loss(prob["student_hidden"], prob["student_weight"])
+        fdiv.fused_linear_loss(student_hidden=prob["student_hidden"], student_weight=prob["student_weight"])
+    with pytest.raises(ValueError, match="both 0"):
+        fdiv.fused_linear_loss(**prob, divergence_weight=0.0)
+    with pytest.raises(ValueError, match="hard_label_weight"):
+        fdiv.fused_linear_loss(**prob, hard_label_weight=-1.0, labels=torch.zeros(9, dtype=torch.long))
+    with pytest.raises(ValueError, match="backend"):
+        fdiv.fused_linear_loss(**prob, backend="triton")
 
 
 def test_no_grad_evaluation_and_single_backward():
     s, t = _pair()
     s.requires_grad_(True)
     with torch.no_grad():
-        value = fdiv.token_loss(s, t, "js")
+        value = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")
     assert not value.requires_grad
     torch.testing.assert_close(value, _reference("js", {}, s, t).detach())
-    loss = fdiv.token_loss(s, t, "js")
+    loss = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward can run once"):
         loss.backward()
@@ -357,4 +567,54 @@ def test_no_grad_evaluation_and_single_backward():
         fused = fdiv.fused_linear_loss(**prob)
     assert not fused.requires_grad
     with pytest.raises(ValueError, match="empty vocabulary"):
-        fdiv.token_loss(torch.zeros(3, 0), torch.zeros(3, 0))
+        fdiv.token_loss(student_logits=torch.zeros(3, 0), teacher_logits=torch.zeros(3, 0))
+
+
+def test_fused_linear_cross_entropy_only_and_unchecked_path():
+    prob = _linear_problem()
+    labels = torch.randint(0, 17, (9,))
+    labels[[0, 4]] = -100
+    got = fdiv.fused_linear_loss(**prob, labels=labels, hard_label_weight=1.0, divergence_weight=0.0, chunk_size=4)
+    student = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
+    ref = torch.nn.functional.cross_entropy(student, labels, ignore_index=-100)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    params_ = (prob["student_hidden"], prob["student_weight"], prob["student_bias"])
+    for a, b in zip(_grads(got, params_), _grads(ref, params_)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    checked = fdiv.fused_linear_loss(**prob, labels=labels, hard_label_weight=0.5, divergence="tv", chunk_size=4)
+    unchecked = fdiv.fused_linear_loss(
+        **prob, labels=labels, hard_label_weight=0.5, divergence="tv", chunk_size=4, check_finite=False
+    )
+    torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ no host syncs on CUDA (run where a GPU is)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_cuda_token_and_fused_paths_do_not_sync(backend):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(64, 1000, device="cuda", generator=g).requires_grad_(True)
+    t = torch.randn(64, 1000, device="cuda", generator=g)
+    t[:, 5] = -math.inf
+    mask = torch.rand(64, device="cuda", generator=g) < 0.8
+    ref = fdiv.token_loss(student_logits=s.double(), teacher_logits=t.double(), mask=mask.clone(), check_finite=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=mask, chunk_size=16, backend=backend)
+        loss.backward()
+        fused = fdiv.fused_linear_loss(
+            student_hidden=torch.randn(32, 16, device="cuda", requires_grad=True),
+            student_weight=torch.randn(100, 16, device="cuda", requires_grad=True),
+            teacher_hidden=torch.randn(32, 8, device="cuda"),
+            teacher_weight=torch.randn(100, 8, device="cuda"),
+            chunk_size=8,
+        )
+        fused.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)

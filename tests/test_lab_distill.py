@@ -137,3 +137,16 @@ def test_same_seed_gives_identical_rows(result, tmp_path):
     again = _run(tmp_path)
     assert again.rows == res.rows
     assert again.finding == res.finding
+
+
+def test_parameterised_divergences_are_built_once_and_used(tmp_path):
+    """A (name, parameters) pair reaches the losses as one instance (no **params beside the name)."""
+    ctx = StudyContext(
+        divergences=[("skew_forward_kl", {"alpha": 0.5})], steps=3, seed=0, device=torch.device("cpu"),
+        out_dir=tmp_path,
+    )
+    res = _study().run(ctx)
+    rows = [r for r in res.rows if r["divergence"] != "(teacher)"]
+    assert {r["teacher"] for r in rows} == {"full", "top-3"}
+    assert all(math.isfinite(r["nll"]) for r in rows)
+    assert res.config["temperature_scaling"] is True

@@ -84,7 +84,9 @@ def test_acceptance_is_one_minus_tv_computed_independently(tiny):
         assert 0.0 <= row["acceptance"] <= 1.0
     # retrain one student from the recorded configuration and recompute 1 - TV with numpy
     settings, teacher = lm.SETTINGS, lm.make_teacher(lm.SETTINGS, SEED, "cpu")
-    student = lm.train_student(teacher, "forward_kl", {}, "on-policy", steps=STEPS, seed=SEED, settings=settings)
+    student = lm.train_student(
+        teacher, divergence="forward_kl", regime="on-policy", steps=STEPS, seed=SEED, settings=settings
+    )
     _, student_tokens = lm.eval_batches(
         teacher, student, seed=SEED, sequences=settings["eval_sequences"], length=settings["seq_len"], device="cpu"
     )
@@ -136,3 +138,21 @@ def test_figures_are_pngs_and_finding_quotes_the_numbers(tiny):
 def test_distinct_2_counts_distinct_bigrams_per_sequence():
     tokens = torch.tensor([[0, 1, 0, 1, 0], [0, 1, 2, 3, 4]])  # bigrams: {01, 10} of 4; all 4 distinct
     assert lm.distinct_2(tokens, 5) == pytest.approx((2 / 4 + 4 / 4) / 2)
+
+
+def test_train_student_takes_a_name_or_an_instance_keyword_only():
+    import fdiv
+
+    teacher = lm.make_teacher(lm.SETTINGS, SEED, "cpu")
+
+    def weights(divergence):
+        student = lm.train_student(teacher, divergence=divergence, regime="off-policy", steps=3, seed=SEED)
+        return torch.cat([p.detach().reshape(-1) for p in student.parameters()])
+
+    by_name = weights("js")  # default beta = 0.5
+    assert torch.equal(weights(fdiv.get("js", beta=0.5)), by_name)
+    assert not torch.allclose(weights(fdiv.get("js", beta=0.1)), by_name)
+    with pytest.raises(TypeError):
+        lm.train_student(teacher, "forward_kl", {}, "on-policy", steps=1, seed=SEED)  # the old positional form
+    with pytest.raises(ValueError, match="divergence"):
+        lm.train_student(teacher, divergence=3, regime="on-policy", steps=1, seed=SEED)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import fdiv
 from fdiv.lab import StudyContext
 from fdiv.lab.studies import preference
 from fdiv.lab.study import studies
@@ -82,10 +83,11 @@ def test_preference_data_follow_bradley_terry():
 @pytest.mark.parametrize("beta", [0.03, 1.0])
 def test_population_optimum_minimises_the_expected_fdpo_loss(name, params, beta):
     bandit = preference._Bandit(2, torch.device("cpu"))
-    log_pi = preference._optimum(bandit, name, params, beta)
+    div = fdiv.get(name, **params)
+    log_pi = preference._optimum(bandit, div, beta)
     assert torch.allclose(log_pi.exp().sum(-1), torch.ones(preference.CONTEXTS, dtype=torch.float64))
     logits = log_pi.clone().requires_grad_(True)
-    loss = preference._population_loss(bandit, torch.log_softmax(logits, -1), name, params, beta)
+    loss = preference._population_loss(bandit, torch.log_softmax(logits, -1), div, beta)
     (grad,) = torch.autograd.grad(loss, logits)
     assert grad.abs().max() < 1e-5  # stationary
     # ... and at the global minimum: the Bradley-Terry label entropy, computed here independently.
@@ -105,13 +107,13 @@ def test_population_optimum_minimises_the_expected_fdpo_loss(name, params, beta)
     # A perturbed policy does worse.
     bumped = torch.log_softmax(log_pi + 0.05 * torch.randn(log_pi.shape, dtype=torch.float64,
                                                            generator=torch.Generator().manual_seed(0)), -1)
-    assert float(preference._population_loss(bandit, bumped, name, params, beta)) > float(loss)
+    assert float(preference._population_loss(bandit, bumped, div, beta)) > float(loss)
 
 
 def test_reverse_kl_population_optimum_is_the_rlhf_gibbs_policy():
     bandit = preference._Bandit(4, torch.device("cpu"))
     beta = 0.3
-    log_pi = preference._optimum(bandit, "reverse_kl", {}, beta)
+    log_pi = preference._optimum(bandit, fdiv.get("reverse_kl"), beta)
     gibbs = torch.log_softmax(bandit.log_ref + bandit.reward / beta, -1)  # pi_ref e^{r / beta} / Z
     assert torch.allclose(log_pi, gibbs, atol=1e-8)
 

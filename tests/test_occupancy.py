@@ -70,9 +70,11 @@ def test_spec_exact_expectations():
     x = torch.tensor([0, 1])
     pol = torch.tensor(pi, dtype=F64).log()[x]
     refl = torch.tensor(ref, dtype=F64).log()[x]
-    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, sqrt=False).item() == pytest.approx(1 / 3,
+                            abs=1e-14)
     assert chi2_regularizer(policy_logps=pol, reference_logps=refl).item() == pytest.approx(math.sqrt(1 / 3), abs=1e-14)
-    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, linearize_at=None, sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=refl, linearize_at=None,
+                            sqrt=False).item() == pytest.approx(1 / 3, abs=1e-14)
 
 
 def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
@@ -91,10 +93,12 @@ def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
 @pytest.mark.parametrize("c", [10.0, 2.0, None])
 def test_terms_match_the_authors_formula_including_linearisation(c):
     l = np.array([-30.0, -12.0, -10.0, -9.5, -2.0, -1e-3, 0.0, 0.3, 4.0, 10.0, 10.5, 25.0])
-    got = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64), sqrt=False, linearize_at=c)
+    got = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64),
+                           sqrt=False, linearize_at=c)
     expected = _hand_llm_terms(l, c).mean()
     assert got.item() == pytest.approx(expected, rel=1e-13)
-    root = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64), linearize_at=c)
+    root = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64),
+                            linearize_at=c)
     assert root.item() == pytest.approx(math.sqrt(max(expected, 1e-4)), rel=1e-13)
 
 
@@ -116,7 +120,8 @@ def test_linearisation_is_continuous_with_a_continuous_slope():
 def test_terms_keep_relative_precision_near_zero():
     # 2 cosh l - 2 = 4 sinh^2(l/2): the naive expm1(l) + expm1(-l) loses every digit at l = 1e-9.
     for l in (1e-9, -3e-6, 1e-3):
-        got = chi2_regularizer(policy_logps=torch.tensor([l], dtype=F64), reference_logps=torch.zeros(1, dtype=F64), sqrt=False).item()
+        got = chi2_regularizer(policy_logps=torch.tensor([l], dtype=F64), reference_logps=torch.zeros(1, dtype=F64),
+                               sqrt=False).item()
         assert got == pytest.approx(4 * math.sinh(l / 2) ** 2, rel=1e-12)
     got32 = chi2_regularizer(policy_logps=torch.tensor([1e-4]), reference_logps=torch.zeros(1), sqrt=False).item()
     assert got32 == pytest.approx(1e-8, rel=1e-5)
@@ -137,10 +142,12 @@ def test_token_level_inputs_with_mask_equal_sequence_level_inputs():
     expected = _hand_llm_terms(seq, 10.0).mean()
     got = chi2_regularizer(policy_logps=pol_dirty, reference_logps=ref_dirty, mask=mask, sqrt=False)
     assert got.item() == pytest.approx(expected, rel=1e-12)
-    assert chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=mask.long(), sqrt=False).item() == pytest.approx(expected, rel=1e-12)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=mask.long(),
+                            sqrt=False).item() == pytest.approx(expected, rel=1e-12)
     # no mask: every token counts
     full = np.array([(pol[b] - ref[b]).sum().item() for b in range(4)])
-    assert chi2_regularizer(policy_logps=pol, reference_logps=ref, sqrt=False).item() == pytest.approx(_hand_llm_terms(full, 10.0).mean(), rel=1e-12)
+    assert chi2_regularizer(policy_logps=pol, reference_logps=ref,
+                            sqrt=False).item() == pytest.approx(_hand_llm_terms(full, 10.0).mean(), rel=1e-12)
 
 
 def test_gradient_matches_the_closed_form_and_gradcheck():
@@ -160,7 +167,8 @@ def test_gradient_matches_the_closed_form_and_gradcheck():
     tokens = (torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(2)) * 0.5).requires_grad_(True)
     ref_tokens = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) * 0.5
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert torch.autograd.gradcheck(lambda x: chi2_regularizer(policy_logps=x, reference_logps=ref_tokens, mask=mask, linearize_at=1.5), (tokens,))
+    fn = lambda x: chi2_regularizer(policy_logps=x, reference_logps=ref_tokens, mask=mask, linearize_at=1.5)
+    assert torch.autograd.gradcheck(fn, (tokens,))
 
 
 def test_floor_clamps_value_and_zeroes_gradient():
@@ -179,7 +187,8 @@ def test_dtypes():
     out = chi2_regularizer(policy_logps=pol, reference_logps=ref)
     assert out.dtype == torch.float32
     assert chi2_regularizer(policy_logps=pol.double(), reference_logps=ref.double()).dtype == F64
-    assert out.item() == pytest.approx(chi2_regularizer(policy_logps=pol.double(), reference_logps=ref.double()).item(), rel=1e-6)
+    assert out.item() == pytest.approx(chi2_regularizer(policy_logps=pol.double(), reference_logps=ref.double()).item(),
+                                       rel=1e-6)
 
 
 def test_chi2_regularizer_bad_input():
@@ -245,7 +254,8 @@ def test_discriminator_loss_formula_and_the_js_bound():
     expected = _np_softplus(-d_pi.numpy()).mean() + _np_softplus(d_ref.numpy()).mean()
     got = discriminator_loss(policy_scores=d_pi, reference_scores=d_ref)
     assert got.item() == pytest.approx(expected, rel=1e-14)
-    bound = variational_bound("js", d_pi, d_ref)  # P-samples = the discriminator's positive class
+    # P-samples = the discriminator's positive class
+    bound = variational_bound(divergence="js", target_scores=d_pi, model_scores=d_ref)
     assert got.item() == pytest.approx(2 * math.log(2) - 2 * bound.item(), rel=1e-12)
 
     # at the optimum d = log(mu_pi / mu_ref), with exact expectations, the loss is 2 log 2 - 2 JS
@@ -256,7 +266,8 @@ def test_discriminator_loss_formula_and_the_js_bound():
     assert exact == pytest.approx(2 * math.log(2) - 2 * js, rel=1e-12)
     # the same through fdiv, weighting each state by its probability
     d = torch.tensor(opt, dtype=F64)
-    weighted = variational_bound("js", d, d, weights_p=torch.tensor(mu_pi), weights_q=torch.tensor(mu_ref))
+    weighted = variational_bound(divergence="js", target_scores=d, model_scores=d, target_weights=torch.tensor(mu_pi),
+                                 model_weights=torch.tensor(mu_ref))
     assert weighted.item() == pytest.approx(js, rel=1e-12)
 
 
@@ -296,7 +307,8 @@ def test_penalties_match_hand_formulas():
     d = torch.randn(300, generator=g, dtype=F64) * 0.8 + 0.3
     np.testing.assert_array_equal(occupancy_penalty(policy_scores=d, kind="kl").numpy(), d.numpy())
     np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
-    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(),
+                               _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
     np.testing.assert_allclose(occupancy_penalty(policy_scores=d).numpy(), _authors_sqrt_chi2(d.numpy()), rtol=1e-12)
 
 
@@ -324,7 +336,8 @@ def test_small_batches_use_the_untrimmed_mean_where_the_authors_code_gives_nan()
 def test_sqrt_chi2_falls_back_to_chi2_when_the_estimate_is_not_positive():
     d = torch.tensor([-1.0, -0.5, 0.2, -2.0], dtype=F64)
     assert np.expm1(d.numpy()).mean() <= 0
-    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(), np.expm1(d.numpy()), rtol=1e-15)
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=d, kind="sqrt_chi2").numpy(), np.expm1(d.numpy()),
+                               rtol=1e-15)
     zero = torch.zeros(5, dtype=F64)  # chi2_hat = 0 exactly: the fallback too
     assert torch.all(occupancy_penalty(policy_scores=zero, kind="sqrt_chi2") == 0)
 
@@ -338,7 +351,8 @@ def test_sqrt_chi2_stays_finite_where_e_to_the_d_overflows():
     kept = np.sort(np.expm1(d.astype(np.float32).astype(np.float64)))[3:-3]
     expected = np.expm1(d.astype(np.float32).astype(np.float64)) / np.sqrt(kept.mean())
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
-    assert torch.isinf(occupancy_penalty(policy_scores=torch.tensor(d, dtype=torch.float32), kind="chi2")[-1])  # e^95 itself
+    # e^95 itself
+    assert torch.isinf(occupancy_penalty(policy_scores=torch.tensor(d, dtype=torch.float32), kind="chi2")[-1])
     # float64: logsumexp path past d = 700
     big = torch.tensor([800.0, 801.0, 802.0], dtype=F64)
     out = occupancy_penalty(policy_scores=big, kind="sqrt_chi2")
@@ -368,11 +382,32 @@ def test_penalty_dtypes_and_errors():
         occupancy_penalty(policy_scores=torch.zeros(3), trim=0.5)
     with pytest.raises(ValueError, match="trim"):
         occupancy_penalty(policy_scores=torch.zeros(3), trim=-0.1)
-    with pytest.raises(ValueError, match="d contains NaN"):
+    with pytest.raises(ValueError, match="policy_scores contains NaN"):
         occupancy_penalty(policy_scores=torch.tensor([0.0, float("nan")]))
-    with pytest.raises(ValueError, match="d contains"):
+    with pytest.raises(ValueError, match="policy_scores contains"):
         occupancy_penalty(policy_scores=torch.tensor([0.0, float("inf")]), kind="chi2")
-    with pytest.raises(ValueError, match="d is empty"):
+    with pytest.raises(ValueError, match="policy_scores is empty"):
         occupancy_penalty(policy_scores=torch.zeros(0))
-    with pytest.raises(TypeError, match="d must"):
+    with pytest.raises(TypeError, match="policy_scores must"):
         occupancy_penalty(policy_scores=torch.zeros(3, dtype=torch.long))
+
+
+def test_tensors_are_keyword_only_and_named_by_role():
+    a, b = torch.tensor([-1.0, -0.5]), torch.tensor([-0.7, -0.9])
+    for call in (
+        lambda: chi2_regularizer(a, b),
+        lambda: chi2_regularizer(a, reference_logps=b),
+        lambda: discriminator_loss(a, b),
+        lambda: occupancy_penalty(a),
+        lambda: occupancy_penalty(a, "chi2"),
+    ):
+        with pytest.raises(TypeError, match="positional"):
+            call()
+    with pytest.raises(TypeError, match="'d'"):  # the old name of the scores
+        occupancy_penalty(d=a)
+    # keyword calls give the hand-computed values: expm1(d), and the JS-type logistic loss
+    np.testing.assert_allclose(occupancy_penalty(policy_scores=a.double(), kind="chi2").numpy(),
+                               np.expm1(a.double().numpy()), rtol=1e-15)
+    want = np.log1p(np.exp(-a.double().numpy())).mean() + np.log1p(np.exp(b.double().numpy())).mean()
+    got = discriminator_loss(policy_scores=a.double(), reference_scores=b.double()).item()
+    assert got == pytest.approx(want, rel=1e-14)

@@ -116,7 +116,7 @@ def test_paper_table_forward_js_alpha():
     np.testing.assert_allclose(got_js, js, rtol=1e-12)
     for a in (0.3, 0.5, 0.7):
         ref = _bt((-np.exp(-a * lw) / a) - (-np.exp(-a * ll) / a), beta)
-        got = P.fdpo_loss(divergence="alpha", alpha=a, beta=beta, **kw).numpy()
+        got = P.fdpo_loss(divergence=fdiv.get("alpha", alpha=a), beta=beta, **kw).numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-11)
 
 
@@ -124,15 +124,15 @@ def test_alpha_limits_reach_dpo_and_forward_kl():
     kw = _pairs(batch=10, seed=5, scale=2.0)
     dpo = _dpo_reference(kw, 0.1)
     errors = [
-        (P.fdpo_loss(divergence="alpha", alpha=a, **kw) - dpo).abs().max().item() for a in (1e-2, 1e-3, 1e-4, 1e-6)
+        (P.fdpo_loss(divergence=fdiv.get("alpha", alpha=a), **kw) - dpo).abs().max().item() for a in (1e-2, 1e-3, 1e-4, 1e-6)
     ]
     # first-order convergence in alpha: each factor 10 in alpha is a factor 10 in the error
     assert all(8 < e1 / e2 < 12 for e1, e2 in zip(errors[:2], errors[1:3])), errors
     assert 80 < errors[2] / errors[3] < 120 and errors[-1] < 1e-5, errors
     fkl = P.fdpo_loss(divergence="forward_kl", **kw)
-    near_one = P.fdpo_loss(divergence="alpha", alpha=1 - 1e-7, **kw)
+    near_one = P.fdpo_loss(divergence=fdiv.get("alpha", alpha=1 - 1e-7), **kw)
     torch.testing.assert_close(near_one, fkl, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(P.fdpo_loss(divergence="alpha", alpha=1.0, **kw), fkl, rtol=1e-13, atol=0)
+    torch.testing.assert_close(P.fdpo_loss(divergence=fdiv.get("alpha", alpha=1.0), **kw), fkl, rtol=1e-13, atol=0)
 
 
 # ============================================================================== f-DPO: the rejection rule
@@ -208,13 +208,13 @@ def test_rule_on_every_registered_divergence():
 
 @pytest.mark.parametrize("name,params,ok,at_zero", PARAM_VARIANTS)
 def test_rule_parameter_variants(name, params, ok, at_zero):
-    verdict = P.fdpo_admissibility(name, **params)
+    verdict = P.fdpo_admissibility(fdiv.get(name, **params))
     assert verdict.admissible is ok and verdict.strictly_convex is True
     assert verdict.score_at_zero == pytest.approx(at_zero)
     if not ok and abs(params.get("alpha", 1.0)) >= 0.1:  # the finite limit agrees with the closed form near 0
         assert _g_prime_numeric(name, params, 1e-12) == pytest.approx(at_zero, rel=1e-3)
         with pytest.raises(ValueError, match="log-partition term does not cancel"):
-            P.fdpo_loss(divergence=name, **params, **_pairs(batch=2))
+            P.fdpo_loss(divergence=fdiv.get(name, **params), **_pairs(batch=2))
 
 
 def test_rule_messages_explain():
@@ -315,7 +315,7 @@ def test_kkt_constants_of_the_spec():
     ]
     for name, params, b, offset, expected in cases:
         pi = _optimal_policy(name, params, b)
-        score = P.fdpo_score(log_ratio=(pi / REF).log(), divergence=name, **params)
+        score = P.fdpo_score(log_ratio=(pi / REF).log(), divergence=fdiv.get(name, **params))
         paper_fprime = score * (b / beta) + offset
         constant = R - beta * paper_fprime
         assert constant.mean().item() == pytest.approx(expected, abs=2e-6), name
@@ -352,7 +352,7 @@ def test_other_exponential_scores_stay_finite_and_linear_scores_are_never_clampe
     kw = _pairs(batch=3, seed=8, dtype=torch.float32)
     kw["policy_chosen_logps"] = kw["reference_chosen_logps"] - 5000.0
     for name, params in (("alpha", {"alpha": 0.5}), ("pearson_chi2", {}), ("hellinger", {}), ("jeffreys", {})):
-        assert bool(torch.isfinite(P.fdpo_loss(divergence=name, **params, **kw)).all()), name
+        assert bool(torch.isfinite(P.fdpo_loss(divergence=fdiv.get(name, **params), **kw)).all()), name
     # reverse KL / JS grow at most linearly: a log-ratio of -5000 still has DPO's gradient
     for name in ("reverse_kl", "js", "skew_reverse_kl"):
         x = {k: v.double().clone().requires_grad_(k == "policy_chosen_logps") for k, v in kw.items()}
@@ -370,7 +370,7 @@ def test_gradcheck(name, params):
 
     def fn(pc, pr, rc, rr):
         return P.fdpo_loss(policy_chosen_logps=pc, policy_rejected_logps=pr, reference_chosen_logps=rc,
-                           reference_rejected_logps=rr, divergence=name, beta=0.7, **params)
+                           reference_rejected_logps=rr, divergence=fdiv.get(name, **params), beta=0.7)
 
     assert torch.autograd.gradcheck(fn, tuple(kw.values()))
 
@@ -414,7 +414,7 @@ def test_fdpo_rewards():
 FDPO_BAD = [
     (lambda kw: kw.update(reference_rejected_logps=torch.zeros(5, dtype=f64)), "reference_rejected_logps"),
     (lambda kw: kw["policy_chosen_logps"].__setitem__(0, float("nan")), "policy_chosen_logps contains NaN"),
-    (lambda kw: kw["reference_chosen_logps"].__setitem__(1, -float("inf")), "reference_chosen_logps contains an inf"),
+    (lambda kw: kw["reference_chosen_logps"].__setitem__(1, -float("inf")), "reference_chosen_logps contains -inf"),
     (lambda kw: kw.update(policy_rejected_logps=torch.zeros(6, dtype=torch.long)), "policy_rejected_logps must have a floating"),
     (lambda kw: kw.update(policy_rejected_logps=[0.0] * 6), "policy_rejected_logps must be a torch.Tensor"),
     (lambda kw: kw.update(beta=0.0), "beta"),
@@ -425,7 +425,8 @@ FDPO_BAD = [
     (lambda kw: kw.update(label_smoothing=-0.1), "label_smoothing"),
     (lambda kw: kw.update(reduction="avg"), "reduction"),
     (lambda kw: kw.update(divergence="klx"), "unknown divergence"),
-    (lambda kw: kw.update(divergence="alpha", gamma=2.0), "unknown parameter"),
+    (lambda kw: kw.update(divergence=42), "^divergence must be a registered divergence name or a fdiv.Divergence"),
+    (lambda kw: kw.update(divergence=fdiv.get), "^divergence must be"),
     (lambda kw: kw.update(max_exponent=0.0), "max_exponent"),
 ]
 
@@ -533,7 +534,7 @@ def test_sparse_po_all_ones_is_tdpo1():
     torch.testing.assert_close(P.sparse_po_loss(beta=0.3, **batch), ref, rtol=1e-12, atol=1e-14)
     ones_w = torch.ones(3, 5, dtype=f64)
     ones_l = torch.ones(3, 4, dtype=f64)
-    masks = dict(chosen_reward_mask=ones_w, rejected_reward_mask=ones_l, chosen_kl_mask=ones_w, rejected_kl_mask=ones_l)
+    masks = dict(chosen_reward_weights=ones_w, rejected_reward_weights=ones_l, chosen_kl_weights=ones_w, rejected_kl_weights=ones_l)
     torch.testing.assert_close(P.sparse_po_loss(beta=0.3, **masks, **batch), ref, rtol=1e-12, atol=1e-14)
     # the L1 penalty counts the masks on counted tokens only
     n_w = (batch["chosen_labels"] != -100).sum(-1).double()
@@ -548,7 +549,7 @@ def test_sparse_po_without_kl_is_dpo():
     ell_l, _, _ = _token_parts(batch["policy_rejected_logits"], batch["reference_rejected_logits"],
                                batch["rejected_labels"])
     ref = -F.logsigmoid(0.4 * (ell_w.sum(-1) - ell_l.sum(-1)))
-    got = P.sparse_po_loss(beta=0.4, kl_weight=0.0, l1_kl=1.0, chosen_kl_mask=torch.rand(3, 5, dtype=f64), **batch)
+    got = P.sparse_po_loss(beta=0.4, kl_weight=0.0, l1_kl=1.0, chosen_kl_weights=torch.rand(3, 5, dtype=f64), **batch)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
 
 
@@ -556,10 +557,10 @@ def test_sparse_po_policy_equals_reference_gives_log2():
     batch = _sparse_batch(seed=3, same=True)
     g = torch.Generator().manual_seed(0)
     masks = dict(
-        chosen_reward_mask=torch.rand(3, 5, generator=g, dtype=f64),
-        rejected_reward_mask=torch.rand(3, 4, generator=g, dtype=f64),
-        chosen_kl_mask=torch.rand(3, 5, generator=g, dtype=f64),
-        rejected_kl_mask=torch.rand(3, 4, generator=g, dtype=f64),
+        chosen_reward_weights=torch.rand(3, 5, generator=g, dtype=f64),
+        rejected_reward_weights=torch.rand(3, 4, generator=g, dtype=f64),
+        chosen_kl_weights=torch.rand(3, 5, generator=g, dtype=f64),
+        rejected_kl_weights=torch.rand(3, 4, generator=g, dtype=f64),
     )
     for name in ("forward_kl", "js", "reverse_kl"):
         out = P.sparse_po_loss(divergence=name, **masks, **batch)
@@ -596,7 +597,7 @@ def test_sparse_po_masked_general_case_and_gradients():
     inputs = dict(batch, policy_chosen_logits=pol_w)
     out = P.sparse_po_loss(
         beta=beta, divergence="js", kl_weight=kappa, l1_reward=lam_u, l1_kl=lam_d, return_parts=True,
-        chosen_reward_mask=mu_w, rejected_reward_mask=mu_l, chosen_kl_mask=md_w, rejected_kl_mask=md_l, **inputs,
+        chosen_reward_weights=mu_w, rejected_reward_weights=mu_l, chosen_kl_weights=md_w, rejected_kl_weights=md_l, **inputs,
     )
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(out.reward_margin, u, rtol=1e-12, atol=1e-14)
@@ -614,22 +615,22 @@ def test_sparse_po_mask_gradcheck():
     masks = [torch.rand(3, t, generator=g, dtype=f64).requires_grad_(True) for t in (5, 4, 5, 4)]
 
     def fn(a, b, c, d):
-        return P.sparse_po_loss(chosen_reward_mask=a, rejected_reward_mask=b, chosen_kl_mask=c, rejected_kl_mask=d,
+        return P.sparse_po_loss(chosen_reward_weights=a, rejected_reward_weights=b, chosen_kl_weights=c, rejected_kl_weights=d,
                                 l1_reward=0.1, l1_kl=0.1, beta=0.5, **batch)
 
     assert torch.autograd.gradcheck(fn, tuple(masks))
 
 
 SPARSE_BAD = [
-    (lambda b: b.update(chosen_reward_mask=-torch.ones(3, 5, dtype=f64)), "chosen_reward_mask must be non-negative"),
-    (lambda b: b.update(rejected_kl_mask=torch.ones(3, 5, dtype=f64)), "rejected_kl_mask must have shape"),
-    (lambda b: b.update(chosen_kl_mask=torch.full((3, 5), float("nan"), dtype=f64)), "chosen_kl_mask contains NaN"),
-    (lambda b: b.update(reference_chosen_logits=torch.zeros(3, 5, 8, dtype=f64)), "reference_chosen_logits has shape"),
+    (lambda b: b.update(chosen_reward_weights=-torch.ones(3, 5, dtype=f64)), "chosen_reward_weights must be non-negative"),
+    (lambda b: b.update(rejected_kl_weights=torch.ones(3, 5, dtype=f64)), "rejected_kl_weights must have the shape of rejected_labels"),
+    (lambda b: b.update(chosen_kl_weights=torch.full((3, 5), float("nan"), dtype=f64)), "chosen_kl_weights contains NaN"),
+    (lambda b: b.update(reference_chosen_logits=torch.zeros(3, 5, 8, dtype=f64)), "reference_chosen_logits must have the shape of policy_chosen_logits"),
     (lambda b: b.update(policy_rejected_logits=torch.zeros(2, 4, 7, dtype=f64),
-                        reference_rejected_logits=torch.zeros(2, 4, 7, dtype=f64)), "B=3 pairs"),
-    (lambda b: b["chosen_labels"].__setitem__((0, 1), 9), "chosen_labels has token ids outside"),
-    (lambda b: b.update(rejected_labels=torch.zeros(3, 4)), "rejected_labels must be an integer"),
-    (lambda b: b.update(policy_chosen_logits=torch.zeros(3, 5)), r"policy_chosen_logits must be \[B, T, V\]"),
+                        reference_rejected_logits=torch.zeros(2, 4, 7, dtype=f64)), "policy_rejected_logits has B=2 pairs"),
+    (lambda b: b["chosen_labels"].__setitem__((0, 1), 9), r"chosen_labels must lie in \[0, 7\) or equal ignore_index=-100"),
+    (lambda b: b.update(rejected_labels=torch.zeros(3, 4)), "rejected_labels must have an integer dtype"),
+    (lambda b: b.update(policy_chosen_logits=torch.zeros(3, 5)), "policy_chosen_logits must have 3 dimension"),
     (lambda b: b.update(beta=0.0), "beta"),
     (lambda b: b.update(kl_weight=-1.0), "kl_weight"),
     (lambda b: b.update(l1_reward=-1.0), "l1_reward"),
@@ -650,17 +651,17 @@ def test_mask_net_common_and_independent():
     states = [torch.randn(2, 6, 8) for _ in range(3)]
     common = P.SparsePOMaskNet(hidden_size=8, num_layers=3).eval()
     masks = common(states)
-    assert masks.reward_mask.shape == (2, 6) and masks.reward_mask is masks.kl_mask
-    assert bool((masks.reward_mask >= 0).all())
+    assert masks.reward_weights.shape == (2, 6) and masks.reward_weights is masks.kl_weights
+    assert bool((masks.reward_weights >= 0).all())
     stacked = common(torch.stack(states))
-    torch.testing.assert_close(stacked.reward_mask, masks.reward_mask)
+    torch.testing.assert_close(stacked.reward_weights, masks.reward_weights)
     attn = torch.ones(2, 6, dtype=torch.long)
     attn[1, 4:] = 0
     padded = common(states, attention_mask=attn)
-    assert bool((padded.reward_mask[1, 4:] == 0).all())
+    assert bool((padded.reward_weights[1, 4:] == 0).all())
     indp = P.SparsePOMaskNet(hidden_size=8, num_layers=3, independent=True).eval()
     two = indp(states)
-    assert not torch.equal(two.reward_mask, two.kl_mask)
+    assert not torch.equal(two.reward_weights, two.kl_weights)
     # the masks are trained through the loss
     batch = _sparse_batch(seed=7, b=2, t_w=6, t_l=6, v=5)
     batch = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
@@ -671,8 +672,8 @@ def test_mask_net_common_and_independent():
                 lin.bias.fill_(1.0)
             head.mixer.weight.fill_(1.0)
     m = net(states)
-    loss = P.sparse_po_loss(chosen_reward_mask=m.reward_mask, rejected_reward_mask=m.reward_mask,
-                            chosen_kl_mask=m.kl_mask, rejected_kl_mask=m.kl_mask, l1_reward=1e-3, l1_kl=1e-3,
+    loss = P.sparse_po_loss(chosen_reward_weights=m.reward_weights, rejected_reward_weights=m.reward_weights,
+                            chosen_kl_weights=m.kl_weights, rejected_kl_weights=m.kl_weights, l1_reward=1e-3, l1_kl=1e-3,
                             reduction="mean", **batch)
     loss.backward()
     assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in net.parameters())
@@ -744,11 +745,13 @@ def test_d2o_formula_two_references_and_missing_samples():
 D2O_BAD = [
     (lambda x: x.update(policy_self_logps=x["policy_self_logps"][:, 0], reference_self_logps=x["reference_self_logps"][:, 0]),
      r"policy_self_logps must be \[B, K\]"),
-    (lambda x: x.update(reference_self_logps=x["reference_self_logps"][:, :2]), "reference_self_logps has shape"),
-    (lambda x: x.update(policy_negative_logps=torch.zeros(4, dtype=f64)), "policy_negative_logps has shape"),
+    (lambda x: x.update(reference_self_logps=x["reference_self_logps"][:, :2]), "reference_self_logps must have the shape of policy_self_logps"),
+    (lambda x: x.update(policy_negative_logps=torch.zeros(4, dtype=f64)), "reference_negative_logps must have the shape of policy_negative_logps"),
     (lambda x: x.update(reference_positive_negative_logps=torch.zeros(3, dtype=f64)), "reference_positive_negative"),
     (lambda x: x.update(self_mask=torch.zeros(5, 4, dtype=torch.bool)), "self_mask has a row without"),
-    (lambda x: x.update(self_mask=torch.ones(5, 4)), "self_mask must be a bool"),
+    (lambda x: x.update(self_mask=torch.full((5, 4), 0.5)), "self_mask must be bool or hold only 0 and 1"),
+    (lambda x: x.update(self_mask=torch.ones(5, 3, dtype=torch.bool)), r"self_mask must have shape \(5, 4\)"),
+    (lambda x: x.update(self_mask=torch.ones(5, 4, dtype=torch.bool, device="meta")), "device mismatch: self_mask"),
     (lambda x: x.update(alpha=0.0), "alpha"),
     (lambda x: x["reference_negative_logps"].__setitem__(0, float("nan")), "reference_negative_logps contains NaN"),
 ]
@@ -772,7 +775,7 @@ def test_sft_is_implicit_reward_learning_bandit():
     beta = 0.5
     log_pi = torch.log_softmax(theta, 0)
     pi = log_pi.exp()
-    r = P.implicit_reward(policy_logps=log_pi, reference_logps=pi_ref.log(), beta=beta, reduce="none")
+    r = P.implicit_reward(policy_logps=log_pi, reference_logps=pi_ref.log(), beta=beta, reduction="none")
     kl_direct = (pi * (log_pi - pi_ref.log())).sum()
     kl_fdiv = fdiv.get("reverse_kl").from_probs(pi_ref, pi)  # P = reference, Q = policy: KL(policy || reference)
     torch.testing.assert_close(kl_fdiv, kl_direct, rtol=1e-12, atol=1e-15)
@@ -793,21 +796,24 @@ def test_implicit_reward_tokens_and_soft_value():
     expected = torch.tensor([sum(0.2 * (lp[i, t] - ref[i, t]).item() for t in range(6) if mask[i, t]) for i in range(3)],
                             dtype=f64)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
-    per_token = P.implicit_reward(policy_logps=lp, reference_logps=ref, mask=mask, beta=0.2, reduce="none")
+    per_token = P.implicit_reward(policy_logps=lp, reference_logps=ref, mask=mask, beta=0.2, reduction="none")
     assert per_token.shape == (3, 6) and bool((per_token[~mask] == 0).all())
     z = 4.0 * torch.randn(4, 9, generator=g, dtype=f64)
     for beta in (0.3, 1.0, 2.5):
-        v = P.soft_value(z, beta=beta)
+        v = P.soft_value(logits=z, beta=beta)
         torch.testing.assert_close(torch.exp((beta * z - v.unsqueeze(-1)) / beta), torch.softmax(z, -1),
                                    rtol=1e-12, atol=1e-15)
-    assert P.soft_value(z.to(torch.bfloat16), beta=1.0).dtype == torch.float32
+    assert P.soft_value(logits=z.to(torch.bfloat16), beta=1.0).dtype == torch.float32
     for bad, message in (
-        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref[:, :5], beta=0.1), "reference_logps has shape"),
+        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref[:, :5], beta=0.1),
+         "reference_logps must have the shape of policy_logps"),
         (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref, beta=0.0), "beta"),
-        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref, beta=0.1, reduce="mean"), "reduce"),
-        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref, beta=0.1, mask=mask.float()), "mask"),
-        (lambda: P.soft_value(z, beta=-1.0), "beta"),
-        (lambda: P.soft_value(torch.full((2, 3), float("nan")), beta=1.0), "logits contains NaN"),
+        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref, beta=0.1, reduction="avg"), "reduction"),
+        (lambda: P.implicit_reward(policy_logps=lp, reference_logps=ref, beta=0.1, mask=0.5 * mask.float()),
+         "mask must be bool or hold only 0 and 1"),
+        (lambda: P.soft_value(logits=z, beta=-1.0), "beta"),
+        (lambda: P.soft_value(logits=torch.full((2, 3), float("nan")), beta=1.0), "logits contains NaN"),
+        (lambda: P.soft_value(logits=z, beta=1.0, dim=2), "dim=2 is out of range"),
     ):
         with pytest.raises(ValueError, match=message):
             bad()
@@ -888,10 +894,12 @@ def test_fdiv_sft_tokens_clamp_and_bad_input():
     assert math.isfinite(big.item())
     base = dict(policy_logps=lp[:, 0], reference_logps=ref[:, 0], q_policy_logps=lp[:, 1], q_reference_logps=ref[:, 1])
     for extra, message in (
-        ({"divergence": "renyi"}, "not an f-divergence"),
+        ({"divergence": "renyi"}, "fdiv_sft_loss needs an f-divergence"),
+        ({"divergence": 3.0}, "^divergence must be"),
         ({"mask": mask[:, 0]}, "mask is only meaningful"),
-        ({"weights": -torch.ones(4, dtype=f64)}, "weights must be finite and non-negative"),
-        ({"q_weights": torch.ones(3, dtype=f64)}, "q_weights must have shape"),
+        ({"weights": -torch.ones(4, dtype=f64)}, "weights must be non-negative"),
+        ({"weights": torch.zeros(4, dtype=f64)}, "weights must have a positive sum"),
+        ({"q_weights": torch.ones(3, dtype=f64)}, "q_weights must have the shape"),
         ({"beta": 0.0}, "beta"),
         ({"q_reference_logps": ref[:, :2]}, "q_reference_logps"),
     ):
@@ -953,27 +961,169 @@ def test_empty_batch_mean_is_zero_and_fdpo_divergences_listing():
 def test_implicit_reward_refuses_to_sum_per_sequence_inputs():
     from fdiv.objectives.preference import implicit_reward
 
-    with pytest.raises(ValueError, match="reduce='none'"):
+    with pytest.raises(ValueError, match="need reduction='none'"):
         implicit_reward(policy_logps=torch.tensor([-5.0, -7.0]), reference_logps=torch.tensor([-5.5, -7.2]), beta=0.1)
     out = implicit_reward(policy_logps=torch.tensor([-5.0, -7.0]), reference_logps=torch.tensor([-5.5, -7.2]),
-                          beta=0.1, reduce="none")
+                          beta=0.1, reduction="none")
     assert torch.allclose(out, torch.tensor([0.05, 0.02]))
 
 
-def test_sparse_po_bool_masks_equal_their_float_weights():
-    from fdiv.objectives.preference import sparse_po_loss
-
+def test_sparse_po_weights_are_weights_not_masks():
+    """0/1 weights on every term equal dropping those tokens through the labels; a bool tensor is not a weight."""
     batch = _sparse_batch(seed=3)
     g = torch.Generator().manual_seed(4)
-    hard = {
-        "chosen_reward_mask": torch.rand(3, 5, generator=g) > 0.4,
-        "rejected_reward_mask": torch.rand(3, 4, generator=g) > 0.4,
-        "chosen_kl_mask": torch.rand(3, 5, generator=g) > 0.4,
-        "rejected_kl_mask": torch.rand(3, 4, generator=g) > 0.4,
-    }
-    as_float = {k: v.to(torch.float64) for k, v in hard.items()}
-    a = sparse_po_loss(**batch, **hard, beta=0.1, l1_reward=0.01)
-    b = sparse_po_loss(**batch, **as_float, beta=0.1, l1_reward=0.01)
-    assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="chosen_reward_mask must be a bool or floating"):
-        sparse_po_loss(**batch, chosen_reward_mask=torch.ones(3, 5, dtype=torch.long), beta=0.1)
+    keep_w, keep_l = torch.rand(3, 5, generator=g) > 0.4, torch.rand(3, 4, generator=g) > 0.4
+    w_w, w_l = keep_w.to(f64), keep_l.to(f64)
+    weighted = P.sparse_po_loss(**batch, chosen_reward_weights=w_w, rejected_reward_weights=w_l,
+                                chosen_kl_weights=w_w, rejected_kl_weights=w_l, beta=0.1)
+    dropped = dict(batch, chosen_labels=batch["chosen_labels"].masked_fill(~keep_w, -100),
+                   rejected_labels=batch["rejected_labels"].masked_fill(~keep_l, -100))
+    torch.testing.assert_close(weighted, _tdpo1(dropped, 0.1), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="chosen_reward_weights must have a floating-point dtype"):
+        P.sparse_po_loss(**batch, chosen_reward_weights=keep_w, beta=0.1)
+    with pytest.raises(ValueError, match="chosen_kl_weights must have a floating-point dtype"):
+        P.sparse_po_loss(**batch, chosen_kl_weights=torch.ones(3, 5, dtype=torch.long), beta=0.1)
+    with pytest.raises(ValueError, match="device mismatch"):
+        P.sparse_po_loss(**dict(batch, rejected_labels=batch["rejected_labels"].to("meta")))
+    with pytest.raises(ValueError, match="device mismatch"):
+        P.sparse_po_loss(**batch, chosen_reward_weights=w_w.to("meta"))
+
+
+# ============================================================================== the boundary (new API)
+def _skew_js_score(ell, b):
+    """g'(u) - g'(1) of fdiv's JS(b) policy-side generator g(u) = u f(1/u), written out by hand:
+    (1 - b) (log u - log(b + (1 - b) u))."""
+    return (1 - b) * (ell - np.log(b + (1 - b) * np.exp(ell)))
+
+
+def test_js_own_beta_is_set_on_the_instance_independently_of_fdpo_beta():
+    kw = _pairs(batch=7, seed=21, scale=2.0)
+    lw, ll = (x.numpy() for x in _ratios(kw))
+    for js_beta in (0.3, 0.8):
+        div = fdiv.get("js", beta=js_beta)
+        for fdpo_beta in (0.1, 0.7):
+            ref = _bt(_skew_js_score(lw, js_beta) - _skew_js_score(ll, js_beta), fdpo_beta)
+            got = P.fdpo_loss(divergence=div, beta=fdpo_beta, **kw).numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-11)
+            rewards = P.fdpo_rewards(divergence=div, beta=fdpo_beta, **kw)
+            np.testing.assert_allclose(rewards.chosen.numpy(), fdpo_beta * _skew_js_score(lw, js_beta), rtol=1e-11,
+                                       atol=1e-15)
+    # the two betas really are different knobs: same fdpo beta, different js beta, different losses
+    a = P.fdpo_loss(divergence=fdiv.get("js", beta=0.3), beta=0.5, **kw)
+    b = P.fdpo_loss(divergence=fdiv.get("js", beta=0.8), beta=0.5, **kw)
+    assert not torch.allclose(a, b)
+    # no parameters travel beside the divergence any more
+    with pytest.raises(TypeError):
+        P.fdpo_loss(divergence="alpha", alpha=0.5, **kw)
+    with pytest.raises(TypeError):
+        P.fdpo_loss(divergence="js", divergence_params={"beta": 0.3}, **kw)
+    with pytest.raises(TypeError):
+        P.fdpo_admissibility("alpha", alpha=-0.5)
+    with pytest.raises(TypeError):
+        P.fdpo_score(log_ratio=torch.zeros(2), divergence="alpha", alpha=0.5)
+
+
+@pytest.mark.parametrize("bad", [42, 0.5, None, ["js"], fdiv.get, torch.zeros(2)], ids=repr)
+def test_divergence_of_an_unknown_type_is_a_value_error_naming_divergence(bad):
+    kw = _pairs(batch=3, seed=22)
+    calls = [
+        lambda: P.fdpo_loss(divergence=bad, **kw),
+        lambda: P.fdpo_rewards(divergence=bad, **kw),
+        lambda: P.fdpo_score(log_ratio=kw["policy_chosen_logps"], divergence=bad),
+        lambda: P.fdpo_admissibility(bad),
+        lambda: P.sparse_po_loss(divergence=bad, **_sparse_batch(seed=1)),
+        lambda: P.fdiv_sft_loss(policy_logps=kw["policy_chosen_logps"], reference_logps=kw["reference_chosen_logps"],
+                                q_policy_logps=kw["policy_rejected_logps"],
+                                q_reference_logps=kw["reference_rejected_logps"], divergence=bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"^divergence must be a registered divergence name or a fdiv\.Divergence"):
+            call()
+
+
+def test_tensors_are_keyword_only():
+    kw = _pairs(batch=3, seed=23)
+    with pytest.raises(TypeError):
+        P.fdpo_loss(*kw.values())
+    with pytest.raises(TypeError):
+        P.soft_value(torch.zeros(2, 3), beta=1.0)
+    with pytest.raises(TypeError):
+        P.implicit_reward(kw["policy_chosen_logps"], kw["reference_chosen_logps"], beta=0.1)
+
+
+def test_implicit_reward_reduction_vocabulary():
+    g = torch.Generator().manual_seed(24)
+    lp, ref = torch.randn(3, 6, generator=g, dtype=f64), torch.randn(3, 6, generator=g, dtype=f64)
+    mask = torch.rand(3, 6, generator=g) > 0.4
+    mask[2] = False  # a row with nothing counted
+    diff = (lp - ref).numpy()
+    m = mask.numpy()
+    count = m.sum(1)
+    by_hand_sum = 0.3 * (diff * m).sum(1)
+    by_hand_mean = np.where(count > 0, by_hand_sum / np.maximum(count, 1), 0.0)
+    common = dict(policy_logps=lp, reference_logps=ref, beta=0.3)
+    np.testing.assert_allclose(P.implicit_reward(**common, mask=mask, reduction="sum").numpy(), by_hand_sum, rtol=1e-12)
+    np.testing.assert_allclose(P.implicit_reward(**common, mask=mask, reduction="mean").numpy(), by_hand_mean,
+                               rtol=1e-12)
+    np.testing.assert_allclose(P.implicit_reward(**common, mask=mask, reduction="none").numpy(), 0.3 * diff * m,
+                               rtol=1e-12)
+    # a 0/1 integer mask is the same mask
+    torch.testing.assert_close(P.implicit_reward(**common, mask=mask.long()), P.implicit_reward(**common, mask=mask))
+    with pytest.raises(ValueError, match="device mismatch: mask"):
+        P.implicit_reward(**common, mask=mask.to("meta"))
+
+
+# ============================================================================== TRL GKD's generalized JSD
+def _trl_generalized_jsd(student_logits, teacher_logits, beta, temperature=1.0):
+    """TRL's GKDTrainer.generalized_jsd_loss per token (reduction "none" summed over the vocabulary), in float64.
+
+    Restated from trl/trainer/gkd_trainer.py: F.kl_div(input, target, log_target=True) is
+    sum exp(target) (target - input), i.e. KL(target || input); the mixture is
+    logsumexp([student + log(1 - beta), teacher + log(beta)]).
+    """
+    s = torch.log_softmax(student_logits.double() / temperature, -1)
+    t = torch.log_softmax(teacher_logits.double() / temperature, -1)
+
+    def kl_div(inp, target):  # F.kl_div(inp, target, reduction="none", log_target=True), summed over V
+        return (target.exp() * (target - inp)).sum(-1)
+
+    if beta == 0:
+        return kl_div(s, t)
+    if beta == 1:
+        return kl_div(t, s)
+    b = torch.tensor(beta, dtype=torch.float64)
+    mix = torch.logsumexp(torch.stack([s + torch.log(1 - b), t + torch.log(b)]), dim=0)
+    return beta * kl_div(mix, t) + (1 - beta) * kl_div(mix, s)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_from_trl_gkd_matches_trls_generalized_jsd(beta):
+    g = torch.Generator().manual_seed(25)
+    student = 3.0 * torch.randn(4, 6, 13, generator=g, dtype=f64)
+    teacher = 3.0 * torch.randn(4, 6, 13, generator=g, dtype=f64)
+    div = P.from_trl_gkd(beta)
+    ref = _trl_generalized_jsd(student, teacher, beta)
+    # D(P || Q) with P = teacher (target), Q = student (model)
+    got = div.from_log_probs(torch.log_softmax(teacher, -1), torch.log_softmax(student, -1))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    got_logits = div(teacher, student)
+    torch.testing.assert_close(got_logits, ref, rtol=1e-12, atol=1e-14)
+    # the kernel with TRL's temperature (TRL divides both logits by T and does not multiply by T^2)
+    tok = fdiv.token_loss(student_logits=student, teacher_logits=teacher, divergence=div, temperature=2.0,
+                          reduction="none")
+    torch.testing.assert_close(tok, _trl_generalized_jsd(student, teacher, beta, temperature=2.0), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_from_trl_gkd_ends_and_orientation():
+    assert P.from_trl_gkd(0) == fdiv.get("forward_kl")
+    assert P.from_trl_gkd(1.0) == fdiv.get("reverse_kl")
+    assert P.from_trl_gkd(0.25) == fdiv.get("js", beta=0.25)
+    # TRL's beta weights the teacher in the mixture: beta -> swapping teacher and student is 1 - beta
+    g = torch.Generator().manual_seed(26)
+    a, b = torch.randn(5, 9, generator=g, dtype=f64), torch.randn(5, 9, generator=g, dtype=f64)
+    torch.testing.assert_close(P.from_trl_gkd(0.2)(a, b), P.from_trl_gkd(0.8)(b, a), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(P.from_trl_gkd(0.2)(a, b), P.from_trl_gkd(0.8)(a, b))
+    for bad in (-0.1, 1.5, float("nan"), None, True):
+        with pytest.raises(ValueError, match="beta"):
+            P.from_trl_gkd(bad)

@@ -26,7 +26,6 @@ from fdiv.objectives.rl import (
     FixedKLController,
     LogPartitionEstimator,
     MovingAverage,
-    aggregate,
     disco_loss,
     dph_loss,
     dph_split,
@@ -116,9 +115,11 @@ LOSS_GRADIENTS = {
     "k1": "zero",
     "k2": "reverse",
     "k3": "forward",
+    "abs": "sign",
     "k3+": "reverse",
     "k1+": "reverse",
     "k2+": "reverse",
+    "abs+": "reverse",
 }
 
 
@@ -132,6 +133,9 @@ def test_expected_loss_gradient_of_each_estimator(estimator):
         "zero": torch.zeros_like(theta),
         "reverse": _grad(kl(torch.softmax(theta, 0), REF), theta),  # grad KL(pi || ref)
         "forward": _grad(kl(REF, torch.softmax(theta, 0)), theta),  # grad KL(ref || pi)
+        # |log pi - log ref| differentiated pathwise: E_pi[sign(log pi - log ref) grad log pi]
+        "sign": _grad((pi.detach() * torch.sign(pi.detach().log() - REF.log()) * torch.log_softmax(theta, 0)).sum(),
+                      theta),
     }[LOSS_GRADIENTS[estimator]]
     torch.testing.assert_close(expected_grad, target, rtol=1e-12, atol=1e-14)
     if estimator == "k3":  # the k3 bias is real: forward != reverse gradient here
@@ -143,14 +147,16 @@ def test_default_placement_is_a_detached_value():
     theta = _theta(11)
     out = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k2")
     assert not out.requires_grad
-    assert kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k2", placement="loss").requires_grad
+    assert kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k2",
+                       placement="loss").requires_grad
 
 
 def test_straight_through_keeps_the_value():
     theta = _theta(4)
     pol = torch.log_softmax(theta, 0)
-    for base in ("k1", "k3"):
-        torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base + "+"), kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base))
+    for base in ("k1", "k2", "k3", "abs"):
+        torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base + "+"),
+                                   kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=base))
 
 
 def test_reward_placement_score_function_gradients():
@@ -173,12 +179,14 @@ def test_importance_weighted_kl_is_unbiased_under_the_old_policy(estimator):
     theta_old = (theta.detach() + torch.tensor([0.3, -0.2, 0.5, 0.0, -0.4], dtype=D64))
     pi_old = torch.softmax(theta_old, 0)
     pol = torch.log_softmax(theta, 0)
-    terms = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=estimator, placement="loss", old_logps=pi_old.log())
+    terms = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator=estimator, placement="loss",
+                        old_logps=pi_old.log())
     g = _grad((pi_old * terms).sum(), theta)  # E_{x ~ pi_old}[grad(rho k)]
     target = _grad(kl(torch.softmax(theta, 0), REF), theta)
     torch.testing.assert_close(g, target, rtol=1e-12, atol=1e-14)
     # without the weight, the off-policy k3 gradient is wrong
-    plain_terms = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator=estimator, placement="loss")
+    plain_terms = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(),
+                              estimator=estimator, placement="loss")
     plain = _grad((pi_old * plain_terms).sum(), theta)
     assert (plain - target).abs().max() > 1e-2
 
@@ -186,11 +194,14 @@ def test_importance_weighted_kl_is_unbiased_under_the_old_policy(estimator):
 def test_importance_weight_changes_gradient_even_at_rho_one():
     theta = _theta(7)
     pol = torch.log_softmax(theta, 0)
-    with_is = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator="k3", placement="loss", old_logps=pol.detach())
+    with_is = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator="k3", placement="loss",
+                          old_logps=pol.detach())
     without = kl_estimate(policy_logps=pol, reference_logps=REF.log(), estimator="k3")
     torch.testing.assert_close(with_is, without)  # same value
     g_is = _grad(with_is.sum(), theta)
-    g_plain = _grad(kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k3", placement="loss").sum(), theta)
+    plain = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k3",
+                        placement="loss")
+    g_plain = _grad(plain.sum(), theta)
     assert (g_is - g_plain).abs().max() > 1e-3
 
 
@@ -201,11 +212,70 @@ def test_clamps_match_verl_and_are_off_by_default():
     assert plain[0].item() == pytest.approx(math.exp(30) - 31, rel=1e-12)
     lr_clamped = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", log_ratio_clamp=20.0)
     assert lr_clamped[0].item() == pytest.approx(math.exp(20) - 21, rel=1e-12)
-    both = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", placement="loss", log_ratio_clamp=20.0, value_clamp=10.0)
+    both = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", placement="loss", log_ratio_clamp=20.0,
+                       value_clamp=10.0)
     assert both[0].item() == 10.0
     assert both[1].item() == pytest.approx(math.exp(0.5) - 1.5, rel=1e-12)
     g = _grad(both.sum(), pol)
     assert g[0].item() == 0.0 and g[1].item() == pytest.approx(-(math.exp(0.5) - 1), rel=1e-12)
+
+
+def _verl_kl_penalty(logprob, ref_logprob, kind):
+    """verl's core_algos.kl_penalty (+ kl_penalty_forward) as documented there, in float64; "X+" strips the
+    suffix for the value (as verl's fixed dispatch does) and takes the gradient of the unclamped k2."""
+    base = kind.rstrip("+")
+    if base == "k1":
+        value = logprob - ref_logprob
+    elif base == "abs":
+        value = (logprob - ref_logprob).abs()
+    elif base == "k2":
+        value = 0.5 * (logprob - ref_logprob).square()
+    else:  # low_var_kl
+        lr = torch.clamp(ref_logprob - logprob, min=-20, max=20)
+        value = torch.clamp(torch.exp(lr) - lr - 1, min=-10, max=10)
+    if not kind.endswith("+"):
+        return value
+    backward = 0.5 * (logprob - ref_logprob).square()
+    return backward - backward.detach() + value.detach()
+
+
+VERL_CLAMPS = {"k1": {}, "abs": {}, "k2": {}, "k3": dict(log_ratio_clamp=20.0, value_clamp=10.0)}
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "k1+", "abs+", "k2+", "k3+"])
+def test_values_and_gradients_match_verl_kl_penalty(estimator):
+    lr = torch.tensor([-40.0, -25.0, -3.0, -0.4, -1e-6, 0.0, 2e-7, 0.7, 2.5, 3.0, 22.0], dtype=D64)
+    ref = torch.linspace(-3.0, -0.1, lr.numel(), dtype=D64)
+    pol = (ref - lr).requires_grad_(True)  # log r = ref - pol = lr
+    got = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=estimator, placement="loss",
+                      **VERL_CLAMPS[estimator.rstrip("+")])
+    x = pol.detach().clone().requires_grad_(True)
+    want = _verl_kl_penalty(x, ref, estimator)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(_grad(got.sum(), pol), _grad(want.sum(), x), rtol=1e-12, atol=1e-15)
+
+
+def test_straight_through_gradient_is_the_unclamped_k2_even_where_a_clamp_binds():
+    pol = torch.tensor([0.0, 0.0, -1.0], dtype=D64, requires_grad=True)
+    ref = torch.tensor([30.0, -30.0, -0.5], dtype=D64)  # log r = 30, -30, 0.5
+    clamps = dict(log_ratio_clamp=5.0, value_clamp=3.0)
+    for est in ("k1+", "k2+", "k3+", "abs+"):
+        out = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=est, placement="loss", **clamps)
+        plain = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=est.rstrip("+"), **clamps)
+        torch.testing.assert_close(out.detach(), plain)  # the clamped value of the base estimator
+        assert out.detach().abs().max().item() <= 3.0
+        torch.testing.assert_close(_grad(out.sum(), pol), (pol - ref).detach(), rtol=1e-15, atol=0.0)
+    k2 = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k2", placement="loss", **clamps)
+    assert _grad(k2.sum(), pol)[:2].abs().max() == 0  # plain k2 loses the gradient where the clamp binds
+
+
+def test_abs_estimator_is_the_absolute_log_ratio():
+    pol = torch.tensor([-1.0, -2.0, -0.5, -0.3], dtype=D64)
+    ref = torch.tensor([-1.2, -1.5, -0.5, -4.0], dtype=D64)
+    want = np.abs(pol.numpy() - ref.numpy())
+    got = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="abs")
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=0)
+    assert not got.requires_grad
 
 
 def test_mask_ignores_padding_and_equals_slicing():
@@ -220,23 +290,77 @@ def test_mask_ignores_padding_and_equals_slicing():
         g = _grad(out.sum(), pol)
         assert torch.isfinite(g).all() and (g[~mask] == 0).all()
     # 0/1 float masks work like bool ones
-    torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask.double()), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask))
+    torch.testing.assert_close(kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask.double()),
+                               kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", mask=mask))
 
 
-def test_aggregate_modes_against_hand_sums():
+def _hand_reduce(v, m, mode):
+    """verl's agg_loss written out in Python floats, one sequence at a time (sequences = rows)."""
+    rows = [[float(x) for x, keep in zip(vr, mr) if keep] for vr, mr in zip(v.tolist(), m.tolist())]
+    live = [r for r in rows if r]  # verl drops fully masked sequences from the sequence means
+    n_tok = sum(len(r) for r in rows)
+    if mode in ("mean", "token-mean"):
+        return sum(map(sum, rows)) / n_tok if n_tok else 0.0
+    if mode == "sum":
+        return sum(map(sum, rows))
+    if mode == "seq-mean-token-sum":
+        return sum(sum(r) for r in live) / len(live) if live else 0.0
+    if mode == "seq-mean-token-mean":
+        return sum(sum(r) / len(r) for r in live) / len(live) if live else 0.0
+    if mode == "seq-mean-token-sum-norm":
+        return sum(sum(r) for r in live) / v.shape[-1]
+    raise KeyError(mode)
+
+
+REDUCTION_MODES = ["mean", "sum", "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("mode", REDUCTION_MODES)
+def test_every_reduction_mode_against_a_float64_reference_with_fully_masked_sequences(mode):
+    g = torch.Generator().manual_seed(21)
+    pol = -torch.rand(4, 5, generator=g, dtype=D64) * 3
+    ref = -torch.rand(4, 5, generator=g, dtype=D64) * 3
+    pol[3, 1], ref[2, 4] = math.nan, -math.inf  # garbage at uncounted positions is never read
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    k1 = (pol - ref).where(mask, torch.zeros((), dtype=D64))  # the per-token k1 by hand
+    got = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1", mask=mask, reduction=mode)
+    assert got.dim() == 0 and got.item() == pytest.approx(_hand_reduce(k1, mask, mode), rel=1e-14, abs=1e-15)
+    # the same vocabulary in f_estimate (k1 = reverse KL without control variate) and dph_loss
+    f = f_estimate(policy_logps=pol, reference_logps=ref, control_variate=False, mask=mask, reduction=mode)
+    assert f.item() == pytest.approx(_hand_reduce(k1, mask, mode), rel=1e-14, abs=1e-15)
+    d = dph_loss(policy_logps=ref, initial_logps=pol, control_variate=False, mask=mask, reduction=mode)
+    assert d.item() == pytest.approx(_hand_reduce(k1, mask, mode), rel=1e-14, abs=1e-15)  # -log u with u = ref/pol
+    # a fully masked batch: 0 with zero gradient in every mode, never NaN
+    x = pol.clone().requires_grad_(True)
+    none = torch.zeros_like(mask)
+    empty = kl_estimate(policy_logps=x, reference_logps=ref, estimator="k2", placement="loss", mask=none,
+                        reduction=mode)
+    assert empty.item() == 0.0 and (_grad(empty, x) == 0).all()
+
+
+def test_sequence_modes_drop_fully_masked_sequences_as_verl_does():
     v = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 9.0, 9.0]], dtype=D64)
     m = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    assert aggregate(v, m, "token-mean").item() == pytest.approx((1 + 2 + 5 + 6 + 7) / 5)
-    assert aggregate(v, m, "seq-mean-token-sum").item() == pytest.approx((3 + 18 + 0) / 3)
-    assert aggregate(v, m, "seq-mean-token-mean").item() == pytest.approx((1.5 + 6 + 0) / 3)
-    assert aggregate(v, m, "seq-mean-token-sum-norm").item() == pytest.approx(21 / 4)
-    assert aggregate(v, m, "sum").item() == 21
-    assert aggregate(v, None, "token-mean").item() == pytest.approx(v.mean().item())
-    none = aggregate(v, m, "none")
+    z = torch.zeros_like(v)
+    reduced = lambda mode: kl_estimate(policy_logps=v, reference_logps=z, mask=m, reduction=mode).item()  # noqa: E731
+    assert reduced("mean") == pytest.approx((1 + 2 + 5 + 6 + 7) / 5, rel=1e-15)
+    assert reduced("seq-mean-token-sum") == pytest.approx((3 + 18) / 2, rel=1e-15)  # the empty row is dropped
+    assert reduced("seq-mean-token-mean") == pytest.approx((1.5 + 6) / 2, rel=1e-15)
+    assert reduced("seq-mean-token-sum-norm") == pytest.approx(21 / 4, rel=1e-15)  # verl: / T, a constant
+    assert reduced("sum") == 21.0
+    none = kl_estimate(policy_logps=v, reference_logps=z, mask=m)
     assert none[2].abs().sum() == 0 and none[0, 2] == 0
-    x = v.clone().requires_grad_(True)
-    empty = aggregate(x, torch.zeros_like(m), "token-mean")
-    assert empty.item() == 0.0 and (_grad(empty, x) == 0).all()
+
+
+def test_aggregation_keyword_is_gone():
+    z = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="aggregation"):
+        kl_estimate(policy_logps=z, reference_logps=z, aggregation="token-mean")
+    with pytest.raises(TypeError, match="aggregation"):
+        f_estimate(policy_logps=z, reference_logps=z, aggregation="token-mean")
+    with pytest.raises(TypeError, match="aggregation"):
+        dph_loss(policy_logps=z, initial_logps=z, aggregation="token-mean")
+    assert not hasattr(rl, "aggregate") and not hasattr(rl, "AGGREGATIONS")
 
 
 def test_half_precision_computes_in_float32():
@@ -253,7 +377,7 @@ def test_half_precision_computes_in_float32():
         (dict(reference_logps=torch.zeros(3)), "reference_logps must have the shape"),
         (dict(estimator="k4"), "estimator"),
         (dict(placement="advantage"), "placement"),
-        (dict(reduction="mean"), "aggregation"),
+        (dict(reduction="avg"), "reduction"),
         (dict(policy_logps=torch.tensor([[float("nan"), 0.0]])), "policy_logps contains NaN"),
         (dict(reference_logps=torch.tensor([[float("-inf"), 0.0]])), "reference_logps contains -inf"),
         (dict(policy_logps=torch.tensor([[float("-inf"), 0.0]])), "policy_logps contains -inf"),
@@ -281,10 +405,32 @@ def test_every_public_name_exists_and_is_documented():
             assert obj.__doc__ and len(obj.__doc__) > 40, name
 
 
-def test_public_namespace_calls_policy_first():
-    assert fdiv.rl.kl_estimate is kl_estimate
+def test_public_namespace_reexports_rl_and_occupancy():
+    assert fdiv.rl.kl_estimate is kl_estimate and fdiv.rl.dph_loss is dph_loss
+    assert set(rl.__all__) <= set(fdiv.rl.__all__) and "chi2_regularizer" in fdiv.rl.__all__
     pol, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.2, -1.5])
     torch.testing.assert_close(fdiv.rl.kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1"), pol - ref)
+
+
+def test_positional_tensors_raise_type_error():
+    a, b = torch.tensor([-1.0, -2.0]), torch.tensor([-1.2, -1.5])
+    calls = [
+        lambda: kl_estimate(a, b),
+        lambda: kl_estimate(a, reference_logps=b),
+        lambda: f_estimate(a, b),
+        lambda: dph_loss(a, b),
+        lambda: fdpg_loss(a, target_log_scores=b, log_partition=0.0),
+        lambda: fdpg_pseudo_rewards(a, b, 0.0),
+        lambda: disco_loss(a[None], b[None], torch.ones(1, 2, dtype=torch.bool), torch.zeros(1), torch.ones(1)),
+        lambda: dph_split([[1, 1]]),
+        lambda: LogPartitionEstimator().update(a, b),
+        lambda: fdiv.rl.chi2_regularizer(a, b),
+        lambda: fdiv.rl.discriminator_loss(a, b),
+        lambda: fdiv.rl.occupancy_penalty(a),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="positional"):
+            call()
 
 
 # ====================================================================== f_estimate
@@ -306,32 +452,69 @@ def test_f_estimate_unbiased_value_and_exact_loss_gradient(name, params, samples
     pi = torch.softmax(theta, 0)
     weights = pi.detach() if samples_from == "policy" else REF
     for cv in (True, False):
-        terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, control_variate=cv, **params)
+        terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=fdiv.get(name, **params),
+                           samples_from=samples_from, control_variate=cv)
         exact = reference_divergence(name, REF, pi.detach(), **params)
         assert (weights * terms).sum().item() == pytest.approx(exact.item(), rel=1e-12, abs=1e-14)
         if cv:
             assert (terms >= -1e-15).all()  # f above its tangent at 1
-    loss_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, placement="loss", **params)
+    loss_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=fdiv.get(name, **params),
+                            samples_from=samples_from, placement="loss")
     g = _grad((weights * loss_terms).sum(), theta)
     target = _grad(reference_divergence(name, REF, torch.softmax(theta, 0), **params), theta)
     torch.testing.assert_close(g, target, rtol=1e-11, atol=1e-13)
     if samples_from == "reference":  # samples that do not depend on theta: the pathwise gradient is exact
         pi = torch.softmax(theta, 0)
-        value_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence=name, samples_from=samples_from, placement="value", **params)
+        value_terms = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(),
+                                 divergence=fdiv.get(name, **params), samples_from=samples_from, placement="value")
         torch.testing.assert_close(_grad((weights * value_terms).sum(), theta), target, rtol=1e-11, atol=1e-13)
+
+
+def test_divergence_is_a_name_or_an_instance_never_loose_parameters():
+    a = 0.3
+    alpha = fdiv.get("alpha", alpha=a)
+    pol = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=D64)
+    ref = torch.tensor([-1.2, -1.5, -0.4, -1.0], dtype=D64)
+    r = (ref - pol).exp()  # p / q with P = reference, Q = policy
+    f = lambda t: (t**a - a * t - (1 - a)) / (a * (a - 1))  # noqa: E731  Amari's generator, f(1) = f'(1) = 0
+    want_q = f(r)  # policy samples: f(r) - f'(1)(r - 1) with f'(1) = 0
+    got = f_estimate(policy_logps=pol, reference_logps=ref, divergence=alpha)
+    torch.testing.assert_close(got, want_q, rtol=1e-13, atol=1e-15)
+    u = (pol - ref).exp()  # DPH: pi / pi_0 with pi_0 = the initial policy (P)
+    want_p = (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1))
+    got_p = dph_loss(policy_logps=pol, initial_logps=ref, divergence=alpha, reduction="none")
+    torch.testing.assert_close(got_p, want_p, rtol=1e-13, atol=1e-15)
+    assert dph_loss(policy_logps=pol, initial_logps=ref, divergence=alpha).item() == pytest.approx(
+        want_p.mean().item(), rel=1e-14)
+    z = torch.zeros(3)
+    with pytest.raises(TypeError, match="alpha"):  # no **divergence_params
+        f_estimate(policy_logps=z, reference_logps=z, divergence="alpha", alpha=a)
+    with pytest.raises(TypeError, match="alpha"):
+        dph_loss(policy_logps=z, initial_logps=z, divergence="alpha", alpha=a)
+    with pytest.raises(TypeError, match="beta"):
+        fdpg_loss(policy_logps=z, target_log_scores=z, log_partition=0.0, divergence="js", beta=0.3)
+    with pytest.raises(ValueError, match="divergence must be a registered divergence name"):
+        f_estimate(policy_logps=z, reference_logps=z, divergence=3)
 
 
 def test_f_estimate_matches_k3_and_reward_is_detached():
     pol, ref = torch.tensor([-1.0, -2.0, -0.5], dtype=D64), torch.tensor([-1.2, -1.5, -0.4], dtype=D64)
-    torch.testing.assert_close(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl"), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3"))
-    torch.testing.assert_close(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl", control_variate=False), kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1"))
+    torch.testing.assert_close(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl"),
+                               kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3"))
+    torch.testing.assert_close(
+        f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl", control_variate=False),
+        kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k1"),
+    )
     theta = _theta(9)
     pi = torch.softmax(theta, 0)
     # "value" on policy samples: the pathwise (k3-like) gradient of reverse KL is the forward-KL gradient
-    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl").requires_grad  # default: detached
-    g = _grad((pi.detach() * f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl", placement="value")).sum(), theta)
+    # default: detached
+    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl").requires_grad
+    value = f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="reverse_kl", placement="value")
+    g = _grad((pi.detach() * value).sum(), theta)
     torch.testing.assert_close(g, _grad(kl(REF, torch.softmax(theta, 0)), theta), rtol=1e-12, atol=1e-14)
-    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="js", placement="reward").requires_grad
+    assert not f_estimate(policy_logps=pi.log(), reference_logps=REF.log(), divergence="js",
+                          placement="reward").requires_grad
 
 
 def test_f_estimate_bad_input():
@@ -347,8 +530,10 @@ def test_f_estimate_bad_input():
     with pytest.raises(ValueError, match="control_variate"):
         f_estimate(policy_logps=z, reference_logps=z, control_variate=1)
     with pytest.raises(ValueError, match="reference_logps is -inf"):  # KL(policy || ref) is infinite
-        f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="reverse_kl", placement="loss")
-    ok = f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="js", placement="loss")  # bounded: finite
+        f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="reverse_kl",
+                   placement="loss")
+    ok = f_estimate(policy_logps=z, reference_logps=torch.tensor([0.0, -math.inf, 0.0]), divergence="js",
+                    placement="loss")  # bounded: finite
     assert torch.isfinite(ok).all()
 
 
@@ -405,7 +590,7 @@ def test_fdpg_gradient_identity_by_enumeration(name, params, proposal):
         q = _probs([0.25, 0.4, 0.15, 0.2])
         proposal_logps = q.log()
     terms = fdpg_loss(policy_logps=pi.log(), proposal_logps=proposal_logps, target_log_scores=log_scores,
-                      log_partition=LOG_Z, divergence=name, reduction="none", **params)
+                      log_partition=LOG_Z, divergence=fdiv.get(name, **params), reduction="none")
     g = _grad((q * terms).sum(), theta)  # E_{x ~ q}[grad surrogate]
     target = _grad(reference_divergence(name, P_TARGET, torch.softmax(theta, 0), **params), theta)
     assert (g - target).abs().max().item() <= 1e-15
@@ -503,7 +688,7 @@ def test_moving_average_and_log_partition_estimator():
     run = MovingAverage()
     run.update([1.0, 2.0])
     assert run.update(6.0) == 3.0
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(ValueError, match="values contains NaN"):
         run.update([float("nan")])
     with pytest.raises(ValueError, match="window"):
         MovingAverage(window=0)
@@ -560,8 +745,8 @@ def test_dph_terms_equal_the_dph_code_generators():
     torch.testing.assert_close(2 * terms(divergence="js"), u * u.log() - (u + 1) * torch.log((u + 1) / 2),
                                rtol=1e-12, atol=1e-15)
     a = 0.2  # alpha_divergence_f with the code's default alpha_coeff
-    torch.testing.assert_close(terms(divergence="alpha", alpha=a), (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(terms(divergence=fdiv.get("alpha", alpha=a)),
+                               (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -570,14 +755,14 @@ def test_dph_terms_equal_the_dph_code_generators():
 def test_dph_zero_at_the_initial_policy_and_unbiased_gradient(name, params):
     pi0 = _probs([0.05, 0.15, 0.2, 0.25, 0.35])
     theta = pi0.log().clone().requires_grad_(True)
-    terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(), divergence=name,
-                     reduction="none", **params)
+    terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(),
+                     divergence=fdiv.get(name, **params), reduction="none")
     assert terms.abs().max().item() <= 1e-15
     assert _grad((pi0 * terms).sum(), theta).abs().max().item() <= 1e-15
     # away from pi_0: E_{pi_0}[grad term] = grad D(pi_0 || pi), exactly
     theta = _theta(10)
-    terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(), divergence=name,
-                     reduction="none", **params)
+    terms = dph_loss(policy_logps=torch.log_softmax(theta, 0), initial_logps=pi0.log(),
+                     divergence=fdiv.get(name, **params), reduction="none")
     g = _grad((pi0 * terms).sum(), theta)
     target = _grad(reference_divergence(name, pi0, torch.softmax(theta, 0), **params), theta)
     torch.testing.assert_close(g, target, rtol=1e-12, atol=1e-14)
@@ -596,7 +781,7 @@ def _bandit_optimum(rewards, eta, divergence, coef=1.0, init=None, **params):
         opt.zero_grad()
         logp = torch.log_softmax(theta, 0)
         # pi_0 is uniform, so the token-mean over the k outcomes (each "sampled" once) is E_{pi_0}
-        reg = dph_loss(policy_logps=logp, initial_logps=pi0.log(), divergence=divergence, **params)
+        reg = dph_loss(policy_logps=logp, initial_logps=pi0.log(), divergence=fdiv.get(divergence, **params))
         loss = -(logp.exp() * r).sum() + coef * eta * reg
         loss.backward()
         return loss
@@ -659,8 +844,10 @@ def test_dph_clamps_mask_and_errors():
         dph_loss(policy_logps=torch.tensor([0.0, -math.inf]), initial_logps=torch.zeros(2))
     with pytest.raises(ValueError, match="f-divergence"):
         dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), divergence="renyi")
-    with pytest.raises(ValueError, match="aggregation"):
-        dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), reduction="mean")
+    with pytest.raises(ValueError, match="reduction"):
+        dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), reduction="avg")
+    with pytest.raises(TypeError, match="aggregation"):  # the old keyword is gone: reduction= is the one word
+        dph_loss(policy_logps=torch.zeros(2), initial_logps=torch.zeros(2), aggregation="token-mean")
 
 
 def test_dph_split_rules():
@@ -833,7 +1020,8 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss_and_a_chi2_regula
         with torch.no_grad():
             pol = token_logps(policy, rollout)
             ref = token_logps(reference, rollout).logps
-        return kl_estimate(policy_logps=pol.logps, reference_logps=ref, estimator="k3", mask=pol.mask, reduction="token-mean").item()
+        return kl_estimate(policy_logps=pol.logps, reference_logps=ref, estimator="k3", mask=pol.mask,
+                           reduction="token-mean").item()
 
     kls = [measured_kl(0)]
     assert kls[0] == 0.0  # the policy starts as the reference
@@ -844,15 +1032,17 @@ def test_end_to_end_tiny_llama_grpo_with_kl_in_reward_and_loss_and_a_chi2_regula
             ref = token_logps(reference, rollout).logps
         response = rollout["labels"][:, 1:]
         score = ((response == target_token) & out.mask).sum(-1).double() / out.mask.sum(-1).clamp_min(1)
-        kl_reward = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k1", placement="reward", mask=out.mask)  # KL in the reward
+        kl_reward = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k1", placement="reward",
+                                mask=out.mask)  # KL in the reward
         assert not kl_reward.requires_grad
         reward = score - beta * kl_reward.sum(-1).double()
         mean = torch.zeros(2, dtype=torch.float64).index_add(0, group_ids, reward) / group
         advantage = (reward - mean[group_ids]).float()
-        pg = -aggregate(advantage[:, None] * out.logps, out.mask, "token-mean")
-        kl_loss = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k3" if step % 2 else "k2", placement="loss", mask=out.mask,
-                              reduction="token-mean")
-        chi2 = fdiv.rl.chi2_regularizer(policy_logps=out.logps, reference_logps=ref, mask=out.mask)  # Correlated Proxies' sqrt(chi2) term
+        pg = -(advantage[:, None] * out.logps * out.mask).sum() / out.mask.sum()  # token mean
+        kl_loss = kl_estimate(policy_logps=out.logps, reference_logps=ref, estimator="k3" if step % 2 else "k2",
+                              placement="loss", mask=out.mask, reduction="token-mean")
+        # Correlated Proxies' sqrt(chi2) term
+        chi2 = fdiv.rl.chi2_regularizer(policy_logps=out.logps, reference_logps=ref, mask=out.mask)
         assert torch.isfinite(chi2) and chi2.item() >= 1e-2 * (1 - 1e-6)  # sqrt of the 1e-4 floor
         loss = pg + beta * kl_loss + 1e-3 * chi2
         assert torch.isfinite(loss)

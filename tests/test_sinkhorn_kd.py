@@ -77,7 +77,8 @@ def test_sinkhorn_log_matches_naive_probability_domain(eps, n_iters):
     cost = rng.uniform(0, 2, size=(2, 3, 4, 5))
     a = rng.dirichlet(np.ones(4), size=(2, 3))
     b = rng.dirichlet(np.ones(5), size=(2, 3))
-    res = sinkhorn_log(torch.tensor(cost), torch.tensor(a), torch.tensor(b), epsilon=eps, n_iters=n_iters)
+    res = sinkhorn_log(cost=torch.tensor(cost), row_marginal=torch.tensor(a), column_marginal=torch.tensor(b),
+                       epsilon=eps, n_iters=n_iters)
     assert res.cost.shape == (2, 3) and res.plan.shape == (2, 3, 4, 5)
     for i in range(2):
         for j in range(3):
@@ -94,8 +95,9 @@ def test_uniform_default_marginals_and_broadcast():
     rng = np.random.default_rng(1)
     cost = torch.tensor(rng.uniform(size=(3, 4, 4)))
     a = torch.full((4,), 0.25, dtype=F64)
-    explicit = sinkhorn_log(cost, a, a, epsilon=0.2, n_iters=30)  # [4] broadcasts over the 3 problems
-    default = sinkhorn_log(cost, epsilon=0.2, n_iters=30)
+    explicit = sinkhorn_log(cost=cost, row_marginal=a, column_marginal=a, epsilon=0.2,
+                            n_iters=30)  # [4] broadcasts over the 3 problems
+    default = sinkhorn_log(cost=cost, epsilon=0.2, n_iters=30)
     torch.testing.assert_close(explicit.cost, default.cost, rtol=1e-13, atol=0)
 
 
@@ -104,8 +106,8 @@ def test_log_marginals_equal_probability_marginals():
     cost = torch.tensor(rng.uniform(size=(5, 6)))
     a = torch.tensor(rng.dirichlet(np.ones(5)))
     b = torch.tensor(rng.dirichlet(np.ones(6)))
-    one = sinkhorn_log(cost, a, b, epsilon=0.1, n_iters=40)
-    two = sinkhorn_log(cost, log_a=a.log(), log_b=b.log(), epsilon=0.1, n_iters=40)
+    one = sinkhorn_log(cost=cost, row_marginal=a, column_marginal=b, epsilon=0.1, n_iters=40)
+    two = sinkhorn_log(cost=cost, log_row_marginal=a.log(), log_column_marginal=b.log(), epsilon=0.1, n_iters=40)
     torch.testing.assert_close(one.cost, two.cost, rtol=1e-13, atol=0)
 
 
@@ -116,7 +118,8 @@ def test_converges_to_exact_ot_as_epsilon_shrinks():
     exact = exact_ot(cost, a, b)
     gaps = []
     for eps in (0.1, 0.03, 0.01, 0.003):
-        res = sinkhorn_log(torch.tensor(cost), torch.tensor(a), torch.tensor(b), epsilon=eps, n_iters=20000, tol=1e-12)
+        res = sinkhorn_log(cost=torch.tensor(cost), row_marginal=torch.tensor(a), column_marginal=torch.tensor(b),
+                           epsilon=eps, n_iters=20000, tol=1e-12)
         assert res.marginal_error.item() <= 1e-11
         gap = res.cost.item() - exact
         # a feasible plan costs at least the optimum; the entropic excess is at most eps * log(n m)
@@ -134,12 +137,12 @@ def test_small_epsilon_is_stable_where_probability_domain_fails():
         _, naive = naive_sinkhorn(cost, a, b, 1e-3, 50)  # exp(-1000) underflows: 0/0
     assert math.isnan(naive)
     for dtype in (torch.float32, F64):
-        res = sinkhorn_log(torch.tensor(cost, dtype=dtype), epsilon=1e-3, n_iters=50)
+        res = sinkhorn_log(cost=torch.tensor(cost, dtype=dtype), epsilon=1e-3, n_iters=50)
         assert torch.isfinite(res.plan).all() and torch.isfinite(res.cost).all()
         torch.testing.assert_close(res.plan.sum(-2), torch.full((4,), 0.25, dtype=dtype), rtol=0, atol=1e-6)
     # with enough iterations it is the assignment optimum (uniform marginals: min-cost matching / n)
     r, c = linear_sum_assignment(cost)
-    res = sinkhorn_log(torch.tensor(cost), epsilon=5e-3, n_iters=5000, tol=1e-10)
+    res = sinkhorn_log(cost=torch.tensor(cost), epsilon=5e-3, n_iters=5000, tol=1e-10)
     assert res.cost.item() == pytest.approx(cost[r, c].sum() / 4, abs=5e-3 * math.log(16))
 
 
@@ -147,7 +150,8 @@ def test_large_epsilon_tends_to_independent_coupling():
     rng = np.random.default_rng(5)
     cost = rng.uniform(0, 1, size=(4, 6))
     a, b = rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(6))
-    res = sinkhorn_log(torch.tensor(cost), torch.tensor(a), torch.tensor(b), epsilon=1e7, n_iters=3)
+    res = sinkhorn_log(cost=torch.tensor(cost), row_marginal=torch.tensor(a), column_marginal=torch.tensor(b),
+                       epsilon=1e7, n_iters=3)
     np.testing.assert_allclose(res.plan.numpy(), np.outer(a, b), rtol=1e-6)
     assert res.cost.item() == pytest.approx(a @ cost @ b, rel=1e-6)
 
@@ -157,7 +161,7 @@ def test_zero_mass_entries_are_exact_and_gradients_finite():
     cost = torch.tensor(rng.uniform(size=(4, 4)), requires_grad=True)
     log_a = torch.tensor([math.log(0.5), -math.inf, math.log(0.3), math.log(0.2)], dtype=F64, requires_grad=True)
     log_b = torch.log(torch.tensor([0.1, 0.6, 0.3, 0.0], dtype=F64)).requires_grad_(True)
-    res = sinkhorn_log(cost, log_a=log_a, log_b=log_b, epsilon=0.2, n_iters=50)
+    res = sinkhorn_log(cost=cost, log_row_marginal=log_a, log_column_marginal=log_b, epsilon=0.2, n_iters=50)
     assert (res.plan[1] == 0).all() and (res.plan[:, 3] == 0).all()
     res.cost.backward()
     for t in (cost, log_a, log_b):
@@ -165,9 +169,9 @@ def test_zero_mass_entries_are_exact_and_gradients_finite():
     # the zero-mass row and column are simply absent: same as solving the 3 x 3 problem
     keep_r, keep_c = [0, 2, 3], [0, 1, 2]
     small = sinkhorn_log(
-        cost.detach()[keep_r][:, keep_c],
-        torch.tensor([0.5, 0.3, 0.2], dtype=F64),
-        torch.tensor([0.1, 0.6, 0.3], dtype=F64),
+        cost=cost.detach()[keep_r][:, keep_c],
+        row_marginal=torch.tensor([0.5, 0.3, 0.2], dtype=F64),
+        column_marginal=torch.tensor([0.1, 0.6, 0.3], dtype=F64),
         epsilon=0.2,
         n_iters=50,
     )
@@ -184,7 +188,7 @@ def test_gradcheck_sinkhorn_log():
         # the marginals' total mass must match: feed log-masses normalised inside the graph
         la = la - torch.logsumexp(la, -1, keepdim=True)
         lb = lb - torch.logsumexp(lb, -1, keepdim=True)
-        return sinkhorn_log(c, log_a=la, log_b=lb, epsilon=0.3, n_iters=10).cost
+        return sinkhorn_log(cost=c, log_row_marginal=la, log_column_marginal=lb, epsilon=0.3, n_iters=10).cost
 
     assert torch.autograd.gradcheck(fn, (cost, log_a, log_b))
 
@@ -193,10 +197,11 @@ def test_gradcheck_sinkhorn_log():
 def test_batch_mode_reproduces_public_recipe():
     g = gen(0)
     s, t = torch.randn(16, 5, generator=g, dtype=F64), torch.randn(16, 5, generator=g, dtype=F64)
-    ours = sinkhorn_kd_loss(s, t, temperature=2.0, epsilon=0.1, n_iters=20, scale=1e-3, reduction="sum")
+    ours = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0, epsilon=0.1, n_iters=20, scale=1e-3,
+                            reduction="sum")
     assert ours.item() == pytest.approx(public_code_loss(s.numpy(), t.numpy()), rel=1e-12)
     # "mean" is the same transport between probability measures: sum / N
-    mean = sinkhorn_kd_loss(s, t, temperature=2.0, scale=1e-3)
+    mean = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0, scale=1e-3)
     assert mean.item() == pytest.approx(ours.item() / 16, rel=1e-12)
 
 
@@ -208,7 +213,8 @@ def test_batch_mode_equals_naive_sinkhorn_on_l1_cost():
     uniform = np.full(6, 1 / 6)
     for eps in (0.05, 0.5):
         _, ref = naive_sinkhorn(w, uniform, uniform, eps, 30)
-        assert sinkhorn_kd_loss(s, t, epsilon=eps, n_iters=30).item() == pytest.approx(ref, rel=1e-10)
+        assert sinkhorn_kd_loss(student_logits=s, teacher_logits=t, epsilon=eps,
+                                n_iters=30).item() == pytest.approx(ref, rel=1e-10)
 
 
 @pytest.mark.parametrize("cost", ["l1", "l2", "sqeuclidean"])
@@ -221,11 +227,11 @@ def test_batch_mode_small_epsilon_is_min_cost_assignment(cost):
     r, c = linear_sum_assignment(w)
     exact = w[r, c].sum() / 6  # Birkhoff: uniform B x B OT is attained at a permutation
     eps = 3e-3 * w.max()
-    loss = sinkhorn_kd_loss(s, t, cost=cost, epsilon=eps, n_iters=4000)
+    loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, cost=cost, epsilon=eps, n_iters=4000)
     # near-degenerate assignments converge slowly, so the plan is only nearly feasible: allow
     # the entropic excess on both sides
     assert abs(loss.item() - exact) <= eps * math.log(36)
-    moderate = sinkhorn_kd_loss(s, t, cost=cost, epsilon=0.1 * w.max(), n_iters=4000)
+    moderate = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, cost=cost, epsilon=0.1 * w.max(), n_iters=4000)
     assert moderate.item() - exact > 10 * abs(loss.item() - exact)
 
 
@@ -233,15 +239,18 @@ def test_batch_mode_permutation_invariance():
     g = gen(3)
     s, t = torch.randn(10, 7, generator=g, dtype=F64), torch.randn(10, 7, generator=g, dtype=F64)
     perm_s, perm_t = torch.randperm(10, generator=g), torch.randperm(10, generator=g)
-    base = sinkhorn_kd_loss(s, t, temperature=2.0)
-    torch.testing.assert_close(sinkhorn_kd_loss(s[perm_s], t, temperature=2.0), base, rtol=1e-12, atol=0)
-    torch.testing.assert_close(sinkhorn_kd_loss(s, t[perm_t], temperature=2.0), base, rtol=1e-12, atol=0)
+    base = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0)
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s[perm_s], teacher_logits=t, temperature=2.0), base,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s, teacher_logits=t[perm_t], temperature=2.0), base,
+                               rtol=1e-12, atol=0)
     # the per-row costs permute with the student rows
-    rows = sinkhorn_kd_loss(s, t, reduction="none")
-    torch.testing.assert_close(sinkhorn_kd_loss(s[perm_s], t, reduction="none"), rows[perm_s], rtol=1e-10, atol=1e-14)
+    rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, reduction="none")
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s[perm_s], teacher_logits=t, reduction="none"),
+                               rows[perm_s], rtol=1e-10, atol=1e-14)
     # the sample-wise loss, by contrast, depends on the pairing
-    a = sinkhorn_kd_loss(s, t, mode="sample")
-    b = sinkhorn_kd_loss(s[perm_s], t, mode="sample")
+    a = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample")
+    b = sinkhorn_kd_loss(student_logits=s[perm_s], teacher_logits=t, mode="sample")
     assert abs(a.item() - b.item()) > 1e-3
 
 
@@ -250,19 +259,21 @@ def test_batch_mode_large_epsilon_is_mean_cost_under_product_coupling():
     s, t = torch.randn(8, 5, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     w = np.abs(ps[:, None] - pt[None]).sum(-1)
-    loss = sinkhorn_kd_loss(s, t, epsilon=1e7, n_iters=5)
+    loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, epsilon=1e7, n_iters=5)
     assert loss.item() == pytest.approx(w.mean(), rel=1e-6)
 
 
 def test_batch_mode_leading_dims_are_independent_problems():
     g = gen(5)
     s, t = torch.randn(3, 6, 4, generator=g, dtype=F64), torch.randn(3, 6, 4, generator=g, dtype=F64)
-    rows = sinkhorn_kd_loss(s, t, reduction="none")
+    rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, reduction="none")
     assert rows.shape == (3, 6)
     for i in range(3):
-        torch.testing.assert_close(rows[i], sinkhorn_kd_loss(s[i], t[i], reduction="none"), rtol=1e-12, atol=0)
-    torch.testing.assert_close(sinkhorn_kd_loss(s, t, reduction="sum"), rows.sum())
-    torch.testing.assert_close(sinkhorn_kd_loss(s, t), rows.mean())
+        torch.testing.assert_close(rows[i],
+                                   sinkhorn_kd_loss(student_logits=s[i], teacher_logits=t[i],
+                                                    reduction="none"), rtol=1e-12, atol=0)
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s, teacher_logits=t, reduction="sum"), rows.sum())
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s, teacher_logits=t), rows.mean())
 
 
 def test_batch_mode_mask_drops_rows_and_ignores_garbage():
@@ -275,20 +286,20 @@ def test_batch_mode_mask_drops_rows_and_ignores_garbage():
     s_bad[~mask] = float("nan")
     t_bad[~mask] = float("inf")
     s_bad.requires_grad_(True)
-    rows = sinkhorn_kd_loss(s_bad, t_bad, reduction="none", mask=mask)
+    rows = sinkhorn_kd_loss(student_logits=s_bad, teacher_logits=t_bad, reduction="none", mask=mask)
     assert (rows[~mask] == 0).all()
-    ref0 = sinkhorn_kd_loss(s[0, :5], t[0, :5], reduction="none")
+    ref0 = sinkhorn_kd_loss(student_logits=s[0, :5], teacher_logits=t[0, :5], reduction="none")
     keep1 = [0, 1, 3, 4, 5, 6]
-    ref1 = sinkhorn_kd_loss(s[1, keep1], t[1, keep1], reduction="none")
+    ref1 = sinkhorn_kd_loss(student_logits=s[1, keep1], teacher_logits=t[1, keep1], reduction="none")
     torch.testing.assert_close(rows[0, :5], ref0, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(rows[1, keep1], ref1, rtol=1e-10, atol=1e-14)
-    loss = sinkhorn_kd_loss(s_bad, t_bad, mask=mask)
+    loss = sinkhorn_kd_loss(student_logits=s_bad, teacher_logits=t_bad, mask=mask)
     assert loss.item() == pytest.approx((ref0.sum() + ref1.sum()).item() / 11, rel=1e-10)
     loss.backward()
     assert torch.isfinite(s_bad.grad).all() and (s_bad.grad[~mask] == 0).all()
     # nothing counted: 0 with a zero gradient, not NaN
     x = s.clone().requires_grad_(True)
-    empty = sinkhorn_kd_loss(x, t, mask=torch.zeros(2, 7, dtype=torch.bool))
+    empty = sinkhorn_kd_loss(student_logits=x, teacher_logits=t, mask=torch.zeros(2, 7, dtype=torch.bool))
     empty.backward()
     assert empty.item() == 0 and (x.grad == 0).all()
 
@@ -296,8 +307,9 @@ def test_batch_mode_mask_drops_rows_and_ignores_garbage():
 def test_batch_mode_callable_cost():
     g = gen(7)
     s, t = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, 4, generator=g, dtype=F64)
-    custom = sinkhorn_kd_loss(s, t, cost=lambda ps, pt: 0.5 * torch.cdist(ps, pt, p=1))
-    assert custom.item() == pytest.approx(0.5 * sinkhorn_kd_loss(s, t, epsilon=0.2).item(), rel=1e-12)
+    custom = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, cost=lambda ps, pt: 0.5 * torch.cdist(ps, pt, p=1))
+    assert custom.item() == pytest.approx(
+        0.5 * sinkhorn_kd_loss(student_logits=s, teacher_logits=t, epsilon=0.2).item(), rel=1e-12)
 
 
 # ------------------------------------------------------------------ SinKD, sample-wise
@@ -307,7 +319,8 @@ def test_sample_mode_zero_one_cost_tends_to_total_variation():
     tv = fdiv.get("tv")(t, s)  # TV(P_teacher || Q_student), computed independently
     gaps = []
     for eps in (0.1, 0.03, 0.01):
-        rows = sinkhorn_kd_loss(s, t, mode="sample", epsilon=eps, n_iters=20000, tol=1e-12, reduction="none")
+        rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", epsilon=eps, n_iters=20000,
+                                tol=1e-12, reduction="none")
         gap = (rows - tv).abs().max().item()
         assert gap <= eps * math.log(25) + 1e-9
         gaps.append(gap)
@@ -321,7 +334,8 @@ def test_sample_mode_index_cost_tends_to_wasserstein_1():
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     w1 = np.abs(np.cumsum(ps, -1) - np.cumsum(pt, -1)).sum(-1)
     rows = sinkhorn_kd_loss(
-        s, t, mode="sample", cost="index", epsilon=0.005, n_iters=50000, tol=1e-12, reduction="none"
+        student_logits=s, teacher_logits=t, mode="sample", cost="index", epsilon=0.005, n_iters=50000, tol=1e-12,
+        reduction="none",
     )
     np.testing.assert_allclose(rows.numpy(), w1, atol=0.005 * math.log(36))
 
@@ -332,7 +346,8 @@ def test_sample_mode_general_cost_matches_linprog_and_orientation():
     s = torch.tensor(rng.normal(size=(3, 5)))
     t = torch.tensor(rng.normal(size=(3, 5)))
     rows = sinkhorn_kd_loss(
-        s, t, mode="sample", cost=torch.tensor(cost), epsilon=0.002, n_iters=100000, tol=1e-12, reduction="none"
+        student_logits=s, teacher_logits=t, mode="sample", cost=torch.tensor(cost), epsilon=0.002, n_iters=100000,
+        tol=1e-12, reduction="none",
     )
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     exact = np.array([exact_ot(cost, ps[i], pt[i]) for i in range(3)])
@@ -345,14 +360,15 @@ def test_sample_mode_large_epsilon_is_product_coupling():
     g = gen(11)
     s, t = torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
-    rows = sinkhorn_kd_loss(s, t, mode="sample", epsilon=1e7, n_iters=3, reduction="none")
+    rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", epsilon=1e7, n_iters=3, reduction="none")
     np.testing.assert_allclose(rows.numpy(), 1 - (ps * pt).sum(-1), rtol=1e-6)
 
 
 def test_sample_mode_masked_vocabulary_entries():
     s = torch.tensor([[0.3, -math.inf, 1.0, -0.5], [2.0, 0.0, -math.inf, -math.inf]], dtype=F64, requires_grad=True)
     t = torch.tensor([[-math.inf, 0.2, 0.1, 0.4], [0.5, 0.5, 0.5, -math.inf]], dtype=F64, requires_grad=True)
-    rows = sinkhorn_kd_loss(s, t, mode="sample", epsilon=0.01, n_iters=5000, tol=1e-13, reduction="none")
+    rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", epsilon=0.01, n_iters=5000, tol=1e-13,
+                            reduction="none")
     tv = fdiv.get("tv")(t.detach(), s.detach())
     torch.testing.assert_close(rows.detach(), tv, rtol=0, atol=1e-7)
     rows.sum().backward()
@@ -364,12 +380,14 @@ def test_sample_mode_mask_and_reductions():
     g = gen(12)
     s, t = torch.randn(3, 4, 5, generator=g, dtype=F64), torch.randn(3, 4, 5, generator=g, dtype=F64)
     mask = torch.rand(3, 4, generator=g) > 0.3
-    rows = sinkhorn_kd_loss(s, t, mode="sample", reduction="none")
+    rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", reduction="none")
     assert rows.shape == (3, 4)
-    masked = sinkhorn_kd_loss(s, t, mode="sample", reduction="none", mask=mask)
+    masked = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", reduction="none", mask=mask)
     torch.testing.assert_close(masked, torch.where(mask, rows, 0.0))
-    torch.testing.assert_close(sinkhorn_kd_loss(s, t, mode="sample", mask=mask), rows[mask].mean())
-    torch.testing.assert_close(sinkhorn_kd_loss(s, t, mode="sample", reduction="sum", scale=3.0), 3 * rows.sum())
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", mask=mask),
+                               rows[mask].mean())
+    torch.testing.assert_close(sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", reduction="sum",
+                                                scale=3.0), 3 * rows.sum())
 
 
 # ------------------------------------------------------------------ both modes
@@ -377,12 +395,13 @@ def test_sample_mode_mask_and_reductions():
 def test_entropic_bias_at_identical_inputs(mode):
     g = gen(13)
     z = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
-    biased = sinkhorn_kd_loss(z, z.detach(), mode=mode, epsilon=0.1, n_iters=20)
+    biased = sinkhorn_kd_loss(student_logits=z, teacher_logits=z.detach(), mode=mode, epsilon=0.1, n_iters=20)
     assert biased.item() > 1e-4  # not 0: the entropic plan spreads mass over non-zero costs
     biased.backward()
     assert torch.isfinite(z.grad).all()
     values = [
-        sinkhorn_kd_loss(z.detach(), z.detach(), mode=mode, epsilon=e, n_iters=3000, tol=1e-10).item()
+        sinkhorn_kd_loss(student_logits=z.detach(), teacher_logits=z.detach(), mode=mode, epsilon=e, n_iters=3000,
+                         tol=1e-10).item()
         for e in (0.1, 0.03, 0.01)
     ]
     assert values[0] > values[1] > values[2] >= 0
@@ -395,7 +414,8 @@ def test_gradcheck_kd_loss(mode):
     s = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
     t = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, b: sinkhorn_kd_loss(a, b, mode=mode, temperature=1.5, epsilon=0.2, n_iters=8), (s, t)
+        lambda a, b: sinkhorn_kd_loss(student_logits=a, teacher_logits=b, mode=mode, temperature=1.5, epsilon=0.2,
+                                      n_iters=8), (s, t)
     )
 
 
@@ -404,13 +424,13 @@ def test_half_precision_computes_in_float32(mode):
     g = gen(15)
     s = torch.randn(6, 5, generator=g).to(torch.bfloat16).requires_grad_(True)
     t = torch.randn(6, 5, generator=g).to(torch.bfloat16)
-    loss = sinkhorn_kd_loss(s, t, mode=mode)
+    loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode=mode)
     assert loss.dtype == torch.float32
-    ref = sinkhorn_kd_loss(s.detach().float(), t.float(), mode=mode)
+    ref = sinkhorn_kd_loss(student_logits=s.detach().float(), teacher_logits=t.float(), mode=mode)
     torch.testing.assert_close(loss.detach(), ref)
     loss.backward()
     assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
-    assert sinkhorn_kd_loss(s.detach().double(), t.double(), mode=mode).dtype == F64
+    assert sinkhorn_kd_loss(student_logits=s.detach().double(), teacher_logits=t.double(), mode=mode).dtype == F64
 
 
 @settings(max_examples=25, deadline=None)
@@ -426,9 +446,10 @@ def test_property_nonnegative_finite_and_shift_invariant(n, c, seed, eps, spread
     s = spread * torch.randn(n, c, generator=g, dtype=F64)
     t = spread * torch.randn(n, c, generator=g, dtype=F64)
     for mode in ("batch", "sample"):
-        loss = sinkhorn_kd_loss(s, t, mode=mode, epsilon=eps)
+        loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode=mode, epsilon=eps)
         assert torch.isfinite(loss) and loss.item() >= 0
-        shifted = sinkhorn_kd_loss(s + 3.0, t - 2.0, mode=mode, epsilon=eps)  # softmax is shift-invariant
+        shifted = sinkhorn_kd_loss(student_logits=s + 3.0, teacher_logits=t - 2.0, mode=mode,
+                                   epsilon=eps)  # softmax is shift-invariant
         torch.testing.assert_close(shifted, loss, rtol=1e-9, atol=1e-12)
 
 
@@ -449,7 +470,8 @@ def test_errors_name_the_argument():
         (dict(mode="sample", cost="l1"), "cost"),
         (dict(mode="sample", cost=torch.ones(4, 4)), "cost"),
         (dict(mode="sample", cost=torch.full((3, 3), float("nan"))), "cost"),
-        (dict(mask=torch.ones(4)), "mask"),
+        (dict(mask=torch.full((4,), 0.5)), "mask"),
+        (dict(mask=torch.ones(4, 1, dtype=torch.bool)), "mask"),
         (dict(mask=torch.ones(3, dtype=torch.bool)), "mask"),
         (dict(cost=lambda a, b: torch.ones(2, 2)), "cost"),
         (dict(cost=lambda a, b: torch.full((4, 4), math.nan)), "cost"),
@@ -457,45 +479,68 @@ def test_errors_name_the_argument():
     ]
     for kwargs, word in cases:
         with pytest.raises(ValueError, match=word):
-            sinkhorn_kd_loss(s, t, **kwargs)
+            sinkhorn_kd_loss(student_logits=s, teacher_logits=t, **kwargs)
     with pytest.raises(ValueError, match="shape mismatch"):
-        sinkhorn_kd_loss(s, torch.randn(5, 3))
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=torch.randn(5, 3))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        sinkhorn_kd_loss(s, torch.randn(4, 2))
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=torch.randn(4, 2))
     with pytest.raises(ValueError, match="student_logits"):
-        sinkhorn_kd_loss(torch.randn(3), torch.randn(3))  # batch mode needs [N, C]
+        sinkhorn_kd_loss(student_logits=torch.randn(3), teacher_logits=torch.randn(3))  # batch mode needs [N, C]
     with pytest.raises(TypeError, match="teacher_logits"):
-        sinkhorn_kd_loss(s, t.long())
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=t.long())
     bad = s.clone()
     bad[1, 2] = float("nan")
     for mode in ("batch", "sample"):
         with pytest.raises(ValueError, match="student_logits contains NaN"):
-            sinkhorn_kd_loss(bad, t, mode=mode)
+            sinkhorn_kd_loss(student_logits=bad, teacher_logits=t, mode=mode)
         with pytest.raises(ValueError, match="teacher_logits has a row whose entries are all -inf"):
-            sinkhorn_kd_loss(s, torch.where(torch.arange(4)[:, None] == 0, -math.inf, t), mode=mode)
+            sinkhorn_kd_loss(student_logits=s,
+                             teacher_logits=torch.where(torch.arange(4)[:, None] == 0, -math.inf, t), mode=mode)
 
 
 def test_solver_errors_name_the_argument():
     cost = torch.rand(3, 4)
     a, b = torch.full((3,), 1 / 3), torch.full((4,), 0.25)
     with pytest.raises(ValueError, match="same total mass"):
-        sinkhorn_log(cost, a, 2 * b)
-    with pytest.raises(ValueError, match="^a must"):
-        sinkhorn_log(cost, -a, b)
-    with pytest.raises(ValueError, match="b must have 4 entries"):
-        sinkhorn_log(cost, a, torch.full((3,), 1 / 3))
-    with pytest.raises(ValueError, match="either a= or log_a="):
-        sinkhorn_log(cost, a, b, log_a=a.log())
-    with pytest.raises(ValueError, match="log_b contains \\+inf"):
-        sinkhorn_log(cost, a, log_b=torch.tensor([0.0, math.inf, 0.0, 0.0]))
+        sinkhorn_log(cost=cost, row_marginal=a, column_marginal=2 * b)
+    with pytest.raises(ValueError, match="^row_marginal must"):
+        sinkhorn_log(cost=cost, row_marginal=-a, column_marginal=b)
+    with pytest.raises(ValueError, match="column_marginal must have 4 entries"):
+        sinkhorn_log(cost=cost, row_marginal=a, column_marginal=torch.full((3,), 1 / 3))
+    with pytest.raises(ValueError, match="either row_marginal= or log_row_marginal="):
+        sinkhorn_log(cost=cost, row_marginal=a, column_marginal=b, log_row_marginal=a.log())
+    with pytest.raises(ValueError, match="log_column_marginal contains \\+inf"):
+        sinkhorn_log(cost=cost, row_marginal=a, log_column_marginal=torch.tensor([0.0, math.inf, 0.0, 0.0]))
     with pytest.raises(ValueError, match="zero total mass"):
-        sinkhorn_log(cost, torch.zeros(3), b)
-    with pytest.raises(ValueError, match="cost must be finite"):
-        sinkhorn_log(torch.tensor([[0.0, math.inf], [1.0, 0.0]]))
-    with pytest.raises(ValueError, match="cost must have at least 2 dimensions"):
-        sinkhorn_log(torch.rand(3))
+        sinkhorn_log(cost=cost, row_marginal=torch.zeros(3), column_marginal=b)
+    with pytest.raises(ValueError, match="cost contains \\+inf"):
+        sinkhorn_log(cost=torch.tensor([[0.0, math.inf], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="cost must have at least 2 dimension"):
+        sinkhorn_log(cost=torch.rand(3))
     with pytest.raises(ValueError, match="epsilon"):
-        sinkhorn_log(torch.tensor([[0.0, 1e30], [1.0, 0.0]]), epsilon=1e-20)
+        sinkhorn_log(cost=torch.tensor([[0.0, 1e30], [1.0, 0.0]]), epsilon=1e-20)
     with pytest.raises(ValueError, match="num_classes"):
         zero_one_cost(0)
     assert index_cost(3).tolist() == [[0, 1, 2], [1, 0, 1], [2, 1, 0]]
+
+
+def test_tensors_are_keyword_only():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(TypeError, match="positional"):
+        sinkhorn_kd_loss(s, t)
+    with pytest.raises(TypeError, match="positional"):
+        sinkhorn_log(torch.rand(3, 3))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        sinkhorn_log(cost=torch.rand(3, 3), a=torch.full((3,), 1 / 3))  # the old names are gone
+
+
+def test_mask_is_never_moved_and_accepts_zero_one():
+    s, t = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    keep = torch.tensor([True, False, True, True])
+    as_bool = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mask=keep)
+    as_int = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mask=keep.long())
+    torch.testing.assert_close(as_int, as_bool, rtol=0, atol=0)
+    ref = sinkhorn_kd_loss(student_logits=s[keep], teacher_logits=t[keep])
+    torch.testing.assert_close(as_bool, ref, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="device mismatch: mask"):
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mask=keep.to("meta"))

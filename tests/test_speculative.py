@@ -45,7 +45,7 @@ def within_se(samples, expected, k=4.0):
 # ------------------------------------------------------------------ acceptance = 1 - TV
 def test_spec_numbers():
     p, q = torch.tensor([0.5, 0.3, 0.2], dtype=F64), torch.tensor([0.2, 0.5, 0.3], dtype=F64)
-    assert acceptance_rate(p.log(), q.log()).item() == pytest.approx(0.7, abs=1e-12)
+    assert acceptance_rate(target_logits=p.log(), draft_logits=q.log()).item() == pytest.approx(0.7, abs=1e-12)
     assert fdiv.get("tv")(p.log(), q.log()).item() == pytest.approx(0.3, abs=1e-12)
 
 
@@ -54,14 +54,15 @@ def test_acceptance_is_one_minus_total_variation(temperature):
     g = gen(0)
     target = 3 * torch.randn(4, 7, 11, generator=g, dtype=F64)
     draft = 3 * torch.randn(4, 7, 11, generator=g, dtype=F64)
-    beta = acceptance_rate(target, draft, temperature=temperature)
+    beta = acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature)
     assert beta.shape == (4, 7)
     tv = fdiv.get("tv")(target, draft, temperature=temperature)
     torch.testing.assert_close(beta, 1 - tv, rtol=0, atol=1e-13)
     p, q = softmax_np(target.numpy(), temperature), softmax_np(draft.numpy(), temperature)
     np.testing.assert_allclose(beta.numpy(), np.minimum(p, q).sum(-1), rtol=1e-12)
     # the mean reduction is the acceptance rate alpha = E_x[beta(x)]
-    assert acceptance_rate(target, draft, temperature=temperature, reduction="mean").item() == pytest.approx(
+    assert acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature,
+                           reduction="mean").item() == pytest.approx(
         np.minimum(p, q).sum(-1).mean(), rel=1e-12
     )
 
@@ -70,24 +71,24 @@ def test_extreme_logits_keep_relative_precision():
     # overlap only through tails of size e^-600: beta = 2 e^-600 / (1 + e^-600), far below 1 - TV's resolution
     target = torch.tensor([0.0, -600.0], dtype=F64)
     draft = torch.tensor([-600.0, 0.0], dtype=F64)
-    beta = acceptance_rate(target, draft).item()
+    beta = acceptance_rate(target_logits=target, draft_logits=draft).item()
     assert beta == pytest.approx(2 * math.exp(-600) / (1 + math.exp(-600)), rel=1e-12)
     big = torch.tensor([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0]], dtype=torch.float32)
     other = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], dtype=torch.float32)
-    torch.testing.assert_close(acceptance_rate(big, other), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(acceptance_rate(target_logits=big, draft_logits=other), torch.tensor([1.0, 0.0]))
 
 
 def test_masked_vocabulary_entries():
     inf = math.inf
     target = torch.tensor([[0.5, -inf, 1.0, 0.0], [-inf, -inf, 2.0, 1.0]], dtype=F64, requires_grad=True)
     draft = torch.tensor([[-inf, 0.3, 1.0, 0.2], [0.1, -inf, 2.0, -inf]], dtype=F64, requires_grad=True)
-    beta = acceptance_rate(target, draft)
+    beta = acceptance_rate(target_logits=target, draft_logits=draft)
     p, q = softmax_np(target.detach().numpy()), softmax_np(draft.detach().numpy())
     np.testing.assert_allclose(beta.detach().numpy(), np.minimum(p, q).sum(-1), rtol=1e-12)
     beta.sum().backward()
     assert torch.isfinite(target.grad).all() and torch.isfinite(draft.grad).all()
     # disjoint supports: never accepted, no NaN
-    zero = acceptance_rate(torch.tensor([0.0, -inf]), torch.tensor([-inf, 0.0]))
+    zero = acceptance_rate(target_logits=torch.tensor([0.0, -inf]), draft_logits=torch.tensor([-inf, 0.0]))
     assert zero.item() == 0.0
 
 
@@ -95,8 +96,9 @@ def test_gradient_is_minus_total_variation_gradient():
     g = gen(1)
     target = torch.randn(3, 6, generator=g, dtype=F64)
     draft = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda d: acceptance_rate(target, d, temperature=1.3), (draft,))
-    (grad_beta,) = torch.autograd.grad(acceptance_rate(target, draft).sum(), draft)
+    assert torch.autograd.gradcheck(lambda d: acceptance_rate(target_logits=target, draft_logits=d, temperature=1.3),
+                                    (draft,))
+    (grad_beta,) = torch.autograd.grad(acceptance_rate(target_logits=target, draft_logits=draft).sum(), draft)
     (grad_tv,) = torch.autograd.grad(fdiv.get("tv")(target, draft).sum(), draft)
     torch.testing.assert_close(grad_beta, -grad_tv)
 
@@ -105,9 +107,12 @@ def test_greedy_acceptance():
     target = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 0.0]])
     draft = torch.tensor([[2.0, 0.0, 0.0], [5.0, 1.0, 0.0], [1.0, 1.0, -1.0]])
     expected = torch.tensor([1.0, 0.0, 1.0])  # row 3: tie -> first index on both sides
-    torch.testing.assert_close(acceptance_rate(target, draft, greedy=True), expected)
-    torch.testing.assert_close(acceptance_rate(target, draft, temperature=0), expected)
-    assert acceptance_rate(target, draft, temperature=0, reduction="mean").item() == pytest.approx(2 / 3)
+    torch.testing.assert_close(acceptance_rate(target_logits=target, draft_logits=draft, greedy=True), expected)
+    # greedy ignores the temperature (any T > 0 gives the same argmax)
+    torch.testing.assert_close(acceptance_rate(target_logits=target, draft_logits=draft, greedy=True, temperature=0.3),
+                               expected)
+    assert acceptance_rate(target_logits=target, draft_logits=draft, greedy=True,
+                           reduction="mean").item() == pytest.approx(2 / 3)
 
 
 def test_mask_and_sequence_acceptance():
@@ -118,27 +123,28 @@ def test_mask_and_sequence_acceptance():
     target_bad = target.clone()
     target_bad[~mask] = float("nan")  # padding garbage is never looked at
     draft_bad = draft.clone().requires_grad_(True)
-    beta = acceptance_rate(target, draft)
-    rows = acceptance_rate(target_bad, draft_bad, mask=mask)
+    beta = acceptance_rate(target_logits=target, draft_logits=draft)
+    rows = acceptance_rate(target_logits=target_bad, draft_logits=draft_bad, mask=mask)
     torch.testing.assert_close(rows, torch.where(mask, beta, 0.0))
-    seq = sequence_acceptance_rate(target_bad, draft_bad, mask=mask)
+    seq = sequence_acceptance_rate(target_logits=target_bad, draft_logits=draft_bad, mask=mask)
     torch.testing.assert_close(seq, torch.stack([beta[0, :3].mean(), beta[1].mean(), torch.tensor(0.0, dtype=F64)]))
     seq.sum().backward()
     assert torch.isfinite(draft_bad.grad).all() and (draft_bad.grad[~mask] == 0).all()
-    torch.testing.assert_close(sequence_acceptance_rate(target, draft), beta.mean(-1))
-    mean = acceptance_rate(target_bad, draft, mask=mask, reduction="mean")
+    torch.testing.assert_close(sequence_acceptance_rate(target_logits=target, draft_logits=draft), beta.mean(-1))
+    mean = acceptance_rate(target_logits=target_bad, draft_logits=draft, mask=mask, reduction="mean")
     assert mean.item() == pytest.approx(beta[mask].mean().item(), rel=1e-12)
-    assert acceptance_rate(target, draft, mask=torch.zeros(3, 5, dtype=torch.bool), reduction="mean").item() == 0
+    assert acceptance_rate(target_logits=target, draft_logits=draft, mask=torch.zeros(3, 5, dtype=torch.bool),
+                           reduction="mean").item() == 0
 
 
 def test_dtypes():
     g = gen(3)
     target = torch.randn(4, 9, generator=g).to(torch.bfloat16)
     draft = torch.randn(4, 9, generator=g).to(torch.bfloat16)
-    out = acceptance_rate(target, draft)
+    out = acceptance_rate(target_logits=target, draft_logits=draft)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, acceptance_rate(target.float(), draft.float()))
-    assert acceptance_rate(target.double(), draft.double()).dtype == F64
+    torch.testing.assert_close(out, acceptance_rate(target_logits=target.float(), draft_logits=draft.float()))
+    assert acceptance_rate(target_logits=target.double(), draft_logits=draft.double()).dtype == F64
 
 
 # ------------------------------------------------------------------ Monte Carlo: one token
@@ -146,7 +152,7 @@ def test_monte_carlo_acceptance_and_output_distribution():
     n = 200_000
     p = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
     q = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
-    out = speculative_sample(p.log().expand(n, 3), q.log().expand(n, 3), generator=gen(4))
+    out = speculative_sample(target_logits=p.log().expand(n, 3), draft_logits=q.log().expand(n, 3), generator=gen(4))
     assert within_se(out.accepted, 0.7)
     counts = torch.bincount(out.tokens, minlength=3).numpy()
     assert chisquare(counts, n * p.numpy()).pvalue > 1e-3
@@ -163,9 +169,10 @@ def test_monte_carlo_random_models_with_masked_entries(temperature):
     # the draft gives mass to a token the target forbids, and misses one the target needs
     target = torch.tensor([1.0, 0.2, -inf, 0.5, -0.3, 2.0], dtype=F64)
     draft = torch.tensor([0.0, 1.5, 0.7, -inf, 0.4, 1.0], dtype=F64)
-    out = speculative_sample(target.expand(n, 6), draft.expand(n, 6), temperature=temperature, generator=gen(5))
+    out = speculative_sample(target_logits=target.expand(n, 6), draft_logits=draft.expand(n, 6),
+                             temperature=temperature, generator=gen(5))
     p = softmax_np(target.numpy(), temperature)
-    beta = acceptance_rate(target, draft, temperature=temperature).item()
+    beta = acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature).item()
     assert within_se(out.accepted, beta)
     counts = torch.bincount(out.tokens, minlength=6).numpy()
     assert counts[2] == 0
@@ -177,21 +184,22 @@ def test_given_draft_tokens_and_greedy_sampling():
     p = torch.tensor([[0.1, 0.6, 0.3]], dtype=F64).log().expand(4, 3)
     q = torch.tensor([[0.5, 0.2, 0.3]], dtype=F64).log().expand(4, 3)
     tokens = torch.tensor([0, 1, 2, 1])
-    out = speculative_sample(p, q, draft_tokens=tokens, generator=gen(6))
+    out = speculative_sample(target_logits=p, draft_logits=q, draft_tokens=tokens, generator=gen(6))
     assert torch.equal(out.draft_tokens, tokens)
     assert out.accepted[1] and out.accepted[3]  # p(1) >= q(1): always accepted
     assert torch.equal(out.tokens[out.accepted], tokens[out.accepted])
-    greedy = speculative_sample(p, q, greedy=True)
+    greedy = speculative_sample(target_logits=p, draft_logits=q, greedy=True)
     assert torch.equal(greedy.tokens, torch.ones(4, dtype=torch.int64))
     assert not greedy.accepted.any() and torch.equal(greedy.draft_tokens, torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="draft_tokens contains a token to which the draft gives probability 0"):
-        speculative_sample(p, torch.tensor([0.0, -math.inf, 0.0]).expand(4, 3).double(), draft_tokens=tokens)
+        speculative_sample(target_logits=p, draft_logits=torch.tensor([0.0, -math.inf, 0.0]).expand(4, 3).double(),
+                           draft_tokens=tokens)
 
 
 def test_identical_models_always_accept():
     g = gen(7)
     logits = torch.randn(5000, 7, generator=g, dtype=F64)
-    out = speculative_sample(logits, logits.clone(), generator=g)
+    out = speculative_sample(target_logits=logits, draft_logits=logits.clone(), generator=g)
     assert out.accepted.all() and torch.equal(out.tokens, out.draft_tokens)
 
 
@@ -204,11 +212,12 @@ def test_block_length_iid_matches_closed_form():
     n, gamma = 40_000, 4
     target = torch.tensor([1.0, 0.0, -0.5, 0.3, 2.0], dtype=F64)
     draft = torch.tensor([0.2, 0.8, -0.1, 0.3, 1.2], dtype=F64)
-    beta = acceptance_rate(target, draft).item()
+    beta = acceptance_rate(target_logits=target, draft_logits=draft).item()
     out = speculative_block(
-        constant_model(target), constant_model(draft), torch.zeros(n, 0, dtype=torch.int64), gamma, generator=gen(8)
+        target_fn=constant_model(target), draft_fn=constant_model(draft), prefix=torch.zeros(n, 0, dtype=torch.int64),
+        draft_length=gamma, generator=gen(8)
     )
-    expected = expected_block_length(beta, gamma).item()
+    expected = expected_block_length(alpha=beta, draft_length=gamma).item()
     assert within_se(out.num_tokens, expected)
     # the number of accepted drafts is a truncated geometric: P(K = k) = beta^k (1 - beta), P(K = gamma) = beta^gamma
     probs = np.array([beta**k * (1 - beta) for k in range(gamma)] + [beta**gamma])
@@ -231,15 +240,16 @@ def test_block_length_position_dependent_matches_product_formula():
     def by_position(table):
         return lambda tokens: table[tokens.shape[1]].expand(tokens.shape[0], -1)
 
-    betas = acceptance_rate(targets[:gamma], drafts[:gamma])
+    betas = acceptance_rate(target_logits=targets[:gamma], draft_logits=drafts[:gamma])
     assert betas.max() - betas.min() > 0.1  # genuinely position dependent
     out = speculative_block(
-        by_position(targets), by_position(drafts), torch.zeros(n, 0, dtype=torch.int64), gamma, generator=gen(10)
+        target_fn=by_position(targets), draft_fn=by_position(drafts), prefix=torch.zeros(n, 0, dtype=torch.int64),
+        draft_length=gamma, generator=gen(10)
     )
-    exact = expected_block_length_from_positions(betas).item()
+    exact = expected_block_length_from_positions(betas=betas).item()
     assert within_se(out.num_tokens, exact)
     # the i.i.d. formula at the mean acceptance is a different number here, and the test can tell
-    iid = expected_block_length(betas.mean(), gamma).item()
+    iid = expected_block_length(alpha=betas.mean(), draft_length=gamma).item()
     assert abs(iid - exact) > 6 * out.num_tokens.double().std().item() / math.sqrt(n)
 
 
@@ -258,17 +268,19 @@ def test_block_on_markov_chains_matches_exact_recursion_and_target_law():
     m = np.minimum(p, q)
     reach = [np.linalg.matrix_power(m, k)[start].sum() for k in range(gamma + 1)]
     conditional = [reach[k] / reach[k - 1] for k in range(1, gamma + 1)]  # beta_k given all earlier accepted
-    exact = expected_block_length_from_positions(torch.tensor(conditional)).item()
+    exact = expected_block_length_from_positions(betas=torch.tensor(conditional)).item()
     assert exact == pytest.approx(sum(reach), rel=1e-12)
     prefix = torch.full((n, 1), start, dtype=torch.int64)
-    out = speculative_block(markov(target_table), markov(draft_table), prefix, gamma, generator=gen(12))
+    out = speculative_block(target_fn=markov(target_table), draft_fn=markov(draft_table), prefix=prefix,
+                            draft_length=gamma, generator=gen(12))
     assert within_se(out.num_tokens, exact)
     # the emitted text follows the target chain: the first two tokens (x1, x2) ~ p(x1|s) p(x2|x1)
     first = out.tokens[:, 0]
     second = out.tokens[:, 1].clone()
     short = out.num_tokens == 1
     more = speculative_block(
-        markov(target_table), markov(draft_table), torch.stack([prefix[:, 0], first], -1)[short], gamma, generator=g
+        target_fn=markov(target_table), draft_fn=markov(draft_table),
+        prefix=torch.stack([prefix[:, 0], first], -1)[short], draft_length=gamma, generator=g
     )
     second[short] = more.tokens[:, 0]
     pairs = torch.bincount(first * vocab + second, minlength=vocab * vocab).numpy()
@@ -291,14 +303,16 @@ def test_greedy_block_reproduces_target_greedy_decoding():
         return lambda tokens: table[tokens[:, -1]]
 
     prefix = torch.arange(vocab).unsqueeze(-1)
-    out = speculative_block(markov(target_table), markov(draft_table), prefix, gamma, temperature=0)
+    out = speculative_block(target_fn=markov(target_table), draft_fn=markov(draft_table), prefix=prefix,
+                            draft_length=gamma, greedy=True)
     for row in range(vocab):
         state, greedy = row, []
         for _ in range(int(out.num_tokens[row])):
             state = int(target_table[state].argmax())
             greedy.append(state)
         assert out.tokens[row, : len(greedy)].tolist() == greedy
-    same = speculative_block(markov(target_table), markov(target_table.clone()), prefix, gamma, greedy=True)
+    same = speculative_block(target_fn=markov(target_table), draft_fn=markov(target_table.clone()), prefix=prefix,
+                             draft_length=gamma, greedy=True)
     assert (same.num_tokens == gamma + 1).all()
 
 
@@ -307,89 +321,91 @@ def test_expected_block_length_closed_form():
     for gamma in range(0, 9):
         for alpha in (0.0, 1e-12, 0.1, 0.5, 0.9, 0.999, 1 - 1e-9, 1 - 1e-13, 1.0):
             direct = sum(alpha**k for k in range(gamma + 1))
-            assert expected_block_length(alpha, gamma).item() == pytest.approx(direct, rel=1e-12)
+            assert expected_block_length(alpha=alpha, draft_length=gamma).item() == pytest.approx(direct, rel=1e-12)
     alpha = torch.tensor([0.0, 0.3, 0.8, 1.0], dtype=F64, requires_grad=True)
-    expected_block_length(alpha, 5).sum().backward()
+    expected_block_length(alpha=alpha, draft_length=5).sum().backward()
     direct = [sum(k * a ** (k - 1) for k in range(1, 6)) for a in (0.0, 0.3, 0.8, 1.0)]
     torch.testing.assert_close(alpha.grad, torch.tensor(direct, dtype=F64))
     assert alpha.grad[-1].item() == pytest.approx(15.0)  # gamma (gamma + 1) / 2 at alpha = 1
-    grid = expected_block_length(torch.tensor([0.5, 0.9]), torch.tensor([[1], [3]]))
+    grid = expected_block_length(alpha=torch.tensor([0.5, 0.9]), draft_length=torch.tensor([[1], [3]]))
     torch.testing.assert_close(grid, torch.tensor([[1.5, 1.9], [1.875, 3.439]]))
-    assert expected_block_length(0.8, 4).item() == pytest.approx((1 - 0.8**5) / 0.2)
+    assert expected_block_length(alpha=0.8, draft_length=4).item() == pytest.approx((1 - 0.8**5) / 0.2)
 
 
 def test_position_formula_reduces_to_iid_and_handles_zero():
     betas = torch.full((2, 6), 0.7, dtype=F64)
-    torch.testing.assert_close(expected_block_length_from_positions(betas), expected_block_length(0.7, 6).expand(2))
-    assert expected_block_length_from_positions([0.9, 0.0, 1.0]).item() == pytest.approx(1.9)
-    along_rows = expected_block_length_from_positions(torch.tensor([[0.5], [1.0]]), dim=0)
+    torch.testing.assert_close(expected_block_length_from_positions(betas=betas),
+                               expected_block_length(alpha=0.7, draft_length=6).expand(2))
+    assert expected_block_length_from_positions(betas=[0.9, 0.0, 1.0]).item() == pytest.approx(1.9)
+    along_rows = expected_block_length_from_positions(betas=torch.tensor([[0.5], [1.0]]), dim=0)
     assert along_rows.tolist() == [2.0]  # 1 + 0.5 + 0.5 * 1
     b = torch.tensor([0.9, 0.4, 0.6], dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(expected_block_length_from_positions, (b,))
+    assert torch.autograd.gradcheck(lambda x: expected_block_length_from_positions(betas=x), (b,))
 
 
 # ------------------------------------------------------------------ errors
 def test_errors_name_the_argument():
     t, d = torch.randn(3, 5), torch.randn(3, 5)
     with pytest.raises(ValueError, match="shape mismatch"):
-        acceptance_rate(t, torch.randn(4, 5))
+        acceptance_rate(target_logits=t, draft_logits=torch.randn(4, 5))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        acceptance_rate(t, torch.randn(3, 4))
+        acceptance_rate(target_logits=t, draft_logits=torch.randn(3, 4))
     with pytest.raises(TypeError, match="draft_logits"):
-        acceptance_rate(t, d.long())
+        acceptance_rate(target_logits=t, draft_logits=d.long())
     with pytest.raises(ValueError, match="temperature"):
-        acceptance_rate(t, d, temperature=-1.0)
+        acceptance_rate(target_logits=t, draft_logits=d, temperature=-1.0)
     with pytest.raises(ValueError, match="temperature"):
-        acceptance_rate(t, d, temperature="hot")
+        acceptance_rate(target_logits=t, draft_logits=d, temperature="hot")
     with pytest.raises(ValueError, match="greedy"):
-        acceptance_rate(t, d, greedy=1)
+        acceptance_rate(target_logits=t, draft_logits=d, greedy=1)
     with pytest.raises(ValueError, match="reduction"):
-        acceptance_rate(t, d, reduction="avg")
+        acceptance_rate(target_logits=t, draft_logits=d, reduction="avg")
     with pytest.raises(ValueError, match="mask"):
-        acceptance_rate(t, d, mask=torch.ones(3))
+        acceptance_rate(target_logits=t, draft_logits=d, mask=torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="mask"):
-        acceptance_rate(t, d, mask=torch.ones(5, dtype=torch.bool))
+        acceptance_rate(target_logits=t, draft_logits=d, mask=torch.ones(5, dtype=torch.bool))
     bad = t.clone()
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="target_logits contains NaN"):
-        acceptance_rate(bad, d)
+        acceptance_rate(target_logits=bad, draft_logits=d)
     with pytest.raises(ValueError, match=r"draft_logits contains \+inf"):
-        acceptance_rate(t, torch.where(bad.isnan(), math.inf, d))
+        acceptance_rate(target_logits=t, draft_logits=torch.where(bad.isnan(), math.inf, d))
     with pytest.raises(ValueError, match="draft_logits has a row whose entries are all -inf"):
-        acceptance_rate(t, torch.full_like(d, -math.inf))
+        acceptance_rate(target_logits=t, draft_logits=torch.full_like(d, -math.inf))
     with pytest.raises(ValueError, match="target_logits has a row whose entries are all -inf"):
-        speculative_sample(torch.full_like(t, -math.inf), d)
+        speculative_sample(target_logits=torch.full_like(t, -math.inf), draft_logits=d)
     with pytest.raises(ValueError, match="target_logits contains NaN"):
-        acceptance_rate(bad, d, greedy=True)
+        acceptance_rate(target_logits=bad, draft_logits=d, greedy=True)
     with pytest.raises(ValueError, match="draft_logits has a row whose entries are all -inf"):
-        acceptance_rate(t, torch.full_like(d, -math.inf), temperature=0)
+        acceptance_rate(target_logits=t, draft_logits=torch.full_like(d, -math.inf), greedy=True)
     with pytest.raises(ValueError, match="target_logits must have shape"):
-        sequence_acceptance_rate(torch.randn(5), torch.randn(5))
+        sequence_acceptance_rate(target_logits=torch.randn(5), draft_logits=torch.randn(5))
     with pytest.raises(ValueError, match="alpha"):
-        expected_block_length(1.2, 3)
+        expected_block_length(alpha=1.2, draft_length=3)
     with pytest.raises(ValueError, match="alpha"):
-        expected_block_length(float("nan"), 3)
+        expected_block_length(alpha=float("nan"), draft_length=3)
     with pytest.raises(ValueError, match="draft_length"):
-        expected_block_length(0.5, -1)
+        expected_block_length(alpha=0.5, draft_length=-1)
     with pytest.raises(ValueError, match="draft_length"):
-        expected_block_length(0.5, 2.5)
+        expected_block_length(alpha=0.5, draft_length=2.5)
     with pytest.raises(ValueError, match="betas"):
-        expected_block_length_from_positions(torch.tensor([0.5, 1.5]))
+        expected_block_length_from_positions(betas=torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="betas"):
-        expected_block_length_from_positions(0.5)
+        expected_block_length_from_positions(betas=0.5)
     with pytest.raises(ValueError, match="draft_tokens"):
-        speculative_sample(t, d, draft_tokens=torch.tensor([0, 1, 5]))
+        speculative_sample(target_logits=t, draft_logits=d, draft_tokens=torch.tensor([0, 1, 5]))
     with pytest.raises(ValueError, match="draft_tokens"):
-        speculative_sample(t, d, draft_tokens=torch.zeros(2, dtype=torch.int64))
+        speculative_sample(target_logits=t, draft_logits=d, draft_tokens=torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="generator"):
-        speculative_sample(t, d, generator=0)
+        speculative_sample(target_logits=t, draft_logits=d, generator=0)
     model = constant_model(torch.zeros(5))
     with pytest.raises(ValueError, match="prefix"):
-        speculative_block(model, model, torch.zeros(3, 1), 2)
+        speculative_block(target_fn=model, draft_fn=model, prefix=torch.zeros(3, 1), draft_length=2)
     with pytest.raises(ValueError, match="draft_length"):
-        speculative_block(model, model, torch.zeros(3, 1, dtype=torch.int64), 0)
+        speculative_block(target_fn=model, draft_fn=model, prefix=torch.zeros(3, 1, dtype=torch.int64), draft_length=0)
     with pytest.raises(ValueError, match="target_fn"):
-        speculative_block(lambda x: torch.zeros(2, 5), model, torch.zeros(3, 1, dtype=torch.int64), 2)
+        speculative_block(target_fn=lambda x: torch.zeros(2, 5), draft_fn=model,
+                          prefix=torch.zeros(3, 1, dtype=torch.int64), draft_length=2)
 
 
 def test_expected_block_length_float32_gradient_matches_float64_near_one():
@@ -398,7 +414,41 @@ def test_expected_block_length_float32_gradient_matches_float64_near_one():
     for exponent in (-5.34, -4.0, -3.0, -2.0):
         a = 1.0 - 10.0**exponent
         x = torch.tensor(a, dtype=torch.float32, requires_grad=True)
-        expected_block_length(x, 4).backward()
-        exact = sum(j * float(x) ** (j - 1) for j in range(1, 5))  # d/da sum_{j<=4} a^j at the float32 alpha
+        expected_block_length(alpha=x, draft_length=4).backward()
+        exact = sum(j * float(x.detach()) ** (j - 1) for j in range(1, 5))  # d/da sum_{j<=4} a^j at the float32 alpha
         assert x.grad.dtype == torch.float32
         assert x.grad.item() == pytest.approx(exact, rel=1e-6)
+
+
+def test_temperature_zero_is_never_greedy():
+    """Greedy is greedy=True; temperature=0 is an input error everywhere (it would divide by 0)."""
+    t, d = torch.randn(3, 5), torch.randn(3, 5)
+    model = constant_model(torch.zeros(5))
+    prefix = torch.zeros(3, 1, dtype=torch.int64)
+    calls = [
+        lambda **kw: acceptance_rate(target_logits=t, draft_logits=d, **kw),
+        lambda **kw: sequence_acceptance_rate(target_logits=t[None], draft_logits=d[None], **kw),
+        lambda **kw: speculative_sample(target_logits=t, draft_logits=d, **kw),
+        lambda **kw: speculative_block(target_fn=model, draft_fn=model, prefix=prefix, draft_length=2, **kw),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="temperature"):
+            call(temperature=0)
+        with pytest.raises(ValueError, match="temperature"):
+            call(temperature=0.0, greedy=True)  # not even together with greedy
+        call(greedy=True)  # the one greedy switch
+
+
+def test_tensors_are_keyword_only():
+    t, d = torch.randn(3, 5), torch.randn(3, 5)
+    model = constant_model(torch.zeros(5))
+    for call in (
+        lambda: acceptance_rate(t, d),
+        lambda: sequence_acceptance_rate(t[None], d[None]),
+        lambda: speculative_sample(t, d),
+        lambda: speculative_block(model, model, torch.zeros(3, 1, dtype=torch.int64), 2),
+        lambda: expected_block_length(0.5, 3),
+        lambda: expected_block_length_from_positions(torch.tensor([0.5])),
+    ):
+        with pytest.raises(TypeError, match="positional"):
+            call()

@@ -139,7 +139,10 @@ def reference(div, student, teacher, temperature, weights):
 
 
 def check_against_reference(div, student, teacher, temperature, weights, block_v, rtol=1e-5, grad_rtol=1e-5):
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0 / temperature, weights, True, block_v=block_v)
+    rows, g_s, g_t = tk.triton_token_rows(
+        student_logits=student, teacher_logits=teacher, divergence=div, temperature=temperature, row_weights=weights,
+        teacher_grad=True, block_v=block_v,
+    )
     ref_rows, ref_s, ref_t = reference(div, student, teacher, temperature, weights)
     counted = weights != 0
     assert rows.dtype == torch.float32 and rows.shape == (student.shape[0],)
@@ -198,9 +201,15 @@ def test_matches_token_loss_eager(spec):
     mask = torch.tensor([True, True, False, True, True])
     s = student.clone().requires_grad_(True)
     t = teacher.clone().requires_grad_(True)
-    ref = fdiv.token_loss(s, t, name, temperature=2.0, mask=mask, reduction="none", backend="eager", **params)
+    ref = fdiv.token_loss(
+        student_logits=s, teacher_logits=t, divergence=div, temperature=2.0, mask=mask, reduction="none",
+        backend="eager",
+    )
     ref.backward(torch.ones_like(ref))
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 0.5, mask.float(), True, block_v=16)
+    rows, g_s, g_t = tk.triton_token_rows(
+        student_logits=student, teacher_logits=teacher, divergence=div, temperature=2.0, row_weights=mask.float(),
+        teacher_grad=True, block_v=16,
+    )
     torch.testing.assert_close(rows * mask, ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_s, s.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_t, t.grad, rtol=1e-5, atol=1e-6)
@@ -217,7 +226,10 @@ def test_token_loss_triton_backend_matches_eager(reduction):
     for backend in ("eager", "triton"):
         s = student.clone().requires_grad_(True)
         t = teacher.clone().requires_grad_(True)
-        out = fdiv.token_loss(s, t, div, temperature=1.5, mask=mask, reduction=reduction, backend=backend)
+        out = fdiv.token_loss(
+            student_logits=s, teacher_logits=t, divergence=div, temperature=1.5, mask=mask, reduction=reduction,
+            backend=backend,
+        )
         (out * 2.5).sum().backward()
         results.append((out.detach(), s.grad, t.grad))
     for got, ref in zip(results[1], results[0]):
@@ -232,7 +244,10 @@ def test_support_mismatch_gives_inf_row_and_finite_gradients(spec):
     student, teacher, _ = make_inputs(div, n=3, seed=6)
     victim = teacher if not math.isfinite(div.f_at_zero()) else student
     victim[1, [4, 30]] = -math.inf
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 0.5, torch.ones(3), True, block_v=16)
+    rows, g_s, g_t = tk.triton_token_rows(
+        student_logits=student, teacher_logits=teacher, divergence=div, temperature=2.0, row_weights=torch.ones(3),
+        teacher_grad=True, block_v=16,
+    )
     ref_rows, ref_s, ref_t = logit_chunk(div, student, teacher, 0.5, True, True)
     assert math.isinf(rows[1].item()) and math.isinf(ref_rows[1].item())
     torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
@@ -249,7 +264,10 @@ def test_uncounted_rows_are_not_read_and_all_masked_row_is_nan():
     teacher[0] = math.inf
     student[2] = -math.inf  # not a distribution: NaN, which token_loss turns into an error
     weights = torch.tensor([0.0, 1.0, 1.0])
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, True, block_v=16)
+    rows, g_s, g_t = tk.triton_token_rows(
+        student_logits=student, teacher_logits=teacher, divergence=div, row_weights=weights, teacher_grad=True,
+        block_v=16,
+    )
     assert rows[0] == 0 and torch.all(g_s[0] == 0) and torch.all(g_t[0] == 0)
     assert torch.isfinite(rows[1]) and torch.isfinite(g_s[1]).all()
     assert torch.isnan(rows[2])
@@ -264,22 +282,25 @@ def test_strided_rows_forward_only_and_preallocated_outputs():
     weights = torch.tensor([1.0, 0.5, 2.0, 1.0])
     ref_rows, ref_s, ref_t = reference(div, student, teacher, 1.0, weights)
     out_s = torch.full((4, 37), 7.0)
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, False, block_v=16, out_student=out_s)
+    pair = dict(student_logits=student, teacher_logits=teacher, divergence=div, row_weights=weights)
+    rows, g_s, g_t = tk.triton_token_rows(**pair, block_v=16, out_student=out_s)
     assert g_s is out_s and g_t is None
     torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
-    rows, g_s, g_t = tk.triton_token_rows(student, teacher, div, 1.0, weights, False, student_grad=False, block_v=16)
+    rows, g_s, g_t = tk.triton_token_rows(**pair, student_grad=False, block_v=16)
     assert g_s is None and g_t is None
     torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
     # column-strided input is made contiguous
-    rows, g_s, _ = tk.triton_token_rows(student.t().contiguous().t(), teacher, div, 1.0, weights, False, block_v=64)
+    rows, g_s, _ = tk.triton_token_rows(**{**pair, "student_logits": student.t().contiguous().t()}, block_v=64)
     torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
 
 
 @interpreted
 def test_vocabulary_of_one_and_default_block():
     div = fdiv.get("forward_kl")
-    rows, g_s, _ = tk.triton_token_rows(torch.randn(2, 1), torch.randn(2, 1), div, 1.0, torch.ones(2), False)
+    rows, g_s, _ = tk.triton_token_rows(
+        student_logits=torch.randn(2, 1), teacher_logits=torch.randn(2, 1), divergence=div, row_weights=torch.ones(2)
+    )
     assert torch.all(rows == 0) and torch.all(g_s == 0)
     student, teacher, weights = make_inputs(div, n=2, vocab=300, seed=9)
     check_against_reference(div, student, teacher, 1.0, weights, block_v=None)  # one 512-wide tile
@@ -314,7 +335,8 @@ for div, dtype, single, teacher_grad in cases:
     kernel = tk.compile_for_target(div, dtype=dtype, single_tile=single, teacher_grad=teacher_grad)
     assert ".entry _token_rows_kernel" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 0
 try:  # compiled mode and CPU tensors: a clear error, not a crash
-    tk.triton_token_rows(torch.randn(2, 5), torch.randn(2, 5), "js", 1.0, torch.ones(2), False)
+    tk.triton_token_rows(student_logits=torch.randn(2, 5), teacher_logits=torch.randn(2, 5), divergence="js",
+                         row_weights=torch.ones(2))
 except RuntimeError as error:
     assert "CUDA tensors" in str(error), error
 else:
@@ -341,11 +363,18 @@ def test_supports():
     assert not tk.supports(fdiv.get("bhattacharyya"))
     assert not tk.supports("no_such_divergence")
 
-    class MyKL(ForwardKL):  # a subclass may change its forms: never run it with ForwardKL's
+    class MyKL(ForwardKL):  # a subclass that changes its forms is never run with ForwardKL's
         name = "my_kl"
+
+        def _forms(self, a, b):
+            return ForwardKL._forms(self, a, b)
+
+    class SameKL(ForwardKL):  # one that keeps them runs them (the eager path uses the same forms)
+        name = "same_kl"
 
     assert not tk.supports(MyKL())
     assert not tk.supports(Swapped(MyKL()))
+    assert tk.supports(SameKL()) == HAVE_TRITON
     # backend selection: CPU tensors only in interpreter mode, never float64
     x = torch.randn(2, 5)
     assert tk.usable(x, x, "js") == RUN_HERE
@@ -357,25 +386,83 @@ def test_supports():
 def test_input_errors_before_any_launch():
     div = fdiv.get("forward_kl")
     ok = torch.randn(3, 7)
+
+    def call(student=ok, teacher=ok, **kw):
+        args = dict(student_logits=student, teacher_logits=teacher, divergence=div, row_weights=torch.ones(3))
+        return tk.triton_token_rows(**{**args, **kw})
+
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        tk.triton_token_rows(ok.double(), ok.double(), div, 1.0, torch.ones(3), False)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        tk.triton_token_rows(ok, torch.randn(3, 8), div, 1.0, torch.ones(3), False)
-    with pytest.raises(ValueError, match="2-D"):
-        tk.triton_token_rows(ok[0], ok[0], div, 1.0, torch.ones(3), False)
+        call(ok.double(), ok.double())
+    with pytest.raises(ValueError, match="must have the shape of student_logits"):
+        call(ok, torch.randn(3, 8))
+    with pytest.raises(ValueError, match="2 dimension"):
+        call(ok[0], ok[0])
     with pytest.raises(ValueError, match="row_weights"):
-        tk.triton_token_rows(ok, ok, div, 1.0, torch.ones(4), False)
-    with pytest.raises(ValueError, match="inv_temperature"):
-        tk.triton_token_rows(ok, ok, div, 0.0, torch.ones(3), False)
+        call(row_weights=torch.ones(4))
+    with pytest.raises(ValueError, match="temperature"):
+        call(temperature=0.0)
     with pytest.raises(ValueError, match="no forms"):
-        tk.triton_token_rows(ok, ok, "renyi", 1.0, torch.ones(3), False)
+        call(divergence="renyi")
+    with pytest.raises(TypeError):
+        tk.triton_token_rows(ok, ok, div, 1.0, torch.ones(3), False)  # tensors are keyword-only
+    with pytest.raises(TypeError):
+        call(inv_temperature=1.0)  # the kernel takes temperature, never its inverse or a T^2 flag
 
 
 def test_without_triton(monkeypatch):
     monkeypatch.setattr(tk, "triton_available", lambda: False)
     assert not tk.supports("forward_kl")
     with pytest.raises(RuntimeError, match="triton"):
-        tk.triton_token_rows(torch.randn(2, 5), torch.randn(2, 5), "forward_kl", 1.0, torch.ones(2), False)
+        tk.triton_token_rows(
+            student_logits=torch.randn(2, 5), teacher_logits=torch.randn(2, 5), divergence="forward_kl",
+            row_weights=torch.ones(2),
+        )
+
+
+#: The constants the kernel's forms expect, written out independently of the generators.
+def _mix(w):
+    return (w, 1.0 - w, math.log1p(-w) - math.log(w))
+
+
+EXPECTED_FORMS = [
+    (ForwardKL(), ("_forms_forward_kl", (), False, 0.0)),
+    (fdiv.get("reverse_kl"), ("_forms_reverse_kl", (), False, 0.0)),
+    (fdiv.get("js", beta=0.3), ("_forms_js", (*_mix(0.3), -0.3 * fdiv.get("js", beta=0.3)._scale,
+                                              -0.7 * fdiv.get("js", beta=0.3)._scale), False, 0.0)),
+    (fdiv.get("skew_forward_kl", alpha=0.2), ("_forms_skew_forward_kl", (*_mix(0.2), -0.8), False, 0.0)),
+    (fdiv.get("skew_reverse_kl", alpha=0.2), ("_forms_skew_reverse_kl", (*_mix(0.8), -0.8), False, 0.0)),
+    (fdiv.get("skew_forward_kl", alpha=0.0), ("_forms_forward_kl", (), False, 0.0)),
+    (fdiv.get("triangular"), ("_forms_triangular", (math.log(3.0),), False, 0.0)),
+    (fdiv.get("alpha", alpha=2.0), ("_forms_alpha", (1.0, 2.0), False, 0.0)),
+    (Swapped(ForwardKL()), ("_forms_forward_kl", (), True, 0.0)),
+]
+
+
+@pytest.mark.parametrize("div,expected", EXPECTED_FORMS, ids=[repr(d) for d, _ in EXPECTED_FORMS])
+def test_forms_come_from_the_generator(div, expected):
+    name, consts, swap, slope = tk._resolve(div)
+    assert (name, swap) == expected[:1] + expected[2:3]
+    assert consts == pytest.approx(expected[1], rel=1e-15, abs=0)
+    assert slope == pytest.approx(expected[3], abs=1e-15)
+    form = div.kernel_form()
+    assert tk.FORMS[form.name] == name
+    assert not hasattr(tk, "REGISTRY")  # the type switch is gone: the generator answers
+
+
+def test_standardized_slope_and_unknown_form_names():
+    inner = SkewForwardKL(0.2)
+    std = Standardized(Swapped(inner))
+    name, _, swap, slope = tk._resolve(std)
+    assert name == "_forms_skew_forward_kl" and swap
+    assert slope == pytest.approx(Swapped(inner).slope_at_one(), rel=1e-12) and slope != 0
+
+    class Odd(ForwardKL):
+        name = "odd"
+
+        def _kernel_form(self):
+            return ForwardKL._kernel_form(self)._replace(name="not_a_triton_form")
+
+    assert tk._resolve(Odd()) is None
 
 
 def test_pick_block():

@@ -36,7 +36,7 @@ class Case:
     split: tuple = (6, 7)  # columns per rank, uneven
     dtype: str = "float64"
     temperature: float = 1.0
-    temperature_scaling: bool = False
+    check_finite: bool | None = None
     reduction: str = "mean"
     chunk_size: int | None = 4
     rows_mask: str | None = None  # None | "mask" | "labels" | "chunk" (a whole chunk uncounted, NaN garbage)
@@ -67,10 +67,9 @@ def _build_cases():
         cases.append(
             replace(
                 base,
-                name=f"{tag}-split1_12-T0.7-scaled-mask-none-teacher-neginf",
+                name=f"{tag}-split1_12-T0.7-mask-none-teacher-neginf",
                 split=(1, 12),
                 temperature=0.7,
-                temperature_scaling=True,
                 rows_mask="mask",
                 reduction="none",
                 grad_output="random",
@@ -108,6 +107,10 @@ def _build_cases():
         Case(name="chunk-size-1", divergence="reverse_kl", chunk_size=1, rows_mask="mask"),
         Case(name="explicit-new-group", divergence="skew_forward_kl", params={"alpha": 0.1}, new_group=True),
         Case(name="no-grad", divergence="forward_kl", no_grad=True, reduction="none"),
+        # no scan for -inf: every rank runs the -inf-aware forms, same numbers
+        Case(name="unchecked-neginf-both", divergence="js", params={"beta": 0.3}, neg_inf="both", check_finite=False,
+             teacher_grad=(0, 1)),
+        Case(name="unchecked-uncounted-chunk", divergence="tv", rows_mask="chunk", check_finite=False),
         Case(name="teacher-grad-on-rank0-only", divergence="js", params={"beta": 0.3}, teacher_grad=(0,)),
         Case(name="float32", divergence="forward_kl", dtype="float32", teacher_grad=(0, 1)),
         Case(name="bf16-forward_kl", divergence="forward_kl", dtype="bfloat16", teacher_grad=(0, 1)),
@@ -118,7 +121,7 @@ def _build_cases():
 
 
 CASES = _build_cases()
-ERROR_CASES = ["renyi-rejected", "rows-mismatch", "mask-mismatch", "chunk-size-mismatch"]
+ERROR_CASES = ["renyi-rejected", "rows-mismatch", "mask-mismatch", "chunk-size-mismatch", "check-finite-mismatch"]
 
 
 # ------------------------------------------------------------------ worker side
@@ -175,14 +178,15 @@ def _run_case(case: Case, rank: int, groups: dict):
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     # inputs in the case's dtype; the reference sees exactly the same values in the compute dtype
     student, teacher = student.to(dtype), teacher.to(dtype)
-    kwargs = dict(temperature=case.temperature, temperature_scaling=case.temperature_scaling, mask=mask,
-                  labels=labels, reduction=case.reduction, chunk_size=case.chunk_size, **case.params)
+    divergence = fdiv.get(case.divergence, **case.params)
+    kwargs = dict(divergence=divergence, temperature=case.temperature, mask=mask, labels=labels,
+                  reduction=case.reduction, chunk_size=case.chunk_size)
     teacher_grad = rank in case.teacher_grad and not case.no_grad
 
     ref_s = student.to(compute).clone().requires_grad_(not case.no_grad)
     ref_t = teacher.to(compute).clone().requires_grad_(teacher_grad)
     with torch.set_grad_enabled(not case.no_grad):
-        ref = fdiv.token_loss(ref_s, ref_t, case.divergence, backend="eager", **kwargs)
+        ref = fdiv.token_loss(student_logits=ref_s, teacher_logits=ref_t, backend="eager", **kwargs)
 
     lo = sum(case.split[:rank])
     hi = lo + case.split[rank]
@@ -190,7 +194,8 @@ def _run_case(case: Case, rank: int, groups: dict):
     t = teacher[..., lo:hi].clone().requires_grad_(teacher_grad)
     group = groups["new"] if case.new_group else None
     with torch.set_grad_enabled(not case.no_grad):
-        out = vocab_parallel_token_loss(s, t, case.divergence, group=group, **kwargs)
+        out = vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=t, group=group,
+                                        check_finite=case.check_finite, **kwargs)
 
     assert out.dtype == compute, (out.dtype, compute)
     assert out.shape == ref.shape, (out.shape, ref.shape)
@@ -229,17 +234,21 @@ def _run_error_case(name: str, rank: int):
     gen = torch.Generator().manual_seed(7)
     s = torch.randn(15, 13, generator=gen, dtype=torch.float64)[:, : (6 if rank == 0 else 7)]
     t = torch.randn(15, 13, generator=gen, dtype=torch.float64)[:, : (6 if rank == 0 else 7)]
+    pair = dict(student_logits_shard=s, teacher_logits_shard=t)
     if name == "renyi-rejected":
-        with_error(ValueError, "renyi", vocab_parallel_token_loss, s, t, "renyi", alpha=0.5)
+        with_error(ValueError, "renyi", vocab_parallel_token_loss, **pair, divergence=fdiv.get("renyi", alpha=0.5))
     elif name == "rows-mismatch":
         rows = 15 if rank == 0 else 14
-        with_error(ValueError, "same rows", vocab_parallel_token_loss, s[:rows], t[:rows])
+        with_error(ValueError, "same rows", vocab_parallel_token_loss, student_logits_shard=s[:rows],
+                   teacher_logits_shard=t[:rows])
     elif name == "mask-mismatch":
         mask = torch.ones(15, dtype=torch.bool)
         mask[3 + rank] = False  # same count, different rows
-        with_error(ValueError, "counted", vocab_parallel_token_loss, s, t, mask=mask)
+        with_error(ValueError, "counted", vocab_parallel_token_loss, **pair, mask=mask)
     elif name == "chunk-size-mismatch":
-        with_error(ValueError, "chunk_size", vocab_parallel_token_loss, s, t, chunk_size=4 + rank)
+        with_error(ValueError, "chunk_size", vocab_parallel_token_loss, **pair, chunk_size=4 + rank)
+    elif name == "check-finite-mismatch":
+        with_error(ValueError, "check_finite", vocab_parallel_token_loss, **pair, check_finite=rank == 0)
     return []
 
 
@@ -311,24 +320,42 @@ def test_not_initialized_raises_runtime_error(monkeypatch):
         monkeypatch.setattr(dist, "is_initialized", lambda: False)
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     with pytest.raises(RuntimeError, match="fdiv.token_loss"):
-        vocab_parallel_token_loss(s, t)
+        vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=t)
 
 
 def test_non_f_divergence_rejected_before_any_communication():
     s, t = torch.randn(4, 5), torch.randn(4, 5)
     with pytest.raises(ValueError, match="renyi"):
-        vocab_parallel_token_loss(s, t, "renyi", alpha=0.5)
+        vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=t, divergence=fdiv.get("renyi", alpha=0.5))
     with pytest.raises(ValueError, match="bhattacharyya"):
-        vocab_parallel_token_loss(s, t, "bhattacharyya")
+        vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=t, divergence="bhattacharyya")
 
 
 def test_local_argument_errors_name_the_argument():
     s, t = torch.randn(4, 5), torch.randn(4, 6)
+
+    def call(student, teacher, **kw):
+        return vocab_parallel_token_loss(student_logits_shard=student, teacher_logits_shard=teacher, **kw)
+
     with pytest.raises(ValueError, match="teacher_logits_shard"):
-        vocab_parallel_token_loss(s, t)
+        call(s, t)
     with pytest.raises(ValueError, match="temperature"):
-        vocab_parallel_token_loss(s, s, temperature=0.0)
+        call(s, s, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
-        vocab_parallel_token_loss(s, s, chunk_size=0)
+        call(s, s, chunk_size=0)
     with pytest.raises(TypeError, match="student_logits_shard"):
-        vocab_parallel_token_loss(s.long(), s)
+        call(s.long(), s)
+    with pytest.raises(ValueError, match="mask"):
+        call(s, s, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="give either"):
+        call(s, s, mask=torch.ones(4, dtype=torch.bool), labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_keyword_only_and_no_temperature_scaling():
+    s = torch.randn(4, 5)
+    with pytest.raises(TypeError):
+        vocab_parallel_token_loss(s, s)
+    with pytest.raises(TypeError):
+        vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=s, temperature_scaling=True)
+    with pytest.raises(TypeError):
+        vocab_parallel_token_loss(student_logits_shard=s, teacher_logits_shard=s, divergence="js", beta=0.3)

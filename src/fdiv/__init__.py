@@ -10,7 +10,7 @@ data) and **Q the model** (student, policy).
 torch.Size([1])
 """
 
-from . import distill, preference, rl
+from . import decoding, detection, distill, preference, rl
 from .kernels import fused_linear_loss, token_loss, topk_token_loss, vocab_parallel_token_loss
 from .math import (
     Bhattacharyya,
@@ -26,7 +26,7 @@ from .math import (
     resolve,
 )
 from .math.closed_forms import available_closed_forms, closed_form, register_closed_form
-from .math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
+from .math.estimators import mc_estimate, variational_bound
 from .math.generators import (
     AlphaDivergence,
     ForwardKL,
@@ -67,12 +67,11 @@ __all__ = [
     "available",
     "available_closed_forms",
     "closed_form",
+    "decoding",
+    "detection",
     "distill",
     "fused_linear_loss",
     "get",
-    "kl_k1",
-    "kl_k2",
-    "kl_k3",
     "mc_estimate",
     "preference",
     "register",

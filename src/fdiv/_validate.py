@@ -54,7 +54,7 @@ def check_number(
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool):
+    if isinstance(value, (bool, str, bytes)):
         raise ArgumentTypeError(f"{name} must be a number, got {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -141,16 +141,21 @@ def check_tensor(
     x,
     *,
     floating: bool = True,
+    integer: bool = False,
     min_dim: int = 0,
     dim: int | None = None,
     allow_none: bool = False,
 ) -> torch.Tensor | None:
-    """``x`` is a tensor (floating-point unless ``floating=False``) with the given number of dimensions."""
+    """``x`` is a tensor — floating-point by default, of an integer dtype (not bool) with
+    ``integer=True``, any dtype with ``floating=False`` — with the given number of dimensions."""
     if x is None and allow_none:
         return None
     if not isinstance(x, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if floating and not x.is_floating_point():
+    if integer:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise ArgumentTypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    elif floating and not x.is_floating_point():
         raise ArgumentTypeError(f"{name} must have a floating-point dtype, got {x.dtype}")
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimension(s), got shape {tuple(x.shape)}")

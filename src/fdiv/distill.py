@@ -1,6 +1,12 @@
 """Distillation: the public namespace (``fdiv.distill.kd_loss``, ``fdiv.distill.pld_loss``, ...).
 
 Orientation: ``D(P || Q)`` with P the teacher (target) and Q the student (model).
+Every function takes its tensors as keyword-only arguments named by role
+(``student_logits=``, ``teacher_logits=``, ``target_logits=``, ``draft_logits=``, ...),
+``divergence=`` as a registered name or a :class:`fdiv.Divergence` instance, and follows
+the one temperature rule: ``temperature=1.0`` and ``temperature_scaling=False`` by
+default, so ``kd_loss`` at its defaults is :func:`fdiv.token_loss`; Hinton's ``T**2`` is
+opt-in and multiplies the divergence term only (``docs/distillation.md``).
 The implementations live in layer 3, :mod:`fdiv.objectives.distill`,
 :mod:`fdiv.objectives.sinkhorn` and :mod:`fdiv.objectives.speculative`; the
 Hugging Face trainer and the on-policy step are in :mod:`fdiv.integrations.hf`.

@@ -31,29 +31,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import math
 import os
 import types
 
 import torch
 
+from .._validate import ArgumentTypeError, check_bool, check_like, check_temperature, check_tensor
 from ..math.base import Divergence
-from ..math.generators import (
-    AlphaDivergence,
-    ForwardKL,
-    Hellinger,
-    Jeffreys,
-    JensenShannon,
-    NeymanChi2,
-    PearsonChi2,
-    ReverseKL,
-    SkewForwardKL,
-    SkewReverseKL,
-    Standardized,
-    Swapped,
-    TotalVariation,
-    Triangular,
-)
 
 __all__ = ["supports", "usable", "triton_available", "triton_token_rows", "pick_block", "compile_for_target"]
 
@@ -485,89 +469,47 @@ def _namespace(interpret: bool) -> dict:
 
 
 # =====================================================================================
-# Registry: generator class -> (forms function, constants c0..c5)
+# Forms: the generator says which built-in forms it uses (FDivergence.kernel_form());
+# this module maps the form's name to its Triton function.
 # =====================================================================================
 
-
-def _mixture_constants(w: float):
-    return (w, 1.0 - w, math.log1p(-w) - math.log(w))
-
-
-def _resolve_js(div: JensenShannon):
-    beta, s = div.beta, div._scale
-    return "_forms_js", (*_mixture_constants(beta), -beta * s, -(1 - beta) * s)
-
-
-def _resolve_skew_forward(div: SkewForwardKL):
-    if div.alpha == 0:
-        return "_forms_forward_kl", ()
-    return "_forms_skew_forward_kl", (*_mixture_constants(div.alpha), -(1 - div.alpha))
-
-
-def _resolve_skew_reverse(div: SkewReverseKL):
-    if div.alpha == 0:
-        return "_forms_reverse_kl", ()
-    return "_forms_skew_reverse_kl", (*_mixture_constants(1 - div.alpha), -(1 - div.alpha))
-
-
-def _resolve_alpha(div: AlphaDivergence):
-    return "_forms_alpha", (div.alpha - 1, div.alpha)
-
-
-#: Exact generator class -> function(divergence) -> (forms function name, constants).
-#: Families whose end points are ``Standardized`` wrappers (``js`` scaled at 0 and 1,
-#: ``alpha`` at 0 and 1) delegate through their ``_end`` attribute in :func:`_resolve`.
-REGISTRY = {
-    ForwardKL: lambda d: ("_forms_forward_kl", ()),
-    ReverseKL: lambda d: ("_forms_reverse_kl", ()),
-    JensenShannon: _resolve_js,
-    SkewForwardKL: _resolve_skew_forward,
-    SkewReverseKL: _resolve_skew_reverse,
-    TotalVariation: lambda d: ("_forms_tv", ()),
-    Hellinger: lambda d: ("_forms_hellinger", ()),
-    PearsonChi2: lambda d: ("_forms_pearson_chi2", ()),
-    NeymanChi2: lambda d: ("_forms_neyman_chi2", ()),
-    Jeffreys: lambda d: ("_forms_jeffreys", ()),
-    Triangular: lambda d: ("_forms_triangular", (math.log(3.0),)),
-    AlphaDivergence: _resolve_alpha,
+#: ``KernelForm.name`` -> the Triton forms function of this module.
+FORMS = {
+    "forward_kl": "_forms_forward_kl",
+    "reverse_kl": "_forms_reverse_kl",
+    "js": "_forms_js",
+    "skew_forward_kl": "_forms_skew_forward_kl",
+    "skew_reverse_kl": "_forms_skew_reverse_kl",
+    "tv": "_forms_tv",
+    "hellinger": "_forms_hellinger",
+    "pearson_chi2": "_forms_pearson_chi2",
+    "neyman_chi2": "_forms_neyman_chi2",
+    "jeffreys": "_forms_jeffreys",
+    "triangular": "_forms_triangular",
+    "alpha": "_forms_alpha",
 }
 
 
 def _resolve(div):
-    """``(forms name, constants, swap, slope)`` for ``div``, or None if the kernel cannot run it.
+    """``(forms function name, constants, swap, slope)`` for ``div``, or None if the kernel cannot run it.
 
-    ``Standardized(x)`` adds its slope to the template's ``- slope (p - q)`` correction,
-    ``Swapped(x)`` exchanges the forms' arguments (and negates an inner slope); only the
-    exact registered classes are accepted, so a user subclass that overrides ``_forms``
-    is never run with the wrong forms.
+    The generator answers (:meth:`fdiv.FDivergence.kernel_form`): ``Standardized`` adds its
+    slope, ``Swapped`` exchanges the arguments, and a user subclass that overrides ``_forms``
+    gets None, so it is never run with the wrong forms. Non-f divergences have no form.
     """
-    cls = type(div)
-    if cls is Standardized:
-        inner = _resolve(div.base)
-        if inner is None:
-            return None
-        name, consts, swap, slope = inner
-        return name, consts, swap, slope + div._slope
-    if cls is Swapped:
-        inner = _resolve(div.base)
-        if inner is None:
-            return None
-        name, consts, swap, slope = inner
-        return name, consts, not swap, -slope
-    if cls in (JensenShannon, AlphaDivergence) and getattr(div, "_end", None) is not None:
-        return _resolve(div._end)
-    if cls not in REGISTRY:
+    form_of = getattr(div, "kernel_form", None)
+    form = form_of() if callable(form_of) else None
+    if form is None or form.name not in FORMS:
         return None
-    name, consts = REGISTRY[cls](div)
-    return name, consts, False, 0.0
+    return FORMS[form.name], tuple(form.constants), bool(form.swap), float(form.slope)
 
 
 def _as_divergence(divergence):
     if isinstance(divergence, Divergence):
         return divergence
-    from ..math.registry import get
+    from ..math.registry import as_divergence
 
-    return get(divergence)
+    return as_divergence(divergence)
 
 
 def supports(divergence) -> bool:
@@ -630,23 +572,21 @@ def _kernel_args(div, inv_temperature: float):
     return name, scalars + consts, swap, slope != 0.0
 
 
-def _rows_2d(name: str, x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 2-D tensor [N, V], got {got}")
+def _rows_2d(name: str, x) -> torch.Tensor:
+    check_tensor(name, x, dim=2)
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16 for the Triton kernel, got {x.dtype}")
+        raise ArgumentTypeError(f"{name} must be float32, bfloat16 or float16 for the Triton kernel, got {x.dtype}")
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def triton_token_rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    divergence,
-    inv_temperature: float,
-    row_weights: torch.Tensor,
-    teacher_grad: bool,
     *,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence,
+    row_weights: torch.Tensor,
+    temperature: float = 1.0,
+    teacher_grad: bool = False,
     student_grad: bool = True,
     block_v: int | None = None,
     num_warps: int | None = None,
@@ -656,13 +596,13 @@ def triton_token_rows(
     """Row divergences ``D(softmax(teacher/T) || softmax(student/T))`` and weighted logit gradients.
 
     Args:
-        student: ``[N, V]`` student (model, Q) logits, float32 / bfloat16 / float16.
-        teacher: ``[N, V]`` teacher (target, P) logits, same shape and device; any of those dtypes.
+        student_logits: ``[N, V]`` student (model, Q) logits, float32 / bfloat16 / float16.
+        teacher_logits: ``[N, V]`` teacher (target, P) logits, same shape and device; any of those dtypes.
             ``-inf`` marks a masked (zero-probability) entry, in either.
-        divergence: an :class:`fdiv.FDivergence` (or registered name) with ``supports(divergence)``.
-        inv_temperature: ``1 / T``.
+        divergence: a registered name or :class:`fdiv.FDivergence` instance with ``supports(divergence)``.
         row_weights: ``[N]`` weights ``w``; rows with ``w == 0`` get loss 0 and gradient 0 and
             their logits are not read.
+        temperature: ``T > 0`` dividing both logits (never a ``T**2`` factor).
         teacher_grad: also return the teacher gradient.
         student_grad: return the student gradient (False with ``teacher_grad=False``: forward only,
             two passes).
@@ -679,27 +619,26 @@ def triton_token_rows(
         probability underflows to 0 in fp32, facing a zero on the other side with ``f(0)`` or
         ``f'(inf)`` infinite, counts as ``+inf`` here where the eager ``0 * inf`` gives NaN.
         A row whose logits are all ``-inf`` gives NaN (not a distribution), as in eager.
+        The softmax chain rule is written in-kernel (pass 3); the torch paths share
+        :func:`fdiv.kernels._rowmath.softmax_backward`.
     """
     if not triton_available():
         raise RuntimeError(
             "fdiv's Triton backend needs the `triton` package (pip install triton); it is not installed"
         )
     div = _as_divergence(divergence)
-    student = _rows_2d("student", student)
-    teacher = _rows_2d("teacher", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(f"shape mismatch: student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}")
-    if student.device != teacher.device:
-        raise ValueError(f"device mismatch: student on {student.device}, teacher on {teacher.device}")
+    student = _rows_2d("student_logits", student_logits)
+    teacher = _rows_2d("teacher_logits", teacher_logits)
+    check_like("student_logits", student, "teacher_logits", teacher)
     n, vocab = student.shape
     if vocab == 0:
-        raise ValueError("the vocabulary is empty (V = 0)")
-    if not (isinstance(row_weights, torch.Tensor) and row_weights.shape == (n,)):
-        got = tuple(row_weights.shape) if isinstance(row_weights, torch.Tensor) else type(row_weights).__name__
-        raise ValueError(f"row_weights must be a tensor of shape ({n},), got {got}")
-    inv_temperature = float(inv_temperature)
-    if not (inv_temperature > 0 and math.isfinite(inv_temperature)):
-        raise ValueError(f"inv_temperature must be a finite number > 0, got {inv_temperature!r}")
+        raise ValueError("student_logits has an empty vocabulary (size 0 along dim=-1)")
+    check_tensor("row_weights", row_weights, dim=1)
+    if row_weights.shape != (n,):
+        raise ValueError(f"row_weights must have shape ({n},), got {tuple(row_weights.shape)}")
+    inv_temperature = 1.0 / check_temperature(temperature)
+    teacher_grad = check_bool("teacher_grad", teacher_grad)
+    student_grad = check_bool("student_grad", student_grad)
     name, scalars, swap, standardize = _kernel_args(div, inv_temperature)
     interpret = _interpret_mode()
     if not interpret and student.device.type != "cuda":

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .._validate import check_temperature
+from .._validate import REDUCTIONS, check_int, check_like, check_reduction, check_temperature, check_tensor
 from ..math.generators import FDivergence
-from ..math.registry import get
-from .token import REDUCTIONS, check_logit_pair, default_chunk_size, has_masked_entries, resolve_row_weights
+from ..math.registry import as_divergence
+from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights, softmax_backward
+from .token import default_chunk_size
 
 _NOT_INITIALIZED = (
     "vocab_parallel_token_loss needs an initialized torch.distributed process group "
@@ -39,7 +40,7 @@ class _Plan:
 
     divergence: FDivergence
     inv_temperature: float
-    weights: torch.Tensor  # [n] per-row weights (mask, mean, T^2 scaling folded in)
+    weights: torch.Tensor  # [n] per-row weights (mask and mean folded in)
     reduction: str
     chunk_size: int
     group: object
@@ -51,10 +52,26 @@ class _Plan:
 
 
 def _check_group(group):
+    """The process group is usable here (kernel-specific; before any communication)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(_NOT_INITIALIZED)
     if group is not None and dist.get_rank(group) < 0:
         raise ValueError("this process is not a member of the process group passed as group=")
+
+
+def _check_shards(student, teacher):
+    """Two floating shards of one shape and device (kernel-specific: unlike
+    :func:`fdiv._validate.check_logit_pair`, a shard's vocabulary may be empty)."""
+    check_tensor("student_logits_shard", student, min_dim=1)
+    check_like("student_logits_shard", student, "teacher_logits_shard", teacher)
+
+
+def _has_neg_inf(*tensors) -> torch.Tensor:
+    """0-d int64: whether any tensor holds ``-inf`` (no host sync: it rides the agreement all-reduce)."""
+    flags = [(t.amin() == -math.inf).to(torch.int64) for t in tensors if t.numel() > 0]
+    if not flags:
+        return torch.zeros((), dtype=torch.int64, device=tensors[0].device)
+    return torch.stack(flags).amax()
 
 
 def _digest(counted: torch.Tensor) -> list[int]:
@@ -81,7 +98,12 @@ def _agree_across_ranks(agree: dict, flags: dict, device, group):
         v = agree[name]
         values.append(v if isinstance(v, torch.Tensor) else torch.tensor(int(v), dtype=torch.int64))
     agree_t = torch.stack([v.to(device=device, dtype=torch.int64) for v in values])
-    flag_t = torch.tensor([int(v) for v in flags.values()], dtype=torch.int64, device=device)
+    flag_t = torch.stack(
+        [
+            (v if isinstance(v, torch.Tensor) else torch.tensor(int(v))).to(device=device, dtype=torch.int64).reshape(())
+            for v in flags.values()
+        ]
+    )
     payload = torch.cat([agree_t, -agree_t, flag_t])
     dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     out = payload.tolist()
@@ -125,9 +147,9 @@ def _chunk(plan: _Plan, student, teacher):
     row_loss = partial[0]
     grad_s = grad_t = None
     if plan.local_student_grad:
-        grad_s = (grad_q - log_q.exp() * partial[1, :, None]) * inv_t
+        grad_s = softmax_backward(grad_q, log_q, grad_sum=partial[1, :, None], scale=inv_t)
     if plan.local_teacher_grad:
-        grad_t = (grad_p - log_p.exp() * partial[-1, :, None]) * inv_t
+        grad_t = softmax_backward(grad_p, log_p, grad_sum=partial[-1, :, None], scale=inv_t)
     return row_loss, grad_s, grad_t
 
 
@@ -139,11 +161,13 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
         grad_student = torch.empty_like(student) if plan.local_student_grad else None
         grad_teacher = torch.empty_like(teacher) if plan.local_teacher_grad else None
         rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
+        # the weights agree on all ranks (checked), so every rank skips the same chunks; only on
+        # CPU, where looking costs no device sync (elsewhere every chunk runs, zeroed by where)
+        may_skip = weights.device.type == "cpu"
         for start in range(0, n, plan.chunk_size):
             stop = min(start + plan.chunk_size, n)
             w = weights[start:stop, None]
-            # the weights agree on all ranks (checked), so every rank skips the same chunks
-            if not bool(w.any()):
+            if may_skip and not bool(w.any()):
                 for grad in (grad_student, grad_teacher):
                     if grad is not None:
                         grad[start:stop] = 0
@@ -180,19 +204,18 @@ class _VocabParallelTokenLoss(torch.autograd.Function):
 
 
 def vocab_parallel_token_loss(
+    *,
     student_logits_shard: torch.Tensor,
     teacher_logits_shard: torch.Tensor,
     divergence="forward_kl",
-    *,
     group=None,
     temperature: float = 1.0,
-    temperature_scaling: bool = False,
     mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
-    **divergence_params,
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     r"""Per-token f-divergence ``D(P_teacher || Q_student)`` with the vocabulary sharded across ranks.
 
@@ -200,8 +223,7 @@ def vocab_parallel_token_loss(
     teacher logits (the same vocabulary slice for both; slices may be uneven and
     any rank's may be empty). The result is, on every rank, the value of
 
-    .. math:: \mathcal{L} = \frac{s}{|M|} \sum_{n \in M} D_f\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big),
-              \quad s = T^2 \text{ if temperature_scaling else } 1
+    .. math:: \mathcal{L} = \frac{1}{|M|} \sum_{n \in M} D_f\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big)
 
     on the concatenated ``[..., V]`` logits, i.e. exactly :func:`fdiv.token_loss`,
     and the gradient w.r.t. each rank's shard is that rank's slice of the
@@ -231,19 +253,23 @@ def vocab_parallel_token_loss(
       gradient) ``+ 1`` (sum of ``d/da``, if any rank's teacher needs one).
 
     With ``n`` rows and chunk size ``c`` that is ``1 + 3 * ceil(n / c)`` collectives
-    (fewer when whole chunks are uncounted).
+    (on CPU tensors fewer when whole chunks are uncounted; on accelerators every chunk runs,
+    so the only host sync is the one agreement at the start).
 
     Args:
         student_logits_shard: ``[..., V_r]`` this rank's slice of the model logits (any float
             dtype; bf16/fp16 are computed in fp32, float64 in float64).
         teacher_logits_shard: ``[..., V_r]`` the same slice of the target logits. ``-inf`` marks
             masked vocabulary entries (on any rank).
-        divergence: an f-divergence: registered name, alias or :class:`fdiv.FDivergence`;
-            ``**divergence_params`` build it. Other divergences (``renyi``, ...) raise ValueError.
+        divergence: an f-divergence: registered name, alias or :class:`fdiv.FDivergence` instance
+            (``divergence=fdiv.get("js", beta=0.5)``). Other divergences (``renyi``, ...) raise ValueError.
         group: the tensor-parallel process group; ``None`` is the default group.
-        temperature, temperature_scaling, mask, labels, ignore_index, reduction, chunk_size:
-            as in :func:`fdiv.token_loss`; ``mask``/``labels`` are ``[...]`` and must be the same
-            on every rank. The default ``chunk_size`` sizes a chunk by the largest shard.
+        temperature, mask, labels, ignore_index, reduction, chunk_size:
+            as in :func:`fdiv.token_loss` (no ``T**2`` factor: kernels never scale);
+            ``mask``/``labels`` are ``[...]`` and must be the same on every rank. The default
+            ``chunk_size`` sizes a chunk by the largest shard.
+        check_finite: as in :func:`fdiv.token_loss` (default on for CPU tensors only, the same on
+            every rank): off, the ``-inf``-aware forms always run and a NaN loss is returned as is.
 
     Returns:
         The same tensor on every rank: a float32 scalar (float64 for float64 inputs), or ``[...]``
@@ -262,7 +288,9 @@ def vocab_parallel_token_loss(
         student_shard = hidden @ lm_head_shard.T            # [B, S, V_r] on this rank
         with torch.no_grad():
             teacher_shard = teacher_hidden @ teacher_head_shard.T
-        loss = vocab_parallel_token_loss(student_shard, teacher_shard, "js", beta=0.5,
+        loss = vocab_parallel_token_loss(student_logits_shard=student_shard,
+                                         teacher_logits_shard=teacher_shard,
+                                         divergence=fdiv.get("js", beta=0.5),
                                          group=tp_group, labels=labels)
         loss.backward()                                      # every rank, same loss value
 
@@ -270,29 +298,25 @@ def vocab_parallel_token_loss(
         Shoeybi et al. (2019), Megatron-LM (vocab-parallel cross-entropy); Hinton, Vinyals &
         Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
-    check_logit_pair(student_logits_shard, teacher_logits_shard, "student_logits_shard", "teacher_logits_shard")
-    divergence = get(divergence, **divergence_params)
-    if not isinstance(divergence, FDivergence):
-        raise ValueError(
-            f"vocab_parallel_token_loss supports only f-divergences (fdiv.FDivergence); got "
-            f"{getattr(divergence, 'name', type(divergence).__name__)!r} ({divergence!r}). Gather the "
-            "logits and use fdiv.token_loss for it"
-        )
+    _check_shards(student_logits_shard, teacher_logits_shard)
+    divergence = as_divergence(divergence, f_divergence=True, caller="vocab_parallel_token_loss")
     temperature = check_temperature(temperature)
     inv_temperature = 1.0 / temperature
-    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check_group(group)
-
+    reduction = check_reduction(reduction)
+    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     leading = student_logits_shard.shape[:-1]
     vocab_local = student_logits_shard.shape[-1]
+    device = student_logits_shard.device
+    # labels: the range check needs the full vocabulary, unknown here before communicating
+    counted = counted_rows(leading, device, mask, labels, ignore_index, 2**62)
+    check_finite = resolve_check_finite(check_finite, device)
+    _check_group(group)
+
     n = math.prod(leading)
     student = student_logits_shard.reshape(n, vocab_local)  # (n, -1) would be ambiguous for an empty shard
     teacher = teacher_logits_shard.reshape(n, vocab_local)
-    device = student.device
-    scale = 1.0 / inv_temperature**2 if temperature_scaling else 1.0
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    weights = resolve_row_weights(leading, device, mask, labels, ignore_index, reduction, scale, dtype)
+    dtype = compute_dtype(student)
+    weights = row_weights(counted, n, reduction, dtype, device)
 
     local_student_grad = torch.is_grad_enabled() and student.requires_grad
     local_teacher_grad = torch.is_grad_enabled() and teacher.requires_grad
@@ -304,13 +328,14 @@ def vocab_parallel_token_loss(
             "compute dtype": int(dtype == torch.float64),
             "reduction": REDUCTIONS.index(reduction),
             "temperature": torch.tensor(temperature, dtype=torch.float64).view(torch.int64),
-            "temperature_scaling": bool(temperature_scaling),
+            "check_finite": check_finite,
             "divergence": _divergence_tag(divergence),
         }
     )
     flags = {
         "vocab": vocab_local,
-        "masked": has_masked_entries(student, teacher),
+        # without check_finite no rank looks: every rank takes the -inf-aware forms
+        "masked": _has_neg_inf(student, teacher) if check_finite else True,
         "student_grad": local_student_grad,
         "teacher_grad": local_teacher_grad,
     }
@@ -343,7 +368,7 @@ def vocab_parallel_token_loss(
     out = _VocabParallelTokenLoss.apply(student, teacher, plan)
     if reduction == "none":
         out = out.reshape(leading)
-    if torch.isnan(out).any():  # the same on every rank: every rank raises
+    if check_finite and bool(torch.isnan(out).any()):  # the same on every rank: every rank raises
         raise ValueError(
             "vocab_parallel_token_loss is NaN: the logits contain NaN or +inf, or a row whose entries are "
             "-inf on every rank"

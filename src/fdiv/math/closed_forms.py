@@ -43,7 +43,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Callable, Container, NamedTuple
@@ -84,14 +83,14 @@ GAUSSIAN_DIVERGENCES = (
     "pearson_chi2",
     "neyman_chi2",
 )
-#: Every canonical name this module knows without asking the fdiv registry.
+#: The canonical names this module documents a closed form for (``js``: categoricals only).
 CLOSED_FORM_DIVERGENCES = GAUSSIAN_DIVERGENCES + ("js",)
 
 ClosedFormFn = Callable[..., torch.Tensor]
 
-# (name, type_p, type_q) -> fn(p, q, **params)
+# (name, type_p, type_q) -> fn(p, q, **params), params = the divergence instance's parameters
 _REGISTRY: dict[tuple[str, type, type], ClosedFormFn] = {}
-# (type_p, type_q) -> (fn(name, p, q, **params), names() -> container of names it serves)
+# (type_p, type_q) -> (fn(divergence, p, q) on the resolved instance, names() -> the names it lists)
 _FALLBACKS: dict[tuple[type, type], tuple[Callable[..., torch.Tensor], Callable[[], Container[str]]]] = {}
 # (name, type_p, type_q) -> ranked candidates; cleared whenever the registry changes
 _LOOKUP_CACHE: dict[tuple[str, type, type], tuple] = {}
@@ -110,7 +109,7 @@ def _check_distribution_type(value, argname: str) -> None:
     # torch's register_kl guard is `not isinstance(t, type) and issubclass(...)`,
     # which lets non-Distribution classes through; this one does not.
     if not (isinstance(value, type) and issubclass(value, Distribution)):
-        raise TypeError(f"{argname} must be a subclass of torch.distributions.Distribution, got {value!r}")
+        raise ArgumentTypeError(f"{argname} must be a subclass of torch.distributions.Distribution, got {value!r}")
 
 
 def _register(name: str, type_p: type, type_q: type, fn: ClosedFormFn) -> None:
@@ -123,53 +122,42 @@ def _register_fallback(type_p: type, type_q: type, fn, names: Callable[[], Conta
     _LOOKUP_CACHE.clear()
 
 
-def register_closed_form(name: str, type_p: type, type_q: type):
+def register_closed_form(name: str, *, type_p: type, type_q: type):
     """Decorator registering ``fn(p, q, **params) -> Tensor`` as ``D_name(P || Q)`` for a pair of types.
 
-    ``fn`` receives ``p`` (the target, an instance of ``type_p`` or a subclass)
-    and ``q`` (the model, ``type_q`` or a subclass) and must return a tensor of
-    their broadcast batch shape. A registration replaces an earlier one for the
-    same key; lookups are re-resolved afterwards. ``name`` may be an alias of a
-    registered fdiv divergence (it is stored under the canonical name) or a new
-    name of your own.
+    ``fn`` receives ``p`` (the target, an instance of ``type_p`` or a subclass),
+    ``q`` (the model, ``type_q`` or a subclass) and, as keywords, the parameters
+    of the divergence :func:`closed_form` was called with (its instance's
+    ``params``, e.g. ``alpha=`` for ``fdiv.get("renyi", alpha=2.0)``; the
+    defaults for a bare registered name; none for a name of your own that fdiv
+    does not know). It must return a tensor of their broadcast batch shape. A
+    registration replaces an earlier one for the same key; lookups are
+    re-resolved afterwards. ``name`` may be an alias of a registered fdiv
+    divergence (it is stored under the canonical name) or a new name of your own.
 
     Example::
 
-        @register_closed_form("forward_kl", MyGaussian, MyGaussian)
+        @register_closed_form("forward_kl", type_p=MyGaussian, type_q=MyGaussian)
         def _kl(p, q):
             return ...
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, got {name!r}")
+        raise ArgumentTypeError(f"name must be a non-empty str, got {name!r}")
     _check_distribution_type(type_p, "type_p")
     _check_distribution_type(type_q, "type_q")
     canonical = _canonical_for_registration(name)
 
     def decorator(fn: ClosedFormFn) -> ClosedFormFn:
         if not callable(fn):
-            raise TypeError(f"register_closed_form decorates a callable, got {fn!r}")
+            raise ArgumentTypeError(f"register_closed_form decorates a callable, got {fn!r}")
         _register(canonical, type_p, type_q, fn)
         return fn
 
     return decorator
 
 
-def _fdiv_resolve():
-    """``fdiv.math.registry.resolve`` or None when that module does not exist."""
-    try:
-        from fdiv.math.registry import resolve
-    except ModuleNotFoundError as err:
-        if err.name in ("fdiv", "fdiv.math", "fdiv.math.registry"):
-            return None
-        raise
-    return resolve
-
-
 def _canonical_for_registration(name: str) -> str:
     if name in CLOSED_FORM_DIVERGENCES:
-        return name
-    resolve = _fdiv_resolve()
-    if resolve is None:
         return name
     try:
         return resolve(name)
@@ -177,18 +165,26 @@ def _canonical_for_registration(name: str) -> str:
         return name
 
 
-def _canonical_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if name in CLOSED_FORM_DIVERGENCES or any(key[0] == name for key in _REGISTRY):
-        return name
-    resolve = _fdiv_resolve()
-    if resolve is not None:
-        return resolve(name)  # ValueError for unknown names, with suggestions
-    if any(name in names() for _, names in _FALLBACKS.values()):
-        return name
-    known = ", ".join(sorted({n for n, _, _ in available_closed_forms()}))
-    raise ValueError(f"unknown divergence {name!r}; closed forms exist for: {known}")
+def _resolve_divergence(divergence) -> tuple[str, Divergence | None]:
+    """The canonical name and the resolved instance (None for a closed-form-only name of your own).
+
+    The one divergence rule: a registered name or alias (built with its default
+    parameters) or a built :class:`~fdiv.Divergence` instance, used as is.
+    """
+    if isinstance(divergence, Divergence):
+        return divergence.name, divergence
+    if not isinstance(divergence, str):
+        raise ArgumentTypeError(
+            "divergence must be a registered divergence name or a fdiv.Divergence instance "
+            f"(e.g. fdiv.get('renyi', alpha=2.0)), got {type(divergence).__name__}"
+        )
+    try:
+        canonical = resolve(divergence)
+    except ValueError:
+        if any(key[0] == divergence for key in _REGISTRY):
+            return divergence, None  # registered with register_closed_form only
+        raise  # unknown: fdiv's message, with suggestions
+    return canonical, as_divergence(canonical, caller="closed_form")
 
 
 def _mro_distance(cls: type, registered: type) -> int:
@@ -196,7 +192,11 @@ def _mro_distance(cls: type, registered: type) -> int:
 
 
 def _candidates(name: str, type_p: type, type_q: type) -> tuple:
-    """Matching registrations ranked most specific first: (rank, fn, names_or_None)."""
+    """Matching registrations ranked most specific first: (rank, fn, names_or_None).
+
+    ``names`` is None for an explicit registration (called ``fn(p, q, **params)``) and the
+    fallback's name lister for a fallback (called ``fn(divergence, p, q)``).
+    """
     key = (name, type_p, type_q)
     cached = _LOOKUP_CACHE.get(key)
     if cached is not None:
@@ -207,8 +207,7 @@ def _candidates(name: str, type_p: type, type_q: type) -> tuple:
             found.append(((_mro_distance(type_p, reg_p), _mro_distance(type_q, reg_q), 0), fn, None))
     for (reg_p, reg_q), (fn, names) in _FALLBACKS.items():
         if issubclass(type_p, reg_p) and issubclass(type_q, reg_q):
-            bound = functools.partial(fn, name)
-            found.append(((_mro_distance(type_p, reg_p), _mro_distance(type_q, reg_q), 1), bound, names))
+            found.append(((_mro_distance(type_p, reg_p), _mro_distance(type_q, reg_q), 1), fn, names))
     # p's type decides first, then q's; an explicit registration beats a fallback at equal rank
     found.sort(key=lambda entry: entry[0])
     explicit = [rank for rank, _, names in found if names is None]
@@ -225,10 +224,17 @@ def _candidates(name: str, type_p: type, type_q: type) -> tuple:
     return cached
 
 
-def _lookup(name: str, type_p: type, type_q: type) -> ClosedFormFn | None:
+def _lookup(name: str, type_p: type, type_q: type, *, instance: bool = False):
+    """``(fn, is_fallback)`` of the most specific closed form, or None.
+
+    A fallback (the categoricals) serves the names it lists, and any divergence
+    when a resolved instance is at hand (``instance=True``).
+    """
     for _, fn, names in _candidates(name, type_p, type_q):
-        if names is None or name in names():
-            return fn
+        if names is None:
+            return fn, False
+        if instance or name in names():
+            return fn, True
     return None
 
 
@@ -247,11 +253,15 @@ def available_closed_forms() -> list[tuple[str, str, str]]:
     return sorted(entries)
 
 
-def closed_form(name: str, p: Distribution, q: Distribution, **params) -> torch.Tensor:
-    r"""The divergence ``D_name(P || Q)`` between two distributions, in closed form.
+def closed_form(divergence, *, p: Distribution, q: Distribution) -> torch.Tensor:
+    r"""The divergence ``D(P || Q)`` between two distributions, in closed form: ``p`` the target, ``q`` the model.
 
-    ``p`` is the target ``P`` and ``q`` the model ``Q``. With the Chernoff
-    coefficient :math:`c_a(P, Q) = \int p^a q^{1-a}` the Gaussian forms are
+    ``divergence`` is a registered name or alias (built with its default
+    parameters) or a built :class:`~fdiv.Divergence` instance; a divergence's
+    parameters come from the instance, e.g. ``closed_form(fdiv.get("alpha",
+    alpha=0.3), p=p, q=q)``. ``p`` is the target ``P`` (data, teacher, prior)
+    and ``q`` the model ``Q``, both keyword-only. With the Chernoff coefficient
+    :math:`c_a(P, Q) = \int p^a q^{1-a}` the Gaussian forms are
 
     .. math::
 
@@ -273,14 +283,14 @@ def closed_form(name: str, p: Distribution, q: Distribution, **params) -> torch.
     exact KL formula. Where :math:`\Sigma_a` is not positive definite (only for
     ``a > 1`` or ``a < 0``) the integral diverges and the result is ``+inf`` for
     that batch entry, with zero gradient; never ``nan``. Categorical pairs are
-    computed by ``fdiv.get(name, **params).from_log_probs``.
+    computed by the divergence instance's own ``from_log_probs`` (any
+    :class:`~fdiv.Divergence`, registered or not).
 
     Args:
-        name: a divergence name or alias (``"forward_kl"``, ``"kl"``, ``"renyi"``, ...).
+        divergence: a divergence name or alias (``"forward_kl"``, ``"kl"``, ``"renyi"``, ...),
+            or an instance (``fdiv.get("renyi", alpha=2.0)``, ``fdiv.get("js", beta=0.3)``).
         p: the target distribution ``P``.
         q: the model distribution ``Q``.
-        **params: the divergence's parameters, e.g. ``alpha=`` for ``renyi``/``alpha``,
-            ``beta=`` for ``js`` (categorical only).
 
     Returns:
         A tensor of shape ``broadcast(p.batch_shape, q.batch_shape)``, in the promoted
@@ -289,31 +299,40 @@ def closed_form(name: str, p: Distribution, q: Distribution, **params) -> torch.
         divergence is infinite.
 
     Raises:
-        TypeError: ``p`` or ``q`` is not a Distribution, or an unexpected parameter.
-        ValueError: unknown name, parameter out of range, or incompatible shapes.
-        NotImplementedError: no closed form is registered for this name and pair;
+        TypeError: ``p`` or ``q`` is not a Distribution, ``divergence`` is neither a
+            name nor an instance (:class:`fdiv._validate.ArgumentTypeError`, also a
+            ValueError), or a positional ``p`` / ``q``.
+        ValueError: unknown name, or incompatible shapes.
+        NotImplementedError: no closed form is registered for this divergence and pair;
             the message lists the divergences that do have one.
 
     Example::
 
         >>> import torch
         >>> from torch.distributions import Normal
-        >>> p, q = Normal(0.0, 1.0), Normal(1.0, 2.0)
-        >>> round(float(closed_form("forward_kl", p, q)), 4)
+        >>> from fdiv.math.registry import get
+        >>> target, model = Normal(0.0, 1.0), Normal(1.0, 2.0)
+        >>> round(float(closed_form("forward_kl", p=target, q=model)), 4)   # KL(target || model)
         0.4431
+        >>> round(float(closed_form(get("renyi", alpha=2.0), p=target, q=model)), 4)
+        0.5562
     """
     _check_distribution(p, "p")
     _check_distribution(q, "q")
-    canonical = _canonical_name(name)
-    fn = _lookup(canonical, type(p), type(q))
-    if fn is None:
-        raise NotImplementedError(_missing_message(name, canonical, type(p), type(q)))
-    return fn(p, q, **params)
+    canonical, div = _resolve_divergence(divergence)
+    found = _lookup(canonical, type(p), type(q), instance=div is not None)
+    if found is None:
+        label = divergence if isinstance(divergence, str) else canonical
+        raise NotImplementedError(_missing_message(label, canonical, type(p), type(q)))
+    fn, on_instance = found
+    if on_instance:
+        return fn(div, p, q)
+    return fn(p, q, **({} if div is None else div.params))
 
 
 def _check_distribution(value, argname: str) -> None:
     if not isinstance(value, Distribution):
-        raise TypeError(f"{argname} must be a torch.distributions.Distribution, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{argname} must be a torch.distributions.Distribution, got {type(value).__name__}")
 
 
 def _missing_message(name: str, canonical: str, type_p: type, type_q: type) -> str:
@@ -325,26 +344,6 @@ def _missing_message(name: str, canonical: str, type_p: type, type_q: type) -> s
     else:
         listing = " No divergence has a closed form registered for this pair; see available_closed_forms()."
     return f"no closed form for divergence {label} between {pair}.{listing}{_HINTS.get(canonical, '')}"
-
-
-# --------------------------------------------------------------------------- parameters
-def _real_param(value, pname: str, divergence: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{pname} for {divergence!r} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{pname} for {divergence!r} must be finite, got {value!r}")
-    return value
-
-
-def _take_params(divergence: str, params: dict, allowed: dict) -> dict:
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        valid = ", ".join(allowed) if allowed else "none"
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {divergence!r}; valid: {valid}")
-    return {k: params.get(k, default) for k, default in allowed.items()}
 
 
 # --------------------------------------------------------------------------- Gaussian cores
@@ -374,14 +373,9 @@ def _check_same_event(p: Distribution, q: Distribution) -> None:
     _broadcast_batch(p, q)
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 # Normal / Normal -------------------------------------------------------------
 def _normal_params(p: Normal, q: Normal):
-    dtype = _compute_dtype(p.loc, p.scale, q.loc, q.scale)
+    dtype = compute_dtype(p.loc, p.scale, q.loc, q.scale)
     return (p.loc.to(dtype), p.scale.to(dtype), q.loc.to(dtype), q.scale.to(dtype))
 
 
@@ -411,7 +405,7 @@ _NORMAL_CORE = _Core(check=_check_same_event, kl=_normal_kl, log_chernoff=_norma
 
 # MultivariateNormal / MultivariateNormal -------------------------------------
 def _mvn_params(p: MultivariateNormal, q: MultivariateNormal):
-    dtype = _compute_dtype(p.loc, p.scale_tril, q.loc, q.scale_tril)
+    dtype = compute_dtype(p.loc, p.scale_tril, q.loc, q.scale_tril)
     return p.loc.to(dtype), p.scale_tril.to(dtype), q.loc.to(dtype), q.scale_tril.to(dtype)
 
 
@@ -522,12 +516,9 @@ _INDEPENDENT_CORE = _Core(check=_independent_check, kl=_independent_kl, log_cher
 
 
 # the divergences, from a core ------------------------------------------------
-def _gaussian_divergence(name: str, core: _Core, p: Distribution, q: Distribution, params: dict) -> torch.Tensor:
+def _gaussian_divergence(name: str, core: _Core, p: Distribution, q: Distribution, alpha: float) -> torch.Tensor:
+    """``name(P || Q)`` from a core; ``alpha`` (the instance's, already validated) is read by renyi and alpha."""
     kl, log_c = core.kl, core.log_chernoff
-    if name in ("renyi", "alpha"):
-        alpha = _real_param(_take_params(name, params, {"alpha": 0.5})["alpha"], "alpha", name)
-    else:
-        _take_params(name, params, {})
     if name == "forward_kl":
         return kl(p, q)
     if name == "reverse_kl":
@@ -535,8 +526,6 @@ def _gaussian_divergence(name: str, core: _Core, p: Distribution, q: Distributio
     if name == "jeffreys":
         return kl(p, q) + kl(q, p)
     if name == "renyi":
-        if not alpha >= 0:
-            raise ValueError(f"alpha for 'renyi' must be >= 0, got {alpha!r}")
         if alpha == 0:  # -log Q(supp P) = 0: Gaussians have full support
             return torch.zeros_like(kl(p, q))
         if alpha == 1:
@@ -561,8 +550,9 @@ def _gaussian_divergence(name: str, core: _Core, p: Distribution, q: Distributio
 
 def _make_gaussian(name: str, core: _Core) -> ClosedFormFn:
     def closed(p, q, **params):
+        # params are the divergence instance's (Renyi / AlphaDivergence: alpha; others: none used)
         core.check(p, q)
-        return _gaussian_divergence(name, core, p, q, params)
+        return _gaussian_divergence(name, core, p, q, float(params.get("alpha", 0.5)))
 
     closed.__name__ = f"_{name}_closed_form"
     closed.__doc__ = f"{name}(P || Q) between Gaussians; see fdiv.math.closed_forms."
@@ -594,45 +584,23 @@ def _categorical_log_probs(dist: Distribution) -> torch.Tensor:
     return cat.logits
 
 
-def _fdiv_get(name: str, params: dict):
-    try:
-        import fdiv
-
-        get = fdiv.get
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"categorical closed forms delegate to fdiv.get, which is not available: {err}") from err
-    return get(name, **params)
-
-
-def _fdiv_names() -> Container[str]:
-    try:
-        import fdiv
-
-        return set(fdiv.available())
-    except (ImportError, AttributeError):
-        return frozenset()
-
-
-def _categorical_divergence(name: str, p: Distribution, q: Distribution, **params) -> torch.Tensor:
-    r"""``D_name(P || Q)`` between categoricals via ``fdiv.get(name, **params).from_log_probs``."""
+def _categorical_divergence(divergence: Divergence, p: Distribution, q: Distribution) -> torch.Tensor:
+    r"""``D(P || Q)`` between categoricals via the resolved instance's ``from_log_probs``."""
     log_p, log_q = _categorical_log_probs(p), _categorical_log_probs(q)
     if log_p.shape[-1] != log_q.shape[-1]:
         raise ValueError(
             f"category counts differ: p has {log_p.shape[-1]} categories but q has {log_q.shape[-1]}"
         )
     batch = _broadcast_batch(p, q)
-    dtype = _compute_dtype(log_p, log_q)
+    dtype = compute_dtype(log_p, log_q)
     shape = batch + log_p.shape[-1:]
-    divergence = _fdiv_get(name, params)
     return divergence.from_log_probs(
         log_p.to(dtype).expand(shape), log_q.to(dtype).expand(shape), dim=-1, reduction="none"
     )
 
 
 for _types in ((Categorical, Categorical), (OneHotCategorical, OneHotCategorical)):
-    for _name in CLOSED_FORM_DIVERGENCES:
-        _register(_name, *_types, functools.partial(_categorical_divergence, _name))
-    # every other divergence fdiv registers, now or later
-    _register_fallback(*_types, _categorical_divergence, _fdiv_names)
+    # every divergence fdiv registers, now or later, and any instance passed in
+    _register_fallback(*_types, _categorical_divergence, available)
 
 del _types, _core, _name

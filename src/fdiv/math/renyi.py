@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .._validate import check_number
 from .base import Divergence
 
 INF = math.inf
@@ -31,10 +32,7 @@ class Renyi(Divergence):
     formula = "1/(α−1)·log Σ p^α q^(1−α)"
 
     def __init__(self, alpha: float = 0.5):
-        alpha = float(alpha)
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        self.alpha = alpha
+        self.alpha = check_number("alpha", alpha, low=0.0)
 
     @property
     def params(self):

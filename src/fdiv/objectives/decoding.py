@@ -52,6 +52,11 @@ name                                        what it is
                                             as rows of one ``generate`` batch; greedy decoding only)
 ==========================================  ================================================================
 
+The processors call ``model`` (any callable returning ``.logits``) but import nothing from
+``transformers`` or :mod:`fdiv.integrations`: they follow the ``LogitsProcessor`` protocol
+``(input_ids, scores) -> scores`` by duck typing, so they live here with the score they apply.
+The public namespace is :mod:`fdiv.decoding`.
+
 Reference: S. Wang, L. Ding, L. Shen, Y. Luo, Z. He, W. Yu, D. Tao (2024), "USCD: Improving
 Code Generation of LLMs by Uncertainty-Aware Selective Contrastive Decoding", arXiv
 2409.05923; code ``github.com/alphadl/CodeGen-USCD`` (``bigcode_eval/contrast.py``,
@@ -65,9 +70,19 @@ import math
 
 import torch
 
-from .._validate import check_tensor as check_float_tensor
+from .._validate import (
+    ArgumentTypeError,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_finite,
+    check_logit_pair,
+    check_mask,
+    check_nonnegative,
+    check_number,
+    check_tensor,
+)
 from ..math._numerics import compute_dtype
-from ._shared import check_same_layout
 
 __all__ = [
     "UNCERTAINTY_STATISTICS",
@@ -82,31 +97,22 @@ UNCERTAINTY_STATISTICS = ("std", "sum_sq")
 
 
 # --------------------------------------------------------------------------- checks
-def _number(name: str, value, *, low: float = 0.0, allow_inf: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if math.isnan(out) or out < low or (math.isinf(out) and not allow_inf):
-        kind = "a number" if allow_inf else "a finite number"
-        raise ValueError(f"{name} must be {kind} >= {low:g}, got {value!r}")
-    return out
-
-
-def _check_logits(name: str, x) -> None:
-    check_float_tensor(name, x)
-    if x.dim() == 0:
-        raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
+def _check_distribution_logits(name: str, x: torch.Tensor) -> None:
+    """USCD-specific: at least 2 vocabulary entries, no NaN / +inf, no row that is all -inf."""
     if x.shape[-1] < 2:
         raise ValueError(f"{name} needs a vocabulary of at least 2 entries, got {x.shape[-1]}")
-    if bool(torch.isnan(x).any()):
-        raise ValueError(f"{name} contains NaN")
-    if bool(torch.isposinf(x).any()):
-        raise ValueError(f"{name} contains +inf; logits must be finite or -inf (masked)")
+    check_finite(name, x, allow_neg_inf=True)
     if bool(torch.isneginf(x).all(dim=-1).any()):
         raise ValueError(f"{name} has a row whose logits are all -inf: it is not a distribution")
+
+
+def _check_options(tau, k, lam, uncertainty) -> tuple[float, float, float, str]:
+    return (
+        check_number("tau", tau, low=0.0, allow_inf=True),
+        check_nonnegative("k", k),
+        check_nonnegative("lam", lam),
+        check_choice("uncertainty", uncertainty, UNCERTAINTY_STATISTICS),
+    )
 
 
 def _statistic(probs: torch.Tensor, uncertainty: str) -> torch.Tensor:
@@ -115,7 +121,7 @@ def _statistic(probs: torch.Tensor, uncertainty: str) -> torch.Tensor:
     return probs.square().sum(dim=-1)
 
 
-def uscd_uncertainty(standard_logits: torch.Tensor, uncertainty: str = "std") -> torch.Tensor:
+def uscd_uncertainty(*, standard_logits: torch.Tensor, uncertainty: str = "std") -> torch.Tensor:
     r"""The confidence statistic of USCD on the standard context's next-token distribution ``P_s``.
 
     * ``"std"``: the unbiased standard deviation of the probabilities over the vocabulary,
@@ -133,17 +139,17 @@ def uscd_uncertainty(standard_logits: torch.Tensor, uncertainty: str = "std") ->
     Returns:
         ``[...]`` statistic, float32 (float64 for float64 input). Larger = more confident.
     """
-    if uncertainty not in UNCERTAINTY_STATISTICS:
-        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_STATISTICS}, got {uncertainty!r}")
-    _check_logits("standard_logits", standard_logits)
+    check_choice("uncertainty", uncertainty, UNCERTAINTY_STATISTICS)
+    check_tensor("standard_logits", standard_logits, min_dim=1)
+    _check_distribution_logits("standard_logits", standard_logits)
     probs = torch.softmax(standard_logits.to(compute_dtype(standard_logits)), dim=-1)
     return _statistic(probs, uncertainty)
 
 
 def uscd_scores(
+    *,
     standard_logits: torch.Tensor,
     lame_logits: torch.Tensor,
-    *,
     tau: float = 0.005,
     k: float = 2.0 / 3.0,
     lam: float = 0.7,
@@ -197,18 +203,18 @@ def uscd_scores(
         >>> import torch
         >>> from fdiv.objectives.decoding import uscd_scores
         >>> p_s = torch.tensor([0.32, 0.28, 0.2, 0.2]); p_l = torch.tensor([0.4, 0.1, 0.3, 0.2])
-        >>> uscd_scores(p_s.log(), p_l.log(), tau=0.1, k=2/3, lam=0.7)
+        >>> uscd_scores(standard_logits=p_s.log(), lame_logits=p_l.log(), tau=0.1, k=2/3, lam=0.7)
         tensor([-3.2189, -1.5606,    -inf, -2.8134])
     """
-    _check_logits("standard_logits", standard_logits)
-    _check_logits("lame_logits", lame_logits)
-    check_same_layout("standard_logits", standard_logits, "lame_logits", lame_logits)
-    if uncertainty not in UNCERTAINTY_STATISTICS:
-        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_STATISTICS}, got {uncertainty!r}")
-    tau = _number("tau", tau, allow_inf=True)
-    k = _number("k", k)
-    lam = _number("lam", lam)
+    check_logit_pair("standard_logits", standard_logits, "lame_logits", lame_logits)
+    _check_distribution_logits("standard_logits", standard_logits)
+    _check_distribution_logits("lame_logits", lame_logits)
+    tau, k, lam, uncertainty = _check_options(tau, k, lam, uncertainty)
+    return _uscd_scores(standard_logits, lame_logits, tau, k, lam, uncertainty)
 
+
+def _uscd_scores(standard_logits, lame_logits, tau: float, k: float, lam: float, uncertainty: str) -> torch.Tensor:
+    """:func:`uscd_scores` on checked inputs (private core)."""
     dtype = compute_dtype(standard_logits, lame_logits)
     log_ps = torch.log_softmax(standard_logits.to(dtype), dim=-1)
     log_pl = torch.log_softmax(lame_logits.to(dtype), dim=-1)
@@ -228,12 +234,6 @@ def uscd_scores(
 
 
 # --------------------------------------------------------------------------- Hugging Face processors
-def _check_processor_args(tau, k, lam, uncertainty):
-    if uncertainty not in UNCERTAINTY_STATISTICS:
-        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_STATISTICS}, got {uncertainty!r}")
-    return _number("tau", tau, allow_inf=True), _number("k", k), _number("lam", lam)
-
-
 class USCDLogitsProcessor:
     r"""Hugging Face ``LogitsProcessor`` for USCD; the lame context is run by the processor itself.
 
@@ -266,7 +266,8 @@ class USCDLogitsProcessor:
     Args:
         model: the causal LM (the same one that generates, normally).
         lame_input_ids: ``[B, L_lame]`` token ids of the lame prompts.
-        lame_attention_mask: ``[B, L_lame]`` 1/0 mask (default all ones).
+        lame_attention_mask: ``[B, L_lame]`` bool or 1/0 mask on the device of
+            ``lame_input_ids`` (default all ones).
         tau, k, lam, uncertainty: as in :func:`uscd_scores`.
         use_cache: keep a KV cache of the lame context.
     """
@@ -274,33 +275,32 @@ class USCDLogitsProcessor:
     def __init__(
         self,
         model,
+        *,
         lame_input_ids: torch.Tensor,
         lame_attention_mask: torch.Tensor | None = None,
-        *,
         tau: float = 0.005,
         k: float = 2.0 / 3.0,
         lam: float = 0.7,
         uncertainty: str = "std",
         use_cache: bool = True,
     ):
-        if not callable(model):
-            raise ValueError(f"model must be a callable causal LM, got {type(model).__name__}")
-        ids_ok = isinstance(lame_input_ids, torch.Tensor) and lame_input_ids.dim() == 2
-        if not ids_ok or lame_input_ids.is_floating_point() or lame_input_ids.dtype == torch.bool:
-            raise ValueError("lame_input_ids must be a [B, L] integer tensor of token ids")
+        check_callable("model", model)
+        check_tensor("lame_input_ids", lame_input_ids, floating=False, dim=2)
+        if lame_input_ids.is_floating_point() or lame_input_ids.dtype == torch.bool or lame_input_ids.is_complex():
+            raise ArgumentTypeError(
+                f"lame_input_ids must be a [B, L] integer tensor of token ids, got {lame_input_ids.dtype}"
+            )
         if lame_input_ids.shape[0] == 0 or lame_input_ids.shape[1] == 0:
             raise ValueError(f"lame_input_ids is empty: shape {tuple(lame_input_ids.shape)}")
         if lame_attention_mask is None:
-            lame_attention_mask = torch.ones_like(lame_input_ids)
-        if not isinstance(lame_attention_mask, torch.Tensor) or lame_attention_mask.shape != lame_input_ids.shape:
-            raise ValueError(f"lame_attention_mask must be a tensor of shape {tuple(lame_input_ids.shape)}")
-        if bool(((lame_attention_mask != 0) & (lame_attention_mask != 1)).any()):
-            raise ValueError("lame_attention_mask must contain only 0 and 1")
+            lame_attention_mask = torch.ones_like(lame_input_ids, dtype=torch.bool)
+        lame_attention_mask = check_mask(
+            lame_attention_mask, lame_input_ids.shape, lame_input_ids.device, "lame_attention_mask"
+        )
         if bool((lame_attention_mask.sum(-1) == 0).any()):
             raise ValueError("lame_attention_mask has a row with no real token")
-        if not isinstance(use_cache, bool):
-            raise ValueError(f"use_cache must be True or False, got {use_cache!r}")
-        self.tau, self.k, self.lam = _check_processor_args(tau, k, lam, uncertainty)
+        check_bool("use_cache", use_cache)
+        self.tau, self.k, self.lam, uncertainty = _check_options(tau, k, lam, uncertainty)
         self.uncertainty = uncertainty
         self.model = model
         self.lame_input_ids = lame_input_ids
@@ -395,7 +395,9 @@ class USCDLogitsProcessor:
                 f"the lame context's logits have shape {tuple(lame.shape)} but the scores have "
                 f"{tuple(scores.shape)}: model and generate must share the vocabulary"
             )
-        out = uscd_scores(scores, lame, tau=self.tau, k=self.k, lam=self.lam, uncertainty=self.uncertainty)
+        out = uscd_scores(
+            standard_logits=scores, lame_logits=lame, tau=self.tau, k=self.k, lam=self.lam, uncertainty=self.uncertainty
+        )
         confident = _statistic(torch.softmax(scores.to(out.dtype), -1), self.uncertainty) > self.tau
         self.confident_history.append(confident)
         return out.to(scores.dtype)
@@ -435,11 +437,9 @@ class USCDBatchedLogitsProcessor:
         uncertainty: str = "std",
         sync: bool = True,
     ):
-        if not isinstance(sync, bool):
-            raise ValueError(f"sync must be True or False, got {sync!r}")
-        self.tau, self.k, self.lam = _check_processor_args(tau, k, lam, uncertainty)
+        self.sync = check_bool("sync", sync)
+        self.tau, self.k, self.lam, uncertainty = _check_options(tau, k, lam, uncertainty)
         self.uncertainty = uncertainty
-        self.sync = sync
         self.confident_history: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -450,7 +450,10 @@ class USCDBatchedLogitsProcessor:
             )
         half = rows // 2
         standard, lame = scores[:half], scores[half:]
-        out = uscd_scores(standard, lame, tau=self.tau, k=self.k, lam=self.lam, uncertainty=self.uncertainty)
+        out = uscd_scores(
+            standard_logits=standard, lame_logits=lame, tau=self.tau, k=self.k, lam=self.lam,
+            uncertainty=self.uncertainty,
+        )
         confident = _statistic(torch.softmax(standard.to(out.dtype), -1), self.uncertainty) > self.tau
         self.confident_history.append(confident)
         lame_out = out

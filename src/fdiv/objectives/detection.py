@@ -35,6 +35,10 @@ function                                   what it computes
                                            LM (layer 4: it runs the model)
 =========================================  ================================================================
 
+This module is pure tensor math (layer 3); the model-running
+:func:`fdiv.integrations.hf.dcpdd_score_batch` is in the Hugging Face integration (layer 4).
+The public namespace is :mod:`fdiv.detection`.
+
 Reference: W. Zhang, R. Zhang, J. Guo, M. de Rijke, Y. Fan, X. Cheng (2024), "Pretraining
 Data Detection for Large Language Models: A Divergence-based Calibration Method",
 arXiv 2409.14781; code ``github.com/zhang-wei-chao/DC-PDD`` (``com_det_sco.py``,

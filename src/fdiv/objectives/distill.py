@@ -593,9 +593,9 @@ def balanced_kd_loss(
             KD pass them detached; a teacher that requires grad gets the KL gradients.
         weight_fn: ``"entropy_gap"`` (default, not pinned), ``"jeffreys"``, or a callable
             ``(*, teacher_entropy [n], student_entropy [n]) -> (w_f, w_r)`` (called with these
-            two keywords), each a number or a tensor of ``n`` finite non-negative weights. It is called under ``torch.no_grad()``
-            on detached float entropies (nats, at temperature ``T``) of all rows; ``n`` is the
-            number of rows of the flattened ``[..., V]`` logits. Use
+            two keywords), each a number or a tensor of ``n`` finite non-negative weights. It is
+            called under ``torch.no_grad()`` on detached float entropies (nats, at temperature
+            ``T``) of all rows; ``n`` is the number of rows of the flattened ``[..., V]`` logits. Use
             ``functools.partial(entropy_gap_weights, strength=0.8)`` to change the strength.
         labels, hard_label_weight, temperature, temperature_scaling, mask, ignore_index,
             reduction, chunk_size, backend: as in :func:`kd_loss`.
@@ -648,16 +648,21 @@ def balanced_kd_loss(
         chunk_size=chunk_size,
         backend=backend,
     )
-    factor = temperature_factor(temperature, temperature_scaling)
-    rows = torch.zeros(n, dtype=dtype, device=student2d.device)
+    divergence_rows = torch.zeros(n, dtype=dtype, device=student2d.device)
     if bool((w_f != 0).any()):
-        kl = token_loss(divergence=as_divergence("forward_kl"), **common).reshape(n)
-        rows = rows + (w_f if factor == 1.0 else w_f * factor) * kl
+        forward = token_loss(divergence=as_divergence("forward_kl"), **common).reshape(n)
+        divergence_rows = divergence_rows + w_f * forward
     if bool((w_r != 0).any()):
-        kl = token_loss(divergence=as_divergence("reverse_kl"), **common).reshape(n)
-        rows = rows + (w_r if factor == 1.0 else w_r * factor) * kl
+        reverse = token_loss(divergence=as_divergence("reverse_kl"), **common).reshape(n)
+        divergence_rows = divergence_rows + w_r * reverse
     ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype).reshape(n) if lam_ce > 0 else None
-    rows = kd_ce_combine(rows, ce_rows, divergence_weight=1.0, hard_label_weight=lam_ce)
+    # the T^2 factor (if any) multiplies the divergence rows only, never the CE
+    rows = kd_ce_combine(
+        divergence_rows,
+        ce_rows,
+        divergence_weight=temperature_factor(temperature, temperature_scaling),
+        hard_label_weight=lam_ce,
+    )
     out = reduce(rows.reshape(leading), reduction, mask=counted)
     _check_result(out, {"student_logits": student_logits, "teacher_logits": teacher_logits}, counted)
     if return_weights:

@@ -85,11 +85,11 @@ def discriminator_loss(*, policy_scores: torch.Tensor, reference_scores: torch.T
     i.e. binary cross-entropy with the policy's samples as the positive class. Each side is
     averaged separately, so the population optimum is ``d*(x) = log mu_pi(x) / mu_ref(x)``
     whatever the two sample counts (the batches are "balanced" by the two means). Plug
-    ``d`` into :func:`occupancy_penalty`.
+    ``d`` on the policy's samples into ``occupancy_penalty(policy_scores=d)``.
 
     Relation to fdiv's variational bounds: with ``v = d`` as a log-ratio critic,
-    ``L(d) = 2 log 2 - 2 * variational_bound(divergence="js", target_scores=d_pi, model_scores=d_ref)``, so minimising this loss
-    maximises the Fenchel lower bound on the Jensen-Shannon divergence
+    ``L(d) = 2 log 2 - 2 * variational_bound(divergence="js", target_scores=d_pi, model_scores=d_ref)``,
+    so minimising this loss maximises the Fenchel lower bound on the Jensen-Shannon divergence
     ``JS(mu_pi || mu_ref)``; at the optimum ``L = 2 log 2 - 2 JS``.
 
     Args:
@@ -231,7 +231,7 @@ def occupancy_penalty(*, policy_scores: torch.Tensor, kind: str = "sqrt_chi2", t
 
 
 # --------------------------------------------------------------------------- LLM form
-def _check_logps(policy_logps, reference_logps, mask):
+def _chi2_inputs(policy_logps, reference_logps, mask):
     """The counted-token mask of :func:`chi2_regularizer` (None: all counted), after the input checks."""
     check_tensor("policy_logps", policy_logps, min_dim=1)
     check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
@@ -330,7 +330,7 @@ def chi2_regularizer(
     Reference: Laidlaw et al. (2024), arXiv 2403.03185, Section on RLHF; the
     ``PPOWithRefPolicyConfig.loss`` of ``cassidylaidlaw/llm_optimization``.
     """
-    counted = _check_logps(policy_logps, reference_logps, mask)
+    counted = _chi2_inputs(policy_logps, reference_logps, mask)
     check_bool("sqrt", sqrt)
     c = check_positive("linearize_at", linearize_at, allow_none=True)
     floor = check_positive("floor", floor)

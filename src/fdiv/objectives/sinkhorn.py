@@ -303,9 +303,9 @@ def _sample_cost(cost, num_classes, dtype, device):
 
 # --------------------------------------------------------------------------- SinKD
 def sinkhorn_kd_loss(
+    *,
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    *,
     mode: str = "batch",
     temperature: float = 1.0,
     epsilon: float = 0.1,
@@ -363,7 +363,8 @@ def sinkhorn_kd_loss(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` over rows (see above). ``"none"``
             returns ``[..., N]`` (batch: each row's unit-mass transport cost) or ``[...]``
             (sample); rows outside ``mask`` are 0.
-        mask: bool, ``[..., N]`` (batch) or ``[...]`` (sample); False rows are left out —
+        mask: bool (or 0/1), ``[..., N]`` (batch) or ``[...]`` (sample), on the logits' device;
+            False rows are left out —
             in batch mode they carry no mass. A problem with no counted row contributes 0.
         tol: optional early stop of the Sinkhorn loop (see :func:`sinkhorn_log`).
 
@@ -373,102 +374,65 @@ def sinkhorn_kd_loss(
         iterations.
 
     To reproduce the public ``Sinkhorn`` module (2018cx/SinKD ``loss.py``) on ``[B, C]`` logits:
-    ``sinkhorn_kd_loss(s, t, temperature=2.0, epsilon=0.1, n_iters=20, scale=1e-3, reduction="sum")``.
+    ``sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0, epsilon=0.1, n_iters=20,
+    scale=1e-3, reduction="sum")``. SinKD has no ``T**2`` factor (it is not a softmax divergence
+    term); ``scale`` is its only multiplier.
 
     Example:
         >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
-        >>> loss = sinkhorn_kd_loss(s, t)
+        >>> loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t)
         >>> loss.shape, bool(loss > 0)
         (torch.Size([]), True)
         >>> perm = torch.randperm(8, generator=g)
-        >>> torch.allclose(sinkhorn_kd_loss(s[perm], t), loss)
+        >>> torch.allclose(sinkhorn_kd_loss(student_logits=s[perm], teacher_logits=t), loss)
         True
 
     References:
         Cui et al. (2024), Sinkhorn Distance Minimization for Knowledge Distillation,
         LREC-COLING, arXiv 2402.17110; Cuturi (2013).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _check_logits(student_logits, teacher_logits, min_dim=2 if mode == "batch" else 1, mode=mode)
+    check_choice("mode", mode, MODES)
+    check_reduction(reduction)
+    check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    if mode == "batch" and student_logits.dim() < 2:
+        raise ValueError(
+            f"student_logits must have shape [..., N, C] (rows x classes) for mode='batch', "
+            f"got {tuple(student_logits.shape)}"
+        )
+    if mode == "batch" and student_logits.shape[-2] == 0:
+        raise ValueError("student_logits has no rows to transport (N = 0)")
     temperature = check_temperature(temperature)
-    epsilon = _check_positive_number("epsilon", epsilon)
-    n_iters = _check_n_iters(n_iters)
-    tol = _check_tol(tol)
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"scale must be a number, got {scale!r}") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    epsilon = check_positive("epsilon", epsilon)
+    n_iters = check_int("n_iters", n_iters, low=1)
+    tol = check_positive("tol", tol, allow_none=True)
+    scale = check_number("scale", scale)
+    keep = check_mask(mask, student_logits.shape[:-1], student_logits.device)
     dtype = compute_dtype(student_logits, teacher_logits)
+    # uncounted rows become zeros before any arithmetic: garbage there reaches neither value nor gradient
+    student = zero_uncounted_rows(student_logits, keep, dtype)
+    teacher = zero_uncounted_rows(teacher_logits, keep, dtype)
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    named = {"student_logits": student, "teacher_logits": teacher}
     run = _batch_mode if mode == "batch" else _sample_mode
-    out = run(student_logits, teacher_logits, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype)
+    out = run(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named)
     out = out * scale
-    if torch.isnan(out).any():
-        _diagnose_nan(student_logits, teacher_logits, mask, mode)
+    raise_if_nan(out, {name: x.detach() for name, x in named.items()})
     return out
 
 
-def _check_logits(student, teacher, *, min_dim, mode):
-    check_float_tensor("student_logits", student)
-    check_float_tensor("teacher_logits", teacher)
-    if student.dim() < min_dim:
-        what = "[..., N, C] (rows x classes)" if mode == "batch" else "[..., C]"
-        raise ValueError(f"student_logits must have shape {what} for mode={mode!r}, got {tuple(student.shape)}")
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"vocabulary mismatch: student_logits has C={student.shape[-1]}, teacher_logits has C={teacher.shape[-1]}"
-        )
-    if student.shape != teacher.shape:
-        raise ValueError(
-            f"shape mismatch: student_logits {tuple(student.shape)} vs teacher_logits {tuple(teacher.shape)}"
-        )
-    if student.device != teacher.device:
-        raise ValueError(f"device mismatch: student_logits on {student.device}, teacher_logits on {teacher.device}")
-    if student.shape[-1] == 0:
-        raise ValueError("student_logits has an empty class dimension (C = 0)")
-    if mode == "batch" and student.shape[-2] == 0:
-        raise ValueError("student_logits has no rows to transport (N = 0)")
-
-
-def _diagnose_nan(student, teacher, mask, mode, culprit=None):
-    rows_dim = student.shape[:-1]
-    keep = torch.ones(rows_dim, dtype=torch.bool, device=student.device) if mask is None else mask
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        x = x.detach()[keep]
-        if torch.isnan(x).any():
-            raise ValueError(f"{name} contains NaN")
-        if torch.isposinf(x).any():
-            raise ValueError(f"{name} contains +inf; logits must be finite or -inf (masked)")
-        if (x == -math.inf).all(dim=-1).any():
-            raise ValueError(f"{name} has a row whose entries are all -inf: it is not a distribution")
-    if culprit is not None:
-        raise ValueError(f"sinkhorn_kd_loss (mode={mode!r}): {culprit} although the logits are finite")
-    raise FloatingPointError(f"sinkhorn_kd_loss (mode={mode!r}) is NaN on finite inputs; please report this as a bug")
-
-
-def _clean(logits, keep, dtype, temperature):
-    """Logits in the compute dtype divided by T, with uncounted rows replaced by zeros
-    (so garbage there can reach neither the loss nor the gradient)."""
-    x = zero_uncounted_rows(logits, keep, dtype)
-    return x / temperature if temperature != 1.0 else x
-
-
-def _batch_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype):
-    keep = check_bool_mask(mask, student.shape[:-1], student.device)
+def _batch_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named):
     cost = "l1" if cost is None else cost
     if not (callable(cost) or (isinstance(cost, str) and cost in BATCH_COSTS)):
         raise ValueError(f"cost must be one of {BATCH_COSTS} or a callable for mode='batch', got {cost!r}")
-    p_s = torch.softmax(_clean(student, keep, dtype, temperature), dim=-1)
-    p_t = torch.softmax(_clean(teacher, keep, dtype, temperature), dim=-1)
+    p_s = torch.softmax(student, dim=-1)
+    p_t = torch.softmax(teacher, dim=-1)
+    raise_if_nan(p_s.detach(), {"student_logits": named["student_logits"].detach()})
+    raise_if_nan(p_t.detach(), {"teacher_logits": named["teacher_logits"].detach()})
     w = _batch_cost(cost, p_s, p_t)
-    if not torch.isfinite(w.detach()).all():
-        _diagnose_nan(student, teacher, mask, "batch", culprit="the batch cost is not finite")
+    check_finite("cost (the batch cost callable's output)", w.detach())
     n = student.shape[-2]
     if keep is None:
         counts = torch.full(student.shape[:-2], float(n), dtype=dtype, device=student.device)
@@ -483,17 +447,16 @@ def _batch_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction
         log_m = torch.where(live, -torch.log(live_counts), minus_inf)
     result = _sinkhorn_core(w, log_m, log_m, epsilon, n_iters, tol)
     rows = (result.plan * w).sum(dim=-1) * counts.clamp_min(1.0).unsqueeze(-1)
-    return reduce_rows(rows, keep, reduction)
+    return reduce(rows, reduction, mask=keep)
 
 
-def _sample_mode(student, teacher, temperature, epsilon, n_iters, cost, reduction, mask, tol, dtype):
-    keep = check_bool_mask(mask, student.shape[:-1], student.device)
+def _sample_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named):
     num_classes = student.shape[-1]
     c = _sample_cost("zero_one" if cost is None else cost, num_classes, dtype, student.device)
-    log_s = torch.log_softmax(_clean(student, keep, dtype, temperature), dim=-1)
-    log_t = torch.log_softmax(_clean(teacher, keep, dtype, temperature), dim=-1)
-    if torch.isnan(log_s.detach()).any() or torch.isnan(log_t.detach()).any():
-        _diagnose_nan(student, teacher, mask, "sample")
+    log_s = torch.log_softmax(student, dim=-1)
+    log_t = torch.log_softmax(teacher, dim=-1)
+    raise_if_nan(log_s.detach(), {"student_logits": named["student_logits"].detach()})
+    raise_if_nan(log_t.detach(), {"teacher_logits": named["teacher_logits"].detach()})
     try:
         batch_shape = torch.broadcast_shapes(c.shape[:-2], log_s.shape[:-1])
     except RuntimeError:
@@ -506,4 +469,4 @@ def _sample_mode(student, teacher, temperature, epsilon, n_iters, cost, reductio
     log_s = log_s.expand(batch_shape + (num_classes,))
     log_t = log_t.expand(batch_shape + (num_classes,))
     rows = _sinkhorn_core(c, log_s, log_t, epsilon, n_iters, tol).cost
-    return reduce_rows(rows, keep, reduction)
+    return reduce(rows, reduction, mask=keep)

@@ -11,11 +11,13 @@ accepted in context ``x`` is
 
 DistillSpec (Zhou et al., ICLR 2024) distils the draft towards the target to raise
 :math:`\alpha = \mathbb{E}_x[\beta(x)]`; minimising total variation is the direct
-route (``fdiv.get("tv")`` / ``fdiv.token_loss(..., "tv")``).
+route (``fdiv.get("tv")`` / ``fdiv.token_loss(student_logits=..., teacher_logits=..., divergence="tv")``).
 
 Orientation (``docs/design.md``): the **target** plays P (teacher), the **draft** Q
-(student). Arguments are named ``target_logits`` / ``draft_logits``; the vocabulary is
-the last dimension. See ``docs/speculative_decoding.md``.
+(student). Tensors are keyword-only arguments named ``target_logits`` / ``draft_logits``;
+the vocabulary is the last dimension. Greedy decoding is ``greedy=True``; the temperature
+is always a number ``> 0`` (``temperature=0`` is an error, never a synonym of greedy).
+See ``docs/speculative_decoding.md``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,23 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .._validate import (
+    ArgumentTypeError,
+    check_bool,
+    check_callable,
+    check_int,
+    check_logit_pair,
+    check_mask,
+    check_reduction,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    check_unit_interval,
+    raise_if_nan,
+    reduce,
+    zero_uncounted_rows,
+)
 from ..math._numerics import compute_dtype
-from .._validate import check_tensor as check_float_tensor, check_temperature
-from ._shared import check_bool_mask, reduce_rows, zero_uncounted_rows
 
 __all__ = [
     "acceptance_rate",
@@ -40,53 +56,11 @@ __all__ = [
     "speculative_block",
 ]
 
-REDUCTIONS = ("none", "mean", "sum")
 
-
-# --------------------------------------------------------------------------- checks
-def _check_pair(target, draft):
-    check_float_tensor("target_logits", target)
-    check_float_tensor("draft_logits", draft)
-    if target.dim() == 0:
-        raise ValueError("target_logits must have a vocabulary dimension, got a scalar")
-    if target.shape[-1] != draft.shape[-1]:
-        raise ValueError(
-            f"vocabulary mismatch: target_logits has V={target.shape[-1]}, draft_logits has V={draft.shape[-1]}"
-        )
-    if target.shape != draft.shape:
-        raise ValueError(f"shape mismatch: target_logits {tuple(target.shape)} vs draft_logits {tuple(draft.shape)}")
-    if target.device != draft.device:
-        raise ValueError(f"device mismatch: target_logits on {target.device}, draft_logits on {draft.device}")
-    if target.shape[-1] == 0:
-        raise ValueError("target_logits has an empty vocabulary (V = 0)")
-
-
-def _check_logit_values(name, x, keep=None):
-    """ValueError naming ``name`` for NaN, +inf, or a (counted) row that is all -inf."""
-    x = x.detach()
-    if keep is not None:
-        x = x[keep]
-    if torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN")
-    if torch.isposinf(x).any():
-        raise ValueError(f"{name} contains +inf; logits must be finite or -inf (masked)")
-    if x.numel() and (x == -math.inf).all(dim=-1).any():
-        raise ValueError(f"{name} has a row whose entries are all -inf: it is not a distribution")
-
-
-def _resolve_temperature(temperature, greedy):
-    """``(greedy, T)``; ``temperature == 0`` means greedy decoding."""
-    if not isinstance(greedy, bool):
-        raise ValueError(f"greedy must be a bool, got {greedy!r}")
-    if greedy:
-        return True, None
-    try:
-        value = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
-    if value == 0.0:
-        return True, None
-    return False, check_temperature(value)
+def _check_sampling(temperature, greedy) -> float | None:
+    """``temperature`` (a number > 0, checked even when greedy) or None when ``greedy``."""
+    temperature = check_temperature(temperature)
+    return None if check_bool("greedy", greedy) else temperature
 
 
 def _log_probs(logits, temperature, dtype):
@@ -96,11 +70,18 @@ def _log_probs(logits, temperature, dtype):
     return torch.log_softmax(x, dim=-1)
 
 
+def _check_distributions(named: dict) -> None:
+    """An error naming the input with NaN / +inf or an all ``-inf`` row (each row must be a distribution)."""
+    for name, x in named.items():
+        x = x.detach()
+        raise_if_nan(torch.log_softmax(x.to(compute_dtype(x)), dim=-1), {name: x})
+
+
 # --------------------------------------------------------------------------- acceptance
 def acceptance_rate(
+    *,
     target_logits: torch.Tensor,
     draft_logits: torch.Tensor,
-    *,
     temperature: float = 1.0,
     greedy: bool = False,
     mask: torch.Tensor | None = None,
@@ -115,16 +96,18 @@ def acceptance_rate(
     so a tiny acceptance keeps its relative precision and ``-inf`` logits (masked
     vocabulary entries) are exact zeros.
 
-    Greedy decoding (``greedy=True`` or ``temperature=0``): the draft's token is accepted iff
-    ``argmax(draft) == argmax(target)``; :math:`\beta \in \{0, 1\}` (ties resolve to the first
-    maximal index, as ``torch.argmax``). This value has no gradient.
+    Greedy decoding (``greedy=True``; ``temperature`` is then ignored but must still be a
+    number ``> 0``): the draft's token is accepted iff ``argmax(draft) == argmax(target)``;
+    :math:`\beta \in \{0, 1\}` (ties resolve to the first maximal index, as
+    ``torch.argmax``). This value has no gradient. ``temperature=0`` is an error, not greedy.
 
     Args:
         target_logits: ``[..., V]`` logits of the target (verifier) model — P.
         draft_logits: ``[..., V]`` logits of the draft model — Q; same shape.
-        temperature: sampling temperature ``T >= 0`` (0 = greedy), applied to both.
-        greedy: force greedy acceptance regardless of ``temperature``.
-        mask: optional bool ``[...]``; False rows are not counted (0 under ``"none"``).
+        temperature: sampling temperature ``T > 0``, applied to both.
+        greedy: greedy acceptance (argmax match) instead of sampling.
+        mask: optional bool (or 0/1) ``[...]`` on the logits' device; False rows are not
+            counted (0 under ``"none"``).
         reduction: ``"none"`` (``[...]``, the default), ``"mean"`` over counted rows (the
             acceptance rate :math:`\alpha`; 0 when nothing is counted) or ``"sum"``.
 
@@ -135,43 +118,44 @@ def acceptance_rate(
     Example:
         >>> import torch
         >>> p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
-        >>> round(acceptance_rate(p.log(), q.log()).item(), 6)
+        >>> round(acceptance_rate(target_logits=p.log(), draft_logits=q.log()).item(), 6)
         0.7
-        >>> acceptance_rate(p.log(), q.log(), greedy=True)
+        >>> acceptance_rate(target_logits=p.log(), draft_logits=q.log(), greedy=True)
         tensor(0.)
 
     References:
         Leviathan, Kalman & Matias (2023), Fast Inference from Transformers via Speculative
         Decoding; Zhou et al. (2024), DistillSpec, ICLR.
     """
-    _check_pair(target_logits, draft_logits)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    greedy, temperature = _resolve_temperature(temperature, greedy)
-    keep = check_bool_mask(mask, target_logits.shape[:-1], target_logits.device)
+    check_logit_pair("target_logits", target_logits, "draft_logits", draft_logits)
+    check_reduction(reduction)
+    temperature = _check_sampling(temperature, greedy)
+    keep = check_mask(mask, target_logits.shape[:-1], target_logits.device)
+    rows = _acceptance_rows(target_logits, draft_logits, keep, temperature)
+    return reduce(rows, reduction, mask=keep)
+
+
+def _acceptance_rows(target_logits, draft_logits, keep, temperature):
+    """Per-row acceptance on validated inputs (``temperature`` None = greedy)."""
     dtype = compute_dtype(target_logits, draft_logits)
     target = zero_uncounted_rows(target_logits, keep, dtype)
     draft = zero_uncounted_rows(draft_logits, keep, dtype)
-    if greedy:
+    if temperature is None:
         # argmax would silently rank NaN: check the inputs first
-        _check_logit_values("target_logits", target)
-        _check_logit_values("draft_logits", draft)
-        rows = (target.detach().argmax(dim=-1) == draft.detach().argmax(dim=-1)).to(dtype)
-    else:
-        log_p = _log_probs(target, temperature, dtype)
-        log_q = _log_probs(draft, temperature, dtype)
-        rows = torch.logsumexp(torch.minimum(log_p, log_q), dim=-1).exp()
-        if torch.isnan(rows.detach()).any():  # NaN / +inf / all -inf in a counted row: say which input
-            _check_logit_values("target_logits", target)
-            _check_logit_values("draft_logits", draft)
-            raise FloatingPointError("acceptance_rate is NaN on finite inputs; please report this as a bug")
-    return reduce_rows(rows, keep, reduction)
+        _check_distributions({"target_logits": target, "draft_logits": draft})
+        return (target.detach().argmax(dim=-1) == draft.detach().argmax(dim=-1)).to(dtype)
+    log_p = _log_probs(target, temperature, dtype)
+    log_q = _log_probs(draft, temperature, dtype)
+    rows = torch.logsumexp(torch.minimum(log_p, log_q), dim=-1).exp()
+    # NaN / +inf / all -inf in a counted row: say which input
+    raise_if_nan(rows.detach(), {"target_logits": target.detach(), "draft_logits": draft.detach()})
+    return rows
 
 
 def sequence_acceptance_rate(
+    *,
     target_logits: torch.Tensor,
     draft_logits: torch.Tensor,
-    *,
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     greedy: bool = False,
@@ -186,47 +170,42 @@ def sequence_acceptance_rate(
     Args:
         target_logits: ``[..., L, V]`` target (P) logits along a sequence.
         draft_logits: ``[..., L, V]`` draft (Q) logits at the same positions.
-        mask: bool ``[..., L]`` (True = counted, e.g. response tokens).
+        mask: bool (or 0/1) ``[..., L]`` on the logits' device (True = counted, e.g. response tokens).
         temperature, greedy: as in :func:`acceptance_rate`.
 
     Example:
         >>> import torch
         >>> t = torch.zeros(2, 3, 4); d = torch.zeros(2, 3, 4)
-        >>> sequence_acceptance_rate(t, d)
+        >>> sequence_acceptance_rate(target_logits=t, draft_logits=d)
         tensor([1., 1.])
     """
-    _check_pair(target_logits, draft_logits)
+    check_logit_pair("target_logits", target_logits, "draft_logits", draft_logits)
     if target_logits.dim() < 2:
         raise ValueError(f"target_logits must have shape [..., L, V], got {tuple(target_logits.shape)}")
-    keep = check_bool_mask(mask, target_logits.shape[:-1], target_logits.device)
-    rows = acceptance_rate(target_logits, draft_logits, temperature=temperature, greedy=greedy, mask=keep)
-    if keep is None:
-        return rows.mean(dim=-1)
-    counts = keep.sum(dim=-1).to(rows.dtype)
-    return rows.sum(dim=-1) / counts.clamp_min(1.0)
+    temperature = _check_sampling(temperature, greedy)
+    keep = check_mask(mask, target_logits.shape[:-1], target_logits.device)
+    rows = _acceptance_rows(target_logits, draft_logits, keep, temperature)
+    return reduce(rows, "mean", mask=keep, dim=-1)
 
 
 # --------------------------------------------------------------------------- block length
-def _as_tensor(name, x):
-    if isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
-        return x
-    if isinstance(x, bool):
-        raise ValueError(f"{name} must be a number or a float tensor, got {x!r}")
-    try:
-        return torch.as_tensor(float(x), dtype=torch.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number or a float tensor, got {x!r}") from None
+def _probability_tensor(name, x) -> torch.Tensor:
+    """A number in [0, 1] (as a float64 tensor) or a float tensor with every entry in [0, 1].
+
+    The elementwise range test of a tensor is the one check here that :mod:`fdiv._validate`
+    (numbers only) does not cover.
+    """
+    if not isinstance(x, torch.Tensor):
+        return torch.tensor(check_unit_interval(name, x), dtype=torch.float64)
+    check_tensor(name, x)
+    d = x.detach()
+    bad = torch.isnan(d) | (d < 0) | (d > 1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must lie in [0, 1], got values such as {d[bad].flatten()[0].item()!r}")
+    return x
 
 
-def _check_unit_interval(name, x):
-    bad = torch.isnan(x) | (x < 0) | (x > 1)
-    if bad.any():
-        raise ValueError(f"{name} must lie in [0, 1], got values such as {x[bad].flatten()[0].item()!r}")
-
-
-def expected_block_length(alpha, draft_length) -> torch.Tensor:
+def expected_block_length(*, alpha, draft_length) -> torch.Tensor:
     r"""Expected tokens produced per target call with ``gamma`` drafted tokens, i.i.d. acceptance:
 
     .. math:: \mathbb{E}[\text{tokens}] = \frac{1 - \alpha^{\gamma + 1}}{1 - \alpha} = \sum_{k=0}^{\gamma} \alpha^k,
@@ -246,13 +225,12 @@ def expected_block_length(alpha, draft_length) -> torch.Tensor:
         ``alpha`` (also at ``alpha = 1``, where the derivative is ``gamma (gamma + 1) / 2``).
 
     Example:
-        >>> round(expected_block_length(0.8, 4).item(), 4)
+        >>> round(expected_block_length(alpha=0.8, draft_length=4).item(), 4)
         3.3616
-        >>> expected_block_length(1.0, 4).item()
+        >>> expected_block_length(alpha=1.0, draft_length=4).item()
         5.0
     """
-    alpha = _as_tensor("alpha", alpha)
-    _check_unit_interval("alpha", alpha.detach())
+    alpha = _probability_tensor("alpha", alpha)
     gamma = _check_draft_length(draft_length, alpha)
     out_dtype = alpha.dtype
     # float64 throughout: the series switch below is tuned to float64 rounding (in float32 the
@@ -275,18 +253,18 @@ def expected_block_length(alpha, draft_length) -> torch.Tensor:
 
 
 def _check_draft_length(draft_length, alpha):
-    if isinstance(draft_length, torch.Tensor):
-        if draft_length.is_floating_point() or draft_length.dtype == torch.bool:
-            raise ValueError(f"draft_length must be an int or an integer tensor, got dtype {draft_length.dtype}")
-        if (draft_length < 0).any():
+    if isinstance(draft_length, torch.Tensor) and draft_length.numel() != 1:
+        check_tensor("draft_length", draft_length, floating=False)
+        if draft_length.is_floating_point() or draft_length.is_complex() or draft_length.dtype == torch.bool:
+            raise ArgumentTypeError(f"draft_length must be an int or an integer tensor, got dtype {draft_length.dtype}")
+        if bool((draft_length < 0).any()):
             raise ValueError("draft_length must be >= 0")
         return draft_length.to(device=alpha.device, dtype=alpha.dtype)
-    if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 0:
-        raise ValueError(f"draft_length must be an int >= 0, got {draft_length!r}")
-    return torch.tensor(float(draft_length), dtype=alpha.dtype, device=alpha.device)
+    value = check_int("draft_length", draft_length, low=0)
+    return torch.tensor(float(value), dtype=alpha.dtype, device=alpha.device)
 
 
-def expected_block_length_from_positions(betas, *, dim: int = -1) -> torch.Tensor:
+def expected_block_length_from_positions(*, betas, dim: int = -1) -> torch.Tensor:
     r"""Expected tokens per target call from position-wise acceptance probabilities:
 
     .. math:: \mathbb{E}[\text{tokens}] = 1 + \sum_{k=1}^{\gamma} \prod_{i \le k} \beta_i ,
@@ -304,17 +282,16 @@ def expected_block_length_from_positions(betas, *, dim: int = -1) -> torch.Tenso
 
     Example:
         >>> import torch
-        >>> expected_block_length_from_positions(torch.tensor([0.9, 0.5, 0.5]))
+        >>> expected_block_length_from_positions(betas=torch.tensor([0.9, 0.5, 0.5]))
         tensor(2.5750)
     """
-    betas = _as_tensor("betas", betas) if not isinstance(betas, (list, tuple)) else torch.as_tensor(
-        betas, dtype=torch.float64
-    )
-    if betas.dim() == 0:
-        raise ValueError("betas must have a draft-position dimension, got a scalar")
+    if isinstance(betas, (list, tuple)):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+    check_tensor("betas", betas, min_dim=1)
+    check_int("dim", dim)
     if not -betas.dim() <= dim < betas.dim():
         raise ValueError(f"dim={dim} is out of range for betas with {betas.dim()} dimensions")
-    _check_unit_interval("betas", betas.detach())
+    betas = _probability_tensor("betas", betas)
     return 1.0 + torch.cumprod(betas, dim=dim).sum(dim=dim)
 
 
@@ -347,9 +324,9 @@ def _residual_log_weights(log_p, log_q):
 
 
 def speculative_sample(
+    *,
     target_logits: torch.Tensor,
     draft_logits: torch.Tensor,
-    *,
     draft_tokens: torch.Tensor | None = None,
     temperature: float = 1.0,
     greedy: bool = False,
@@ -360,8 +337,9 @@ def speculative_sample(
     For each row: draw ``y ~ q`` (or take ``draft_tokens``), accept it with probability
     ``min(1, p(y) / q(y))``, otherwise emit a token from ``normalize(max(0, p - q))``. The
     emitted token is distributed exactly as ``p`` and ``P(accepted) = sum_y min(p, q)``
-    (:func:`acceptance_rate`). Greedy (``greedy=True`` or ``temperature=0``): accept iff the
-    draft's token is the target's argmax; the emitted token is always the target's argmax.
+    (:func:`acceptance_rate`). Greedy (``greedy=True``): accept iff the draft's token is the
+    target's argmax; the emitted token is always the target's argmax. ``temperature=0`` is an
+    error, never greedy.
 
     The test is done in log space (``log u < log p(y) - log q(y)``), so probabilities far
     below float range never overflow a ratio. Nothing here is differentiable.
@@ -371,8 +349,8 @@ def speculative_sample(
         draft_logits: ``[..., V]`` draft (Q) logits, same shape.
         draft_tokens: optional int64 ``[...]`` tokens already sampled from the draft
             (at this temperature); each must have ``q(y) > 0``.
-        temperature: ``T >= 0``, applied to both (0 = greedy).
-        greedy: force greedy verification.
+        temperature: ``T > 0``, applied to both.
+        greedy: greedy verification (argmax) instead of sampling.
         generator: a ``torch.Generator`` for reproducible draws.
 
     Returns:
@@ -382,31 +360,44 @@ def speculative_sample(
         >>> import torch
         >>> p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
         >>> g = torch.Generator().manual_seed(0)
-        >>> out = speculative_sample(p.log().expand(100000, 3), q.log().expand(100000, 3), generator=g)
+        >>> p_logits, q_logits = p.log().expand(100000, 3), q.log().expand(100000, 3)
+        >>> out = speculative_sample(target_logits=p_logits, draft_logits=q_logits, generator=g)
         >>> round(out.accepted.double().mean().item(), 2)  # sum_y min(p, q) = 0.7
         0.7
     """
-    _check_pair(target_logits, draft_logits)
-    greedy, temperature = _resolve_temperature(temperature, greedy)
+    check_logit_pair("target_logits", target_logits, "draft_logits", draft_logits)
+    temperature = _check_sampling(temperature, greedy)
+    _check_generator(generator)
+    _check_distributions({"target_logits": target_logits, "draft_logits": draft_logits})
+    vocab = target_logits.shape[-1]
+    if draft_tokens is not None:
+        check_tensor("draft_tokens", draft_tokens, floating=False)
+        if draft_tokens.dtype not in (torch.int64, torch.int32):
+            raise ArgumentTypeError(
+                f"draft_tokens must be an int64 (or int32) tensor of token ids, got {draft_tokens.dtype}"
+            )
+        if draft_tokens.shape != target_logits.shape[:-1]:
+            raise ValueError(
+                f"draft_tokens must have shape {tuple(target_logits.shape[:-1])}, got {tuple(draft_tokens.shape)}"
+            )
+        check_same_device("target_logits", target_logits, "draft_tokens", draft_tokens)
+        if bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
+            raise ValueError(f"draft_tokens must lie in [0, {vocab})")
+        draft_tokens = draft_tokens.to(dtype=torch.int64)
+    return _sample_core(target_logits, draft_logits, draft_tokens, temperature, generator)
+
+
+def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    _check_logit_values("target_logits", target_logits)
-    _check_logit_values("draft_logits", draft_logits)
+        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _sample_core(target_logits, draft_logits, draft_tokens, temperature, generator) -> SpeculativeSample:
+    """One verification on validated inputs (``temperature`` None = greedy)."""
     dtype = compute_dtype(target_logits, draft_logits)
     target = target_logits.detach().to(dtype)
     draft = draft_logits.detach().to(dtype)
-    vocab = target.shape[-1]
-    if draft_tokens is not None:
-        if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError("draft_tokens must be an int64 (or int32) tensor of token ids")
-        if draft_tokens.shape != target.shape[:-1]:
-            raise ValueError(
-                f"draft_tokens must have shape {tuple(target.shape[:-1])}, got {tuple(draft_tokens.shape)}"
-            )
-        if ((draft_tokens < 0) | (draft_tokens >= vocab)).any():
-            raise ValueError(f"draft_tokens must lie in [0, {vocab})")
-        draft_tokens = draft_tokens.to(device=target.device, dtype=torch.int64)
-    if greedy:
+    if temperature is None:
         target_top = target.argmax(dim=-1)
         proposed = draft.argmax(dim=-1) if draft_tokens is None else draft_tokens
         return SpeculativeSample(target_top, proposed == target_top, proposed)
@@ -416,7 +407,7 @@ def speculative_sample(
         proposed = _gumbel_argmax(log_q, generator)
     else:
         proposed = draft_tokens
-        if (log_q.gather(-1, proposed.unsqueeze(-1)) == -math.inf).any():
+        if bool((log_q.gather(-1, proposed.unsqueeze(-1)) == -math.inf).any()):
             raise ValueError("draft_tokens contains a token to which the draft gives probability 0")
     lp = log_p.gather(-1, proposed.unsqueeze(-1)).squeeze(-1)
     lq = log_q.gather(-1, proposed.unsqueeze(-1)).squeeze(-1)
@@ -442,11 +433,11 @@ class SpeculativeBlock(NamedTuple):
 
 
 def speculative_block(
+    *,
     target_fn: Callable[[torch.Tensor], torch.Tensor],
     draft_fn: Callable[[torch.Tensor], torch.Tensor],
     prefix: torch.Tensor,
     draft_length: int,
-    *,
     temperature: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
@@ -473,12 +464,15 @@ def speculative_block(
     Returns:
         :class:`SpeculativeBlock` ``(tokens, num_accepted, num_tokens, draft_tokens)``.
     """
-    if not isinstance(prefix, torch.Tensor) or prefix.dtype != torch.int64 or prefix.dim() != 2:
-        raise ValueError("prefix must be an int64 tensor of shape [N, L]")
-    if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
-        raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
-    greedy, temperature = _resolve_temperature(temperature, greedy)
-    t_value = 0.0 if greedy else temperature
+    check_callable("target_fn", target_fn)
+    check_callable("draft_fn", draft_fn)
+    check_tensor("prefix", prefix, floating=False, dim=2)
+    if prefix.dtype != torch.int64:
+        raise ArgumentTypeError(f"prefix must be an int64 tensor of shape [N, L], got {prefix.dtype}")
+    draft_length = check_int("draft_length", draft_length, low=1)
+    temperature = _check_sampling(temperature, greedy)
+    greedy = temperature is None
+    _check_generator(generator)
     n = prefix.shape[0]
     context = prefix
     drafted, draft_logits = [], []
@@ -509,9 +503,8 @@ def speculative_block(
                 f"target_fn and draft_fn disagree on the vocabulary: {tuple(p_logits.shape)} vs "
                 f"{tuple(draft_logits[k].shape)}"
             )
-        step = speculative_sample(
-            p_logits, draft_logits[k], draft_tokens=drafted[k], temperature=t_value, generator=generator
-        )
+        _check_distributions({"target_fn output": p_logits, "draft_fn output": draft_logits[k]})
+        step = _sample_core(p_logits, draft_logits[k], drafted[k], temperature, generator)
         emitted.append(step.tokens)
         accepts.append(step.accepted)
     accepted = torch.stack(accepts, dim=-1)
@@ -526,7 +519,6 @@ def speculative_block(
 
 
 def _check_model_output(name, logits, n):
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise ValueError(f"{name} must return a float tensor of logits [N, V]")
+    check_tensor(f"{name}'s output", logits)
     if logits.dim() != 2 or logits.shape[0] != n:
         raise ValueError(f"{name} must return logits of shape [{n}, V], got {tuple(logits.shape)}")

@@ -10,13 +10,16 @@ stratified 70/30 train/test split seeded with ``ctx.seed``.
 * **Student**: a much smaller MLP 64 -> 8 -> 10 (ReLU), initialised identically
   (``torch.manual_seed(ctx.seed)``) for every run and trained **only** on the teacher's
   soft targets over the training inputs (no hard labels), full batch, with
-  ``fdiv.token_loss(student_logits, teacher_logits, divergence, temperature=T,
-  temperature_scaling=True)`` — i.e. ``T^2 * D(softmax(t/T) || softmax(z/T))``,
-  P = teacher (target), Q = student (model), averaged over the training images.
+  ``fdiv.distill.kd_loss(student_logits=z, teacher_logits=t, divergence=div, temperature=T,
+  temperature_scaling=True)`` — i.e. ``T^2 * D(softmax(t/T) || softmax(z/T))`` (Hinton's
+  ``T^2``, opted into explicitly: fdiv's default is no scaling), P = teacher (target),
+  Q = student (model), averaged over the training images. ``div`` is the registered
+  divergence built once from the study's (name, parameters) pair.
 * **Sparse teacher** (``teacher = "top-3"``): the same student trained against only the
   teacher's top-3 classes and their log-probabilities at temperature ``T`` (normalised
   over all 10 classes), with the remaining mass in one tail bucket:
-  ``fdiv.topk_token_loss(..., tail="bucket")``.
+  ``T^2 * fdiv.topk_token_loss(..., tail="bucket", temperature=T)`` (kernels never scale by
+  ``T^2``; the study multiplies, so both teachers train on the same objective).
 * **Temperature sweep**: ``forward_kl`` (classic Hinton KD) with the full teacher is also
   run at ``T = 1`` and ``T = 4`` when it is among the divergences.
 
@@ -34,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import token_loss, topk_token_loss
+from ... import get, topk_token_loss
+from ...distill import kd_loss
 from .. import plotting
 from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
 
@@ -216,19 +220,22 @@ class DistillStudy:
         runs = []  # (label, colour index, teacher kind, T, loss_fn)
         for index, (name, params) in enumerate(ctx.divergences):
             label = divergence_label(name, params)
+            divergence = get(name, **params)  # resolved once; the losses take the instance
 
-            def full(z, name=name, params=params, temperature=TEMPERATURE):
-                return token_loss(
-                    z, teacher_train_logits, name, temperature=temperature, temperature_scaling=True, **params
+            def full(z, divergence=divergence, temperature=TEMPERATURE):
+                return kd_loss(
+                    student_logits=z, teacher_logits=teacher_train_logits, divergence=divergence,
+                    temperature=temperature, temperature_scaling=True,
                 )
 
             indices, logprobs = topk_targets(TEMPERATURE)
 
-            def sparse(z, name=name, params=params, indices=indices, logprobs=logprobs):
-                return topk_token_loss(
-                    z, indices, logprobs, name, tail="bucket",
-                    temperature=TEMPERATURE, temperature_scaling=True, **params,
+            def sparse(z, divergence=divergence, indices=indices, logprobs=logprobs):
+                loss = topk_token_loss(
+                    student_logits=z, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                    divergence=divergence, tail="bucket", temperature=TEMPERATURE,
                 )
+                return TEMPERATURE**2 * loss  # Hinton's T^2, as kd_loss(temperature_scaling=True) above
 
             runs.append((label, index, "full", TEMPERATURE, full))
             runs.append((label, index, f"top-{TOP_K}", TEMPERATURE, sparse))
@@ -237,8 +244,9 @@ class DistillStudy:
             for temperature in SWEEP_TEMPERATURES:
 
                 def swept(z, temperature=temperature):
-                    return token_loss(
-                        z, teacher_train_logits, "forward_kl", temperature=temperature, temperature_scaling=True
+                    return kd_loss(
+                        student_logits=z, teacher_logits=teacher_train_logits, divergence="forward_kl",
+                        temperature=temperature, temperature_scaling=True,
                     )
 
                 runs.append(("forward_kl", sweep_index, "full", temperature, swept))
@@ -289,7 +297,8 @@ class DistillStudy:
                 "tail_floor": TAIL_FLOOR,
                 "topk_rows_floored": floored_rows,
                 "ece_bins": ECE_BINS,
-                "loss": "fdiv.token_loss / fdiv.topk_token_loss: T^2 * mean_n D(teacher_T || student_T)",
+                "loss": "fdiv.distill.kd_loss(temperature_scaling=True) / T^2 * fdiv.topk_token_loss: "
+                "T^2 * mean_n D(teacher_T || student_T)",
                 "seed": seed,
                 "divergences": [[n, p] for n, p in ctx.divergences],
                 "device": str(device),

@@ -19,8 +19,10 @@ initialisation) in two regimes:
 * **on-policy**: each step samples sequences from the current student and trains on them, with the
   teacher's exact next-token distributions on the student's prefixes (GKD, Agarwal et al., 2024).
 
-The per-token loss is always ``fdiv.token_loss(student_logits, teacher_log_probs, divergence)``,
-i.e. ``D(P_teacher || Q_student)`` averaged over all positions.
+The per-token loss is always ``fdiv.token_loss(student_logits=z, teacher_logits=teacher_log_probs,
+divergence=div)`` (``div`` built once from the study's (name, parameters) pair), i.e.
+``D(P_teacher || Q_student)`` averaged over all positions. The acceptance metric is
+``fdiv.distill.acceptance_rate(target_logits=teacher, draft_logits=student)`` = ``1 - TV``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from ... import get, token_loss
+from ...distill import acceptance_rate
+from ...math.registry import as_divergence
 from ..plotting import colour, new_figure, save
 from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
 
@@ -211,23 +215,26 @@ def _generator(device, seed: int) -> torch.Generator:
 # --------------------------------------------------------------------------------------------- training
 def train_student(
     teacher: HMM,
-    divergence: str,
-    params: dict,
-    regime: str,
     *,
+    divergence,
+    regime: str,
     steps: int,
     seed: int,
     settings: dict = SETTINGS,
     device=torch.device("cpu"),
     on_step=None,
 ) -> ContextMLP:
-    """Distil ``teacher`` into a fresh student with ``token_loss(student, teacher, divergence)``.
+    """Distil ``teacher`` into a fresh student with
+    ``token_loss(student_logits=student, teacher_logits=teacher, divergence=divergence)``.
 
-    ``off-policy`` trains on fresh teacher samples every step; ``on-policy`` re-samples the batch
-    from the current student every step and scores it with the teacher's exact distributions.
+    ``divergence`` is a registered name or a :class:`fdiv.Divergence` instance (parameters go into
+    the instance: ``fdiv.get("js", beta=0.3)``). ``off-policy`` trains on fresh teacher samples every
+    step; ``on-policy`` re-samples the batch from the current student every step and scores it with
+    the teacher's exact distributions.
     """
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    divergence = as_divergence(divergence, caller="train_student")
     student = make_student(settings, seed, device)
     optimiser = torch.optim.Adam(student.parameters(), lr=settings["lr"])
     generator = _generator(device, seed + 1)  # the same sample stream for every divergence
@@ -240,7 +247,11 @@ def train_student(
         with torch.no_grad():
             teacher_log_probs = teacher.position_log_probs(tokens)
         logits = student(tokens)
-        loss = token_loss(logits.reshape(-1, vocab), teacher_log_probs.reshape(-1, vocab), divergence, **params)
+        loss = token_loss(
+            student_logits=logits.reshape(-1, vocab),
+            teacher_logits=teacher_log_probs.reshape(-1, vocab),
+            divergence=divergence,
+        )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -278,7 +289,7 @@ def metrics(teacher: HMM, student: ContextMLP, teacher_tokens: torch.Tensor, stu
         "reverse_kl": get("reverse_kl")(t_on_student, s_on_student).mean().item(),
         "distinct_2": distinct_2(student_tokens, vocab),
         "teacher_loglik": loglik.double().mean().item(),
-        "acceptance": 1.0 - get("tv")(t_on_student, s_on_student).mean().item(),
+        "acceptance": acceptance_rate(target_logits=t_on_student, draft_logits=s_on_student, reduction="mean").item(),
     }
 
 
@@ -447,12 +458,13 @@ class LanguageModelStudy:
         for d_index, (divergence, params) in enumerate(ctx.divergences):
             label = divergence_label(divergence, params)
             labels.append(label)
+            instance = get(divergence, **params)  # resolved once, used by both regimes
             for r_index, regime in enumerate(REGIMES):
                 done = (d_index * len(REGIMES) + r_index) * steps
                 on_step = (lambda s, done=done: ctx.progress(done + s, total)) if steps else None
                 student = train_student(
-                    teacher, divergence, params, regime, steps=steps, seed=ctx.seed, settings=settings,
-                    device=device, on_step=on_step,
+                    teacher, divergence=instance, regime=regime, steps=steps, seed=ctx.seed,
+                    settings=settings, device=device, on_step=on_step,
                 )
                 row = {"divergence": label, "regime": regime}
                 row.update(evaluate(teacher, student, **eval_kwargs))

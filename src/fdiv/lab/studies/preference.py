@@ -38,6 +38,8 @@ import time
 import torch
 
 from ...math import registry
+from ...math.base import Divergence
+from ...objectives.preference import fdpo_admissibility, fdpo_loss, fdpo_score
 from .. import plotting
 from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
 
@@ -117,7 +119,7 @@ class _Bandit:
 SCORE_GRID = (-1000.0, 40.0, 104001)  # log-ratio grid on which the score is tabulated and inverted
 
 
-def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Tensor:
+def _optimum(bandit: _Bandit, div: Divergence, beta: float) -> torch.Tensor:
     """The infinite-data f-DPO optimum ``[CONTEXTS, RESPONSES]`` (log-probabilities), from the f-DPO theorem.
 
     At the optimum ``beta * s(l(y)) = r(y) - c(x)`` with ``s`` the f-DPO score
@@ -126,9 +128,6 @@ def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Ten
     inverted by interpolation; ``c`` is found by bisection on the best response's
     log-ratio. The tests check that the population f-DPO loss is stationary there.
     """
-    from ...objectives.preference import fdpo_score
-
-    div = registry.get(name, **params)  # an instance: js's own "beta" must not clash with f-DPO's beta
     grid = torch.linspace(*SCORE_GRID[:2], SCORE_GRID[2], dtype=DTYPE, device=bandit.reward.device)
     table = torch.cummax(fdpo_score(log_ratio=grid, divergence=div), dim=0).values
 
@@ -153,10 +152,8 @@ def _optimum(bandit: _Bandit, name: str, params: dict, beta: float) -> torch.Ten
     return torch.log_softmax(log_ref + log_ratio, dim=-1)
 
 
-def _pair_losses(bandit: _Bandit, log_pi: torch.Tensor, pairs, div, beta: float) -> torch.Tensor:
+def _pair_losses(bandit: _Bandit, log_pi: torch.Tensor, pairs, div: Divergence, beta: float) -> torch.Tensor:
     """Per-pair f-DPO losses of the policy ``log_pi`` on ``pairs = (contexts, chosen, rejected)``."""
-    from ...objectives.preference import fdpo_loss
-
     contexts, chosen, rejected = pairs
     return fdpo_loss(
         policy_chosen_logps=log_pi[contexts, chosen], policy_rejected_logps=log_pi[contexts, rejected],
@@ -166,16 +163,15 @@ def _pair_losses(bandit: _Bandit, log_pi: torch.Tensor, pairs, div, beta: float)
     )
 
 
-def _population_loss(bandit: _Bandit, log_pi: torch.Tensor, name: str, params: dict, beta: float) -> torch.Tensor:
+def _population_loss(bandit: _Bandit, log_pi: torch.Tensor, div: Divergence, beta: float) -> torch.Tensor:
     """Expected f-DPO loss over all Bradley-Terry pairs."""
     *pairs, weights = bandit.population
-    return (weights * _pair_losses(bandit, log_pi, pairs, registry.get(name, **params), beta)).sum()
+    return (weights * _pair_losses(bandit, log_pi, pairs, div, beta)).sum()
 
 
-def _train_sampled(bandit: _Bandit, name: str, params: dict, beta: float, steps: int, tick) -> tuple[torch.Tensor, float]:
+def _train_sampled(bandit: _Bandit, div: Divergence, beta: float, steps: int, tick) -> tuple[torch.Tensor, float]:
     """Adam on the sampled pairs from the reference; the policy's log-probabilities and the final loss."""
     pairs = (bandit.contexts, bandit.chosen, bandit.rejected)
-    div = registry.get(name, **params)
     logits = bandit.ref_logits.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([logits], lr=LR, betas=ADAM_BETAS)
 
@@ -191,14 +187,9 @@ def _train_sampled(bandit: _Bandit, name: str, params: dict, beta: float, steps:
         return torch.log_softmax(logits, dim=-1), float(loss_value())
 
 
-def _check_supported(name: str, params: dict) -> str | None:
+def _check_supported(div: Divergence) -> str | None:
     """None if f-DPO accepts the divergence, else the reason it refuses (shown in the row)."""
-    from ...objectives.preference import fdpo_admissibility
-
-    try:
-        verdict = fdpo_admissibility(registry.get(name, **params))
-    except (ValueError, NotImplementedError) as error:
-        return str(error).split("\n")[0]
+    verdict = fdpo_admissibility(div)
     return None if verdict.admissible else verdict.reason.split("\n")[0]
 
 
@@ -297,17 +288,23 @@ class PreferenceStudy:
         for name, params in ctx.divergences:
             label = divergence_label(name, params)
             labels.append(label)
-            refused = _check_supported(name, params)
+            try:
+                # built once: js's own "beta" lives on the instance, apart from f-DPO's beta
+                div = registry.get(name, **params)
+            except (ValueError, TypeError) as error:
+                rows.append({"divergence": label, "status": f"not usable with f-DPO: {str(error).splitlines()[0]}"})
+                continue
+            refused = _check_supported(div)
             if refused is not None:
                 rows.append({"divergence": label, "status": f"not usable with f-DPO: {refused}"})
                 continue
             for regime in REGIMES:
                 for beta in BETAS:
                     if regime == "population":
-                        log_pi = _optimum(bandit, name, params, beta)
-                        loss = float(_population_loss(bandit, log_pi, name, params, beta))
+                        log_pi = _optimum(bandit, div, beta)
+                        loss = float(_population_loss(bandit, log_pi, div, beta))
                     else:
-                        log_pi, loss = _train_sampled(bandit, name, params, beta, steps, tick)
+                        log_pi, loss = _train_sampled(bandit, div, beta, steps, tick)
                     metrics = bandit.metrics(log_pi)
                     metrics.pop("_ref_reward"), metrics.pop("_best_reward")
                     rows.append({"divergence": label, "regime": regime, "beta": beta, **metrics, "train_loss": loss})

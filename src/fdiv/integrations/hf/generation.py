@@ -1,0 +1,208 @@
+r"""On-policy data for distillation: sample completions of a batch's prompts (layer 4).
+
+:func:`on_policy_batch` is the data source of generalised knowledge distillation
+(GKD, Agarwal et al., 2024) and DistillSpec (Zhou et al., 2024): with probability
+``lmbda`` the completions of a batch are replaced by samples from the student
+(``seq_kd=True``: otherwise from the teacher), drawn by :func:`generate_completions`
+with ``model.generate`` under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from ..._validate import check_bool, check_int, check_temperature, check_unit_interval
+from ._batch import IGNORE_INDEX, check_batch, left_padded_prompts
+from ._models import check_model, device_of, special_ids, unwrap
+
+#: Where the sequences of a batch came from (:func:`on_policy_batch`).
+SOURCES = ("student", "teacher", "dataset")
+
+
+def _sampling_config(max_new_tokens, temperature, eos, pad):
+    """Pure ancestral sampling at ``temperature``: every other logits processor explicitly off."""
+    return transformers.GenerationConfig(
+        do_sample=True,
+        temperature=float(temperature),
+        top_k=0,
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_length=0,
+        num_beams=1,
+        num_return_sequences=1,
+        max_new_tokens=int(max_new_tokens),
+        eos_token_id=eos if eos else None,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+
+
+def draw_seed(generator) -> int:
+    """A 63-bit seed from ``generator`` (or from the global RNG when ``generator`` is None)."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator))
+
+
+def generate_completions(
+    model: nn.Module,
+    batch: dict,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    generation_kwargs: dict | None = None,
+) -> dict:
+    r"""Replace the completions of ``batch`` by samples ``y ~ model(· | prompt)`` (no gradient).
+
+    The prompts are cut out of the batch (see :func:`prompt_mask_of`), left-padded,
+    and completed by ``model.generate`` with pure ancestral sampling at
+    ``temperature``: ``top_k=0``, ``top_p=1``, no repetition penalty or other logits
+    processor (the model's own ``generation_config`` is not consulted for those;
+    ``generation_kwargs`` are passed on to ``generate`` and win). The model is put
+    in eval mode for the call (no dropout) and restored afterwards.
+
+    Everything after the first EOS (any id of ``eos_token_id``) is padding: input id
+    ``pad_token_id``, attention 0, label ``ignore_index``. The first EOS itself is a
+    counted response token (so the student learns where to stop).
+
+    Determinism: with ``generator`` (a CPU ``torch.Generator``) or ``seed``, the
+    sampling runs under :func:`torch.random.fork_rng` seeded from it, so the result
+    is reproducible and the global RNG state is left untouched. Without either, the
+    global RNG is used.
+
+    Args:
+        model: any ``transformers`` causal LM (anything with ``.generate``).
+        batch: ``input_ids``/``attention_mask`` ``[B, L]`` and ``labels``, ``prompt_mask``
+            or ``prompt_lengths`` to locate the prompts.
+        max_new_tokens: at most this many sampled tokens per row.
+        temperature: sampling temperature ``> 0`` (the distillation loss has its own).
+        eos_token_id, pad_token_id: default to the model's generation config / config
+            (pad falls back to the first EOS).
+
+    Returns:
+        A new batch on the model's device: ``input_ids``, ``attention_mask``, ``labels``
+        and ``prompt_mask``, all ``[B, P + G]`` with the prompts left-padded to ``P``
+        and ``G <= max_new_tokens`` generated positions.
+    """
+    check_batch(batch, need_labels=False)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    temperature = check_temperature(temperature)
+    check_int("ignore_index", ignore_index)
+    check_int("seed", seed, low=0, allow_none=True)
+    if generator is not None and seed is not None:
+        raise ValueError("give either generator= or seed=, not both")
+    core = unwrap(model)
+    if not hasattr(core, "generate"):
+        raise ValueError(f"model must be a generative model with .generate(), got {type(model).__name__}")
+    device = device_of(core)
+    eos, pad = special_ids(core, eos_token_id, pad_token_id)
+    local = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    prompts, prompt_attn = left_padded_prompts(local, pad, ignore_index)
+    config = _sampling_config(max_new_tokens, temperature, eos, pad)
+    model_kwargs = config.update(**(generation_kwargs or {}))  # generation options win; the rest go to forward
+    config.validate()
+    if generator is not None:
+        seed = draw_seed(generator)
+
+    saved_config, was_training = getattr(core, "generation_config", None), core.training
+    forked = [] if device.type == "cpu" else [device.index if device.index is not None else 0]
+    try:
+        # The model's own generation_config would fill every processor we leave unset (top_k=50 etc.).
+        core.generation_config = config
+        core.eval()
+        with torch.random.fork_rng(devices=forked, device_type=device.type, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad():
+                out = core.generate(
+                    input_ids=prompts, attention_mask=prompt_attn, generation_config=config, **model_kwargs
+                )
+    finally:
+        core.generation_config = saved_config
+        core.train(was_training)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    width = prompts.shape[1]
+    completion = sequences[:, width:]
+    if eos:
+        is_eos = torch.isin(completion, torch.tensor(eos, device=completion.device))
+        keep = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first EOS
+    else:
+        keep = torch.ones_like(completion, dtype=torch.bool)
+    completion = torch.where(keep, completion, torch.full_like(completion, pad))
+    input_ids = torch.cat([prompts, completion], 1)
+    attention_mask = torch.cat([prompt_attn, keep.long()], 1)
+    labels = torch.cat([torch.full_like(prompts, ignore_index), torch.where(keep, completion, ignore_index)], 1)
+    prompt_mask = torch.cat([prompt_attn.bool(), torch.zeros_like(keep)], 1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "prompt_mask": prompt_mask}
+
+
+def on_policy_batch(
+    *,
+    student: nn.Module,
+    batch: dict,
+    teacher: nn.Module | None = None,
+    lmbda: float = 0.5,
+    seq_kd: bool = False,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    generation_kwargs: dict | None = None,
+) -> tuple[dict, str]:
+    r"""Choose the sequences of one GKD step: student samples, teacher samples or the dataset.
+
+    With probability ``lmbda`` the completions are sampled from the **student**
+    (on-policy: GKD, Agarwal et al., 2024; DistillSpec, Zhou et al., 2024);
+    otherwise, if ``seq_kd``, from the **teacher** (sequence-level KD, Kim & Rush,
+    2016); otherwise the dataset batch is returned unchanged (the same object).
+    ``lmbda=0`` never generates, ``lmbda=1`` always does. Sampling is
+    :func:`generate_completions` at ``temperature`` (no gradient through it).
+
+    Determinism: one uniform draw decides the branch and one integer seeds the
+    sampling; both come from ``generator`` (both are drawn whatever the branch, so
+    the stream does not depend on it). Without ``generator`` the global RNG is used.
+
+    Returns:
+        ``(batch, source)`` with ``source`` in ``("student", "teacher", "dataset")``.
+        The teacher then scores whichever sequences were chosen (:func:`distillation_loss`).
+    """
+    check_model("student", student)
+    lmbda = check_unit_interval("lmbda", lmbda)
+    check_bool("seq_kd", seq_kd)
+    if seq_kd and teacher is None:
+        raise ValueError("seq_kd=True needs teacher= (the teacher generates the sequences)")
+    if teacher is not None:
+        check_model("teacher", teacher)
+    check_batch(batch, need_labels=False)
+    u = float(torch.rand((), generator=generator))
+    seed = draw_seed(generator)
+    if u < lmbda:
+        source, sampler = "student", student
+    elif seq_kd:
+        source, sampler = "teacher", teacher
+    else:
+        return batch, "dataset"
+    new = generate_completions(
+        sampler,
+        batch,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        ignore_index=ignore_index,
+        generation_kwargs=generation_kwargs,
+    )
+    return new, source

@@ -1,0 +1,188 @@
+r"""Row math shared by every torch path of the kernels layer (and by the objectives / HF helpers).
+
+Three formulas live here and nowhere else in torch code:
+
+* :func:`softmax_backward` — the softmax chain rule
+  ``dL/dz_j = (g_j - softmax(z)_j * sum_i g_i) * s`` that turns a derivative with
+  respect to log-probabilities into one with respect to logits (``s = 1/T``);
+* :func:`cross_entropy_rows` — the hard-label cross-entropy ``-log softmax(z_n)[y_n]``
+  per row, 0 on uncounted rows (value, and optionally the logit gradient);
+* :func:`kd_ce_combine` — ``divergence_weight * D + hard_label_weight * CE`` on the
+  same counted rows (row values, gradients or already-reduced terms alike).
+
+Plus the kernels' row bookkeeping: :func:`counted_rows` (mask / labels to a bool
+tensor, through :mod:`fdiv._validate`), :func:`row_weights` (the reduction
+vocabulary of :func:`fdiv._validate.reduce` folded into per-row weights, because
+the kernels form their gradients in the forward pass) and
+:func:`resolve_check_finite`. The Triton kernel writes the same chain rule in-kernel
+(``triton_kernel._token_rows_kernel``, pass 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_bool, check_labels, check_mask, zero_uncounted_rows
+
+
+def softmax_backward(
+    grad_logp: torch.Tensor,
+    log_probs: torch.Tensor,
+    *,
+    grad_sum: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    r"""The softmax chain rule: logit gradient from a log-probability gradient.
+
+    With ``log q = log_softmax(z * scale)`` along the last dimension and
+    ``g = dL/d log q`` (for a divergence: the pointwise derivative ``d/db`` of its
+    log-space forms), returns
+
+    .. math:: \frac{\partial L}{\partial z_j} = \big(g_j - q_j \textstyle\sum_i g_i\big)\cdot s .
+
+    Args:
+        grad_logp: ``[..., V]`` ``g``, float32 or float64.
+        log_probs: ``[..., V]`` ``log q`` (``-inf`` allowed: ``q = 0`` there), same shape and dtype.
+        grad_sum: ``[..., 1]`` the sum ``sum_i g_i`` over the *full* vocabulary when it is not
+            ``grad_logp.sum(-1)`` (vocabulary-parallel: the all-reduced sum; sparse top-k: the sum
+            over the coarsened outcomes). Default: ``grad_logp.sum(-1, keepdim=True)``.
+        scale: ``s``, the inverse temperature that multiplied the logits (1 by default).
+
+    Returns:
+        ``[..., V]`` in the dtype of the inputs.
+    """
+    total = grad_logp.sum(-1, keepdim=True) if grad_sum is None else grad_sum
+    grad = grad_logp - log_probs.exp() * total
+    return grad if scale == 1.0 else grad * scale
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (bf16 / fp16 / fp32)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def cross_entropy_rows(
+    logits2d: torch.Tensor,
+    labels: torch.Tensor,
+    counted: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    dtype: torch.dtype | None = None,
+    with_grad: bool = False,
+):
+    r"""Hard-label cross-entropy per row at temperature 1: ``CE_n = -log softmax(z_n)[y_n]``.
+
+    Stable signature (the distillation and HF helpers call it)::
+
+        cross_entropy_rows(logits2d, labels, counted=None, *, ignore_index=-100, dtype=None,
+                           with_grad=False)
+
+    Args:
+        logits2d: ``[n, V]`` floating student (model) logits, any float dtype.
+        labels: ``[n]`` integer class ids; rows equal to ``ignore_index`` are uncounted.
+            Callers validate them (:func:`fdiv._validate.check_labels`); uncounted rows may
+            hold any id.
+        counted: ``[n]`` bool, True = counted, or None (every row whose label is not
+            ``ignore_index``). A row counts where ``counted`` and ``labels != ignore_index``.
+        ignore_index: the label of uncounted rows.
+        dtype: compute / result dtype; default float64 for float64 logits, else float32.
+        with_grad: also return the logit gradient ``softmax(z_n) - onehot(y_n)`` per counted
+            row (0 elsewhere), computed without autograd (the fused path).
+
+    Returns:
+        ``rows`` ``[n]`` in ``dtype`` with uncounted rows exactly 0, differentiable by autograd
+        w.r.t. ``logits2d`` (uncounted rows are replaced by 0 before any arithmetic, so garbage
+        there — NaN, inf — reaches neither the value nor the gradient); with ``with_grad``,
+        ``(rows, grad)`` with ``grad`` ``[n, V]`` in ``dtype``. No host synchronisation.
+
+    Equals ``torch.nn.functional.cross_entropy(logits2d, labels, ignore_index=ignore_index,
+    reduction="none")`` on counted rows.
+    """
+    dtype = compute_dtype(logits2d) if dtype is None else dtype
+    keep = labels != ignore_index
+    if counted is not None:
+        keep = keep & counted
+    safe = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
+    log_q = torch.log_softmax(zero_uncounted_rows(logits2d, keep, dtype), dim=-1)
+    picked = log_q.gather(-1, safe[:, None]).squeeze(-1)
+    rows = torch.where(keep, -picked, torch.zeros((), dtype=dtype, device=log_q.device))
+    if not with_grad:
+        return rows
+    onehot = torch.zeros_like(log_q).scatter_(-1, safe[:, None], -1.0)  # d CE / d log q
+    grad = softmax_backward(onehot, log_q)
+    grad = torch.where(keep[:, None], grad, torch.zeros((), dtype=dtype, device=grad.device))
+    return rows, grad
+
+
+def kd_ce_combine(divergence_term, ce_term, *, divergence_weight: float, hard_label_weight: float):
+    r"""``divergence_weight * D + hard_label_weight * CE`` over the same counted rows.
+
+    The one KD + CE combiner (Hinton et al., 2015, with the T² factor, if any, already
+    folded into ``divergence_weight`` by the caller: :func:`fdiv._validate.temperature_factor`).
+    The terms may be per-row values ``[n]``, logit gradients ``[n, V]`` or already-reduced
+    scalars — the combination is linear — as long as both are taken over the same counted
+    rows with the same reduction. A term whose weight is 0 is not read (pass None) so that an
+    unused ``inf`` never becomes ``0 * inf = NaN``; both weights 0 gives zeros like the term
+    that was given (ValueError when neither was).
+    """
+    out = None
+    if divergence_weight != 0:
+        out = divergence_term if divergence_weight == 1.0 else divergence_term * divergence_weight
+    if hard_label_weight != 0:
+        ce = ce_term if hard_label_weight == 1.0 else ce_term * hard_label_weight
+        out = ce if out is None else out + ce
+    if out is None:
+        given = divergence_term if divergence_term is not None else ce_term
+        if given is None:
+            raise ValueError("hard_label_weight and divergence_weight are both 0 and no term was given")
+        return torch.zeros_like(given)
+    return out
+
+
+def counted_rows(leading, device, mask, labels, ignore_index: int, vocab: int) -> torch.Tensor | None:
+    """Bool ``[...]`` of counted rows from ``mask`` or ``labels`` (``!= ignore_index``), or None.
+
+    ``mask`` follows :func:`fdiv._validate.check_mask`, ``labels``
+    :func:`fdiv._validate.check_labels`; giving both is a ValueError.
+    """
+    if mask is not None and labels is not None:
+        raise ValueError("give either mask= or labels= (with ignore_index), not both")
+    if labels is not None:
+        check_labels(labels, tuple(leading), device, vocab, ignore_index)
+        return labels != ignore_index
+    return check_mask(mask, tuple(leading), device)
+
+
+def row_weights(counted, n: int, reduction: str, dtype, device, scale: float = 1.0) -> torch.Tensor:
+    """Per-row weights ``w`` ``[n]`` with ``loss = sum_rows w * D_row`` (``w * D_row`` for "none").
+
+    The reduction vocabulary of :func:`fdiv._validate.reduce`, folded into weights because
+    the kernels form their gradients in the forward pass: "mean" = 1 / number counted on
+    counted rows (all 0 when none is counted), "sum" and "none" = 1 on counted rows; 0 on
+    uncounted rows; times ``scale``. No host synchronisation.
+    """
+    if counted is None:
+        weights = torch.ones(n, device=device, dtype=dtype)
+    else:
+        weights = counted.reshape(n).to(dtype=dtype)
+    if reduction == "mean":
+        weights = weights / weights.sum().clamp_min(1.0)
+    return weights if scale == 1.0 else weights * scale
+
+
+def resolve_check_finite(check_finite, device: torch.device) -> bool:
+    """``check_finite=None`` means on for CPU tensors, off elsewhere (no device-to-host syncs)."""
+    if check_finite is None:
+        return torch.device(device).type == "cpu"
+    return check_bool("check_finite", check_finite)
+
+
+__all__ = [
+    "softmax_backward",
+    "cross_entropy_rows",
+    "kd_ce_combine",
+    "counted_rows",
+    "row_weights",
+    "resolve_check_finite",
+    "compute_dtype",
+]

@@ -1,0 +1,310 @@
+r"""Per-token KL and f-divergence penalties: estimator x placement x sampling distribution.
+
+Orientation: ``D(P || Q)`` with **P the reference** and **Q the policy**; fdiv's
+``"reverse_kl"`` is ``KL(policy || reference)``, the usual RLHF penalty.
+
+>>> import torch
+>>> from fdiv.rl import kl_estimate
+>>> policy = torch.tensor([[-1.0, -2.0, -0.5]])     # log pi(y_t | ...) of sampled tokens
+>>> reference = torch.tensor([[-1.2, -1.5, -0.4]])  # log pi_ref of the same tokens
+>>> kl_estimate(policy_logps=policy, reference_logps=reference, estimator="k1")
+tensor([[ 0.2000, -0.5000, -0.1000]])
+>>> kl_estimate(policy_logps=policy, reference_logps=reference, estimator="k3", reduction="mean")
+tensor(0.0575)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._validate import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_like,
+    check_mask,
+    check_positive,
+    check_reduction,
+    check_tensor,
+    reduce,
+)
+from ...math._numerics import compute_dtype
+from ...math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate
+from ...math.registry import as_divergence
+
+__all__ = ["ESTIMATORS", "F_PLACEMENTS", "PLACEMENTS", "SAMPLE_SOURCES", "f_estimate", "kl_estimate"]
+
+#: Estimators accepted by :func:`kl_estimate` (verl's ``kl_penalty`` names). ``"X+"`` is verl's
+#: straight-through form: the value of X with the gradient of the unclamped k2.
+ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
+#: Placements of a KL term: a detached reward term, or a differentiable loss term.
+PLACEMENTS = ("loss", "reward")
+#: Placements of :func:`f_estimate`.
+F_PLACEMENTS = ("value", "loss", "reward")
+#: Who drew the samples in :func:`f_estimate` (the math layer's ``samples_from`` for each).
+SAMPLE_SOURCES = ("policy", "reference")
+
+_MATH_SOURCE = {"policy": "model", "reference": "target"}
+
+
+def _k_value(base: str, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """The value of estimator ``base`` at ``log r = log_p - log_q`` (P = reference, Q = policy)."""
+    if base == "k1":
+        return kl_k1(target_logps=log_p, model_logps=log_q)
+    if base == "k2":
+        return kl_k2(target_logps=log_p, model_logps=log_q)
+    if base == "k3":
+        return kl_k3(target_logps=log_p, model_logps=log_q)
+    return (log_q - log_p).abs()  # "abs": verl's |logprob - ref_logprob|
+
+
+def kl_estimate(
+    *,
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    estimator: str = "k1",
+    placement: str = "reward",
+    mask: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    log_ratio_clamp: float | None = None,
+    value_clamp: float | None = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""Per-token estimates of ``KL(policy || reference)`` (fdiv's ``reverse_kl``) from policy samples.
+
+    With ``r = pi_ref(y) / pi(y)`` for a token ``y`` sampled from the policy
+    (Schulman, 2020; P = reference, Q = policy):
+
+    ==========  ===================  ========  ==========  =============================================
+    estimator   value                unbiased  ``>= 0``    on-policy ``E[grad]`` when used as a **loss**
+    ==========  ===================  ========  ==========  =============================================
+    ``"k1"``    ``-log r``           yes       no          ``0`` (useless as a loss)
+    ``"k2"``    ``(log r)^2 / 2``    no        yes         ``grad KL(pi || ref)`` (the reverse-KL gradient)
+    ``"k3"``    ``r - 1 - log r``    yes       yes         ``grad KL(ref || pi)`` (forward KL: biased for
+                                                           the reverse KL; GRPO / TRL / verl ``low_var_kl``)
+    ``"abs"``   ``|log r|``          no        yes         ``E[sign(-log r) grad log pi]`` (verl's ``abs``;
+                                                           not a KL estimate, a distance)
+    ``"X+"``    value of X           as X      as X        gradient of the **unclamped** k2 =
+                                                           ``grad KL(pi || ref)`` (verl's suffix ``+``)
+    ==========  ===================  ========  ==========  =============================================
+
+    The ``"+"`` forms (``"k1+"``, ``"k2+"``, ``"k3+"``, ``"abs+"``) are verl's straight-through
+    trick ``k2 - sg(k2) + sg(X)``: the value of X (clamped where asked) with the gradient of
+    ``(log pi - log pi_ref)^2 / 2`` on the raw log-ratio, never clamped. ``"k2+"`` equals
+    ``"k2"`` unless a clamp binds, where it keeps the k2 gradient that ``"k2"`` loses.
+
+    **Placement.** ``"loss"`` returns the differentiable term, to be added to the
+    policy loss as ``+ coef * kl``; its gradient is the pathwise one in the table.
+    ``"reward"`` (the default, so that a plain call is a detached value for logging or
+    rewards and a gradient is always opted into) returns it detached, to be subtracted
+    from the reward (``reward - coef * kl``) so that the policy-gradient (score-function)
+    estimator differentiates it. With k1 this is exactly ``grad KL(pi || ref)`` (PPO /
+    InstructGPT "KL in reward"; for sequences, when each token's return includes the KL
+    terms of the later tokens); k2 as a loss has the same expected gradient. With k3 in
+    the reward the score-function part alone is, for one step,
+    ``grad KL(pi || ref) - grad KL(ref || pi)``: k3 is unbiased as a *value* only.
+
+    **Off-policy correction.** With ``old_logps`` (the log-probabilities of the
+    policy that sampled the tokens, e.g. PPO's rollout policy), the term becomes
+    ``rho * k`` with ``rho = exp(policy_logps - sg(old_logps))`` differentiable
+    in its numerator. Then ``E_old[grad(rho k)] = grad E_pi[k]`` for every policy,
+    which for ``k1`` and ``k3`` is ``grad KL(pi || ref)`` exactly (DeepSeek-V3.2's
+    "unbiased KL"; TRL's ``use_bias_correction_kl``). This changes the gradient
+    even where ``rho == 1`` numerically. Only for ``placement="loss"``.
+
+    **Clamps** (off by default). ``log_ratio_clamp=c`` clamps ``log r`` to ``[-c, c]``
+    before the estimator; ``value_clamp=v`` clamps the value to ``[-v, v]``. verl's k3
+    (``low_var_kl``, and the value part of its ``"k3+"``) is ``log_ratio_clamp=20,
+    value_clamp=10``; OpenRLHF clamps every estimator at 10. Clamped entries have zero
+    gradient, except in the ``"+"`` forms whose gradient is the unclamped k2's.
+
+    Args:
+        policy_logps: ``[..., T]`` float log-probabilities of the sampled tokens under the
+            policy (differentiable). Must be finite where counted (the policy sampled them).
+        reference_logps: same shape and device, under the reference. Compute it under
+            ``no_grad`` (or detach it): a reference that requires grad receives a gradient.
+            ``-inf`` where counted is an error (the KL is infinite).
+        estimator: one of :data:`ESTIMATORS`.
+        placement: ``"reward"`` (default: detached values) or ``"loss"`` (differentiable).
+        mask: bool / 0-1 ``[..., T]`` on the same device; uncounted entries are 0 and never read.
+        old_logps: sampling-policy log-probabilities for the importance weight (optional).
+        log_ratio_clamp, value_clamp: optional positive clamps (see above).
+        reduction: ``"none"`` (default: per-token terms), ``"mean"`` (= ``"token-mean"``),
+            ``"sum"`` or one of verl's sequence modes (:func:`fdiv._validate.reduce`).
+
+    Returns:
+        Per-token terms ``[..., T]`` (0 outside the mask), or the reduced scalar.
+        float32 for half inputs; float64 for float64 inputs.
+
+    Raises:
+        ValueError: shape / device mismatch, unknown estimator / placement / reduction,
+            NaN or +inf (or -inf where it makes the KL infinite) at counted positions,
+            ``old_logps`` with ``placement="reward"``, a clamp that is not ``> 0``.
+
+    Example::
+
+        >>> import torch
+        >>> from fdiv.rl import kl_estimate
+        >>> policy = torch.tensor([-0.2, -1.0], requires_grad=True)
+        >>> ref = torch.tensor([-0.5, -0.7])
+        >>> value = kl_estimate(policy_logps=policy, reference_logps=ref, estimator="k3+", placement="loss")
+        >>> torch.allclose(value, kl_estimate(policy_logps=policy, reference_logps=ref, estimator="k3"))
+        True
+        >>> value.sum().backward(); policy.grad   # the k2 gradient: log(pi / ref)
+        tensor([ 0.3000, -0.3000])
+
+    References:
+        Schulman (2020), "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html;
+        Ziegler et al. (2019), arXiv 1909.08593; Shao et al. (2024), DeepSeekMath (GRPO);
+        Liu et al. (2025), "Rethinking KL Regularization in RLHF", arXiv 2510.01555;
+        DeepSeek-AI (2025), DeepSeek-V3.2 (importance-weighted KL); verl
+        ``core_algos.kl_penalty`` (the ``+`` suffix, ``abs``, the k3 clamps).
+    """
+    check_tensor("policy_logps", policy_logps)
+    check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("placement", placement, PLACEMENTS)
+    check_reduction(reduction, sequence_modes=True)
+    c = check_positive("log_ratio_clamp", log_ratio_clamp, allow_none=True)
+    v = check_positive("value_clamp", value_clamp, allow_none=True)
+    if old_logps is not None:
+        check_like("policy_logps", policy_logps, "old_logps", old_logps)
+        if placement == "reward":
+            raise ValueError(
+                "old_logps (importance weighting) needs placement='loss'; a reward term is "
+                "computed from the sampling policy's own log-probabilities"
+            )
+    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
+    check_finite("policy_logps", policy_logps, counted)
+    check_finite("reference_logps", reference_logps, counted)
+    if old_logps is not None:
+        check_finite("old_logps", old_logps, counted)
+    tensors = [policy_logps, reference_logps] + ([old_logps] if old_logps is not None else [])
+    dtype = compute_dtype(*tensors)
+    pol = reduce(policy_logps.to(dtype), "none", mask=counted)
+    ref = reduce(reference_logps.to(dtype), "none", mask=counted)
+    value = _kl_terms(pol, ref, estimator, c, v)
+    if old_logps is not None:
+        old = reduce(old_logps.to(dtype), "none", mask=counted).detach()
+        value = torch.exp(pol - old) * value
+    if placement == "reward":
+        value = value.detach()
+    return reduce(value, reduction, mask=counted)
+
+
+def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | None, v: float | None):
+    """The per-token terms of :func:`kl_estimate` (finite, sanitised inputs)."""
+    base = estimator.rstrip("+")
+    if c is None:
+        log_p, log_q = ref, pol
+    else:
+        log_p, log_q = torch.clamp(ref - pol, -c, c), torch.zeros_like(pol)
+    value = _k_value(base, log_p, log_q)
+    if v is not None:
+        value = torch.clamp(value, -v, v)
+    if estimator.endswith("+"):
+        # verl's straight-through: gradient of k2 on the raw (unclamped) log-ratio, value of the estimator.
+        k2 = kl_k2(target_logps=ref, model_logps=pol)
+        value = value.detach() + (k2 - k2.detach())
+    return value
+
+
+def f_estimate(
+    *,
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    divergence="reverse_kl",
+    samples_from: str = "policy",
+    control_variate: bool = True,
+    placement: str = "reward",
+    mask: torch.Tensor | None = None,
+    reduction: str = "none",
+) -> torch.Tensor:
+    r"""Per-sample estimates of the f-divergence ``D_f(reference || policy)`` (any registered generator).
+
+    fdiv's orientation: ``P = reference`` (target), ``Q = policy`` (model), ``r = p / q``.
+
+    * ``samples_from="policy"`` (``x ~ Q``): term ``f(r) - f'(1) (r - 1)``; with
+      ``control_variate=False`` just ``f(r)``. ``reverse_kl`` gives k3 (k1 without the
+      control variate), ``forward_kl`` gives ``r log r - (r - 1)``.
+    * ``samples_from="reference"`` (``x ~ P``, as in DPH-RL): term
+      ``f(r)/r + f'(1) (1/r - 1)`` (``f(r)/r`` without it). ``forward_kl`` gives
+      ``u - 1 - log u`` with ``u = 1/r = pi / pi_ref``.
+
+    Both are unbiased (for ``P << Q``, resp. ``Q << P``); the control variate has zero
+    mean and makes every term non-negative (:func:`fdiv.mc_estimate`, which this wraps).
+
+    **Placement** (which gradient the returned tensor carries):
+
+    * ``"value"``: the term itself, differentiated pathwise. From reference samples
+      this is an unbiased gradient of ``D_f`` (the samples do not depend on the
+      policy); from policy samples it is not, in general (cf. k3, whose pathwise
+      gradient is that of the *forward* KL).
+    * ``"loss"``: from policy samples, the value of the term with the score-function
+      gradient ``sg(f(r) - r f'(r) + f'(1)) * grad log q``, whose expectation is exactly
+      ``grad D_f(P || Q_theta)`` (the ``+ f'(1)`` is a constant baseline that makes the
+      weight vanish at ``r = 1``; for ``reverse_kl`` this is "k3+": k3's value with k2's
+      gradient). From reference samples it equals ``"value"``.
+    * ``"reward"`` (default, as in :func:`kl_estimate`): the term detached (for logging,
+      or ``reward - coef * term``).
+
+    Args:
+        policy_logps: ``[...]`` float policy log-probabilities of the samples (differentiable).
+        reference_logps: same shape and device, reference log-probabilities.
+        divergence: a registered f-divergence name or an :class:`~fdiv.FDivergence` instance
+            (``divergence=fdiv.get("alpha", alpha=0.3)``).
+        samples_from: ``"policy"`` or ``"reference"``: who drew the samples.
+        control_variate: subtract ``f'(1)`` times the zero-mean ratio term (default True).
+        placement: ``"reward"`` (default: detached), ``"loss"`` or ``"value"``.
+        mask: bool / 0-1 tensor of the same shape; uncounted entries are 0 and never read.
+        reduction: ``"none"`` (default), ``"mean"``, ``"sum"`` or a verl sequence mode.
+
+    Returns:
+        The per-sample terms (0 outside the mask) or their reduction.
+
+    Example::
+
+        >>> import torch
+        >>> from fdiv.rl import f_estimate, kl_estimate
+        >>> pol, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.2, -1.5, -0.5])
+        >>> k3 = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3")
+        >>> torch.allclose(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl"), k3)
+        True
+    """
+    check_tensor("policy_logps", policy_logps)
+    check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
+    check_choice("samples_from", samples_from, SAMPLE_SOURCES)
+    check_choice("placement", placement, F_PLACEMENTS)
+    check_reduction(reduction, sequence_modes=True)
+    check_bool("control_variate", control_variate)
+    div = as_divergence(divergence, f_divergence=True, caller="f_estimate")
+    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
+    on_policy = samples_from == "policy"
+    check_finite("policy_logps", policy_logps, counted, allow_neg_inf=not on_policy)
+    check_finite("reference_logps", reference_logps, counted, allow_neg_inf=on_policy)
+    dtype = compute_dtype(policy_logps, reference_logps)
+    pol = reduce(policy_logps.to(dtype), "none", mask=counted)
+    ref = reduce(reference_logps.to(dtype), "none", mask=counted)
+    terms = mc_estimate(
+        divergence=div,
+        target_logps=ref,
+        model_logps=pol,
+        samples_from=_MATH_SOURCE[samples_from],
+        control_variate=control_variate,
+        reduction="none",
+    )
+    if placement == "reward":
+        terms = terms.detach()
+    elif placement == "loss" and on_policy:
+        log_r = (ref - pol).detach()
+        # d/d(log q) of q f(p/q) at q = 1: f(r) - r f'(r), from the generator's stable forms
+        weight = div.log_forms(log_r, torch.zeros_like(log_r))[2] + div.slope_at_one()
+        terms = terms.detach() + weight * (pol - pol.detach())
+    terms = reduce(terms, "none", mask=counted)
+    if not bool(torch.isfinite(terms).all()):
+        sampled, other = ("policy_logps", "reference_logps") if on_policy else ("reference_logps", "policy_logps")
+        raise ValueError(
+            f"f_estimate of {div.name!r} is infinite: {other} is -inf (or the ratio overflows) at a sample that "
+            f"{sampled} gives positive probability, and this divergence is infinite there"
+        )
+    return reduce(terms, reduction, mask=counted)
