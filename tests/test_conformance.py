@@ -109,8 +109,9 @@ def _cases():
              grads=("student_logits", "teacher_logits")),
         Case("token_loss-labels", fdiv.token_loss, _kd_with_labels, (N,), {"divergence": "reverse_kl"},
              grads=("student_logits",)),
+        # gradients are formed in the forward pass and summed over rows into the weight: no "none"
         Case("fused_linear_loss", fdiv.fused_linear_loss, _fused_inputs, (N,), {"divergence": "forward_kl"},
-             grads=("student_hidden", "student_weight")),
+             reductions=("mean", "sum"), grads=("student_hidden", "student_weight")),
         Case("topk_token_loss", fdiv.topk_token_loss, _topk_inputs, (N,), {"divergence": "forward_kl"},
              grads=("student_logits",)),
         Case("kd_loss", fdiv.distill.kd_loss, _kd_with_labels, (N,),
@@ -125,7 +126,7 @@ def _cases():
         Case("dpo_loss", fdiv.preference.dpo_loss, _pair_logps, None, {"beta": 0.2},
              grads=("policy_chosen_logps",)),
         Case("f_estimate", fdiv.rl.f_estimate, _token_logps("policy_logps", "reference_logps"), (B, T),
-             {"divergence": fdiv.get("alpha", alpha=0.3)}, grads=("policy_logps",)),
+             {"divergence": fdiv.get("alpha", alpha=0.3), "placement": "loss"}, grads=("policy_logps",)),
         Case("dph_loss", fdiv.rl.dph_loss, _token_logps("policy_logps", "initial_logps"), (B, T), {},
              grads=("policy_logps",)),
         Case("divergence", _divergence_call,
@@ -135,13 +136,18 @@ def _cases():
     for estimator in ("k1", "k2", "k3", "abs"):
         cases.append(
             Case(f"kl_estimate-{estimator}", fdiv.rl.kl_estimate, _token_logps("policy_logps", "reference_logps"),
-                 (B, T), {"estimator": estimator}, grads=("policy_logps",))
+                 (B, T), {"estimator": estimator, "placement": "loss"}, grads=("policy_logps",))
         )
     return cases
 
 
 CASES = _cases()
 MASKED = [c for c in CASES if c.items is not None]
+
+
+def _per_item(case, name, tensor):
+    """Whether ``tensor`` holds one entry per counted item (a weight matrix does not)."""
+    return not name.endswith("_weight") and tuple(tensor.shape[: len(case.items)]) == case.items
 
 
 def _call(case, tensors, **options):
@@ -172,7 +178,7 @@ def test_masked_items_equal_sliced_items(case):
     tensors = case.make(F64)
     mask = random_mask(*case.items, seed=2)
     masked = _call(case, tensors, mask=mask, reduction="sum")
-    per_item = {k: (v[mask] if tuple(v.shape[: len(case.items)]) == case.items else v) for k, v in tensors.items()}
+    per_item = {k: (v[mask] if _per_item(case, k, v) else v) for k, v in tensors.items()}
     sliced = _call(case, per_item, reduction="sum")
     torch.testing.assert_close(masked, sliced, rtol=1e-12, atol=1e-12)
     if "none" in case.reductions:
@@ -198,9 +204,11 @@ def test_uncounted_items_get_no_gradient(case):
 def test_upstream_gradient_scales_the_gradient(case):
     tensors = case.make(F64)
 
+    reduction = "none" if "none" in case.reductions else "sum"
+
     def grads(scale):
         leaves = {k: (v.clone().requires_grad_(k in case.grads)) for k, v in tensors.items()}
-        out = _call(case, leaves, reduction="none")
+        out = _call(case, leaves, reduction=reduction)
         weights = torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
         (scale * (weights * out).sum()).backward()
         return [leaves[name].grad for name in case.grads]
@@ -213,7 +221,7 @@ def test_upstream_gradient_scales_the_gradient(case):
 def test_float32_agrees_with_float64(case):
     t64 = case.make(F64)
     t32 = {k: (v.float() if v.is_floating_point() else v) for k, v in t64.items()}
-    for reduction in ("none", "sum"):
+    for reduction in [r for r in ("none", "sum") if r in case.reductions]:
         out64 = _call(case, t64, reduction=reduction)
         out32 = _call(case, t32, reduction=reduction)
         assert out32.dtype == torch.float32

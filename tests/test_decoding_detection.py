@@ -384,7 +384,8 @@ def test_dcpdd_spec_numbers():
     assert _beta(logp, ids, freq, a=math.inf).item() == pytest.approx((1.151293 + 0.921034) / 2, abs=1e-6)
     assert abs(_beta(logp, ids, freq, a=math.inf).item() - (2 * 1.151293 + 0.921034) / 3) > 0.03
     assert _beta(logp, ids, freq).item() == pytest.approx(0.01, abs=1e-15)
-    assert _beta(logp, ids, freq, a="0.01").item() == pytest.approx(0.01, abs=1e-15)  # argparse string
+    with pytest.raises(ValueError, match="a must be a number"):  # strings are not numbers (one number rule)
+        _beta(logp, ids, freq, a="0.01")
     assert _beta(logp, ids, freq, a=0.95).item() == pytest.approx((0.95 + 0.921034) / 2, abs=1e-6)
 
 

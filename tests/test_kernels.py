@@ -160,8 +160,13 @@ def test_token_loss_errors():
         call(mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
         call(mask=torch.full((7,), 0.5))
-    with pytest.raises(ValueError, match="give either mask= or labels="):
-        call(mask=torch.ones(7, dtype=torch.bool), labels=torch.zeros(7, dtype=torch.long))
+    # mask and labels together count the rows both keep (the one mask contract)
+    both_mask = torch.tensor([True, True, False, True, True, False, True])
+    both_labels = torch.tensor([0, -100, 1, 2, -100, 3, 4])
+    torch.testing.assert_close(
+        call(mask=both_mask, labels=both_labels, reduction="sum"),
+        call(mask=both_mask & (both_labels != -100), reduction="sum"),
+    )
     with pytest.raises(ValueError, match="reduction"):
         call(reduction="batchmean")
     with pytest.raises(ValueError, match="chunk_size"):

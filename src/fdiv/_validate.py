@@ -242,8 +242,10 @@ def check_mask(mask, shape, device, name: str = "mask") -> torch.Tensor | None:
     return mask != 0
 
 
-def check_labels(labels, shape, device, vocab: int, ignore_index: int = -100, name: str = "labels") -> torch.Tensor:
-    """Integer class ids of ``shape`` on ``device``, each in ``[0, vocab)`` or equal to ``ignore_index``."""
+def check_labels(labels, shape, device, vocab: int | None, ignore_index: int = -100, name: str = "labels") -> torch.Tensor:
+    """Integer class ids of ``shape`` on ``device``, each in ``[0, vocab)`` or equal to ``ignore_index``.
+
+    ``vocab=None`` skips the range scan (it is one device-to-host sync on an accelerator)."""
     check_int("ignore_index", ignore_index)
     if not isinstance(labels, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be an integer tensor of shape {tuple(shape)}, got {type(labels).__name__}")
@@ -253,6 +255,8 @@ def check_labels(labels, shape, device, vocab: int, ignore_index: int = -100, na
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
     if labels.device != torch.device(device):
         raise ValueError(f"device mismatch: {name} is on {labels.device}, the logits on {device}")
+    if vocab is None:
+        return labels
     valid = labels != ignore_index
     if bool((valid & ((labels < 0) | (labels >= vocab))).any()):
         raise ValueError(f"{name} must lie in [0, {vocab}) or equal ignore_index={ignore_index}")

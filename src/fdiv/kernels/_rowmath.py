@@ -139,18 +139,18 @@ def kd_ce_combine(divergence_term, ce_term, *, divergence_weight: float, hard_la
     return out
 
 
-def counted_rows(leading, device, mask, labels, ignore_index: int, vocab: int) -> torch.Tensor | None:
-    """Bool ``[...]`` of counted rows from ``mask`` or ``labels`` (``!= ignore_index``), or None.
+def counted_rows(leading, device, mask, labels, ignore_index: int, vocab: int | None) -> torch.Tensor | None:
+    """Bool ``[...]`` of counted rows: ``mask`` True and ``labels != ignore_index`` (either may be None).
 
     ``mask`` follows :func:`fdiv._validate.check_mask`, ``labels``
-    :func:`fdiv._validate.check_labels`; giving both is a ValueError.
+    :func:`fdiv._validate.check_labels` (``vocab=None`` skips its range scan); None when both are None.
     """
-    if mask is not None and labels is not None:
-        raise ValueError("give either mask= or labels= (with ignore_index), not both")
+    keep = check_mask(mask, tuple(leading), device)
     if labels is not None:
         check_labels(labels, tuple(leading), device, vocab, ignore_index)
-        return labels != ignore_index
-    return check_mask(mask, tuple(leading), device)
+        valid = labels != ignore_index
+        keep = valid if keep is None else keep & valid
+    return keep
 
 
 def row_weights(counted, n: int, reduction: str, dtype, device, scale: float = 1.0) -> torch.Tensor:

@@ -224,7 +224,7 @@ def fused_linear_loss(
     backend = check_choice("backend", backend, ("auto", "eager", "compile"))
     if chunk_size is None:
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
-    counted = counted_rows((n,), device, mask, labels, ignore_index, vocab)
+    counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
     acc = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
     weights = row_weights(counted, n, reduction, acc, device)
 

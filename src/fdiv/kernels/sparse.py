@@ -156,7 +156,7 @@ def topk_token_loss(
     inv_temperature = 1.0 / check_temperature(temperature)
     reduction = check_reduction(reduction)
     chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
-    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
     k = teacher_topk_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     indices = teacher_topk_indices.reshape(-1, k)

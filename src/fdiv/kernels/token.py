@@ -284,8 +284,8 @@ def token_loss(
         divergence: a registered name (or alias) or a :class:`fdiv.Divergence` instance; parameters
             travel inside the instance: ``divergence=fdiv.get("js", beta=0.1)``.
         temperature: ``T > 0`` dividing both logits.
-        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted. Or ``labels`` ``[...]``
-            with ``ignore_index`` (not both).
+        mask: bool (or 0/1) ``[...]`` on the logits' device, True = counted. ``labels`` ``[...]``
+            with ``ignore_index`` also uncount rows; given both, a row counts where both keep it.
         reduction: ``"mean"`` over counted tokens (0 when none is counted, with zero gradient),
             ``"sum"``, or ``"none"`` (shape ``[...]``, uncounted tokens 0).
         chunk_size: rows per chunk; default keeps one float32 chunk near 4 MiB.
@@ -323,8 +323,8 @@ def token_loss(
     chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
     leading = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
     check_finite = resolve_check_finite(check_finite, student_logits.device)
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     n = student.shape[0]

@@ -308,7 +308,7 @@ def vocab_parallel_token_loss(
     vocab_local = student_logits_shard.shape[-1]
     device = student_logits_shard.device
     # labels: the range check needs the full vocabulary, unknown here before communicating
-    counted = counted_rows(leading, device, mask, labels, ignore_index, 2**62)
+    counted = counted_rows(leading, device, mask, labels, ignore_index, None)
     check_finite = resolve_check_finite(check_finite, device)
     _check_group(group)
 
