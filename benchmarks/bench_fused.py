@@ -33,10 +33,14 @@ def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: in
     import fdiv
 
     torch.manual_seed(0)
-    student_hidden = torch.randn(n, hidden).requires_grad_(True)
-    student_weight = (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(True)
-    teacher_hidden = torch.randn(n, hidden)
-    teacher_weight = torch.randn(vocab, hidden) / hidden**0.5
+    # the four tensors by fdiv's argument names (Liger takes them positionally, in this order)
+    inputs = {
+        "student_hidden": torch.randn(n, hidden).requires_grad_(True),
+        "student_weight": (torch.randn(vocab, hidden) / hidden**0.5).requires_grad_(True),
+        "teacher_hidden": torch.randn(n, hidden),
+        "teacher_weight": torch.randn(vocab, hidden) / hidden**0.5,
+    }
+    student_hidden, student_weight, teacher_hidden, teacher_weight = inputs.values()
     labels = torch.randint(0, vocab, (n,))
     if method.startswith("liger"):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -54,16 +58,9 @@ def worker(method: str, n: int, hidden: int, vocab: int, chunk: int, repeats: in
             log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0))
             loss = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1)).mean()
         elif method.startswith("liger"):
-            loss = liger(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+            loss = liger(*inputs.values(), labels)
         else:
-            loss = fdiv.fused_linear_loss(
-                student_hidden=student_hidden,
-                student_weight=student_weight,
-                teacher_hidden=teacher_hidden,
-                teacher_weight=teacher_weight,
-                divergence="js",
-                chunk_size=chunk,
-            )
+            loss = fdiv.fused_linear_loss(**inputs, divergence="js", chunk_size=chunk)
         loss.backward()
         return float(loss)
 

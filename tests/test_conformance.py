@@ -10,7 +10,14 @@ checks. The properties are the public contract of docs/design.md:
 * float32 agrees with float64 (1e-5 relative);
 * bf16 inputs are computed in float32 (result float32, gradient bf16);
 * bad input (shape, dtype, device, mask) is a ValueError naming the argument, and a
-  positional tensor is a TypeError.
+  positional tensor is a TypeError;
+* nothing counted gives 0 with a zero gradient (and a graph to call backward on).
+
+Not listed here, and why: ``vocab_parallel_token_loss`` needs a process group
+(tests/test_vocab_parallel.py runs the same checks per rank); functions of a model and
+a batch (``fdiv.integrations.hf``) are covered in tests/test_hf_distill.py; scores with
+no reduction (``uscd_scores``, ``dcpdd_score``, ``variational_bound``,
+``chi2_regularizer``, ``implicit_reward``'s per-sequence sum) in their own files.
 """
 
 from __future__ import annotations
@@ -97,6 +104,46 @@ def _token_logps(first, second):
     return make
 
 
+def _plackett_luce_inputs(dtype):
+    g = torch.Generator().manual_seed(19)
+    return {
+        "student_logits": logits(N, V, seed=19, dtype=dtype),
+        "weights": torch.rand(N, K, generator=g, dtype=torch.float64).to(dtype),
+        "permutation": torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]),
+    }
+
+
+def _dual_head_inputs(dtype):
+    main, aux = logit_pair(N, V, seed=20, dtype=dtype)
+    return {
+        "main_logits": main,
+        "aux_logits": aux,
+        "teacher_logits": logits(N, V, seed=21, dtype=dtype),
+        "labels": torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(22)),
+    }
+
+
+def _sparse_po_inputs(dtype):
+    g = torch.Generator().manual_seed(23)
+    out = {}
+    for i, name in enumerate(("policy_chosen_logits", "policy_rejected_logits", "reference_chosen_logits",
+                              "reference_rejected_logits")):
+        out[name] = logits(B, T, V, seed=24 + i, dtype=dtype)
+    for name in ("chosen_labels", "rejected_labels"):
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[:, 0] = -100
+        out[name] = labels
+    return out
+
+
+def _fdpg_inputs(dtype):
+    return {"policy_logps": sample_logps(B, seed=28, dtype=dtype) * 3, "target_log_scores": sample_logps(B, seed=29, dtype=dtype) * 3}
+
+
+def _sample_logps_pair(dtype):
+    return {"target_logps": sample_logps(2 * T, seed=30, dtype=dtype), "model_logps": sample_logps(2 * T, seed=31, dtype=dtype)}
+
+
 def _divergence_call(**kw):
     div = kw.pop("divergence")
     return div(kw.pop("p_logits"), kw.pop("q_logits"), **kw)
@@ -119,6 +166,21 @@ def _cases():
              grads=("student_logits",)),
         Case("binary_kl_loss", fdiv.distill.binary_kl_loss, _kd_inputs, (N,), {"temperature": 2.0},
              grads=("student_logits",)),
+        Case("balanced_kd_loss", fdiv.distill.balanced_kd_loss, _kd_inputs, (N,), {"temperature": 1.5},
+             grads=("student_logits",)),
+        Case("pld_loss", fdiv.distill.pld_loss, _kd_with_labels, None, {"temperature": 1.3}, grads=("student_logits",)),
+        Case("plackett_luce_loss", fdiv.distill.plackett_luce_loss, _plackett_luce_inputs, (N,), {},
+             grads=("student_logits", "weights")),
+        Case("dual_head_kd_loss", fdiv.distill.dual_head_kd_loss, _dual_head_inputs, None,
+             {"temperature": 2.0, "temperature_scaling": True}, grads=("main_logits", "aux_logits")),
+        Case("sinkhorn_kd_loss-sample", fdiv.distill.sinkhorn_kd_loss, _kd_inputs, (N,), {"mode": "sample"},
+             grads=("student_logits",)),
+        Case("sparse_po_loss", fdiv.preference.sparse_po_loss, _sparse_po_inputs, None, {"beta": 0.3},
+             grads=("policy_chosen_logits", "policy_rejected_logits")),
+        Case("fdpg_loss", fdiv.rl.fdpg_loss, _fdpg_inputs, None, {"log_partition": -1.5, "divergence": "js"},
+             grads=("policy_logps",)),
+        Case("mc_estimate", fdiv.mc_estimate, _sample_logps_pair, None, {"divergence": "forward_kl"},
+             grads=("model_logps",)),
         Case("acceptance_rate", fdiv.distill.acceptance_rate, _speculative_inputs, (N,), {},
              grads=("draft_logits",)),
         Case("fdpo_loss", fdiv.preference.fdpo_loss, _pair_logps, None, {"divergence": js, "beta": 0.2},
@@ -198,6 +260,18 @@ def test_uncounted_items_get_no_gradient(case):
         grad = leaves[name].grad
         if tuple(grad.shape[: len(case.items)]) == case.items:
             assert torch.all(grad[~mask] == 0), name
+
+
+@pytest.mark.parametrize("case", [c for c in MASKED if "mean" in c.reductions], ids=lambda c: c.id)
+def test_nothing_counted_is_zero_with_a_zero_gradient(case):
+    tensors = case.make(F64)
+    leaves = {k: (v.clone().requires_grad_(k in case.grads)) for k, v in tensors.items()}
+    nothing = torch.zeros(case.items, dtype=torch.bool)
+    out = _call(case, leaves, mask=nothing, reduction="mean")
+    assert out.item() == 0.0
+    out.backward()  # still part of the graph: a training loop need not special-case an empty batch
+    for name in case.grads:
+        assert torch.all(leaves[name].grad == 0), name
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

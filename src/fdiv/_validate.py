@@ -263,6 +263,23 @@ def check_labels(labels, shape, device, vocab: int | None, ignore_index: int = -
     return labels
 
 
+def check_weights(
+    name: str, weights, like_name: str, like: torch.Tensor, *, positive_sum: bool = False, allow_none: bool = False
+) -> torch.Tensor | None:
+    """Per-item weights (never a mask): a floating tensor of exactly the shape and device of
+    ``like``, finite and non-negative, with a positive sum where ``positive_sum``."""
+    if weights is None and allow_none:
+        return None
+    check_like(like_name, like, name, weights)
+    if weights.numel() and not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"{name} contains NaN or an infinite value; weights must be finite")
+    if bool((weights < 0).any()):
+        raise ValueError(f"{name} must be non-negative (per-item weights)")
+    if positive_sum and not bool(weights.sum() > 0):
+        raise ValueError(f"{name} must have a positive sum")
+    return weights
+
+
 def check_finite(name: str, x: torch.Tensor, counted: torch.Tensor | None = None, *, allow_neg_inf: bool = False) -> None:
     """NaN or +inf (and -inf unless allowed) at a counted position is an error naming ``name``."""
     sel = x if counted is None else x[counted]

@@ -20,7 +20,7 @@ import torch
 
 from ..math.base import Divergence
 from ..math.generators import FDivergence
-from ._rowmath import softmax_backward
+from ._rowmath import compute_dtype, softmax_backward
 
 
 def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
@@ -28,7 +28,7 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
 
     Returns ``(row_loss [n], grad_student [n, V], grad_teacher [n, V] or None)``.
     """
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     log_q = torch.log_softmax(student.to(dtype) * inv_temperature, dim=-1)
     log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
     forms = divergence.masked_log_forms if masked else divergence._forms
@@ -42,7 +42,7 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
 
 def autograd_chunk(divergence: Divergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
     """The same contract for divergences without pointwise forms (Rényi, user ``Divergence`` subclasses)."""
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     with torch.enable_grad():
         s = student.detach().to(dtype).requires_grad_(True)
         t = teacher.detach().to(dtype).requires_grad_(teacher_grad)

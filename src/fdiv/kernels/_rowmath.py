@@ -13,16 +13,27 @@ Three formulas live here and nowhere else in torch code:
 Plus the kernels' row bookkeeping: :func:`counted_rows` (mask / labels to a bool
 tensor, through :mod:`fdiv._validate`), :func:`row_weights` (the reduction
 vocabulary of :func:`fdiv._validate.reduce` folded into per-row weights, because
-the kernels form their gradients in the forward pass) and
+the kernels form their gradients in the forward pass), :func:`kernel_arguments` (the
+divergence / temperature / reduction / chunk-size checks every kernel shares) and
 :func:`resolve_check_finite`. The Triton kernel writes the same chain rule in-kernel
-(``triton_kernel._token_rows_kernel``, pass 3).
+(``triton_kernel._store_chain_rule``, called by ``_token_rows_kernel``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._validate import check_bool, check_labels, check_mask, zero_uncounted_rows
+from .._validate import (
+    check_bool,
+    check_int,
+    check_labels,
+    check_mask,
+    check_reduction,
+    check_temperature,
+    zero_uncounted_rows,
+)
+from ..math._numerics import compute_dtype
+from ..math.registry import as_divergence
 
 
 def softmax_backward(
@@ -54,11 +65,6 @@ def softmax_backward(
     total = grad_logp.sum(-1, keepdim=True) if grad_sum is None else grad_sum
     grad = grad_logp - log_probs.exp() * total
     return grad if scale == 1.0 else grad * scale
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (bf16 / fp16 / fp32)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def cross_entropy_rows(
@@ -170,6 +176,21 @@ def row_weights(counted, n: int, reduction: str, dtype, device, scale: float = 1
     return weights if scale == 1.0 else weights * scale
 
 
+def kernel_arguments(caller: str, divergence, temperature, reduction, chunk_size, *, f_divergence: bool = False):
+    """``(divergence, temperature, reduction, chunk_size)`` checked once, as every kernel takes them.
+
+    ``divergence`` resolved by :func:`fdiv.math.registry.as_divergence` (``f_divergence=True``:
+    an f-divergence only), ``temperature > 0``, ``reduction`` in the vocabulary of
+    :func:`fdiv._validate.check_reduction`, ``chunk_size`` a positive int or None.
+    """
+    return (
+        as_divergence(divergence, f_divergence=f_divergence, caller=caller),
+        check_temperature(temperature),
+        check_reduction(reduction),
+        check_int("chunk_size", chunk_size, low=1, allow_none=True),
+    )
+
+
 def resolve_check_finite(check_finite, device: torch.device) -> bool:
     """``check_finite=None`` means on for CPU tensors, off elsewhere (no device-to-host syncs)."""
     if check_finite is None:
@@ -183,6 +204,7 @@ __all__ = [
     "kd_ce_combine",
     "counted_rows",
     "row_weights",
+    "kernel_arguments",
     "resolve_check_finite",
     "compute_dtype",
 ]

@@ -8,14 +8,19 @@ from .._validate import (
     check_choice,
     check_int,
     check_nonnegative,
-    check_reduction,
     check_same_device,
-    check_temperature,
     check_tensor,
     raise_if_nan,
 )
-from ..math.registry import as_divergence
-from ._rowmath import counted_rows, cross_entropy_rows, kd_ce_combine, resolve_check_finite, row_weights
+from ._rowmath import (
+    compute_dtype,
+    counted_rows,
+    cross_entropy_rows,
+    kd_ce_combine,
+    kernel_arguments,
+    resolve_check_finite,
+    row_weights,
+)
 from .sparse import TAILS, check_topk, sparse_chunk
 from .token import ChunkKernels, pick_backend, refuse_second_backward
 
@@ -41,7 +46,7 @@ class _LinearFP32:
     """
 
     def __init__(self, weight, bias):
-        self.compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.compute = compute_dtype(weight)
         self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
         self.bias = None if bias is None else bias.to(self.compute)
 
@@ -113,7 +118,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.save_for_backward(
             *(None if g is None else g.to(t.dtype) for g, t in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight)))
         )
-        return total.to(torch.float64 if acc == torch.float64 else torch.float32)
+        return total  # already float64 or float32 (acc)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -208,7 +213,9 @@ def fused_linear_loss(
                 f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has V={teacher_weight.shape[0]}"
             )
         check_same_device("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
-    reduction = check_reduction(reduction)
+    divergence, temperature, reduction, chunk_size = kernel_arguments(
+        "fused_linear_loss", divergence, temperature, reduction, chunk_size, f_divergence=True
+    )
     if reduction == "none":
         raise ValueError("reduction must be 'mean' or 'sum' for fused_linear_loss, got 'none'")
     hard_label_weight = check_nonnegative("hard_label_weight", hard_label_weight)
@@ -217,15 +224,13 @@ def fused_linear_loss(
         raise ValueError("hard_label_weight and divergence_weight are both 0: the loss would be identically 0")
     if hard_label_weight and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
-    divergence = as_divergence(divergence, f_divergence=True, caller="fused_linear_loss")
-    inv_temperature = 1.0 / check_temperature(temperature)
-    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    inv_temperature = 1.0 / temperature
     memory_budget = check_int("memory_budget", memory_budget, low=1)
     backend = check_choice("backend", backend, ("auto", "eager", "compile"))
     if chunk_size is None:
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
-    acc = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(student_weight)
     weights = row_weights(counted, n, reduction, acc, device)
 
     if sparse:

@@ -29,16 +29,12 @@ import torch
 from .._validate import (
     ArgumentTypeError,
     check_choice,
-    check_int,
-    check_reduction,
     check_same_device,
-    check_temperature,
     check_tensor,
     raise_if_nan,
 )
 from ..math.generators import FDivergence
-from ..math.registry import as_divergence
-from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights, softmax_backward
+from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights, softmax_backward
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 TAILS = ("bucket", "renormalize")
@@ -84,7 +80,7 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
 
 def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, inv_temperature: float, tail: str):
     """Row losses and student-logit gradients for a chunk of rows against a top-k teacher."""
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     z = student.to(dtype) * inv_temperature
     a_k = teacher_logprobs.to(dtype)
     idx = indices.long()
@@ -152,10 +148,10 @@ def topk_token_loss(
     check_finite = resolve_check_finite(check_finite, student_logits.device)
     check_topk(leading, vocab, student_logits.device, teacher_topk_indices, teacher_topk_logprobs, scan=check_finite)
     tail = check_choice("tail", tail, TAILS)
-    divergence = as_divergence(divergence, f_divergence=True, caller="topk_token_loss")
-    inv_temperature = 1.0 / check_temperature(temperature)
-    reduction = check_reduction(reduction)
-    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    divergence, temperature, reduction, chunk_size = kernel_arguments(
+        "topk_token_loss", divergence, temperature, reduction, chunk_size, f_divergence=True
+    )
+    inv_temperature = 1.0 / temperature
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
     k = teacher_topk_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)

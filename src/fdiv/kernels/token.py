@@ -6,17 +6,9 @@ import math
 
 import torch
 
-from .._validate import (
-    check_choice,
-    check_int,
-    check_logit_pair,
-    check_reduction,
-    check_temperature,
-    raise_if_nan,
-)
-from ..math.registry import as_divergence
+from .._validate import check_choice, check_logit_pair, raise_if_nan
 from ._chunk import chunk_function
-from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights
+from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights
 
 BACKENDS = ("auto", "eager", "compile", "triton")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
@@ -140,7 +132,7 @@ def refuse_second_backward(ctx):
     if ctx.used:
         raise RuntimeError(
             "fdiv losses compute their gradient in the forward pass and scale it in place: "
-            "backward can run once per forward (retain_graph=True is not supported)"
+            "backward can run once per forward, and only once (retain_graph=True is not supported)"
         )
     ctx.used = True
 
@@ -316,11 +308,9 @@ def token_loss(
         Hinton, Vinyals & Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
     check_logit_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    divergence = as_divergence(divergence, caller="token_loss")
-    temperature = check_temperature(temperature)
-    inv_temperature = 1.0 / temperature
-    reduction = check_reduction(reduction)
-    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    divergence, temperature, reduction, chunk_size = kernel_arguments(
+        "token_loss", divergence, temperature, reduction, chunk_size
+    )
     leading = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
     check_finite = resolve_check_finite(check_finite, student_logits.device)

@@ -280,6 +280,37 @@ def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
     return value, grad_a, grad_b, p, q
 
 
+def _load_tile(ptr, offs, V, inv_temp):
+    """The tile ``offs`` of one row of logits, in fp32 and divided by T; ``-inf`` past the row's end."""
+    return tl.load(ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+
+
+def _tile_forms(s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+                FORMS: tl.constexpr, SWAP: tl.constexpr, STANDARDIZE: tl.constexpr):
+    """:func:`_row_forms` of the tile ``offs`` of both rows, read from memory."""
+    xs = _load_tile(s_row, offs, V, inv_temp)
+    xt = _load_tile(t_row, offs, V, inv_temp)
+    return _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+
+
+def _lse(x):
+    """``log sum exp`` of one tile (may be all -inf)."""
+    m = tl.max(x, axis=0)
+    return m + tl.log(tl.sum(tl.exp(x - tl.where(m == float("-inf"), 0.0, m)), axis=0))
+
+
+def _store_chain_rule(g_row, offs, mask, grad, prob, grad_sum, scale):
+    """The softmax chain rule ``(g - softmax * sum(g)) / T * w`` of one tile, stored in the output dtype."""
+    tl.store(g_row + offs, ((grad - prob * grad_sum) * scale).to(g_row.dtype.element_ty), mask=mask)
+
+
+def _store_zeros(g_row, cols, V, BLOCK_V: tl.constexpr):
+    """A zero gradient for a whole row, tile by tile."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        tl.store(g_row + offs, tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty), mask=offs < V)
+
+
 def _lse_update(m, s, x):
     """Online (max, sum-exp) update of the scalars (m, s) with one tile x (may be all -inf)."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -308,21 +339,15 @@ def _token_rows_kernel(
         if SINGLE_TILE:
             # the whole row in registers: read once, write once
             mask = cols < V
-            xs = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            xt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-            m_s = tl.max(xs, axis=0)
-            m_t = tl.max(xt, axis=0)
-            lse_s = m_s + tl.log(tl.sum(tl.exp(xs - tl.where(m_s == float("-inf"), 0.0, m_s)), axis=0))
-            lse_t = m_t + tl.log(tl.sum(tl.exp(xt - tl.where(m_t == float("-inf"), 0.0, m_t)), axis=0))
+            xs = _load_tile(s_row, cols, V, inv_temp)
+            xt = _load_tile(t_row, cols, V, inv_temp)
             value, grad_a, grad_b, p, q = _row_forms(
-                xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+                xs, xt, _lse(xs), _lse(xt), f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
             tl.store(ROWS + row, tl.sum(value, axis=0))
             if STUDENT_GRAD:
-                g = (grad_b - q * tl.sum(grad_b, axis=0)) * scale
-                tl.store(gs_row + cols, g.to(GS.dtype.element_ty), mask=mask)
+                _store_chain_rule(gs_row, cols, mask, grad_b, q, tl.sum(grad_b, axis=0), scale)
             if TEACHER_GRAD:
-                g = (grad_a - p * tl.sum(grad_a, axis=0)) * scale
-                tl.store(gt_row + cols, g.to(GT.dtype.element_ty), mask=mask)
+                _store_chain_rule(gt_row, cols, mask, grad_a, p, tl.sum(grad_a, axis=0), scale)
         else:
             # pass 1: online log-sum-exp of both rows
             m_s = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
@@ -331,11 +356,8 @@ def _token_rows_kernel(
             l_t = l_s
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
-                mask = offs < V
-                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                m_s, l_s = _lse_update(m_s, l_s, xs)
-                m_t, l_t = _lse_update(m_t, l_t, xt)
+                m_s, l_s = _lse_update(m_s, l_s, _load_tile(s_row, offs, V, inv_temp))
+                m_t, l_t = _lse_update(m_t, l_t, _load_tile(t_row, offs, V, inv_temp))
             lse_s = m_s + tl.log(l_s)
             lse_t = m_t + tl.log(l_t)
             # pass 2: row value and the sums of the pointwise gradients (lane-wise accumulators)
@@ -343,12 +365,9 @@ def _token_rows_kernel(
             acc_b = tl.zeros([BLOCK_V], tl.float32)
             acc_a = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                mask = offs < V
-                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                value, grad_a, grad_b, p, q = _row_forms(
-                    xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+                value, grad_a, grad_b, p, q = _tile_forms(
+                    s_row, t_row, start + cols, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+                    FORMS, SWAP, STANDARDIZE)
                 acc_value += value
                 if STUDENT_GRAD:
                     acc_b += grad_b
@@ -362,27 +381,20 @@ def _token_rows_kernel(
                 for start in range(0, V, BLOCK_V):
                     offs = start + cols
                     mask = offs < V
-                    xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-                    value, grad_a, grad_b, p, q = _row_forms(
-                        xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+                    value, grad_a, grad_b, p, q = _tile_forms(
+                        s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+                        FORMS, SWAP, STANDARDIZE)
                     if STUDENT_GRAD:
-                        g = (grad_b - q * sum_b) * scale
-                        tl.store(gs_row + offs, g.to(GS.dtype.element_ty), mask=mask)
+                        _store_chain_rule(gs_row, offs, mask, grad_b, q, sum_b, scale)
                     if TEACHER_GRAD:
-                        g = (grad_a - p * sum_a) * scale
-                        tl.store(gt_row + offs, g.to(GT.dtype.element_ty), mask=mask)
+                        _store_chain_rule(gt_row, offs, mask, grad_a, p, sum_a, scale)
     else:
         # an uncounted row: loss 0 and gradient 0 without reading its logits (they may be garbage)
         tl.store(ROWS + row, 0.0)
         if STUDENT_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(gs_row + offs, tl.zeros([BLOCK_V], tl.float32).to(GS.dtype.element_ty), mask=offs < V)
+            _store_zeros(gs_row, cols, V, BLOCK_V)
         if TEACHER_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(gt_row + offs, tl.zeros([BLOCK_V], tl.float32).to(GT.dtype.element_ty), mask=offs < V)
+            _store_zeros(gt_row, cols, V, BLOCK_V)
 
 # fmt: on
 
@@ -407,6 +419,11 @@ _TRITON_FUNCTIONS = (
     "_forms_triangular",
     "_forms_alpha",
     "_row_forms",
+    "_load_tile",
+    "_tile_forms",
+    "_lse",
+    "_store_chain_rule",
+    "_store_zeros",
     "_lse_update",
     "_token_rows_kernel",
 )

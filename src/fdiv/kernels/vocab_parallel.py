@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .._validate import REDUCTIONS, check_int, check_like, check_reduction, check_temperature, check_tensor
+from .._validate import REDUCTIONS, check_like, check_tensor
 from ..math.generators import FDivergence
-from ..math.registry import as_divergence
-from ._rowmath import compute_dtype, counted_rows, resolve_check_finite, row_weights, softmax_backward
-from .token import default_chunk_size
+from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights, softmax_backward
+from .token import apply_chunked, chunk_runner, default_chunk_size
 
 _NOT_INITIALIZED = (
     "vocab_parallel_token_loss needs an initialized torch.distributed process group "
@@ -36,13 +35,10 @@ _NOT_INITIALIZED = (
 
 @dataclass
 class _Plan:
-    """Everything the autograd function needs besides the two logit shards (identical on all ranks)."""
+    """Everything :func:`_chunk` needs besides the two logit shards (identical on all ranks)."""
 
     divergence: FDivergence
     inv_temperature: float
-    weights: torch.Tensor  # [n] per-row weights (mask and mean folded in)
-    reduction: str
-    chunk_size: int
     group: object
     masked: bool  # some rank holds a -inf logit: every rank takes the masked forms
     student_grad: bool  # some rank needs the student gradient: every rank reduces sum(grad_b)
@@ -116,7 +112,7 @@ def _agree_across_ranks(agree: dict, flags: dict, device, group):
 def _chunk(plan: _Plan, student, teacher):
     """Row losses and local logit gradients for one chunk of rows: exactly three all-reduces."""
     group, inv_t = plan.group, plan.inv_temperature
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(student)
     s = student.to(dtype) * inv_t
     t = teacher.to(dtype) * inv_t
     rows = s.shape[0]
@@ -153,54 +149,13 @@ def _chunk(plan: _Plan, student, teacher):
     return row_loss, grad_s, grad_t
 
 
-class _VocabParallelTokenLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student, teacher, plan: _Plan):
-        n = student.shape[0]
-        weights = plan.weights
-        grad_student = torch.empty_like(student) if plan.local_student_grad else None
-        grad_teacher = torch.empty_like(teacher) if plan.local_teacher_grad else None
-        rows = torch.zeros(n, device=student.device, dtype=weights.dtype)
-        # the weights agree on all ranks (checked), so every rank skips the same chunks; only on
-        # CPU, where looking costs no device sync (elsewhere every chunk runs, zeroed by where)
-        may_skip = weights.device.type == "cpu"
-        for start in range(0, n, plan.chunk_size):
-            stop = min(start + plan.chunk_size, n)
-            w = weights[start:stop, None]
-            if may_skip and not bool(w.any()):
-                for grad in (grad_student, grad_teacher):
-                    if grad is not None:
-                        grad[start:stop] = 0
-                continue
-            loss, g_s, g_t = _chunk(plan, student[start:stop], teacher[start:stop])
-            counted = w != 0
-            rows[start:stop] = torch.where(counted[:, 0], loss, 0.0)
-            if grad_student is not None:
-                grad_student[start:stop] = torch.where(counted, g_s * w, 0.0)
-            if grad_teacher is not None:
-                grad_teacher[start:stop] = torch.where(counted, g_t * w, 0.0)
-        ctx.reduction = plan.reduction
-        ctx.used = False
-        ctx.save_for_backward(grad_student, grad_teacher)
-        weighted = rows * weights
-        return weighted if plan.reduction == "none" else weighted.sum()
+def _chunk_runner(plan: _Plan, student, teacher):
+    """``run_chunk`` of :func:`fdiv.kernels.token.apply_chunked` over :func:`_chunk`.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        if getattr(ctx, "used", False):  # the stored gradients are scaled in place: a second pass would be wrong
-            raise RuntimeError("vocab_parallel_token_loss: backward may be called only once per forward")
-        ctx.used = True
-        grad_student, grad_teacher = ctx.saved_tensors
-        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
-        unit = ctx.reduction != "none" and grad_output.device.type == "cpu" and grad_output.item() == 1.0
-        out = []
-        for grad in (grad_student, grad_teacher):
-            if grad is None or unit:
-                out.append(grad)
-            else:
-                out.append(grad.mul_(scale.to(grad.dtype)))
-        return out[0], out[1], None
+    The weights agree on all ranks (checked), so on CPU every rank skips the same all-uncounted
+    chunks (and so the same collectives); elsewhere every chunk runs, zeroed by ``torch.where``.
+    """
+    return chunk_runner(lambda start, stop: _chunk(plan, student[start:stop], teacher[start:stop]))
 
 
 def vocab_parallel_token_loss(
@@ -299,11 +254,9 @@ def vocab_parallel_token_loss(
         Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
     _check_shards(student_logits_shard, teacher_logits_shard)
-    divergence = as_divergence(divergence, f_divergence=True, caller="vocab_parallel_token_loss")
-    temperature = check_temperature(temperature)
-    inv_temperature = 1.0 / temperature
-    reduction = check_reduction(reduction)
-    chunk_size = check_int("chunk_size", chunk_size, low=1, allow_none=True)
+    divergence, temperature, reduction, chunk_size = kernel_arguments(
+        "vocab_parallel_token_loss", divergence, temperature, reduction, chunk_size, f_divergence=True
+    )
     leading = student_logits_shard.shape[:-1]
     vocab_local = student_logits_shard.shape[-1]
     device = student_logits_shard.device
@@ -354,10 +307,7 @@ def vocab_parallel_token_loss(
 
     plan = _Plan(
         divergence=divergence,
-        inv_temperature=inv_temperature,
-        weights=weights,
-        reduction=reduction,
-        chunk_size=chunk_size,
+        inv_temperature=1.0 / temperature,
         group=group,
         masked=bool(flags["masked"]),
         student_grad=bool(flags["student_grad"]),
@@ -365,7 +315,7 @@ def vocab_parallel_token_loss(
         local_student_grad=local_student_grad,
         local_teacher_grad=local_teacher_grad,
     )
-    out = _VocabParallelTokenLoss.apply(student, teacher, plan)
+    out = apply_chunked(student, teacher, _chunk_runner(plan, student, teacher), weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
     if check_finite and bool(torch.isnan(out).any()):  # the same on every rank: every rank raises

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,6 +30,20 @@ class StudyContext:
         path = self.out_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def ticker(self, total: int, every: int) -> Callable[[], None]:
+        """Report ``(0, total)`` now and return a ``tick()`` that counts one step (at most ``total``)
+        and reports every ``every`` steps; the study reports ``(total, total)`` when it is done."""
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done = min(done + 1, total)
+            if done % every == 0:
+                self.progress(done, total)
+
+        self.progress(0, total)
+        return tick
 
 
 @dataclass
@@ -72,6 +87,23 @@ class Study(Protocol):
     default_divergences: tuple[str, ...]
 
     def run(self, ctx: StudyContext) -> StudyResult: ...
+
+
+class BuiltinStudy:
+    """Base of the built-in studies: :meth:`run` resolves the step budget and the study's folder,
+    calls :meth:`execute` and records the wall time in ``StudyResult.seconds``."""
+
+    name: str
+    default_steps: int
+
+    def run(self, ctx: StudyContext) -> StudyResult:
+        start = time.perf_counter()
+        result = self.execute(ctx, ctx.steps_or(self.default_steps), ctx.study_dir(self.name))
+        result.seconds = round(time.perf_counter() - start, 2)
+        return result
+
+    def execute(self, ctx: StudyContext, steps: int, out_dir: Path) -> StudyResult:
+        raise NotImplementedError
 
 
 _STUDIES: dict[str, Study] = {}

@@ -48,14 +48,7 @@ import warnings
 from typing import Callable, Container, NamedTuple
 
 import torch
-from torch.distributions import (
-    Categorical,
-    Distribution,
-    Independent,
-    MultivariateNormal,
-    Normal,
-    OneHotCategorical,
-)
+from torch.distributions import Categorical, Distribution, Independent, MultivariateNormal, Normal, OneHotCategorical
 
 from .._validate import ArgumentTypeError
 from ._numerics import compute_dtype

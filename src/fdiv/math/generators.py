@@ -28,7 +28,7 @@ A kernel needs only those three forms plus the softmax chain rule
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -72,6 +72,18 @@ def _check_open_unit(name: str, value: float, *, low_closed=False, high_closed=F
     return value
 
 
+def _conjugate_below(u, bound: float, inside, fill: float = 0.0) -> torch.Tensor:
+    """A conjugate whose domain is ``u < bound``: ``inside(u)`` there, ``+inf`` elsewhere.
+
+    ``inside`` is evaluated at ``fill`` outside the domain, so no NaN or infinite
+    gradient leaks from the discarded branch.
+    """
+    u = as_float_tensor(u)
+    ok = u < bound
+    safe = torch.where(ok, u, torch.full_like(u, fill))
+    return torch.where(ok, inside(safe), torch.full_like(u, INF))
+
+
 class FDivergence(Divergence):
     """Base class of f-divergences, defined by their generator.
 
@@ -81,7 +93,19 @@ class FDivergence(Divergence):
     directly, which overflows for extreme logits. Everything else — the
     categorical evaluation, gradients, swapping, Monte-Carlo estimators — is
     derived.
+
+    Built-ins with parameter-free limits and kernel forms declare them as class
+    attributes instead of methods: ``_limits = (f(0), f'(inf))`` (read by
+    :meth:`f_at_zero` and :meth:`f_prime_at_infinity`) and ``_kernel_name`` /
+    ``_kernel_constants`` (read by :meth:`_kernel_form`).
     """
+
+    #: ``(f(0), f'(inf))`` when both are constants of the class; None: computed by the methods.
+    _limits: ClassVar[tuple[float, float] | None] = None
+    #: ``KernelForm.name`` of the built-in log-space forms the class's ``_forms`` implement.
+    _kernel_name: ClassVar[str | None] = None
+    #: The ``KernelForm.constants`` that go with ``_kernel_name``.
+    _kernel_constants: ClassVar[tuple] = ()
 
     # ------------------------------------------------------------ generator
     def f(self, t) -> torch.Tensor:
@@ -108,6 +132,8 @@ class FDivergence(Divergence):
 
     def f_at_zero(self) -> float:
         """``f(0) = lim_{t -> 0} f(t)``: the contribution per unit of ``q`` where ``p = 0``."""
+        if self._limits is not None:
+            return self._limits[0]
         value = float(self.f(torch.zeros((), dtype=torch.float64)))
         if math.isnan(value):
             raise NotImplementedError(f"generator {self.name!r} must define f_at_zero()")
@@ -115,6 +141,8 @@ class FDivergence(Divergence):
 
     def f_prime_at_infinity(self) -> float:
         """``f'(inf) = lim_{t -> inf} f(t) / t``: the contribution per unit of ``p`` where ``q = 0``."""
+        if self._limits is not None:
+            return self._limits[1]
         raise NotImplementedError(
             f"generator {self.name!r} must define f_prime_at_infinity() to handle entries with q = 0"
         )
@@ -165,16 +193,18 @@ class FDivergence(Divergence):
         """The built-in log-space forms a fused kernel may use for this generator, or None.
 
         None for user generators, and for any subclass that overrides ``_forms`` below the
-        class that declared the recipe (so a kernel never runs the wrong forms).
+        class that declared the recipe (``_kernel_name`` or ``_kernel_form``), so a kernel
+        never runs the wrong forms.
         """
         mro = type(self).__mro__
-        owner = next(k for k in mro if "_kernel_form" in vars(k))
+        owner = next(k for k in mro if "_kernel_form" in vars(k) or "_kernel_name" in vars(k))
         if owner is FDivergence or any("_forms" in vars(k) for k in mro[: mro.index(owner)]):
             return None
         return self._kernel_form()
 
     def _kernel_form(self) -> "KernelForm | None":
-        return None
+        """The recipe declared by ``_kernel_name`` / ``_kernel_constants`` (parameter-free built-ins)."""
+        return KernelForm(self._kernel_name, self._kernel_constants)
 
     # ------------------------------------------------------ log-space forms
     def _forms(self, a: torch.Tensor, b: torch.Tensor):
@@ -385,6 +415,13 @@ class Standardized(FDivergence):
 # ---------------------------------------------------------------- built-ins
 
 
+class _SelfSwapped(FDivergence):
+    """A symmetric generator, ``f(t) = t f(1/t)``: :meth:`swapped` is the generator itself."""
+
+    def swapped(self):
+        return self
+
+
 class ForwardKL(FDivergence):
     r"""Forward Kullback–Leibler divergence ``KL(P || Q) = sum p log(p/q)``; mass-covering.
 
@@ -395,6 +432,8 @@ class ForwardKL(FDivergence):
 
     name = "forward_kl"
     formula = "KL(P||Q) = Σ p·log(p/q)"
+    _limits = (0.0, INF)
+    _kernel_name = "forward_kl"
 
     def f(self, t):
         t = as_float_tensor(t)
@@ -409,17 +448,8 @@ class ForwardKL(FDivergence):
     def conjugate(self, u):
         return torch.exp(as_float_tensor(u) - 1)
 
-    def f_at_zero(self):
-        return 0.0
-
-    def f_prime_at_infinity(self):
-        return INF
-
     def swapped(self):
         return ReverseKL()
-
-    def _kernel_form(self):
-        return KernelForm("forward_kl")
 
     def _forms(self, a, b):
         p = torch.exp(a)
@@ -437,6 +467,8 @@ class ReverseKL(FDivergence):
 
     name = "reverse_kl"
     formula = "KL(Q||P) = Σ q·log(q/p)"
+    _limits = (INF, 0.0)
+    _kernel_name = "reverse_kl"
 
     def f(self, t):
         return -torch.log(as_float_tensor(t))
@@ -448,21 +480,10 @@ class ReverseKL(FDivergence):
         return as_float_tensor(t) ** -2
 
     def conjugate(self, u):
-        u = as_float_tensor(u)
-        neg = torch.where(u < 0, u, -torch.ones_like(u))
-        return torch.where(u < 0, -1 - torch.log(-neg), torch.full_like(u, INF))
-
-    def f_at_zero(self):
-        return INF
-
-    def f_prime_at_infinity(self):
-        return 0.0
+        return _conjugate_below(u, 0.0, lambda neg: -1 - torch.log(-neg), fill=-1.0)
 
     def swapped(self):
         return ForwardKL()
-
-    def _kernel_form(self):
-        return KernelForm("reverse_kl")
 
     def _forms(self, a, b):
         q = torch.exp(b)
@@ -527,12 +548,13 @@ class JensenShannon(FDivergence):
         return self._scale * beta * (1 - beta) / (t * (beta * t + 1 - beta))
 
     def conjugate(self, u):
-        u, beta, c = as_float_tensor(u), self.beta, self._scale
-        v = u / c
-        ok = v < -beta * math.log(beta)
-        s = torch.exp(torch.where(ok, v, torch.zeros_like(v)) / beta)
-        inside = -(1 - beta) * torch.log((1 - beta * s) / (1 - beta))
-        return torch.where(ok, c * inside, torch.full_like(u, INF))
+        beta, c = self.beta, self._scale
+
+        def inside(v):
+            s = torch.exp(v / beta)
+            return c * (-(1 - beta) * torch.log((1 - beta * s) / (1 - beta)))
+
+        return _conjugate_below(as_float_tensor(u) / c, -beta * math.log(beta), inside)
 
     def f_at_zero(self):
         return self._scale * -(1 - self.beta) * math.log1p(-self.beta)
@@ -672,7 +694,7 @@ class SkewReverseKL(_SkewKL):
         return value, grad_a, value - grad_a
 
 
-class TotalVariation(FDivergence):
+class TotalVariation(_SelfSwapped):
     r"""Total variation distance ``TV(P, Q) = 1/2 sum |p - q|``; symmetric, bounded by 1.
 
     Generator ``f(t) = |t - 1| / 2``. ``1 - TV`` is the expected acceptance rate of
@@ -682,6 +704,8 @@ class TotalVariation(FDivergence):
 
     name = "tv"
     formula = "½·Σ |p − q|"
+    _limits = (0.5, 0.5)
+    _kernel_name = "tv"
 
     def f(self, t):
         return 0.5 * (as_float_tensor(t) - 1).abs()
@@ -696,25 +720,13 @@ class TotalVariation(FDivergence):
         u = as_float_tensor(u)
         return torch.where(u > 0.5, torch.full_like(u, INF), torch.clamp(u, min=-0.5))
 
-    def f_at_zero(self):
-        return 0.5
-
-    def f_prime_at_infinity(self):
-        return 0.5
-
-    def swapped(self):
-        return self
-
-    def _kernel_form(self):
-        return KernelForm("tv")
-
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
         sign = torch.sign(a - b)
         return 0.5 * (p - q).abs(), 0.5 * p * sign, -0.5 * q * sign
 
 
-class Hellinger(FDivergence):
+class Hellinger(_SelfSwapped):
     r"""Squared Hellinger distance ``H^2(P, Q) = 1/2 sum (sqrt p - sqrt q)^2 = 1 - sum sqrt(p q)``.
 
     Normalised to ``[0, 1]`` (Le Cam's convention); generator
@@ -724,6 +736,8 @@ class Hellinger(FDivergence):
 
     name = "hellinger"
     formula = "½·Σ (√p − √q)²  = 1 − Σ √(pq)"
+    _limits = (0.5, 0.5)
+    _kernel_name = "hellinger"
 
     def f(self, t):
         return 0.5 * (torch.sqrt(as_float_tensor(t)) - 1) ** 2
@@ -735,22 +749,7 @@ class Hellinger(FDivergence):
         return 0.25 * as_float_tensor(t) ** -1.5
 
     def conjugate(self, u):
-        u = as_float_tensor(u)
-        ok = u < 0.5
-        safe = torch.where(ok, u, torch.zeros_like(u))
-        return torch.where(ok, safe / (1 - 2 * safe), torch.full_like(u, INF))
-
-    def f_at_zero(self):
-        return 0.5
-
-    def f_prime_at_infinity(self):
-        return 0.5
-
-    def swapped(self):
-        return self
-
-    def _kernel_form(self):
-        return KernelForm("hellinger")
+        return _conjugate_below(u, 0.5, lambda safe: safe / (1 - 2 * safe))
 
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
@@ -768,6 +767,8 @@ class PearsonChi2(FDivergence):
 
     name = "pearson_chi2"
     formula = "Σ (p − q)² / q"
+    _limits = (1.0, INF)
+    _kernel_name = "pearson_chi2"
 
     def f(self, t):
         return (as_float_tensor(t) - 1) ** 2
@@ -782,17 +783,8 @@ class PearsonChi2(FDivergence):
         u = as_float_tensor(u)
         return torch.where(u >= -2, u + u**2 / 4, -torch.ones_like(u))
 
-    def f_at_zero(self):
-        return 1.0
-
-    def f_prime_at_infinity(self):
-        return INF
-
     def swapped(self):
         return NeymanChi2()
-
-    def _kernel_form(self):
-        return KernelForm("pearson_chi2")
 
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)
@@ -810,6 +802,8 @@ class NeymanChi2(FDivergence):
 
     name = "neyman_chi2"
     formula = "Σ (p − q)² / p"
+    _limits = (INF, 1.0)
+    _kernel_name = "neyman_chi2"
 
     def f(self, t):
         t = as_float_tensor(t)
@@ -822,22 +816,10 @@ class NeymanChi2(FDivergence):
         return 2 * as_float_tensor(t) ** -3
 
     def conjugate(self, u):
-        u = as_float_tensor(u)
-        ok = u < 1
-        safe = torch.where(ok, u, torch.zeros_like(u))
-        return torch.where(ok, 2 - 2 * torch.sqrt(1 - safe), torch.full_like(u, INF))
-
-    def f_at_zero(self):
-        return INF
-
-    def f_prime_at_infinity(self):
-        return 1.0
+        return _conjugate_below(u, 1.0, lambda safe: 2 - 2 * torch.sqrt(1 - safe))
 
     def swapped(self):
         return PearsonChi2()
-
-    def _kernel_form(self):
-        return KernelForm("neyman_chi2")
 
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)
@@ -1009,7 +991,7 @@ class _AlphaEndPoint(Standardized, AlphaDivergence):
         return f"AlphaDivergence(alpha={self.alpha!r})"
 
 
-class Jeffreys(FDivergence):
+class Jeffreys(_SelfSwapped):
     r"""Jeffreys divergence ``KL(P || Q) + KL(Q || P) = sum (p - q) log(p/q)``; symmetric.
 
     Generator ``f(t) = (t - 1) log t``. Its conjugate needs the Lambert W function
@@ -1018,6 +1000,8 @@ class Jeffreys(FDivergence):
 
     name = "jeffreys"
     formula = "KL(P||Q) + KL(Q||P) = Σ (p − q)·log(p/q)"
+    _limits = (INF, INF)
+    _kernel_name = "jeffreys"
 
     def f(self, t):
         t = as_float_tensor(t)
@@ -1031,25 +1015,13 @@ class Jeffreys(FDivergence):
         t = as_float_tensor(t)
         return 1 / t + 1 / t**2
 
-    def f_at_zero(self):
-        return INF
-
-    def f_prime_at_infinity(self):
-        return INF
-
-    def swapped(self):
-        return self
-
-    def _kernel_form(self):
-        return KernelForm("jeffreys")
-
     def _forms(self, a, b):
         p, q = torch.exp(a), torch.exp(b)
         d = a - b
         return (p - q) * d, p * (d + 1) - q, q * (1 - d) - p
 
 
-class Triangular(FDivergence):
+class Triangular(_SelfSwapped):
     r"""Triangular discrimination (Le Cam) ``Delta(P, Q) = sum (p - q)^2 / (p + q)``; symmetric, in ``[0, 2]``.
 
     Generator ``f(t) = (t - 1)^2 / (t + 1)``; conjugate ``4 - u - 4 sqrt(1 - u)``
@@ -1060,6 +1032,9 @@ class Triangular(FDivergence):
 
     name = "triangular"
     formula = "Σ (p − q)² / (p + q)"
+    _limits = (1.0, 1.0)
+    _kernel_name = "triangular"
+    _kernel_constants = (math.log(3.0),)
 
     def f(self, t):
         t = as_float_tensor(t)
@@ -1077,18 +1052,6 @@ class Triangular(FDivergence):
         clipped = torch.clamp(u, -3.0, 1.0)
         inside = 4 - clipped - 4 * torch.sqrt(1 - clipped)
         return torch.where(u > 1, torch.full_like(u, INF), torch.where(u < -3, -torch.ones_like(u), inside))
-
-    def f_at_zero(self):
-        return 1.0
-
-    def f_prime_at_infinity(self):
-        return 1.0
-
-    def swapped(self):
-        return self
-
-    def _kernel_form(self):
-        return KernelForm("triangular", (math.log(3.0),))
 
     def _forms(self, a, b):
         log_gap = log_abs_diff_exp(a, b)

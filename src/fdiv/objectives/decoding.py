@@ -71,7 +71,6 @@ import math
 import torch
 
 from .._validate import (
-    ArgumentTypeError,
     check_bool,
     check_callable,
     check_choice,
@@ -285,11 +284,7 @@ class USCDLogitsProcessor:
         use_cache: bool = True,
     ):
         check_callable("model", model)
-        check_tensor("lame_input_ids", lame_input_ids, floating=False, dim=2)
-        if lame_input_ids.is_floating_point() or lame_input_ids.dtype == torch.bool or lame_input_ids.is_complex():
-            raise ArgumentTypeError(
-                f"lame_input_ids must be a [B, L] integer tensor of token ids, got {lame_input_ids.dtype}"
-            )
+        check_tensor("lame_input_ids", lame_input_ids, integer=True, dim=2)
         if lame_input_ids.shape[0] == 0 or lame_input_ids.shape[1] == 0:
             raise ValueError(f"lame_input_ids is empty: shape {tuple(lame_input_ids.shape)}")
         if lame_attention_mask is None:

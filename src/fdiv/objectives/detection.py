@@ -65,19 +65,6 @@ from .._validate import (
 __all__ = ["build_reference_frequencies", "dcpdd_score"]
 
 
-def _check_token_ids(name: str, ids) -> torch.Tensor:
-    """An integer tensor of token ids (range checked by the caller, on its counted positions).
-
-    Specific to token ids masked by a bool ``mask`` (``check_labels`` exempts an
-    ``ignore_index`` value instead, which would let that id through at a counted position).
-    """
-    if not isinstance(ids, torch.Tensor):
-        raise ArgumentTypeError(f"{name} must be an integer tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise ArgumentTypeError(f"{name} must have an integer dtype (token ids), got {ids.dtype}")
-    return ids
-
-
 # --------------------------------------------------------------------------- reference frequencies
 def build_reference_frequencies(
     *,
@@ -160,7 +147,7 @@ def build_reference_frequencies(
         total = torch.zeros(vocab_size, dtype=torch.float64)
         for doc in documents:
             ids = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(list(doc), dtype=torch.long)
-            ids = _check_token_ids("token_ids", ids).reshape(-1).cpu()
+            ids = check_tensor("token_ids", ids, integer=True).reshape(-1).cpu()
             if max_tokens_per_document is not None:
                 ids = ids[:max_tokens_per_document]
             if ids.numel() == 0:
@@ -248,7 +235,9 @@ def dcpdd_score(
         0.960517
     """
     check_tensor("token_logprobs", token_logprobs)
-    _check_token_ids("token_ids", token_ids)
+    # token ids masked by a bool mask, range-checked below on the counted positions (check_labels would
+    # exempt an ignore_index value instead, letting that id through at a counted position)
+    check_tensor("token_ids", token_ids, integer=True)
     check_tensor("reference_frequencies", reference_frequencies)
     if token_logprobs.dim() not in (1, 2):
         raise ValueError(f"token_logprobs must be [n] or [B, n], got shape {tuple(token_logprobs.shape)}")

@@ -55,7 +55,7 @@ from .._validate import (
     reduce,
     temperature_factor,
 )
-from ..kernels._rowmath import cross_entropy_rows, kd_ce_combine
+from ..kernels._rowmath import counted_rows, cross_entropy_rows, kd_ce_combine
 from ..kernels.token import default_chunk_size, token_loss
 from ..math._numerics import compute_dtype
 from ..math.registry import as_divergence
@@ -76,23 +76,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- shared plumbing
-def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    """The loss dtype of :func:`fdiv.token_loss`: float64 for float64 inputs, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _counted(leading, device, mask, labels, ignore_index, vocab) -> torch.Tensor | None:
-    """Bool ``[...]`` of counted rows (labels != ignore_index AND mask), or None when every row counts."""
-    counted = None
-    if labels is not None:
-        check_labels(labels, leading, device, vocab, ignore_index)
-        counted = labels != ignore_index
-    keep = check_mask(mask, leading, device)
-    if keep is not None:
-        counted = keep if counted is None else counted & keep
-    return counted
-
-
 def _counted_rows(named: dict, counted: torch.Tensor | None) -> dict:
     """The counted rows of each ``[..., V]`` input, for :func:`raise_if_nan` (garbage elsewhere is allowed)."""
     if counted is None:
@@ -234,8 +217,8 @@ def kd_loss(
     check_bool("temperature_scaling", temperature_scaling)
     div = as_divergence(divergence, caller="kd_loss")
     leading = student_logits.shape[:-1]
-    counted = _counted(leading, student_logits.device, mask, labels, ignore_index, vocab)
-    dtype = _out_dtype(student_logits)
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    dtype = compute_dtype(student_logits)  # the loss dtype of token_loss
 
     divergence_term = ce_term = None
     if lam_d > 0:
@@ -350,9 +333,8 @@ def plackett_luce_loss(
     check_reduction(reduction)
     classes = student_logits.shape[-1]
     leading = student_logits.shape[:-1]
-    check_tensor("permutation", permutation, floating=False)
-    if permutation.dtype == torch.bool or permutation.is_floating_point() or permutation.is_complex():
-        raise ArgumentTypeError(f"permutation must have an integer dtype (class indices), got {permutation.dtype}")
+    check_tensor("permutation", permutation, integer=True)
+    check_same_device("student_logits", student_logits, "permutation", permutation)
     if permutation.dim() != student_logits.dim() or tuple(permutation.shape[:-1]) != tuple(leading):
         raise ValueError(
             f"permutation must have shape {tuple(leading)} + (K,), got {tuple(permutation.shape)}"
@@ -363,6 +345,7 @@ def plackett_luce_loss(
     if bool(((permutation < 0) | (permutation >= classes)).any()):
         raise ValueError(f"permutation holds class indices outside [0, {classes})")
     check_tensor("weights", weights)
+    check_same_device("student_logits", student_logits, "weights", weights)
     if weights.shape != (k,) and tuple(weights.shape) != tuple(permutation.shape):
         raise ValueError(
             f"weights must have shape ({k},) or {tuple(permutation.shape)} (one per ranked position), "
@@ -374,13 +357,11 @@ def plackett_luce_loss(
     mask = check_mask(mask, leading, student_logits.device)
     dtype = compute_dtype(student_logits, weights)
     student2d = student_logits.reshape(-1, classes)
-    check_same_device("student_logits", student_logits, "permutation", permutation)
     perm2d = permutation.reshape(-1, k).to(dtype=torch.long)
     present = torch.zeros(perm2d.shape[0], classes, dtype=torch.int16, device=perm2d.device)
     present.scatter_add_(1, perm2d, torch.ones_like(perm2d, dtype=torch.int16))
     if bool((present > 1).any()):
         raise ValueError("permutation repeats a class within a row; each class may be ranked once")
-    check_same_device("student_logits", student_logits, "weights", weights)
     w2d = weights.to(dtype=dtype).expand(*leading, k).reshape(-1, k)
     full = _complete_permutation(perm2d, classes)
     if k < classes:
@@ -623,9 +604,9 @@ def balanced_kd_loss(
     check_int("ignore_index", ignore_index)
     rule = _resolve_weight_fn(weight_fn)
     leading = student_logits.shape[:-1]
-    counted = _counted(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
     counted_flat = None if counted is None else counted.reshape(-1)
-    dtype = _out_dtype(student_logits)
+    dtype = compute_dtype(student_logits)  # the loss dtype of token_loss
     student2d = student_logits.reshape(-1, vocab)
     teacher2d = teacher_logits.reshape(-1, vocab)
     n = student2d.shape[0]
@@ -649,7 +630,9 @@ def balanced_kd_loss(
         backend=backend,
     )
     divergence_rows = torch.zeros(n, dtype=dtype, device=student2d.device)
-    if bool((w_f != 0).any()):
+    # a term whose weights are all 0 is skipped, but one always runs so that the loss stays in the autograd
+    # graph (with nothing counted: exact zeros and a zero gradient)
+    if bool((w_f != 0).any()) or not bool((w_r != 0).any()):
         forward = token_loss(divergence=as_divergence("forward_kl"), **common).reshape(n)
         divergence_rows = divergence_rows + w_f * forward
     if bool((w_r != 0).any()):

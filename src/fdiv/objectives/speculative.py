@@ -254,9 +254,7 @@ def expected_block_length(*, alpha, draft_length) -> torch.Tensor:
 
 def _check_draft_length(draft_length, alpha):
     if isinstance(draft_length, torch.Tensor) and draft_length.numel() != 1:
-        check_tensor("draft_length", draft_length, floating=False)
-        if draft_length.is_floating_point() or draft_length.is_complex() or draft_length.dtype == torch.bool:
-            raise ArgumentTypeError(f"draft_length must be an int or an integer tensor, got dtype {draft_length.dtype}")
+        check_tensor("draft_length", draft_length, integer=True)
         if bool((draft_length < 0).any()):
             raise ValueError("draft_length must be >= 0")
         return draft_length.to(device=alpha.device, dtype=alpha.dtype)

@@ -49,6 +49,22 @@ def draw_seed(generator) -> int:
     return int(torch.randint(0, 2**63 - 1, (), generator=generator))
 
 
+def choose_source(student, teacher, lmbda: float, seq_kd: bool, generator, seed_offset: int = 0):
+    """``(source, sampler, seed)`` of one GKD step, shared by :func:`on_policy_batch` and ``DistillationTrainer``.
+
+    One uniform draw from ``generator`` picks the source, then one sampling seed is drawn (plus
+    ``seed_offset``, e.g. the process index), whatever the branch, so the stream does not depend on
+    it. ``sampler`` is the model that generates, None for ``"dataset"``.
+    """
+    u = float(torch.rand((), generator=generator))
+    seed = (draw_seed(generator) + seed_offset) % (2**63 - 1)
+    if u < lmbda:
+        return "student", student, seed
+    if seq_kd:
+        return "teacher", teacher, seed
+    return "dataset", None, seed
+
+
 def generate_completions(
     model: nn.Module,
     batch: dict,
@@ -186,14 +202,9 @@ def on_policy_batch(
     if teacher is not None:
         check_model("teacher", teacher)
     check_batch(batch, need_labels=False)
-    u = float(torch.rand((), generator=generator))
-    seed = draw_seed(generator)
-    if u < lmbda:
-        source, sampler = "student", student
-    elif seq_kd:
-        source, sampler = "teacher", teacher
-    else:
-        return batch, "dataset"
+    source, sampler, seed = choose_source(student, teacher, lmbda, seq_kd, generator)
+    if sampler is None:
+        return batch, source
     new = generate_completions(
         sampler,
         batch,

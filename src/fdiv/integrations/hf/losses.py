@@ -46,9 +46,14 @@ class LossOptions(NamedTuple):
 
 
 def loss_options(
-    *, divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index, caller
+    divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index, /, *,
+    caller="distillation_loss",
 ) -> LossOptions:
-    """Check the options of a distillation loss and resolve its divergence once."""
+    """Check the options of a distillation loss and resolve its divergence once.
+
+    The one check of :func:`distillation_loss`, :func:`gkd_step` and ``DistillationTrainer``: the
+    options come in the order of their signatures; ``caller`` names the public function in errors.
+    """
     temperature = check_temperature(temperature)
     check_bool("temperature_scaling", temperature_scaling)
     check_bool("fused", fused)
@@ -244,14 +249,7 @@ def distillation_loss(
     check_model("student", student)
     check_model("teacher", teacher)
     options = loss_options(
-        divergence=divergence,
-        temperature=temperature,
-        temperature_scaling=temperature_scaling,
-        fused=fused,
-        hard_label_weight=hard_label_weight,
-        loss_fn=loss_fn,
-        ignore_index=ignore_index,
-        caller="distillation_loss",
+        divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index
     )
     return score(student, teacher, batch, options, num_items_in_batch).loss
 
@@ -299,14 +297,7 @@ def gkd_step(
     check_model("student", student)
     check_model("teacher", teacher)
     options = loss_options(
-        divergence=divergence,
-        temperature=temperature,
-        temperature_scaling=temperature_scaling,
-        fused=fused,
-        hard_label_weight=hard_label_weight,
-        loss_fn=loss_fn,
-        ignore_index=ignore_index,
-        caller="gkd_step",
+        divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index, caller="gkd_step"
     )
     chosen, source = on_policy_batch(
         student=student,

@@ -12,7 +12,7 @@ from torch import nn
 from ..._validate import ArgumentTypeError, check_bool, check_int, check_positive, check_unit_interval
 from ._batch import IGNORE_INDEX, count_response_tokens
 from ._models import check_model, check_vocab, pad_of, unwrap
-from .generation import draw_seed, generate_completions
+from .generation import choose_source, generate_completions
 from .losses import loss_options, score
 
 __all__ = ["DistillationTrainer"]
@@ -91,13 +91,7 @@ class DistillationTrainer(transformers.Trainer):
         self.generation_temperature = check_positive("generation_temperature", generation_temperature)
         check_int("generation_seed", generation_seed, allow_none=True)
         self.loss_options = loss_options(
-            divergence=divergence,
-            temperature=temperature,
-            temperature_scaling=temperature_scaling,
-            fused=fused,
-            hard_label_weight=hard_label_weight,
-            loss_fn=loss_fn,
-            ignore_index=IGNORE_INDEX,
+            divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, IGNORE_INDEX,
             caller="DistillationTrainer",
         )
         self.divergence = self.loss_options.divergence  # the resolved instance (None with loss_fn)
@@ -132,23 +126,18 @@ class DistillationTrainer(transformers.Trainer):
 
     def _choose_sequences(self, batch):
         student = unwrap(self.model)
-        u = float(torch.rand((), generator=self.generation_generator))
-        seed = draw_seed(self.generation_generator) + self.args.process_index
-        if u < self.lmbda:
-            source, sampler = "student", student
-        elif self.seq_kd:
-            source, sampler = "teacher", self.teacher
-        else:
-            source = "dataset"
+        source, sampler, seed = choose_source(
+            student, self.teacher, self.lmbda, self.seq_kd, self.generation_generator, self.args.process_index
+        )
         self.source_counts[source] += 1
-        if source == "dataset":
+        if sampler is None:
             return batch
         return generate_completions(
             sampler,
             batch,
             max_new_tokens=self.max_new_tokens,
             temperature=self.generation_temperature,
-            seed=seed % (2**63 - 1),
+            seed=seed,
             pad_token_id=pad_of(student),
             generation_kwargs=self.generation_kwargs,
         )

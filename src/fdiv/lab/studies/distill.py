@@ -40,7 +40,7 @@ from torch import nn
 from ... import get, topk_token_loss
 from ...distill import kd_loss
 from .. import plotting
-from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
+from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 #: Study settings (recorded in ``StudyResult.config``).
 TEMPERATURE = 2.0
@@ -172,7 +172,7 @@ def _names(tied: list[dict], limit: int = 3) -> str:
 
 
 @register_study
-class DistillStudy:
+class DistillStudy(BuiltinStudy):
     name = "distill"
     title = "Which divergence distils a classifier best?"
     description = (
@@ -185,11 +185,9 @@ class DistillStudy:
         "forward_kl", "reverse_kl", "js", "tv", "skew_forward_kl", "skew_reverse_kl", "alpha", "hellinger",
     )
 
-    def run(self, ctx: StudyContext) -> StudyResult:
+    def execute(self, ctx: StudyContext, steps: int, out_dir) -> StudyResult:
         start = time.perf_counter()
-        steps = ctx.steps_or(self.default_steps)
         seed = ctx.seed
-        out_dir = ctx.study_dir(self.name)
         device = ctx.device
         x_train, y_train, x_test, y_test = _load_digits(seed, device)
 

@@ -28,7 +28,6 @@ divergence=div)`` (``div`` built once from the study's (name, parameters) pair),
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from ... import get, token_loss
 from ...distill import acceptance_rate
 from ...math.registry import as_divergence
 from ..plotting import colour, new_figure, save
-from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
+from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 REGIMES = ("off-policy", "on-policy")
 
@@ -428,7 +427,7 @@ def _plot_acceptance(path, rows, labels, untrained, title):
 
 
 @register_study
-class LanguageModelStudy:
+class LanguageModelStudy(BuiltinStudy):
     name = "lm"
     title = "Distilling a language model: off-policy vs on-policy, per divergence"
     description = (
@@ -440,12 +439,9 @@ class LanguageModelStudy:
     default_steps = 150
     default_divergences = ("forward_kl", "reverse_kl", "js", "tv", "skew_forward_kl", "skew_reverse_kl")
 
-    def run(self, ctx: StudyContext) -> StudyResult:
-        start = time.perf_counter()
+    def execute(self, ctx: StudyContext, steps: int, folder) -> StudyResult:
         settings = dict(SETTINGS)
-        steps = ctx.steps_or(self.default_steps)
         device = ctx.device
-        folder = ctx.study_dir(self.name)
         teacher = make_teacher(settings, ctx.seed, device)
         eval_kwargs = dict(
             seed=ctx.seed, sequences=settings["eval_sequences"], length=settings["seq_len"], device=device
@@ -535,5 +531,4 @@ class LanguageModelStudy:
             figures=figures,
             config=config,
             units=dict(UNITS),
-            seconds=round(time.perf_counter() - start, 2),
         )

@@ -31,13 +31,12 @@ the target's marginals; both are closed-form facts the tests check.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
 from ...math import registry
 from .. import plotting
-from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
+from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 # ----------------------------------------------------------------- settings
 GAUSS_WEIGHTS = (0.5, 0.3, 0.2)
@@ -330,7 +329,7 @@ def _plot_entropy(path, labels, rows, target_row) -> None:
 
 
 @register_study
-class ModesStudy:
+class ModesStudy(BuiltinStudy):
     name = "modes"
     title = "Mode-seeking vs mass-covering"
     description = (
@@ -342,21 +341,10 @@ class ModesStudy:
         "forward_kl", "reverse_kl", "js", "tv", "hellinger", "alpha", "skew_forward_kl", "skew_reverse_kl",
     )
 
-    def run(self, ctx: StudyContext) -> StudyResult:
-        start = time.perf_counter()
-        steps = ctx.steps_or(self.default_steps)
-        out = ctx.study_dir(self.name)
+    def execute(self, ctx: StudyContext, steps: int, out) -> StudyResult:
         gauss, grid = _GaussianTask(ctx.device), _GridTask(ctx.device)
         total = 2 * steps * len(ctx.divergences)
-        done = 0
-
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if done % 25 == 0 or done == total:
-                ctx.progress(done, total)
-
-        ctx.progress(0, total)
+        tick = ctx.ticker(total, every=25)
         generator = torch.Generator().manual_seed(ctx.seed)
         target_row = {"divergence": "(target)", "character": "", **gauss.target_row(), **grid.metrics(grid.log_p)}
         rows, labels, densities, grids = [], [], [], []
@@ -439,5 +427,4 @@ class ModesStudy:
                 "device": str(ctx.device),
             },
             units={"character": "the divergence's tags (fdiv.get(name).character)", **UNITS},
-            seconds=round(time.perf_counter() - start, 2),
         )

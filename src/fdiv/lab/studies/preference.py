@@ -33,7 +33,6 @@ drift; the entropy shows which keeps the policy diverse.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
@@ -41,7 +40,7 @@ from ...math import registry
 from ...math.base import Divergence
 from ...objectives.preference import fdpo_admissibility, fdpo_loss, fdpo_score
 from .. import plotting
-from ..study import Figure, StudyContext, StudyResult, divergence_label, register_study
+from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 CONTEXTS = 16
 RESPONSES = 10
@@ -255,7 +254,7 @@ def _plot_frontier(path, rows, labels, ref_reward, best_reward, title):
 
 
 @register_study
-class PreferenceStudy:
+class PreferenceStudy(BuiltinStudy):
     name = "preference"
     title = "Preference optimisation: f-DPO with each divergence"
     description = (
@@ -266,21 +265,10 @@ class PreferenceStudy:
     default_steps = 300
     default_divergences = ("reverse_kl", "forward_kl", "js", "alpha", "hellinger", "jeffreys")
 
-    def run(self, ctx: StudyContext) -> StudyResult:
-        start = time.perf_counter()
-        steps = ctx.steps_or(self.default_steps)
-        out = ctx.study_dir(self.name)
+    def execute(self, ctx: StudyContext, steps: int, out) -> StudyResult:
         bandit = _Bandit(ctx.seed, ctx.device)
         total = steps * len(BETAS) * len(ctx.divergences)
-        done = 0
-
-        def tick() -> None:
-            nonlocal done
-            done = min(done + 1, total)
-            if done % 100 == 0:
-                ctx.progress(done, total)
-
-        ctx.progress(0, total)
+        tick = ctx.ticker(total, every=100)
         reference = bandit.metrics(bandit.log_ref)
         ref_reward, best_reward = reference.pop("_ref_reward"), reference.pop("_best_reward")
         rows = [{"divergence": "(reference)", "regime": "", "beta": 0.0, **reference, "train_loss": math.log(2.0)}]
@@ -351,5 +339,4 @@ class PreferenceStudy:
                 "device": str(ctx.device),
             },
             units={**UNITS, "status": "why a divergence was not trained (f-DPO's cancellation condition)"},
-            seconds=round(time.perf_counter() - start, 2),
         )

@@ -54,45 +54,13 @@ ValueError: divergence 'tv' (...) cannot drive f-DPO: its policy-side generator 
 """
 
 from ._common import DEFAULT_MAX_EXPONENT
-from .d2o import D2O_NOT_PINNED, d2o_loss
-from .fdpo import (
-    TRL_CONVENTIONS,
-    FDPOAdmissibility,
-    PreferenceRewards,
-    dpo_loss,
-    fdpo_admissibility,
-    fdpo_divergences,
-    fdpo_loss,
-    fdpo_rewards,
-    fdpo_score,
-    from_trl,
-    from_trl_alpha,
-    from_trl_gkd,
-)
-from .implicit import fdiv_sft_loss, implicit_reward, soft_value
-from .sparse_po import SparsePOMaskNet, SparsePOOutput, SparsePOWeights, sparse_po_loss
+from .d2o import *  # noqa: F401,F403
+from .d2o import __all__ as _d2o_all
+from .fdpo import *  # noqa: F401,F403
+from .fdpo import __all__ as _fdpo_all
+from .implicit import *  # noqa: F401,F403
+from .implicit import __all__ as _implicit_all
+from .sparse_po import *  # noqa: F401,F403
+from .sparse_po import __all__ as _sparse_po_all
 
-__all__ = [
-    "D2O_NOT_PINNED",
-    "DEFAULT_MAX_EXPONENT",
-    "FDPOAdmissibility",
-    "PreferenceRewards",
-    "SparsePOMaskNet",
-    "SparsePOOutput",
-    "SparsePOWeights",
-    "TRL_CONVENTIONS",
-    "d2o_loss",
-    "dpo_loss",
-    "fdiv_sft_loss",
-    "fdpo_admissibility",
-    "fdpo_divergences",
-    "fdpo_loss",
-    "fdpo_rewards",
-    "fdpo_score",
-    "from_trl",
-    "from_trl_alpha",
-    "from_trl_gkd",
-    "implicit_reward",
-    "soft_value",
-    "sparse_po_loss",
-]
+__all__ = ["DEFAULT_MAX_EXPONENT", *_fdpo_all, *_sparse_po_all, *_d2o_all, *_implicit_all]

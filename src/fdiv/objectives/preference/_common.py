@@ -1,4 +1,4 @@
-"""Private pieces shared by the preference objectives: the score cap, caches, dtype and weights.
+"""Private pieces shared by the preference objectives: the score cap, caches and the log-probability check.
 
 Validation and reduction live in :mod:`fdiv._validate`; this module only holds what is
 specific to the preference objectives.
@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..._validate import check_finite, check_group, check_like, check_tensor
+from ..._validate import check_finite, check_group
 from ...math._numerics import compute_dtype
 
 #: Default cap on exponentials: a score (or critic) is never larger than ``e**80`` in magnitude,
@@ -29,22 +29,6 @@ def check_logps(named: dict, *, min_dim: int = 0) -> tuple[torch.Tensor, ...]:
         check_finite(name, x)
     dtype = compute_dtype(*tensors)
     return tuple(x.to(dtype) for x in tensors)
-
-
-def check_weights(name: str, weights, like_name: str, like: torch.Tensor, *, positive_sum: bool = False):
-    """Non-negative finite floating per-item weights of exactly the shape and device of ``like``.
-
-    (Generic; a candidate for :mod:`fdiv._validate` as ``check_weights``.)
-    """
-    check_tensor(name, weights)
-    check_like(like_name, like, name, weights)
-    if weights.numel() and not bool(torch.isfinite(weights).all()):
-        raise ValueError(f"{name} contains NaN or an infinite value; weights must be finite")
-    if bool((weights < 0).any()):
-        raise ValueError(f"{name} must be non-negative (per-item weights)")
-    if positive_sum and not bool(weights.sum() > 0):
-        raise ValueError(f"{name} must have a positive sum")
-    return weights
 
 
 def cached(cache: dict, key, compute):

@@ -30,6 +30,7 @@ from ._common import DEFAULT_MAX_EXPONENT, cached, check_logps, clamp, monotone_
 __all__ = [
     "FDPOAdmissibility",
     "PreferenceRewards",
+    "TRL_CONVENTIONS",
     "dpo_loss",
     "fdpo_admissibility",
     "fdpo_divergences",
@@ -256,6 +257,13 @@ def _fdpo_delta(div, pc, pr, rc, rr, max_exponent):
     return _score(div, pc - rc, max_exponent) - _score(div, pr - rr, max_exponent)
 
 
+def _fdpo_options(divergence, beta, max_exponent, caller):
+    """``(div, beta, max_exponent)`` checked: the options :func:`fdpo_loss` and :func:`fdpo_rewards` share."""
+    beta = check_positive("beta", beta)
+    max_exponent = check_positive("max_exponent", max_exponent)
+    return _admissible(divergence, caller), beta, max_exponent
+
+
 def _fdpo_inputs(pc, pr, rc, rr):
     return check_logps(
         {
@@ -335,13 +343,12 @@ def fdpo_loss(
         Optimization with Diverse Divergence Constraints", ICLR; Rafailov et al. (2023), DPO;
         Mitchell (2023), cDPO note.
     """
-    pc, pr, rc, rr = _fdpo_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                  reference_rejected_logps)
-    beta = check_positive("beta", beta)
+    pc, pr, rc, rr = _fdpo_inputs(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
     eps = check_number("label_smoothing", label_smoothing, low=0.0, high=0.5, high_open=True)
     reduction = check_reduction(reduction)
-    max_exponent = check_positive("max_exponent", max_exponent)
-    div = _admissible(divergence, "fdpo_loss")
+    div, beta, max_exponent = _fdpo_options(divergence, beta, max_exponent, "fdpo_loss")
     return _fdpo_loss(div, pc, pr, rc, rr, beta, eps, reduction, max_exponent)
 
 
@@ -406,11 +413,10 @@ def fdpo_rewards(
     quantity inside the sigmoid of :func:`fdpo_loss` (up to label smoothing). Detached.
     Arguments as in :func:`fdpo_loss`.
     """
-    pc, pr, rc, rr = _fdpo_inputs(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                  reference_rejected_logps)
-    beta = check_positive("beta", beta)
-    max_exponent = check_positive("max_exponent", max_exponent)
-    div = _admissible(divergence, "fdpo_rewards")
+    pc, pr, rc, rr = _fdpo_inputs(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    div, beta, max_exponent = _fdpo_options(divergence, beta, max_exponent, "fdpo_rewards")
     with torch.no_grad():
         chosen = beta * _score(div, pc - rc, max_exponent)
         rejected = beta * _score(div, pr - rr, max_exponent)

@@ -8,20 +8,21 @@ import math
 import torch
 
 from ..._validate import (
-    check_int,
     check_finite,
+    check_int,
     check_mask,
     check_positive,
     check_reduction,
     check_same_device,
     check_tensor,
+    check_weights,
     raise_if_nan,
     reduce,
 )
 from ...math.estimators import variational_bound
 from ...math.generators import FDivergence
 from ...math.registry import as_divergence
-from ._common import DEFAULT_MAX_EXPONENT, cached, check_logps, check_weights, clamp, monotone_bounds
+from ._common import DEFAULT_MAX_EXPONENT, cached, check_logps, clamp, monotone_bounds
 
 __all__ = ["fdiv_sft_loss", "implicit_reward", "soft_value"]
 
@@ -197,10 +198,8 @@ def fdiv_sft_loss(
     beta = check_positive("beta", beta)
     max_exponent = check_positive("max_exponent", max_exponent)
     div = as_divergence(divergence, f_divergence=True, caller="fdiv_sft_loss")
-    if weights is not None:
-        check_weights("weights", weights, "the sequences of policy_logps", h_e, positive_sum=True)
-    if q_weights is not None:
-        check_weights("q_weights", q_weights, "the sequences of q_policy_logps", h_q, positive_sum=True)
+    check_weights("weights", weights, "the sequences of policy_logps", h_e, positive_sum=True, allow_none=True)
+    check_weights("q_weights", q_weights, "the sequences of q_policy_logps", h_q, positive_sum=True, allow_none=True)
     bounds = _critic_bounds(div, max_exponent)
     bound = variational_bound(
         divergence=div,

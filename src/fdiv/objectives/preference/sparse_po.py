@@ -22,13 +22,13 @@ from ..._validate import (
     check_same_device,
     check_tensor,
     check_unit_interval,
+    check_weights,
     raise_if_nan,
     reduce,
 )
 from ...kernels.token import token_loss
 from ...math._numerics import compute_dtype
 from ...math.registry import as_divergence
-from ._common import check_weights
 
 __all__ = ["SparsePOMaskNet", "SparsePOOutput", "SparsePOWeights", "sparse_po_loss"]
 

@@ -48,28 +48,15 @@ value, ``-inf`` and NaN included. Half-precision inputs compute in float32; floa
 float64. Bad input raises ``ValueError`` naming the argument; nothing returns a silent NaN.
 """
 
-from .controllers import AdaptiveKLController, FixedKLController, LogPartitionEstimator, MovingAverage
-from .disco import DisCOOutput, disco_loss
-from .dph import DPHSplit, dph_loss, dph_split
-from .fdpg import fdpg_loss, fdpg_pseudo_rewards
-from .penalties import ESTIMATORS, F_PLACEMENTS, PLACEMENTS, SAMPLE_SOURCES, f_estimate, kl_estimate
+from .controllers import *  # noqa: F401,F403
+from .controllers import __all__ as _controllers_all
+from .disco import *  # noqa: F401,F403
+from .disco import __all__ as _disco_all
+from .dph import *  # noqa: F401,F403
+from .dph import __all__ as _dph_all
+from .fdpg import *  # noqa: F401,F403
+from .fdpg import __all__ as _fdpg_all
+from .penalties import *  # noqa: F401,F403
+from .penalties import __all__ as _penalties_all
 
-__all__ = [
-    "ESTIMATORS",
-    "F_PLACEMENTS",
-    "PLACEMENTS",
-    "SAMPLE_SOURCES",
-    "AdaptiveKLController",
-    "DPHSplit",
-    "DisCOOutput",
-    "FixedKLController",
-    "LogPartitionEstimator",
-    "MovingAverage",
-    "disco_loss",
-    "dph_loss",
-    "dph_split",
-    "f_estimate",
-    "fdpg_loss",
-    "fdpg_pseudo_rewards",
-    "kl_estimate",
-]
+__all__ = [*_penalties_all, *_controllers_all, *_fdpg_all, *_dph_all, *_disco_all]

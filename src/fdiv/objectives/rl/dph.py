@@ -6,20 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..._validate import (
-    check_bool,
-    check_finite,
-    check_int,
-    check_like,
-    check_mask,
-    check_positive,
-    check_reduction,
-    check_tensor,
-    reduce,
-)
-from ...math._numerics import compute_dtype
-from ...math.estimators import mc_estimate
+from ..._validate import check_bool, check_int, check_positive, check_reduction, reduce
 from ...math.registry import as_divergence
+from .penalties import _f_terms, _finite_terms, _sampled_logps
 
 __all__ = ["DPHSplit", "dph_loss", "dph_split"]
 
@@ -92,40 +81,22 @@ def dph_loss(
     Reference: Li et al. (2025), "The Choice of Divergence: A Neglected Key to Mitigating
     Diversity Collapse in Reinforcement Learning with Verifiable Reward", arXiv 2509.07430.
     """
-    check_tensor("policy_logps", policy_logps)
-    check_like("policy_logps", policy_logps, "initial_logps", initial_logps)
     check_reduction(reduction, sequence_modes=True)
     check_bool("control_variate", control_variate)
     c = check_positive("log_ratio_clamp", log_ratio_clamp, allow_none=True)
     v = check_positive("value_clamp", value_clamp, allow_none=True)
     div = as_divergence(divergence, f_divergence=True, caller="dph_loss")
-    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
-    check_finite("initial_logps", initial_logps, counted)  # the tokens were sampled from the initial policy
-    check_finite("policy_logps", policy_logps, counted, allow_neg_inf=True)
-    dtype = compute_dtype(policy_logps, initial_logps)
-    pol = reduce(policy_logps.to(dtype), "none", mask=counted)
-    init = reduce(initial_logps.to(dtype), "none", mask=counted)
-    if c is None:
-        log_p, log_q = init, pol  # -inf policy entries take the generator's exact limits
-    else:
-        log_p = torch.clamp(init - pol, -c, c)  # log(pi_0 / pi_theta) = -log u, clamped
-        log_q = torch.zeros_like(log_p)
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=log_p,
-        model_logps=log_q,
-        samples_from="target",
-        control_variate=control_variate,
-        reduction="none",
+    # the tokens were sampled from the initial policy: initial_logps is finite where counted; a -inf policy
+    # entry takes the generator's exact limit (without log_ratio_clamp)
+    counted, (pol, init) = _sampled_logps(
+        {"policy_logps": policy_logps, "initial_logps": initial_logps}, mask, allow_neg_inf=("policy_logps",)
     )
-    if v is not None:
-        terms = torch.clamp(terms, -v, v)
-    terms = reduce(terms, "none", mask=counted)
-    if not bool(torch.isfinite(terms).all()):
-        raise ValueError(
-            f"dph_loss of {div.name!r} is infinite: policy_logps is -inf (or overflows) at a counted token that "
-            "pi_0 sampled; use log_ratio_clamp= or a bounded divergence (js)"
-        )
+    terms = _f_terms(div, init, pol, "target", control_variate, log_ratio_clamp=c, value_clamp=v)
+    infinite = (
+        f"dph_loss of {div.name!r} is infinite: policy_logps is -inf (or overflows) at a counted token that "
+        "pi_0 sampled; use log_ratio_clamp= or a bounded divergence (js)"
+    )
+    terms = _finite_terms(terms, counted, infinite)
     return reduce(terms, reduction, mask=counted)
 
 

@@ -21,11 +21,10 @@ from ..._validate import (
     check_bool,
     check_choice,
     check_finite,
-    check_like,
+    check_group,
     check_mask,
     check_positive,
     check_reduction,
-    check_tensor,
     reduce,
 )
 from ...math._numerics import compute_dtype
@@ -45,6 +44,60 @@ F_PLACEMENTS = ("value", "loss", "reward")
 SAMPLE_SOURCES = ("policy", "reference")
 
 _MATH_SOURCE = {"policy": "model", "reference": "target"}
+
+
+def _sampled_logps(named: dict, mask, *, allow_neg_inf: tuple = ()) -> tuple:
+    """The boundary checks of per-token log-probabilities of sampled tokens, shared by :func:`kl_estimate`,
+    :func:`f_estimate` and :func:`fdiv.objectives.rl.dph_loss`.
+
+    ``named`` is ``{name: tensor}``, the first sets shape and device; every tensor must be finite where
+    ``mask`` counts (``-inf`` allowed for the names in ``allow_neg_inf``). Returns ``(counted, tensors)``:
+    the bool mask (None: all counted) and the tensors in one compute dtype with uncounted entries 0, so that
+    padding is never read.
+    """
+    tensors = check_group(named)
+    counted = check_mask(mask, tensors[0].shape, tensors[0].device)
+    for name, x in named.items():
+        check_finite(name, x, counted, allow_neg_inf=name in allow_neg_inf)
+    dtype = compute_dtype(*tensors)
+    return counted, [reduce(x.to(dtype), "none", mask=counted) for x in tensors]
+
+
+def _clamp(x: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """``x`` clamped to ``[-bound, bound]`` (clamped entries get zero gradient); ``bound=None``: unchanged."""
+    return x if bound is None else torch.clamp(x, -bound, bound)
+
+
+def _estimator_inputs(ref: torch.Tensor, pol: torch.Tensor, log_ratio_clamp: float | None):
+    """``(log_p, log_q)`` for an estimator: ``(ref, pol)``, or with a clamp ``c`` on ``log r = ref - pol``
+    ``(clamp(log r, -c, c), 0)``."""
+    if log_ratio_clamp is None:
+        return ref, pol
+    log_p = _clamp(ref - pol, log_ratio_clamp)
+    return log_p, torch.zeros_like(log_p)
+
+
+def _f_terms(div, ref, pol, samples_from: str, control_variate: bool, log_ratio_clamp=None, value_clamp=None):
+    """Per-sample terms of ``D_f(reference || policy)`` (:func:`fdiv.mc_estimate`, ``samples_from`` in the
+    math layer's words "model" / "target") on sanitised inputs, with the optional clamps."""
+    log_p, log_q = _estimator_inputs(ref, pol, log_ratio_clamp)
+    terms = mc_estimate(
+        divergence=div,
+        target_logps=log_p,
+        model_logps=log_q,
+        samples_from=samples_from,
+        control_variate=control_variate,
+        reduction="none",
+    )
+    return _clamp(terms, value_clamp)
+
+
+def _finite_terms(terms: torch.Tensor, counted, message: str) -> torch.Tensor:
+    """``terms`` with uncounted entries 0; an infinite counted term raises ``ValueError(message)``."""
+    terms = reduce(terms, "none", mask=counted)
+    if not bool(torch.isfinite(terms).all()):
+        raise ValueError(message)
+    return terms
 
 
 def _k_value(base: str, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -160,33 +213,23 @@ def kl_estimate(
         DeepSeek-AI (2025), DeepSeek-V3.2 (importance-weighted KL); verl
         ``core_algos.kl_penalty`` (the ``+`` suffix, ``abs``, the k3 clamps).
     """
-    check_tensor("policy_logps", policy_logps)
-    check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
     check_choice("estimator", estimator, ESTIMATORS)
     check_choice("placement", placement, PLACEMENTS)
     check_reduction(reduction, sequence_modes=True)
     c = check_positive("log_ratio_clamp", log_ratio_clamp, allow_none=True)
     v = check_positive("value_clamp", value_clamp, allow_none=True)
+    named = {"policy_logps": policy_logps, "reference_logps": reference_logps}
     if old_logps is not None:
-        check_like("policy_logps", policy_logps, "old_logps", old_logps)
         if placement == "reward":
             raise ValueError(
                 "old_logps (importance weighting) needs placement='loss'; a reward term is "
                 "computed from the sampling policy's own log-probabilities"
             )
-    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
-    check_finite("policy_logps", policy_logps, counted)
-    check_finite("reference_logps", reference_logps, counted)
-    if old_logps is not None:
-        check_finite("old_logps", old_logps, counted)
-    tensors = [policy_logps, reference_logps] + ([old_logps] if old_logps is not None else [])
-    dtype = compute_dtype(*tensors)
-    pol = reduce(policy_logps.to(dtype), "none", mask=counted)
-    ref = reduce(reference_logps.to(dtype), "none", mask=counted)
+        named["old_logps"] = old_logps
+    counted, (pol, ref, *old) = _sampled_logps(named, mask)
     value = _kl_terms(pol, ref, estimator, c, v)
-    if old_logps is not None:
-        old = reduce(old_logps.to(dtype), "none", mask=counted).detach()
-        value = torch.exp(pol - old) * value
+    if old:
+        value = torch.exp(pol - old[0].detach()) * value
     if placement == "reward":
         value = value.detach()
     return reduce(value, reduction, mask=counted)
@@ -194,14 +237,8 @@ def kl_estimate(
 
 def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | None, v: float | None):
     """The per-token terms of :func:`kl_estimate` (finite, sanitised inputs)."""
-    base = estimator.rstrip("+")
-    if c is None:
-        log_p, log_q = ref, pol
-    else:
-        log_p, log_q = torch.clamp(ref - pol, -c, c), torch.zeros_like(pol)
-    value = _k_value(base, log_p, log_q)
-    if v is not None:
-        value = torch.clamp(value, -v, v)
+    log_p, log_q = _estimator_inputs(ref, pol, c)
+    value = _clamp(_k_value(estimator.rstrip("+"), log_p, log_q), v)
     if estimator.endswith("+"):
         # verl's straight-through: gradient of k2 on the raw (unclamped) log-ratio, value of the estimator.
         k2 = kl_k2(target_logps=ref, model_logps=pol)
@@ -271,28 +308,18 @@ def f_estimate(
         >>> torch.allclose(f_estimate(policy_logps=pol, reference_logps=ref, divergence="reverse_kl"), k3)
         True
     """
-    check_tensor("policy_logps", policy_logps)
-    check_like("policy_logps", policy_logps, "reference_logps", reference_logps)
     check_choice("samples_from", samples_from, SAMPLE_SOURCES)
     check_choice("placement", placement, F_PLACEMENTS)
     check_reduction(reduction, sequence_modes=True)
     check_bool("control_variate", control_variate)
     div = as_divergence(divergence, f_divergence=True, caller="f_estimate")
-    counted = check_mask(mask, policy_logps.shape, policy_logps.device)
     on_policy = samples_from == "policy"
-    check_finite("policy_logps", policy_logps, counted, allow_neg_inf=not on_policy)
-    check_finite("reference_logps", reference_logps, counted, allow_neg_inf=on_policy)
-    dtype = compute_dtype(policy_logps, reference_logps)
-    pol = reduce(policy_logps.to(dtype), "none", mask=counted)
-    ref = reduce(reference_logps.to(dtype), "none", mask=counted)
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=ref,
-        model_logps=pol,
-        samples_from=_MATH_SOURCE[samples_from],
-        control_variate=control_variate,
-        reduction="none",
+    # the sampled side is finite where counted; the other may be -inf (the divergence decides)
+    sampled, other = ("policy_logps", "reference_logps") if on_policy else ("reference_logps", "policy_logps")
+    counted, (pol, ref) = _sampled_logps(
+        {"policy_logps": policy_logps, "reference_logps": reference_logps}, mask, allow_neg_inf=(other,)
     )
+    terms = _f_terms(div, ref, pol, _MATH_SOURCE[samples_from], control_variate)
     if placement == "reward":
         terms = terms.detach()
     elif placement == "loss" and on_policy:
@@ -300,11 +327,9 @@ def f_estimate(
         # d/d(log q) of q f(p/q) at q = 1: f(r) - r f'(r), from the generator's stable forms
         weight = div.log_forms(log_r, torch.zeros_like(log_r))[2] + div.slope_at_one()
         terms = terms.detach() + weight * (pol - pol.detach())
-    terms = reduce(terms, "none", mask=counted)
-    if not bool(torch.isfinite(terms).all()):
-        sampled, other = ("policy_logps", "reference_logps") if on_policy else ("reference_logps", "policy_logps")
-        raise ValueError(
-            f"f_estimate of {div.name!r} is infinite: {other} is -inf (or the ratio overflows) at a sample that "
-            f"{sampled} gives positive probability, and this divergence is infinite there"
-        )
+    infinite = (
+        f"f_estimate of {div.name!r} is infinite: {other} is -inf (or the ratio overflows) at a sample that "
+        f"{sampled} gives positive probability, and this divergence is infinite there"
+    )
+    terms = _finite_terms(terms, counted, infinite)
     return reduce(terms, reduction, mask=counted)
