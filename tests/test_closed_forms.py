@@ -949,3 +949,42 @@ def test_closed_forms_module_imports_only_the_math_layer():
                 assert not (node.module or "").startswith("fdiv"), node.module
             else:  # relative: inside fdiv.math (level 1) or fdiv._validate (level 2)
                 assert node.level == 1 or (node.level == 2 and node.module == "_validate"), (node.level, node.module)
+
+
+def test_divergence_is_resolved_once_through_as_divergence(monkeypatch):
+    """closed_form resolves its divergence with one as_divergence call: one registry look-up (not
+    resolve, then as_divergence -> get -> resolve again), and as_divergence's own type error."""
+    import fdiv.math.registry as registry
+
+    p, q = Normal(tt(0.0), tt(1.0)), Normal(tt(1.0), tt(2.0))
+    # independent reference: KL(N(0, 1) || N(1, 4)) = log 2 + (1 + 1) / 8 - 1/2
+    want = math.log(2.0) + 2.0 / 8.0 - 0.5
+    original = registry.resolve
+    calls = []
+
+    def counting(name):
+        calls.append(name)
+        return original(name)
+
+    monkeypatch.setattr(registry, "resolve", counting)
+    monkeypatch.setattr(cf, "resolve", counting)
+    assert float(closed_form("KL", p=p, q=q)) == pytest.approx(want, rel=1e-12)
+    assert calls == ["KL"]
+    instance = get("forward_kl")
+    calls.clear()
+    assert float(closed_form(instance, p=p, q=q)) == pytest.approx(want, rel=1e-12)
+    assert calls == []  # an instance needs no look-up
+    # the type error is as_divergence's, word for word (no second copy of the rule here)
+    with pytest.raises(TypeError) as expected:
+        registry.as_divergence(3, caller="closed_form")
+    with pytest.raises(TypeError) as got:
+        closed_form(3, p=p, q=q)
+    assert isinstance(got.value, ValueError)
+    assert str(got.value) == str(expected.value)
+    # a name that only register_closed_form knows still works, with no instance
+    monkeypatch.setattr(cf, "_REGISTRY", dict(cf._REGISTRY))
+    monkeypatch.setattr(cf, "_LOOKUP_CACHE", {})
+    register_closed_form("only_closed_form_knows_me", type_p=Normal, type_q=Normal)(lambda p, q: torch.tensor(7.0))
+    assert float(closed_form("only_closed_form_knows_me", p=p, q=q)) == 7.0
+    with pytest.raises(ValueError, match="unknown divergence"):
+        closed_form("not_registered_anywhere", p=p, q=q)

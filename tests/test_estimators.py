@@ -6,7 +6,6 @@ which must equal the divergence itself (float64). Gradient facts are checked
 the same way, with autograd of direct torch expressions as the reference.
 """
 
-import functools
 import math
 
 import mpmath
@@ -16,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fdiv
-from fdiv.math.estimators import kl_estimate, kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
+from fdiv.math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate, variational_bound
 
 F_NAMES = [name for name in fdiv.available() if isinstance(fdiv.get(name), fdiv.FDivergence)]
 # Parameter values whose code paths differ (family end points, negative alpha, asymmetric beta).
@@ -209,15 +208,26 @@ def test_mc_reductions_and_dim():
         mc_estimate(divergence="hellinger", target_logps=lp, model_logps=lq, reduction="sum"), terms.sum(-1)
     )
     assert torch.allclose(mc_estimate(divergence="hellinger", target_logps=lp, model_logps=lq, dim=0), terms.mean(0))
-    assert torch.allclose(
-        kl_estimate(target_logps=lp, model_logps=lq, estimator="k2", dim=0, reduction="sum"),
-        kl_k2(target_logps=lp, model_logps=lq).sum(0),
-    )
+
+
+def test_one_kl_estimate_name():
+    """The math layer has kl_k1/k2/k3 but no kl_estimate of its own (defaults "k3"/"mean" against
+    fdiv.rl.kl_estimate's "k1"/"none"): one name, and that one computes the same per-sample terms."""
+    import fdiv.math.estimators as estimators
+
+    assert not hasattr(estimators, "kl_estimate")
+    assert "kl_estimate" not in estimators.__all__
+    assert not hasattr(fdiv, "kl_estimate")
+    gen = torch.Generator().manual_seed(1)
+    lp = torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2  # target = reference
+    lq = torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2  # model = policy
+    log_r = lp - lq
+    references = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - 1 - log_r}  # written out
     for estimator, fn in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):
         per_sample = fn(target_logps=lp, model_logps=lq)
-        pair = {"target_logps": lp, "model_logps": lq}
-        assert torch.equal(kl_estimate(**pair, estimator=estimator, reduction="none"), per_sample)
-        assert torch.allclose(kl_estimate(**pair, estimator=estimator), per_sample.mean(-1))
+        torch.testing.assert_close(per_sample, references[estimator], rtol=1e-12, atol=1e-14)
+        rl = fdiv.rl.kl_estimate(policy_logps=lq, reference_logps=lp, estimator=estimator)
+        assert torch.equal(rl, per_sample)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -228,7 +238,7 @@ def test_dtypes(dtype):
     values = (
         mc_estimate(divergence="js", target_logps=lp, model_logps=lq),
         kl_k3(target_logps=lp, model_logps=lq).sum(),
-        kl_estimate(target_logps=lp, model_logps=lq, estimator="k2"),
+        kl_k2(target_logps=lp, model_logps=lq).mean(),
     )
     for value in (*values, variational_bound(divergence="js", target_scores=lp, model_scores=lq)):
         assert value.dtype == expected
@@ -414,9 +424,14 @@ def test_gradient_facts_of_the_kl_estimators(categorical):
 
     assert torch.allclose(_on_policy_loss_gradient(rho_k3, lp, theta), grad_reverse, rtol=1e-10, atol=1e-12)
 
-    # the dispatcher gives the same per-sample losses
+    # the public estimator (placement="loss": differentiable) gives the same per-sample losses
     for name, fn in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):
-        per_sample = functools.partial(kl_estimate, estimator=name, reduction="none")
+
+        def per_sample(*, target_logps, model_logps, name=name):
+            return fdiv.rl.kl_estimate(
+                policy_logps=model_logps, reference_logps=target_logps, estimator=name, placement="loss"
+            )
+
         via_dispatch = _on_policy_loss_gradient(per_sample, lp, theta)
         assert torch.allclose(via_dispatch, _on_policy_loss_gradient(fn, lp, theta))
 
@@ -620,13 +635,7 @@ def test_errors_name_the_argument():
     for fn in (kl_k1, kl_k2, kl_k3):
         with pytest.raises(ValueError, match="model_logps"):
             fn(target_logps=lp, model_logps=lq)
-    with pytest.raises(ValueError, match="model_logps"):
-        kl_estimate(target_logps=lp, model_logps=lq)
     x = torch.zeros(4)
-    with pytest.raises(ValueError, match="estimator"):
-        kl_estimate(target_logps=x, model_logps=x, estimator="k4")
-    with pytest.raises(ValueError, match="estimator"):
-        kl_estimate(target_logps=x, model_logps=x, estimator=None)
     with pytest.raises(ValueError, match="f-divergence"):
         mc_estimate(divergence="renyi", target_logps=x, model_logps=x)
     with pytest.raises(ValueError, match="f-divergence"):
@@ -641,12 +650,8 @@ def test_errors_name_the_argument():
         mc_estimate(divergence="forward_kl", target_logps=x, model_logps=x, control_variate=1)
     with pytest.raises(ValueError, match="reduction"):
         mc_estimate(divergence="forward_kl", target_logps=x, model_logps=x, reduction="avg")
-    with pytest.raises(ValueError, match="reduction"):
-        kl_estimate(target_logps=x, model_logps=x, reduction="avg")
     with pytest.raises(ValueError, match="dim"):
         mc_estimate(divergence="forward_kl", target_logps=x, model_logps=x, dim=1)
-    with pytest.raises(ValueError, match="dim"):
-        kl_estimate(target_logps=x, model_logps=x, dim=-2)
     with pytest.raises(ValueError, match="critic"):
         variational_bound(divergence="forward_kl", target_scores=x, model_scores=x, critic="logits")
     with pytest.raises(ValueError, match="target_weights"):
@@ -696,8 +701,6 @@ def test_tensors_are_keyword_only():
         with pytest.raises(TypeError):
             fn(x, x)
     with pytest.raises(TypeError):
-        kl_estimate(x, x, "k3")
-    with pytest.raises(TypeError):
         variational_bound("forward_kl", x, x)
     with pytest.raises(TypeError):  # the old keyword names are gone
         mc_estimate(divergence="forward_kl", log_p=x, log_q=x)
@@ -744,7 +747,7 @@ def test_mc_estimate_direction_against_an_exact_categorical_kl():
 
 
 def test_kl_k_estimators_estimate_kl_model_target_from_model_samples():
-    """k1/k3 estimate KL(model || target) (reverse_kl) from model samples; kl_estimate agrees."""
+    """k1/k3 estimate KL(model || target) (reverse_kl) from model samples; fdiv.rl.kl_estimate agrees."""
     target_probs = torch.tensor([0.90, 0.08, 0.01, 0.01], dtype=torch.float64)
     model_probs = torch.tensor([0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
     kl_model_target = _exact_categorical_kl(model_probs, target_probs)  # 1.574
@@ -754,7 +757,8 @@ def test_kl_k_estimators_estimate_kl_model_target_from_model_samples():
     for fn in (kl_k1, kl_k3):
         assert torch.allclose((model_probs * fn(**pair)).sum(), kl_model_target, rtol=1e-12)
     for estimator in ("k1", "k3"):
-        terms = kl_estimate(**pair, estimator=estimator, reduction="none")
+        terms = fdiv.rl.kl_estimate(policy_logps=pair["model_logps"], reference_logps=pair["target_logps"],
+                                    estimator=estimator, reduction="none")
         assert torch.allclose((model_probs * terms).sum(), kl_model_target, rtol=1e-12)
     # the same number as mc_estimate with the reverse_kl name and model samples
     rkl_terms = mc_estimate(

@@ -333,3 +333,49 @@ def test_family_end_points_are_derived_generators(family, params, base):
     torch.testing.assert_close(div.f(t), reference.f(t), rtol=1e-14, atol=1e-15)
     assert div.kernel_form() == reference.kernel_form()
     assert div == fdiv.get(family, **params) and div != fdiv.get(family, **({"beta": 0.5} if family == "js" else {"alpha": 0.5}))
+
+
+@pytest.mark.parametrize(
+    "name, params, argument",
+    [
+        ("skew_forward_kl", {"alpha": "0.1"}, "alpha"),
+        ("skew_reverse_kl", {"alpha": "0.1"}, "alpha"),
+        ("js", {"beta": "0.3"}, "beta"),
+        ("js", {"beta": "0.3", "scaled": True}, "beta"),
+        ("js", {"beta": "0", "scaled": True}, "beta"),
+        ("js", {"beta": None}, "beta"),
+        ("js", {"beta": True}, "beta"),
+        ("js", {"beta": 0.3, "scaled": 1}, "scaled"),
+        ("alpha", {"alpha": "x"}, "alpha"),
+        ("alpha", {"alpha": "1"}, "alpha"),
+        ("alpha", {"alpha": None}, "alpha"),
+        ("skew_forward_kl", {"alpha": [0.1]}, "alpha"),
+    ],
+)
+def test_generator_parameters_are_numbers_checked_by_the_one_validator(name, params, argument):
+    """Strings are not numbers (no float("0.1") coercion) and every error is the one validation
+    layer's ArgumentTypeError (a ValueError and a TypeError) naming the parameter, never a bare
+    TypeError or "could not convert string to float"."""
+    from fdiv._validate import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match=rf"^{argument} must be ") as error:
+        fdiv.get(name, **params)
+    assert isinstance(error.value, ValueError) and isinstance(error.value, TypeError)
+    assert "could not convert" not in str(error.value)
+
+
+def test_generator_parameters_accept_numbers_and_one_element_tensors():
+    """The same checks accept every kind of real number, with the values of a float."""
+    import numpy as np
+
+    for value in (0.3, np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        js = fdiv.get("js", beta=value)
+        assert js.beta == 0.3 and type(js.beta) is float
+        assert fdiv.get("skew_forward_kl", alpha=value).alpha == 0.3
+        assert fdiv.get("alpha", alpha=value).alpha == 0.3
+    assert fdiv.get("js", beta=1, scaled=True) == fdiv.get("js", beta=1.0, scaled=True)
+    assert isinstance(fdiv.get("alpha", alpha=np.int64(1)), fdiv.Standardized)
+    with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\)"):
+        fdiv.get("skew_forward_kl", alpha=1.0)
+    with pytest.raises(ValueError, match=r"beta must lie in \(0, 1\) for the unscaled js"):
+        fdiv.get("js", beta=1)

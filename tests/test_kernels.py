@@ -593,6 +593,93 @@ def test_fused_linear_cross_entropy_only_and_unchecked_path():
     torch.testing.assert_close(unchecked, checked, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("uncount", ["mask", "labels"])
+@pytest.mark.parametrize("hard_label_weight", [0.0, 0.5])
+def test_fused_linear_nan_in_uncounted_rows_reaches_no_gradient(uncount, hard_label_weight):
+    """NaN hidden states in uncounted rows (mask False or label == ignore_index) must not reach
+    student_weight.grad through 0 * NaN in the weight GEMM; compared with the counted rows alone."""
+    prob = _linear_problem()
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[[1, 6, 7]] = False
+    labels = torch.randint(0, 17, (9,), generator=torch.Generator().manual_seed(4))
+    hidden = prob["student_hidden"].detach().clone()
+    hidden[~keep] = math.nan
+    hidden.requires_grad_(True)
+    teacher_hidden = prob["teacher_hidden"].clone()
+    teacher_hidden[6] = math.nan
+    if uncount == "mask":
+        rows = dict(mask=keep, labels=labels)
+    else:
+        rows = dict(labels=torch.where(keep, labels, torch.full_like(labels, -100)))
+    got = fdiv.fused_linear_loss(
+        **{**prob, "student_hidden": hidden, "teacher_hidden": teacher_hidden}, divergence="js", temperature=1.5,
+        hard_label_weight=hard_label_weight, chunk_size=4, **rows,
+    )
+    # reference: the counted rows only, logits materialised, the categorical path and torch's cross-entropy
+    weight, bias = prob["student_weight"], prob["student_bias"]
+    kept = prob["student_hidden"].detach()[keep].requires_grad_(True)
+    student = kept @ weight.T + bias
+    teacher = prob["teacher_hidden"][keep] @ prob["teacher_weight"].T + prob["teacher_bias"]
+    ref = fdiv.get("js")(teacher, student, temperature=1.5).mean()
+    if hard_label_weight:
+        ref = ref + hard_label_weight * torch.nn.functional.cross_entropy(student, labels[keep])
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    got_grads = _grads(got, (hidden, weight, bias))
+    ref_grads = _grads(ref, (kept, weight, bias))
+    assert torch.isfinite(got_grads[1]).all(), "NaN of an uncounted row reached student_weight.grad"
+    torch.testing.assert_close(got_grads[1], ref_grads[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grads[2], ref_grads[2], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got_grads[0][keep], ref_grads[0], rtol=1e-9, atol=1e-12)
+    assert torch.equal(got_grads[0][~keep], torch.zeros_like(got_grads[0][~keep]))
+
+
+@pytest.mark.parametrize("name,params", [("renyi", {"alpha": 2.0}), ("renyi", {"alpha": 0.5}), ("bhattacharyya", {})])
+def test_non_f_divergence_chunks_skip_the_public_call(name, params, monkeypatch):
+    """Divergences without pointwise forms run their row computation per chunk, not the public
+    Divergence.__call__ (which re-validated: NaN in an uncounted row raised "p_logits contains NaN",
+    and check_finite=False was ignored). Errors name teacher_logits / student_logits."""
+    div = fdiv.get(name, **params)
+    s, t = _pair(n=8, v=11, seed=9)
+    keep = torch.tensor([True, False, True, True, False, True, True, True])
+    ref_s = s[keep].clone().requires_grad_(True)
+    ref_t = t[keep].clone().requires_grad_(True)
+    ref = div(ref_t, ref_s, temperature=1.5)  # the categorical path on the counted rows, before any patching
+    ref_grads = torch.autograd.grad(ref.sum(), (ref_s, ref_t))
+    garbage_s, garbage_t = s.clone(), t.clone()
+    garbage_s[1] = math.nan
+    garbage_t[4] = math.nan
+    garbage_t[1, 3] = math.inf
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the chunk kernel called the public Divergence.__call__")
+
+    monkeypatch.setattr(fdiv.Divergence, "__call__", refuse)
+    gs = garbage_s.clone().requires_grad_(True)
+    gt = garbage_t.clone().requires_grad_(True)
+    got = fdiv.token_loss(
+        student_logits=gs, teacher_logits=gt, divergence=div, temperature=1.5, mask=keep, reduction="none",
+        chunk_size=3,
+    )
+    torch.testing.assert_close(got[keep], ref.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[~keep], torch.zeros(2, dtype=got.dtype))
+    g_s, g_t = torch.autograd.grad(got.sum(), (gs, gt))
+    torch.testing.assert_close(g_s[keep], ref_grads[0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_t[keep], ref_grads[1], rtol=1e-9, atol=1e-12)
+    assert torch.equal(g_s[~keep], torch.zeros_like(g_s[~keep]))
+    assert torch.equal(g_t[~keep], torch.zeros_like(g_t[~keep]))
+    # NaN in a counted row: token_loss's own check names the input
+    with pytest.raises(ValueError, match="teacher_logits contains NaN"):
+        fdiv.token_loss(student_logits=s, teacher_logits=garbage_t, divergence=div, chunk_size=3)
+    with pytest.raises(ValueError, match="student_logits contains NaN"):
+        fdiv.token_loss(student_logits=garbage_s, teacher_logits=t, divergence=div, chunk_size=3)
+    # check_finite=False: no check anywhere, the NaN comes back (rows of other chunks stay exact)
+    unchecked = fdiv.token_loss(
+        student_logits=garbage_s, teacher_logits=t, divergence=div, chunk_size=3, reduction="none",
+        check_finite=False,
+    )
+    assert torch.isnan(unchecked[1]) and torch.isfinite(unchecked[3:]).all()
+
+
 # ------------------------------------------------------------------ no host syncs on CUDA (run where a GPU is)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -620,6 +707,27 @@ def test_cuda_token_and_fused_paths_do_not_sync(backend):
             chunk_size=8,
         )
         fused.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["renyi", "bhattacharyya"])
+def test_cuda_non_f_divergence_path_does_not_sync(name):
+    """Divergences without pointwise forms no longer run the public __call__ (and its NaN check,
+    a host sync) per chunk: with check_finite off (the CUDA default) nothing synchronises."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(64, 500, device="cuda", generator=g).requires_grad_(True)
+    t = torch.randn(64, 500, device="cuda", generator=g)
+    mask = torch.rand(64, device="cuda", generator=g) < 0.8
+    ref = fdiv.get(name)(t.double(), s.double().detach())
+    ref = torch.where(mask, ref, 0.0).sum() / mask.sum()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, mask=mask, chunk_size=16)
+        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)

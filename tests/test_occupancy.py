@@ -411,3 +411,33 @@ def test_tensors_are_keyword_only_and_named_by_role():
     want = np.log1p(np.exp(-a.double().numpy())).mean() + np.log1p(np.exp(b.double().numpy())).mean()
     got = discriminator_loss(policy_scores=a.double(), reference_scores=b.double()).item()
     assert got == pytest.approx(want, rel=1e-14)
+
+
+def test_chi2_regularizer_validates_once_and_resolves_neyman_chi2_once(monkeypatch):
+    """chi2_regularizer checks its inputs itself, then runs the estimator's private core with the
+    generator resolved at import: neither the public fdiv.mc_estimate (a second validation and a
+    host sync) nor a registry look-up per call. The value is the hand-written 2 cosh(l) - 2 mean."""
+    import fdiv.math.estimators as estimators
+    import fdiv.math.registry as registry
+    import fdiv.objectives.occupancy as occupancy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("chi2_regularizer called a public function it should not call")
+
+    for module, name in ((estimators, "mc_estimate"), (occupancy, "mc_estimate"), (registry, "get"),
+                         (registry, "resolve"), (registry, "as_divergence")):
+        monkeypatch.setattr(module, name, refuse, raising=False)
+    pol = torch.tensor([[-1.0, -0.3, -2.0], [-0.2, -0.9, -0.4]], dtype=F64)
+    ref = torch.tensor([[-1.4, -0.1, -1.0], [-0.6, -0.5, -0.4]], dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    mask_np = mask.numpy()
+    l = ((pol.numpy() - ref.numpy()) * mask_np).sum(-1)
+    want = float(np.mean(2 * np.cosh(l) - 2))
+    got = chi2_regularizer(policy_logps=pol, reference_logps=ref, mask=mask, sqrt=False, linearize_at=None)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    # uncounted garbage never reaches it, and the checks still run (once, in chi2_regularizer)
+    with_nan = torch.where(mask, pol, torch.tensor(float("nan"), dtype=F64))
+    again = chi2_regularizer(policy_logps=with_nan, reference_logps=ref, mask=mask, sqrt=False, linearize_at=None)
+    assert again.item() == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="policy_logps contains NaN"):
+        chi2_regularizer(policy_logps=with_nan, reference_logps=ref)

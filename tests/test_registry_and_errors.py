@@ -217,3 +217,26 @@ def test_generator_methods_on_non_f_divergences_say_so():
         for method, arg in (("f", 1.0), ("f_prime", 1.0), ("conjugate", 0.0)):
             with pytest.raises(NotImplementedError, match=f"'{name}' is not an f-divergence"):
                 getattr(div, method)(arg)
+
+
+def test_registry_type_errors_are_argument_type_errors():
+    """get(3), resolve(None), register(int): the one validation layer's ArgumentTypeError (a
+    ValueError like every input error, and a TypeError), one line naming the argument."""
+    from fdiv._validate import ArgumentTypeError
+    from fdiv.math import registry
+
+    cases = [
+        (lambda: fdiv.get(3), "name must be"),
+        (lambda: fdiv.get(None), "name must be"),
+        (lambda: registry.resolve(None), "name must be"),
+        (lambda: registry.resolve(2.5), "name must be"),
+        (lambda: fdiv.register(int), "subclass of fdiv.Divergence"),
+        (lambda: fdiv.register(HalfPearson, name=7), "name must be a string"),
+        (lambda: fdiv.register(HalfPearson, name="half_pearson_x", aliases=(3,)), "aliases must be strings"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ArgumentTypeError, match=match) as error:
+            call()
+        assert isinstance(error.value, ValueError) and isinstance(error.value, TypeError)
+        assert "\n" not in str(error.value)
+    assert "half_pearson_x" not in fdiv.available()

@@ -237,6 +237,30 @@ def test_token_loss_triton_backend_matches_eager(reduction):
 
 
 @interpreted
+def test_token_loss_triton_backend_launches_through_the_private_core(monkeypatch):
+    """token_loss validates once and launches the kernel through its private core: the public
+    triton_token_rows (which checks every argument again) is never called. Values equal eager."""
+    div = _build(("js", {"beta": 0.3}))
+    student, teacher, _ = make_inputs(div, n=5, seed=8)
+    mask = torch.tensor([True, True, False, True, True])
+    s = student.clone().requires_grad_(True)
+    ref = fdiv.token_loss(student_logits=s, teacher_logits=teacher, divergence=div, temperature=1.5, mask=mask,
+                          backend="eager")  # fmt: skip
+    ref.backward()
+
+    def refuse(**kwargs):
+        raise AssertionError("token_loss called the public triton_token_rows")
+
+    monkeypatch.setattr(tk, "triton_token_rows", refuse)
+    s2 = student.clone().requires_grad_(True)
+    got = fdiv.token_loss(student_logits=s2, teacher_logits=teacher, divergence=div, temperature=1.5, mask=mask,
+                          backend="triton")  # fmt: skip
+    got.backward()
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s2.grad, s.grad, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
 @pytest.mark.parametrize("spec", [("reverse_kl", {}), ("neyman_chi2", {}), ("pearson_chi2", {})], ids=_spec_id)
 def test_support_mismatch_gives_inf_row_and_finite_gradients(spec):
     # reverse KL / Neyman with p = 0 < q, Pearson with q = 0 < p: the eager kernel's +inf, gradient 0 there

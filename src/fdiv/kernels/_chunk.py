@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from .._validate import zero_uncounted_rows
 from ..math.base import Divergence
 from ..math.generators import FDivergence
 from ._rowmath import compute_dtype, softmax_backward
@@ -40,16 +41,36 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
     return value.sum(-1), grad_student, grad_teacher
 
 
-def autograd_chunk(divergence: Divergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
-    """The same contract for divergences without pointwise forms (Rényi, user ``Divergence`` subclasses)."""
+def autograd_chunk(
+    divergence: Divergence, student, teacher, inv_temperature: float, keep=None, *, masked: bool, teacher_grad: bool
+):
+    """The same contract for divergences without pointwise forms (Rényi, user ``Divergence`` subclasses).
+
+    Runs the divergence's row computation (:meth:`~fdiv.Divergence._rowwise` on the log-softmax of
+    both chunks), not its public ``__call__``: the caller has validated the inputs once, and NaN
+    is reported by the caller (naming ``teacher_logits`` / ``student_logits``) only where it
+    asks for checks. ``keep`` (``[n]`` bool or None) marks the counted rows; the others are set
+    to 0 first (:func:`fdiv._validate.zero_uncounted_rows`), so garbage there reaches neither the
+    row losses nor the gradients. ``masked`` is unused (``_rowwise`` handles ``-inf`` itself).
+    """
     dtype = compute_dtype(student)
+    temperature = 1.0 / inv_temperature
     with torch.enable_grad():
         s = student.detach().to(dtype).requires_grad_(True)
         t = teacher.detach().to(dtype).requires_grad_(teacher_grad)
-        rows = divergence(t, s, temperature=1.0 / inv_temperature)
+        q_scaled = zero_uncounted_rows(s, keep, dtype)
+        p_scaled = zero_uncounted_rows(t, keep, dtype)
+        if temperature != 1.0:
+            p_scaled, q_scaled = p_scaled / temperature, q_scaled / temperature
+        rows = divergence._rowwise(torch.log_softmax(p_scaled, dim=-1), torch.log_softmax(q_scaled, dim=-1), -1)
         inputs = (s, t) if teacher_grad else (s,)
         grads = torch.autograd.grad(rows.sum(), inputs)
     return rows.detach(), grads[0], grads[1] if teacher_grad else None
+
+
+def needs_row_keep(divergence: Divergence) -> bool:
+    """Whether :func:`chunk_function`'s kernel takes the counted rows (``keep``) as a fourth argument."""
+    return not isinstance(divergence, FDivergence)
 
 
 def _compile_enabled() -> bool:
@@ -66,8 +87,12 @@ _COMPILE_FAILED: set = set()
 
 
 def chunk_function(divergence: Divergence, backend: str, masked: bool, teacher_grad: bool, device_type: str):
-    """The chunk kernel for ``backend`` in {"eager", "compile"}; falls back to eager if compiling fails."""
-    if not isinstance(divergence, FDivergence):
+    """The chunk kernel for ``backend`` in {"eager", "compile"}; falls back to eager if compiling fails.
+
+    Its arguments are ``(student, teacher, inv_temperature)``, plus the counted rows ``keep``
+    where :func:`needs_row_keep` (the autograd kernel of divergences without pointwise forms).
+    """
+    if needs_row_keep(divergence):
         return functools.partial(autograd_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
     eager = functools.partial(logit_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
     if backend != "compile" or not _compile_enabled():

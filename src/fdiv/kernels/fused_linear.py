@@ -88,14 +88,17 @@ class _FusedLinearLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=hidden.device)
         weights = weights.to(acc)
         may_skip = weights.device.type == "cpu"  # bool() of a CPU tensor does not sync a device
+        zero_hidden = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             w = weights[start:stop]
             if may_skip and not bool(w.any()):
                 continue
-            x = hidden[start:stop]
-            logits = linear(x)
             counted = w != 0
+            # uncounted rows may hold garbage (NaN, inf): zero them before the GEMMs, where a 0
+            # weight would not stop it (0 * NaN = NaN in addmm_); torch.where, no host sync
+            x = torch.where(counted[:, None], hidden[start:stop], zero_hidden)
+            logits = linear(x)
             d_rows = d_grad = ce_rows = ce_grad = None
             if divergence_weight:
                 d_rows, d_grad = teacher_chunk(logits, start, stop)

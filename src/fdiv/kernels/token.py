@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._validate import check_choice, check_logit_pair, raise_if_nan
-from ._chunk import chunk_function
+from ._chunk import chunk_function, needs_row_keep
 from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights
 
 BACKENDS = ("auto", "eager", "compile", "triton")
@@ -153,14 +153,14 @@ class TritonTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, divergence, temperature, weights, reduction):
-        from .triton_kernel import triton_token_rows
+        from .triton_kernel import _token_rows  # the private core: token_loss has checked everything
 
-        rows, grad_student, grad_teacher = triton_token_rows(
-            student_logits=student,
-            teacher_logits=teacher,
-            divergence=divergence,
-            temperature=temperature,
-            row_weights=weights.float(),
+        rows, grad_student, grad_teacher = _token_rows(
+            divergence,
+            student,
+            teacher,
+            weights.float(),
+            1.0 / temperature,
             teacher_grad=wants_grad(teacher),
             student_grad=wants_grad(student),
         )
@@ -194,9 +194,17 @@ class ChunkKernels:
     def __init__(self, divergence, backend, teacher_grad, device_type, chunk_size, global_masked=None):
         self.divergence, self.backend, self.teacher_grad = divergence, backend, teacher_grad
         self.device_type, self.chunk_size, self.global_masked = device_type, chunk_size, global_masked
+        self.row_keep = needs_row_keep(divergence)
         self._cache = {}
 
-    def __call__(self, student_chunk, teacher_chunk, inv_temperature):
+    def __call__(self, student_chunk, teacher_chunk, inv_temperature, keep=None):
+        """Row losses and gradients of one chunk; ``keep`` (``[n]`` bool or None): its counted rows."""
+        if self.row_keep:  # no pointwise forms: one autograd pass, -inf handled by the divergence
+            if "autograd" not in self._cache:
+                self._cache["autograd"] = chunk_function(
+                    self.divergence, "eager", True, self.teacher_grad, self.device_type
+                )
+            return self._cache["autograd"](student_chunk, teacher_chunk, inv_temperature, keep)
         masked = self.global_masked
         if masked is None:
             masked = has_masked_entries(student_chunk, teacher_chunk)
@@ -226,11 +234,12 @@ def dense_chunk_runner(student, teacher, divergence, inv_temperature, backend, c
         teacher.requires_grad and torch.is_grad_enabled(),
         device,
         chunk_size,
-        global_masked_flag(check_finite, device, student, teacher),
+        True if needs_row_keep(divergence) else global_masked_flag(check_finite, device, student, teacher),
     )
 
     def run(start, stop, w, out_student, out_teacher):
-        loss, g_s, g_t = kernels(student[start:stop], teacher[start:stop], inv_temperature)
+        keep = w[:, 0] != 0 if kernels.row_keep else None
+        loss, g_s, g_t = kernels(student[start:stop], teacher[start:stop], inv_temperature, keep)
         store_weighted(g_s, w, out_student)
         store_weighted(g_t, w, out_teacher)
         return loss
@@ -285,11 +294,15 @@ def token_loss(
             Inductor-generated Triton on GPU), ``"triton"`` (the hand-written kernel of
             :mod:`fdiv.kernels.triton_kernel`: one launch, no chunking) or ``"auto"`` (Triton on CUDA where
             supported, else compile from 2**24 logits on, else eager; ``FDIV_COMPILE=0`` disables compiling).
-        check_finite: scan the data: pick the plain or the ``-inf``-aware forms by looking for ``-inf``
-            (per chunk on CPU, once elsewhere) and raise ValueError naming the input when the loss is
-            NaN. ``None`` (default): on for CPU tensors, off otherwise — then the ``-inf``-aware forms
-            always run (same numbers on finite inputs), a NaN loss is returned as is and no step
-            synchronises the device with the host.
+        check_finite: scan the data: check that ``labels`` lie in ``[0, V)`` (or equal
+            ``ignore_index``), pick the plain or the ``-inf``-aware forms by looking for ``-inf``
+            (per chunk on CPU, once elsewhere) and raise ValueError naming ``student_logits`` or
+            ``teacher_logits`` when the loss is NaN (NaN in uncounted rows is ignored). ``None``
+            (default): on for CPU tensors, off otherwise — then the ``-inf``-aware forms always run
+            (same numbers on finite inputs), labels are not range-checked, a NaN loss is returned
+            as is and no step synchronises the device with the host. This holds for every
+            divergence: those without pointwise forms (``renyi``, ``bhattacharyya``) run their row
+            computation per chunk without checks of their own.
 
     Returns:
         A float32 scalar (float64 for float64 inputs), or ``[...]`` for ``reduction="none"``.

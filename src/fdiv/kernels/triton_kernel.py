@@ -656,9 +656,11 @@ def triton_token_rows(
     inv_temperature = 1.0 / check_temperature(temperature)
     teacher_grad = check_bool("teacher_grad", teacher_grad)
     student_grad = check_bool("student_grad", student_grad)
-    name, scalars, swap, standardize = _kernel_args(div, inv_temperature)
-    interpret = _interpret_mode()
-    if not interpret and student.device.type != "cuda":
+    if _resolve(div) is None:
+        raise ValueError(
+            f"the Triton kernel has no forms for {div!r}; check fdiv.kernels.triton_kernel.supports() first"
+        )
+    if not _interpret_mode() and student.device.type != "cuda":
         hint = (
             "TRITON_INTERPRET=1 is set, but only after triton was imported: Triton reads it when "
             "triton.language is first imported, so set it before anything imports triton"
@@ -666,26 +668,55 @@ def triton_token_rows(
             else "set TRITON_INTERPRET=1 before triton is first imported to run it on the CPU in Triton's interpreter"
         )
         raise RuntimeError(f"the Triton kernel runs on CUDA tensors (got {student.device}); {hint}")
-    weights = row_weights.detach().to(device=student.device, dtype=torch.float32).contiguous()
-    rows = torch.empty(n, device=student.device, dtype=torch.float32)
-
-    def output(out, like, label):
-        if out is None:
-            return torch.empty(like.shape, device=like.device, dtype=like.dtype)
-        if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+    for out, like, label in ((out_student, student, "out_student"), (out_teacher, teacher, "out_teacher")):
+        if out is not None and (
+            out.shape != like.shape or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous()
+        ):
             raise ValueError(
                 f"{label} must be a contiguous {like.dtype} tensor of shape {tuple(like.shape)} on {like.device}"
             )
-        return out
+    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two, got {block_v!r}")
+    return _token_rows(
+        div, student, teacher, row_weights, inv_temperature, teacher_grad=teacher_grad, student_grad=student_grad,
+        block_v=block_v, num_warps=num_warps, out_student=out_student, out_teacher=out_teacher,
+    )  # fmt: skip
 
-    grad_s = output(out_student, student, "out_student") if student_grad else None
-    grad_t = output(out_teacher, teacher, "out_teacher") if teacher_grad else None
+
+def _token_rows(
+    div,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    row_weights: torch.Tensor,
+    inv_temperature: float,
+    *,
+    teacher_grad: bool,
+    student_grad: bool,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+    out_student: torch.Tensor | None = None,
+    out_teacher: torch.Tensor | None = None,
+):
+    """The core of :func:`triton_token_rows` on checked arguments: a resolved divergence with
+    Triton forms, ``[N, V]`` logit pairs of a supported dtype on a device the kernel runs on,
+    ``[N]`` row weights; it trusts them (no checks, no host synchronisation)."""
+    student = student if student.stride(-1) == 1 else student.contiguous()
+    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
+    n, vocab = student.shape
+    name, scalars, swap, standardize = _kernel_args(div, inv_temperature)
+    interpret = _interpret_mode()
+    weights = row_weights.detach().to(device=student.device, dtype=torch.float32).contiguous()
+    rows = torch.empty(n, device=student.device, dtype=torch.float32)
+
+    def output(out, like):
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype) if out is None else out
+
+    grad_s = output(out_student, student) if student_grad else None
+    grad_t = output(out_teacher, teacher) if teacher_grad else None
     if n == 0:
         return rows, grad_s, grad_t
     block, warps = pick_block(vocab, interpret)
     if block_v is not None:
-        if block_v < 1 or block_v & (block_v - 1):
-            raise ValueError(f"block_v must be a power of two, got {block_v!r}")
         block = int(block_v)
     if num_warps is not None:
         warps = int(num_warps)

@@ -161,23 +161,19 @@ def _canonical_for_registration(name: str) -> str:
 def _resolve_divergence(divergence) -> tuple[str, Divergence | None]:
     """The canonical name and the resolved instance (None for a closed-form-only name of your own).
 
-    The one divergence rule: a registered name or alias (built with its default
-    parameters) or a built :class:`~fdiv.Divergence` instance, used as is.
+    The one divergence rule, through :func:`~fdiv.math.registry.as_divergence` (called once):
+    a registered name or alias (built with its default parameters) or a built
+    :class:`~fdiv.Divergence` instance, used as is. A name fdiv does not know but
+    :func:`register_closed_form` does is kept as given.
     """
-    if isinstance(divergence, Divergence):
-        return divergence.name, divergence
-    if not isinstance(divergence, str):
-        raise ArgumentTypeError(
-            "divergence must be a registered divergence name or a fdiv.Divergence instance "
-            f"(e.g. fdiv.get('renyi', alpha=2.0)), got {type(divergence).__name__}"
-        )
     try:
-        canonical = resolve(divergence)
-    except ValueError:
-        if any(key[0] == divergence for key in _REGISTRY):
-            return divergence, None  # registered with register_closed_form only
-        raise  # unknown: fdiv's message, with suggestions
-    return canonical, as_divergence(canonical, caller="closed_form")
+        div = as_divergence(divergence, caller="closed_form")
+    except ValueError as error:
+        if isinstance(divergence, str) and not isinstance(error, ArgumentTypeError):
+            if any(key[0] == divergence for key in _REGISTRY):
+                return divergence, None  # registered with register_closed_form only
+        raise  # a wrong type, or unknown: fdiv's message, with suggestions
+    return div.name, div
 
 
 def _mro_distance(cls: type, registered: type) -> int:

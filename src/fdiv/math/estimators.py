@@ -10,11 +10,12 @@ and the arguments are named by that role, keyword-only: ``target_logps`` is
 * :func:`mc_estimate` — Monte-Carlo estimate of any f-divergence ``D_f(P || Q)``
   from samples of the model Q or of the target P, optionally with the control
   variate that makes it non-negative sample by sample.
-* :func:`kl_k1`, :func:`kl_k2`, :func:`kl_k3`, :func:`kl_estimate` — Schulman's
-  per-sample estimators of ``KL(Q || P) = KL(model || target)`` (``reverse_kl``:
-  the RLHF penalty) from samples of the model Q, with their behaviour as
-  differentiable losses. They live here only; the public RL entry point is
-  :func:`fdiv.rl.kl_estimate` (``policy_logps=``, ``reference_logps=``).
+* :func:`kl_k1`, :func:`kl_k2`, :func:`kl_k3` — Schulman's per-sample
+  estimators of ``KL(Q || P) = KL(model || target)`` (``reverse_kl``: the RLHF
+  penalty) from samples of the model Q, with their behaviour as differentiable
+  losses. The one public estimator by name, with masks, reductions, clamps and
+  placements, is :func:`fdiv.rl.kl_estimate` (``policy_logps=``,
+  ``reference_logps=``); it computes these terms.
 * :func:`variational_bound` — the Fenchel-dual lower bound
   ``D_f(P || Q) >= E_P[T] - E_Q[f*(T)]`` from a critic's scores on target and
   on model samples (f-GAN, neural divergence estimation).
@@ -46,13 +47,12 @@ from ._numerics import compute_dtype, times
 from .generators import FDivergence
 from .registry import as_divergence
 
-__all__ = ["mc_estimate", "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "variational_bound"]
+__all__ = ["mc_estimate", "kl_k1", "kl_k2", "kl_k3", "variational_bound"]
 
 INF = math.inf
 #: Where the samples of :func:`mc_estimate` come from: the model Q or the target P.
 SAMPLE_SOURCES = ("model", "target")
 CRITICS = ("log_ratio", "conjugate")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 # Log-ratios are clamped to this range only where f'' is evaluated for a critic's gradient.
 _SLOPE_CLAMP = 700.0
 
@@ -242,10 +242,25 @@ def mc_estimate(
     check_reduction(reduction)
     dim = _check_logps(target_logps, model_logps, dim, reduction)
     _check_sample_values(target_logps, model_logps, samples_from)
-    dtype = compute_dtype(target_logps, model_logps)
-    log_ratio = target_logps.to(dtype) - model_logps.to(dtype)
-    terms = _mc_terms(div, log_ratio, samples_from, control_variate)
+    terms = _mc_estimate(div, target_logps, model_logps, samples_from, control_variate)
     return reduce(terms, reduction, dim=dim)
+
+
+def _mc_estimate(
+    div: FDivergence,
+    target_logps: torch.Tensor,
+    model_logps: torch.Tensor,
+    samples_from: str,
+    control_variate: bool,
+) -> torch.Tensor:
+    """The per-sample terms of :func:`mc_estimate` (its ``reduction="none"``) on trusted inputs.
+
+    The private core for callers that have validated their own inputs (the RL penalties,
+    the occupancy regulariser): ``div`` a resolved :class:`FDivergence`, ``samples_from`` in
+    :data:`SAMPLE_SOURCES`, two floating tensors of one shape and device whose values the
+    caller vouches for. No checks, no host synchronisation.
+    """
+    return _mc_terms(div, _log_ratio_of(target_logps, model_logps), samples_from, control_variate)
 
 
 # --------------------------------------------------------- Schulman's k1/k2/k3
@@ -274,6 +289,8 @@ def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
     return _exp_minus_one_minus(log_ratio)
 
 
+#: The terms of :func:`kl_k1` / :func:`kl_k2` / :func:`kl_k3` from a log-ratio ``log p - log q``
+#: (:func:`_log_ratio_of`), for callers that checked their inputs (:func:`fdiv.rl.kl_estimate`).
 _KL_TERMS = {"k1": _k1, "k2": _k2, "k3": _k3}
 
 
@@ -376,40 +393,6 @@ def kl_k3(*, target_logps: torch.Tensor, model_logps: torch.Tensor) -> torch.Ten
     Reference: J. Schulman (2020), "Approximating KL Divergence".
     """
     return _k3(_log_ratio(target_logps, model_logps))
-
-
-def kl_estimate(
-    *,
-    target_logps: torch.Tensor,
-    model_logps: torch.Tensor,
-    estimator: str = "k3",
-    dim: int = -1,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    r"""Estimate ``KL(Q || P) = KL(model || target)`` (``reverse_kl``) from samples ``x ~ Q``
-    (the model) with ``k1``, ``k2`` or ``k3``.
-
-    In RL terms ``KL(policy || reference)`` from policy samples, with
-    ``model_logps = policy_logps`` and ``target_logps = reference_logps``; the
-    public RL entry point is :func:`fdiv.rl.kl_estimate`. ``estimator="k3"``
-    (default) is unbiased, non-negative and low-variance as a *value*; see
-    :func:`kl_k1`, :func:`kl_k2`, :func:`kl_k3` for which one gives which
-    *gradient* when used as a loss (``k2``: the reverse-KL gradient; ``k3``: the
-    forward-KL gradient; ``k1``: zero in expectation).
-
-    Args:
-        target_logps: ``log p(x)`` of the samples under the target P (the reference).
-        model_logps: ``log q(x)`` under the model Q (the policy, which drew them); the
-            same shape and device.
-        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        dim: the samples dimension for ``"mean"`` / ``"sum"``.
-        reduction: ``"none"``, ``"mean"`` or ``"sum"`` over ``dim``.
-    """
-    check_choice("estimator", estimator, KL_ESTIMATORS)
-    check_reduction(reduction)
-    dim = _check_logps(target_logps, model_logps, dim, reduction)
-    terms = _KL_TERMS[estimator](_log_ratio_of(target_logps, model_logps))
-    return reduce(terms, reduction, dim=dim)
 
 
 # --------------------------------------------------------- variational bound

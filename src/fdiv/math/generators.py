@@ -32,6 +32,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 
+from .._validate import check_bool, check_number, check_unit_interval
 from ._numerics import as_float_tensor, expm1_ratio, log_abs_diff_exp, log_mixture_offsets
 from .base import Divergence
 
@@ -60,16 +61,6 @@ def _mixture_constants(w: float) -> tuple:
 
 #: ``log u`` grid on which :meth:`FDivergence.is_strictly_convex` checks ``f'' > 0``.
 _CONVEXITY_GRID = torch.exp(torch.linspace(-12.0, 12.0, 25, dtype=torch.float64))
-
-
-def _check_open_unit(name: str, value: float, *, low_closed=False, high_closed=False) -> float:
-    value = float(value)
-    ok_low = value >= 0 if low_closed else value > 0
-    ok_high = value <= 1 if high_closed else value < 1
-    if not (ok_low and ok_high and math.isfinite(value)):
-        interval = ("[" if low_closed else "(") + "0, 1" + ("]" if high_closed else ")")
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return value
 
 
 def _conjugate_below(u, bound: float, inside, fill: float = 0.0) -> torch.Tensor:
@@ -511,22 +502,12 @@ class JensenShannon(FDivergence):
     formula = "β·KL(P||M) + (1−β)·KL(Q||M),  M = βP + (1−β)Q"
 
     def __init__(self, beta: float = 0.5, scaled: bool = False):
-        if not isinstance(scaled, bool):
-            raise ValueError(f"scaled must be True or False, got {scaled!r}")
-        if scaled:
-            beta = _check_open_unit("beta", beta, low_closed=True, high_closed=True)
-        else:
-            if beta in (0, 1):
-                raise ValueError(
-                    f"beta must lie in (0, 1) for the unscaled js, got {beta!r}: at beta = 0 or 1 it is "
-                    "identically 0. Use 'forward_kl' / 'reverse_kl', or js with scaled=True"
-                )
-            beta = _check_open_unit("beta", beta)
+        scaled, beta = _js_parameters(beta, scaled)
         self.beta, self.scaled = beta, scaled
         self._scale = 1.0 / (beta * (1 - beta)) if scaled else 1.0
 
     def __new__(cls, beta: float = 0.5, scaled: bool = False):
-        if cls is JensenShannon and scaled is True and _is_end_point(beta):
+        if cls is JensenShannon and _js_parameters(beta, scaled) in ((True, 0.0), (True, 1.0)):
             return _JSEndPoint(beta, scaled)
         return super().__new__(cls)
 
@@ -577,11 +558,25 @@ class JensenShannon(FDivergence):
         return grad_a + grad_b, grad_a, grad_b
 
 
+def _js_parameters(beta, scaled) -> tuple[bool, float]:
+    """``(scaled, beta)`` of :class:`JensenShannon`, checked: ``beta`` in ``[0, 1]`` scaled, ``(0, 1)`` not."""
+    scaled = check_bool("scaled", scaled)
+    if scaled:
+        return scaled, check_unit_interval("beta", beta)
+    value = check_number("beta", beta)
+    if value in (0.0, 1.0):
+        raise ValueError(
+            f"beta must lie in (0, 1) for the unscaled js, got {beta!r}: at beta = 0 or 1 it is "
+            "identically 0. Use 'forward_kl' / 'reverse_kl', or js with scaled=True"
+        )
+    return scaled, check_unit_interval("beta", value, low_open=True, high_open=True)
+
+
 class _SkewKL(FDivergence):
     """Shared parameter of the two skew KLs: the mixture weight ``alpha`` in [0, 1)."""
 
     def __init__(self, alpha: float = 0.1):
-        self.alpha = _check_open_unit("alpha", alpha, low_closed=True)
+        self.alpha = check_unit_interval("alpha", alpha, high_open=True)
 
     @property
     def params(self):
@@ -849,13 +844,10 @@ class AlphaDivergence(FDivergence):
     formula = "(1 − Σ p^α q^(1−α)) / (α(1−α))"
 
     def __init__(self, alpha: float = 0.5):
-        alpha = float(alpha)
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite real number, got {alpha!r}")
-        self.alpha = alpha
+        self.alpha = check_number("alpha", alpha)
 
     def __new__(cls, alpha: float = 0.5):
-        if cls is AlphaDivergence and _is_end_point(alpha):
+        if cls is AlphaDivergence and check_number("alpha", alpha) in (0.0, 1.0):
             return _AlphaEndPoint(alpha)
         return super().__new__(cls)
 
@@ -935,13 +927,6 @@ def _weighted_expm1_over(log_w: torch.Tensor, w: torch.Tensor, d: torch.Tensor, 
     return torch.where(small, near, far)
 
 
-def _is_end_point(value) -> bool:
-    try:
-        return not isinstance(value, bool) and float(value) in (0.0, 1.0)
-    except (TypeError, ValueError):
-        return False
-
-
 class _JSEndPoint(Standardized, JensenShannon):
     """Scaled ``js`` at ``beta = 0`` (forward KL) or ``1`` (reverse KL): a derived generator,
     the standardised KL itself, that still reads as ``js(beta, scaled=True)``."""
@@ -950,8 +935,9 @@ class _JSEndPoint(Standardized, JensenShannon):
         return object.__new__(cls)
 
     def __init__(self, beta, scaled=True):
-        Standardized.__init__(self, ForwardKL() if float(beta) == 0 else ReverseKL())
-        self.beta, self.scaled, self._scale = float(beta), True, 1.0
+        beta = check_unit_interval("beta", beta)
+        Standardized.__init__(self, ForwardKL() if beta == 0 else ReverseKL())
+        self.beta, self.scaled, self._scale = beta, True, 1.0
         self.name, self.formula = JensenShannon.name, JensenShannon.formula
 
     @property
@@ -973,8 +959,9 @@ class _AlphaEndPoint(Standardized, AlphaDivergence):
         return object.__new__(cls)
 
     def __init__(self, alpha):
-        Standardized.__init__(self, ForwardKL() if float(alpha) == 1 else ReverseKL())
-        self.alpha = float(alpha)
+        alpha = check_number("alpha", alpha)
+        Standardized.__init__(self, ForwardKL() if alpha == 1 else ReverseKL())
+        self.alpha = alpha
         self.name, self.formula = AlphaDivergence.name, AlphaDivergence.formula
 
     @property

@@ -25,7 +25,12 @@ def register(cls: type[Divergence] | None = None, *, name: str | None = None, al
 
     def add(klass):
         if not (isinstance(klass, type) and issubclass(klass, Divergence)):
-            raise TypeError(f"register expects a subclass of fdiv.Divergence, got {klass!r}")
+            raise ArgumentTypeError(f"register expects a subclass of fdiv.Divergence, got {klass!r}")
+        if name is not None and not isinstance(name, str):
+            raise ArgumentTypeError(f"name must be a string, got {type(name).__name__}")
+        for alias in aliases:
+            if not isinstance(alias, str):
+                raise ArgumentTypeError(f"aliases must be strings, got {alias!r}")
         key = name or getattr(klass, "name", None)
         if not key or key == Divergence.name:
             raise ValueError(f"{klass.__name__} needs a `name` class attribute or register(name=...)")
@@ -55,7 +60,7 @@ def aliases() -> dict[str, str]:
 def resolve(name: str) -> str:
     """The canonical name for ``name`` (which may be an alias); ValueError with suggestions if unknown."""
     if not isinstance(name, str):
-        raise TypeError(f"divergence name must be a string, got {type(name).__name__}")
+        raise ArgumentTypeError(f"name must be a divergence name (a string), got {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
     if key in _REGISTRY:
         return key

@@ -28,7 +28,7 @@ from ..._validate import (
     reduce,
 )
 from ...math._numerics import compute_dtype
-from ...math.estimators import kl_k1, kl_k2, kl_k3, mc_estimate
+from ...math.estimators import _KL_TERMS, _log_ratio_of, _mc_estimate
 from ...math.registry import as_divergence
 
 __all__ = ["ESTIMATORS", "F_PLACEMENTS", "PLACEMENTS", "SAMPLE_SOURCES", "f_estimate", "kl_estimate"]
@@ -79,16 +79,12 @@ def _estimator_inputs(ref: torch.Tensor, pol: torch.Tensor, log_ratio_clamp: flo
 
 def _f_terms(div, ref, pol, samples_from: str, control_variate: bool, log_ratio_clamp=None, value_clamp=None):
     """Per-sample terms of ``D_f(reference || policy)`` (:func:`fdiv.mc_estimate`, ``samples_from`` in the
-    math layer's words "model" / "target") on sanitised inputs, with the optional clamps."""
+    math layer's words "model" / "target") on sanitised inputs, with the optional clamps.
+
+    Calls the estimator's private core: the inputs were checked once by :func:`_sampled_logps`
+    (uncounted entries 0), so no second validation and no extra host synchronisation."""
     log_p, log_q = _estimator_inputs(ref, pol, log_ratio_clamp)
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=log_p,
-        model_logps=log_q,
-        samples_from=samples_from,
-        control_variate=control_variate,
-        reduction="none",
-    )
+    terms = _mc_estimate(div, log_p, log_q, samples_from, control_variate)
     return _clamp(terms, value_clamp)
 
 
@@ -101,13 +97,10 @@ def _finite_terms(terms: torch.Tensor, counted, message: str) -> torch.Tensor:
 
 
 def _k_value(base: str, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """The value of estimator ``base`` at ``log r = log_p - log_q`` (P = reference, Q = policy)."""
-    if base == "k1":
-        return kl_k1(target_logps=log_p, model_logps=log_q)
-    if base == "k2":
-        return kl_k2(target_logps=log_p, model_logps=log_q)
-    if base == "k3":
-        return kl_k3(target_logps=log_p, model_logps=log_q)
+    """The value of estimator ``base`` at ``log r = log_p - log_q`` (P = reference, Q = policy): the terms
+    of :func:`fdiv.math.estimators.kl_k1` / ``kl_k2`` / ``kl_k3`` on checked inputs."""
+    if base in _KL_TERMS:
+        return _KL_TERMS[base](_log_ratio_of(log_p, log_q))
     return (log_q - log_p).abs()  # "abs": verl's |logprob - ref_logprob|
 
 
@@ -241,7 +234,7 @@ def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | N
     value = _clamp(_k_value(estimator.rstrip("+"), log_p, log_q), v)
     if estimator.endswith("+"):
         # verl's straight-through: gradient of k2 on the raw (unclamped) log-ratio, value of the estimator.
-        k2 = kl_k2(target_logps=ref, model_logps=pol)
+        k2 = _k_value("k2", ref, pol)
         value = value.detach() + (k2 - k2.detach())
     return value
 
