@@ -618,3 +618,44 @@ def test_layering_objectives_do_not_import_integrations():
 
     assert fdiv.decoding.uscd_scores is decoding.uscd_scores
     assert fdiv.detection.dcpdd_score is detection.dcpdd_score
+
+
+def test_dcpdd_output_dtype_is_the_one_compute_dtype_rule(monkeypatch):
+    """float64 in, float64 out; every other float dtype gives float32: fdiv.math._numerics.compute_dtype decides
+    (the module asks it, it does not spell the choice out)."""
+    import fdiv.objectives.detection as detection
+    from fdiv.math._numerics import compute_dtype
+
+    freq = torch.full((10,), 0.1, dtype=F64)
+    ids = torch.tensor([7, 9, 7])
+    probs = [0.5, 0.2, 0.5]
+    expected = (0.5 * math.log(10) + 0.2 * math.log(10)) / 2  # first occurrences of 7 and 9, -p log p'
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, F64):
+        logp = torch.tensor(probs, dtype=F64).log().to(dtype)
+        beta = dcpdd_score(token_logprobs=logp, token_ids=ids, reference_frequencies=freq, a=math.inf)
+        assert beta.dtype == compute_dtype(logp)
+        assert beta.item() == pytest.approx(expected, rel=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6)
+    asked = []
+
+    def spy(*tensors):
+        asked.append(tuple(t.dtype for t in tensors))
+        return F64
+
+    monkeypatch.setattr(detection, "compute_dtype", spy)
+    logp = torch.tensor(probs).log()
+    assert dcpdd_score(token_logprobs=logp, token_ids=ids, reference_frequencies=freq).dtype == F64
+    assert asked == [(torch.float32,)]
+
+
+def test_docs_of_a_say_strings_are_refused():
+    """The docstring and docs/decoding_detection.md describe what dcpdd_score does with a string a: refuse it."""
+    import pathlib
+
+    doc = " ".join(dcpdd_score.__doc__.split())
+    page = " ".join((pathlib.Path(__file__).parents[1] / "docs" / "decoding_detection.md").read_text().split())
+    for text in (doc, page):
+        assert "numeric strings are accepted" not in text.lower()
+        assert "strings are refused" in text
+    logp, ids, freq = torch.log(torch.tensor([0.5, 0.4])), torch.tensor([1, 2]), torch.full((5,), 0.2)
+    with pytest.raises(ValueError, match="a must be a number"):
+        dcpdd_score(token_logprobs=logp, token_ids=ids, reference_frequencies=freq, a="0.01")

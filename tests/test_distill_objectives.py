@@ -938,3 +938,125 @@ def test_project_conflicting_bad_input():
         project_conflicting(g_main=torch.tensor([1.0, float("nan")]), g_aux=torch.ones(2))
     with pytest.raises(TypeError, match="g_aux"):
         project_conflicting(g_main=torch.ones(2), g_aux=torch.ones(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- boundary fixes (review)
+def test_dual_head_zero_ce_weight_ignores_an_infinite_cross_entropy():
+    # ce_weight=0 with a -inf main logit at the label: the CE (inf) is not read (no 0 * inf = NaN), the loss
+    # is kd_weight * the binary KL, against the scipy reference
+    main, aux, teacher = _logits(4, 5, seed=91), _logits(4, 5, seed=92), _logits(4, 5, seed=93)
+    labels = torch.tensor([0, 2, -100, 4])
+    main[0, 0] = -math.inf
+    a = aux.clone().requires_grad_(True)
+    total, ce, kd = dual_head_kd_loss(main_logits=main, aux_logits=a, teacher_logits=teacher, labels=labels,
+                                      ce_weight=0.0, kd_weight=0.3, return_parts=True)
+    keep = (labels != -100).numpy()
+    ref = 0.3 * _binary_kl_reference(aux.numpy()[keep], teacher.numpy()[keep], 1.0, True)
+    assert math.isclose(total.item(), ref, rel_tol=1e-12) and ce.item() == 0.0
+    torch.testing.assert_close(total, kd)
+    (grad,) = torch.autograd.grad(total, a)
+    assert bool(torch.isfinite(grad).all())
+    # with ce_weight > 0 the CE is infinite, and so is the loss (not NaN, not an error)
+    assert dual_head_kd_loss(main_logits=main, aux_logits=aux, teacher_logits=teacher, labels=labels).item() == math.inf
+    with pytest.raises(ValueError, match="both 0"):
+        dual_head_kd_loss(main_logits=main, aux_logits=aux, teacher_logits=teacher, labels=labels, ce_weight=0.0,
+                          kd_weight=0.0)
+
+
+def test_dual_head_and_binary_kl_errors_name_the_arguments():
+    x, teacher = _logits(3, 4, seed=94), _logits(3, 4, seed=95)
+    labels = torch.tensor([0, 1, 2])
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^aux_logits contains NaN"):
+        dual_head_kd_loss(main_logits=x, aux_logits=bad, teacher_logits=teacher, labels=labels)
+    with pytest.raises(ValueError, match="^teacher_logits contains NaN"):
+        dual_head_kd_loss(main_logits=x, aux_logits=x, teacher_logits=bad, labels=labels)
+    with pytest.raises(ValueError, match="^main_logits contains NaN"):
+        dual_head_kd_loss(main_logits=bad, aux_logits=x, teacher_logits=teacher, labels=labels)
+    with pytest.raises(ValueError, match="^student_logits contains NaN"):
+        binary_kl_loss(student_logits=bad, teacher_logits=teacher)
+
+
+# every way a user input used to reach FloatingPointError: now a ValueError naming the argument
+FPE_CASES = [
+    # dividing by a tiny temperature overflows the logits (inf - inf)
+    (lambda s, t, y: kd_loss(student_logits=s, teacher_logits=t, temperature=1e-300),
+     "temperature=1e-300 is too small"),
+    (lambda s, t, y: balanced_kd_loss(student_logits=s, teacher_logits=t, temperature=1e-300), "temperature=1e-300"),
+    (lambda s, t, y: pld_loss(student_logits=s, teacher_logits=t, labels=y, temperature=1e-300),
+     "temperature=1e-300 is too small for teacher_logits"),
+    (lambda s, t, y: binary_kl_loss(student_logits=s, teacher_logits=t, temperature=1e-300), "temperature=1e-300"),
+    (lambda s, t, y: dual_head_kd_loss(main_logits=s, aux_logits=s, teacher_logits=t, labels=y, temperature=1e-300),
+     "temperature=1e-300 is too small for aux_logits"),
+    # T**2 overflows (times 0 = NaN on identical logits)
+    (lambda s, t, y: kd_loss(student_logits=s, teacher_logits=s, temperature=1e200, temperature_scaling=True),
+     "temperature\\*\\*2 times divergence_weight"),
+    (lambda s, t, y: binary_kl_loss(student_logits=s, teacher_logits=s, temperature=1e200, temperature_scaling=True),
+     "temperature\\*\\*2 overflows"),
+    (lambda s, t, y: dual_head_kd_loss(main_logits=s, aux_logits=s, teacher_logits=s, labels=y, temperature=1e200,
+                                       temperature_scaling=True), "times kd_weight"),
+    # the binary KL of finite logits that overflows the dtype
+    (lambda s, t, y: binary_kl_loss(student_logits=torch.full_like(s, 3e38), teacher_logits=torch.full_like(s, -3e38)),
+     "binary KL overflows torch.float32"),
+]
+
+
+@pytest.mark.parametrize("call,match", FPE_CASES)
+def test_user_input_never_reaches_floating_point_error(call, match):
+    s, t = _logits(3, 5, seed=96, dtype=torch.float32), _logits(3, 5, seed=97, dtype=torch.float32)
+    y = torch.tensor([0, 3, 1])
+    with pytest.raises(ValueError, match=match):
+        call(s, t, y)
+
+
+def test_an_overflowing_t2_factor_on_a_zero_weight_term_is_not_an_error():
+    # the T^2 factor multiplies only the divergence term; with its weight 0 the term is skipped: the CE alone
+    s, y = _logits(3, 4, seed=102), torch.tensor([0, 1, 2])
+    ref = F.cross_entropy(s, y)
+    common = dict(temperature=1e200, temperature_scaling=True)
+    torch.testing.assert_close(
+        kd_loss(student_logits=s, teacher_logits=s, labels=y, hard_label_weight=1.0, divergence_weight=0.0, **common),
+        ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        dual_head_kd_loss(main_logits=s, aux_logits=s, teacher_logits=s, labels=y, kd_weight=0.0, **common),
+        ref, rtol=1e-12, atol=0)
+
+
+def test_bdkd_zero_weight_on_an_infinite_kl_row_is_zero_not_nan():
+    # row 0: the student gives probability 0 to a class the teacher covers, KL(P || Q) = inf; its forward
+    # weight is 0, so the row is w_r * KL(Q || P) only (0 * inf = 0), as in the loop reference
+    s, t = _logits(2, 4, seed=98), _logits(2, 4, seed=99)
+    s[0, 1] = -math.inf
+    w_f, w_r = torch.tensor([0.0, 0.5]), torch.tensor([1.0, 1.5])
+    got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (w_f, w_r), reduction="none")
+    p0, q0 = _np_softmax(t[0].numpy()), _np_softmax(s[0].numpy())
+    p1, q1 = _np_softmax(t[1].numpy()), _np_softmax(s[1].numpy())
+    ref = [1.0 * _kl(q0, p0), 0.5 * _kl(p1, q1) + 1.5 * _kl(q1, p1)]
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [kd_loss, balanced_kd_loss])
+def test_check_finite_off_makes_no_host_sync_and_scans_nothing(fn):
+    # meta tensors have no data: any host sync (.item(), bool(), a data-dependent scan) raises
+    s, t = torch.randn(4, 6, device="meta"), torch.randn(4, 6, device="meta")
+    labels = torch.zeros(4, dtype=torch.long, device="meta")
+    out = fn(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=0.5, check_finite=False)
+    assert out.shape == () and out.device.type == "meta"
+    with pytest.raises(RuntimeError):
+        fn(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=0.5, check_finite=True)
+    # on CPU: off returns a NaN loss as is and skips the label range scan; None (CPU) and True check both
+    s, t = _logits(2, 5, seed=100), _logits(2, 5, seed=101)
+    s_nan = s.clone()
+    s_nan[1, 2] = float("nan")
+    assert math.isnan(fn(student_logits=s_nan, teacher_logits=t, check_finite=False).item())
+    for flag in (None, True):
+        with pytest.raises(ValueError, match="^student_logits contains NaN"):
+            fn(student_logits=s_nan, teacher_logits=t, check_finite=flag)
+    outside = torch.tensor([0, 7])  # only selects rows (hard_label_weight=0): not scanned when off
+    ref = fn(student_logits=s, teacher_logits=t)
+    torch.testing.assert_close(fn(student_logits=s, teacher_logits=t, labels=outside, check_finite=False), ref)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fn(student_logits=s, teacher_logits=t, labels=outside)
+    with pytest.raises(ValueError, match="check_finite"):
+        fn(student_logits=s, teacher_logits=t, check_finite=1)

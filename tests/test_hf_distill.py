@@ -666,3 +666,212 @@ def test_temperature_scaling_multiplies_the_divergence_term_only(tmp_path, fused
         temperature=T, temperature_scaling=True, hard_label_weight=w, fused=fused,
     )
     torch.testing.assert_close(trainer.compute_loss(student, batch), scaled, rtol=1e-12, atol=1e-14)
+
+
+# ============================================================================ garbage at uncounted positions
+class NaNAtPadding(torch.nn.Module):
+    """A lookup-table 'LM' whose logits are NaN at padded positions (as fully masked attention can give);
+    the logits it returned are kept (``retain_grad``) so that their gradient can be read."""
+
+    def __init__(self, vocab=V):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(5),
+                                                    dtype=torch.float64))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.table[input_ids]
+        if attention_mask is not None:
+            logits = logits.masked_fill(attention_mask[..., None] == 0, float("nan"))
+        logits.retain_grad()
+        self.last = logits
+        return (logits,)
+
+
+def test_token_logps_nan_logits_at_uncounted_positions_give_finite_gradients():
+    model = NaNAtPadding()
+    batch = make_batch([(3, 4), (2, 2), (4, 1)], seed=6)  # right padding inside the shifted positions
+    out = token_logps(model, batch, temperature=1.5)
+    out.logps.sum().backward()
+    # independent reference: log_softmax of the table rows of the counted positions, by autograd in float64
+    table = model.table.detach().clone().requires_grad_(True)
+    labels = batch["labels"][:, 1:]
+    counted = labels != -100
+    rows = table[batch["input_ids"][:, :-1]][counted] / 1.5
+    ref = torch.log_softmax(rows, -1).gather(-1, labels[counted][:, None]).squeeze(-1)
+    ref.sum().backward()
+    assert bool(torch.isnan(model.last[:, :-1]).any())  # the case: NaN logits at uncounted shifted positions
+    assert (out.logps[~counted] == 0).all() and torch.equal(out.mask, counted)
+    torch.testing.assert_close(out.logps[counted], ref.detach(), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(model.last.grad).all())  # the NaN rows get a zero gradient, not NaN
+    assert (model.last.grad[:, :-1][~counted] == 0).all()
+    torch.testing.assert_close(model.table.grad, table.grad, rtol=1e-12, atol=1e-12)
+
+
+# ============================================================================ everything checked before the draw
+def _unchanged(generator, state):
+    return torch.equal(generator.get_state(), state)
+
+
+BAD_GENERATION = [
+    (dict(temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(generation_kwargs="junk"), "generation_kwargs"),
+    (dict(generation_kwargs={"max_new_tokens": 0}), "generation_kwargs are not valid"),
+    (dict(eos_token_id=2.7), "eos_token_id must be an int"),
+    (dict(eos_token_id="5"), "eos_token_id must be an int"),
+    (dict(eos_token_id=[1, True]), "eos_token_id must be an integer"),
+    (dict(pad_token_id=True), "pad_token_id must be an integer"),
+    (dict(ignore_index=1.5), "ignore_index"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_GENERATION)
+def test_on_policy_batch_checks_generation_options_whatever_the_draw(kwargs, match):
+    # lmbda=0 never generates: the options are still checked, before the draw (the generator is not advanced)
+    student = llama(1)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError, match=match):
+        on_policy_batch(student=student, batch=make_batch(ROWS), lmbda=0.0, generator=g, **kwargs)
+    assert _unchanged(g, state)
+    with pytest.raises(ValueError, match=match):
+        generate_completions(student, make_batch(ROWS), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_on_policy_batch_checks_the_models_that_can_generate_and_the_prompts_before_the_draw():
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    batch = make_batch(ROWS)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+        on_policy_batch(student=llama(1), batch=batch, lmbda=0.0, generator="seed")
+    # a student that cannot generate, drawn with probability 1e-9: refused before the draw
+    with pytest.raises(ValueError, match="student must be a generative model"):
+        on_policy_batch(student=NaNAtPadding(), batch=batch, lmbda=1e-9, generator=g)
+    assert _unchanged(g, state)
+    # ... but with lmbda=0 it never generates and is fine
+    assert on_policy_batch(student=NaNAtPadding(), batch=batch, lmbda=0.0, generator=g)[1] == "dataset"
+    # a row without prompt tokens, checked whenever a model may generate
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    no_prompt = {**batch, "prompt_lengths": torch.tensor([2, 0, 1, 1])}
+    with pytest.raises(ValueError, match=r"rows \[1\] of the batch have no prompt tokens"):
+        on_policy_batch(student=llama(1), batch=no_prompt, lmbda=1e-9, generator=g)
+    assert _unchanged(g, state)
+    # the teacher of seq_kd is checked when it can be drawn (lmbda < 1), not when it cannot (lmbda = 1)
+    with pytest.raises(ValueError, match="teacher must be a generative model"):
+        on_policy_batch(student=llama(1), teacher=NaNAtPadding(), batch=batch, lmbda=0.5, seq_kd=True, generator=g)
+    assert _unchanged(g, state)
+    out, source = on_policy_batch(student=llama(1), teacher=NaNAtPadding(), batch=batch, lmbda=1.0, seq_kd=True,
+                                  generator=g, max_new_tokens=2)
+    assert source == "student" and out["input_ids"].shape[0] == len(ROWS)
+
+
+def test_gkd_step_checks_everything_before_the_draw():
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    cases = [
+        (dict(batch=no_labels, lmbda=0.5), "labels"),  # the dataset branch may be drawn: labels are needed
+        (dict(num_items_in_batch="12"), "num_items_in_batch must be a number"),
+        (dict(num_items_in_batch=torch.tensor([3, 4])), "num_items_in_batch must be a scalar"),
+        (dict(generation_temperature=0.0), "generation_temperature"),
+        (dict(generation_kwargs=["top_k"]), "generation_kwargs"),
+        (dict(eos_token_id=1.0), "eos_token_id"),
+        (dict(batch={**batch, "input_ids": batch["input_ids"][:, :1], "attention_mask": batch["attention_mask"][:, :1],
+                     "labels": batch["labels"][:, :1]}), "at least 2 positions"),
+    ]
+    for kwargs, match in cases:
+        g = torch.Generator().manual_seed(3)
+        state = g.get_state()
+        call = dict(student=student, teacher=teacher, batch=batch, lmbda=0.0, generator=g, max_new_tokens=2)
+        with pytest.raises(ValueError, match=match):
+            gkd_step(**{**call, **kwargs})
+        assert _unchanged(g, state), kwargs
+    # lmbda=1 always generates: labels are not needed (the prompts come from prompt_lengths)
+    prompts_only = {**no_labels, "prompt_lengths": torch.tensor([p for p, _ in ROWS])}
+    step = gkd_step(student=student, teacher=teacher, batch=prompts_only, lmbda=1.0, max_new_tokens=2,
+                    generator=torch.Generator().manual_seed(4))
+    assert step.source == "student" and torch.isfinite(step.loss)
+    # only what depends on the chosen sequences comes after the draw: num_items_in_batch vs their count
+    with pytest.raises(ValueError, match="smaller than the"):
+        gkd_step(student=student, teacher=teacher, batch=batch, lmbda=0.0, num_items_in_batch=1)
+
+
+# ============================================================================ masks, batches and ids
+def test_batch_masks_follow_the_one_mask_contract():
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    weights = batch["attention_mask"].double() * 0.3  # float weights are not a mask (0.3 used to become True)
+    for bad, match in (
+        ({"prompt_mask": weights}, r"batch\['prompt_mask'\] must be bool or hold only 0 and 1"),
+        ({"attention_mask": weights}, r"batch\['attention_mask'\] must be bool or hold only 0 and 1"),
+        ({"attention_mask": batch["attention_mask"].to("meta")}, r"device mismatch: batch\['attention_mask'\] is on meta"),
+        ({"prompt_mask": torch.ones(4, 3, dtype=torch.bool)}, r"batch\['prompt_mask'\] must have shape"),
+        ({"labels": batch["labels"].double()}, r"batch\['labels'\] must have an integer dtype"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            prompt_mask_of({**batch, **bad})
+        with pytest.raises(ValueError, match=match):
+            distillation_loss(student=student, teacher=teacher, batch={**batch, **bad})
+    with pytest.raises(ValueError, match=r"batch\['attention_mask'\] must be bool or hold only 0 and 1"):
+        token_logps(student, {**batch, "attention_mask": weights})
+    # a 0/1 float prompt mask is a mask: the same prompts as the bool one, against a hand count
+    prompt = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for b, (p, _) in enumerate(ROWS):
+        prompt[b, :p] = True
+    torch.testing.assert_close(prompt_mask_of({**batch, "prompt_mask": prompt.double()}), prompt)
+
+
+def test_dcpdd_score_batch_uses_the_one_batch_check():
+    model = llama(1).eval()
+    freq = torch.full((V,), 1.0 / V)
+    with pytest.raises(TypeError, match="batch must be a dict"):  # ArgumentTypeError, as check_batch raises it
+        fdiv.integrations.hf.dcpdd_score_batch(model, "text", reference_frequencies=freq)
+    batch = make_batch(ROWS)
+    with pytest.raises(ValueError, match=r"batch\['attention_mask'\] must be bool or hold only 0 and 1"):
+        fdiv.integrations.hf.dcpdd_score_batch(
+            model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"] * 0.5},
+            reference_frequencies=freq,
+        )
+
+
+# ============================================================================ loss_fn refuses what it ignores
+def test_loss_fn_refuses_the_options_it_would_ignore():
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    for kwargs, match in (
+        (dict(temperature=2.0), "temperature=2.0 has no effect with loss_fn"),
+        (dict(temperature_scaling=True), "temperature_scaling=True has no effect with loss_fn"),
+        (dict(divergence="reverse_kl"), "divergence has no effect with loss_fn"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            distillation_loss(student=student, teacher=teacher, batch=batch, loss_fn=mean_forward_kl, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            gkd_step(student=student, teacher=teacher, batch=batch, lmbda=0.0, loss_fn=mean_forward_kl, **kwargs)
+    # at the defaults the loss is loss_fn's, against the float64 reference
+    got = distillation_loss(student=student, teacher=teacher, batch=batch, loss_fn=mean_forward_kl)
+    torch.testing.assert_close(got.double(), naive_loss(student, teacher, batch, "forward_kl"), rtol=1e-5, atol=1e-7)
+
+
+def test_loss_options_is_keyword_only():
+    from fdiv.integrations.hf.losses import loss_options
+
+    with pytest.raises(TypeError):
+        loss_options("forward_kl", 1.0, False, True, 0.0, None, -100)  # two adjacent flags could be swapped
+    options = loss_options(divergence="forward_kl", temperature=2.0, temperature_scaling=True, fused=False,
+                           hard_label_weight=0.5, loss_fn=None, ignore_index=-100)
+    assert options.divergence_weight == 4.0 and options.fused is False and options.hard_label_weight == 0.5
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_temperature_that_overflows_the_logits_is_a_value_error(fused):
+    # logits / T beyond float32 (inf - inf in the kernel) used to reach FloatingPointError ("report a bug")
+    student, teacher = pair("llama")
+    batch = make_batch(ROWS)
+    for temperature in (1e-39, 1e-300):
+        with pytest.raises(ValueError, match=f"^temperature={temperature!r} is too small"):
+            distillation_loss(student=student, teacher=teacher, batch=batch, temperature=temperature, fused=fused)
+    # small but representable: finite, and the float64 reference agrees
+    student, teacher = pair("llama", torch.float64)
+    got = distillation_loss(student=student, teacher=teacher, batch=batch, temperature=0.05, fused=fused)
+    torch.testing.assert_close(got, naive_loss(student, teacher, batch, "forward_kl", 0.05), rtol=1e-8, atol=1e-10)

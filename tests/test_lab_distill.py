@@ -150,3 +150,36 @@ def test_parameterised_divergences_are_built_once_and_used(tmp_path):
     assert {r["teacher"] for r in rows} == {"full", "top-3"}
     assert all(math.isfinite(r["nll"]) for r in rows)
     assert res.config["temperature_scaling"] is True
+
+
+def test_sparse_teacher_loss_is_topk_bucket_kl_times_the_one_t2_rule(monkeypatch):
+    """The top-k teacher's loss: T^2 (from fdiv._validate.temperature_factor, never written by hand) times the
+    forward KL of the bucketed teacher to the bucketed student at T, against a float64 hand reference."""
+    import fdiv
+    from fdiv.lab.studies import distill as study
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    teacher = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    T, k = 2.0, 3
+    log_p = torch.log_softmax(teacher / T, -1)
+    logprobs, indices = log_p.topk(k, dim=-1)
+    got = study.sparse_kd_loss(z, fdiv.get("forward_kl"), indices, logprobs, T)
+    q = torch.softmax(z / T, -1)
+    ref = 0.0
+    for n in range(5):
+        p_k = logprobs[n].exp()
+        q_k = q[n, indices[n]]
+        p_tail, q_tail = 1 - p_k.sum(), 1 - q_k.sum()
+        ref += float((p_k * (p_k / q_k).log()).sum() + p_tail * (p_tail / q_tail).log())
+    assert math.isclose(got.item(), T * T * ref / 5, rel_tol=1e-10)
+    calls = []
+
+    def spy(temperature, temperature_scaling):
+        calls.append((temperature, temperature_scaling))
+        return 7.0
+
+    monkeypatch.setattr(study, "temperature_factor", spy)
+    assert math.isclose(study.sparse_kd_loss(z, fdiv.get("forward_kl"), indices, logprobs, T).item(), 7.0 * ref / 5,
+                        rel_tol=1e-10)
+    assert calls == [(T, True)]

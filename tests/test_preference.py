@@ -646,6 +646,61 @@ def test_sparse_po_bad_input(mutate, message):
         P.sparse_po_loss(**batch)
 
 
+def test_sparse_po_garbage_at_ignored_tokens_reaches_neither_value_nor_gradient():
+    # NaN logits at ignore_index positions (prompt / padding): same loss and gradient as clean logits there,
+    # against the float64 hand reference (no 0 * NaN through the log-sum-exp of an uncounted row)
+    batch = _sparse_batch(seed=11)
+    dirty = dict(batch)
+    for side, labels in (("chosen", "chosen_labels"), ("rejected", "rejected_labels")):
+        for role in ("policy", "reference"):
+            x = batch[f"{role}_{side}_logits"].clone()
+            x[batch[labels] == -100] = float("nan")
+            dirty[f"{role}_{side}_logits"] = x
+    for kl_weight in (0.0, 1.0):
+        leaf = dirty["policy_chosen_logits"].clone().requires_grad_(True)
+        rejected = dirty["policy_rejected_logits"].clone().requires_grad_(True)
+        got = P.sparse_po_loss(**dict(dirty, policy_chosen_logits=leaf, policy_rejected_logits=rejected),
+                               beta=0.3, kl_weight=kl_weight)
+        got.sum().backward()
+        clean_w = batch["policy_chosen_logits"].clone().requires_grad_(True)
+        clean_l = batch["policy_rejected_logits"].clone().requires_grad_(True)
+        ell_w, kl_w, _ = _token_parts(clean_w, batch["reference_chosen_logits"], batch["chosen_labels"])
+        ell_l, kl_l, _ = _token_parts(clean_l, batch["reference_rejected_logits"], batch["rejected_labels"])
+        ref = -F.logsigmoid(0.3 * ((ell_w.sum(-1) - ell_l.sum(-1)) - kl_weight * (kl_l.sum(-1) - kl_w.sum(-1))))
+        ref.sum().backward()
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+        assert bool(torch.isfinite(leaf.grad).all()) and bool(torch.isfinite(rejected.grad).all())
+        torch.testing.assert_close(leaf.grad, clean_w.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(rejected.grad, clean_l.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_sparse_po_nan_is_a_value_error_naming_the_argument():
+    # NaN at a counted token, with or without the divergence term: a ValueError naming the argument
+    # (never FloatingPointError, never token_loss's student_logits / teacher_logits)
+    for kl_weight in (0.0, 1.0):
+        for name in ("policy_rejected_logits", "reference_chosen_logits"):
+            batch = _sparse_batch(seed=12)
+            batch[name] = batch[name].clone()
+            batch[name][1, 2, 3] = float("nan")
+            with pytest.raises(ValueError, match=f"^{name} contains NaN"):
+                P.sparse_po_loss(**batch, kl_weight=kl_weight)
+    # -inf at both labels of a pair: log-ratios inf - inf; undefined, a ValueError naming the inputs
+    batch = _sparse_batch(seed=13)
+    for side in ("chosen", "rejected"):
+        x = batch[f"policy_{side}_logits"].clone()
+        x[0, 1, batch[f"{side}_labels"][0, 1]] = -math.inf
+        batch[f"policy_{side}_logits"] = x
+    with pytest.raises(ValueError, match="policy_chosen_logits, policy_rejected_logits give probability 0"):
+        P.sparse_po_loss(**batch, kl_weight=0.0)
+    # a zero weight on a token with an infinite log-ratio leaves it out (0, not 0 * inf = NaN)
+    weights = torch.ones(3, 5, dtype=f64)
+    weights[0, 1] = 0.0
+    rejected = torch.ones(3, 4, dtype=f64)
+    rejected[0, 1] = 0.0
+    out = P.sparse_po_loss(**batch, kl_weight=0.0, chosen_reward_weights=weights, rejected_reward_weights=rejected)
+    assert bool(torch.isfinite(out).all())
+
+
 def test_mask_net_common_and_independent():
     torch.manual_seed(0)
     states = [torch.randn(2, 6, 8) for _ in range(3)]
@@ -1127,3 +1182,16 @@ def test_from_trl_gkd_ends_and_orientation():
     for bad in (-0.1, 1.5, float("nan"), None, True):
         with pytest.raises(ValueError, match="beta"):
             P.from_trl_gkd(bad)
+
+
+def test_d2o_overflowing_weights_are_a_value_error_not_a_bug_report():
+    # beta * (+log-ratio) = inf and alpha * (+log-ratio) = inf: inf - inf used to reach FloatingPointError
+    ps = torch.tensor([[-5.0, -6.0]], dtype=f64)
+    pn = torch.tensor([-1.0], dtype=f64)
+    kw = dict(policy_self_logps=ps, reference_self_logps=ps - 10, policy_negative_logps=pn,
+              reference_negative_logps=pn - 10)
+    with pytest.raises(ValueError, match="beta=1e\\+308 times the self-sample log-ratios and alpha=1e\\+308"):
+        P.d2o_loss(**kw, beta=1e308, alpha=1e308)
+    # large but representable: -log sigmoid(beta * 10 - alpha * 10) by hand
+    got = P.d2o_loss(**kw, beta=1e3, alpha=0.5e3)
+    torch.testing.assert_close(got, -F.logsigmoid(torch.tensor([1e4 - 0.5e4], dtype=f64)), rtol=1e-12, atol=0)

@@ -910,6 +910,21 @@ def test_disco_degenerate_groups_contribute_zero_and_groups_may_differ_in_size()
     assert disco_loss(**only_bad).objective.item() == 0.0
 
 
+def test_disco_refuses_group_ids_and_rewards_on_another_device():
+    # never moved silently to the policy's device: a ValueError naming the argument (meta = "another device")
+    kw = _disco_batch(S_POS + S_NEG, [1, 1, 0, 0, 0], [7] * 5)
+    with pytest.raises(ValueError, match="device mismatch: policy_logps is on cpu, group_ids on meta"):
+        disco_loss(**dict(kw, group_ids=kw["group_ids"].to("meta")))
+    with pytest.raises(ValueError, match="device mismatch: policy_logps is on cpu, rewards on meta"):
+        disco_loss(**dict(kw, rewards=kw["rewards"].to("meta")))
+    with pytest.raises(ValueError, match="group_ids must have an integer dtype"):
+        disco_loss(**dict(kw, group_ids=kw["group_ids"].double()))
+    with pytest.raises(ValueError, match="rewards must be a torch.Tensor"):
+        disco_loss(**dict(kw, rewards=[1, 1, 0, 0, 0]))
+    # on the same device: the spec value (mean+ - mean- of the spec group)
+    assert disco_loss(**kw, variant="basic").objective.item() == pytest.approx(0.433333, abs=5e-7)
+
+
 def _code_surrogate_objective(s, pos, neg, tau):
     """The authors' DRO surrogate for one group: mean+(s - tau * S / sg(S)), S = sum_neg exp(s/tau - max)."""
     z = s / tau
@@ -1088,3 +1103,52 @@ def test_dph_forward_kl_restores_a_dropped_correct_answer_reverse_kl_does_not():
     assert fkl[1] > 0.25 and fkl[1] / fkl[0] > 0.4  # optimum ratio 0.5
     assert rkl[1] < 2e-4  # still dropped
     assert rkl[0] > 0.999
+
+
+# ------------------------------------------------- penalties.py: one validation, private estimator cores
+
+
+def test_penalties_validate_once_and_use_the_estimators_private_cores(monkeypatch):
+    """f_estimate, dph_loss and kl_estimate check their inputs once (_sampled_logps) and compute the
+    terms with the math layer's private cores: the public mc_estimate / kl_k1 / kl_k2 / kl_k3
+    (a second validation, and a host sync in mc_estimate) are never called. Values are written out."""
+    import fdiv.math.estimators as estimators
+    from fdiv.objectives.rl import penalties
+
+    def refuse(**kwargs):
+        raise AssertionError("a penalty called a public estimator")
+
+    for name in ("mc_estimate", "kl_k1", "kl_k2", "kl_k3"):
+        monkeypatch.setattr(estimators, name, refuse)
+        monkeypatch.setattr(penalties, name, refuse, raising=False)
+    pol = torch.tensor([[-1.0, -0.3, -2.0, -0.7], [-0.2, -0.9, -0.4, -1.5]], dtype=D64)
+    ref = torch.tensor([[-1.4, -0.1, -1.0, -0.7], [-0.6, -0.5, -0.4, -2.5]], dtype=D64)
+    mask = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    nan = torch.tensor(math.nan, dtype=D64)
+    pol_nan, ref_nan = torch.where(mask, pol, nan), torch.where(mask, ref, nan)  # uncounted garbage
+    m, lr = mask.numpy(), (ref - pol).numpy()  # log r = log pi_ref - log pi
+    zero = np.zeros_like(lr)
+    # f_estimate, reverse_kl from policy samples with the control variate: k3 = r - 1 - log r
+    got = f_estimate(policy_logps=pol_nan, reference_logps=ref_nan, divergence="reverse_kl", mask=mask)
+    np.testing.assert_allclose(got.numpy(), np.where(m, np.expm1(lr) - lr, zero), rtol=1e-12, atol=1e-15)
+    # f_estimate, forward_kl from reference samples without it: f(r) / r = log r
+    got = f_estimate(policy_logps=pol_nan, reference_logps=ref_nan, divergence="forward_kl",
+                     samples_from="reference", control_variate=False, mask=mask)
+    np.testing.assert_allclose(got.numpy(), np.where(m, lr, zero), rtol=1e-12, atol=1e-15)
+    # dph_loss (forward_kl, pi_0 samples, control variate): u - 1 - log u with u = pi / pi_0
+    u = (pol - ref).numpy()  # log u
+    got = dph_loss(policy_logps=pol_nan, initial_logps=ref_nan, mask=mask, reduction="none")
+    np.testing.assert_allclose(got.numpy(), np.where(m, np.expm1(u) - u, zero), rtol=1e-12, atol=1e-15)
+    # kl_estimate: k1, k2 and k3 per token
+    written = {"k1": -lr, "k2": 0.5 * lr**2, "k3": np.expm1(lr) - lr}
+    for estimator, want in written.items():
+        got = kl_estimate(policy_logps=pol_nan, reference_logps=ref_nan, estimator=estimator, mask=mask)
+        np.testing.assert_allclose(got.numpy(), np.where(m, want, zero), rtol=1e-12, atol=1e-15)
+    # the straight-through "+": k3's value with k2's gradient log(pi / pi_ref)
+    p = pol_nan.clone().requires_grad_(True)
+    value = kl_estimate(policy_logps=p, reference_logps=ref_nan, estimator="k3+", placement="loss", mask=mask)
+    value.sum().backward()
+    np.testing.assert_allclose(p.grad.numpy(), np.where(m, -lr, zero), rtol=1e-12, atol=1e-15)
+    # and the checks still run, once: NaN at a counted position names the argument
+    with pytest.raises(ValueError, match="reference_logps contains NaN"):
+        f_estimate(policy_logps=pol, reference_logps=ref_nan, divergence="reverse_kl")

@@ -544,3 +544,29 @@ def test_mask_is_never_moved_and_accepts_zero_one():
     torch.testing.assert_close(as_bool, ref, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="device mismatch: mask"):
         sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mask=keep.to("meta"))
+
+
+# every user input that used to reach FloatingPointError (inf - inf in a sum of the plan times the cost, or
+# logits / T overflowing) is now a ValueError naming the argument
+def test_overflowing_inputs_are_value_errors_naming_the_argument():
+    cost = torch.tensor([[3e38] * 4, [-3e38] * 4, [3e38] * 4, [-3e38] * 4])
+    mass = torch.full((4,), 1e3)
+    with pytest.raises(ValueError, match="^cost is too large for torch.float32"):
+        sinkhorn_log(cost=cost, row_marginal=mass, column_marginal=mass, epsilon=1e38)
+    s, t = torch.randn(4, 3, generator=gen(1)), torch.randn(4, 3, generator=gen(2))
+    signed = torch.tensor([[3e38, -3e38, 3e38, -3e38]] * 4)
+    with pytest.raises(ValueError, match=r"^cost \(the batch cost callable's output\) is too large"):
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=t, epsilon=1e38, cost=lambda a, b: signed, reduction="sum")
+    with pytest.raises(ValueError, match="^cost is too large"):
+        sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", epsilon=1e38,
+                         cost=torch.tensor([[0.0, 3e38, -3e38], [3e38, 0.0, 3e38], [-3e38, 3e38, 0.0]]))
+    for mode in ("batch", "sample"):
+        with pytest.raises(ValueError, match="^temperature=1e-300 is too small for student_logits"):
+            sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode=mode, temperature=1e-300)
+    # just inside the range: finite, equal to the float64 naive Sinkhorn of the same problem
+    small = torch.tensor([[1e36, -1e36], [-1e36, 1e36]])
+    a = torch.tensor([0.5, 0.5])
+    got = sinkhorn_log(cost=small, row_marginal=a, column_marginal=a, epsilon=1e36, n_iters=30)
+    plan, _ = naive_sinkhorn((small.double() / 1e36).numpy(), a.double().numpy(), a.double().numpy(), 1.0, 30)
+    ref = float((plan * small.double().numpy()).sum())
+    assert math.isclose(got.cost.item(), ref, rel_tol=1e-5)

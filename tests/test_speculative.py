@@ -452,3 +452,20 @@ def test_tensors_are_keyword_only():
     ):
         with pytest.raises(TypeError, match="positional"):
             call()
+
+
+def test_a_temperature_that_overflows_the_logits_is_a_value_error_not_a_bug_report():
+    """logits / T overflowing (then inf - inf = NaN) used to reach FloatingPointError ("please report this as a
+    bug"); it is a ValueError naming temperature and the input."""
+    g = torch.Generator().manual_seed(0)
+    target, draft = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    for temperature in (1e-39, 1e-300):
+        with pytest.raises(ValueError, match=f"^temperature={temperature!r} is too small for target_logits"):
+            acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature)
+        with pytest.raises(ValueError, match="is too small for target_logits"):
+            speculative_sample(target_logits=target, draft_logits=draft, temperature=temperature,
+                               generator=torch.Generator().manual_seed(1))
+    # a small temperature that does not overflow is fine: the acceptance tends to the greedy one (argmax match)
+    small = acceptance_rate(target_logits=target.double(), draft_logits=draft.double(), temperature=1e-3)
+    greedy = (target.argmax(-1) == draft.argmax(-1)).double()
+    torch.testing.assert_close(small, greedy, rtol=0, atol=1e-6)

@@ -61,6 +61,7 @@ from .._validate import (
     check_same_device,
     check_tensor,
 )
+from ..math._numerics import compute_dtype
 
 __all__ = ["build_reference_frequencies", "dcpdd_score"]
 
@@ -209,8 +210,8 @@ def dcpdd_score(
         token_ids: integer ids of the same tokens, same shape and device, in ``[0, V)``.
         reference_frequencies: ``[V]`` non-negative frequencies ``p'`` (e.g.
             :func:`build_reference_frequencies`); moved to the device of ``token_logprobs``.
-        a: clipping constant ``> 0`` (default 0.01; numeric strings are accepted, as the
-            authors' argparse passes ``"0.01"``).
+        a: clipping constant ``> 0``, a number (default 0.01, the authors'; strings are refused:
+            convert the authors' argparse string ``"0.01"`` with ``float`` first).
         mask: optional ``[n]`` / ``[B, n]`` bool (or 0/1) tensor on the device of
             ``token_logprobs``, True = counted (padding False); masked positions are never read.
 
@@ -249,8 +250,7 @@ def dcpdd_score(
     if reference_frequencies.dim() != 1 or reference_frequencies.numel() == 0:
         shape = tuple(reference_frequencies.shape)
         raise ValueError(f"reference_frequencies must be a non-empty [V] tensor, got shape {shape}")
-    # The authors' argparse passes a as the string "0.01": check_number's float() accepts numeric strings too.
-    clip = check_positive("a", a, allow_inf=True)
+    clip = check_positive("a", a, allow_inf=True)  # a number (strings are not numbers)
     check_same_device("token_logprobs", token_logprobs, "token_ids", token_ids)
     mask = check_mask(mask, token_logprobs.shape, token_logprobs.device)
     single = token_logprobs.dim() == 1
@@ -277,7 +277,7 @@ def dcpdd_score(
         where = "the text" if single else f"rows {rows}"
         raise ValueError(f"{where} of token_ids have no counted token: the score is undefined (check mask)")
 
-    dtype = torch.float64 if token_logprobs.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(token_logprobs)
     probs = logp.to(torch.float64).clamp(max=0.0).exp()
     safe_ids = torch.where(counted, ids.long(), torch.zeros_like(ids, dtype=torch.long))
     neg_log_ref = -torch.log(ref)[safe_ids]  # +inf where p' = 0

@@ -55,9 +55,9 @@ from .._validate import (
     reduce,
     temperature_factor,
 )
-from ..kernels._rowmath import counted_rows, cross_entropy_rows, kd_ce_combine
+from ..kernels._rowmath import counted_rows, cross_entropy_rows, kd_ce_combine, resolve_check_finite
 from ..kernels.token import default_chunk_size, token_loss
-from ..math._numerics import compute_dtype
+from ..math._numerics import compute_dtype, times
 from ..math.registry import as_divergence
 
 __all__ = [
@@ -83,10 +83,59 @@ def _counted_rows(named: dict, counted: torch.Tensor | None) -> dict:
     return {name: x.detach()[counted] for name, x in named.items()}
 
 
-def _check_result(out: torch.Tensor, named: dict, counted: torch.Tensor | None) -> None:
-    """A NaN loss becomes an error naming the input (counted rows only) that caused it."""
-    if bool(torch.isnan(out).any()):
-        raise_if_nan(out, _counted_rows(named, counted))
+def _raise_if_overflow(temperature: float, named: dict, dtype: torch.dtype) -> None:
+    """ValueError when dividing a finite entry of a ``named`` logit tensor by ``temperature`` leaves
+    the range of ``dtype`` (and ``inf - inf`` then gives NaN), naming ``temperature`` and the tensor."""
+    limit = torch.finfo(dtype).max
+    for name, x in named.items():
+        x = x.detach()
+        finite = x[torch.isfinite(x)]
+        largest = float(finite.abs().amax()) if finite.numel() else 0.0
+        if 1.0 / temperature > limit or largest / temperature > limit:
+            raise ValueError(
+                f"temperature={temperature!r} is too small for {name}: {name} / temperature overflows {dtype}"
+            )
+
+
+def _check_result(
+    out: torch.Tensor, named: dict, counted: torch.Tensor | None, temperature: float = 1.0, scaled=None
+) -> None:
+    """A NaN loss becomes a ValueError naming the input (counted rows only), or the temperature, that
+    caused it (``scaled``: the names divided by the temperature, default all); FloatingPointError is
+    left for a NaN from valid inputs (a bug)."""
+    if not bool(torch.isnan(out).any()):
+        return
+    rows = _counted_rows(named, counted)
+    try:
+        raise_if_nan(out, rows)
+    except FloatingPointError:
+        divided = {k: v for k, v in rows.items() if scaled is None or k in scaled}
+        _raise_if_overflow(temperature, divided, compute_dtype(*rows.values()))
+        raise
+
+
+def _divergence_term(student_logits, teacher_logits, counted, temperature: float, **options) -> torch.Tensor:
+    """:func:`fdiv.token_loss`; a NaN it reports as a bug (FloatingPointError) is first checked
+    against a temperature that overflows the counted logits (then a ValueError naming it)."""
+    try:
+        return token_loss(
+            student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature, **options
+        )
+    except FloatingPointError:
+        named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+        _raise_if_overflow(temperature, _counted_rows(named, counted), compute_dtype(student_logits))
+        raise
+
+
+def _scaled_weight(name: str | None, weight: float, temperature: float, temperature_scaling: bool) -> float:
+    """``weight * T**2`` with ``temperature_scaling`` (else ``weight``), refused when it overflows a float."""
+    scaled = weight * temperature_factor(temperature, temperature_scaling)
+    if not math.isfinite(scaled):
+        times_weight = "" if name is None else f" times {name}={weight!r}"
+        raise ValueError(
+            f"temperature**2{times_weight} overflows a float (temperature={temperature!r}, temperature_scaling=True)"
+        )
+    return scaled
 
 
 def _hard_label_ce(student_logits, labels, counted, ignore_index, dtype) -> torch.Tensor:
@@ -119,6 +168,7 @@ def kd_loss(
     reduction: str = "mean",
     chunk_size: int | None = None,
     backend: str = "auto",
+    check_finite: bool | None = None,
 ) -> torch.Tensor:
     r"""Knowledge-distillation loss: a divergence to the teacher plus an optional hard-label CE.
 
@@ -178,6 +228,10 @@ def kd_loss(
         ignore_index: label value that is not counted.
         reduction: ``"mean"`` over counted tokens, ``"sum"``, or ``"none"`` (``[...]``).
         chunk_size, backend: passed to :func:`fdiv.token_loss`.
+        check_finite: scan the data (as :func:`fdiv.token_loss`, to which it is passed): the
+            label range and a NaN result (named after the input that caused it). ``None``
+            (default): on for CPU tensors, off otherwise — then no step synchronises the device
+            with the host, labels are not range-checked and a NaN loss is returned as is.
 
     Returns:
         A float32 scalar (float64 for float64 student logits), or ``[...]`` for ``"none"``.
@@ -185,9 +239,10 @@ def kd_loss(
 
     Raises:
         ValueError: shape / vocabulary / device mismatch, a temperature <= 0, a negative
-            weight, both weights 0, ``hard_label_weight > 0`` without ``labels``, labels out of
-            range, an unknown divergence, or a NaN result (NaN or +inf logits). Tensors passed
-            positionally are a TypeError.
+            weight, both weights 0, ``hard_label_weight > 0`` without ``labels``, an unknown
+            divergence; with ``check_finite``, labels out of range or a NaN result (NaN or +inf
+            logits at counted rows, a temperature so small that the logits overflow). Tensors
+            passed positionally are a TypeError.
 
     Example::
 
@@ -215,34 +270,41 @@ def kd_loss(
     check_int("ignore_index", ignore_index)
     temperature = check_temperature(temperature)
     check_bool("temperature_scaling", temperature_scaling)
+    # the T^2 factor (if any) multiplies the divergence term only, never the CE (0 skips the term)
+    divergence_weight = 0.0 if lam_d == 0 else _scaled_weight(
+        "divergence_weight", lam_d, temperature, temperature_scaling
+    )
     div = as_divergence(divergence, caller="kd_loss")
+    check_finite = resolve_check_finite(check_finite, student_logits.device)
     leading = student_logits.shape[:-1]
-    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    counted = counted_rows(
+        leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None
+    )
     dtype = compute_dtype(student_logits)  # the loss dtype of token_loss
 
     divergence_term = ce_term = None
     if lam_d > 0:
-        divergence_term = token_loss(
-            student_logits=student_logits,
-            teacher_logits=teacher_logits,
+        divergence_term = _divergence_term(
+            student_logits,
+            teacher_logits,
+            counted,
+            temperature,
             divergence=div,
-            temperature=temperature,
             mask=counted,
             reduction=reduction,
             chunk_size=chunk_size,
             backend=backend,
+            check_finite=check_finite,
         )
     if lam_ce > 0:
         ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype)
         ce_term = reduce(ce_rows, reduction, mask=counted)
-    # the T^2 factor (if any) multiplies the divergence term only, never the CE
     total = kd_ce_combine(
-        divergence_term,
-        ce_term,
-        divergence_weight=lam_d * temperature_factor(temperature, temperature_scaling),
-        hard_label_weight=lam_ce,
+        divergence_term, ce_term, divergence_weight=divergence_weight, hard_label_weight=lam_ce
     )
-    _check_result(total, {"student_logits": student_logits, "teacher_logits": teacher_logits}, counted)
+    if check_finite:
+        named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+        _check_result(total, named, counted, temperature)
     return total
 
 
@@ -457,7 +519,7 @@ def pld_loss(
     picked = _pl_rows(s, perm, alpha)
     rows = torch.zeros(counted.shape[0], dtype=dtype, device=student_logits.device).index_put((idx,), picked)
     out = reduce(rows.reshape(leading), reduction, mask=counted.reshape(leading))
-    _check_result(out, {"student_logits": s, "teacher_logits": t}, None)
+    _check_result(out, {"student_logits": s, "teacher_logits": t}, None, temperature, scaled=("teacher_logits",))
     return out
 
 
@@ -512,7 +574,7 @@ def _resolve_weight_fn(weight_fn) -> Callable:
     raise ArgumentTypeError(f"weight_fn must be one of {tuple(_WEIGHT_RULES)} or a callable, got {weight_fn!r}")
 
 
-def _as_row_weight(name, value, n, dtype, device, counted_flat) -> torch.Tensor:
+def _as_row_weight(name, value, n, dtype, device, counted_flat, check: bool) -> torch.Tensor:
     w = torch.as_tensor(value, dtype=dtype, device=device).detach()
     try:
         w = w.reshape(-1).expand(n) if w.numel() == 1 else w.reshape(n)
@@ -521,7 +583,7 @@ def _as_row_weight(name, value, n, dtype, device, counted_flat) -> torch.Tensor:
                          f"{tuple(torch.as_tensor(value).shape)}") from None
     if counted_flat is not None:
         w = torch.where(counted_flat, w, torch.zeros_like(w))
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+    if check and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"weight_fn returned a {name} that is negative or not finite on a counted row")
     return w
 
@@ -541,6 +603,7 @@ def balanced_kd_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     return_weights: bool = False,
+    check_finite: bool | None = None,
 ):
     r"""BD-KD student loss: per-sample weighted forward and reverse KL (+ optional hard-label CE).
 
@@ -582,6 +645,9 @@ def balanced_kd_loss(
             reduction, chunk_size, backend: as in :func:`kd_loss`.
         return_weights: also return the detached ``(w_f, w_r)`` of shape ``[...]`` (0 on
             uncounted rows), e.g. for logging.
+        check_finite: as in :func:`kd_loss` (passed to :func:`fdiv.token_loss`); off, the
+            weights of ``weight_fn`` are not checked either and both KL terms always run (no
+            step synchronises the device with the host).
 
     Returns:
         The loss (float32, float64 for float64 inputs; ``[...]`` for ``"none"``), or
@@ -599,55 +665,53 @@ def balanced_kd_loss(
     temperature = check_temperature(temperature)
     inv_t = 1.0 / temperature
     check_bool("temperature_scaling", temperature_scaling)
+    # the T^2 factor (if any) multiplies the divergence rows only, never the CE
+    divergence_weight = _scaled_weight(None, 1.0, temperature, temperature_scaling)
     check_bool("return_weights", return_weights)
     check_reduction(reduction)
     check_int("ignore_index", ignore_index)
     rule = _resolve_weight_fn(weight_fn)
+    check_finite = resolve_check_finite(check_finite, student_logits.device)
     leading = student_logits.shape[:-1]
-    counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab)
+    counted = counted_rows(
+        leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None
+    )
     counted_flat = None if counted is None else counted.reshape(-1)
     dtype = compute_dtype(student_logits)  # the loss dtype of token_loss
     student2d = student_logits.reshape(-1, vocab)
     teacher2d = teacher_logits.reshape(-1, vocab)
     n = student2d.shape[0]
+    named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
 
     h_teacher = _row_entropy(teacher2d, inv_t, dtype)
     h_student = _row_entropy(student2d, inv_t, dtype)
+    if check_finite:  # a NaN entropy on a counted row: name its cause before weight_fn sees it
+        entropies = (h_teacher + h_student).reshape(leading)
+        _check_result(reduce(entropies, "none", mask=counted), named, counted, temperature)
     with torch.no_grad():
         result = rule(teacher_entropy=h_teacher, student_entropy=h_student)
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         raise ValueError("weight_fn must return a pair (w_forward, w_reverse)")
-    w_f = _as_row_weight("w_forward", result[0], n, dtype, student2d.device, counted_flat)
-    w_r = _as_row_weight("w_reverse", result[1], n, dtype, student2d.device, counted_flat)
+    w_f = _as_row_weight("w_forward", result[0], n, dtype, student2d.device, counted_flat, check_finite)
+    w_r = _as_row_weight("w_reverse", result[1], n, dtype, student2d.device, counted_flat, check_finite)
 
-    common = dict(
-        student_logits=student_logits,
-        teacher_logits=teacher_logits,
-        temperature=temperature,
-        mask=counted,
-        reduction="none",
-        chunk_size=chunk_size,
-        backend=backend,
-    )
+    common = dict(mask=counted, reduction="none", chunk_size=chunk_size, backend=backend, check_finite=check_finite)
     divergence_rows = torch.zeros(n, dtype=dtype, device=student2d.device)
-    # a term whose weights are all 0 is skipped, but one always runs so that the loss stays in the autograd
-    # graph (with nothing counted: exact zeros and a zero gradient)
-    if bool((w_f != 0).any()) or not bool((w_r != 0).any()):
-        forward = token_loss(divergence=as_divergence("forward_kl"), **common).reshape(n)
-        divergence_rows = divergence_rows + w_f * forward
-    if bool((w_r != 0).any()):
-        reverse = token_loss(divergence=as_divergence("reverse_kl"), **common).reshape(n)
-        divergence_rows = divergence_rows + w_r * reverse
+    # With check_finite, a term whose weights are all 0 is skipped, but one always runs so that the loss stays
+    # in the autograd graph (with nothing counted: exact zeros and a zero gradient). A zero weight times an
+    # infinite KL row is 0 (times), never NaN.
+    run_forward = not check_finite or bool((w_f != 0).any()) or not bool((w_r != 0).any())
+    run_reverse = not check_finite or bool((w_r != 0).any())
+    for run, weight, name in ((run_forward, w_f, "forward_kl"), (run_reverse, w_r, "reverse_kl")):
+        if run:
+            term = _divergence_term(student_logits, teacher_logits, counted, temperature,
+                                    divergence=as_divergence(name), **common)
+            divergence_rows = divergence_rows + times(weight, term.reshape(n))
     ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype).reshape(n) if lam_ce > 0 else None
-    # the T^2 factor (if any) multiplies the divergence rows only, never the CE
-    rows = kd_ce_combine(
-        divergence_rows,
-        ce_rows,
-        divergence_weight=temperature_factor(temperature, temperature_scaling),
-        hard_label_weight=lam_ce,
-    )
+    rows = kd_ce_combine(divergence_rows, ce_rows, divergence_weight=divergence_weight, hard_label_weight=lam_ce)
     out = reduce(rows.reshape(leading), reduction, mask=counted)
-    _check_result(out, {"student_logits": student_logits, "teacher_logits": teacher_logits}, counted)
+    if check_finite:
+        _check_result(out, named, counted, temperature)
     if return_weights:
         return out, w_f.reshape(leading), w_r.reshape(leading)
     return out
@@ -657,15 +721,18 @@ def balanced_kd_loss(
 _LOG2 = math.log(2.0)
 
 
-def _binary_kl_rows(student, teacher, keep, temperature, factor, normalized, dtype) -> torch.Tensor:
-    """Per-row binary KL ``[...]`` (times ``factor``) on validated inputs; uncounted rows 0."""
+def _binary_kl_rows(student, teacher, keep, temperature, factor, normalized, dtype, names) -> torch.Tensor:
+    """Per-row binary KL ``[...]`` (times ``factor``) on validated inputs; uncounted rows 0.
+
+    ``names``: the argument names of ``(student, teacher)`` for the errors."""
     classes = student.shape[-1]
     leading = student.shape[:-1]
     s2d = student.reshape(-1, classes)
     t2d = teacher.reshape(-1, classes)
     idx = None if keep is None else keep.reshape(-1).nonzero(as_tuple=True)[0]
-    s = (s2d if idx is None else s2d[idx]).to(dtype) / temperature
-    t = (t2d if idx is None else t2d[idx]).to(dtype) / temperature
+    s_raw = (s2d if idx is None else s2d[idx]).to(dtype)
+    t_raw = (t2d if idx is None else t2d[idx]).to(dtype)
+    s, t = s_raw / temperature, t_raw / temperature
     if normalized:
         half = 0.5 * (s - t)
         elem = torch.logaddexp(half, -half) - _LOG2
@@ -679,9 +746,14 @@ def _binary_kl_rows(student, teacher, keep, temperature, factor, normalized, dty
         picked = picked * factor
     if not bool(torch.isfinite(picked.detach()).all()):
         # the binary KL needs finite logits (no -inf: every class is its own Bernoulli)
-        check_finite("student_logits", s.detach())
-        check_finite("teacher_logits", t.detach())
-        raise FloatingPointError("binary_kl_loss is not finite on finite inputs; please report this as a bug")
+        student_name, teacher_name = names
+        check_finite(student_name, s_raw.detach())
+        check_finite(teacher_name, t_raw.detach())
+        _raise_if_overflow(temperature, {student_name: s_raw, teacher_name: t_raw}, dtype)
+        raise ValueError(
+            f"the binary KL overflows {dtype}: {student_name} and {teacher_name} differ by too much "
+            f"(at temperature={temperature!r}, times {factor!r}) for its range"
+        )
     if idx is None:
         return picked.reshape(leading)
     return torch.zeros(s2d.shape[0], dtype=dtype, device=s2d.device).index_put((idx,), picked).reshape(leading)
@@ -756,8 +828,11 @@ def binary_kl_loss(
     check_reduction(reduction)
     keep = check_mask(mask, student_logits.shape[:-1], student_logits.device)
     dtype = compute_dtype(student_logits, teacher_logits)
-    factor = temperature_factor(temperature, temperature_scaling)
-    rows = _binary_kl_rows(student_logits, teacher_logits, keep, temperature, factor, normalized, dtype)
+    factor = _scaled_weight(None, 1.0, temperature, temperature_scaling)
+    rows = _binary_kl_rows(
+        student_logits, teacher_logits, keep, temperature, factor, normalized, dtype,
+        ("student_logits", "teacher_logits"),
+    )
     return reduce(rows, reduction, mask=keep)
 
 
@@ -867,17 +942,26 @@ def dual_head_kd_loss(
         aux_logits: ``[..., C]`` auxiliary-head logits.
         teacher_logits: ``[..., C]`` teacher logits (detach them for a frozen teacher).
         labels: ``[...]`` integer labels on the logits' device.
-        ce_weight, kd_weight: non-negative weights.
+        ce_weight, kd_weight: non-negative weights, not both 0. A term whose weight is 0 is not
+            computed (so an infinite CE, a ``-inf`` main logit at the label, does not matter with
+            ``ce_weight=0``); they are combined by the kernels' one KD + CE combiner.
         temperature, temperature_scaling, normalized: of the binary KL (:func:`binary_kl_loss`).
         ignore_index: label value that is not counted.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         return_parts: return ``(total, weighted_ce, weighted_kd)`` instead of ``total``.
+
+    Raises:
+        ValueError: shape / device mismatch, labels out of range, negative weights or both 0,
+        a temperature <= 0, NaN / infinite ``aux_logits`` or ``teacher_logits`` (named), a NaN
+        cross-entropy (NaN / +inf ``main_logits`` at a counted row), or a binary KL that overflows.
     """
     check_logit_pair("main_logits", main_logits, "aux_logits", aux_logits)
     check_logit_pair("aux_logits", aux_logits, "teacher_logits", teacher_logits)
     classes = main_logits.shape[-1]
     gamma = check_nonnegative("ce_weight", ce_weight)
     alpha = check_nonnegative("kd_weight", kd_weight)
+    if gamma == 0 and alpha == 0:
+        raise ValueError("ce_weight and kd_weight are both 0: the loss would be identically 0")
     temperature = check_temperature(temperature)
     check_bool("temperature_scaling", temperature_scaling)
     check_bool("normalized", normalized)
@@ -887,13 +971,31 @@ def dual_head_kd_loss(
     check_labels(labels, leading, main_logits.device, classes, ignore_index)
     counted = labels != ignore_index
     dtype = compute_dtype(main_logits, aux_logits, teacher_logits)
-    ce = gamma * reduce(_hard_label_ce(main_logits, labels, counted, ignore_index, dtype), reduction, mask=counted)
     factor = temperature_factor(temperature, temperature_scaling)
-    kd_rows = _binary_kl_rows(aux_logits, teacher_logits, counted, temperature, factor, normalized, dtype)
-    kd = alpha * reduce(kd_rows, reduction, mask=counted)
-    total = ce + kd
+    if alpha != 0:
+        _scaled_weight("kd_weight", alpha, temperature, temperature_scaling)  # alpha * T^2 must be a float
+    # a term whose weight is 0 is not computed, so that an unused infinite CE (a -inf main logit at the
+    # label) never becomes 0 * inf = NaN
+    ce = kd = None
+    if gamma != 0:
+        ce = reduce(_hard_label_ce(main_logits, labels, counted, ignore_index, dtype), reduction, mask=counted)
+    if alpha != 0:
+        kd_rows = _binary_kl_rows(
+            aux_logits, teacher_logits, counted, temperature, factor, normalized, dtype,
+            ("aux_logits", "teacher_logits"),
+        )
+        kd = reduce(kd_rows, reduction, mask=counted)
+    total = kd_ce_combine(kd, ce, divergence_weight=alpha, hard_label_weight=gamma)
     _check_result(total, {"main_logits": main_logits}, counted)
-    return (total, ce, kd) if return_parts else total
+    if not return_parts:
+        return total
+    weighted_ce = torch.zeros_like(total) if ce is None else kd_ce_combine(
+        None, ce, divergence_weight=0.0, hard_label_weight=gamma
+    )
+    weighted_kd = torch.zeros_like(total) if kd is None else kd_ce_combine(
+        kd, None, divergence_weight=alpha, hard_label_weight=0.0
+    )
+    return total, weighted_ce, weighted_kd
 
 
 def project_conflicting(*, g_main, g_aux):

@@ -134,6 +134,18 @@ def _check_balanced(log_a, log_b, dtype):
         )
 
 
+def _check_cost_range(name: str, cost: torch.Tensor, reach, dtype) -> None:
+    """``sum |P * C|`` stays in the range of ``dtype``: ``max |C|`` times ``reach`` (the transported
+    mass that is summed, e.g. the marginals' total mass) is refused when it overflows (a sum of
+    ``+inf`` and ``-inf`` would be NaN)."""
+    largest = float(cost.detach().abs().amax()) if cost.numel() else 0.0
+    if largest * float(reach) > torch.finfo(dtype).max / 4:
+        raise ValueError(
+            f"{name} is too large for {dtype}: its largest magnitude {largest:.3g} times the transported mass "
+            f"{float(reach):.3g} overflows; rescale it"
+        )
+
+
 # --------------------------------------------------------------------------- solver
 def _sinkhorn_core(cost, log_a, log_b, epsilon: float, n_iters: int, tol):
     """Log-domain Sinkhorn on validated, same-dtype inputs. ``log_a``/``log_b`` already broadcast.
@@ -243,6 +255,7 @@ def sinkhorn_log(
     la = _log_marginal("row_marginal", row_marginal, log_row_marginal, c, c.shape[:-1], dtype)
     lb = _log_marginal("column_marginal", column_marginal, log_column_marginal, c, c.shape[:-2] + c.shape[-1:], dtype)
     _check_balanced(la, lb, dtype)
+    _check_cost_range("cost", c, torch.logsumexp(la.detach(), dim=-1).exp().max(), dtype)
     result = _sinkhorn_core(c, la, lb, epsilon, n_iters, tol)
     if torch.isnan(result.cost).any():
         raise FloatingPointError("sinkhorn_log produced NaN on validated inputs; please report this as a bug")
@@ -414,7 +427,13 @@ def sinkhorn_kd_loss(
     student = zero_uncounted_rows(student_logits, keep, dtype)
     teacher = zero_uncounted_rows(teacher_logits, keep, dtype)
     if temperature != 1.0:
-        student, teacher = student / temperature, teacher / temperature
+        scaled = student / temperature, teacher / temperature
+        for name, before, after in zip(("student_logits", "teacher_logits"), (student, teacher), scaled):
+            if bool((torch.isfinite(before) & ~torch.isfinite(after)).any()):
+                raise ValueError(
+                    f"temperature={temperature!r} is too small for {name}: {name} / temperature overflows {dtype}"
+                )
+        student, teacher = scaled
     named = {"student_logits": student, "teacher_logits": teacher}
     run = _batch_mode if mode == "batch" else _sample_mode
     out = run(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named)
@@ -434,6 +453,9 @@ def _batch_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, 
     w = _batch_cost(cost, p_s, p_t)
     check_finite("cost (the batch cost callable's output)", w.detach())
     n = student.shape[-2]
+    if callable(cost):  # the built-in costs of probability vectors are at most 2
+        # each row carries unit mass and the rows are summed: at most max |W| times the number of rows
+        _check_cost_range("cost (the batch cost callable's output)", w, student.shape[:-1].numel(), dtype)
     if keep is None:
         counts = torch.full(student.shape[:-2], float(n), dtype=dtype, device=student.device)
         log_m = torch.full(student.shape[:-1], -math.log(n), dtype=dtype, device=student.device)
@@ -465,6 +487,9 @@ def _sample_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol,
         raise ValueError(
             f"cost of shape {tuple(c.shape)} must broadcast to the rows' shape {tuple(log_s.shape[:-1])} + (C, C)"
         )
+    if isinstance(cost, torch.Tensor):  # the built-in costs are at most C
+        # unit mass per row, rows summed: at most max |C| times the number of rows
+        _check_cost_range("cost", c, max(batch_shape.numel(), 1), dtype)
     c = c.expand(batch_shape + (num_classes, num_classes))
     log_s = log_s.expand(batch_shape + (num_classes,))
     log_t = log_t.expand(batch_shape + (num_classes,))

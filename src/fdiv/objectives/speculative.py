@@ -63,10 +63,17 @@ def _check_sampling(temperature, greedy) -> float | None:
     return None if check_bool("greedy", greedy) else temperature
 
 
-def _log_probs(logits, temperature, dtype):
+def _log_probs(logits, temperature, dtype, name):
+    """``log_softmax(logits / T)`` in ``dtype``; a ``T < 1`` that makes a finite logit overflow (then
+    ``inf - inf`` = NaN) is a ValueError naming ``temperature`` and ``name``."""
     x = logits.to(dtype)
     if temperature != 1.0:
-        x = x / temperature
+        scaled = x / temperature
+        if temperature < 1.0 and bool((torch.isfinite(x) & ~torch.isfinite(scaled)).any()):
+            raise ValueError(
+                f"temperature={temperature!r} is too small for {name}: {name} / temperature overflows {dtype}"
+            )
+        x = scaled
     return torch.log_softmax(x, dim=-1)
 
 
@@ -144,8 +151,8 @@ def _acceptance_rows(target_logits, draft_logits, keep, temperature):
         # argmax would silently rank NaN: check the inputs first
         _check_distributions({"target_logits": target, "draft_logits": draft})
         return (target.detach().argmax(dim=-1) == draft.detach().argmax(dim=-1)).to(dtype)
-    log_p = _log_probs(target, temperature, dtype)
-    log_q = _log_probs(draft, temperature, dtype)
+    log_p = _log_probs(target, temperature, dtype, "target_logits")
+    log_q = _log_probs(draft, temperature, dtype, "draft_logits")
     rows = torch.logsumexp(torch.minimum(log_p, log_q), dim=-1).exp()
     # NaN / +inf / all -inf in a counted row: say which input
     raise_if_nan(rows.detach(), {"target_logits": target.detach(), "draft_logits": draft.detach()})
@@ -399,8 +406,8 @@ def _sample_core(target_logits, draft_logits, draft_tokens, temperature, generat
         target_top = target.argmax(dim=-1)
         proposed = draft.argmax(dim=-1) if draft_tokens is None else draft_tokens
         return SpeculativeSample(target_top, proposed == target_top, proposed)
-    log_p = _log_probs(target, temperature, dtype)
-    log_q = _log_probs(draft, temperature, dtype)
+    log_p = _log_probs(target, temperature, dtype, "target_logits")
+    log_q = _log_probs(draft, temperature, dtype, "draft_logits")
     if draft_tokens is None:
         proposed = _gumbel_argmax(log_q, generator)
     else:
@@ -481,7 +488,8 @@ def speculative_block(
         if greedy:
             y = q_logits.argmax(dim=-1)
         else:
-            y = _gumbel_argmax(_log_probs(q_logits.detach(), temperature, compute_dtype(q_logits)), generator)
+            log_q = _log_probs(q_logits.detach(), temperature, compute_dtype(q_logits), "draft_fn output")
+            y = _gumbel_argmax(log_q, generator)
         drafted.append(y)
         context = torch.cat([context, y.unsqueeze(-1)], dim=-1)
     draft_tokens = torch.stack(drafted, dim=-1)
@@ -493,7 +501,8 @@ def speculative_block(
             if greedy:
                 bonus = p_logits.argmax(dim=-1)
             else:
-                bonus = _gumbel_argmax(_log_probs(p_logits.detach(), temperature, compute_dtype(p_logits)), generator)
+                log_p = _log_probs(p_logits.detach(), temperature, compute_dtype(p_logits), "target_fn output")
+                bonus = _gumbel_argmax(log_p, generator)
             emitted.append(bonus)
             break
         if p_logits.shape != draft_logits[k].shape:

@@ -25,7 +25,9 @@ The pieces, usable on their own or through :class:`DistillationTrainer`:
 Models and batches are keyword-only wherever two models meet (``student=``, ``teacher=``),
 so they cannot be swapped. Batches follow the Hugging Face causal-LM convention:
 ``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]`` (1 = real token), ``labels``
-``[B, L]`` equal to ``input_ids`` on response tokens and ``-100`` on prompt and padding.
+``[B, L]`` equal to ``input_ids`` on response tokens and ``-100`` on prompt and padding; masks
+(``attention_mask``, ``prompt_mask``) are bool or 0/1 and every entry is on the device of
+``input_ids`` (the one mask contract: refused otherwise, never moved or rounded silently).
 Logits at position ``t`` predict the token at ``t + 1``, so the counted positions are
 ``labels[:, 1:] != -100``. The prompt is given by an optional ``prompt_mask`` ``[B, L]``
 (True on prompt tokens) or ``prompt_lengths`` ``[B]``; without either, the prompt is every

@@ -9,7 +9,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..._validate import ArgumentTypeError
+from ..._validate import ArgumentTypeError, check_int
 
 #: Config attributes that change the logits after ``lm_head`` (or the hidden state before it), with the
 #: values that mean "off". ``fused=True`` refuses a model that sets any of them to another value.
@@ -46,18 +46,19 @@ def device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _token_ids(value, name):
+def check_token_ids(value, name):
+    """A token id or a list of them as a list of ints ``>= 0`` (integers only: no 2.7, "5" or True)."""
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ArgumentTypeError(f"{name} must be an int or a list of ints, got a {value.dtype} tensor")
         value = value.flatten().tolist()
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    try:
-        ids = [int(v) for v in value]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}") from None
-    return ids
+    if not isinstance(value, (list, tuple)):
+        raise ArgumentTypeError(f"{name} must be an int or a list of ints, got {value!r}")
+    return [check_int(name, v, low=0) for v in value]
 
 
 def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
@@ -74,13 +75,13 @@ def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int]:
                 return value
         return None
 
-    eos = _token_ids(pick(eos_token_id, "eos_token_id"), "eos_token_id")
+    eos = check_token_ids(pick(eos_token_id, "eos_token_id"), "eos_token_id")
     pad = pick(pad_token_id, "pad_token_id")
     if pad is None:
         if not eos:
             raise ValueError("pad_token_id is required: the model config sets neither pad_token_id nor eos_token_id")
         pad = eos[0]
-    pad = _token_ids(pad, "pad_token_id")
+    pad = check_token_ids(pad, "pad_token_id")
     if len(pad) != 1:
         raise ValueError(f"pad_token_id must be a single id, got {pad}")
     return eos, pad[0]

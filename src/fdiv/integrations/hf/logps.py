@@ -11,7 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..._validate import check_int, check_temperature
+from ..._validate import check_int, check_temperature, zero_uncounted_rows
+from ...math._numerics import compute_dtype
 from ._batch import IGNORE_INDEX, check_batch
 from ._models import logits_of
 
@@ -21,7 +22,7 @@ class TokenLogps(NamedTuple):
 
     logps: torch.Tensor  #: ``[B, L-1]`` log pi(y_t | y_<t), 0 where not counted
     mask: torch.Tensor  #: ``[B, L-1]`` bool, True on counted (response) tokens
-    logits: torch.Tensor  #: ``[B, L-1, V]`` the shifted logits (for full-vocabulary terms)
+    logits: torch.Tensor  #: ``[B, L-1, V]`` the shifted logits / T (for full-vocabulary terms), 0 on uncounted rows
 
 
 def token_logps(model, batch: dict, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> TokenLogps:
@@ -33,7 +34,11 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, ignore_index: i
     (``policy_logps=``, ``reference_logps=``): sum ``logps`` over the mask for the
     sequence log-probability. Position ids follow the attention mask, as in
     ``generate`` for left-padded prompts. Computed in float32 (float64 models in float64);
-    gradients flow unless called under ``no_grad``.
+    gradients flow unless called under ``no_grad``. The logits of uncounted positions are
+    replaced by 0 before any arithmetic, so whatever the model puts there (NaN at fully
+    masked padding, say) reaches neither the values nor the gradient; the returned
+    ``.logits`` are these ``[B, L-1, V]`` float logits (divided by ``temperature``), the one
+    copy made.
 
     Args:
         model: a Hugging Face causal LM (or anything returning ``.logits`` ``[B, L, V]``).
@@ -45,15 +50,17 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, ignore_index: i
     check_int("ignore_index", ignore_index)
     logits, _ = logits_of(model, batch)
     logits = logits[:, :-1]
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
+    dtype = compute_dtype(logits)
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.to(dtype) / temperature
     labels = batch["labels"][:, 1:].to(logits.device)
     mask = labels != ignore_index
+    # uncounted rows are 0 before the log-sum-exp: no 0 * NaN in its backward; the log-sum-exp keeps this
+    # tensor (an alias) for backward, not a second [B, L-1, V] log-softmax
+    logits = zero_uncounted_rows(logits, mask, dtype)
     picked = torch.where(mask, labels, torch.zeros_like(labels))
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-    return TokenLogps(logps.masked_fill(~mask, 0.0), mask, logits)
+    logps = logits.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return TokenLogps(torch.where(mask, logps, torch.zeros_like(logps)), mask, logits)
 
 
 def sequence_logps(model, batch: dict, *, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -24,11 +24,19 @@ from ..._validate import (
 from ...kernels._rowmath import cross_entropy_rows, kd_ce_combine
 from ...kernels.fused_linear import fused_linear_loss
 from ...kernels.token import token_loss
+from ...math._numerics import compute_dtype
 from ...math.base import Divergence
 from ...math.registry import as_divergence
-from ._batch import IGNORE_INDEX, check_batch, count_response_tokens, normaliser
+from ._batch import IGNORE_INDEX, check_batch, check_num_items, count_response_tokens, normaliser
 from ._models import check_model, check_vocab, device_of, hidden_states, logits_of, unwrap
-from .generation import on_policy_batch
+from .generation import (
+    check_gkd_models,
+    check_generator,
+    check_samplers,
+    generation_options,
+    on_policy,
+    possible_sources,
+)
 
 __all__ = ["GKDStep", "count_response_tokens", "distillation_loss", "gkd_step"]
 
@@ -46,13 +54,22 @@ class LossOptions(NamedTuple):
 
 
 def loss_options(
-    divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index, /, *,
+    *,
+    divergence,
+    temperature,
+    temperature_scaling,
+    fused,
+    hard_label_weight,
+    loss_fn,
+    ignore_index,
     caller="distillation_loss",
 ) -> LossOptions:
     """Check the options of a distillation loss and resolve its divergence once.
 
-    The one check of :func:`distillation_loss`, :func:`gkd_step` and ``DistillationTrainer``: the
-    options come in the order of their signatures; ``caller`` names the public function in errors.
+    The one check of :func:`distillation_loss`, :func:`gkd_step` and ``DistillationTrainer``
+    (keyword-only: two adjacent flags cannot be swapped); ``caller`` names the public function in
+    errors. With ``loss_fn``, the options it would ignore (``divergence``, ``temperature``,
+    ``temperature_scaling``, ``fused``) must stay at their defaults.
     """
     temperature = check_temperature(temperature)
     check_bool("temperature_scaling", temperature_scaling)
@@ -65,9 +82,17 @@ def loss_options(
             raise ValueError("loss_fn needs logits, so it cannot be combined with fused=True")
         if not (isinstance(divergence, str) and divergence == "forward_kl"):
             raise ValueError("divergence has no effect with loss_fn (it defines the loss); leave it at its default")
+        if temperature != 1.0:
+            raise ValueError(
+                f"temperature={temperature!r} has no effect with loss_fn (it receives the raw logits); leave it at 1"
+            )
+        if temperature_scaling:
+            raise ValueError(
+                "temperature_scaling=True has no effect with loss_fn (it defines the loss); leave it False"
+            )
         div = None
     else:
-        div = as_divergence(divergence, f_divergence=fused, caller=f"{caller}(fused=True)")
+        div = as_divergence(divergence, f_divergence=fused, caller=f"{caller}(fused=True)" if fused else caller)
     return LossOptions(
         div, temperature, temperature_factor(temperature, temperature_scaling), fused, hard_label_weight, loss_fn,
         ignore_index,
@@ -88,9 +113,41 @@ class Scored(NamedTuple):
     counted: int
 
 
+def _largest_finite(x: torch.Tensor) -> float:
+    x = x.detach()
+    finite = x[torch.isfinite(x)]
+    return float(finite.abs().amax()) if finite.numel() else 0.0
+
+
+def _logit_bound(hidden: torch.Tensor, weight: torch.Tensor, bias) -> float:
+    """An upper bound of ``|h W^T + b|`` (Cauchy-Schwarz), without forming the logits."""
+    h = float(hidden.detach().float().norm(dim=-1).amax()) if hidden.numel() else 0.0
+    w = float(weight.detach().float().norm(dim=-1).amax()) if weight.numel() else 0.0
+    b = 0.0 if bias is None else float(bias.detach().float().abs().amax())
+    return h * w + b
+
+
+def _refuse_overflow(run, temperature: float, largest_logit, dtype: torch.dtype):
+    """``run()`` (a kernel computing in ``dtype``); a NaN the kernel reports as a bug (FloatingPointError) is
+    first checked against a temperature that makes the logits overflow ``dtype`` (then ``inf - inf``): a
+    ValueError naming it."""
+    try:
+        return run()
+    except FloatingPointError:
+        limit = torch.finfo(dtype).max
+        largest = largest_logit()
+        if 1.0 / temperature > limit or largest / temperature > limit:
+            raise ValueError(
+                f"temperature={temperature!r} is too small: the logits (up to {largest:.3g} in magnitude) divided by "
+                f"it overflow {dtype}"
+            ) from None
+        raise
+
+
 def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> Scored:
     """The loss of :func:`distillation_loss` with checked options (private core)."""
     ids = check_batch(batch)
+    check_num_items(num_items_in_batch)
     if ids.shape[1] < 2:
         raise ValueError(f"batch['input_ids'] needs at least 2 positions to predict a next token, got L={ids.shape[1]}")
     if unwrap(teacher).training:
@@ -114,20 +171,28 @@ def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> 
         hs = s_hidden[:, :-1][counted_mask]
         ht = t_hidden[:, :-1][counted_mask.to(t_hidden.device)].to(device)
         t_bias = getattr(t_head, "bias", None)
-        loss = fused_linear_loss(
-            student_hidden=hs,
-            student_weight=s_head.weight,
-            teacher_hidden=ht,
-            teacher_weight=t_head.weight.detach().to(device),
-            divergence=options.divergence,
-            student_bias=getattr(s_head, "bias", None),
-            teacher_bias=None if t_bias is None else t_bias.detach().to(device),
-            labels=targets,
-            ignore_index=ignore_index,
-            hard_label_weight=options.hard_label_weight,
-            divergence_weight=options.divergence_weight,
-            temperature=options.temperature,
-            reduction=reduction,
+        t_weight = t_head.weight.detach().to(device)
+        t_bias = None if t_bias is None else t_bias.detach().to(device)
+        s_bias = getattr(s_head, "bias", None)
+        loss = _refuse_overflow(
+            lambda: fused_linear_loss(
+                student_hidden=hs,
+                student_weight=s_head.weight,
+                teacher_hidden=ht,
+                teacher_weight=t_weight,
+                divergence=options.divergence,
+                student_bias=s_bias,
+                teacher_bias=t_bias,
+                labels=targets,
+                ignore_index=ignore_index,
+                hard_label_weight=options.hard_label_weight,
+                divergence_weight=options.divergence_weight,
+                temperature=options.temperature,
+                reduction=reduction,
+            ),
+            options.temperature,
+            lambda: max(_logit_bound(hs, s_head.weight, s_bias), _logit_bound(ht, t_weight, t_bias)),
+            compute_dtype(hs),
         )
         if divisor is not None:
             loss = loss / divisor.to(loss.dtype)
@@ -139,6 +204,7 @@ def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> 
     check_vocab(s_logits.shape[-1], t_logits.shape[-1])
     t_logits = t_logits.to(device)
     loss_fn = options.loss_fn
+    s_rows = None  # the counted student rows [n, V], gathered once (a copy) when a term needs them
     if loss_fn is not None:
         kwargs = {}
         passes_count = num_items_in_batch is not None and _accepts(loss_fn, "num_items_in_batch")
@@ -153,19 +219,27 @@ def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> 
             term = term * (max(counted, 1) / divisor).to(term.dtype)
         weight = 1.0
     else:
-        term = token_loss(
-            student_logits=s_logits[:, :-1][counted_mask],
-            teacher_logits=t_logits[:, :-1][counted_mask],
-            divergence=options.divergence,
-            temperature=options.temperature,
-            reduction=reduction,
+        s_rows, t_rows = s_logits[:, :-1][counted_mask], t_logits[:, :-1][counted_mask]
+        term = _refuse_overflow(
+            lambda: token_loss(
+                student_logits=s_rows,
+                teacher_logits=t_rows,
+                divergence=options.divergence,
+                temperature=options.temperature,
+                reduction=reduction,
+            ),
+            options.temperature,
+            lambda: max(_largest_finite(s_rows), _largest_finite(t_rows)),
+            compute_dtype(s_rows),
         )
         if divisor is not None:
             term = term / divisor.to(term.dtype)
         weight = options.divergence_weight
     ce = None
     if options.hard_label_weight:
-        ce = cross_entropy_rows(s_logits[:, :-1][counted_mask], targets, ignore_index=ignore_index).sum()
+        if s_rows is None:
+            s_rows = s_logits[:, :-1][counted_mask]
+        ce = cross_entropy_rows(s_rows, targets, ignore_index=ignore_index).sum()
         ce = ce / (max(counted, 1) if divisor is None else divisor.to(ce.dtype))
         ce = ce.to(term.dtype)
     loss = kd_ce_combine(term, ce, divergence_weight=weight, hard_label_weight=options.hard_label_weight)
@@ -220,8 +294,9 @@ def distillation_loss(
     f-divergence.
 
     ``loss_fn(student_logits, teacher_logits, labels) -> scalar``: replaces the
-    divergence term by any logit-level objective (``divergence`` must then stay at its
-    default); it receives the shifted ``[B, L-1, V]`` logits (teacher under
+    divergence term by any logit-level objective (``divergence``, ``temperature`` and
+    ``temperature_scaling`` must then stay at their defaults: a value it would ignore is
+    refused); it receives the shifted ``[B, L-1, V]`` logits (teacher under
     ``no_grad``, on the student's device, no temperature applied) and the shifted
     ``[B, L-1]`` labels. If it accepts ``num_items_in_batch`` it gets it and its value
     is used as is; otherwise it is taken to return a per-token mean over this batch and
@@ -232,7 +307,8 @@ def distillation_loss(
             (possibly wrapped by DDP or ``torch.compile``); put the teacher in eval mode.
             Keyword-only, so that they cannot be swapped.
         batch: ``input_ids``, ``labels`` (``ignore_index`` on prompt and padding),
-            optional ``attention_mask``, ``position_ids``.
+            optional ``attention_mask`` (bool or 0/1), ``position_ids``; integer tensors and
+            masks on the device of ``input_ids``.
         divergence: a registered name or a :class:`fdiv.Divergence` instance, e.g.
             ``fdiv.get("js", beta=0.5)`` (GKD's default JSD).
         temperature: ``T > 0`` dividing both models' logits in the divergence (not the CE).
@@ -249,7 +325,8 @@ def distillation_loss(
     check_model("student", student)
     check_model("teacher", teacher)
     options = loss_options(
-        divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index
+        divergence=divergence, temperature=temperature, temperature_scaling=temperature_scaling, fused=fused,
+        hard_label_weight=hard_label_weight, loss_fn=loss_fn, ignore_index=ignore_index,
     )
     return score(student, teacher, batch, options, num_items_in_batch).loss
 
@@ -287,31 +364,37 @@ def gkd_step(
     """One generalised-KD step for a plain training loop: :func:`on_policy_batch`, then :func:`distillation_loss`.
 
     The generation options (``lmbda``, ``seq_kd``, ``max_new_tokens``,
-    ``generation_temperature``, ``generator``, ...) go to :func:`on_policy_batch`, the loss
-    options (``divergence``, ``temperature``, ``temperature_scaling``, ``fused``,
-    ``hard_label_weight``, ``num_items_in_batch``, ``loss_fn``) to :func:`distillation_loss`;
-    all are checked (and the divergence resolved) before anything is generated. Call
+    ``generation_temperature``, ``generator``, ``eos_token_id``, ``pad_token_id``,
+    ``generation_kwargs``) go to :func:`on_policy_batch`, the loss options (``divergence``,
+    ``temperature``, ``temperature_scaling``, ``fused``, ``hard_label_weight``,
+    ``num_items_in_batch``, ``loss_fn``) to :func:`distillation_loss`. Everything is checked
+    (and the divergence resolved) **before** the random draw, whichever branch it picks: every
+    option above; each model that can be drawn to generate (it has ``.generate`` and EOS / pad
+    ids) and the batch's prompts, when one can; ``batch['labels']`` and at least 2 positions
+    when the dataset batch can be used as is. Only what depends on the chosen sequences comes
+    after: ``num_items_in_batch`` must not be smaller than the tokens they count. Call
     ``.loss.backward()`` on the result. With gradient accumulation, pass
     ``num_items_in_batch`` counted on the sequences actually used (``step.batch``).
     """
     check_model("student", student)
     check_model("teacher", teacher)
     options = loss_options(
-        divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, ignore_index, caller="gkd_step"
+        divergence=divergence, temperature=temperature, temperature_scaling=temperature_scaling, fused=fused,
+        hard_label_weight=hard_label_weight, loss_fn=loss_fn, ignore_index=ignore_index, caller="gkd_step",
     )
-    chosen, source = on_policy_batch(
-        student=student,
-        batch=batch,
-        teacher=teacher,
-        lmbda=lmbda,
-        seq_kd=seq_kd,
-        max_new_tokens=max_new_tokens,
-        temperature=generation_temperature,
-        generator=generator,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        ignore_index=ignore_index,
-        generation_kwargs=generation_kwargs,
+    lmbda, seq_kd = check_gkd_models(student, teacher, lmbda, seq_kd)
+    generation = generation_options(
+        max_new_tokens=max_new_tokens, temperature=generation_temperature, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, ignore_index=ignore_index, generation_kwargs=generation_kwargs,
+        temperature_name="generation_temperature",
     )
+    check_generator(generator)
+    check_num_items(num_items_in_batch)
+    sources = possible_sources(lmbda, seq_kd)
+    ids = check_batch(batch, need_labels="dataset" in sources)
+    if "dataset" in sources and ids.shape[1] < 2:
+        raise ValueError(f"batch['input_ids'] needs at least 2 positions to predict a next token, got L={ids.shape[1]}")
+    samplers = check_samplers(student, teacher, batch, lmbda, seq_kd, generation)
+    chosen, source = on_policy(student, teacher, batch, lmbda, seq_kd, generator, generation, samplers)
     loss = score(student, teacher, chosen, options, num_items_in_batch).loss
     return GKDStep(loss, chosen, source)

@@ -10,7 +10,7 @@ import torch
 
 from ..._validate import check_int
 from ...objectives.detection import dcpdd_score
-from ._batch import IGNORE_INDEX
+from ._batch import IGNORE_INDEX, attention_of, check_batch
 from .logps import token_logps
 
 __all__ = ["dcpdd_score_batch"]
@@ -35,7 +35,8 @@ def dcpdd_score_batch(
         model: a causal LM returning ``.logits`` ``[B, L, V]``; ``V`` must not exceed the
             length of ``reference_frequencies`` for the ids that occur.
         batch: ``input_ids`` ``[B, L]`` and optionally ``attention_mask`` (left or right
-            padding) and ``labels``, e.g. ``tokenizer(texts, return_tensors="pt", padding=True)``.
+            padding; bool or 0/1 on the device of ``input_ids``) and ``labels``, e.g.
+            ``tokenizer(texts, return_tensors="pt", padding=True)``.
             If the tokenizer prepends a BOS token, it is the unscored first position.
         reference_frequencies: ``[V]`` frequencies ``p'`` built with the **same tokenizer**
             (:func:`fdiv.detection.build_reference_frequencies`).
@@ -47,21 +48,13 @@ def dcpdd_score_batch(
     Reference: Zhang et al. (2024), "Pretraining Data Detection for Large Language Models:
     A Divergence-based Calibration Method", arXiv 2409.14781.
     """
-    if not isinstance(batch, dict) and not hasattr(batch, "keys"):
-        raise ValueError(f"batch must be a dict with input_ids (and attention_mask), got {type(batch).__name__}")
+    ids = check_batch(batch, need_labels=False)
     check_int("ignore_index", ignore_index)
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ValueError("batch['input_ids'] must be a [B, L] tensor of token ids")
     if ids.shape[1] < 2:
         raise ValueError("batch['input_ids'] needs at least 2 tokens per text (the first is not predicted)")
     local = dict(batch)
     if local.get("labels") is None:
-        attention = local.get("attention_mask")
-        labels = ids.clone()
-        if attention is not None:
-            labels = labels.masked_fill(attention.to(ids.device) == 0, ignore_index)
-        local["labels"] = labels
+        local["labels"] = ids.masked_fill(~attention_of(batch), ignore_index)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()

@@ -9,10 +9,10 @@ import torch
 import transformers
 from torch import nn
 
-from ..._validate import ArgumentTypeError, check_bool, check_int, check_positive, check_unit_interval
+from ..._validate import ArgumentTypeError, check_bool, check_int, check_unit_interval
 from ._batch import IGNORE_INDEX, count_response_tokens
 from ._models import check_model, check_vocab, pad_of, unwrap
-from .generation import choose_source, generate_completions
+from .generation import choose_source, generate_completions, generation_options
 from .losses import loss_options, score
 
 __all__ = ["DistillationTrainer"]
@@ -54,8 +54,10 @@ class DistillationTrainer(transformers.Trainer):
             ``temperature_scaling=True`` multiplies the divergence term by ``T**2``).
         fused: :func:`fdiv.fused_linear_loss` on hidden states (no ``[tokens, V]`` logits).
         hard_label_weight: weight of the cross-entropy on the labels.
-        loss_fn: logit-level objective replacing the divergence term (see :func:`distillation_loss`).
-        generation_kwargs: extra keyword arguments for ``generate``.
+        loss_fn: logit-level objective replacing the divergence term (see :func:`distillation_loss`);
+            ``divergence``, ``temperature`` and ``temperature_scaling`` must then stay at their defaults.
+        generation_kwargs: a dict of extra ``generate`` options (string keys), checked here with the other
+            generation options, whatever ``lmbda`` is.
         **kwargs: everything else goes to ``transformers.Trainer``.
     """
 
@@ -87,15 +89,20 @@ class DistillationTrainer(transformers.Trainer):
         check_model("teacher_model", teacher_model)
         self.lmbda = check_unit_interval("lmbda", lmbda)
         self.seq_kd = check_bool("seq_kd", seq_kd)
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
-        self.generation_temperature = check_positive("generation_temperature", generation_temperature)
+        generation = generation_options(
+            max_new_tokens=max_new_tokens, temperature=generation_temperature, eos_token_id=None, pad_token_id=None,
+            ignore_index=IGNORE_INDEX, generation_kwargs=generation_kwargs, temperature_name="generation_temperature",
+        )
+        self.max_new_tokens = generation.max_new_tokens
+        self.generation_temperature = generation.temperature
+        self.generation_kwargs = generation.generation_kwargs
         check_int("generation_seed", generation_seed, allow_none=True)
         self.loss_options = loss_options(
-            divergence, temperature, temperature_scaling, fused, hard_label_weight, loss_fn, IGNORE_INDEX,
+            divergence=divergence, temperature=temperature, temperature_scaling=temperature_scaling, fused=fused,
+            hard_label_weight=hard_label_weight, loss_fn=loss_fn, ignore_index=IGNORE_INDEX,
             caller="DistillationTrainer",
         )
         self.divergence = self.loss_options.divergence  # the resolved instance (None with loss_fn)
-        self.generation_kwargs = dict(generation_kwargs or {})
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher_model.to(self.args.device)
         self.teacher.eval()

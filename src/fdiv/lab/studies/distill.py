@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ... import get, topk_token_loss
+from ..._validate import temperature_factor
 from ...distill import kd_loss
 from .. import plotting
 from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
@@ -127,6 +128,16 @@ def _train_teacher(x, y, seed: int) -> nn.Module:
         nn.functional.cross_entropy(teacher(x), y).backward()
         optimiser.step()
     return teacher.eval()
+
+
+def sparse_kd_loss(student_logits, divergence, indices, logprobs, temperature: float) -> torch.Tensor:
+    """The sparse (top-k) teacher's loss: :func:`fdiv.topk_token_loss` (kernels never scale) times the one
+    T² rule, :func:`fdiv._validate.temperature_factor` — the objective of ``kd_loss(temperature_scaling=True)``."""
+    loss = topk_token_loss(
+        student_logits=student_logits, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+        divergence=divergence, tail="bucket", temperature=temperature,
+    )
+    return temperature_factor(temperature, True) * loss
 
 
 def _distil(loss_fn, x_train, x_test, y_test, seed: int, steps: int):
@@ -229,11 +240,7 @@ class DistillStudy(BuiltinStudy):
             indices, logprobs = topk_targets(TEMPERATURE)
 
             def sparse(z, divergence=divergence, indices=indices, logprobs=logprobs):
-                loss = topk_token_loss(
-                    student_logits=z, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
-                    divergence=divergence, tail="bucket", temperature=TEMPERATURE,
-                )
-                return TEMPERATURE**2 * loss  # Hinton's T^2, as kd_loss(temperature_scaling=True) above
+                return sparse_kd_loss(z, divergence, indices, logprobs, TEMPERATURE)
 
             runs.append((label, index, "full", TEMPERATURE, full))
             runs.append((label, index, f"top-{TOP_K}", TEMPERATURE, sparse))

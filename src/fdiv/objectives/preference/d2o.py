@@ -93,6 +93,12 @@ def d2o_loss(
     ps, rs = ps.to(dtype), rs.to(dtype)
     pn, rn = neg[0].to(dtype), neg[-1].to(dtype)
     self_term = reduce(ps - rs, "mean", mask=keep, dim=-1)
-    losses = -F.logsigmoid(beta * self_term - alpha * (pn - rn))
+    margin = beta * self_term - alpha * (pn - rn)
+    if bool(torch.isnan(margin).any()):  # finite inputs: only inf - inf, an overflow of the weighted log-ratios
+        raise ValueError(
+            f"beta={beta!r} times the self-sample log-ratios and alpha={alpha!r} times the negative's log-ratio "
+            f"overflow {margin.dtype} (inf - inf); use smaller beta / alpha"
+        )
+    losses = -F.logsigmoid(margin)
     raise_if_nan(losses, {})
     return reduce(losses, reduction)

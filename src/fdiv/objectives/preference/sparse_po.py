@@ -26,8 +26,9 @@ from ..._validate import (
     raise_if_nan,
     reduce,
 )
+from ...kernels._rowmath import cross_entropy_rows
 from ...kernels.token import token_loss
-from ...math._numerics import compute_dtype
+from ...math._numerics import compute_dtype, times
 from ...math.registry import as_divergence
 
 __all__ = ["SparsePOMaskNet", "SparsePOOutput", "SparsePOWeights", "sparse_po_loss"]
@@ -43,11 +44,32 @@ class SparsePOOutput(NamedTuple):
     rejected_rewards: torch.Tensor  #: ``[B]`` the same for the rejected response, detached
 
 
-def _label_logps(logits: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor, dtype) -> torch.Tensor:
-    x = logits.to(dtype)
-    picked = torch.where(counted, labels, torch.zeros_like(labels))
-    lp = x.gather(-1, picked.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
-    return lp.masked_fill(~counted, 0.0)
+def _label_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, dtype) -> torch.Tensor:
+    """``log softmax(logits)[label]`` per token ``[B, T]``, 0 where the label is ``ignore_index``: minus the
+    kernels' one hard-label cross-entropy, which zeroes uncounted rows before any arithmetic (garbage
+    there, NaN included, reaches neither the value nor the gradient)."""
+    vocab = logits.shape[-1]
+    rows = cross_entropy_rows(logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=ignore_index, dtype=dtype)
+    return -rows.reshape(labels.shape)
+
+
+def _raise_undefined(losses: torch.Tensor, named: dict) -> None:
+    """A NaN loss becomes a ValueError naming its cause: a NaN / +inf / all ``-inf`` logit row at a
+    counted token, or infinite log-ratios that cancel (``-inf`` logits at counted tokens); anything else
+    is a bug (FloatingPointError). ``named``: ``{name: (logits, counted)}``."""
+    if not bool(torch.isnan(losses).any()):
+        return
+    rows = {name: x.detach()[counted] for name, (x, counted) in named.items()}
+    try:
+        raise_if_nan(losses, rows)
+    except FloatingPointError:
+        masked = [name for name, x in rows.items() if bool(torch.isneginf(x).any())]
+        if masked:
+            raise ValueError(
+                "sparse_po_loss is undefined (NaN): infinite log-ratios or token divergences cancel; "
+                f"{', '.join(masked)} give probability 0 (a -inf logit) at counted tokens"
+            ) from None
+        raise
 
 
 def sparse_po_loss(
@@ -116,7 +138,13 @@ def sparse_po_loss(
     Returns:
         The loss (float32, float64 for float64 logits), or a :class:`SparsePOOutput`. Gradients reach
         the policy logits and the weights. The divergence term computes its logit gradient in the
-        forward pass (:func:`fdiv.token_loss`), so backward may run once.
+        forward pass (:func:`fdiv.token_loss`), so backward may run once. Logits at uncounted
+        (``ignore_index``) positions are never read: NaN there reaches neither value nor gradient.
+
+    Raises:
+        ValueError: shapes, devices, labels, weights or options out of contract; a NaN / +inf logit
+        row (or one of all ``-inf``) at a counted token, naming the argument; ``-inf`` logits at
+        counted tokens whose infinite log-ratios cancel (the loss is undefined), naming them.
 
     References:
         Christopoulou, Cardenas, Lampouras, Bou-Ammar & Wang (2024), "SparsePO: Controlling Preference
@@ -157,19 +185,22 @@ def sparse_po_loss(
 
     def weighted_sum(values, w, counted):
         w = counted.to(dtype) if w is None else w * counted
-        return (w * values).sum(-1)
+        return times(w, values).sum(-1)  # a zero weight times an infinite value is 0, never NaN
 
     def l1(w, counted):
         return (w.abs() * counted).sum(-1)
 
-    ell_w = _label_logps(pol_w, labels_w, counted_w, dtype) - _label_logps(ref_w, labels_w, counted_w, dtype)
-    ell_l = _label_logps(pol_l, labels_l, counted_l, dtype) - _label_logps(ref_l, labels_l, counted_l, dtype)
+    ell_w = _label_logps(pol_w, labels_w, ignore_index, dtype) - _label_logps(ref_w, labels_w, ignore_index, dtype)
+    ell_l = _label_logps(pol_l, labels_l, ignore_index, dtype) - _label_logps(ref_l, labels_l, ignore_index, dtype)
     reward_w = weighted_sum(ell_w, weights["chosen_reward_weights"], counted_w)
     reward_l = weighted_sum(ell_l, weights["rejected_reward_weights"], counted_l)
     u = reward_w - reward_l
     if kappa > 0:
-        kl_w = token_loss(student_logits=pol_w, teacher_logits=ref_w, divergence=div, mask=counted_w, reduction="none")
-        kl_l = token_loss(student_logits=pol_l, teacher_logits=ref_l, divergence=div, mask=counted_l, reduction="none")
+        # check_finite=False: a NaN is named below after this function's arguments, not token_loss's
+        kl_w = token_loss(student_logits=pol_w, teacher_logits=ref_w, divergence=div, mask=counted_w, reduction="none",
+                          check_finite=False)
+        kl_l = token_loss(student_logits=pol_l, teacher_logits=ref_l, divergence=div, mask=counted_l, reduction="none",
+                          check_finite=False)
         seq_kl_w = weighted_sum(kl_w.to(dtype), weights["chosen_kl_weights"], counted_w)
         seq_kl_l = weighted_sum(kl_l.to(dtype), weights["rejected_kl_weights"], counted_l)
     else:
@@ -184,7 +215,12 @@ def sparse_po_loss(
         for name, counted in (("chosen_kl_weights", counted_w), ("rejected_kl_weights", counted_l)):
             if weights[name] is not None:
                 losses = losses + lam_d * l1(weights[name], counted)
-    raise_if_nan(losses, {})
+    _raise_undefined(losses, {
+        "policy_chosen_logits": (pol_w, counted_w),
+        "reference_chosen_logits": (ref_w, counted_w),
+        "policy_rejected_logits": (pol_l, counted_l),
+        "reference_rejected_logits": (ref_l, counted_l),
+    })
     loss = reduce(losses, reduction)
     if not return_parts:
         return loss

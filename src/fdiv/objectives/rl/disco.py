@@ -8,13 +8,13 @@ from typing import NamedTuple
 import torch
 
 from ..._validate import (
-    ArgumentTypeError,
     check_choice,
     check_finite,
     check_like,
     check_mask,
     check_nonnegative,
     check_positive,
+    check_same_device,
     check_tensor,
     reduce,
 )
@@ -33,13 +33,10 @@ class DisCOOutput(NamedTuple):
     penalty: torch.Tensor  # (beta/2) [KL - delta]_+^2 (differentiable)
 
 
-def _group_index(group_ids: torch.Tensor, batch: int, device) -> tuple[torch.Tensor, int]:
-    if not isinstance(group_ids, torch.Tensor) or group_ids.is_floating_point() or group_ids.dtype == torch.bool:
-        raise ArgumentTypeError("group_ids must be an integer tensor [B] (one id per prompt / question)")
-    if tuple(group_ids.shape) != (batch,):
-        raise ValueError(f"group_ids must have shape ({batch},), got {tuple(group_ids.shape)}")
-    _, inverse = torch.unique(group_ids.to(device), return_inverse=True)
-    return inverse, int(inverse.max()) + 1 if batch else 0
+def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Group numbers ``0 .. n_groups - 1`` per answer of validated ``[B]`` ids (B > 0)."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(inverse.max()) + 1
 
 
 def disco_loss(
@@ -92,8 +89,9 @@ def disco_loss(
         policy_logps: ``[B, T]`` token log-probabilities under the current policy (differentiable).
         old_logps: ``[B, T]`` under the sampling policy (detached inside).
         mask: ``[B, T]`` bool / 0-1 response mask; every row needs at least one token.
-        group_ids: ``[B]`` integer question ids (groups may differ in size).
-        rewards: ``[B]`` binary rewards (bool, or numbers equal to 0 or 1).
+        group_ids: ``[B]`` integer question ids (groups may differ in size), on the device of
+            ``policy_logps`` (refused elsewhere, never moved).
+        rewards: ``[B]`` binary rewards (bool, or numbers equal to 0 or 1), on that device too.
         score: ``"logl"`` or ``"lratio"`` (case-insensitive).
         variant: ``"dro"`` (DisCO) or ``"basic"`` (DisCO-b).
         tau, delta, beta: temperature ``> 0``, KL budget ``>= 0``, penalty weight ``>= 0``.
@@ -137,10 +135,15 @@ def disco_loss(
     if bool((lengths == 0).any()):
         rows = torch.nonzero(lengths == 0).flatten().tolist()
         raise ValueError(f"mask has rows without any response token: {rows}; their score is undefined")
-    inverse, n_groups = _group_index(group_ids, batch, policy_logps.device)
-    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (batch,):
-        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
-        raise ValueError(f"rewards must be a [B] = ({batch},) tensor of binary rewards, got {got}")
+    check_tensor("group_ids", group_ids, integer=True)
+    if tuple(group_ids.shape) != (batch,):
+        raise ValueError(f"group_ids must have shape ({batch},) (one id per answer), got {tuple(group_ids.shape)}")
+    check_same_device("policy_logps", policy_logps, "group_ids", group_ids)
+    check_tensor("rewards", rewards, floating=False)
+    if tuple(rewards.shape) != (batch,):
+        raise ValueError(f"rewards must be a [B] = ({batch},) tensor of binary rewards, got {tuple(rewards.shape)}")
+    check_same_device("policy_logps", policy_logps, "rewards", rewards)
+    inverse, n_groups = _group_index(group_ids)
     if rewards.is_complex() or bool(((rewards != 0) & (rewards != 1)).any()):
         raise ValueError("rewards must be binary: every entry 0 or 1 (DisCO splits answers into correct / incorrect)")
     check_finite("policy_logps", policy_logps, counted)  # sampled tokens have probability > 0
@@ -156,7 +159,7 @@ def disco_loss(
         ratio = torch.where(counted, torch.exp(pol - old), torch.zeros_like(pol))
         s = ratio.sum(-1) / n_tok
 
-    pos = (rewards != 0).to(policy_logps.device)
+    pos = rewards != 0
     neg = ~pos
     zeros = torch.zeros(n_groups, dtype=dtype, device=s.device)
     n_pos = zeros.index_add(0, inverse, pos.to(dtype))
