@@ -39,3 +39,21 @@ def timed_window(step, repeats: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     return {"ms": 1e3 * statistics.median(times), "peak_extra_bytes": max(0, peak_rss_bytes() - baseline)}
+
+
+def machine_line() -> str:
+    """The CPU model and the ATen CPU capability every table is printed with (figures are per machine)."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores, torch.backends.cpu.get_cpu_capability() = {torch.backends.cpu.get_cpu_capability()}"

@@ -17,7 +17,7 @@ import json
 import subprocess
 import sys
 
-from _memory import timed_window
+from _memory import machine_line, timed_window
 
 METHODS = {
     "naive": "materialised logits, torch autograd",
@@ -86,6 +86,7 @@ def main() -> None:
 
     import torch
 
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats}")
     for hidden in (int(h) for h in args.hidden.split(",")):
         logits_bytes = args.n * args.vocab * 4

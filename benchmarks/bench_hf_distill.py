@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 
-from _memory import timed_window
+from _memory import machine_line, timed_window
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -258,8 +258,9 @@ def main() -> None:
 
     if not args.skip_check:
         check_conventions()
+    print("\n" + machine_line())
     print(
-        f"\ntorch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
         f"{torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats} after 1 warm-up"
     )
     if args.lock:

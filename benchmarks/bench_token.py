@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 
-from _memory import timed_window
+from _memory import machine_line, timed_window
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -109,6 +109,7 @@ def main() -> None:
 
     import torch
 
+    print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats}")
     for n, vocab in shapes:
         logits_bytes = n * vocab * 4
