@@ -1,7 +1,10 @@
-"""Shared input builders for the test suite (plain functions, importable as ``from conftest import ...``)."""
+"""Shared input builders and helpers for the test suite (plain functions, importable as ``from conftest import ...``)."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -37,3 +40,55 @@ def random_mask(*shape, seed: int = 0, keep: float = 0.6) -> torch.Tensor:
     if flat.numel() >= 2:
         flat[0], flat[-1] = True, False
     return mask
+
+
+def softmax_np(x, t=1.0) -> np.ndarray:
+    """Reference softmax of ``x / t`` along the last axis, in numpy float64."""
+    z = np.asarray(x, dtype=np.float64) / t
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def spec_id(spec) -> str:
+    """A test id for a ``(name, params)`` divergence spec (``alpha-alpha=2.0``); any other value as ``str``."""
+    if not isinstance(spec, tuple):
+        return str(spec)
+    name, params = spec
+    return name + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+def quartic_divergence(label: str = "quartic_test"):
+    """A user-defined, unregistered f-divergence with only f(t) = (t - 1)^4 and f' (no closed forms of its own)."""
+    import fdiv
+
+    class Quartic(fdiv.FDivergence):
+        name = label
+
+        def f(self, t):
+            return (torch.as_tensor(t) - 1) ** 4
+
+        def f_prime(self, t):
+            return 4 * (torch.as_tensor(t) - 1) ** 3
+
+        def f_at_zero(self):
+            return 1.0
+
+        def f_prime_at_infinity(self):
+            return math.inf
+
+    return Quartic()
+
+
+def run_study(name: str, out_dir, divergences, steps: int, seed: int = 0):
+    """Run the registered lab study ``name`` on the CPU, writing under ``out_dir``; its StudyResult."""
+    from fdiv.lab.study import StudyContext, studies
+
+    ctx = StudyContext(divergences=list(divergences), steps=steps, seed=seed, device=torch.device("cpu"), out_dir=out_dir)
+    return studies()[name].run(ctx)
+
+
+def assert_same_result(first, second) -> None:
+    """Two runs of a lab study with one seed: the same rows and the same finding."""
+    assert second.rows == first.rows
+    assert second.finding == first.finding

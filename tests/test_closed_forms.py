@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import quartic_divergence, spec_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import integrate, stats
@@ -50,11 +51,6 @@ CASES = [
 ]
 
 
-def case_id(case):
-    name, params = case
-    return name + "".join(f"-{k}={v}" for k, v in params.items())
-
-
 def tt(x):
     return torch.as_tensor(x, dtype=DT)
 
@@ -68,6 +64,11 @@ def random_tril(generator, *batch, d=3, scale=0.4):
 
 def mvn(loc, cov):
     return MultivariateNormal(tt(loc), covariance_matrix=tt(cov))
+
+
+def diag_mvn(loc, scale):
+    """The MultivariateNormal with covariance diag(scale^2): what a product of Normals must equal."""
+    return MultivariateNormal(loc, covariance_matrix=torch.diag_embed(scale**2))
 
 
 # ----------------------------------------------------------------------------- KL vs torch
@@ -166,7 +167,7 @@ def quadrature_reference(name, params, mp, sp, mq, sq):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_normal_matches_quadrature(case):
     name, params = case
     for mp, sp, mq, sq in NORMAL_PARAMS:
@@ -228,19 +229,11 @@ def _mc_kl(sample_from_p):
 
 # KL-type cases are estimated directly; the others through the Chernoff integral they determine
 MC_CASES = [
-    ("forward_kl", {}),
-    ("reverse_kl", {}),
-    ("jeffreys", {}),
-    ("renyi", {"alpha": 0.3}),
-    ("renyi", {"alpha": 0.5}),
-    ("renyi", {"alpha": 1.5}),
-    ("bhattacharyya", {}),
-    ("hellinger", {}),
-    ("alpha", {"alpha": -0.3}),
-    ("alpha", {"alpha": 0.7}),
-    ("alpha", {"alpha": 2.0}),
-    ("pearson_chi2", {}),
-    ("neyman_chi2", {}),
+    ("forward_kl", {}), ("reverse_kl", {}), ("jeffreys", {}),
+    *[("renyi", {"alpha": a}) for a in (0.3, 0.5, 1.5)],
+    ("bhattacharyya", {}), ("hellinger", {}),
+    *[("alpha", {"alpha": a}) for a in (-0.3, 0.7, 2.0)],
+    ("pearson_chi2", {}), ("neyman_chi2", {}),
 ]
 
 
@@ -262,7 +255,7 @@ def _estimand(name, params, value):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("case", MC_CASES, ids=case_id)
+@pytest.mark.parametrize("case", MC_CASES, ids=spec_id)
 def test_mvn_matches_monte_carlo(case):
     name, params = case
     value = float(closed_form(get(name, **params), p=mvn(*MVN_P), q=mvn(*MVN_Q)))
@@ -288,97 +281,83 @@ def _assert_same(a, b, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(a[finite], b[finite], rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_diagonal_equals_mvn_with_diagonal_covariance(case):
+def _assert_same_divergence(case, pair, reference_pair, shape=None, **tolerances):
+    """The divergence ``case`` between the distributions of ``pair`` (of ``shape`` when given) equals,
+    to rounding, the one between ``reference_pair``, a different parametrisation of the same laws."""
     name, params = case
+    value = closed_form(get(name, **params), p=pair[0], q=pair[1])
+    if shape is not None:
+        assert value.shape == shape
+    _assert_same(value, closed_form(get(name, **params), p=reference_pair[0], q=reference_pair[1]), **tolerances)
+
+
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
+def test_diagonal_equals_mvn_with_diagonal_covariance(case):
     g = torch.Generator().manual_seed(7)
     loc_p, loc_q = torch.randn(3, 4, dtype=DT, generator=g), torch.randn(4, dtype=DT, generator=g)
     scale_p = torch.rand(3, 4, dtype=DT, generator=g) + 0.5
     scale_q = torch.rand(4, dtype=DT, generator=g) + 0.5
     scale_p[2, 1] = 3.0 * scale_q[1]  # one batch entry where orders > 1 (or < 0) diverge
-    diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
-    diag = closed_form(get(name, **params), p=diag_p, q=diag_q)
-    full = closed_form(
-        get(name, **params),
-        p=MultivariateNormal(loc_p, covariance_matrix=torch.diag_embed(scale_p**2)),
-        q=MultivariateNormal(loc_q, covariance_matrix=torch.diag_embed(scale_q**2)),
-    )
-    assert diag.shape == (3,)
-    _assert_same(diag, full)
+    diag = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
+    _assert_same_divergence(case, diag, (diag_mvn(loc_p, scale_p), diag_mvn(loc_q, scale_q)), shape=(3,))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_independent_over_several_dims_equals_flattened_mvn(case):
     """Independent(Normal, 2) and nested Independent wrappers sum over every event dim."""
-    name, params = case
     g = torch.Generator().manual_seed(9)
     loc_p, loc_q = torch.randn(2, 3, 2, dtype=DT, generator=g), torch.randn(2, 3, 2, dtype=DT, generator=g)
     scale_p = 0.5 * torch.rand(2, 3, 2, dtype=DT, generator=g) + 0.8
     scale_q = 0.5 * torch.rand(2, 3, 2, dtype=DT, generator=g) + 0.8
     p2 = Independent(Normal(loc_p, scale_p), 2)
     q_nested = Independent(Independent(Normal(loc_q, scale_q), 1), 1)
-    value = closed_form(get(name, **params), p=p2, q=q_nested)
-    full = closed_form(
-        get(name, **params),
-        p=MultivariateNormal(loc_p.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_p.reshape(2, 6) ** 2)),
-        q=MultivariateNormal(loc_q.reshape(2, 6), covariance_matrix=torch.diag_embed(scale_q.reshape(2, 6) ** 2)),
-    )
-    assert value.shape == (2,)
-    _assert_same(value, full)
+    flat_loc_p, flat_scale_p, flat_loc_q, flat_scale_q = (x.reshape(2, 6) for x in (loc_p, scale_p, loc_q, scale_q))
+    full = diag_mvn(flat_loc_p, flat_scale_p), diag_mvn(flat_loc_q, flat_scale_q)
+    _assert_same_divergence(case, (p2, q_nested), full, shape=(2,))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_independent_mvn_equals_block_diagonal_mvn(case):
-    name, params = case
     g = torch.Generator().manual_seed(10)
     loc_p, loc_q = torch.randn(3, 2, dtype=DT, generator=g), torch.randn(3, 2, dtype=DT, generator=g)
     tril_p, tril_q = random_tril(g, 3, d=2, scale=0.2), random_tril(g, 3, d=2, scale=0.2)
-    blocks = closed_form(
-        get(name, **params),
-        p=Independent(MultivariateNormal(loc_p, scale_tril=tril_p), 1),
-        q=Independent(MultivariateNormal(loc_q, scale_tril=tril_q), 1),
+    blocks = (
+        Independent(MultivariateNormal(loc_p, scale_tril=tril_p), 1),
+        Independent(MultivariateNormal(loc_q, scale_tril=tril_q), 1),
     )
-    full = closed_form(
-        get(name, **params),
-        p=MultivariateNormal(loc_p.reshape(6), scale_tril=torch.block_diag(*tril_p)),
-        q=MultivariateNormal(loc_q.reshape(6), scale_tril=torch.block_diag(*tril_q)),
+    full = (
+        MultivariateNormal(loc_p.reshape(6), scale_tril=torch.block_diag(*tril_p)),
+        MultivariateNormal(loc_q.reshape(6), scale_tril=torch.block_diag(*tril_q)),
     )
-    assert blocks.shape == ()
-    _assert_same(blocks, full)
+    _assert_same_divergence(case, blocks, full, shape=())
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_mvn_in_one_dimension_equals_normal(case):
-    name, params = case
     mu_p, sd_p, mu_q, sd_q = tt([0.3, -1.0, 0.0]), tt([1.0, 0.6, 2.5]), tt([-0.4, 0.5, 0.1]), tt([1.2, 0.7, 1.0])
-    uni = closed_form(get(name, **params), p=Normal(mu_p, sd_p), q=Normal(mu_q, sd_q))
-    multi = closed_form(
-        get(name, **params),
-        p=MultivariateNormal(mu_p[:, None], scale_tril=sd_p[:, None, None]),
-        q=MultivariateNormal(mu_q[:, None], scale_tril=sd_q[:, None, None]),
+    multi = (
+        MultivariateNormal(mu_p[:, None], scale_tril=sd_p[:, None, None]),
+        MultivariateNormal(mu_q[:, None], scale_tril=sd_q[:, None, None]),
     )
-    _assert_same(multi, uni)
+    _assert_same_divergence(case, multi, (Normal(mu_p, sd_p), Normal(mu_q, sd_q)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_mvn_affine_invariance(case):
     """Divergences are invariant under a shared invertible affine map; this turns the
     (quadrature-checked) diagonal case into an exact check of full covariances."""
-    name, params = case
     g = torch.Generator().manual_seed(11)
     loc_p, loc_q = torch.randn(2, 3, dtype=DT, generator=g), torch.randn(2, 3, dtype=DT, generator=g)
     scale_p, scale_q = torch.rand(2, 3, dtype=DT, generator=g) + 0.5, torch.rand(2, 3, dtype=DT, generator=g) + 0.5
     A = torch.randn(3, 3, dtype=DT, generator=g) + 2 * torch.eye(3, dtype=DT)
     b = torch.randn(3, dtype=DT, generator=g)
-    diag_p, diag_q = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
-    diag = closed_form(get(name, **params), p=diag_p, q=diag_q)
+    diag = Independent(Normal(loc_p, scale_p), 1), Independent(Normal(loc_q, scale_q), 1)
 
     def mapped(loc, scale):
         cov = A @ torch.diag_embed(scale**2) @ A.T
         return MultivariateNormal(loc @ A.T + b, scale_tril=torch.linalg.cholesky(cov))
 
-    full = closed_form(get(name, **params), p=mapped(loc_p, scale_p), q=mapped(loc_q, scale_q))
-    _assert_same(full, diag, rtol=1e-9, atol=1e-11)
+    _assert_same_divergence(case, (mapped(loc_p, scale_p), mapped(loc_q, scale_q)), diag, rtol=1e-9, atol=1e-11)
 
 
 # ----------------------------------------------------------------------------- identities
@@ -433,7 +412,7 @@ def test_identities(kind):
 
 
 @pytest.mark.parametrize("kind", PAIRS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=spec_id)
 def test_divergence_of_a_distribution_to_itself_is_zero(kind, case):
     name, params = case
     p, _ = PAIRS[kind]
@@ -474,7 +453,7 @@ def _mvn_from(loc, raw):
         ("alpha", {"alpha": -0.5}),
         ("neyman_chi2", {}),
     ],
-    ids=case_id,
+    ids=spec_id,
 )
 def test_gradcheck_mvn(case):
     name, params = case
@@ -517,7 +496,7 @@ def test_gradcheck_mvn_covariance_parametrisation():
 @pytest.mark.parametrize(
     "case",
     [("forward_kl", {}), ("renyi", {"alpha": 1.5}), ("pearson_chi2", {}), ("alpha", {"alpha": 0.3})],
-    ids=case_id,
+    ids=spec_id,
 )
 def test_gradcheck_normal_and_diagonal(case):
     name, params = case
@@ -889,29 +868,14 @@ def test_instance_parameters_reach_the_gaussian_forms(name, alpha):
 
 def test_categorical_serves_any_divergence_instance():
     """An instance fdiv has never registered is computed by its own from_log_probs."""
-
-    class QuarticTest(fdiv.math.FDivergence):
-        name = "quartic_closed_form_test"
-
-        def f(self, t):
-            return (torch.as_tensor(t) - 1) ** 4
-
-        def f_prime(self, t):
-            return 4 * (torch.as_tensor(t) - 1) ** 3
-
-        def f_at_zero(self):
-            return 1.0
-
-        def f_prime_at_infinity(self):
-            return math.inf
-
+    quartic = quartic_divergence("quartic_closed_form_test")
     rng = np.random.default_rng(3)
     p_np, q_np = rng.dirichlet(np.ones(5), size=2), rng.dirichlet(np.ones(5), size=2)
-    got = closed_form(QuarticTest(), p=Categorical(probs=tt(p_np)), q=Categorical(probs=tt(q_np)))
+    got = closed_form(quartic, p=Categorical(probs=tt(p_np)), q=Categorical(probs=tt(q_np)))
     want = np.sum(q_np * (p_np / q_np - 1) ** 4, -1)  # sum_x q f(p/q), written out
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-14)
     with pytest.raises(NotImplementedError, match="quartic_closed_form_test"):  # no Gaussian form
-        closed_form(QuarticTest(), p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(1.0), tt(1.0)))
+        closed_form(quartic, p=Normal(tt(0.0), tt(1.0)), q=Normal(tt(1.0), tt(1.0)))
 
 
 def test_registered_closed_form_receives_the_instance_parameters(clean_registry):

@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import softmax_np
 
 import fdiv
 from fdiv.decoding import (
@@ -30,15 +31,9 @@ F64 = torch.float64
 
 
 # ============================================================================ USCD: numbers
-def _np_softmax(z):
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def _np_uscd(standard, lame, tau, k, lam):
     """The authors' processor on one (standard, lame) pair, restated in numpy (per row)."""
-    p_s, p_l = _np_softmax(standard), _np_softmax(lame)
+    p_s, p_l = softmax_np(standard), softmax_np(lame)
     if np.std(p_s, ddof=1) > tau:
         return np.log(p_s)
     keep = p_s >= k * p_s.mean()
@@ -66,7 +61,7 @@ def test_uscd_matches_the_authors_procedure_on_random_logits():
     g = torch.Generator().manual_seed(0)
     std = torch.randn(6, 50, generator=g, dtype=F64) * 1.5
     lame = std + torch.randn(6, 50, generator=g, dtype=F64)
-    stds = _np_softmax(std.numpy()).std(-1, ddof=1)
+    stds = softmax_np(std.numpy()).std(-1, ddof=1)
     for tau in (0.0, float(np.median(stds)), 1.0):
         for k, lam in ((2 / 3, 0.7), (1 / 3, 0.3), (1.0, 0.0)):
             got = uscd_scores(standard_logits=std, lame_logits=lame, tau=tau, k=k, lam=lam).numpy()
@@ -124,7 +119,7 @@ def test_uscd_std_threshold_depends_on_the_vocabulary_size_but_sum_sq_does_not()
     # the two tests agree when the thresholds are matched: std > tau <=> sum_sq > 1/V + (V-1) tau^2
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(200, 40, generator=g, dtype=F64) * 2
-    tau = float(np.median(_np_softmax(logits.numpy()).std(-1, ddof=1)))  # half the rows on each side
+    tau = float(np.median(softmax_np(logits.numpy()).std(-1, ddof=1)))  # half the rows on each side
     a = uscd_uncertainty(standard_logits=logits) > tau
     b = uscd_uncertainty(standard_logits=logits, uncertainty="sum_sq") > 1 / 40 + 39 * tau**2
     assert a.any() and (~a).any()

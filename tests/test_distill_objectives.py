@@ -16,6 +16,7 @@ import scipy.special
 import scipy.spatial.distance
 import torch
 import torch.nn.functional as F
+from conftest import logits
 
 import fdiv
 from fdiv.objectives.distill import (
@@ -36,11 +37,6 @@ F64 = torch.float64
 
 
 # ----------------------------------------------------------------------------- helpers
-def _logits(*shape, seed=0, scale=2.0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
-
-
 def _np_log_softmax(row):
     row = np.asarray(row, dtype=np.float64)
     finite = row[np.isfinite(row)]
@@ -129,7 +125,7 @@ LABELS_BT = torch.tensor([[0, 3, -100, 6, 2], [-100, 1, 5, 4, -100]])
 @pytest.mark.parametrize("scaling", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_kd_loss_matches_loop_reference_with_labels_and_ce(scaling, reduction):
-    s, t = _logits(2, 5, 7, seed=1), _logits(2, 5, 7, seed=2)
+    s, t = logits(2, 5, 7, seed=1), logits(2, 5, 7, seed=2)
     got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.3, divergence_weight=0.7,
                   temperature=1.7,
                   temperature_scaling=scaling, reduction=reduction, chunk_size=3)
@@ -138,7 +134,7 @@ def test_kd_loss_matches_loop_reference_with_labels_and_ce(scaling, reduction):
 
 
 def test_kd_loss_t2_factor_is_exact():
-    s, t = _logits(6, 9, seed=3), _logits(6, 9, seed=4)
+    s, t = logits(6, 9, seed=3), logits(6, 9, seed=4)
     with_t2 = kd_loss(student_logits=s, teacher_logits=t, temperature=3.0, temperature_scaling=True)
     without = kd_loss(student_logits=s, teacher_logits=t, temperature=3.0)
     torch.testing.assert_close(with_t2, 9.0 * without, rtol=1e-13, atol=0)
@@ -149,7 +145,7 @@ def test_kd_loss_t2_factor_is_exact():
 @pytest.mark.parametrize("divergence", ["skew_forward_kl", "skew_reverse_kl"])
 @pytest.mark.parametrize("alpha", [0.1, 0.5])
 def test_kd_loss_skew_alpha_matches_mixture_kl(divergence, alpha):
-    s, t = _logits(2, 5, 7, seed=5), _logits(2, 5, 7, seed=6)
+    s, t = logits(2, 5, 7, seed=5), logits(2, 5, 7, seed=6)
     got = kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get(divergence, alpha=alpha), labels=LABELS_BT,
                   temperature=1.3)
     ref = _kd_reference(s, t, LABELS_BT, temperature=1.3, scaling=False, w_div=1.0, w_ce=0.0,
@@ -158,7 +154,7 @@ def test_kd_loss_skew_alpha_matches_mixture_kl(divergence, alpha):
 
 
 def test_kd_loss_js_matches_scipy_and_reverse_kl_matches_loop():
-    s, t = _logits(8, 6, seed=7), _logits(8, 6, seed=8)
+    s, t = logits(8, 6, seed=7), logits(8, 6, seed=8)
     got = kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.5))
     ref = _kd_reference(s, t, None, temperature=1.0, scaling=False, w_div=1.0, w_ce=0.0, divergence="js")
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
@@ -168,7 +164,7 @@ def test_kd_loss_js_matches_scipy_and_reverse_kl_matches_loop():
 
 
 def test_kd_loss_mask_and_labels_are_combined():
-    s, t = _logits(2, 5, 7, seed=9), _logits(2, 5, 7, seed=10)
+    s, t = logits(2, 5, 7, seed=9), logits(2, 5, 7, seed=10)
     mask = torch.tensor([[True, False, True, True, True], [True, True, True, False, True]])
     got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, mask=mask, hard_label_weight=1.0,
                   temperature=2.0)
@@ -177,14 +173,14 @@ def test_kd_loss_mask_and_labels_are_combined():
 
 
 def test_kd_loss_hard_label_only_is_torch_cross_entropy():
-    s, t = _logits(2, 5, 7, seed=11), _logits(2, 5, 7, seed=12)
+    s, t = logits(2, 5, 7, seed=11), logits(2, 5, 7, seed=12)
     got = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=1.0, divergence_weight=0.0)
     ref = F.cross_entropy(s.reshape(-1, 7), LABELS_BT.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
 
 
 def test_kd_loss_gradient_matches_finite_differences():
-    s, t = _logits(2, 3, 5, seed=13), _logits(2, 3, 5, seed=14)
+    s, t = logits(2, 3, 5, seed=13), logits(2, 3, 5, seed=14)
     labels = torch.tensor([[1, -100, 4], [0, 2, -100]])
 
     def fn(a, b):
@@ -195,7 +191,7 @@ def test_kd_loss_gradient_matches_finite_differences():
 
 
 def test_kd_loss_gradient_matches_autograd_of_naive_expression():
-    s, t = _logits(2, 5, 7, seed=15), _logits(2, 5, 7, seed=16)
+    s, t = logits(2, 5, 7, seed=15), logits(2, 5, 7, seed=16)
     s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     T = 2.5
     kd_loss(student_logits=s1, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.4, temperature=T,
@@ -211,8 +207,8 @@ def test_kd_loss_gradient_matches_autograd_of_naive_expression():
 
 
 def test_kd_loss_no_counted_tokens_is_zero_with_zero_gradient():
-    s = _logits(2, 3, 4, seed=17).requires_grad_(True)
-    t = _logits(2, 3, 4, seed=18)
+    s = logits(2, 3, 4, seed=17).requires_grad_(True)
+    t = logits(2, 3, 4, seed=18)
     labels = torch.full((2, 3), -100)
     out = kd_loss(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=1.0)
     assert out.item() == 0.0
@@ -221,7 +217,7 @@ def test_kd_loss_no_counted_tokens_is_zero_with_zero_gradient():
 
 
 def test_kd_loss_ignored_rows_may_hold_nan():
-    s, t = _logits(2, 5, 7, seed=19), _logits(2, 5, 7, seed=20)
+    s, t = logits(2, 5, 7, seed=19), logits(2, 5, 7, seed=20)
     s[0, 2] = float("nan")
     t[1, 0] = float("nan")
     s.requires_grad_(True)
@@ -246,7 +242,7 @@ def test_kd_loss_large_logits_are_finite_and_exact():
 
 
 def test_kd_loss_bf16_computes_in_float32():
-    s32, t32 = _logits(4, 6, 11, seed=21, dtype=torch.float32), _logits(4, 6, 11, seed=22, dtype=torch.float32)
+    s32, t32 = logits(4, 6, 11, seed=21, dtype=torch.float32), logits(4, 6, 11, seed=22, dtype=torch.float32)
     labels = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
     s16 = s32.bfloat16().requires_grad_(True)
     out = kd_loss(student_logits=s16, teacher_logits=t32.bfloat16(), labels=labels, hard_label_weight=0.5,
@@ -279,26 +275,26 @@ def test_kd_loss_bf16_computes_in_float32():
     ],
 )
 def test_kd_loss_bad_input(kwargs, match):
-    s, t = _logits(3, 4, seed=23), _logits(3, 4, seed=24)
+    s, t = logits(3, 4, seed=23), logits(3, 4, seed=24)
     with pytest.raises(ValueError, match=match):
         kd_loss(student_logits=s, teacher_logits=t, **kwargs)
 
 
 def test_kd_loss_bad_divergence_and_shapes():
-    s, t = _logits(3, 4, seed=25), _logits(3, 4, seed=26)
+    s, t = logits(3, 4, seed=25), logits(3, 4, seed=26)
     with pytest.raises(ValueError, match="unknown divergence"):
         kd_loss(student_logits=s, teacher_logits=t, divergence="forward_kll")
     with pytest.raises(ValueError, match="alpha"):
         kd_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("skew_forward_kl", alpha=1.5))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
-        kd_loss(student_logits=s, teacher_logits=_logits(3, 5, seed=27))
+        kd_loss(student_logits=s, teacher_logits=logits(3, 5, seed=27))
     with pytest.raises(ValueError, match="NaN"):
         kd_loss(student_logits=torch.full((2, 3), float("nan"), dtype=F64), teacher_logits=t[:2, :3])
 
 
 # ----------------------------------------------------------------------------- the boundary rules
 def _defaults_pair(seed):
-    return _logits(2, 5, 7, seed=seed), _logits(2, 5, 7, seed=seed + 1)
+    return logits(2, 5, 7, seed=seed), logits(2, 5, 7, seed=seed + 1)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tv", "hellinger", "js_03", "skew_forward_kl_01"])
@@ -345,7 +341,7 @@ def test_temperature_scaling_in_bdkd_binary_kl_and_dual_head():
                               labels=LABELS_BT, hard_label_weight=0.5, temperature_scaling=True)
     ce = kd_loss(student_logits=s, teacher_logits=t, labels=LABELS_BT, hard_label_weight=0.5, divergence_weight=0.0)
     torch.testing.assert_close(scaled - ce, T * T * (plain - ce), rtol=1e-11, atol=1e-13)
-    zs, zt = _logits(4, 5, seed=230), _logits(4, 5, seed=231)
+    zs, zt = logits(4, 5, seed=230), logits(4, 5, seed=231)
     b1 = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=T)
     assert math.isclose(b1.item(), _binary_kl_reference(zs.numpy(), zt.numpy(), T, True) / (T * T), rel_tol=1e-12)
     labels = torch.tensor([0, 4, -100, 2])
@@ -372,13 +368,13 @@ def test_temperature_scaling_in_bdkd_binary_kl_and_dual_head():
     ],
 )
 def test_tensors_are_keyword_only(call):
-    s, t = _logits(2, 3, seed=240), _logits(2, 3, seed=241)
+    s, t = logits(2, 3, seed=240), logits(2, 3, seed=241)
     with pytest.raises(TypeError, match="positional"):
         call(s, t)
 
 
 def test_no_divergence_params_beside_divergence():
-    s, t = _logits(2, 3, seed=242), _logits(2, 3, seed=243)
+    s, t = logits(2, 3, seed=242), logits(2, 3, seed=243)
     with pytest.raises(TypeError):
         kd_loss(student_logits=s, teacher_logits=t, divergence="js", beta=0.3)
     with pytest.raises(TypeError):
@@ -436,7 +432,7 @@ def test_pld_spec_numbers():
 @pytest.mark.parametrize("tau", [1.0, 0.5, 4.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_pld_matches_loop_reference(tau, reduction):
-    s, t = _logits(9, 6, seed=31), _logits(9, 6, seed=32)
+    s, t = logits(9, 6, seed=31), logits(9, 6, seed=32)
     t[3, 4] = t[3, 1]  # a tie in the teacher ranking: broken by class index
     labels = torch.tensor([0, 5, -100, 2, 3, 3, -100, 1, 4])
     got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=tau, reduction=reduction)
@@ -448,7 +444,7 @@ def test_pld_matches_loop_reference(tau, reduction):
 
 
 def test_pld_on_sequences_equals_flattened():
-    s, t = _logits(2, 4, 5, seed=33), _logits(2, 4, 5, seed=34)
+    s, t = logits(2, 4, 5, seed=33), logits(2, 4, 5, seed=34)
     labels = torch.tensor([[0, 4, -100, 2], [1, 1, 3, -100]])
     got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=2.0, reduction="none")
     assert got.shape == (2, 4)
@@ -458,7 +454,7 @@ def test_pld_on_sequences_equals_flattened():
 
 
 def test_plackett_luce_one_hot_weights_is_cross_entropy_exactly():
-    s = _logits(7, 5, seed=35)
+    s = logits(7, 5, seed=35)
     labels = torch.tensor([0, 4, 2, 2, 1, 3, 0])
     ce = F.cross_entropy(s, labels, reduction="none")
     ref = torch.tensor([-_np_log_softmax(r)[y] for r, y in zip(_rows(s), labels.tolist())], dtype=F64)
@@ -474,7 +470,7 @@ def test_plackett_luce_one_hot_weights_is_cross_entropy_exactly():
 
 
 def test_pld_cold_teacher_is_cross_entropy_when_argmax_is_label():
-    s, t = _logits(6, 5, seed=36), _logits(6, 5, seed=37)
+    s, t = logits(6, 5, seed=36), logits(6, 5, seed=37)
     labels = t.argmax(-1)
     got = pld_loss(student_logits=s, teacher_logits=t, labels=labels, temperature=1e-4)
     torch.testing.assert_close(got, F.cross_entropy(s, labels), rtol=1e-14, atol=1e-15)
@@ -484,7 +480,7 @@ def test_pld_cold_teacher_is_cross_entropy_when_argmax_is_label():
 
 
 def test_plackett_luce_uniform_weights_is_listmle():
-    s = _logits(5, 6, seed=38)
+    s = logits(5, 6, seed=38)
     g = torch.Generator().manual_seed(1)
     perm = torch.stack([torch.randperm(6, generator=g) for _ in range(5)])
     got = plackett_luce_loss(student_logits=s, permutation=perm, weights=torch.ones(6, dtype=F64), reduction="none")
@@ -493,7 +489,7 @@ def test_plackett_luce_uniform_weights_is_listmle():
 
 
 def test_plackett_luce_partial_ranking_equals_zero_padded_full_ranking():
-    s = _logits(4, 7, seed=39)
+    s = logits(4, 7, seed=39)
     g = torch.Generator().manual_seed(2)
     full = torch.stack([torch.randperm(7, generator=g) for _ in range(4)])
     w = torch.rand(4, 3, generator=g, dtype=F64)
@@ -504,7 +500,7 @@ def test_plackett_luce_partial_ranking_equals_zero_padded_full_ranking():
 
 
 def test_pld_shift_invariance_in_student_logits():
-    s, t = _logits(6, 5, seed=40), _logits(6, 5, seed=41)
+    s, t = logits(6, 5, seed=40), logits(6, 5, seed=41)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     shift = torch.linspace(-30, 50, 6, dtype=F64)[:, None]
     torch.testing.assert_close(pld_loss(student_logits=s + shift, teacher_logits=t, labels=labels),
@@ -512,8 +508,8 @@ def test_pld_shift_invariance_in_student_logits():
 
 
 def test_pld_gradcheck():
-    s = _logits(4, 5, seed=42).requires_grad_(True)
-    t = _logits(4, 5, seed=43).requires_grad_(True)
+    s = logits(4, 5, seed=42).requires_grad_(True)
+    t = logits(4, 5, seed=43).requires_grad_(True)
     labels = torch.tensor([1, -100, 0, 3])
     assert torch.autograd.gradcheck(lambda a, b: pld_loss(student_logits=a, teacher_logits=b, labels=labels,
                                                           temperature=1.5), (s, t))
@@ -525,7 +521,7 @@ def test_pld_gradcheck():
 
 
 def test_pld_masked_vocabulary_is_finite_and_drops_the_class():
-    s, t = _logits(3, 5, seed=44), _logits(3, 5, seed=45)
+    s, t = logits(3, 5, seed=44), logits(3, 5, seed=45)
     s[:, 3] = -math.inf
     t[:, 3] = -math.inf
     s.requires_grad_(True)
@@ -549,7 +545,7 @@ def test_pld_large_logits_are_finite():
 
 
 def test_pld_no_counted_rows_and_float32():
-    s, t = _logits(3, 4, seed=46, dtype=torch.float32), _logits(3, 4, seed=47, dtype=torch.float32)
+    s, t = logits(3, 4, seed=46, dtype=torch.float32), logits(3, 4, seed=47, dtype=torch.float32)
     s.requires_grad_(True)
     out = pld_loss(student_logits=s, teacher_logits=t, labels=torch.full((3,), -100))
     out.backward()
@@ -557,7 +553,7 @@ def test_pld_no_counted_rows_and_float32():
 
 
 def test_pld_and_plackett_luce_bad_input():
-    s, t = _logits(3, 4, seed=48), _logits(3, 4, seed=49)
+    s, t = logits(3, 4, seed=48), logits(3, 4, seed=49)
     with pytest.raises(ValueError, match="labels must lie in"):
         pld_loss(student_logits=s, teacher_logits=t, labels=torch.tensor([0, 4, 1]))
     with pytest.raises(ValueError, match="shape"):
@@ -592,7 +588,7 @@ def _kl_rows(s, t, T):
 
 
 def test_bdkd_fixed_weights_is_weighted_sum_of_forward_and_reverse_kl():
-    s, t = _logits(2, 5, 7, seed=51), _logits(2, 5, 7, seed=52)
+    s, t = logits(2, 5, 7, seed=51), logits(2, 5, 7, seed=52)
     T = 1.8
     got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (0.3, 1.7), temperature=T,
                            temperature_scaling=True, labels=LABELS_BT)
@@ -603,7 +599,7 @@ def test_bdkd_fixed_weights_is_weighted_sum_of_forward_and_reverse_kl():
 
 
 def test_bdkd_per_row_weights_and_ce_term():
-    s, t = _logits(6, 5, seed=53), _logits(6, 5, seed=54)
+    s, t = logits(6, 5, seed=53), logits(6, 5, seed=54)
     labels = torch.tensor([0, 1, -100, 3, 4, 2])
     wf = torch.tensor([0.0, 0.5, 9.0, 1.0, 2.0, 0.25], dtype=F64)
     wr = torch.tensor([1.0, 0.5, 9.0, 0.0, 3.0, 0.75], dtype=F64)
@@ -618,7 +614,7 @@ def test_bdkd_per_row_weights_and_ce_term():
 
 
 def test_bdkd_with_zero_reverse_weight_is_kd():
-    s, t = _logits(2, 5, 7, seed=55), _logits(2, 5, 7, seed=56)
+    s, t = logits(2, 5, 7, seed=55), logits(2, 5, 7, seed=56)
     s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     a = balanced_kd_loss(student_logits=s1, teacher_logits=t, weight_fn=lambda **_: (1.0, 0.0), labels=LABELS_BT,
                          hard_label_weight=0.2,
@@ -631,7 +627,7 @@ def test_bdkd_with_zero_reverse_weight_is_kd():
 
 
 def test_bdkd_jeffreys_is_closed_form():
-    s, t = _logits(5, 6, seed=57), _logits(5, 6, seed=58)
+    s, t = logits(5, 6, seed=57), logits(5, 6, seed=58)
     got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="jeffreys", reduction="none")
     ref = [float(np.sum((_np_softmax(zt) - _np_softmax(zs)) * (_np_log_softmax(zt) - _np_log_softmax(zs))))
            for zs, zt in zip(_rows(s), _rows(t))]
@@ -640,7 +636,7 @@ def test_bdkd_jeffreys_is_closed_form():
 
 
 def test_bdkd_weights_get_no_gradient():
-    s, t = _logits(4, 6, seed=59), _logits(4, 6, seed=60)
+    s, t = logits(4, 6, seed=59), logits(4, 6, seed=60)
     seen = {}
 
     def soft_rule(*, teacher_entropy, student_entropy):  # a weight that WOULD carry gradient if the entropies did
@@ -695,7 +691,7 @@ def test_bdkd_default_rule_follows_entropy_gap():
 
 
 def test_bdkd_gradient_matches_finite_differences():
-    s, t = _logits(3, 4, seed=61), _logits(3, 4, seed=62)
+    s, t = logits(3, 4, seed=61), logits(3, 4, seed=62)
     labels = torch.tensor([1, -100, 3])
     wf = torch.tensor([0.2, 5.0, 1.3], dtype=F64)
     wr = torch.tensor([0.9, 5.0, 0.1], dtype=F64)
@@ -717,7 +713,7 @@ def test_bdkd_large_logits_finite():
 
 
 def test_bdkd_bad_input():
-    s, t = _logits(3, 4, seed=63), _logits(3, 4, seed=64)
+    s, t = logits(3, 4, seed=63), logits(3, 4, seed=64)
     with pytest.raises(ValueError, match="weight_fn must be one of"):
         balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn="paper")
     with pytest.raises(ValueError, match="negative or not finite"):
@@ -767,7 +763,7 @@ def test_binary_kl_spec_value_both_routes():
 
 @pytest.mark.parametrize("normalized", [True, False])
 def test_binary_kl_matches_scipy_on_random_batches(normalized):
-    zs, zt = _logits(5, 7, seed=71, scale=4.0), _logits(5, 7, seed=72, scale=4.0)
+    zs, zt = logits(5, 7, seed=71, scale=4.0), logits(5, 7, seed=72, scale=4.0)
     got = binary_kl_loss(student_logits=zs, teacher_logits=zt, temperature=1.5, temperature_scaling=True,
                          normalized=normalized)
     ref = _binary_kl_reference(zs.numpy(), zt.numpy(), 1.5, normalized)
@@ -796,7 +792,7 @@ def test_binary_kl_large_logits_exact_and_finite():
 
 
 def test_binary_kl_zero_iff_equal_and_not_shift_invariant():
-    z = _logits(3, 4, seed=73)
+    z = logits(3, 4, seed=73)
     assert binary_kl_loss(student_logits=z, teacher_logits=z).item() == 0.0
     assert binary_kl_loss(student_logits=z, teacher_logits=z, normalized=False).item() == 0.0
     assert binary_kl_loss(student_logits=z + 1.0, teacher_logits=z).item() > 1e-3
@@ -804,7 +800,7 @@ def test_binary_kl_zero_iff_equal_and_not_shift_invariant():
 
 
 def test_binary_kl_sequence_shape_and_reductions():
-    zs, zt = _logits(2, 3, 4, seed=74), _logits(2, 3, 4, seed=75)
+    zs, zt = logits(2, 3, 4, seed=74), logits(2, 3, 4, seed=75)
     rows = binary_kl_loss(student_logits=zs, teacher_logits=zt, reduction="none")
     assert rows.shape == (2, 3)
     torch.testing.assert_close(rows.mean(), binary_kl_loss(student_logits=zs, teacher_logits=zt))
@@ -813,15 +809,15 @@ def test_binary_kl_sequence_shape_and_reductions():
 
 @pytest.mark.parametrize("normalized", [True, False])
 def test_binary_kl_gradcheck(normalized):
-    zs = _logits(3, 4, seed=76).requires_grad_(True)
-    zt = _logits(3, 4, seed=77).requires_grad_(True)
+    zs = logits(3, 4, seed=76).requires_grad_(True)
+    zt = logits(3, 4, seed=77).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a,
                                     b: binary_kl_loss(student_logits=a, teacher_logits=b, temperature=1.7,
                                                       normalized=normalized), (zs, zt))
 
 
 def test_binary_kl_bad_input():
-    z = _logits(2, 3, seed=78)
+    z = logits(2, 3, seed=78)
     with pytest.raises(ValueError, match="temperature"):
         binary_kl_loss(student_logits=z, teacher_logits=z, temperature=0)
     with pytest.raises(ValueError, match="normalized"):
@@ -831,7 +827,7 @@ def test_binary_kl_bad_input():
     with pytest.raises(ValueError, match=r"teacher_logits contains -inf"):
         binary_kl_loss(student_logits=z, teacher_logits=torch.full((2, 3), -math.inf, dtype=F64))
     with pytest.raises(ValueError, match="shape mismatch"):
-        binary_kl_loss(student_logits=z, teacher_logits=_logits(3, 3, seed=79))
+        binary_kl_loss(student_logits=z, teacher_logits=logits(3, 3, seed=79))
 
 
 @pytest.mark.parametrize("aux", ["linear", "mlp"])
@@ -855,7 +851,7 @@ def test_dual_head_module_shapes(aux):
 
 
 def test_dual_head_kd_loss_routes_ce_to_main_and_kd_to_aux():
-    main, aux, teacher = _logits(6, 5, seed=81), _logits(6, 5, seed=82), _logits(6, 5, seed=83)
+    main, aux, teacher = logits(6, 5, seed=81), logits(6, 5, seed=82), logits(6, 5, seed=83)
     labels = torch.tensor([0, 4, -100, 1, 2, 3])
     m, a = main.clone().requires_grad_(True), aux.clone().requires_grad_(True)
     total, ce, kd = dual_head_kd_loss(main_logits=m, aux_logits=a, teacher_logits=teacher, labels=labels,
@@ -874,7 +870,7 @@ def test_dual_head_kd_loss_routes_ce_to_main_and_kd_to_aux():
 
 
 def test_dual_head_kd_loss_gradcheck():
-    main, aux, teacher = _logits(3, 4, seed=84), _logits(3, 4, seed=85), _logits(3, 4, seed=86)
+    main, aux, teacher = logits(3, 4, seed=84), logits(3, 4, seed=85), logits(3, 4, seed=86)
     labels = torch.tensor([0, 3, 1])
     inputs = tuple(x.requires_grad_(True) for x in (main, aux, teacher))
     assert torch.autograd.gradcheck(lambda m, a,
@@ -883,11 +879,11 @@ def test_dual_head_kd_loss_gradcheck():
 
 
 def test_dual_head_kd_loss_bad_input():
-    x = _logits(3, 4, seed=87)
+    x = logits(3, 4, seed=87)
     with pytest.raises(ValueError, match="ce_weight"):
         dual_head_kd_loss(main_logits=x, aux_logits=x, teacher_logits=x, labels=torch.tensor([0, 1, 2]), ce_weight=-1)
     with pytest.raises(ValueError, match="shape mismatch: main_logits"):
-        dual_head_kd_loss(main_logits=x, aux_logits=_logits(2, 4, seed=1), teacher_logits=x,
+        dual_head_kd_loss(main_logits=x, aux_logits=logits(2, 4, seed=1), teacher_logits=x,
                           labels=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="labels must lie in"):
         dual_head_kd_loss(main_logits=x, aux_logits=x, teacher_logits=x, labels=torch.tensor([0, 1, 9]))
@@ -944,7 +940,7 @@ def test_project_conflicting_bad_input():
 def test_dual_head_zero_ce_weight_ignores_an_infinite_cross_entropy():
     # ce_weight=0 with a -inf main logit at the label: the CE (inf) is not read (no 0 * inf = NaN), the loss
     # is kd_weight * the binary KL, against the scipy reference
-    main, aux, teacher = _logits(4, 5, seed=91), _logits(4, 5, seed=92), _logits(4, 5, seed=93)
+    main, aux, teacher = logits(4, 5, seed=91), logits(4, 5, seed=92), logits(4, 5, seed=93)
     labels = torch.tensor([0, 2, -100, 4])
     main[0, 0] = -math.inf
     a = aux.clone().requires_grad_(True)
@@ -964,7 +960,7 @@ def test_dual_head_zero_ce_weight_ignores_an_infinite_cross_entropy():
 
 
 def test_dual_head_and_binary_kl_errors_name_the_arguments():
-    x, teacher = _logits(3, 4, seed=94), _logits(3, 4, seed=95)
+    x, teacher = logits(3, 4, seed=94), logits(3, 4, seed=95)
     labels = torch.tensor([0, 1, 2])
     bad = x.clone()
     bad[1, 2] = float("nan")
@@ -1004,7 +1000,7 @@ FPE_CASES = [
 
 @pytest.mark.parametrize("call,match", FPE_CASES)
 def test_user_input_never_reaches_floating_point_error(call, match):
-    s, t = _logits(3, 5, seed=96, dtype=torch.float32), _logits(3, 5, seed=97, dtype=torch.float32)
+    s, t = logits(3, 5, seed=96, dtype=torch.float32), logits(3, 5, seed=97, dtype=torch.float32)
     y = torch.tensor([0, 3, 1])
     with pytest.raises(ValueError, match=match):
         call(s, t, y)
@@ -1012,7 +1008,7 @@ def test_user_input_never_reaches_floating_point_error(call, match):
 
 def test_an_overflowing_t2_factor_on_a_zero_weight_term_is_not_an_error():
     # the T^2 factor multiplies only the divergence term; with its weight 0 the term is skipped: the CE alone
-    s, y = _logits(3, 4, seed=102), torch.tensor([0, 1, 2])
+    s, y = logits(3, 4, seed=102), torch.tensor([0, 1, 2])
     ref = F.cross_entropy(s, y)
     common = dict(temperature=1e200, temperature_scaling=True)
     torch.testing.assert_close(
@@ -1026,7 +1022,7 @@ def test_an_overflowing_t2_factor_on_a_zero_weight_term_is_not_an_error():
 def test_bdkd_zero_weight_on_an_infinite_kl_row_is_zero_not_nan():
     # row 0: the student gives probability 0 to a class the teacher covers, KL(P || Q) = inf; its forward
     # weight is 0, so the row is w_r * KL(Q || P) only (0 * inf = 0), as in the loop reference
-    s, t = _logits(2, 4, seed=98), _logits(2, 4, seed=99)
+    s, t = logits(2, 4, seed=98), logits(2, 4, seed=99)
     s[0, 1] = -math.inf
     w_f, w_r = torch.tensor([0.0, 0.5]), torch.tensor([1.0, 1.5])
     got = balanced_kd_loss(student_logits=s, teacher_logits=t, weight_fn=lambda **_: (w_f, w_r), reduction="none")
@@ -1046,7 +1042,7 @@ def test_check_finite_off_makes_no_host_sync_and_scans_nothing(fn):
     with pytest.raises(RuntimeError):
         fn(student_logits=s, teacher_logits=t, labels=labels, hard_label_weight=0.5, check_finite=True)
     # on CPU: off returns a NaN loss as is and skips the label range scan; None (CPU) and True check both
-    s, t = _logits(2, 5, seed=100), _logits(2, 5, seed=101)
+    s, t = logits(2, 5, seed=100), logits(2, 5, seed=101)
     s_nan = s.clone()
     s_nan[1, 2] = float("nan")
     assert math.isnan(fn(student_logits=s_nan, teacher_logits=t, check_finite=False).item())

@@ -11,6 +11,7 @@ import math
 import mpmath
 import pytest
 import torch
+from conftest import quartic_divergence, spec_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,31 +32,8 @@ EXTRA_SPECS = [
 ]
 
 
-class QuarticGenerator(fdiv.FDivergence):
-    """A user-defined generator with only f and f': exercises the generic forms and ``Swapped``."""
-
-    name = "quartic_test"
-
-    def f(self, t):
-        return (torch.as_tensor(t) - 1) ** 4
-
-    def f_prime(self, t):
-        return 4 * (torch.as_tensor(t) - 1) ** 3
-
-    def f_at_zero(self):
-        return 1.0
-
-    def f_prime_at_infinity(self):
-        return math.inf
-
-
-def _spec_id(spec):
-    name, params = spec
-    return name + "".join(f"-{k}={v}" for k, v in params.items())
-
-
 SPECS = [(name, {}) for name in F_NAMES] + EXTRA_SPECS
-SPEC_IDS = [_spec_id(s) for s in SPECS]
+SPEC_IDS = [spec_id(s) for s in SPECS]
 
 
 def _divergence(spec):
@@ -88,6 +66,11 @@ def _close(actual, expected, rtol=1e-10, atol=1e-12):
 
 
 # ------------------------------------------------------------ mc_estimate
+def _mc(div, lp, lq, samples_from, control_variate, reduction="none"):
+    """``mc_estimate`` with every option named; the per-sample terms unless ``reduction`` says otherwise."""
+    return mc_estimate(divergence=div, target_logps=lp, model_logps=lq, samples_from=samples_from,
+                       control_variate=control_variate, reduction=reduction)
+
 
 
 def test_every_registered_f_divergence_is_covered():
@@ -101,14 +84,7 @@ def test_every_registered_f_divergence_is_covered():
 def test_mc_expectation_is_the_divergence(categorical, spec, samples_from, control_variate):
     zp, zq, lp, lq = categorical
     div = _divergence(spec)
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=lp,
-        model_logps=lq,
-        samples_from=samples_from,
-        control_variate=control_variate,
-        reduction="none",
-    )
+    terms = _mc(div, lp, lq, samples_from, control_variate)
     assert terms.shape == lp.shape and terms.dtype == torch.float64
     weights = (lq if samples_from == "model" else lp).exp()
     assert _close((weights * terms).sum(), div(zp, zq)), (terms, div(zp, zq))
@@ -120,14 +96,7 @@ def test_mc_expectation_user_generator(categorical, samples_from, control_variat
     zp, zq, lp, lq = categorical
     p, q = lp.exp(), lq.exp()
     exact = (q * ((p / q) - 1) ** 4).sum()  # direct definition, independent of the forms
-    terms = mc_estimate(
-        divergence=QuarticGenerator(),
-        target_logps=lp,
-        model_logps=lq,
-        samples_from=samples_from,
-        control_variate=control_variate,
-        reduction="none",
-    )
+    terms = _mc(quartic_divergence(), lp, lq, samples_from, control_variate)  # a user-defined generator
     weights = q if samples_from == "model" else p
     assert _close((weights * terms).sum(), exact)
 
@@ -184,14 +153,7 @@ def test_control_variate_terms_are_non_negative(spec, log_ratio, samples_from):
     lr = torch.tensor(log_ratio, dtype=torch.float64)
     log_q = torch.full_like(lr, -3.0)
     div = _divergence(spec)
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=log_q + lr,
-        model_logps=log_q,
-        samples_from=samples_from,
-        control_variate=True,
-        reduction="none",
-    )
+    terms = _mc(div, log_q + lr, log_q, samples_from, control_variate=True)
     assert not torch.isnan(terms).any()
     scale = 1 + lr.abs().exp()  # rounding of terms that are differences of O(r) quantities
     assert (terms >= -1e-12 * scale).all(), terms
@@ -259,14 +221,7 @@ def test_mc_gradients(spec, samples_from, control_variate):
     lq = (torch.randn(5, generator=gen, dtype=torch.float64) - 1.5).requires_grad_()
 
     def estimate(a, b, reduction="mean"):
-        return mc_estimate(
-            divergence=div,
-            target_logps=a,
-            model_logps=b,
-            samples_from=samples_from,
-            control_variate=control_variate,
-            reduction=reduction,
-        )
+        return _mc(div, a, b, samples_from, control_variate, reduction)
 
     assert torch.autograd.gradcheck(estimate, (lp, lq))
     # At log p == log q the forms' own derivative is used: finite, and the tangent slope f'(1)
@@ -291,7 +246,7 @@ def test_mc_gradients(spec, samples_from, control_variate):
         (("alpha", {"alpha": 2.0}), "target", True),
         (("jeffreys", {}), "model", True),
     ],
-    ids=lambda x: _spec_id(x) if isinstance(x, tuple) else str(x),
+    ids=spec_id,
 )
 def test_mc_with_real_sampling_within_five_standard_errors(spec, samples_from, control_variate):
     div = _divergence(spec)
@@ -301,24 +256,12 @@ def test_mc_with_real_sampling_within_five_standard_errors(spec, samples_from, c
     with torch.random.fork_rng():
         torch.manual_seed(2024)
         x = torch.distributions.Categorical(logits=zq if samples_from == "model" else zp).sample((4000,))
-    terms = mc_estimate(
-        divergence=div,
-        target_logps=lp[x],
-        model_logps=lq[x],
-        samples_from=samples_from,
-        control_variate=control_variate,
-        reduction="none",
-    )
+    terms = _mc(div, lp[x], lq[x], samples_from, control_variate)
     estimate, stderr = terms.mean(), terms.std() / math.sqrt(terms.numel())
     assert stderr > 0
     assert abs(float(estimate - div(zp, zq))) < 5 * float(stderr)
-    reduced = mc_estimate(
-        divergence=div,
-        target_logps=lp[x],
-        model_logps=lq[x],
-        samples_from=samples_from,
-        control_variate=control_variate,
-    )
+    reduced = mc_estimate(divergence=div, target_logps=lp[x], model_logps=lq[x], samples_from=samples_from,
+                          control_variate=control_variate)  # the default reduction: the mean
     assert torch.allclose(reduced, estimate)
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import logit_pair
 
 import fdiv
 from test_divergences import SPEC_IDS, SPECS
@@ -11,13 +12,6 @@ from test_divergences import SPEC_IDS, SPECS
 F_SPECS = [(n, p) for n, p in SPECS if isinstance(fdiv.get(n, **p), fdiv.FDivergence)]
 KERNEL_SPECS = SPECS[::2] + [("renyi", {"alpha": 2.0})]
 KERNEL_IDS = SPEC_IDS[::2] + ["renyi-alpha=2.0"]
-
-
-def _pair(n=7, v=13, seed=0, dtype=torch.float64, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
-    t = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale).to(dtype)
-    return s, t
 
 
 def _reference(name, params, student, teacher, *, temperature=1.0, mask=None, reduction="mean"):
@@ -40,7 +34,7 @@ def _grads(loss, tensors, weights=None):
 @pytest.mark.parametrize("name,params", KERNEL_SPECS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_token_loss_matches_reference_float64(name, params, reduction):
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     s.requires_grad_(True)
     t.requires_grad_(True)
     mask = torch.tensor([True, False, True, True, True, False, True])
@@ -56,7 +50,7 @@ def test_token_loss_matches_reference_float64(name, params, reduction):
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 7, 100])
 def test_chunk_boundaries_do_not_matter(chunk_size):
-    s, t = _pair(n=7)
+    s, t = logit_pair(7, 13)
     s.requires_grad_(True)
     got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("js", beta=0.3), chunk_size=chunk_size)
     ref = _reference("js", {"beta": 0.3}, s, t)
@@ -65,7 +59,7 @@ def test_chunk_boundaries_do_not_matter(chunk_size):
 
 
 def test_labels_ignore_index_and_leading_dims():
-    s, t = _pair(n=12)
+    s, t = logit_pair(12, 13)
     s3, t3 = s.reshape(3, 4, 13).requires_grad_(True), t.reshape(3, 4, 13)
     labels = torch.randint(0, 13, (3, 4))
     labels[0, 1] = labels[2, 3] = -100
@@ -77,7 +71,7 @@ def test_labels_ignore_index_and_leading_dims():
 
 
 def test_masked_vocabulary_and_float32():
-    s, t = _pair(dtype=torch.float32)
+    s, t = logit_pair(7, 13, dtype=torch.float32)
     s[:, [0, 5]] = -math.inf
     t[:, [0, 5]] = -math.inf
     t[:, 7] = -math.inf  # teacher gives 0 where the student does not: finite for f(0) < inf
@@ -99,7 +93,7 @@ def test_masked_vocabulary_and_float32():
 
 
 def test_all_tokens_masked_is_a_documented_zero():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     s.requires_grad_(True)
     s_garbage = s.detach().clone()
     s_garbage[:] = math.nan  # rows that are not counted are never read into the loss
@@ -112,7 +106,7 @@ def test_all_tokens_masked_is_a_documented_zero():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_compute_in_float32(dtype):
-    s, t = _pair(n=6, v=50, dtype=dtype)
+    s, t = logit_pair(6, 50, dtype=dtype)
     s.requires_grad_(True)
     got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")
     assert got.dtype == torch.float32
@@ -125,7 +119,7 @@ def test_half_inputs_compute_in_float32(dtype):
 
 
 def test_compiled_backend_matches_eager():
-    s, t = _pair(n=9, v=32, dtype=torch.float32)
+    s, t = logit_pair(9, 32, dtype=torch.float32)
     s.requires_grad_(True)
     for name in ("forward_kl", "js"):
         eager = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, backend="eager", chunk_size=4)
@@ -135,7 +129,7 @@ def test_compiled_backend_matches_eager():
 
 
 def test_backward_scales_by_upstream_gradient():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     s.requires_grad_(True)
     got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="tv")
     (g,) = torch.autograd.grad(3.5 * got, s)
@@ -145,7 +139,7 @@ def test_backward_scales_by_upstream_gradient():
 
 
 def test_token_loss_errors():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
 
     def call(**kw):
         return fdiv.token_loss(**{"student_logits": s, "teacher_logits": t, **kw})
@@ -186,7 +180,7 @@ def test_token_loss_errors():
 
 
 def test_zero_one_mask_counts_like_a_bool_mask():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1])
     got = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=keep)
     ref = fdiv.token_loss(student_logits=s, teacher_logits=t, mask=keep.bool())
@@ -197,7 +191,7 @@ def test_zero_one_mask_counts_like_a_bool_mask():
 # ------------------------------------------------------------------ the boundary rules
 
 def test_kernels_take_tensors_by_keyword_only():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     _, values, indices = _topk_teacher(t, 3)
     prob = _linear_problem()
     with pytest.raises(TypeError):
@@ -215,7 +209,7 @@ def test_kernels_take_tensors_by_keyword_only():
 @pytest.mark.parametrize("extra", [{"temperature_scaling": True}, {"temperature_scaling": False}, {"beta": 0.3},
                                    {"divergence_params": {"beta": 0.3}}])  # fmt: skip
 def test_kernels_refuse_temperature_scaling_and_divergence_params(extra):
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     _, values, indices = _topk_teacher(t, 3)
     prob = _linear_problem()
     calls = [
@@ -232,7 +226,7 @@ def test_kernels_refuse_temperature_scaling_and_divergence_params(extra):
 
 
 def test_kernels_never_scale_by_temperature_squared():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     for temperature in (0.5, 2.0, 4.0):
         got = fdiv.token_loss(student_logits=s, teacher_logits=t, temperature=temperature)
         ref = fdiv.get("forward_kl")(t, s, temperature=temperature).mean()
@@ -240,7 +234,7 @@ def test_kernels_never_scale_by_temperature_squared():
 
 
 def test_divergence_instance_equals_the_reference_path():
-    s, t = _pair(n=6, v=11)
+    s, t = logit_pair(6, 11)
     js = fdiv.get("js", beta=0.3)
     ref = js(t, s, temperature=1.5)
     got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=js, temperature=1.5, reduction="none")
@@ -264,7 +258,7 @@ def test_divergence_instance_equals_the_reference_path():
 
 
 def test_non_f_divergence_instance_is_refused_where_forms_are_needed():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     prob = _linear_problem()
     with pytest.raises(ValueError, match="fused_linear_loss needs an f-divergence"):
         fdiv.fused_linear_loss(**prob, divergence=fdiv.get("renyi", alpha=0.5))
@@ -378,7 +372,7 @@ def _bucket_reference(name, params, student, values, indices, temperature=1.0):
 
 @pytest.mark.parametrize("name,params", F_SPECS[::2], ids=[f"{n}-{p}" for n, p in F_SPECS[::2]])
 def test_topk_bucket_and_renormalize_match_explicit_coarsening(name, params):
-    s, t = _pair(n=6, v=15)
+    s, t = logit_pair(6, 15)
     s.requires_grad_(True)
     _, values, indices = _topk_teacher(t, 4)
     div = fdiv.get(name, **params)
@@ -396,7 +390,7 @@ def test_topk_bucket_and_renormalize_match_explicit_coarsening(name, params):
 
 
 def test_topk_of_an_exactly_sparse_teacher_is_the_full_divergence():
-    s, t = _pair(n=5, v=12)
+    s, t = logit_pair(5, 12)
     s.requires_grad_(True)
     _, _, indices = _topk_teacher(t, 3)
     sparse_teacher = torch.full_like(t, -math.inf).scatter(-1, indices, t.gather(-1, indices))
@@ -411,7 +405,7 @@ def test_topk_of_an_exactly_sparse_teacher_is_the_full_divergence():
 
 
 def test_topk_never_exceeds_the_full_divergence():
-    s, t = _pair(n=8, v=20)
+    s, t = logit_pair(8, 20)
     log_p, values, indices = _topk_teacher(t, 5)
     for name in ("forward_kl", "reverse_kl", "js", "pearson_chi2"):
         full = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, reduction="none")
@@ -423,7 +417,7 @@ def test_topk_never_exceeds_the_full_divergence():
 
 
 def test_topk_errors():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     _, values, indices = _topk_teacher(t, 3)
 
     def call(**kw):
@@ -557,7 +551,7 @@ def test_fused_linear_errors():
 
 
 def test_no_grad_evaluation_and_single_backward():
-    s, t = _pair()
+    s, t = logit_pair(7, 13)
     s.requires_grad_(True)
     with torch.no_grad():
         value = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")
@@ -639,7 +633,7 @@ def test_non_f_divergence_chunks_skip_the_public_call(name, params, monkeypatch)
     Divergence.__call__ (which re-validated: NaN in an uncounted row raised "p_logits contains NaN",
     and check_finite=False was ignored). Errors name teacher_logits / student_logits."""
     div = fdiv.get(name, **params)
-    s, t = _pair(n=8, v=11, seed=9)
+    s, t = logit_pair(8, 11, seed=9)
     keep = torch.tensor([True, False, True, True, False, True, True, True])
     ref_s = s[keep].clone().requires_grad_(True)
     ref_t = t[keep].clone().requires_grad_(True)

@@ -5,28 +5,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from fdiv.lab import StudyContext, available_studies
+from conftest import assert_same_result, run_study
 
 STEPS = 60
 DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {})]
 
 
-def _study():
-    return available_studies()["distill"]
-
-
-def _run(out_dir, seed=0):
-    ctx = StudyContext(
-        divergences=list(DIVERGENCES), steps=STEPS, seed=seed, device=torch.device("cpu"), out_dir=out_dir
-    )
-    return _study().run(ctx)
-
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("distill")
-    return out, _run(out)
+    return out, run_study("distill", out, DIVERGENCES, STEPS)
 
 
 def _ece_reference(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -133,19 +121,12 @@ def test_figures_are_pngs_in_the_report_folder(result):
 
 
 def test_same_seed_gives_identical_rows(result, tmp_path):
-    _, res = result
-    again = _run(tmp_path)
-    assert again.rows == res.rows
-    assert again.finding == res.finding
+    assert_same_result(result[1], run_study("distill", tmp_path, DIVERGENCES, STEPS))
 
 
 def test_parameterised_divergences_are_built_once_and_used(tmp_path):
     """A (name, parameters) pair reaches the losses as one instance (no **params beside the name)."""
-    ctx = StudyContext(
-        divergences=[("skew_forward_kl", {"alpha": 0.5})], steps=3, seed=0, device=torch.device("cpu"),
-        out_dir=tmp_path,
-    )
-    res = _study().run(ctx)
+    res = run_study("distill", tmp_path, [("skew_forward_kl", {"alpha": 0.5})], steps=3)
     rows = [r for r in res.rows if r["divergence"] != "(teacher)"]
     assert {r["teacher"] for r in rows} == {"full", "top-3"}
     assert all(math.isfinite(r["nll"]) for r in rows)

@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_result, run_study
 
 from fdiv.lab.studies import lm
-from fdiv.lab.study import StudyContext, studies
 
 DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {})]
 STEPS = 30
@@ -50,14 +50,10 @@ def test_hmm_samples_follow_its_first_token_distribution():
     np.testing.assert_allclose(frequency, exact, atol=0.015)
 
 
-def _run(out_dir):
-    ctx = StudyContext(divergences=DIVERGENCES, steps=STEPS, seed=SEED, device=torch.device("cpu"), out_dir=out_dir)
-    return studies()["lm"].run(ctx), out_dir
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("lm-a"))
+    out = tmp_path_factory.mktemp("lm-a")
+    return run_study("lm", out, DIVERGENCES, STEPS, seed=SEED), out
 
 
 def _trained(result):
@@ -117,10 +113,7 @@ def test_training_reduces_the_divergence_it_minimises(tiny):
 
 
 def test_same_seed_same_numbers(tiny, tmp_path):
-    result, _ = tiny
-    again, _ = _run(tmp_path)
-    assert again.rows == result.rows
-    assert again.finding == result.finding
+    assert_same_result(tiny[0], run_study("lm", tmp_path, DIVERGENCES, STEPS, seed=SEED))
 
 
 def test_figures_are_pngs_and_finding_quotes_the_numbers(tiny):

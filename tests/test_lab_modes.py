@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
+from conftest import assert_same_result, run_study
 
-from fdiv.lab import LabConfig, StudyContext, run_lab
+from fdiv.lab import LabConfig, run_lab
 from fdiv.lab.studies import modes
 # the function, not the attribute ``fdiv.lab.studies``: importing the subpackage fdiv.lab.studies rebinds that name
 from fdiv.lab.study import studies
@@ -17,17 +17,10 @@ DIVERGENCES = [("forward_kl", {}), ("reverse_kl", {}), ("js", {})]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(out_dir, seed=0, divergences=DIVERGENCES, steps=STEPS):
-    ctx = StudyContext(
-        divergences=list(divergences), steps=steps, seed=seed, device=torch.device("cpu"), out_dir=out_dir
-    )
-    return studies()["modes"].run(ctx)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("modes")
-    return out, _run(out)
+    return out, run_study("modes", out, DIVERGENCES, STEPS)
 
 
 def _row(result, label):
@@ -121,10 +114,7 @@ def test_forward_kl_factorised_fit_is_the_product_of_marginals(run):
 
 
 def test_same_seed_gives_identical_rows(run, tmp_path):
-    _, first = run
-    second = _run(tmp_path)
-    assert second.rows == first.rows
-    assert second.finding == first.finding
+    assert_same_result(run[1], run_study("modes", tmp_path, DIVERGENCES, STEPS))
 
 
 def test_figures_exist_and_are_png(run):

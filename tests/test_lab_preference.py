@@ -6,27 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_study
 
 import fdiv
-from fdiv.lab import StudyContext
 from fdiv.lab.studies import preference
-from fdiv.lab.study import studies
 
 STEPS = 150
 DIVERGENCES = [("reverse_kl", {}), ("forward_kl", {}), ("tv", {})]
 
 
-def _run(out_dir, seed=0, divergences=DIVERGENCES, steps=STEPS):
-    ctx = StudyContext(
-        divergences=list(divergences), steps=steps, seed=seed, device=torch.device("cpu"), out_dir=out_dir
-    )
-    return studies()["preference"].run(ctx)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("preference")
-    return out, _run(out)
+    return out, run_study("preference", out, DIVERGENCES, STEPS)
 
 
 def _rows(result, label, regime=None):
@@ -139,7 +131,6 @@ def test_forward_kl_keeps_more_of_the_reference_than_dpo_when_the_policy_drifts_
 
 def test_same_seed_same_numbers_and_the_finding_names_a_trained_divergence(tmp_path):
     # js's own parameter is also called beta: it must not clash with f-DPO's beta
-    a = _run(tmp_path / "a", seed=1, divergences=[("js", {"beta": 0.3})], steps=40)
-    b = _run(tmp_path / "b", seed=1, divergences=[("js", {"beta": 0.3})], steps=40)
+    a, b = (run_study("preference", tmp_path / d, [("js", {"beta": 0.3})], steps=40, seed=1) for d in "ab")
     assert a.rows == b.rows
     assert "js(beta=0.3) at beta" in a.finding

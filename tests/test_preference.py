@@ -47,6 +47,13 @@ def _dpo_reference(kw, beta):
     return -F.logsigmoid(beta * ((pc - pr) - (rc - rr)))
 
 
+def _assert_rejects(loss, inputs, mutate, message):
+    """``mutate`` spoils a dict of valid ``inputs`` in place: ``loss(**inputs)`` must then raise a ValueError."""
+    mutate(inputs)
+    with pytest.raises(ValueError, match=message):
+        loss(**inputs)
+
+
 def _bt(delta, beta):
     """Bradley-Terry loss -log sigmoid(beta delta), written with numpy (independent of torch's logsigmoid)."""
     z = beta * np.asarray(delta, dtype=np.float64)
@@ -273,16 +280,9 @@ def _optimal_policy(name, params, beta):
 
 
 KKT_CASES = [
-    ("reverse_kl", {}),
-    ("forward_kl", {}),
-    ("js", {}),
-    ("js", {"beta": 0.3}),
-    ("skew_reverse_kl", {}),
-    ("hellinger", {}),
-    ("pearson_chi2", {}),
-    ("alpha", {"alpha": 0.5}),
-    ("alpha", {"alpha": 0.2}),
-    ("alpha", {"alpha": 2.0}),
+    ("reverse_kl", {}), ("forward_kl", {}), ("js", {}), ("js", {"beta": 0.3}),
+    ("skew_reverse_kl", {}), ("hellinger", {}), ("pearson_chi2", {}),
+    *[("alpha", {"alpha": a}) for a in (0.5, 0.2, 2.0)],
     ("jeffreys", {}),
 ]
 
@@ -433,10 +433,7 @@ FDPO_BAD = [
 
 @pytest.mark.parametrize("mutate,message", FDPO_BAD)
 def test_fdpo_bad_input(mutate, message):
-    kw = _pairs(seed=13)
-    mutate(kw)
-    with pytest.raises(ValueError, match=message):
-        P.fdpo_loss(**kw)
+    _assert_rejects(P.fdpo_loss, _pairs(seed=13), mutate, message)
 
 
 # ============================================================================== TRL conventions
@@ -640,10 +637,7 @@ SPARSE_BAD = [
 
 @pytest.mark.parametrize("mutate,message", SPARSE_BAD)
 def test_sparse_po_bad_input(mutate, message):
-    batch = _sparse_batch(seed=6)
-    mutate(batch)
-    with pytest.raises(ValueError, match=message):
-        P.sparse_po_loss(**batch)
+    _assert_rejects(P.sparse_po_loss, _sparse_batch(seed=6), mutate, message)
 
 
 def test_sparse_po_garbage_at_ignored_tokens_reaches_neither_value_nor_gradient():
@@ -814,10 +808,7 @@ D2O_BAD = [
 
 @pytest.mark.parametrize("mutate,message", D2O_BAD)
 def test_d2o_bad_input(mutate, message):
-    x = _d2o_inputs()
-    mutate(x)
-    with pytest.raises(ValueError, match=message):
-        P.d2o_loss(**x)
+    _assert_rejects(P.d2o_loss, _d2o_inputs(), mutate, message)
 
 
 # ============================================================================== SFT as implicit reward

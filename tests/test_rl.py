@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import logits
 from scipy.optimize import brentq
 from scipy.special import rel_entr
 
@@ -43,8 +44,7 @@ def _probs(values):
 
 
 def _theta(seed=0, k=5):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(k, generator=g, dtype=D64) * 0.8).requires_grad_(True)
+    return logits(k, seed=seed, scale=0.8).requires_grad_(True)
 
 
 REF = _probs([0.1, 0.3, 0.25, 0.05, 0.3])
@@ -354,12 +354,9 @@ def test_sequence_modes_drop_fully_masked_sequences_as_verl_does():
 
 def test_aggregation_keyword_is_gone():
     z = torch.zeros(2, 3)
-    with pytest.raises(TypeError, match="aggregation"):
-        kl_estimate(policy_logps=z, reference_logps=z, aggregation="token-mean")
-    with pytest.raises(TypeError, match="aggregation"):
-        f_estimate(policy_logps=z, reference_logps=z, aggregation="token-mean")
-    with pytest.raises(TypeError, match="aggregation"):
-        dph_loss(policy_logps=z, initial_logps=z, aggregation="token-mean")
+    for loss, other in ((kl_estimate, "reference_logps"), (f_estimate, "reference_logps"), (dph_loss, "initial_logps")):
+        with pytest.raises(TypeError, match="aggregation"):
+            loss(policy_logps=z, **{other: z}, aggregation="token-mean")
     assert not hasattr(rl, "aggregate") and not hasattr(rl, "AGGREGATIONS")
 
 
@@ -435,13 +432,9 @@ def test_positional_tensors_raise_type_error():
 
 # ====================================================================== f_estimate
 F_CASES = [
-    ("reverse_kl", {}),
-    ("forward_kl", {}),
-    ("js", {}),
-    ("alpha", {"alpha": 0.5}),
-    ("alpha", {"alpha": 0.2}),
-    ("hellinger", {}),
-    ("pearson_chi2", {}),
+    ("reverse_kl", {}), ("forward_kl", {}), ("js", {}),
+    *[("alpha", {"alpha": a}) for a in (0.5, 0.2)],
+    ("hellinger", {}), ("pearson_chi2", {}),
 ]
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import generator, softmax_np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment, linprog
@@ -16,10 +17,6 @@ import fdiv
 from fdiv.objectives.sinkhorn import index_cost, sinkhorn_kd_loss, sinkhorn_log, zero_one_cost
 
 F64 = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------ references (numpy, float64)
@@ -48,13 +45,6 @@ def exact_ot(cost, a, b):
     )
     assert res.status == 0
     return float(res.fun)
-
-
-def softmax_np(x, t=1.0):
-    z = np.asarray(x, dtype=np.float64) / t
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def public_code_loss(student, teacher, temperature=2.0, eps=0.1, n_iters=20, scale=1e-3):
@@ -195,7 +185,7 @@ def test_gradcheck_sinkhorn_log():
 
 # ------------------------------------------------------------------ SinKD, batch-wise
 def test_batch_mode_reproduces_public_recipe():
-    g = gen(0)
+    g = generator(0)
     s, t = torch.randn(16, 5, generator=g, dtype=F64), torch.randn(16, 5, generator=g, dtype=F64)
     ours = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0, epsilon=0.1, n_iters=20, scale=1e-3,
                             reduction="sum")
@@ -206,7 +196,7 @@ def test_batch_mode_reproduces_public_recipe():
 
 
 def test_batch_mode_equals_naive_sinkhorn_on_l1_cost():
-    g = gen(1)
+    g = generator(1)
     s, t = torch.randn(6, 4, generator=g, dtype=F64), torch.randn(6, 4, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     w = np.abs(ps[:, None] - pt[None]).sum(-1)
@@ -219,7 +209,7 @@ def test_batch_mode_equals_naive_sinkhorn_on_l1_cost():
 
 @pytest.mark.parametrize("cost", ["l1", "l2", "sqeuclidean"])
 def test_batch_mode_small_epsilon_is_min_cost_assignment(cost):
-    g = gen(2)
+    g = generator(2)
     s, t = 3 * torch.randn(6, 4, generator=g, dtype=F64), 3 * torch.randn(6, 4, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     diff = ps[:, None] - pt[None]
@@ -236,7 +226,7 @@ def test_batch_mode_small_epsilon_is_min_cost_assignment(cost):
 
 
 def test_batch_mode_permutation_invariance():
-    g = gen(3)
+    g = generator(3)
     s, t = torch.randn(10, 7, generator=g, dtype=F64), torch.randn(10, 7, generator=g, dtype=F64)
     perm_s, perm_t = torch.randperm(10, generator=g), torch.randperm(10, generator=g)
     base = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0)
@@ -255,7 +245,7 @@ def test_batch_mode_permutation_invariance():
 
 
 def test_batch_mode_large_epsilon_is_mean_cost_under_product_coupling():
-    g = gen(4)
+    g = generator(4)
     s, t = torch.randn(8, 5, generator=g, dtype=F64), torch.randn(8, 5, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     w = np.abs(ps[:, None] - pt[None]).sum(-1)
@@ -264,7 +254,7 @@ def test_batch_mode_large_epsilon_is_mean_cost_under_product_coupling():
 
 
 def test_batch_mode_leading_dims_are_independent_problems():
-    g = gen(5)
+    g = generator(5)
     s, t = torch.randn(3, 6, 4, generator=g, dtype=F64), torch.randn(3, 6, 4, generator=g, dtype=F64)
     rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, reduction="none")
     assert rows.shape == (3, 6)
@@ -277,7 +267,7 @@ def test_batch_mode_leading_dims_are_independent_problems():
 
 
 def test_batch_mode_mask_drops_rows_and_ignores_garbage():
-    g = gen(6)
+    g = generator(6)
     s, t = torch.randn(2, 7, 5, generator=g, dtype=F64), torch.randn(2, 7, 5, generator=g, dtype=F64)
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, 5:] = False
@@ -305,7 +295,7 @@ def test_batch_mode_mask_drops_rows_and_ignores_garbage():
 
 
 def test_batch_mode_callable_cost():
-    g = gen(7)
+    g = generator(7)
     s, t = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, 4, generator=g, dtype=F64)
     custom = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, cost=lambda ps, pt: 0.5 * torch.cdist(ps, pt, p=1))
     assert custom.item() == pytest.approx(
@@ -314,7 +304,7 @@ def test_batch_mode_callable_cost():
 
 # ------------------------------------------------------------------ SinKD, sample-wise
 def test_sample_mode_zero_one_cost_tends_to_total_variation():
-    g = gen(8)
+    g = generator(8)
     s, t = torch.randn(6, 5, generator=g, dtype=F64), torch.randn(6, 5, generator=g, dtype=F64)
     tv = fdiv.get("tv")(t, s)  # TV(P_teacher || Q_student), computed independently
     gaps = []
@@ -329,7 +319,7 @@ def test_sample_mode_zero_one_cost_tends_to_total_variation():
 
 
 def test_sample_mode_index_cost_tends_to_wasserstein_1():
-    g = gen(9)
+    g = generator(9)
     s, t = torch.randn(4, 6, generator=g, dtype=F64), torch.randn(4, 6, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     w1 = np.abs(np.cumsum(ps, -1) - np.cumsum(pt, -1)).sum(-1)
@@ -357,7 +347,7 @@ def test_sample_mode_general_cost_matches_linprog_and_orientation():
 
 
 def test_sample_mode_large_epsilon_is_product_coupling():
-    g = gen(11)
+    g = generator(11)
     s, t = torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
     ps, pt = softmax_np(s.numpy()), softmax_np(t.numpy())
     rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", epsilon=1e7, n_iters=3, reduction="none")
@@ -377,7 +367,7 @@ def test_sample_mode_masked_vocabulary_entries():
 
 
 def test_sample_mode_mask_and_reductions():
-    g = gen(12)
+    g = generator(12)
     s, t = torch.randn(3, 4, 5, generator=g, dtype=F64), torch.randn(3, 4, 5, generator=g, dtype=F64)
     mask = torch.rand(3, 4, generator=g) > 0.3
     rows = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode="sample", reduction="none")
@@ -393,7 +383,7 @@ def test_sample_mode_mask_and_reductions():
 # ------------------------------------------------------------------ both modes
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_entropic_bias_at_identical_inputs(mode):
-    g = gen(13)
+    g = generator(13)
     z = torch.randn(6, 4, generator=g, dtype=F64, requires_grad=True)
     biased = sinkhorn_kd_loss(student_logits=z, teacher_logits=z.detach(), mode=mode, epsilon=0.1, n_iters=20)
     assert biased.item() > 1e-4  # not 0: the entropic plan spreads mass over non-zero costs
@@ -410,7 +400,7 @@ def test_entropic_bias_at_identical_inputs(mode):
 
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_gradcheck_kd_loss(mode):
-    g = gen(14)
+    g = generator(14)
     s = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
     t = torch.randn(5, 4, generator=g, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(
@@ -421,7 +411,7 @@ def test_gradcheck_kd_loss(mode):
 
 @pytest.mark.parametrize("mode", ["batch", "sample"])
 def test_half_precision_computes_in_float32(mode):
-    g = gen(15)
+    g = generator(15)
     s = torch.randn(6, 5, generator=g).to(torch.bfloat16).requires_grad_(True)
     t = torch.randn(6, 5, generator=g).to(torch.bfloat16)
     loss = sinkhorn_kd_loss(student_logits=s, teacher_logits=t, mode=mode)
@@ -442,7 +432,7 @@ def test_half_precision_computes_in_float32(mode):
     spread=st.sampled_from([0.1, 1.0, 10.0]),
 )
 def test_property_nonnegative_finite_and_shift_invariant(n, c, seed, eps, spread):
-    g = gen(seed)
+    g = generator(seed)
     s = spread * torch.randn(n, c, generator=g, dtype=F64)
     t = spread * torch.randn(n, c, generator=g, dtype=F64)
     for mode in ("batch", "sample"):
@@ -553,7 +543,7 @@ def test_overflowing_inputs_are_value_errors_naming_the_argument():
     mass = torch.full((4,), 1e3)
     with pytest.raises(ValueError, match="^cost is too large for torch.float32"):
         sinkhorn_log(cost=cost, row_marginal=mass, column_marginal=mass, epsilon=1e38)
-    s, t = torch.randn(4, 3, generator=gen(1)), torch.randn(4, 3, generator=gen(2))
+    s, t = torch.randn(4, 3, generator=generator(1)), torch.randn(4, 3, generator=generator(2))
     signed = torch.tensor([[3e38, -3e38, 3e38, -3e38]] * 4)
     with pytest.raises(ValueError, match=r"^cost \(the batch cost callable's output\) is too large"):
         sinkhorn_kd_loss(student_logits=s, teacher_logits=t, epsilon=1e38, cost=lambda a, b: signed, reduction="sum")

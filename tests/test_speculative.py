@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import generator, softmax_np
 from scipy.stats import chisquare
 
 import fdiv
@@ -22,17 +23,6 @@ from fdiv.objectives.speculative import (
 )
 
 F64 = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def softmax_np(x, t=1.0):
-    z = np.asarray(x, dtype=np.float64) / t
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def within_se(samples, expected, k=4.0):
@@ -51,7 +41,7 @@ def test_spec_numbers():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
 def test_acceptance_is_one_minus_total_variation(temperature):
-    g = gen(0)
+    g = generator(0)
     target = 3 * torch.randn(4, 7, 11, generator=g, dtype=F64)
     draft = 3 * torch.randn(4, 7, 11, generator=g, dtype=F64)
     beta = acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature)
@@ -93,7 +83,7 @@ def test_masked_vocabulary_entries():
 
 
 def test_gradient_is_minus_total_variation_gradient():
-    g = gen(1)
+    g = generator(1)
     target = torch.randn(3, 6, generator=g, dtype=F64)
     draft = torch.randn(3, 6, generator=g, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda d: acceptance_rate(target_logits=target, draft_logits=d, temperature=1.3),
@@ -116,7 +106,7 @@ def test_greedy_acceptance():
 
 
 def test_mask_and_sequence_acceptance():
-    g = gen(2)
+    g = generator(2)
     target = torch.randn(3, 5, 8, generator=g, dtype=F64)
     draft = torch.randn(3, 5, 8, generator=g, dtype=F64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
@@ -138,7 +128,7 @@ def test_mask_and_sequence_acceptance():
 
 
 def test_dtypes():
-    g = gen(3)
+    g = generator(3)
     target = torch.randn(4, 9, generator=g).to(torch.bfloat16)
     draft = torch.randn(4, 9, generator=g).to(torch.bfloat16)
     out = acceptance_rate(target_logits=target, draft_logits=draft)
@@ -152,7 +142,7 @@ def test_monte_carlo_acceptance_and_output_distribution():
     n = 200_000
     p = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
     q = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
-    out = speculative_sample(target_logits=p.log().expand(n, 3), draft_logits=q.log().expand(n, 3), generator=gen(4))
+    out = speculative_sample(target_logits=p.log().expand(n, 3), draft_logits=q.log().expand(n, 3), generator=generator(4))
     assert within_se(out.accepted, 0.7)
     counts = torch.bincount(out.tokens, minlength=3).numpy()
     assert chisquare(counts, n * p.numpy()).pvalue > 1e-3
@@ -170,7 +160,7 @@ def test_monte_carlo_random_models_with_masked_entries(temperature):
     target = torch.tensor([1.0, 0.2, -inf, 0.5, -0.3, 2.0], dtype=F64)
     draft = torch.tensor([0.0, 1.5, 0.7, -inf, 0.4, 1.0], dtype=F64)
     out = speculative_sample(target_logits=target.expand(n, 6), draft_logits=draft.expand(n, 6),
-                             temperature=temperature, generator=gen(5))
+                             temperature=temperature, generator=generator(5))
     p = softmax_np(target.numpy(), temperature)
     beta = acceptance_rate(target_logits=target, draft_logits=draft, temperature=temperature).item()
     assert within_se(out.accepted, beta)
@@ -184,7 +174,7 @@ def test_given_draft_tokens_and_greedy_sampling():
     p = torch.tensor([[0.1, 0.6, 0.3]], dtype=F64).log().expand(4, 3)
     q = torch.tensor([[0.5, 0.2, 0.3]], dtype=F64).log().expand(4, 3)
     tokens = torch.tensor([0, 1, 2, 1])
-    out = speculative_sample(target_logits=p, draft_logits=q, draft_tokens=tokens, generator=gen(6))
+    out = speculative_sample(target_logits=p, draft_logits=q, draft_tokens=tokens, generator=generator(6))
     assert torch.equal(out.draft_tokens, tokens)
     assert out.accepted[1] and out.accepted[3]  # p(1) >= q(1): always accepted
     assert torch.equal(out.tokens[out.accepted], tokens[out.accepted])
@@ -197,7 +187,7 @@ def test_given_draft_tokens_and_greedy_sampling():
 
 
 def test_identical_models_always_accept():
-    g = gen(7)
+    g = generator(7)
     logits = torch.randn(5000, 7, generator=g, dtype=F64)
     out = speculative_sample(target_logits=logits, draft_logits=logits.clone(), generator=g)
     assert out.accepted.all() and torch.equal(out.tokens, out.draft_tokens)
@@ -215,7 +205,7 @@ def test_block_length_iid_matches_closed_form():
     beta = acceptance_rate(target_logits=target, draft_logits=draft).item()
     out = speculative_block(
         target_fn=constant_model(target), draft_fn=constant_model(draft), prefix=torch.zeros(n, 0, dtype=torch.int64),
-        draft_length=gamma, generator=gen(8)
+        draft_length=gamma, generator=generator(8)
     )
     expected = expected_block_length(alpha=beta, draft_length=gamma).item()
     assert within_se(out.num_tokens, expected)
@@ -233,7 +223,7 @@ def test_block_length_iid_matches_closed_form():
 
 def test_block_length_position_dependent_matches_product_formula():
     n, gamma = 40_000, 3
-    g = gen(9)
+    g = generator(9)
     targets = 1.5 * torch.randn(gamma + 1, 6, generator=g, dtype=F64)
     drafts = targets + torch.randn(gamma + 1, 6, generator=g, dtype=F64) * torch.tensor([[0.3], [1.0], [2.0], [0.0]])
 
@@ -244,7 +234,7 @@ def test_block_length_position_dependent_matches_product_formula():
     assert betas.max() - betas.min() > 0.1  # genuinely position dependent
     out = speculative_block(
         target_fn=by_position(targets), draft_fn=by_position(drafts), prefix=torch.zeros(n, 0, dtype=torch.int64),
-        draft_length=gamma, generator=gen(10)
+        draft_length=gamma, generator=generator(10)
     )
     exact = expected_block_length_from_positions(betas=betas).item()
     assert within_se(out.num_tokens, exact)
@@ -255,7 +245,7 @@ def test_block_length_position_dependent_matches_product_formula():
 
 def test_block_on_markov_chains_matches_exact_recursion_and_target_law():
     n, gamma, vocab = 40_000, 4, 4
-    g = gen(11)
+    g = generator(11)
     target_table = 1.2 * torch.randn(vocab, vocab, generator=g, dtype=F64)  # next-token logits given last token
     draft_table = target_table + 0.8 * torch.randn(vocab, vocab, generator=g, dtype=F64)
     start = 2
@@ -272,7 +262,7 @@ def test_block_on_markov_chains_matches_exact_recursion_and_target_law():
     assert exact == pytest.approx(sum(reach), rel=1e-12)
     prefix = torch.full((n, 1), start, dtype=torch.int64)
     out = speculative_block(target_fn=markov(target_table), draft_fn=markov(draft_table), prefix=prefix,
-                            draft_length=gamma, generator=gen(12))
+                            draft_length=gamma, generator=generator(12))
     assert within_se(out.num_tokens, exact)
     # the emitted text follows the target chain: the first two tokens (x1, x2) ~ p(x1|s) p(x2|x1)
     first = out.tokens[:, 0]
@@ -294,7 +284,7 @@ def test_block_on_markov_chains_matches_exact_recursion_and_target_law():
 
 def test_greedy_block_reproduces_target_greedy_decoding():
     vocab, gamma = 5, 3
-    g = gen(13)
+    g = generator(13)
     target_table = torch.randn(vocab, vocab, generator=g)
     draft_table = target_table.clone()
     draft_table[1] = -draft_table[1]  # the draft is wrong after token 1

@@ -26,6 +26,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import spec_id  # noqa: E402
 
 import fdiv  # noqa: E402
 from test_divergences import SPECS as DIVERGENCE_SPECS  # noqa: E402
@@ -79,13 +80,6 @@ def _build(spec):
         return WRAPPED[spec]()
     name, params = spec
     return fdiv.get(name, **params)
-
-
-def _spec_id(spec):
-    if isinstance(spec, str):
-        return spec
-    name, params = spec
-    return name + "".join(f"-{k}={v}" for k, v in params.items())
 
 
 ALL = [*SPECS, *WRAPPED]
@@ -162,7 +156,7 @@ def check_against_reference(div, student, teacher, temperature, weights, block_v
 
 
 @interpreted
-@pytest.mark.parametrize("spec", ALL, ids=_spec_id)
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
 def test_fp32_ragged_tiles_masks_temperature_weights(spec):
     div = _build(spec)
     assert tk.supports(div)
@@ -174,7 +168,7 @@ def test_fp32_ragged_tiles_masks_temperature_weights(spec):
 
 
 @interpreted
-@pytest.mark.parametrize("spec", ALL, ids=_spec_id)
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
 def test_bf16_inputs_fp32_math(spec):
     div = _build(spec)
     student, teacher, weights = make_inputs(div, vocab=21, dtype=torch.bfloat16, seed=2)
@@ -183,7 +177,7 @@ def test_bf16_inputs_fp32_math(spec):
 
 
 @interpreted
-@pytest.mark.parametrize("spec", [("forward_kl", {}), ("js", {"beta": 0.1}), ("alpha", {"alpha": -1.0})], ids=_spec_id)
+@pytest.mark.parametrize("spec", [("forward_kl", {}), ("js", {"beta": 0.1}), ("alpha", {"alpha": -1.0})], ids=spec_id)
 def test_fp16_and_mixed_dtypes(spec):
     div = _build(spec)
     student, teacher, weights = make_inputs(div, dtype=torch.float16, seed=3)
@@ -193,7 +187,7 @@ def test_fp16_and_mixed_dtypes(spec):
 
 
 @interpreted
-@pytest.mark.parametrize("spec", [("forward_kl", {}), ("reverse_kl", {}), ("js", {}), ("tv", {})], ids=_spec_id)
+@pytest.mark.parametrize("spec", [("forward_kl", {}), ("reverse_kl", {}), ("js", {}), ("tv", {})], ids=spec_id)
 def test_matches_token_loss_eager(spec):
     name, params = spec
     div = _build(spec)
@@ -261,7 +255,7 @@ def test_token_loss_triton_backend_launches_through_the_private_core(monkeypatch
 
 
 @interpreted
-@pytest.mark.parametrize("spec", [("reverse_kl", {}), ("neyman_chi2", {}), ("pearson_chi2", {})], ids=_spec_id)
+@pytest.mark.parametrize("spec", [("reverse_kl", {}), ("neyman_chi2", {}), ("pearson_chi2", {})], ids=spec_id)
 def test_support_mismatch_gives_inf_row_and_finite_gradients(spec):
     # reverse KL / Neyman with p = 0 < q, Pearson with q = 0 < p: the eager kernel's +inf, gradient 0 there
     div = _build(spec)

@@ -57,6 +57,16 @@ DIVERGENCES = [
     ("skew_reverse_kl", {"alpha": 0.2}),
 ]
 
+# (name suffix, fields): every divergence again with an uneven split, a temperature, masks and -inf entries
+VARIANTS = [
+    ("split1_12-T0.7-mask-none-teacher-neginf",
+     dict(split=(1, 12), temperature=0.7, rows_mask="mask", reduction="none", grad_output="random",
+          teacher_grad=(0, 1), neg_inf="both")),
+    ("split1_12-T2-sum-labels-rank0col-teacher-chunk7",
+     dict(split=(1, 12), temperature=2.0, reduction="sum", rows_mask="labels", neg_inf="rank0col",
+          teacher_grad=(0, 1), grad_output="scalar", chunk_size=7)),
+]
+
 
 def _build_cases():
     cases = []
@@ -64,33 +74,7 @@ def _build_cases():
         tag = div + "".join(f"-{k}{v}" for k, v in params.items())
         base = Case(name=f"{tag}-basic", divergence=div, params=params)
         cases.append(base)
-        cases.append(
-            replace(
-                base,
-                name=f"{tag}-split1_12-T0.7-mask-none-teacher-neginf",
-                split=(1, 12),
-                temperature=0.7,
-                rows_mask="mask",
-                reduction="none",
-                grad_output="random",
-                teacher_grad=(0, 1),
-                neg_inf="both",
-            )
-        )
-        cases.append(
-            replace(
-                base,
-                name=f"{tag}-split1_12-T2-sum-labels-rank0col-teacher-chunk7",
-                split=(1, 12),
-                temperature=2.0,
-                reduction="sum",
-                rows_mask="labels",
-                neg_inf="rank0col",
-                teacher_grad=(0, 1),
-                grad_output="scalar",
-                chunk_size=7,
-            )
-        )
+        cases += [replace(base, name=f"{tag}-{suffix}", **changes) for suffix, changes in VARIANTS]
     for div, params in [("forward_kl", {}), ("js", {"beta": 0.3}), ("tv", {}), ("alpha", {"alpha": 2.0})]:
         cases.append(Case(name=f"{div}-teacher-only-neginf-rank1", divergence=div, params=params, neg_inf="teacher",
                           teacher_grad=(0, 1)))
