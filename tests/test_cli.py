@@ -76,3 +76,245 @@ def test_installed_console_script_runs():
         check=True,
     )
     assert float(result.stdout) == pytest.approx(0.25, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- regressions (issue 11)
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["zero_bytes", "truncated", "complex", "complex_zero_imaginary", "strings", "empty", "npz"],
+)
+def test_bad_npy_file_is_one_line_naming_option_and_file(capsys, tmp_path, kind):
+    path = tmp_path / f"{kind}.npy"
+    good = np.array([0.5, 0.5])
+    if kind == "zero_bytes":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        np.save(path, good)
+        path.write_bytes(path.read_bytes()[:20])
+    elif kind == "complex":  # used to drop the imaginary part silently
+        np.save(path, good + 0.5j)
+    elif kind == "complex_zero_imaginary":
+        np.save(path, good.astype(np.complex128))
+    elif kind == "strings":
+        np.save(path, np.array(["0.5", "0.5"]))
+    elif kind == "empty":
+        np.save(path, np.zeros((0,)))
+    else:
+        with open(path, "wb") as handle:
+            np.savez(handle, p=good)
+    code, out, err = _run(["compute", "kl", "--p", "0.5,0.5", "--q", str(path)], capsys)
+    _assert_one_line_error(code, err, "--q", path.name)
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("[0.5, 0.5", "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[" + "1" * 5000 + "]", "not valid JSON"),  # int digit limit: a ValueError that is not a JSONDecodeError
+        ("[1" + "0" * 400 + ", 0]", "too large"),
+        ("[[0.5, 0.5], [1.0]]", "equal-length"),
+        ('[0.5, "0.5"]', "must hold numbers"),
+        ("[true, false]", "must hold numbers"),
+        ("[0.5, null]", "must hold numbers"),
+        ("[]", "empty"),
+        ("0.5", "single number"),
+        ("[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_bad_json_file_is_one_line_naming_option_and_file(capsys, tmp_path, text, reason):
+    path = tmp_path / "p.json"
+    path.write_text(text)
+    code, out, err = _run(["compute", "kl", "--p", str(path), "--q", "0.5,0.5"], capsys)
+    _assert_one_line_error(code, err, "--p", "p.json", reason)
+
+
+def test_json_output_is_strict_json_with_infinity_as_a_string(capsys):
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    code, out, _ = _run(["compute", "kl", "--p", "0.5,0.5,0", "--q", "1,0,0", "--json"], capsys)
+    assert code == 0
+    assert json.loads(out, parse_constant=refuse)["value"] == "Infinity"
+    code, out, _ = _run(["compute", "kl", "--p", "0.5,0.5,0", "--q", "1,0,0"], capsys)
+    assert code == 0 and out.strip() == "inf"
+    code, out, _ = _run(["compute", "tv", "--p", "0.5,0.5,0", "--q", "1,0,0", "--json"], capsys)
+    assert json.loads(out, parse_constant=refuse)["value"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_json_rows_and_three_dimensional_values_keep_their_shape(capsys, tmp_path):
+    p = np.array([[[0.5, 0.5], [1.0, 0.0]], [[0.25, 0.75], [0.0, 1.0]]])
+    q = np.array([[[0.5, 0.5], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    np.save(tmp_path / "p.npy", p)
+    np.save(tmp_path / "q.npy", q)
+    code, out, _ = _run(["compute", "kl", "--p", str(tmp_path / "p.npy"), "--q", str(tmp_path / "q.npy"), "--json"], capsys)
+    assert code == 0
+    value = json.loads(out)["value"]
+    expected = reference_rows("forward_kl", np.log(p.reshape(-1, 2)), np.log(q.reshape(-1, 2))).reshape(2, 2)
+    assert value[0][1] == "Infinity" and np.isinf(expected[0, 1])
+    np.testing.assert_allclose([value[0][0], value[1][0], value[1][1]], expected[[0, 1, 1], [0, 0, 1]], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("form", [["--p", "-inf,0,0"], ["--p=-inf,0,0"]])
+def test_value_starting_with_a_dash_is_read_as_the_value(capsys, form):
+    code, out, err = _run(["compute", "js", *form, "--q", "0,0,0", "--logits"], capsys)
+    assert code == 0, err
+    expected = reference_rows("js", [[-np.inf, 0.0, 0.0]], [[0.0, 0.0, 0.0]])[0]
+    assert float(out) == pytest.approx(expected, rel=1e-12)
+
+
+def test_negative_values_for_temperature_and_q_are_values_too(capsys):
+    code, _, err = _run(["compute", "js", "--p", "0,1", "--q", "-1e-3,2", "--logits", "--temperature", "-1e-3"], capsys)
+    _assert_one_line_error(code, err, "--temperature", "(0, inf)")
+    code, out, err = _run(["compute", "js", "--p", "0,1", "--q", "-1e-3,2", "--logits", "--temperature", "2"], capsys)
+    assert code == 0, err
+    assert float(out) == pytest.approx(reference_rows("js", [[0.0, 1.0]], [[-1e-3, 2.0]], temperature=2.0)[0], rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--p=--", "--q", "1"], ["--p", "expected numbers"]),  # argparse hands "--" over as a list
+        (["--p", "1,0", "--q", "0,1", "--logits", "--temperature", "1e-320"], ["--temperature", "too small"]),
+        (["--p", "inf,0", "--q", "0,0", "--logits"], ["--p", "+inf"]),
+        (["--p", "-inf,-inf", "--q", "0,0", "--logits"], ["--p", "all -inf"]),
+        (["--p", "0.5,0.5", "--q", "nan,1"], ["--q"]),
+        (["--p", "0.5,0.5", "--q", "1,1"], ["--q", "sum to 1"]),
+        (["--p", "0.5,0.5", "--q", "0.5,0.5", "--temperature", "2"], ["--temperature", "--logits"]),
+        (["--p", "0.5,0.5", "--q", "0.5,0.5", "--param", "beta=0.1", "--param", "beta=0.2"], ["--param beta", "more than once"]),
+        (["--p", "0.5,0.5", "--q", "0.5,0.5", "--param", "=1"], ["--param", "non-empty KEY"]),
+        (["--p", "0.5,0.5", "--q", "0.5,0.5", "--param", "foo=1"], ["--param", "foo"]),
+        (["--p", "0.5,0.5", "--q", "0.5,0.5", "--param", "beta=nan"], ["--param", "beta"]),
+        (["--p", str("missing_dir") + "/", "--q", "0.5,0.5"], ["--p"]),
+    ],
+)
+def test_more_bad_inputs_name_the_option(capsys, argv, words):
+    code, out, err = _run(["compute", "js", *argv], capsys)
+    _assert_one_line_error(code, err, *words)
+    assert out == ""
+
+
+def test_directory_with_a_file_suffix_is_refused(capsys, tmp_path):
+    folder = tmp_path / "p.npy"
+    folder.mkdir()
+    code, _, err = _run(["compute", "kl", "--p", str(folder), "--q", "0.5,0.5"], capsys)
+    _assert_one_line_error(code, err, "--p", "not a file")
+
+
+def test_compute_calls_the_public_library_entry_points(capsys, monkeypatch):
+    """The CLI evaluates through fdiv.get(...) and Divergence.__call__ / from_probs (no private path)."""
+    import fdiv.cli as cli
+
+    calls = []
+
+    def spy_get(name, **params):
+        divergence = fdiv.get(name, **params)
+        calls.append(("get", name, params))
+        return divergence
+
+    monkeypatch.setattr(cli, "get_divergence", spy_get)
+    assert cli.get_divergence is not fdiv.get and cli.main is main
+    for method in ("__call__", "from_probs"):
+        original = getattr(fdiv.Divergence, method)
+
+        def wrapper(self, *args, _original=original, _method=method, **kwargs):
+            calls.append((_method,))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(fdiv.Divergence, method, wrapper)
+    assert main(["compute", "js", "--p", "0.5,0.5", "--q", "0.1,0.9", "--param", "beta=0.3"]) == 0
+    assert main(["compute", "js", "--p", "0,1", "--q", "1,0", "--logits"]) == 0
+    capsys.readouterr()
+    assert calls == [("get", "js", {"beta": 0.3}), ("from_probs",), ("get", "js", {}), ("__call__",)]
+
+
+def test_unexpected_library_failure_is_one_line_exit_1(capsys, monkeypatch):
+    import fdiv.cli as cli
+
+    def broken(*args, **kwargs):
+        raise FloatingPointError("boom")
+
+    monkeypatch.setattr(cli, "get_divergence", broken)
+    code, _, err = _run(["compute", "js", "--p", "0.5,0.5", "--q", "0.5,0.5"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "internal error" in err and "please report" in err
+
+
+def test_compute_examples_in_docs_run_and_match_the_library(capsys):
+    """Every `fdiv compute` line of docs/lab.md runs and prints the library's value."""
+    import shlex
+    from pathlib import Path
+
+    import torch
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "lab.md").read_text(encoding="utf-8")
+    lines = [line.split("#")[0].strip() for line in page.splitlines() if line.startswith("fdiv compute ")]
+    assert len(lines) >= 5
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        code, out, err = _run(argv, capsys)
+        assert code == 0, (line, err)
+        # the same inputs through the library, independently of the CLI's parser
+        opts, rest = {}, argv[2:]
+        while rest:
+            token = rest.pop(0)
+            if "=" in token:
+                key, value = token.split("=", 1)
+                opts[key] = value
+            elif token in ("--p", "--q", "--param", "--temperature"):
+                opts[token] = rest.pop(0)
+        p = torch.tensor([float(x) for x in opts["--p"].split(",")], dtype=torch.float64)
+        q = torch.tensor([float(x) for x in opts["--q"].split(",")], dtype=torch.float64)
+        params = dict([opts["--param"].split("=")]) if "--param" in opts else {}
+        divergence = fdiv.get(argv[1], **{k: float(v) for k, v in params.items()})
+        if "--logits" in argv:
+            expected = divergence(p, q, temperature=float(opts.get("--temperature", 1.0))).item()
+        else:
+            expected = divergence.from_probs(p, q).item()
+        got = json.loads(out)["value"] if "--json" in argv else out.strip()
+        assert float(got) == expected, (line, got, expected)
+
+
+def test_abbreviated_options_take_dash_values_too(capsys):
+    code, _, err = _run(["compute", "js", "--p", "0,1", "--q", "1,0", "--logits", "--temp", "-1e-3"], capsys)
+    _assert_one_line_error(code, err, "--temperature", "(0, inf)")
+    code, out, err = _run(["compute", "js", "--p", "0,1", "--q", "1,0", "--logits", "--pa", "beta=0.25"], capsys)
+    assert code == 0, err
+    assert float(out) == pytest.approx(reference_rows("js", [[0.0, 1.0]], [[1.0, 0.0]], beta=0.25)[0], rel=1e-10)
+
+
+@pytest.mark.parametrize("text", ["p\x00.npy", "x" * 5000 + ".json"])
+def test_unopenable_path_is_one_line(capsys, text):
+    code, _, err = _run(["compute", "kl", "--p", text, "--q", "0.5,0.5"], capsys)
+    _assert_one_line_error(code, err, "--p")
+
+
+@pytest.mark.parametrize(
+    "name,side", [("forward_kl", "p"), ("js", "p"), ("js", "q"), ("skew_forward_kl", "p"), ("reverse_kl", "q"), ("skew_reverse_kl", "q")]
+)
+def test_huge_negative_logit_matches_the_reference(capsys, name, side):
+    """Found by test_fuzz_cli: a logit of -1e30 (probability e^-1e30 = 0) must act like -inf.
+
+    Library defect outside the CLI (src/fdiv/math/_numerics.py weighted_expm1_minus_x: its large-x
+    branch computes exp(log_w + x) with log_w = -1e30, x = log q + 1e30, which rounds to exp(0))."""
+    huge, flat = [-1e30, 0.0], [0.0, 0.0]
+    p, q = (huge, flat) if side == "p" else (flat, huge)
+    code, out, err = _run(["compute", name, "--p", "-1e30,0" if side == "p" else "0,0", "--q", "0,0" if side == "p" else "-1e30,0", "--logits"], capsys)
+    assert code == 0, err
+    expected = reference_rows(name, [p], [q])[0]
+    assert float(out) == pytest.approx(expected, rel=1e-9), f"{name}: {out.strip()} vs reference {expected}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .math import registry
+from .math.registry import get as get_divergence  # fdiv.get
 from .math.generators import FDivergence
 
 
@@ -41,32 +43,121 @@ def _parse_params(items) -> dict:
         if "=" not in item:
             raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        params[key.strip()] = _parse_number(value)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--param expects KEY=VALUE with a non-empty KEY, got {item!r}")
+        if key in params:
+            raise ValueError(f"--param {key} is given more than once")
+        params[key] = _parse_number(value)
     return params
 
 
+def _json_numbers(node, flag: str, text: str) -> None:
+    """Refuse JSON leaves that are not numbers (strings, booleans, null, objects)."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            shown = json.dumps(item, allow_nan=True)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ValueError(f"{flag}: file {text!r} must hold numbers (a list, or a list of equal-length lists); found {shown}")
+
+
+def _read_file(path: Path, text: str, flag: str) -> np.ndarray:
+    """The array in a .npy or .json file, or a ValueError naming ``flag`` and the file."""
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as error:  # a name too long, a NUL byte, ...
+        raise ValueError(f"{flag}: file {text!r} cannot be opened ({type(error).__name__})") from None
+    if not exists:
+        raise ValueError(f"{flag}: file {text!r} does not exist")
+    if not is_file:
+        raise ValueError(f"{flag}: {text!r} is not a file")
+    if path.suffix.lower() == ".npy":
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, UnicodeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if path.stat().st_size == 0:
+                reason = "the file is empty"
+            raise ValueError(f"{flag}: file {text!r} is not a readable .npy array ({reason})") from None
+        if not isinstance(data, np.ndarray):  # an .npz archive saved under a .npy name
+            raise ValueError(f"{flag}: file {text!r} is not a single .npy array")
+        if np.iscomplexobj(data):
+            raise ValueError(f"{flag}: file {text!r} holds complex numbers ({data.dtype}); probabilities and logits are real")
+        if data.dtype.kind not in "iuf":
+            raise ValueError(f"{flag}: file {text!r} holds {data.dtype} values; expected a float or integer array")
+        return data
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as error:
+        raise ValueError(f"{flag}: file {text!r} cannot be read as UTF-8 text ({type(error).__name__})") from None
+    try:
+        node = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, or an integer with too many digits
+        reason = " ".join(str(error).split())
+        raise ValueError(f"{flag}: file {text!r} is not valid JSON ({reason})") from None
+    except RecursionError:
+        raise ValueError(f"{flag}: file {text!r} is nested too deeply") from None
+    _json_numbers(node, flag, text)
+    try:
+        return np.asarray(node, dtype=np.float64)
+    except OverflowError:
+        raise ValueError(f"{flag}: file {text!r} holds an integer too large for float64") from None
+    except ValueError:
+        raise ValueError(
+            f"{flag}: file {text!r} must hold a list of numbers or a list of equal-length lists (ragged nesting found)"
+        ) from None
+
+
 def _load_vector(text: str, flag: str) -> np.ndarray:
-    """Numbers separated by commas or spaces, or a path to a .npy / .json file."""
+    """Numbers separated by commas or spaces, or a path to a .npy / .json file, as float64.
+
+    Every failure is a ValueError naming ``flag`` (and the file)."""
+    if not isinstance(text, str):  # argparse drops a value of "--" (`--p=--`) and leaves a list
+        raise ValueError(f"{flag}: expected numbers separated by commas, or a .npy/.json file; got {text!r}")
     path = Path(text)
+    source = f"file {text!r}" if path.suffix.lower() in (".npy", ".json") else "the value"
     if path.suffix.lower() in (".npy", ".json"):
-        if not path.is_file():
-            raise ValueError(f"{flag}: file {text!r} does not exist")
-        if path.suffix.lower() == ".npy":
-            data = np.load(path)
-        else:
-            data = np.asarray(json.loads(path.read_text()), dtype=np.float64)
+        data = _read_file(path, text, flag)
     else:
         parts = [part for part in text.replace(",", " ").split() if part]
         if not parts:
             raise ValueError(f"{flag}: no numbers given")
         try:
-            data = np.array([float(part) for part in parts])
+            data = np.array([float(part) for part in parts], dtype=np.float64)
         except ValueError:
             raise ValueError(f"{flag}: expected numbers separated by commas, or a .npy/.json file; got {text!r}") from None
     data = np.asarray(data, dtype=np.float64)
-    if data.ndim == 0 or data.size == 0:
-        raise ValueError(f"{flag}: expected a vector (or a matrix of row vectors), got {data.shape}")
+    if data.ndim == 0:
+        raise ValueError(f"{flag}: {source} holds a single number; expected a vector (or a matrix of row vectors)")
+    if data.size == 0:
+        raise ValueError(f"{flag}: {source} is empty (shape {data.shape}); expected a vector (or a matrix of row vectors)")
     return data
+
+
+# The library names its arguments (p, p_logits, temperature, ...); the CLI names its options.
+_LIBRARY_NAMES = {
+    "p": "--p", "p_logits": "--p", "log_p": "--p",
+    "q": "--q", "q_logits": "--q", "log_q": "--q",
+    "temperature": "--temperature",
+}  # fmt: skip
+
+
+def _as_option_error(error: Exception) -> ValueError:
+    """A library error re-worded to name the CLI option (--p, --q, --temperature)."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = re.sub(r" along dim=-?\d+", " along each row", message)  # the CLI's vectors are rows
+    head = re.match(r"[A-Za-z_]*", message).group()
+    if head in _LIBRARY_NAMES:
+        message = _LIBRARY_NAMES[head] + message[len(head):]
+    for name in ("p_logits", "q_logits", "log_p", "log_q"):
+        message = re.sub(rf"\b{name}\b", _LIBRARY_NAMES[name], message)
+    if not any(option in message for option in ("--p", "--q", "--temperature")):
+        message = f"--p/--q: {message}"
+    return ValueError(message)
 
 
 def _describe_params(cls) -> str:
@@ -123,22 +214,44 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _json_value(v: float):
+    """A float for strict JSON: finite values as numbers, +-inf as the strings "Infinity" / "-Infinity"."""
+    if math.isfinite(v):
+        return v
+    if math.isnan(v):
+        return "NaN"
+    return "Infinity" if v > 0 else "-Infinity"
+
+
+def _json_tree(node):
+    return [_json_tree(item) for item in node] if isinstance(node, list) else _json_value(node)
+
+
 def cmd_compute(args) -> int:
     params = _parse_params(args.param)
-    divergence = registry.get(args.name, **params)
+    name = registry.resolve(args.name)  # an unknown NAME names itself, with suggestions
+    try:
+        divergence = get_divergence(name, **params)
+    except ValueError as error:
+        raise ValueError(f"--param: {error}") from None
     p = torch.from_numpy(_load_vector(args.p, "--p"))
     q = torch.from_numpy(_load_vector(args.q, "--q"))
     if p.shape != q.shape:
         raise ValueError(f"--p has shape {tuple(p.shape)} but --q has shape {tuple(q.shape)}; they must match")
-    if args.logits:
-        value = divergence(p, q, temperature=args.temperature)
-    else:
-        if args.temperature != 1.0:
-            raise ValueError("--temperature applies to logits: add --logits, or drop --temperature")
-        value = divergence.from_probs(p, q)
+    if not args.logits and args.temperature != 1.0:
+        raise ValueError("--temperature applies to logits: add --logits, or drop --temperature")
+    try:
+        if args.logits:
+            value = divergence(p, q, temperature=args.temperature)
+        else:
+            value = divergence.from_probs(p, q)
+    except ValueError as error:
+        raise _as_option_error(error) from None
     values = value.reshape(-1).tolist()
     if args.json:
-        print(json.dumps({"divergence": args.name, "params": params, "value": values if value.dim() else values[0]}))
+        params_out = {k: _json_value(v) if isinstance(v, float) else v for k, v in params.items()}
+        payload = {"divergence": args.name, "params": params_out, "value": _json_tree(value.tolist())}
+        print(json.dumps(payload, allow_nan=False))
     else:
         for v in values:
             print(repr(v) if math.isfinite(v) else ("inf" if v > 0 else v))
@@ -250,23 +363,74 @@ def build_parser() -> argparse.ArgumentParser:
         "compute",
         help="evaluate one divergence D(P || Q) on two vectors",
         description="Evaluate D(P || Q). --p/--q take numbers separated by commas, or a .npy/.json file "
-        "(a matrix gives one value per row). They are probabilities unless --logits is given.",
+        "(a matrix gives one value per row; more dimensions give one value per vector along the last). "
+        "They are probabilities (non-negative, each row summing to 1) unless --logits is given; values "
+        "are read as float64. A value starting with '-' works as --p -inf,0,0 or --p=-inf,0,0. "
+        "Output: one value per line ('inf' for an infinite value); with --json, "
+        '{"divergence", "params", "value"} where an infinite value is the string "Infinity". '
+        "A bad input prints one line naming the option and exits with status 2.",
     )
     p_compute.add_argument("name", help="divergence name (see `fdiv list`)")
-    p_compute.add_argument("--p", required=True, help="target P: probabilities or logits")
-    p_compute.add_argument("--q", required=True, help="model Q: probabilities or logits")
+    p_compute.add_argument("--p", required=True, help="target P: probabilities or logits (-inf masks an entry)")
+    p_compute.add_argument("--q", required=True, help="model Q: probabilities or logits, the same shape as --p")
     p_compute.add_argument("--logits", action="store_true", help="treat --p/--q as logits (softmax is applied)")
-    p_compute.add_argument("--temperature", type=float, default=1.0, help="softmax temperature for --logits")
+    p_compute.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T > 0 for --logits")
     p_compute.add_argument("--param", action="append", metavar="KEY=VALUE", help="divergence parameter, repeatable")
-    p_compute.add_argument("--json", action="store_true", help="machine-readable output")
+    p_compute.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
     p_compute.set_defaults(func=cmd_compute)
     return parser
 
 
+# Options of `fdiv compute` that take a value which may start with "-" (-inf,0,0 or -1e-3).
+_DASH_VALUE_OPTIONS = ("--p", "--q", "--temperature", "--param")
+_COMPUTE_OPTIONS = ("--p", "--q", "--logits", "--temperature", "--param", "--json", "--help")
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """``--p -inf,0,0`` -> ``--p=-inf,0,0`` after ``compute``, so argparse reads the value, not a flag.
+
+    argparse takes a token that starts with "-" (and is not a plain negative number) for an
+    option; a value such as ``-inf,0`` or ``-1e-3`` would be refused. A following token that
+    starts with "--" is left alone (it is the next option). ``--p=VALUE`` always works.
+    Unambiguous abbreviations (``--temp``) are joined too, as argparse accepts them.
+    """
+    command = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if command is None or argv[command] != "compute":
+        return argv
+    out = argv[: command + 1]
+    i = command + 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if _takes_dash_value(token) and nxt is not None and nxt.startswith("-") and not nxt.startswith("--") and len(nxt) > 1:
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _takes_dash_value(token: str) -> bool:
+    if token in _DASH_VALUE_OPTIONS:
+        return True
+    matches = [o for o in _COMPUTE_OPTIONS if token.startswith("--") and len(token) > 2 and o.startswith(token)]
+    return len(matches) == 1 and matches[0] in _DASH_VALUE_OPTIONS
+
+
 def main(argv=None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    A bad input prints one line ``fdiv COMMAND: error: ...`` naming the option on stderr
+    and returns 2; an unexpected failure prints one line asking for a bug report and returns 1.
+    """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_dash_values(argv))
     except SystemExit as exit_:  # --help, or a bad option already reported in one line
         return exit_.code if isinstance(exit_.code, int) else 2
     if not getattr(args, "func", None):
@@ -275,8 +439,15 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, NotImplementedError) as error:
-        print(f"fdiv {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"fdiv {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug, not bad input: one line, not a traceback
+        message = " ".join(str(error).split())
+        if "report" not in message:
+            message += " (please report this as a bug)"
+        print(f"fdiv {args.command}: internal error: {type(error).__name__}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
