@@ -72,12 +72,26 @@ def _js(p, q, beta=0.5, scaled=False):
     return value / (beta * (1 - beta)) if scaled else value
 
 
+def _extra_digits(small) -> int:
+    """Digits lost to the cancellation ``1 - sum p^a q^(1-a) ~ small``: the working precision grows by them."""
+    small = abs(float(small))
+    return 0 if small == 0 or small >= 1 else int(-math.log10(small)) + 5
+
+
 def _alpha(p, q, alpha=0.5):
+    with mpmath.workdps(mpmath.mp.dps + _extra_digits(float(alpha) * (1 - float(alpha)))):
+        p, q = [mpmath.mpf(v) for v in p], [mpmath.mpf(v) for v in q]
+        return +_alpha_exact(p, q, alpha)
+
+
+def _alpha_exact(p, q, alpha):
     a = mpmath.mpf(alpha)
     if a == 1:
         return _kl(p, q)
     if a == 0:
         return _kl(q, p)
+    # 1 - sum p^a q^(1-a) = sum [a p + (1-a) q - p^a q^(1-a)] on distributions: the second form does
+    # not lose the digits of sum p - 1 and sum q - 1 (the rounding of the softmax) when a (1-a) is tiny
     total = mpmath.mpf(0)
     for pi, qi in zip(p, q):
         if pi == 0 and qi == 0:
@@ -86,27 +100,44 @@ def _alpha(p, q, alpha=0.5):
             zero_side_exponent = a if pi == 0 else 1 - a
             if zero_side_exponent < 0:
                 return INF
+            total += a * pi + (1 - a) * qi
             continue
-        total += pi**a * qi ** (1 - a)
-    return (1 - total) / (a * (1 - a))
+        total += a * pi + (1 - a) * qi - pi**a * qi ** (1 - a)
+    return total / (a * (1 - a))
 
 
 def _renyi(p, q, alpha=0.5):
+    with mpmath.workdps(mpmath.mp.dps + _extra_digits(float(alpha) - 1)):
+        p, q = [mpmath.mpf(v) for v in p], [mpmath.mpf(v) for v in q]
+        return +_renyi_exact(p, q, alpha)
+
+
+def _renyi_exact(p, q, alpha):
     a = mpmath.mpf(alpha)
     if a == 1:
         return _kl(p, q)
-    total = mpmath.mpf(0)
+    # log sum p^a q^(1-a) = log1p(sum [p^a q^(1-a) - a p - (1-a) q]) (see _alpha_exact)
+    moment = mpmath.mpf(0)
+    direct = mpmath.mpf(0)  # sum p^a q^(1-a) itself, for when the sum is far from 1
+    positive = False
     for pi, qi in zip(p, q):
         if pi == 0:
+            moment -= (1 - a) * qi
             continue
         if qi == 0:
             if a > 1:
                 return INF
+            moment -= a * pi
             continue
-        total += pi**a * qi ** (1 - a)
-    if total == 0:
+        positive = True
+        term = pi**a * qi ** (1 - a)
+        direct += term
+        moment += term - a * pi - (1 - a) * qi
+    if not positive:
         return INF
-    return mpmath.log(total) / (a - 1)
+    if moment > -0.5:
+        return mpmath.log1p(moment) / (a - 1)
+    return mpmath.log(direct) / (a - 1)
 
 
 REFERENCES = {

@@ -251,3 +251,142 @@ def test_half_precision_computes_in_float32(dtype):
         torch.testing.assert_close(value.double(), exact, rtol=1e-5, atol=1e-6)
         gp, gq = torch.autograd.grad(value.sum(), (p_half, q_half))
         assert gp.dtype == dtype and gq.dtype == dtype
+
+
+# ------------------------------------------------------------------ issue 11 regressions (hardening)
+def _grads(name, p, q, params=None, entry="logits"):
+    p = p.clone().requires_grad_(True)
+    q = q.clone().requires_grad_(True)
+    div = fdiv.get(name, **(params or {}))
+    value = div(p, q) if entry == "logits" else div.from_log_probs(p, q)
+    value.sum().backward()
+    return value.detach(), p.grad, q.grad
+
+
+@pytest.mark.parametrize("name", ["renyi", "bhattacharyya"])
+def test_renyi_unused_branch_gives_no_nan_gradient(name):
+    value, gp, gq = _grads(name, torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
+    expected = 48.61370563888011 if name == "renyi" else 48.61370563888011 / 2
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.isfinite(gp).all() and torch.isfinite(gq).all()
+    g = torch.Generator().manual_seed(0)
+    p, q = 20 * torch.randn(64, 8, generator=g), 20 * torch.randn(64, 8, generator=g)
+    value, gp, gq = _grads(name, p, q)
+    assert torch.isfinite(value).all() and torch.isfinite(gp).all() and torch.isfinite(gq).all()
+    _, gp64, gq64 = _grads(name, p.double(), q.double())
+    torch.testing.assert_close(gq.double(), gq64, rtol=1e-3, atol=1e-4)
+
+
+INF_CASES = [
+    ("pearson_chi2", {}), ("neyman_chi2", {}), ("alpha", {"alpha": 2.0}), ("alpha", {"alpha": -1.0}),
+    ("alpha", {"alpha": 3.0}), ("renyi", {"alpha": 2.0}), ("renyi", {"alpha": 0.5}), ("forward_kl", {}),
+    ("reverse_kl", {}), ("jeffreys", {}),
+]
+
+
+@pytest.mark.parametrize("name,params", INF_CASES)
+def test_infinite_value_has_zero_gradient_at_the_culprit_and_finite_elsewhere(name, params):
+    ninf = -math.inf
+    # support mismatch on either side, and a finite overflow (p^2/q beyond float32)
+    for p, q in [
+        ([[0.0, 0.0, 1.0]], [[0.0, ninf, 1.0]]),
+        ([[0.0, ninf, 1.0]], [[0.0, 0.0, 1.0]]),
+        ([[0.0, 1000.0, 1.0]], [[0.0, -1000.0, 1.0]]),
+    ]:
+        p, q = torch.tensor(p), torch.tensor(q)
+        for entry in ("logits", "log_probs"):
+            args = (p, q) if entry == "logits" else (torch.log_softmax(p, -1), torch.log_softmax(q, -1))
+            value, gp, gq = _grads(name, *args, params=params, entry=entry)
+            assert not torch.isnan(value).any()
+            assert torch.isfinite(gp).all() and torch.isfinite(gq).all(), (name, params, value, gp, gq)
+            if torch.isinf(value).all() and entry == "log_probs":
+                culprit = torch.isinf(args[0]) | torch.isinf(args[1])
+                assert (gp[culprit] == 0).all() and (gq[culprit] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl", "js"])
+@pytest.mark.parametrize("weight", [1e-8, 1e-7, 1e-5, 1 - 1e-7])
+def test_small_mixture_weights_keep_relative_precision_in_float32(name, weight):
+    key = "beta" if name == "js" else "alpha"
+    if name != "js" and weight > 0.5:
+        weight = 1e-30
+    g = torch.Generator().manual_seed(3)
+    p, q = 5 * torch.randn(6, 10, generator=g), 5 * torch.randn(6, 10, generator=g)
+    p[0, 0], q[0, 0] = 30.0, -30.0  # mixture dominated by one side by e^60
+    div = fdiv.get(name, **{key: weight})
+    v32 = div(p, q)
+    assert torch.isfinite(v32).all()
+    assert_close_to_reference(name, v32, p.double().numpy(), q.double().numpy(), rtol=2e-5, atol=0, **{key: weight})
+    if name == "skew_reverse_kl":
+        assert (v32 <= -math.log(weight) * (1 + 1e-6)).all()
+
+
+def test_skew_reverse_kl_tiny_alpha_is_bounded_not_inf():
+    p, q = torch.tensor([[0.0, 40.0]]), torch.tensor([[40.0, 0.0]])
+    value, gp, gq = _grads("skew_reverse_kl", p, q, {"alpha": 1e-8})
+    assert value.item() == pytest.approx(-math.log(1e-8), rel=1e-4)
+    assert torch.isfinite(gp).all() and torch.isfinite(gq).all()
+
+
+@pytest.mark.parametrize(
+    "name,params,make",
+    [
+        ("forward_kl", {}, lambda x, e: (x, x + 1e-4 * e)),
+        ("reverse_kl", {}, lambda x, e: (x, x + 1e-4 * e)),
+        ("js", {"beta": 1e-3}, lambda x, e: (x, x + 1e-4 * e)),
+        ("skew_forward_kl", {"alpha": 0.1}, lambda x, e: (x, x + 1e-4 * e)),
+        ("renyi", {"alpha": 0.0}, lambda x, e: (1e4 * x, 1e4 * e)),
+        ("renyi", {"alpha": 0.5}, lambda x, e: (x, x + 1e-4 * e)),
+    ],
+)
+def test_small_divergences_are_nonnegative_and_accurate_in_float32(name, params, make):
+    g = torch.Generator().manual_seed(7)
+    x, e = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    p, q = make(x, e)
+    div = fdiv.get(name, **params)
+    for kwargs in ({}, {"temperature": 1e4}):
+        v32 = div(p, q, **kwargs)
+        v64 = div(p.double(), q.double(), **kwargs)
+        assert (v32 >= 0).all() and (v64 >= 0).all()
+        scale = max(1.0, float(p.abs().max()))
+        assert ((v32.double() - v64).abs() <= torch.clamp(1e-5 * v64.abs(), min=1e-7 * scale)).all(), (v32, v64)
+    assert (div(p.half(), q.half()) >= 0).all()
+
+
+def test_bad_inputs_are_value_errors_naming_the_argument():
+    div = fdiv.get("js")
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="dim"):
+        div(x, x, dim="a")
+    with pytest.raises(ValueError, match="temperature"):
+        div(x, x, temperature=True)
+    with pytest.raises(ValueError, match="temperature"):
+        div(torch.full((2, 4), 10.0), x, temperature=1e-38)
+    with pytest.raises(ValueError, match="log_p"):
+        div.from_log_probs(torch.tensor([[1.0, 2.0]]), torch.tensor([[-1.0, -1.0]]).log_softmax(-1))
+    with pytest.raises(ValueError, match="alpha"):
+        fdiv.get("alpha", alpha=None)
+    with pytest.raises(ValueError, match="beta"):
+        fdiv.get("js", beta="abc")
+    out = div(torch.zeros(0, 4), torch.zeros(0, 4), reduction="mean")
+    assert out.item() == 0.0
+    bf = torch.softmax(torch.randn(4, 1000), -1).bfloat16(), torch.softmax(torch.randn(4, 1000), -1).bfloat16()
+    got = div.from_probs(*bf)
+    assert got.dtype == torch.float32
+    expected = div.from_probs(*(x.double() / x.double().sum(-1, keepdim=True) for x in bf))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("js", {}), ("js", {"beta": 0.1}), ("skew_forward_kl", {}), ("skew_reverse_kl", {}), ("forward_kl", {}),
+     ("reverse_kl", {"_": None})],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_disjoint_one_hots_at_logits_1e30(name, params, dtype):
+    """Found by the fuzz test: log m = b + log(m/q) with b = -2e30 kept no digit (js gave 1.19, not log 2)."""
+    params = {k: v for k, v in params.items() if k != "_"}
+    p = torch.tensor([[1e30, -1e30]], dtype=dtype)
+    q = torch.tensor([[-1e30, 1e30]], dtype=dtype)
+    value = fdiv.get(name, **params)(p, q)
+    assert_close_to_reference(name, value, p.double().numpy(), q.double().numpy(), rtol=1e-6, atol=0, **params)

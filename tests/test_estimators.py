@@ -151,7 +151,7 @@ def test_mc_matches_the_named_special_cases(categorical):
 def test_control_variate_terms_are_non_negative(spec, log_ratio, samples_from):
     """f(r) - f'(1)(r - 1) >= 0 by convexity (f lies above its tangent at 1)."""
     lr = torch.tensor(log_ratio, dtype=torch.float64)
-    log_q = torch.full_like(lr, -3.0)
+    log_q = torch.full_like(lr, -3.0) - lr.clamp(min=0)  # log p = log q + lr <= 0
     div = _divergence(spec)
     terms = _mc(div, log_q + lr, log_q, samples_from, control_variate=True)
     assert not torch.isnan(terms).any()
@@ -181,8 +181,8 @@ def test_one_kl_estimate_name():
     assert "kl_estimate" not in estimators.__all__
     assert not hasattr(fdiv, "kl_estimate")
     gen = torch.Generator().manual_seed(1)
-    lp = torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2  # target = reference
-    lq = torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2  # model = policy
+    lp = (torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2).clamp(max=-0.01)  # target = reference
+    lq = (torch.randn(3, 7, generator=gen, dtype=torch.float64) - 2).clamp(max=-0.01)  # model = policy
     log_r = lp - lq
     references = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.exp(log_r) - 1 - log_r}  # written out
     for estimator, fn in (("k1", kl_k1), ("k2", kl_k2), ("k3", kl_k3)):
@@ -217,8 +217,9 @@ def test_dtypes(dtype):
 def test_mc_gradients(spec, samples_from, control_variate):
     div = _divergence(spec)
     gen = torch.Generator().manual_seed(7)
-    lp = (torch.randn(5, generator=gen, dtype=torch.float64) - 1.5).requires_grad_()
-    lq = (torch.randn(5, generator=gen, dtype=torch.float64) - 1.5).requires_grad_()
+    # log-probabilities (log-densities above 0 would be accepted too: only the log-ratio enters)
+    lp = (torch.randn(5, generator=gen, dtype=torch.float64) - 1.5).clamp(max=-0.1).requires_grad_()
+    lq = (torch.randn(5, generator=gen, dtype=torch.float64) - 1.5).clamp(max=-0.1).requires_grad_()
 
     def estimate(a, b, reduction="mean"):
         return _mc(div, a, b, samples_from, control_variate, reduction)
@@ -316,7 +317,7 @@ def test_k2_agrees_with_kl_to_second_order():
 )
 def test_k2_k3_non_negative(log_ratio, dtype):
     lr = torch.tensor(log_ratio, dtype=dtype)
-    lq = torch.full_like(lr, -5.0)
+    lq = torch.full_like(lr, -5.0) - lr.clamp(min=0)
     lp = lq + lr
     assert (kl_k3(target_logps=lp, model_logps=lq) >= 0).all()
     assert (kl_k2(target_logps=lp, model_logps=lq) >= 0).all()
@@ -328,7 +329,8 @@ def test_k3_keeps_relative_precision_near_r_equal_one():
         exact = float(mpmath.exp(x) - 1 - x)
         for dtype, rtol in ((torch.float64, 1e-14), (torch.float32, 2e-6)):
             xt = torch.tensor([x], dtype=dtype)
-            value = float(kl_k3(target_logps=xt, model_logps=torch.zeros_like(xt)))
+            # log r = x exactly, from two log-probabilities <= 0
+            value = float(kl_k3(target_logps=xt.clamp(max=0), model_logps=-xt.clamp(min=0)))
             # the float32 input itself is rounded: compare with the exact value at the rounded input
             exact_here = exact if dtype == torch.float64 else float(mpmath.expm1(float(xt)) - float(xt))
             assert abs(value - exact_here) <= rtol * exact_here, (x, dtype, value, exact_here)
@@ -708,3 +710,21 @@ def test_kl_k_estimators_estimate_kl_model_target_from_model_samples():
         divergence="reverse_kl", **pair, samples_from="model", control_variate=True, reduction="none"
     )
     assert torch.allclose(kl_k3(**pair), rkl_terms, rtol=1e-12, atol=1e-15)
+
+
+def test_log_densities_above_zero_are_accepted():
+    """Continuous log-densities may exceed 0 (a narrow Gaussian): the estimators see only log p - log q."""
+    from fdiv.math.estimators import kl_k3
+
+    gen = torch.Generator().manual_seed(11)
+    x = 0.01 * torch.randn(2000, generator=gen, dtype=torch.float64)  # samples of the model N(0, 0.01^2)
+    model = torch.distributions.Normal(0.0, 0.01)
+    target = torch.distributions.Normal(0.002, 0.012)
+    log_q, log_p = model.log_prob(x), target.log_prob(x)
+    assert float((log_q > 0).double().mean()) > 0.9  # densities around 40: log-density ~ 3.7
+    exact = torch.distributions.kl_divergence(model, target)  # KL(model || target), what k3 estimates
+    estimate = kl_k3(target_logps=log_p, model_logps=log_q).mean()
+    stderr = kl_k3(target_logps=log_p, model_logps=log_q).std() / 2000**0.5
+    assert abs(float(estimate - exact)) < 5 * float(stderr)
+    forward = fdiv.mc_estimate(divergence="reverse_kl", target_logps=log_p, model_logps=log_q, samples_from="model")
+    assert abs(float(forward - exact)) < 5 * float(stderr) + 1e-3

@@ -13,8 +13,52 @@ from typing import ClassVar
 
 import torch
 
-from .._validate import check_logit_pair, check_reduction, check_temperature, raise_if_nan, reduce
-from ._numerics import compute_dtype
+from .._validate import (
+    ArgumentTypeError,
+    check_logit_pair,
+    check_reduction,
+    check_temperature,
+    raise_if_nan,
+    reduce,
+)
+from ._numerics import compute_dtype, log_prob_slack
+
+# TODO(_validate): generic checks the lead may move into _validate (dim type, temperature
+# overflow, log-probability sign); kept private here until then.
+def _check_dim(dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ArgumentTypeError(f"dim must be an integer, got {dim!r}")
+    return dim
+
+
+def _check_range(name: str, scaled: torch.Tensor, raw: torch.Tensor, temperature: float = 1.0) -> None:
+    """Finite logits (after ``/ temperature``) must stay below ``finfo.max / 8`` in magnitude: the
+    log-space forms combine up to three log-softmax outputs (``2 b - a``), which must not overflow.
+    ``-inf`` (masked), NaN and ``+inf`` entries are left to the other checks. A temperature that
+    pushes finite logits there is named (contract 6)."""
+    limit = torch.finfo(scaled.dtype).max / 8
+    finite = torch.isfinite(raw)
+    if not bool(((scaled.abs() > limit) & finite).any()):
+        return
+    if temperature != 1.0 and not bool(((raw.to(scaled.dtype).abs() > limit) & finite).any()):
+        raise ValueError(
+            f"temperature={temperature!r} is too small: {name} / temperature leaves the range of "
+            f"{scaled.dtype} (|logits / T| must stay below {limit:.3g})"
+        )
+    raise ValueError(f"{name} has finite entries beyond {limit:.3g} in magnitude ({scaled.dtype}): they overflow")
+
+
+#: How far from 1 a probability row may sum (by dtype) before from_probs refuses it.
+_PROB_SUM_SLACK = {torch.float64: 1e-6, torch.float32: 1e-3}
+_HALF_SLACK = 2e-2
+
+
+def _clamp_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Contract 3: a row value below the lower bound 0 (rounding) is 0; the gradient is unchanged."""
+    if rows.requires_grad:
+        return torch.where(rows < 0, rows - rows.detach(), rows) + 0.0
+    return rows.clamp_min(0) + 0.0  # + 0.0 also turns -0.0 into 0.0
+
 
 class Divergence:
     """Base class of every categorical divergence ``D(P || Q)``.
@@ -51,8 +95,15 @@ class Divergence:
             The divergence per row (or reduced). Half-precision inputs are computed in
             float32 and the result is float32; float64 stays float64. Gradients reach
             both arguments in their own dtype.
+
+        Numerical contract: a row value is never below 0 (rounding is clamped, in the value
+        only); a finite value has a finite gradient, except where the true gradient itself
+        exceeds the dtype (about ``value / T > finfo.max``, e.g. ``T = 1e-30`` in bf16/float32);
+        an infinite value has gradient 0 at the entries that make it infinite. Finite logits
+        (after ``/ T``) beyond ``finfo(dtype).max / 8`` are a ValueError naming the argument, or
+        ``temperature`` when only the division takes them there.
         """
-        dim = check_logit_pair("p_logits", p_logits, "q_logits", q_logits, dim=dim)
+        dim = check_logit_pair("p_logits", p_logits, "q_logits", q_logits, dim=_check_dim(dim))
         temperature = check_temperature(temperature)
         check_reduction(reduction)
         dtype = compute_dtype(p_logits, q_logits)
@@ -60,11 +111,13 @@ class Divergence:
         q_scaled = q_logits.to(dtype)
         if temperature != 1.0:
             p_scaled, q_scaled = p_scaled / temperature, q_scaled / temperature
+        _check_range("p_logits", p_scaled, p_logits, temperature)
+        _check_range("q_logits", q_scaled, q_logits, temperature)
         log_p = torch.log_softmax(p_scaled, dim=dim)
         log_q = torch.log_softmax(q_scaled, dim=dim)
         rows = self._rowwise(log_p, log_q, dim)
         raise_if_nan(rows, {"p_logits": p_logits, "q_logits": q_logits}, dim)
-        return reduce(rows, reduction)
+        return reduce(_clamp_rows(rows), reduction)
 
     def from_log_probs(
         self, log_p: torch.Tensor, log_q: torch.Tensor, *, dim: int = -1, reduction: str = "none"
@@ -72,31 +125,49 @@ class Divergence:
         """``D(P || Q)`` from normalised log-probabilities (``-inf`` for zero entries).
 
         The inputs are used as given: they must each sum to one after ``exp``
-        along ``dim`` (use :meth:`__call__` for unnormalised logits).
+        along ``dim`` (use :meth:`__call__` for unnormalised logits); that sum is not
+        checked (it costs a pass), but a log-probability above 0 beyond rounding
+        (``max(1e-6, eps(dtype))``) is a ValueError naming the argument.
         """
-        dim = check_logit_pair("log_p", log_p, "log_q", log_q, dim=dim)
+        dim = check_logit_pair("log_p", log_p, "log_q", log_q, dim=_check_dim(dim))
         check_reduction(reduction)
+        for name, x in (("log_p", log_p), ("log_q", log_q)):
+            slack = log_prob_slack(x.dtype)
+            if x.numel() and bool((x.detach() > slack).any()):
+                raise ValueError(
+                    f"{name} must hold log-probabilities (<= 0), got a maximum of {x.detach().max().item():.6g}; "
+                    "pass logits to the divergence itself (it applies log_softmax)"
+                )
         dtype = compute_dtype(log_p, log_q)
+        _check_range("log_p", log_p.detach().to(dtype), log_p)
+        _check_range("log_q", log_q.detach().to(dtype), log_q)
         rows = self._rowwise(log_p.to(dtype), log_q.to(dtype), dim)
         raise_if_nan(rows, {"log_p": log_p, "log_q": log_q}, dim)
-        return reduce(rows, reduction)
+        return reduce(_clamp_rows(rows), reduction)
 
     def from_probs(
         self, p: torch.Tensor, q: torch.Tensor, *, dim: int = -1, reduction: str = "none"
     ) -> torch.Tensor:
-        """``D(P || Q)`` from probability vectors (non-negative, summing to one along ``dim``)."""
-        dim = check_logit_pair("p", p, "q", q, dim=dim)
+        """``D(P || Q)`` from probability vectors (non-negative, summing to one along ``dim``
+        within 1e-6 in float64, 1e-3 in float32, 2e-2 in bf16/fp16; each row is divided by its
+        sum, in float32 for half inputs)."""
+        dim = check_logit_pair("p", p, "q", q, dim=_check_dim(dim))
         for name, x in (("p", p), ("q", q)):
-            if torch.isnan(x).any() or (x < 0).any():
-                raise ValueError(f"{name} must contain non-negative probabilities")
+            if torch.isnan(x).any() or (x < 0).any() or torch.isinf(x).any():
+                raise ValueError(f"{name} must contain finite non-negative probabilities")
             total = x.detach().to(torch.float64).sum(dim=dim)
-            tol = 1e-6 if x.dtype == torch.float64 else 1e-3
+            # half types round each entry to ~3 significant digits: a bf16 row sums to 1 +- ~4e-3
+            tol = _PROB_SUM_SLACK.get(x.dtype, _HALF_SLACK)
             if ((total - 1).abs() > tol).any():
                 raise ValueError(
                     f"{name} must sum to 1 along dim={dim}; row sums range over "
                     f"[{total.min().item():.6g}, {total.max().item():.6g}]"
                 )
-        return self.from_log_probs(torch.log(p), torch.log(q), dim=dim, reduction=reduction)
+        # computed in float32 (float64 stays): each row is renormalised by its sum, so the rounding
+        # the tolerance above admits (bf16 rows sum to 1 +- ~4e-3) is not read as missing mass
+        dtype = compute_dtype(p, q)
+        log_p, log_q = (torch.log(x.to(dtype)) - torch.log(x.to(dtype).sum(dim, keepdim=True)) for x in (p, q))
+        return self.from_log_probs(log_p, log_q, dim=dim, reduction=reduction)
 
     # ----------------------------------------------------------- subclasses
     def _rowwise(self, log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ from .._validate import (
     check_tensor,
     reduce,
 )
-from ._numerics import compute_dtype, times
+from ._numerics import compute_dtype, expm1_minus_x, times
 from .generators import FDivergence
 from .registry import as_divergence
 
@@ -89,18 +89,6 @@ class _ValueWithSlope(torch.autograd.Function):
     def backward(ctx, grad):
         (slope,) = ctx.saved_tensors
         return times(grad, slope), None
-
-
-def _exp_minus_one_minus(x: torch.Tensor) -> torch.Tensor:
-    """``e^x - 1 - x`` to relative precision, also for small ``|x|`` where it is ``~ x^2/2``."""
-    small = x.abs() < 0.5
-    xs = torch.where(small, x, torch.zeros_like(x))
-    # Taylor series sum_{k>=2} x^k / k!, in Horner form; 17 terms reach float64 precision at |x| = 0.5.
-    series = torch.full_like(xs, 1.0 / math.factorial(18))
-    for k in range(17, 1, -1):
-        series = series * xs + 1.0 / math.factorial(k)
-    series = series * xs * xs
-    return torch.where(small, series, torch.expm1(x) - x)
 
 
 # ------------------------------------------------------- Monte-Carlo estimate
@@ -223,7 +211,8 @@ def mc_estimate(
         ValueError: for a divergence that is not an f-divergence (e.g. ``"renyi"``),
             shape mismatch, ``samples_from`` not in ``{"model", "target"}``, a bad
             ``reduction`` or ``dim``, NaN or ``+inf`` inputs, or ``-inf``
-            log-probabilities under the sampling distribution. Wrong types raise
+            log-probabilities under the sampling distribution. Log-densities of continuous
+            distributions (which may exceed 0) are accepted: only the log-ratio enters. Wrong types raise
             :class:`fdiv._validate.ArgumentTypeError` (a ValueError and a TypeError).
 
     Example::
@@ -286,7 +275,7 @@ def _k2(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
-    return _exp_minus_one_minus(log_ratio)
+    return expm1_minus_x(log_ratio)
 
 
 #: The terms of :func:`kl_k1` / :func:`kl_k2` / :func:`kl_k3` from a log-ratio ``log p - log q``

@@ -33,7 +33,13 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from .._validate import check_bool, check_number, check_unit_interval
-from ._numerics import as_float_tensor, expm1_ratio, log_abs_diff_exp, log_mixture_offsets
+from ._numerics import (
+    as_float_tensor,
+    expm1_ratio,
+    log_abs_diff_exp,
+    log_mixture_offsets,
+    weighted_expm1_minus_x,
+)
 from .base import Divergence
 
 INF = math.inf
@@ -73,6 +79,16 @@ def _conjugate_below(u, bound: float, inside, fill: float = 0.0) -> torch.Tensor
     ok = u < bound
     safe = torch.where(ok, u, torch.full_like(u, fill))
     return torch.where(ok, inside(safe), torch.full_like(u, INF))
+
+
+def _zero_grads_where_infinite(value: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor):
+    """The infinite-value rule (contract 2): where the pointwise value is ``+inf`` both gradients
+    are 0 (the gradient of an infinite divergence is undefined; 0 keeps the rest of the row finite).
+    A gradient that overflows beside a value at the edge of the range is treated the same way (0),
+    so the softmax chain rule never meets ``inf - inf``."""
+    zero = torch.zeros((), dtype=value.dtype, device=value.device)
+    bad = torch.isinf(value) | ~torch.isfinite(grad_a) | ~torch.isfinite(grad_b)
+    return value, torch.where(bad, zero, grad_a), torch.where(bad, zero, grad_b)
 
 
 class FDivergence(Divergence):
@@ -241,7 +257,46 @@ class FDivergence(Divergence):
         undefined = (p_zero & q_zero) | (torch.isinf(value) & any_zero)
         grad_a = torch.where(undefined | only_p_zero, zero, grad_a)
         grad_b = torch.where(undefined | only_q_zero, zero, grad_b)
-        return value, grad_a, grad_b
+        return _zero_grads_where_infinite(value, grad_a, grad_b)
+
+    def _row_terms(self, a: torch.Tensor, b: torch.Tensor) -> "torch.Tensor | None":
+        """Optional: ``q f(t) - f'(1) (p - q) >= 0`` for finite ``a, b``, computed without cancellation.
+
+        On normalised inputs these terms have the row sums of the values (``sum (p - q) = 0``) but
+        none is negative, so a small divergence keeps its relative precision (the plain values
+        ``p log(p/q)`` cancel). None: the row sums use the values.
+        """
+        return None
+
+    def _checked_row_terms(self, a: torch.Tensor, b: torch.Tensor) -> "torch.Tensor | None":
+        """:meth:`_row_terms`, or None when a subclass overrides ``_forms`` below the class that
+        wrote the row terms (they would describe another generator)."""
+        mro = type(self).__mro__
+        owner = next(k for k in mro if "_row_terms" in vars(k))
+        if any("_forms" in vars(k) for k in mro[: mro.index(owner)]):
+            return None
+        return self._row_terms(a, b)
+
+    def row_forms(self, a: torch.Tensor, b: torch.Tensor, masked: bool | None = None):
+        """``(terms, grad_a, grad_b)``: :meth:`log_forms` with the value replaced by the
+        cancellation-free row terms of :meth:`_row_terms` where the generator offers them.
+
+        Sum ``terms`` over the vocabulary for the row value (kernels may use this instead of the
+        first output of :meth:`masked_log_forms`). ``masked=None`` decides from the data.
+        """
+        if masked is None:
+            masked = bool(((a == -INF) | (b == -INF)).any())
+        value, grad_a, grad_b = self.masked_log_forms(a, b) if masked else self._forms(a, b)
+        if not masked:
+            terms = self._checked_row_terms(a, b)
+            return (value if terms is None else terms), grad_a, grad_b
+        any_zero = (a == -INF) | (b == -INF)
+        terms = self._checked_row_terms(torch.where(any_zero, torch.zeros_like(a), a), torch.where(any_zero, torch.zeros_like(b), b))
+        if terms is None:
+            return value, grad_a, grad_b
+        slope = self.slope_at_one()
+        at_zero = value - slope * (torch.exp(a) - torch.exp(b))
+        return torch.where(any_zero, at_zero, terms), grad_a, grad_b
 
     def pointwise(self, a, b) -> torch.Tensor:
         """Pointwise value ``q f(p/q)`` from ``a = log p``, ``b = log q``."""
@@ -296,10 +351,11 @@ class _FDivergenceRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, divergence: FDivergence, log_p, log_q, dim: int):
-        value, grad_a, grad_b = divergence.log_forms(log_p, log_q)
+        terms, grad_a, grad_b = divergence.row_forms(log_p, log_q)
         ctx.dim = dim
         ctx.save_for_backward(grad_a, grad_b)
-        return value.sum(dim=dim)
+        # contract 3: rounding never takes a row below 0 (value only; the gradients are the forms')
+        return terms.sum(dim=dim).clamp_min(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -348,6 +404,9 @@ class Swapped(FDivergence):
     def _forms(self, a, b):
         value, grad_q_side, grad_p_side = self.base._forms(b, a)
         return value, grad_p_side, grad_q_side
+
+    def _row_terms(self, a, b):
+        return self.base._checked_row_terms(b, a)
 
     def _kernel_form(self):
         inner = self.base.kernel_form()
@@ -398,6 +457,9 @@ class Standardized(FDivergence):
         p, q = torch.exp(a), torch.exp(b)
         return value - self._slope * (p - q), grad_a - self._slope * p, grad_b + self._slope * q
 
+    def _row_terms(self, a, b):
+        return self.base._checked_row_terms(a, b)
+
     def _kernel_form(self):
         inner = self.base.kernel_form()
         return None if inner is None else inner._replace(slope=inner.slope + self._slope)
@@ -447,6 +509,10 @@ class ForwardKL(FDivergence):
         d = a - b
         return p * d, p * (d + 1), -p
 
+    def _row_terms(self, a, b):
+        # p log(p/q) - p + q = p (e^(b-a) - 1 - (b-a))
+        return weighted_expm1_minus_x(a, b - a, b)
+
 
 class ReverseKL(FDivergence):
     r"""Reverse Kullback–Leibler divergence ``KL(Q || P) = sum q log(q/p)``; mode-seeking.
@@ -480,6 +546,9 @@ class ReverseKL(FDivergence):
         q = torch.exp(b)
         d = b - a
         return q * d, -q, q * (d + 1)
+
+    def _row_terms(self, a, b):
+        return weighted_expm1_minus_x(b, a - b, a)
 
 
 class JensenShannon(FDivergence):
@@ -555,7 +624,20 @@ class JensenShannon(FDivergence):
         la, lb = log_mixture_offsets(a, b, beta)
         grad_a = -beta * self._scale * torch.exp(a) * la
         grad_b = -(1 - beta) * self._scale * torch.exp(b) * lb
-        return grad_a + grad_b, grad_a, grad_b
+        # the value beta p log(p/m) + (1-beta) q log(q/m) written as
+        # beta p phi(la) + (1-beta) q phi(lb), phi(x) = e^x - 1 - x >= 0, since beta (m - p) + (1-beta) (m - q) = 0:
+        # no cancellation for near-identical inputs or small beta
+        log_m = _log_mixture(a, b, la, lb)
+        value = self._scale * (
+            beta * weighted_expm1_minus_x(a, la, log_m) + (1 - beta) * weighted_expm1_minus_x(b, lb, log_m)
+        )
+        return value, grad_a, grad_b
+
+
+def _log_mixture(a, b, la, lb) -> torch.Tensor:
+    """``log m`` from the side whose offset is smaller (``a + la`` and ``b + lb`` are equal in exact
+    arithmetic, but adding a huge offset to a huge log-probability keeps no digits)."""
+    return torch.where(la.abs() <= lb.abs(), a + la, b + lb)
 
 
 def _js_parameters(beta, scaled) -> tuple[bool, float]:
@@ -632,6 +714,13 @@ class SkewForwardKL(_SkewKL):
         grad_b = -(1 - self.alpha) * p * torch.exp(-lb)
         return value, value - grad_b, grad_b
 
+    def _row_terms(self, a, b):
+        if self.alpha == 0:
+            return ForwardKL._row_terms(self, a, b)
+        # -p la - (1 - alpha)(p - q) = m - p - p la = p phi(la)
+        la, lb = log_mixture_offsets(a, b, self.alpha)
+        return weighted_expm1_minus_x(a, la, _log_mixture(a, b, la, lb))
+
 
 class SkewReverseKL(_SkewKL):
     r"""Skew reverse KL ``KL(Q || alpha Q + (1 - alpha) P)``; mode-seeking, bounded by ``-log alpha``.
@@ -682,11 +771,17 @@ class SkewReverseKL(_SkewKL):
     def _forms(self, a, b):
         if self.alpha == 0:
             return ReverseKL._forms(self, a, b)
-        la, lb = log_mixture_offsets(a, b, 1 - self.alpha)
+        la, lb = log_mixture_offsets(a, b, 1 - self.alpha, self.alpha)
         q = torch.exp(b)
         value = -q * lb
         grad_a = -(1 - self.alpha) * q * torch.exp(-la)
         return value, grad_a, value - grad_a
+
+    def _row_terms(self, a, b):
+        if self.alpha == 0:
+            return ReverseKL._row_terms(self, a, b)
+        la, lb = log_mixture_offsets(a, b, 1 - self.alpha, self.alpha)
+        return weighted_expm1_minus_x(b, lb, _log_mixture(a, b, la, lb))
 
 
 class TotalVariation(_SelfSwapped):
@@ -786,7 +881,7 @@ class PearsonChi2(FDivergence):
         value = torch.exp(2 * log_gap - b)
         grad_a = 2 * torch.sign(a - b) * torch.exp(a + log_gap - b)
         grad_b = torch.exp(b) - torch.exp(2 * a - b)
-        return value, grad_a, grad_b
+        return _zero_grads_where_infinite(value, grad_a, grad_b)
 
 
 class NeymanChi2(FDivergence):
@@ -820,7 +915,7 @@ class NeymanChi2(FDivergence):
         log_gap = log_abs_diff_exp(a, b)
         value = torch.exp(2 * log_gap - a)
         ratio = torch.exp(2 * b - a)
-        return value, torch.exp(a) - ratio, 2 * (ratio - torch.exp(b))
+        return _zero_grads_where_infinite(value, torch.exp(a) - ratio, 2 * (ratio - torch.exp(b)))
 
 
 class AlphaDivergence(FDivergence):
@@ -913,7 +1008,7 @@ class AlphaDivergence(FDivergence):
         # q f(t) = grad_a + grad_b >= 0; both overflow together only when q f(t) does
         overflow = torch.isinf(grad_a) | torch.isinf(grad_b)
         value = torch.where(overflow, torch.full_like(grad_a, INF), grad_a + grad_b)
-        return value, grad_a, grad_b
+        return _zero_grads_where_infinite(value, grad_a, grad_b)
 
 
 def _weighted_expm1_over(log_w: torch.Tensor, w: torch.Tensor, d: torch.Tensor, c: float) -> torch.Tensor:

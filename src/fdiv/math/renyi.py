@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._validate import check_number
+from ._numerics import expm1_minus_x, weighted_expm1_minus_x
 from .base import Divergence
 
 INF = math.inf
@@ -51,33 +52,56 @@ class Renyi(Divergence):
         al = self.alpha
         p_zero, q_zero = log_p == -INF, log_q == -INF
         masked = p_zero | q_zero
+        # masked entries see a = b = 0, so nothing computed below is inf or NaN there (no NaN gradient
+        # through an unused torch.where branch); their contributions are put in explicitly
         a = torch.where(masked, torch.zeros_like(log_p), log_p)
         b = torch.where(masked, torch.zeros_like(log_q), log_q)
-        d = a - b
-        p = torch.exp(log_p)
-        # entries with p = 0 contribute nothing for alpha > 0; for alpha = 0, p^0 = 0 there too
+        p, q = torch.exp(log_p), torch.exp(log_q)
         live = ~p_zero
+        pair = live & ~q_zero
+        mismatch = (q_zero & live).any(dim)
         if al == 1:
-            # KL(P || Q); q = 0 under p > 0 is +inf
-            terms = torch.where(live & ~q_zero, p * d, torch.zeros_like(d))
+            # KL(P || Q) as sum p (e^(b-a) - 1 - (b-a)) >= 0 (no cancellation); q = 0 under p > 0 is +inf
+            terms = torch.where(pair, weighted_expm1_minus_x(a, b - a), torch.zeros_like(a))
+            terms = torch.where(p_zero & ~q_zero, q, terms)
             rows = terms.sum(dim)
-            return torch.where((q_zero & live).any(dim), torch.full_like(rows, INF), rows)
-        x = (al - 1) * d
-        # log sum p e^x two ways: log1p(sum p expm1(x)) keeps precision near alpha = 1,
-        # logsumexp keeps range when some |x| is large; each row takes the one that fits.
-        moment = torch.where(q_zero, -p, p * torch.expm1(torch.clamp(x, max=1.0)))
-        moment = torch.where(live, moment, torch.zeros_like(moment))
-        near_one = torch.log1p(moment.sum(dim))
-        exponent = a + x
-        exponent = torch.where(live & ~q_zero, exponent, torch.full_like(exponent, -INF))
-        far = torch.logsumexp(exponent, dim)
-        use_near = (torch.where(live & ~q_zero, x.abs(), torch.zeros_like(x)) <= 1).all(dim)
-        if al > 1:
-            use_near = use_near & ~(q_zero & live).any(dim)
+            return torch.where(mismatch, torch.full_like(rows, INF), rows)
+        # S = sum p^al q^(1-al) - 1 = sum [p^al q^(1-al) - al p - (1-al) q]: every term has the sign of
+        # (al - 1), so S keeps relative precision for near-identical inputs
+        y = b - a
+        expo = al * a + (1 - al) * b
+        big = expo > 60.0  # p^al q^(1-al) would overflow a float32 sum: that row takes logsumexp
+        expo_safe = torch.where(big, torch.zeros_like(expo), expo)
+        near_y = y.abs() <= 0.5
+        y_near = torch.where(near_y, y, torch.zeros_like(y))
+        p_safe = torch.exp(a)
+        series = p_safe * (expm1_minus_x((1 - al) * y_near) - (1 - al) * expm1_minus_x(y_near))
+        # away from y = 0: p (e^((1-al) y) - 1) - (1-al)(q - p), the first factor by expm1 while
+        # (1-al) y is small (al near 1 would otherwise cancel), by e^expo - p beyond
+        x = torch.where(big, torch.zeros_like(y), (1 - al) * y)
+        small_x = x.abs() < 1
+        moment = torch.where(
+            small_x,
+            p_safe * torch.expm1(torch.where(small_x, x, torch.zeros_like(x))),
+            torch.exp(expo_safe) - p_safe,
+        )
+        direct = moment - (1 - al) * (torch.exp(b) - p_safe)
+        terms = torch.where(near_y, series, direct)
+        terms = torch.where(pair, terms, torch.zeros_like(terms))
+        # p > 0 = q (al < 1): p^al q^(1-al) = 0; p = 0 < q: likewise (p^0 = 0 where p = 0)
+        terms = torch.where(q_zero & live, -al * p, terms)
+        terms = torch.where(p_zero & ~q_zero, -(1 - al) * q, terms)
+        s = terms.sum(dim)
+        use_near = (s >= -0.5) & ~(big & pair).any(dim)
+        near_one = torch.log1p(torch.where(use_near, s, torch.zeros_like(s)))
+        # far from 1: log sum p^al q^(1-al) by logsumexp over the pairs where both are positive
+        dead = ~pair.any(dim)
+        keep = pair | dead.unsqueeze(dim)
+        far = torch.logsumexp(torch.where(keep, torch.where(pair, expo, torch.zeros_like(expo)), torch.full_like(expo, -INF)), dim)
         rows = torch.where(use_near, near_one, far) / (al - 1)
-        if al > 1:
-            rows = torch.where((q_zero & live).any(dim), torch.full_like(rows, INF), rows)
-        return rows
+        # no common support: sum p^al q^(1-al) = 0, D = +inf (for al < 1 too); al > 1 also at q = 0 < p
+        infinite = dead | mismatch if al > 1 else dead
+        return torch.where(infinite, torch.full_like(rows, INF), rows)
 
 
 class Bhattacharyya(Divergence):
