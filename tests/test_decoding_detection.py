@@ -654,3 +654,18 @@ def test_docs_of_a_say_strings_are_refused():
     logp, ids, freq = torch.log(torch.tensor([0.5, 0.4])), torch.tensor([1, 2]), torch.full((5,), 0.2)
     with pytest.raises(ValueError, match="a must be a number"):
         dcpdd_score(token_logprobs=logp, token_ids=ids, reference_frequencies=freq, a="0.01")
+
+
+def test_dcpdd_refuses_positive_log_probabilities_and_infinite_frequencies():
+    # issue 11: one log-probability check (fdiv.objectives._logprob) naming the argument
+    ids = torch.tensor([0, 1, 0])
+    ref = torch.tensor([0.6, 0.4])
+    with pytest.raises(ValueError, match="^token_logprobs must be log-probabilities"):
+        dcpdd_score(token_logprobs=torch.tensor([-1.0, 0.3, -2.0]), token_ids=ids, reference_frequencies=ref)
+    with pytest.raises(ValueError, match="^reference_frequencies must be non-negative and finite"):
+        dcpdd_score(token_logprobs=torch.tensor([-1.0, -0.3, -2.0]), token_ids=ids,
+                    reference_frequencies=torch.tensor([math.inf, 0.4]))
+    # bf16 rounding slack (eps = 2**-7) above 0 is accepted
+    score = dcpdd_score(token_logprobs=torch.tensor([-1.0, 0.004, -2.0], dtype=torch.bfloat16), token_ids=ids,
+                        reference_frequencies=ref)
+    assert math.isfinite(score.item())

@@ -869,7 +869,7 @@ def test_a_temperature_that_overflows_the_logits_is_a_value_error(fused):
     student, teacher = pair("llama")
     batch = make_batch(ROWS)
     for temperature in (1e-39, 1e-300):
-        with pytest.raises(ValueError, match=f"^temperature={temperature!r} is too small"):
+        with pytest.raises(ValueError, match=f"^temperature={temperature!r} is (too|so) small"):
             distillation_loss(student=student, teacher=teacher, batch=batch, temperature=temperature, fused=fused)
     # small but representable: finite, and the float64 reference agrees
     student, teacher = pair("llama", torch.float64)

@@ -21,6 +21,12 @@ from fdiv.objectives.occupancy import chi2_regularizer, discriminator_loss, occu
 F64 = torch.float64
 
 
+
+def _pair(l):
+    """``dict(policy_logps=..., reference_logps=...)``, both ``<= 0`` (log-probabilities), with
+    ``policy - reference == l`` exactly (one of the two is 0 at each entry); differentiable in ``l``."""
+    return dict(policy_logps=l.clamp(max=0.0), reference_logps=-l.clamp(min=0.0))
+
 def _np_softplus(x):
     x = np.asarray(x, dtype=np.float64)
     return np.logaddexp(0.0, x)
@@ -93,11 +99,11 @@ def test_exact_expectation_on_a_rational_categorical_matches_neyman_chi2():
 @pytest.mark.parametrize("c", [10.0, 2.0, None])
 def test_terms_match_the_authors_formula_including_linearisation(c):
     l = np.array([-30.0, -12.0, -10.0, -9.5, -2.0, -1e-3, 0.0, 0.3, 4.0, 10.0, 10.5, 25.0])
-    got = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64),
+    got = chi2_regularizer(**_pair(torch.tensor(l, dtype=F64)),
                            sqrt=False, linearize_at=c)
     expected = _hand_llm_terms(l, c).mean()
     assert got.item() == pytest.approx(expected, rel=1e-13)
-    root = chi2_regularizer(policy_logps=torch.tensor(l, dtype=F64), reference_logps=torch.zeros(len(l), dtype=F64),
+    root = chi2_regularizer(**_pair(torch.tensor(l, dtype=F64)),
                             linearize_at=c)
     assert root.item() == pytest.approx(math.sqrt(max(expected, 1e-4)), rel=1e-13)
 
@@ -107,8 +113,8 @@ def test_linearisation_is_continuous_with_a_continuous_slope():
     for side in (1.0, -1.0):
         lo = torch.tensor([side * (c - 1e-7)], dtype=F64, requires_grad=True)
         hi = torch.tensor([side * (c + 1e-7)], dtype=F64, requires_grad=True)
-        v_lo = chi2_regularizer(policy_logps=lo, reference_logps=torch.zeros_like(lo), sqrt=False, linearize_at=c)
-        v_hi = chi2_regularizer(policy_logps=hi, reference_logps=torch.zeros_like(hi), sqrt=False, linearize_at=c)
+        v_lo = chi2_regularizer(**_pair(lo), sqrt=False, linearize_at=c)
+        v_hi = chi2_regularizer(**_pair(hi), sqrt=False, linearize_at=c)
         v_lo.backward()
         v_hi.backward()
         assert v_lo.item() == pytest.approx(v_hi.item(), rel=1e-6)
@@ -120,10 +126,10 @@ def test_linearisation_is_continuous_with_a_continuous_slope():
 def test_terms_keep_relative_precision_near_zero():
     # 2 cosh l - 2 = 4 sinh^2(l/2): the naive expm1(l) + expm1(-l) loses every digit at l = 1e-9.
     for l in (1e-9, -3e-6, 1e-3):
-        got = chi2_regularizer(policy_logps=torch.tensor([l], dtype=F64), reference_logps=torch.zeros(1, dtype=F64),
+        got = chi2_regularizer(**_pair(torch.tensor([l], dtype=F64)),
                                sqrt=False).item()
         assert got == pytest.approx(4 * math.sinh(l / 2) ** 2, rel=1e-12)
-    got32 = chi2_regularizer(policy_logps=torch.tensor([1e-4]), reference_logps=torch.zeros(1), sqrt=False).item()
+    got32 = chi2_regularizer(**_pair(torch.tensor([1e-4])), sqrt=False).item()
     assert got32 == pytest.approx(1e-8, rel=1e-5)
 
 
@@ -153,8 +159,8 @@ def test_token_level_inputs_with_mask_equal_sequence_level_inputs():
 def test_gradient_matches_the_closed_form_and_gradcheck():
     l = torch.tensor([0.4, -0.7, 1.3, 12.0, -0.1], dtype=F64)
     pol = l.clone().requires_grad_(True)
-    ref = torch.zeros(5, dtype=F64, requires_grad=True)
-    loss = chi2_regularizer(policy_logps=pol, reference_logps=ref)  # sqrt, linearised at 10
+    ref = torch.full((5,), -12.0, dtype=F64, requires_grad=True)
+    loss = chi2_regularizer(policy_logps=pol - 12.0, reference_logps=ref)  # log-ratio l (to 1 ulp of 12); sqrt, linearised at 10
     loss.backward()
     terms = _hand_llm_terms(l.numpy(), 10.0)
     chi2 = terms.mean()
@@ -167,17 +173,17 @@ def test_gradient_matches_the_closed_form_and_gradcheck():
     tokens = (torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(2)) * 0.5).requires_grad_(True)
     ref_tokens = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3)) * 0.5
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    fn = lambda x: chi2_regularizer(policy_logps=x, reference_logps=ref_tokens, mask=mask, linearize_at=1.5)
+    fn = lambda x: chi2_regularizer(policy_logps=x - 3.0, reference_logps=ref_tokens - 3.0, mask=mask, linearize_at=1.5)
     assert torch.autograd.gradcheck(fn, (tokens,))
 
 
 def test_floor_clamps_value_and_zeroes_gradient():
     pol = torch.tensor([1e-3, -1e-3], dtype=F64, requires_grad=True)
-    loss = chi2_regularizer(policy_logps=pol, reference_logps=torch.zeros(2, dtype=F64), floor=1e-4)
+    loss = chi2_regularizer(**_pair(pol), floor=1e-4)
     assert loss.item() == pytest.approx(1e-2)  # chi2_hat ~ 1e-6 < floor
     loss.backward()
     assert torch.all(pol.grad == 0)
-    unclamped = chi2_regularizer(policy_logps=pol.detach(), reference_logps=torch.zeros(2, dtype=F64), floor=1e-12)
+    unclamped = chi2_regularizer(**_pair(pol.detach()), floor=1e-12)
     assert unclamped.item() == pytest.approx(1e-3, rel=1e-6)
 
 
@@ -441,3 +447,28 @@ def test_chi2_regularizer_validates_once_and_resolves_neyman_chi2_once(monkeypat
     assert again.item() == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="policy_logps contains NaN"):
         chi2_regularizer(policy_logps=with_nan, reference_logps=ref)
+
+
+def test_positive_log_probabilities_are_refused_naming_the_argument():
+    # issue 11: log-probabilities of sampled sequences are <= 0; a positive one is a logit or a score
+    lp = torch.tensor([-1.0, 0.5, -2.0], dtype=F64)
+    with pytest.raises(ValueError, match="^policy_logps must be log-probabilities"):
+        chi2_regularizer(policy_logps=lp, reference_logps=-lp.abs())
+    with pytest.raises(ValueError, match="^reference_logps must be log-probabilities"):
+        chi2_regularizer(policy_logps=-lp.abs(), reference_logps=lp)
+    tokens = torch.tensor([[-1.0, 3.0], [-0.5, -0.2]], dtype=F64)
+    mask = torch.tensor([[True, False], [True, True]])  # the positive entry is not counted: never read
+    assert math.isfinite(chi2_regularizer(policy_logps=tokens, reference_logps=-tokens.abs(), mask=mask).item())
+
+
+@pytest.mark.parametrize("kind", ["chi2", "sqrt_chi2"])
+def test_an_overflowing_penalty_is_inf_with_zero_gradient(kind):
+    # issue 11: e^d overflowed to +inf with an inf gradient; contract: +inf, gradient 0 there, finite elsewhere
+    d = torch.tensor([1e30, 0.5, -3.0, 1e4], dtype=F64, requires_grad=True)
+    out = occupancy_penalty(policy_scores=d, kind=kind)
+    assert out[0].item() == math.inf  # (sqrt_chi2 divides by the batch's sqrt(chi2_hat) ~ e^(5e29): the rest is 0)
+    (grad,) = torch.autograd.grad(out.sum(), d)
+    assert grad[0].item() == 0.0 and bool(torch.isfinite(grad).all())
+    if kind == "chi2":
+        assert out[1].item() == pytest.approx(math.expm1(0.5), rel=1e-14)
+        assert grad[1].item() == pytest.approx(math.exp(0.5), rel=1e-14)

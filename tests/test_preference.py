@@ -26,7 +26,7 @@ f64 = torch.float64
 # ============================================================================== helpers
 def _pairs(batch=6, seed=0, scale=3.0, dtype=f64):
     g = torch.Generator().manual_seed(seed)
-    draw = lambda: (-20.0 + scale * torch.randn(batch, generator=g, dtype=f64)).to(dtype)  # noqa: E731
+    draw = lambda: (-20.0 - 10.0 * scale + scale * torch.randn(batch, generator=g, dtype=f64)).to(dtype)  # noqa: E731
     return {
         "policy_chosen_logps": draw(),
         "policy_rejected_logps": draw(),
@@ -835,8 +835,8 @@ def test_sft_is_implicit_reward_learning_bandit():
 
 def test_implicit_reward_tokens_and_soft_value():
     g = torch.Generator().manual_seed(1)
-    lp = torch.randn(3, 6, generator=g, dtype=f64)
-    ref = torch.randn(3, 6, generator=g, dtype=f64)
+    lp = -torch.randn(3, 6, generator=g, dtype=f64).abs()  # log-probabilities are <= 0
+    ref = -torch.randn(3, 6, generator=g, dtype=f64).abs()
     mask = torch.rand(3, 6, generator=g) > 0.3
     got = P.implicit_reward(policy_logps=lp, reference_logps=ref, mask=mask, beta=0.2)
     expected = torch.tensor([sum(0.2 * (lp[i, t] - ref[i, t]).item() for t in range(6) if mask[i, t]) for i in range(3)],
@@ -927,7 +927,7 @@ def test_fdiv_sft_forward_kl_is_sft():
 
 def test_fdiv_sft_tokens_clamp_and_bad_input():
     g = torch.Generator().manual_seed(4)
-    lp, ref = torch.randn(4, 5, generator=g, dtype=f64), torch.randn(4, 5, generator=g, dtype=f64)
+    lp, ref = -torch.randn(4, 5, generator=g, dtype=f64).abs(), -torch.randn(4, 5, generator=g, dtype=f64).abs()
     mask = torch.rand(4, 5, generator=g) > 0.2
     seq = P.fdiv_sft_loss(policy_logps=(lp * mask).sum(-1), reference_logps=(ref * mask).sum(-1),
                           q_policy_logps=lp[:, 0], q_reference_logps=ref[:, 0], divergence="js")
@@ -936,7 +936,7 @@ def test_fdiv_sft_tokens_clamp_and_bad_input():
     torch.testing.assert_close(seq, tok, rtol=1e-12, atol=1e-14)
     # a Q-sample the policy likes 300 nats more than the reference: forward KL's f* = e^h is capped, finite
     big = P.fdiv_sft_loss(policy_logps=lp[:, 0], reference_logps=ref[:, 0],
-                          q_policy_logps=torch.tensor([300.0], dtype=f64), q_reference_logps=torch.zeros(1, dtype=f64))
+                          q_policy_logps=torch.tensor([-1.0], dtype=f64), q_reference_logps=torch.tensor([-301.0], dtype=f64))
     assert math.isfinite(big.item())
     base = dict(policy_logps=lp[:, 0], reference_logps=ref[:, 0], q_policy_logps=lp[:, 1], q_reference_logps=ref[:, 1])
     for extra, message in (
@@ -1099,7 +1099,7 @@ def test_tensors_are_keyword_only():
 
 def test_implicit_reward_reduction_vocabulary():
     g = torch.Generator().manual_seed(24)
-    lp, ref = torch.randn(3, 6, generator=g, dtype=f64), torch.randn(3, 6, generator=g, dtype=f64)
+    lp, ref = -torch.randn(3, 6, generator=g, dtype=f64).abs(), -torch.randn(3, 6, generator=g, dtype=f64).abs()
     mask = torch.rand(3, 6, generator=g) > 0.4
     mask[2] = False  # a row with nothing counted
     diff = (lp - ref).numpy()
@@ -1186,3 +1186,59 @@ def test_d2o_overflowing_weights_are_a_value_error_not_a_bug_report():
     # large but representable: -log sigmoid(beta * 10 - alpha * 10) by hand
     got = P.d2o_loss(**kw, beta=1e3, alpha=0.5e3)
     torch.testing.assert_close(got, -F.logsigmoid(torch.tensor([1e4 - 0.5e4], dtype=f64)), rtol=1e-12, atol=0)
+
+
+# ============================================================================== issue 11 regressions (fuzzing)
+@pytest.mark.parametrize("name", ["policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+                                  "reference_rejected_logps"])
+def test_a_positive_log_probability_is_refused_naming_it(name):
+    kw = _pairs(batch=3, seed=5)
+    kw[name] = kw[name].clone()
+    kw[name][1] = 0.25  # a logit or a score, not log p
+    for fn in (P.fdpo_loss, P.dpo_loss):
+        with pytest.raises(ValueError, match=f"^{name} must be log-probabilities"):
+            fn(**kw)
+    kw[name][1] = 1e-9  # rounding slack above 0 is accepted
+    assert bool(torch.isfinite(P.fdpo_loss(**kw)).all())
+
+
+def test_positive_log_probabilities_are_refused_by_implicit_reward_d2o_and_sft():
+    lp = torch.tensor([[-1.0, 0.5, -2.0]], dtype=f64)
+    ok = -lp.abs()
+    with pytest.raises(ValueError, match="^policy_logps must be log-probabilities"):
+        P.implicit_reward(policy_logps=lp, reference_logps=ok, beta=0.1)
+    with pytest.raises(ValueError, match="^reference_self_logps must be log-probabilities"):
+        P.d2o_loss(policy_self_logps=ok, reference_self_logps=lp, policy_negative_logps=ok[:, 0],
+                   reference_negative_logps=ok[:, 0])
+    with pytest.raises(ValueError, match="^q_reference_logps must be log-probabilities"):
+        P.fdiv_sft_loss(policy_logps=ok[0], reference_logps=ok[0], q_policy_logps=ok[0], q_reference_logps=lp[0])
+    # a log-ratio is not a log-probability: fdpo_score takes positive values
+    assert P.fdpo_score(log_ratio=torch.tensor([3.0], dtype=f64)).item() == 3.0
+
+
+@pytest.mark.parametrize("name,params", [("pearson_chi2", {}), ("alpha", {"alpha": 0.5}), ("hellinger", {})])
+def test_the_score_cap_holds_far_out_with_a_finite_gradient(name, params):
+    # the cap's bisection used to start at l = -1e7, where the generator's form overflows to a garbage 0 that
+    # looks "inside" the cap: the score was not clamped (0 at l = -1e4) and its gradient NaN
+    div = fdiv.get(name, **params)
+    ell = torch.tensor([-1e4, -1e3, -100.0, 1e4], dtype=f64, requires_grad=True)
+    score = P.fdpo_score(log_ratio=ell, divergence=div)
+    cap = math.exp(P.DEFAULT_MAX_EXPONENT)
+    assert score[0].item() == pytest.approx(-cap, rel=1e-9) and score[1].item() == pytest.approx(-cap, rel=1e-9)
+    (grad,) = torch.autograd.grad(score.sum(), ell)
+    assert bool(torch.isfinite(grad).all()) and grad[0].item() == 0.0
+    kw = _pairs(batch=2, seed=3)
+    kw["policy_chosen_logps"] = kw["policy_chosen_logps"] - 1e4
+    pc = kw["policy_chosen_logps"].requires_grad_(True)
+    loss = P.fdpo_loss(divergence=div, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), pc)
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(g).all())
+
+
+def test_fdiv_sft_loss_with_no_samples_names_the_argument():
+    one = -torch.ones(2, dtype=f64)
+    empty = torch.zeros(0, dtype=f64)
+    with pytest.raises(ValueError, match="^policy_logps has no sequences"):
+        P.fdiv_sft_loss(policy_logps=empty, reference_logps=empty, q_policy_logps=one, q_reference_logps=one)
+    with pytest.raises(ValueError, match="^q_policy_logps has no sequences"):
+        P.fdiv_sft_loss(policy_logps=one, reference_logps=one, q_policy_logps=empty, q_reference_logps=empty)

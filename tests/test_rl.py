@@ -50,6 +50,11 @@ def _theta(seed=0, k=5):
 REF = _probs([0.1, 0.3, 0.25, 0.05, 0.3])
 
 
+def _split_log_ratio(lr):
+    """Log-probabilities ``(policy, reference)``, both ``<= 0``, with ``reference - policy == lr`` exactly."""
+    return -lr.clamp(min=0.0), lr.clamp(max=0.0)
+
+
 def _grad(scalar, theta):
     (g,) = torch.autograd.grad(scalar, theta)
     return g
@@ -94,7 +99,8 @@ def test_k1_and_k3_are_unbiased_and_k3_is_nonnegative_everywhere():
     assert (k1 < 0).any()  # k1 is negative wherever ref > pi
     # k3 >= 0 at every outcome, also for extreme and tiny log-ratios
     lr = torch.tensor([-40.0, -5.0, -1e-9, 0.0, 1e-9, 3.0, 30.0], dtype=D64)
-    k3 = kl_estimate(policy_logps=torch.zeros_like(lr), reference_logps=lr, estimator="k3")
+    pol_lr, ref_lr = _split_log_ratio(lr)
+    k3 = kl_estimate(policy_logps=pol_lr, reference_logps=ref_lr, estimator="k3")
     assert (k3 >= 0).all() and torch.isfinite(k3).all()
     assert k3[2].item() == pytest.approx(0.5e-18, rel=1e-6)  # relative precision near r = 1
 
@@ -206,8 +212,8 @@ def test_importance_weight_changes_gradient_even_at_rho_one():
 
 
 def test_clamps_match_verl_and_are_off_by_default():
-    pol = torch.tensor([0.0, 0.0], dtype=D64, requires_grad=True)
-    ref = torch.tensor([30.0, 0.5], dtype=D64)  # log r = 30 and 0.5
+    pol = torch.tensor([-30.0, -0.5], dtype=D64, requires_grad=True)
+    ref = torch.tensor([0.0, 0.0], dtype=D64)  # log r = 30 and 0.5
     plain = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3")
     assert plain[0].item() == pytest.approx(math.exp(30) - 31, rel=1e-12)
     lr_clamped = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", log_ratio_clamp=20.0)
@@ -245,7 +251,7 @@ VERL_CLAMPS = {"k1": {}, "abs": {}, "k2": {}, "k3": dict(log_ratio_clamp=20.0, v
 @pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3", "k1+", "abs+", "k2+", "k3+"])
 def test_values_and_gradients_match_verl_kl_penalty(estimator):
     lr = torch.tensor([-40.0, -25.0, -3.0, -0.4, -1e-6, 0.0, 2e-7, 0.7, 2.5, 3.0, 22.0], dtype=D64)
-    ref = torch.linspace(-3.0, -0.1, lr.numel(), dtype=D64)
+    ref = torch.linspace(-3.0, -0.1, lr.numel(), dtype=D64) - 41.0  # log-probabilities: ref, pol <= 0
     pol = (ref - lr).requires_grad_(True)  # log r = ref - pol = lr
     got = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=estimator, placement="loss",
                       **VERL_CLAMPS[estimator.rstrip("+")])
@@ -256,8 +262,8 @@ def test_values_and_gradients_match_verl_kl_penalty(estimator):
 
 
 def test_straight_through_gradient_is_the_unclamped_k2_even_where_a_clamp_binds():
-    pol = torch.tensor([0.0, 0.0, -1.0], dtype=D64, requires_grad=True)
-    ref = torch.tensor([30.0, -30.0, -0.5], dtype=D64)  # log r = 30, -30, 0.5
+    pol = torch.tensor([-31.0, -31.0, -32.0], dtype=D64, requires_grad=True)
+    ref = torch.tensor([-1.0, -61.0, -31.5], dtype=D64)  # log r = 30, -30, 0.5
     clamps = dict(log_ratio_clamp=5.0, value_clamp=3.0)
     for est in ("k1+", "k2+", "k3+", "abs+"):
         out = kl_estimate(policy_logps=pol, reference_logps=ref, estimator=est, placement="loss", **clamps)
@@ -342,13 +348,13 @@ def test_sequence_modes_drop_fully_masked_sequences_as_verl_does():
     v = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 9.0, 9.0]], dtype=D64)
     m = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     z = torch.zeros_like(v)
-    reduced = lambda mode: kl_estimate(policy_logps=v, reference_logps=z, mask=m, reduction=mode).item()  # noqa: E731
+    reduced = lambda mode: kl_estimate(policy_logps=z, reference_logps=-v, mask=m, reduction=mode).item()  # noqa: E731
     assert reduced("mean") == pytest.approx((1 + 2 + 5 + 6 + 7) / 5, rel=1e-15)
     assert reduced("seq-mean-token-sum") == pytest.approx((3 + 18) / 2, rel=1e-15)  # the empty row is dropped
     assert reduced("seq-mean-token-mean") == pytest.approx((1.5 + 6) / 2, rel=1e-15)
     assert reduced("seq-mean-token-sum-norm") == pytest.approx(21 / 4, rel=1e-15)  # verl: / T, a constant
     assert reduced("sum") == 21.0
-    none = kl_estimate(policy_logps=v, reference_logps=z, mask=m)
+    none = kl_estimate(policy_logps=z, reference_logps=-v, mask=m)
     assert none[2].abs().sum() == 0 and none[0, 2] == 0
 
 
@@ -710,10 +716,10 @@ def test_moving_average_and_log_partition_estimator():
 
 # ====================================================================== DPH-RL
 def test_dph_spec_values_and_the_js_factor_two():
-    two = torch.tensor([math.log(2.0)], dtype=D64)  # u = pi / pi_0 = 2 on one token
+    minus_two = torch.tensor([-math.log(2.0)], dtype=D64)  # u = pi / pi_0 = 2 on one token
     zero = torch.zeros(1, dtype=D64)
-    f_fkl = dph_loss(policy_logps=two, initial_logps=zero).item()
-    f_js = dph_loss(policy_logps=two, initial_logps=zero, divergence="js").item()
+    f_fkl = dph_loss(policy_logps=zero, initial_logps=minus_two).item()
+    f_js = dph_loss(policy_logps=zero, initial_logps=minus_two, divergence="js").item()
     assert f_fkl == pytest.approx(0.306853, abs=5e-7)
     assert 2 * f_js == pytest.approx(0.169899, abs=5e-7)  # DPH-RL's js_low_var is twice fdiv's JS term
     u = 2.0
@@ -731,7 +737,7 @@ def test_dph_spec_values_and_the_js_factor_two():
 
 def test_dph_terms_equal_the_dph_code_generators():
     u = torch.tensor([0.05, 0.5, 0.9, 1.0, 1.3, 4.0, 30.0], dtype=D64)
-    pol, init = u.log(), torch.zeros_like(u)
+    init, pol = _split_log_ratio(u.log())  # pol - init = log u exactly, both <= 0
     terms = lambda **kw: dph_loss(policy_logps=pol, initial_logps=init, reduction="none", **kw)  # noqa: E731
     torch.testing.assert_close(terms(), u - 1 - u.log(), rtol=1e-13, atol=1e-15)  # verl low_var_kl, swapped args
     torch.testing.assert_close(terms(control_variate=False), -u.log(), rtol=1e-13, atol=1e-15)
@@ -1145,3 +1151,62 @@ def test_penalties_validate_once_and_use_the_estimators_private_cores(monkeypatc
     # and the checks still run, once: NaN at a counted position names the argument
     with pytest.raises(ValueError, match="reference_logps contains NaN"):
         f_estimate(policy_logps=pol, reference_logps=ref_nan, divergence="reverse_kl")
+
+
+# ====================================================================== issue 11 regressions (fuzzing)
+def test_positive_log_probabilities_are_refused_naming_the_argument():
+    lp = torch.tensor([[-1.0, 0.5, -2.0]], dtype=D64)
+    ok = -lp.abs()
+    mask = torch.tensor([[True, True, True]])
+    cases = [
+        (lambda: kl_estimate(policy_logps=lp, reference_logps=ok), "policy_logps"),
+        (lambda: kl_estimate(policy_logps=ok, reference_logps=lp), "reference_logps"),
+        (lambda: kl_estimate(policy_logps=ok, reference_logps=ok, old_logps=lp, placement="loss"), "old_logps"),
+        (lambda: f_estimate(policy_logps=lp, reference_logps=ok), "policy_logps"),
+        (lambda: dph_loss(policy_logps=ok, initial_logps=lp), "initial_logps"),
+        (lambda: rl.disco_loss(policy_logps=lp.T, old_logps=ok.T, mask=mask.T, group_ids=torch.zeros(3, dtype=torch.long),
+                               rewards=torch.tensor([0.0, 1.0, 0.0])), "policy_logps"),
+        (lambda: rl.fdpg_loss(policy_logps=lp[0], target_log_scores=ok[0], log_partition=0.0), "policy_logps"),
+        (lambda: rl.fdpg_loss(policy_logps=ok[0], proposal_logps=lp[0], target_log_scores=ok[0], log_partition=0.0),
+         "proposal_logps"),
+        (lambda: rl.LogPartitionEstimator().update(target_log_scores=ok[0], proposal_logps=lp[0]), "proposal_logps"),
+    ]
+    for call, name in cases:
+        with pytest.raises(ValueError, match=f"^{name} must be log-probabilities"):
+            call()
+    # an uncounted position is never read; rounding slack above 0 is accepted
+    masked = torch.tensor([[True, False, True]])
+    assert kl_estimate(policy_logps=lp, reference_logps=ok, mask=masked)[0, 1].item() == 0.0
+    assert kl_estimate(policy_logps=torch.full((3,), 1e-9, dtype=D64), reference_logps=ok[0]).abs().max() < 3
+
+
+def test_an_overflowing_estimator_term_has_zero_gradient_never_nan():
+    # log r = ref - pol = 1000: k3 = e^1000 - 1001 overflows. It used to give a -inf gradient, and with
+    # value_clamp a finite value (the clamp) with a NaN gradient (0 * inf)
+    pol = torch.tensor([-1000.0, -1.0], dtype=D64, requires_grad=True)
+    ref = torch.tensor([0.0, -1.5], dtype=D64)
+    k3_second = math.exp(-0.5) - 1 + 0.5
+    plain = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", placement="loss")
+    assert plain[0].item() == math.inf and plain[1].item() == pytest.approx(k3_second, rel=1e-14)
+    (g,) = torch.autograd.grad(plain.sum(), pol)
+    assert g[0].item() == 0.0 and g[1].item() == pytest.approx(1 - math.exp(-0.5), rel=1e-14)
+    clamped = kl_estimate(policy_logps=pol, reference_logps=ref, estimator="k3", placement="loss", value_clamp=10.0)
+    assert clamped[0].item() == 10.0
+    (g,) = torch.autograd.grad(clamped.sum(), pol)
+    assert g[0].item() == 0.0 and g[1].item() == pytest.approx(1 - math.exp(-0.5), rel=1e-14)
+    # the same in dph_loss / f_estimate terms under a value clamp
+    init = torch.tensor([-1000.0, -1.0], dtype=D64, requires_grad=True)
+    d = dph_loss(policy_logps=ref, initial_logps=init, value_clamp=5.0, reduction="none")
+    (g,) = torch.autograd.grad(d.sum(), init)
+    assert d[0].item() == 5.0 and bool(torch.isfinite(g).all()) and g[0].item() == 0.0
+
+
+def test_an_overflowing_importance_weight_is_never_nan():
+    # rho = exp(policy - old) = e^9999 overflows: rho * k was inf * 0 = NaN where k = 0
+    pol = torch.tensor([-1.0, -1.0], dtype=D64, requires_grad=True)
+    old = torch.tensor([-1e4, -1.0], dtype=D64)
+    for ref, first in ((torch.tensor([-1.0, -1.5], dtype=D64), 0.0), (torch.tensor([-2.0, -1.5], dtype=D64), math.inf)):
+        value = kl_estimate(policy_logps=pol, reference_logps=ref, old_logps=old, placement="loss", estimator="k1")
+        assert value[0].item() == first and value[1].item() == pytest.approx(0.5, rel=1e-14)
+        (g,) = torch.autograd.grad(value.sum(), pol)
+        assert g[0].item() == 0.0 and g[1].item() == pytest.approx(1.5, rel=1e-14)

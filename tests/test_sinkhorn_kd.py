@@ -560,3 +560,21 @@ def test_overflowing_inputs_are_value_errors_naming_the_argument():
     plan, _ = naive_sinkhorn((small.double() / 1e36).numpy(), a.double().numpy(), a.double().numpy(), 1.0, 30)
     ref = float((plan * small.double().numpy()).sum())
     assert math.isclose(got.cost.item(), ref, rel_tol=1e-5)
+
+
+def test_an_empty_batch_follows_the_one_empty_rule():
+    # issue 11: N = 0 rows was a ValueError in batch mode; every reduction path now follows fdiv._validate.reduce
+    for mode in ("batch", "sample"):
+        x = torch.zeros(0, 4, requires_grad=True)
+        for reduction in ("mean", "sum"):
+            value = sinkhorn_kd_loss(student_logits=x, teacher_logits=torch.zeros(0, 4), mode=mode, reduction=reduction)
+            assert value.shape == () and value.item() == 0.0
+            (grad,) = torch.autograd.grad(value, x)
+            assert grad.shape == (0, 4)
+        none = sinkhorn_kd_loss(student_logits=x, teacher_logits=torch.zeros(0, 4), mode=mode, reduction="none")
+        assert none.shape == (0,)
+    # a fully masked batch: 0 with zero gradient (the masked rows are never read)
+    s = torch.randn(3, 4, requires_grad=True)
+    value = sinkhorn_kd_loss(student_logits=s, teacher_logits=torch.randn(3, 4), mask=torch.zeros(3, dtype=torch.bool))
+    (grad,) = torch.autograd.grad(value, s)
+    assert value.item() == 0.0 and bool((grad == 0).all())

@@ -52,6 +52,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ._logprob import check_log_probs
 from .._validate import (
     ArgumentTypeError,
     check_bool,
@@ -258,8 +259,8 @@ def dcpdd_score(
     ids = token_ids.reshape(1, -1) if single else token_ids
     counted = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.reshape(logp.shape)
     ref = reference_frequencies.detach().to(device=logp.device, dtype=torch.float64)
-    if bool(torch.isnan(ref).any()) or bool((ref < 0).any()):
-        raise ValueError("reference_frequencies must be non-negative (no NaN)")
+    if bool(torch.isnan(ref).any()) or bool(torch.isinf(ref).any()) or bool((ref < 0).any()):
+        raise ValueError("reference_frequencies must be non-negative and finite (no NaN / inf)")
 
     vocab = ref.numel()
     out_of_range = ((ids < 0) | (ids >= vocab)) & counted
@@ -269,8 +270,7 @@ def dcpdd_score(
     values = logp[counted]
     if bool(torch.isnan(values).any()):
         raise ValueError("token_logprobs contains NaN on a counted position")
-    if bool((values > 1e-6).any()):
-        raise ValueError("token_logprobs must be log-probabilities (<= 0); got a positive value")
+    check_log_probs("token_logprobs", values)
     empty = counted.sum(1) == 0
     if bool(empty.any()):
         rows = torch.nonzero(empty).flatten().tolist()

@@ -114,19 +114,6 @@ def _check_result(
         raise
 
 
-def _divergence_term(student_logits, teacher_logits, counted, temperature: float, **options) -> torch.Tensor:
-    """:func:`fdiv.token_loss`; a NaN it reports as a bug (FloatingPointError) is first checked
-    against a temperature that overflows the counted logits (then a ValueError naming it)."""
-    try:
-        return token_loss(
-            student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature, **options
-        )
-    except FloatingPointError:
-        named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
-        _raise_if_overflow(temperature, _counted_rows(named, counted), compute_dtype(student_logits))
-        raise
-
-
 def _scaled_weight(name: str | None, weight: float, temperature: float, temperature_scaling: bool) -> float:
     """``weight * T**2`` with ``temperature_scaling`` (else ``weight``), refused when it overflows a float."""
     scaled = weight * temperature_factor(temperature, temperature_scaling)
@@ -284,11 +271,11 @@ def kd_loss(
 
     divergence_term = ce_term = None
     if lam_d > 0:
-        divergence_term = _divergence_term(
-            student_logits,
-            teacher_logits,
-            counted,
-            temperature,
+        # the kernel refuses a temperature that overflows the logits (ValueError naming temperature)
+        divergence_term = token_loss(
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            temperature=temperature,
             divergence=div,
             mask=counted,
             reduction=reduction,
@@ -313,18 +300,24 @@ def _pl_rows(student: torch.Tensor, permutation: torch.Tensor, weights: torch.Te
     r"""``sum_k w_k [logsumexp_{j >= k} s_{pi_j} - s_{pi_k}]`` per row of ``[n, C]`` inputs.
 
     ``permutation`` is a full permutation of the ``C`` classes; positions with ``w_k = 0``
-    contribute exactly 0 (even where the student logit is ``-inf``), and their ``-inf`` logits
-    are replaced by the most negative finite value before the suffix log-sum-exp so that the
-    backward pass of ``logcumsumexp`` produces no NaN (``exp`` of it is 0 either way).
+    contribute exactly 0 (even where the student logit is ``-inf``). Every ``-inf`` logit is
+    replaced by the most negative finite value before the suffix log-sum-exp so that the
+    backward pass of ``logcumsumexp`` produces no NaN (``exp`` of it is 0 either way). A
+    position with ``w_k > 0`` whose student logit is ``-inf`` (the student gives the ranked item
+    probability 0) makes the row ``+inf``, with zero gradient from that position (the
+    contract for infinite values, ``docs/design.md``); the other positions keep their gradient.
     """
     s_perm = student.gather(-1, permutation)
     active = weights != 0
-    s_safe = torch.where(
-        torch.isneginf(s_perm) & ~active, torch.full_like(s_perm, torch.finfo(s_perm.dtype).min), s_perm
-    )
+    impossible = torch.isneginf(s_perm) & active
+    s_safe = torch.where(torch.isneginf(s_perm), torch.full_like(s_perm, torch.finfo(s_perm.dtype).min), s_perm)
     suffix_lse = torch.logcumsumexp(s_safe.flip(-1), dim=-1).flip(-1)
-    term = torch.where(active, suffix_lse - s_safe, torch.zeros_like(s_safe))
-    return (weights * term).sum(-1)
+    term = torch.where(active & ~impossible, suffix_lse - s_safe, torch.zeros_like(s_safe))
+    rows = (weights * term).sum(-1)
+    infinite = impossible.any(-1)
+    if bool(infinite.any()):
+        rows = torch.where(infinite, torch.full_like(rows, math.inf), rows)
+    return rows
 
 
 def _complete_permutation(permutation: torch.Tensor, classes: int) -> torch.Tensor:
@@ -704,8 +697,8 @@ def balanced_kd_loss(
     run_reverse = not check_finite or bool((w_r != 0).any())
     for run, weight, name in ((run_forward, w_f, "forward_kl"), (run_reverse, w_r, "reverse_kl")):
         if run:
-            term = _divergence_term(student_logits, teacher_logits, counted, temperature,
-                                    divergence=as_divergence(name), **common)
+            term = token_loss(student_logits=student_logits, teacher_logits=teacher_logits, temperature=temperature,
+                              divergence=as_divergence(name), **common)
             divergence_rows = divergence_rows + times(weight, term.reshape(n))
     ce_rows = _hard_label_ce(student_logits, labels, counted, ignore_index, dtype).reshape(n) if lam_ce > 0 else None
     rows = kd_ce_combine(divergence_rows, ce_rows, divergence_weight=divergence_weight, hard_label_weight=lam_ce)
@@ -742,6 +735,9 @@ def _binary_kl_rows(student, teacher, keep, temperature, factor, normalized, dty
             F.softplus(s) - F.softplus(t)
         )
     picked = elem.sum(-1)
+    # contract 3: rounding may leave a row a few ulps below the lower bound 0; clamp the VALUE only
+    # (the gradient stays the elementwise one)
+    picked = picked + (picked.detach().clamp_min(0.0) - picked.detach())
     if factor != 1.0:
         picked = picked * factor
     if not bool(torch.isfinite(picked.detach()).all()):

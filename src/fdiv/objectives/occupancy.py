@@ -44,6 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._logprob import check_log_probs
 from .._validate import (
     check_bool,
     check_choice,
@@ -218,7 +219,10 @@ def occupancy_penalty(*, policy_scores: torch.Tensor, kind: str = "sqrt_chi2", t
     x = policy_scores.to(dtype)
     if kind == "kl":
         return x.clone() if x is policy_scores else x
-    chi2 = torch.expm1(x)
+    log_max = math.log(torch.finfo(dtype).max)
+    # e^d - 1 overflows to +inf past log(max): that entry is +inf with zero gradient (the contract for
+    # infinite values), its input clamped so that no inf reaches the backward pass (0 * inf = NaN)
+    chi2 = _overflow_to_inf(torch.expm1(torch.clamp(x, max=log_max)), x > log_max)
     if kind == "chi2":
         return chi2
     log_chi2_hat, positive = _trimmed_log_chi2(x, trim)
@@ -226,11 +230,17 @@ def occupancy_penalty(*, policy_scores: torch.Tensor, kind: str = "sqrt_chi2", t
         return chi2
     log_scale = 0.5 * log_chi2_hat
     # e^d / s - 1 / s, in log space where expm1(d) overflows (the other branch sees a clamped input).
-    limit = math.log(torch.finfo(dtype).max) - 1.0
+    limit = log_max - 1.0
+    beyond = log_max + log_scale  # e^(d - log s) overflows past it
     inside = x < limit
     scaled = torch.expm1(torch.clamp(x, max=limit)) * math.exp(-log_scale)
-    outside = torch.exp(torch.clamp(x, min=limit) - log_scale) - math.exp(-log_scale)
-    return torch.where(inside, scaled, outside)
+    outside = torch.exp(torch.clamp(x, min=limit, max=beyond) - log_scale) - math.exp(-log_scale)
+    return _overflow_to_inf(torch.where(inside, scaled, outside), x > beyond)
+
+
+def _overflow_to_inf(values: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+    """``values`` with the ``over`` entries +inf (a constant: zero gradient there)."""
+    return torch.where(over, torch.full((), math.inf, dtype=values.dtype, device=values.device), values)
 
 
 # --------------------------------------------------------------------------- LLM form
@@ -245,6 +255,8 @@ def _chi2_inputs(policy_logps, reference_logps, mask):
     counted = check_mask(mask, policy_logps.shape, policy_logps.device)
     check_finite("policy_logps", policy_logps, counted)  # the policy sampled these tokens
     check_finite("reference_logps", reference_logps, counted)  # -inf: chi2(mu_pi || mu_ref) is infinite
+    check_log_probs("policy_logps", policy_logps, counted)
+    check_log_probs("reference_logps", reference_logps, counted)
     return counted
 
 

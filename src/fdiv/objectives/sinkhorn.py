@@ -414,8 +414,6 @@ def sinkhorn_kd_loss(
             f"student_logits must have shape [..., N, C] (rows x classes) for mode='batch', "
             f"got {tuple(student_logits.shape)}"
         )
-    if mode == "batch" and student_logits.shape[-2] == 0:
-        raise ValueError("student_logits has no rows to transport (N = 0)")
     temperature = check_temperature(temperature)
     epsilon = check_positive("epsilon", epsilon)
     n_iters = check_int("n_iters", n_iters, low=1)
@@ -434,6 +432,10 @@ def sinkhorn_kd_loss(
                     f"temperature={temperature!r} is too small for {name}: {name} / temperature overflows {dtype}"
                 )
         student, teacher = scaled
+    if student.numel() == 0:
+        # nothing to transport (N = 0 rows, or an empty batch): the one empty rule of fdiv._validate.reduce,
+        # "mean" / "sum" 0 with zero gradient, "none" an empty tensor
+        return reduce(student.sum(-1) * 0.0, reduction, mask=keep) * scale
     named = {"student_logits": student, "teacher_logits": teacher}
     run = _batch_mode if mode == "batch" else _sample_mode
     out = run(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named)

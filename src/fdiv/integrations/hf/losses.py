@@ -24,7 +24,6 @@ from ..._validate import (
 from ...kernels._rowmath import cross_entropy_rows, kd_ce_combine
 from ...kernels.fused_linear import fused_linear_loss
 from ...kernels.token import token_loss
-from ...math._numerics import compute_dtype
 from ...math.base import Divergence
 from ...math.registry import as_divergence
 from ._batch import IGNORE_INDEX, check_batch, check_num_items, count_response_tokens, normaliser
@@ -113,37 +112,6 @@ class Scored(NamedTuple):
     counted: int
 
 
-def _largest_finite(x: torch.Tensor) -> float:
-    x = x.detach()
-    finite = x[torch.isfinite(x)]
-    return float(finite.abs().amax()) if finite.numel() else 0.0
-
-
-def _logit_bound(hidden: torch.Tensor, weight: torch.Tensor, bias) -> float:
-    """An upper bound of ``|h W^T + b|`` (Cauchy-Schwarz), without forming the logits."""
-    h = float(hidden.detach().float().norm(dim=-1).amax()) if hidden.numel() else 0.0
-    w = float(weight.detach().float().norm(dim=-1).amax()) if weight.numel() else 0.0
-    b = 0.0 if bias is None else float(bias.detach().float().abs().amax())
-    return h * w + b
-
-
-def _refuse_overflow(run, temperature: float, largest_logit, dtype: torch.dtype):
-    """``run()`` (a kernel computing in ``dtype``); a NaN the kernel reports as a bug (FloatingPointError) is
-    first checked against a temperature that makes the logits overflow ``dtype`` (then ``inf - inf``): a
-    ValueError naming it."""
-    try:
-        return run()
-    except FloatingPointError:
-        limit = torch.finfo(dtype).max
-        largest = largest_logit()
-        if 1.0 / temperature > limit or largest / temperature > limit:
-            raise ValueError(
-                f"temperature={temperature!r} is too small: the logits (up to {largest:.3g} in magnitude) divided by "
-                f"it overflow {dtype}"
-            ) from None
-        raise
-
-
 def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> Scored:
     """The loss of :func:`distillation_loss` with checked options (private core)."""
     ids = check_batch(batch)
@@ -174,25 +142,21 @@ def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> 
         t_weight = t_head.weight.detach().to(device)
         t_bias = None if t_bias is None else t_bias.detach().to(device)
         s_bias = getattr(s_head, "bias", None)
-        loss = _refuse_overflow(
-            lambda: fused_linear_loss(
-                student_hidden=hs,
-                student_weight=s_head.weight,
-                teacher_hidden=ht,
-                teacher_weight=t_weight,
-                divergence=options.divergence,
-                student_bias=s_bias,
-                teacher_bias=t_bias,
-                labels=targets,
-                ignore_index=ignore_index,
-                hard_label_weight=options.hard_label_weight,
-                divergence_weight=options.divergence_weight,
-                temperature=options.temperature,
-                reduction=reduction,
-            ),
-            options.temperature,
-            lambda: max(_logit_bound(hs, s_head.weight, s_bias), _logit_bound(ht, t_weight, t_bias)),
-            compute_dtype(hs),
+        # the kernels refuse a temperature that overflows the logits (a ValueError naming temperature)
+        loss = fused_linear_loss(
+            student_hidden=hs,
+            student_weight=s_head.weight,
+            teacher_hidden=ht,
+            teacher_weight=t_weight,
+            divergence=options.divergence,
+            student_bias=s_bias,
+            teacher_bias=t_bias,
+            labels=targets,
+            ignore_index=ignore_index,
+            hard_label_weight=options.hard_label_weight,
+            divergence_weight=options.divergence_weight,
+            temperature=options.temperature,
+            reduction=reduction,
         )
         if divisor is not None:
             loss = loss / divisor.to(loss.dtype)
@@ -220,17 +184,12 @@ def score(student, teacher, batch, options: LossOptions, num_items_in_batch) -> 
         weight = 1.0
     else:
         s_rows, t_rows = s_logits[:, :-1][counted_mask], t_logits[:, :-1][counted_mask]
-        term = _refuse_overflow(
-            lambda: token_loss(
-                student_logits=s_rows,
-                teacher_logits=t_rows,
-                divergence=options.divergence,
-                temperature=options.temperature,
-                reduction=reduction,
-            ),
-            options.temperature,
-            lambda: max(_largest_finite(s_rows), _largest_finite(t_rows)),
-            compute_dtype(s_rows),
+        term = token_loss(
+            student_logits=s_rows,
+            teacher_logits=t_rows,
+            divergence=options.divergence,
+            temperature=options.temperature,
+            reduction=reduction,
         )
         if divisor is not None:
             term = term / divisor.to(term.dtype)

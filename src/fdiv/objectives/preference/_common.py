@@ -12,6 +12,7 @@ import torch
 
 from ..._validate import check_finite, check_group
 from ...math._numerics import compute_dtype
+from .._logprob import check_log_probs
 
 #: Default cap on exponentials: a score (or critic) is never larger than ``e**80`` in magnitude,
 #: TRL's clamp for fp32 / bf16. ``e**80 ~ 5.5e34`` fits float32 with room for ``beta * (s_w - s_l)``.
@@ -21,12 +22,14 @@ DEFAULT_MAX_EXPONENT = 80.0
 REACH = 1e7
 
 
-def check_logps(named: dict, *, min_dim: int = 0) -> tuple[torch.Tensor, ...]:
-    """Finite floating log-probabilities of one shape and device, returned in the compute dtype
-    (float32, float64 if any is float64)."""
+def check_logps(named: dict, *, min_dim: int = 0, log_probs: bool = True) -> tuple[torch.Tensor, ...]:
+    """Finite floating log-probabilities (``<= 0`` unless ``log_probs=False``: a log-ratio) of one shape
+    and device, returned in the compute dtype (float32, float64 if any is float64)."""
     tensors = check_group(named, min_dim=min_dim)
     for name, x in zip(named, tensors):
         check_finite(name, x)
+        if log_probs:
+            check_log_probs(name, x)
     dtype = compute_dtype(*tensors)
     return tuple(x.to(dtype) for x in tensors)
 
@@ -48,7 +51,8 @@ def monotone_bounds(fn, cap: float) -> tuple[float, float]:
 
     ``fn`` maps a float64 scalar tensor to a scalar tensor and ``|fn(0)| <= cap``. An end is
     ``-inf`` / ``+inf`` when the cap is not reached within ``[-REACH, REACH]``. NaN counts as
-    outside. Found by bisection (about 100 scalar evaluations; callers cache the result).
+    outside. Found by walking out from 0 in doubling steps to the first point outside, then
+    bisection (about 100 scalar evaluations; callers cache the result).
     """
 
     def inside(x: float) -> bool:
@@ -57,9 +61,18 @@ def monotone_bounds(fn, cap: float) -> tuple[float, float]:
         return not math.isnan(v) and abs(v) <= cap
 
     def boundary(outward: float) -> float:
-        if inside(outward):
-            return math.copysign(math.inf, outward)
-        good, bad = 0.0, outward
+        # walk out geometrically (1, 2, 4, ... REACH) to the first point outside, so that the
+        # bisection never starts from a far point where an overflowing form may return garbage
+        # that looks "inside" (e.g. 0 with a NaN gradient)
+        good, step = 0.0, math.copysign(1.0, outward)
+        while True:
+            if not inside(step):
+                bad = step
+                break
+            good = step
+            if abs(step) >= REACH:
+                return math.copysign(math.inf, outward)
+            step = math.copysign(min(2.0 * abs(step), REACH), outward)
         for _ in range(200):
             mid = 0.5 * (good + bad)
             if mid in (good, bad):

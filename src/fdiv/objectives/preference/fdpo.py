@@ -243,7 +243,7 @@ def fdpo_score(
     Returns:
         The score, the shape of ``log_ratio`` (float32, or float64 for float64 input), differentiable.
     """
-    (ell,) = check_logps({"log_ratio": log_ratio})
+    (ell,) = check_logps({"log_ratio": log_ratio}, log_probs=False)
     max_exponent = check_positive("max_exponent", max_exponent)
     div = _admissible(divergence, "fdpo_score")
     return _score(div, ell, max_exponent)

@@ -195,6 +195,9 @@ def fdiv_sft_loss(
     h_e = _sequence_log_ratio("", policy_logps, reference_logps, mask)
     h_q = _sequence_log_ratio("q_", q_policy_logps, q_reference_logps, q_mask)
     check_same_device("policy_logps", h_e, "q_policy_logps", h_q)
+    for name, h in (("policy_logps", h_e), ("q_policy_logps", h_q)):
+        if h.numel() == 0:
+            raise ValueError(f"{name} has no sequences (B = 0): the variational bound needs at least one sample")
     beta = check_positive("beta", beta)
     max_exponent = check_positive("max_exponent", max_exponent)
     div = as_divergence(divergence, f_divergence=True, caller="fdiv_sft_loss")

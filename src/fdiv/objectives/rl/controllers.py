@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .._logprob import check_log_probs
 from ..._validate import (
     check_finite,
     check_int,
@@ -164,6 +165,7 @@ class LogPartitionEstimator:
         check_like("target_log_scores", target_log_scores, "proposal_logps", proposal_logps)
         check_finite("target_log_scores", target_log_scores, allow_neg_inf=True)  # P(x) = 0 is allowed
         check_finite("proposal_logps", proposal_logps)  # the proposal drew these samples
+        check_log_probs("proposal_logps", proposal_logps)
         log_w = (target_log_scores.detach().double() - proposal_logps.detach().double()).flatten().cpu()
         if self.window is None:
             if log_w.numel():

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._logprob import check_log_probs
 from ..._validate import (
     check_choice,
     check_finite,
@@ -148,6 +149,8 @@ def disco_loss(
         raise ValueError("rewards must be binary: every entry 0 or 1 (DisCO splits answers into correct / incorrect)")
     check_finite("policy_logps", policy_logps, counted)  # sampled tokens have probability > 0
     check_finite("old_logps", old_logps, counted)  # the sampling policy drew these tokens
+    check_log_probs("policy_logps", policy_logps, counted)
+    check_log_probs("old_logps", old_logps, counted)
 
     dtype = compute_dtype(policy_logps, old_logps)
     pol = reduce(policy_logps.to(dtype), "none", mask=counted)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .._logprob import check_log_probs
 from ..._validate import check_finite, check_like, check_number, check_reduction, check_tensor, reduce
 from ...math._numerics import compute_dtype
 from ...math.generators import FDivergence
@@ -32,6 +33,7 @@ def _fdpg_inputs(caller, policy_logps, target_log_scores, log_partition, diverge
     log_z = check_number("log_partition", log_partition)
     div = as_divergence(divergence, f_divergence=True, caller=caller)
     check_finite("policy_logps", policy_logps)  # log pi(x) multiplies the pseudo-reward
+    check_log_probs("policy_logps", policy_logps)
     check_finite("target_log_scores", target_log_scores, allow_neg_inf=True)  # P(x) = 0 is allowed
     dtype = compute_dtype(policy_logps, target_log_scores)
     f_prime = _fdpg_f_prime(div, policy_logps, target_log_scores, log_z, dtype)
@@ -146,6 +148,7 @@ def fdpg_loss(
     else:
         check_like("policy_logps", policy_logps, "proposal_logps", proposal_logps)
         check_finite("proposal_logps", proposal_logps)  # the proposal drew these samples
+        check_log_probs("proposal_logps", proposal_logps)
         weight = torch.exp(pol.detach() - proposal_logps.detach().to(dtype))
     if baseline is None:
         b = 0.0

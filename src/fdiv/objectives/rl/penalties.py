@@ -15,8 +15,11 @@ tensor(0.0575)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .._logprob import check_log_probs
 from ..._validate import (
     check_bool,
     check_choice,
@@ -59,6 +62,7 @@ def _sampled_logps(named: dict, mask, *, allow_neg_inf: tuple = ()) -> tuple:
     counted = check_mask(mask, tensors[0].shape, tensors[0].device)
     for name, x in named.items():
         check_finite(name, x, counted, allow_neg_inf=name in allow_neg_inf)
+        check_log_probs(name, x, counted)
     dtype = compute_dtype(*tensors)
     return counted, [reduce(x.to(dtype), "none", mask=counted) for x in tensors]
 
@@ -66,6 +70,22 @@ def _sampled_logps(named: dict, mask, *, allow_neg_inf: tuple = ()) -> tuple:
 def _clamp(x: torch.Tensor, bound: float | None) -> torch.Tensor:
     """``x`` clamped to ``[-bound, bound]`` (clamped entries get zero gradient); ``bound=None``: unchanged."""
     return x if bound is None else torch.clamp(x, -bound, bound)
+
+
+def _overflow_guard(fn, pol: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``fn(pol, ref)`` (elementwise in the two log-probability tensors) where it is finite; where it is not
+    (a ratio ``e^(ref - pol)`` that overflows, a support mismatch) the detached value, with **zero gradient**.
+
+    The entries that overflow are recomputed at the neutral point ``pol = ref`` (detached), so no ``inf``
+    reaches the backward pass: a later value clamp or product gets gradient 0 there, never ``0 * inf =
+    NaN`` (the contract: a finite value has a finite gradient; an infinite one gradient 0 where it is
+    infinite). Two elementwise passes, no host synchronisation."""
+    with torch.no_grad():
+        raw = fn(pol, ref)
+    bad = ~torch.isfinite(raw)
+    neutral = ref.detach()
+    safe = fn(torch.where(bad, neutral, pol), torch.where(bad, neutral, ref))
+    return torch.where(bad, raw, safe)
 
 
 def _estimator_inputs(ref: torch.Tensor, pol: torch.Tensor, log_ratio_clamp: float | None):
@@ -83,9 +103,11 @@ def _f_terms(div, ref, pol, samples_from: str, control_variate: bool, log_ratio_
 
     Calls the estimator's private core: the inputs were checked once by :func:`_sampled_logps`
     (uncounted entries 0), so no second validation and no extra host synchronisation."""
-    log_p, log_q = _estimator_inputs(ref, pol, log_ratio_clamp)
-    terms = _mc_estimate(div, log_p, log_q, samples_from, control_variate)
-    return _clamp(terms, value_clamp)
+    def terms(pol, ref):
+        log_p, log_q = _estimator_inputs(ref, pol, log_ratio_clamp)
+        return _mc_estimate(div, log_p, log_q, samples_from, control_variate)
+
+    return _clamp(_overflow_guard(terms, pol, ref), value_clamp)
 
 
 def _finite_terms(terms: torch.Tensor, counted, message: str) -> torch.Tensor:
@@ -222,7 +244,10 @@ def kl_estimate(
     counted, (pol, ref, *old) = _sampled_logps(named, mask)
     value = _kl_terms(pol, ref, estimator, c, v)
     if old:
-        value = torch.exp(pol - old[0].detach()) * value
+        # rho * k; an overflowing rho = e^(pol - old) gives +-inf (0 where k = 0) with zero gradient
+        k = value
+        value = _overflow_guard(lambda p, o: torch.exp(p - o) * k, pol, old[0].detach())
+        value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf)
     if placement == "reward":
         value = value.detach()
     return reduce(value, reduction, mask=counted)
@@ -230,8 +255,11 @@ def kl_estimate(
 
 def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | None, v: float | None):
     """The per-token terms of :func:`kl_estimate` (finite, sanitised inputs)."""
-    log_p, log_q = _estimator_inputs(ref, pol, c)
-    value = _clamp(_k_value(estimator.rstrip("+"), log_p, log_q), v)
+    def terms(pol, ref):
+        log_p, log_q = _estimator_inputs(ref, pol, c)
+        return _k_value(estimator.rstrip("+"), log_p, log_q)
+
+    value = _clamp(_overflow_guard(terms, pol, ref), v)
     if estimator.endswith("+"):
         # verl's straight-through: gradient of k2 on the raw (unclamped) log-ratio, value of the estimator.
         k2 = _k_value("k2", ref, pol)
