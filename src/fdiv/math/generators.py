@@ -248,8 +248,11 @@ class FDivergence(Divergence):
         )
         zero = torch.zeros_like(value)
         only_p_zero, only_q_zero = p_zero & ~q_zero, q_zero & ~p_zero
-        at_p_zero = q * self.f_at_zero()
-        at_q_zero = p * self.f_prime_at_infinity()
+        # p = 0 < q (or q = 0 < p) is a support mismatch: an infinite limit stays infinite even where
+        # exp underflows the positive side to 0 (0 * inf would be NaN)
+        f0, fpinf = self.f_at_zero(), self.f_prime_at_infinity()
+        at_p_zero = torch.full_like(q, INF) if f0 == INF else q * f0
+        at_q_zero = torch.full_like(p, INF) if fpinf == INF else p * fpinf
         value = torch.where(only_p_zero, at_p_zero, torch.where(only_q_zero, at_q_zero, value))
         value = torch.where(p_zero & q_zero, zero, value)
         grad_a = torch.where(only_q_zero, at_q_zero, grad_a)
