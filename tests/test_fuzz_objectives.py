@@ -212,15 +212,9 @@ def test_kd_loss_overflowing_temperature_is_a_value_error_naming_it():
 
 
 def _known_outside_defect(name, mode, dtype, temperature) -> bool:
-    """Cases that hit defects reported outside src/fdiv/objectives (kept as xfail regressions in
-    tests/test_distill_objectives.py): the f-divergence forms compute 0 * inf = NaN where a
-    probability underflows to 0 against a -inf log-probability (balanced_kd_loss's reverse-KL term on a
-    one-hot teacher at T < 1); the token kernel's backward multiplies the incoming gradient in fp16 (kd
-    with temperature_scaling at T = 1e4: a 1e8 factor overflows fp16)."""
-    if name == "balanced" and mode in ("onehot", "student_onehot") and temperature < 1:
-        return True
-    if mode == "student_onehot" and temperature < 1:  # forward KL: q underflow vs log p, the same 0 * inf
-        return True
+    """Cases that hit a defect reported outside src/fdiv/objectives (kept as an xfail regression in
+    tests/test_distill_objectives.py): the token kernel's backward multiplies the incoming gradient in
+    fp16 (kd with temperature_scaling at T = 1e4: a 1e8 factor overflows fp16)."""
     return name == "kd_ce" and dtype == torch.float16 and temperature > 1
 
 

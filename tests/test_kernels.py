@@ -725,3 +725,209 @@ def test_cuda_non_f_divergence_path_does_not_sync(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- numerical hardening (issue 11)
+def _topk_reference64(z, idx, logprobs, name="forward_kl"):
+    """Float64 bucket coarsening written here: student tail by logsumexp over the non-top-k logits."""
+    z64 = z.detach().double().requires_grad_(True)
+    log_q = torch.log_softmax(z64, -1)
+    b = torch.cat([log_q.gather(-1, idx), torch.logsumexp(log_q.scatter(-1, idx, -math.inf), -1, keepdim=True)], -1)
+    a_k = logprobs.double()
+    a = torch.cat([a_k, torch.log1p(-a_k.exp().sum(-1, keepdim=True))], -1)
+    rows = fdiv.get(name).from_log_probs(a, b)
+    (grad,) = torch.autograd.grad(rows.sum(), z64)
+    return rows.detach(), grad
+
+
+@pytest.mark.parametrize("gap", [90.0, 200.0, 1e4])
+def test_topk_bucket_tail_underflow_has_finite_gradient(gap):
+    """Reproducer 1: the student's tail mass underflows (logit gap >~ 90 in float32); value and
+    gradient are finite and match a float64 reference, in topk_token_loss and the fused top-k path."""
+    s = torch.tensor([[gap, gap, 0.0, 0.0]], requires_grad=True)
+    idx = torch.tensor([[0, 1]])
+    lp = torch.log(torch.tensor([[0.6, 0.3]]))
+    loss = fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=idx, teacher_topk_logprobs=lp, tail="bucket")
+    loss.backward()
+    ref_rows, ref_grad = _topk_reference64(s, idx, lp)
+    assert torch.isfinite(s.grad).all()
+    torch.testing.assert_close(loss.double(), ref_rows.sum(), rtol=1e-5, atol=1e-7 * gap)
+    # contract 4: float32 log-probabilities of logits ~gap carry an error ~eps * gap
+    torch.testing.assert_close(s.grad.double(), ref_grad, rtol=1e-5, atol=1e-6 + 1e-7 * gap)
+    # tail entries share the tail gradient in proportion to their mass: -p_tail / 2 each (forward KL)
+    torch.testing.assert_close(s.grad[0, 2:], torch.full((2,), -0.05), rtol=0, atol=1e-6 + 1e-7 * gap)
+    # the fused path shares sparse_chunk: hidden = identity, weight = the logits
+    h = torch.eye(1)
+    w = s.detach().T.clone().requires_grad_(True)  # [V, 1]
+    fused = fdiv.fused_linear_loss(student_hidden=h, student_weight=w, teacher_topk_indices=idx, teacher_topk_logprobs=lp)
+    fused.backward()
+    torch.testing.assert_close(fused, loss.detach())
+    torch.testing.assert_close(w.grad.T.double(), ref_grad, rtol=1e-5, atol=1e-6 + 1e-7 * gap)
+
+
+INFINITE_SPECS = [
+    ("pearson_chi2", {}),
+    ("neyman_chi2", {}),
+    ("alpha", {"alpha": 2.0}),
+    ("alpha", {"alpha": -1.0}),
+    ("renyi", {"alpha": 2.0}),
+    ("forward_kl", {}),
+]
+
+
+INFINITE_CASES = [(n, p, "eager", c) for n, p in INFINITE_SPECS for c in ("support_mismatch", "overflow")] + [
+    ("pearson_chi2", {}, "compile", "overflow")  # one compiled graph keeps the suite fast
+]
+
+
+@pytest.mark.parametrize("name,params,backend,case", INFINITE_CASES, ids=[f"{n}{p}-{b}-{c}" for n, p, b, c in INFINITE_CASES])
+def test_infinite_value_has_zero_not_nan_gradient(name, params, backend, case):
+    """Reproducer 2: an infinite value (a support mismatch, or a pointwise value that overflows)
+    has a finite gradient — 0 from the entries that make it infinite — eager and compiled."""
+    if case == "support_mismatch":
+        s = torch.tensor([[0.0, 1.0, -math.inf], [0.5, 0.0, 1.0]])
+        t = torch.tensor([[0.0, -math.inf, 1.0], [0.0, 0.3, 0.1]])
+    else:  # finite logits whose pointwise value p^2/q (or q^2/p) overflows
+        s = torch.tensor([[0.0, 1e4, 0.0], [0.5, 0.0, 1.0]])
+        t = torch.tensor([[1e4, 0.0, 0.0], [0.0, 0.3, 0.1]])
+    s = torch.cat([s, s.flip(0)]).requires_grad_(True)  # [4, 3]: two full chunks of 2 for compile
+    t = torch.cat([t, t.flip(0)]).requires_grad_(True)
+    divergence = fdiv.get(name, **params)
+    rows = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=divergence, reduction="none",
+                           backend=backend, chunk_size=2)  # fmt: skip
+    rows.sum().backward()
+    ref = divergence(t.detach().double(), s.detach().double())
+    finite = torch.isfinite(ref) & (ref < 1e30)
+    torch.testing.assert_close(rows[finite].double(), ref[finite], rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all(), (s.grad, t.grad)
+    # a finite row keeps its exact gradient
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double().requires_grad_(True)
+    divergence(t64, s64)[1].backward()
+    torch.testing.assert_close(s.grad[1].double(), s64.grad[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params", INFINITE_SPECS[:4], ids=[f"{n}{p}" for n, p in INFINITE_SPECS[:4]])
+def test_fused_infinite_value_has_finite_gradient(name, params):
+    """Reproducer 2 through fused_linear_loss: the overflowing row gives inf, every gradient is finite."""
+    h = torch.tensor([[1.0], [0.1]], requires_grad=True)
+    w = torch.tensor([[0.0], [1e4], [0.0]], requires_grad=True)
+    th = torch.tensor([[1.0], [0.1]])
+    tw = torch.tensor([[1e4], [0.0], [0.0]])
+    loss = fdiv.fused_linear_loss(student_hidden=h, student_weight=w, teacher_hidden=th, teacher_weight=tw,
+                                  divergence=fdiv.get(name, **params))  # fmt: skip
+    loss.backward()
+    assert torch.isinf(loss)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tv", "js", "jeffreys"])
+def test_row_values_are_never_below_zero(name):
+    """Reproducer 3: near-identical float32 logits; rounding pushed rows below 0 before the clamp."""
+    x = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    noisy = x + 1e-7 * torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    for backend in ("eager",):
+        rows = fdiv.token_loss(student_logits=x, teacher_logits=noisy, divergence=name, reduction="none", backend=backend)
+        assert (rows >= 0).all(), rows.min()
+    idx = noisy.topk(3, -1).indices
+    lp = torch.log_softmax(noisy, -1).gather(-1, idx)
+    for tail in ("bucket", "renormalize"):
+        rows = fdiv.topk_token_loss(student_logits=x, teacher_topk_indices=idx, teacher_topk_logprobs=lp,
+                                    divergence=name, tail=tail, reduction="none")  # fmt: skip
+        assert (rows >= 0).all(), (tail, rows.min())
+    # the value only: the gradient still comes from the forms (not zeroed by the clamp)
+    s = x.clone().requires_grad_(True)
+    fdiv.token_loss(student_logits=s, teacher_logits=noisy, divergence=name).backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_bad_inputs_are_value_errors_naming_the_argument():
+    """Reproducer 4, on every kernel."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
+    th, tw = torch.randn(3, 4, generator=g), torch.randn(6, 4, generator=g)
+    dense = dict(student_hidden=h, student_weight=w, teacher_hidden=th, teacher_weight=tw)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        fdiv.fused_linear_loss(**dense, labels=torch.tensor([0, 1, 99]), hard_label_weight=1.0)
+    with pytest.raises(ValueError, match="labels must have an integer dtype"):
+        fdiv.fused_linear_loss(**dense, labels=torch.tensor([0.0, 1.0, 2.5]), hard_label_weight=1.0)
+    for key in ("student_weight", "teacher_weight", "student_hidden", "teacher_hidden"):
+        bad = dense[key].clone()
+        bad[0, 0] = math.nan
+        with pytest.raises(ValueError, match=f"^{key} contains NaN"):
+            fdiv.fused_linear_loss(**{**dense, key: bad})
+    s, t = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    idx = torch.tensor([[0, 1]] * 3)
+    too_much = torch.log(torch.tensor([[0.7, 0.6]] * 3))
+    with pytest.raises(ValueError, match="teacher_topk_logprobs.*sum to 1.3"):
+        fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=idx, teacher_topk_logprobs=too_much)
+    with pytest.raises(ValueError, match="teacher_topk_logprobs"):
+        fdiv.fused_linear_loss(student_hidden=h, student_weight=w, teacher_topk_indices=idx,
+                               teacher_topk_logprobs=too_much)  # fmt: skip
+    # within rounding of the stored dtype: accepted (a top-k holding all the mass)
+    full = torch.log_softmax(s, -1).topk(6, -1)
+    fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=full.indices, teacher_topk_logprobs=full.values)
+    ok = torch.log(torch.tensor([[0.5, 0.25]] * 3))
+    s10 = 10 * s
+    for call in (
+        lambda T: fdiv.token_loss(student_logits=s10, teacher_logits=t, temperature=T),
+        lambda T: fdiv.topk_token_loss(student_logits=s10, teacher_topk_indices=idx, teacher_topk_logprobs=ok,
+                                       temperature=T),  # fmt: skip
+        lambda T: fdiv.fused_linear_loss(student_hidden=10 * h, student_weight=w, teacher_hidden=th, teacher_weight=tw,
+                                         temperature=T),  # fmt: skip
+        lambda T: fdiv.fused_linear_loss(student_hidden=10 * h, student_weight=w, teacher_topk_indices=idx,
+                                         teacher_topk_logprobs=ok, temperature=T),  # fmt: skip
+    ):
+        for temperature in (1e-38, 1e-45):
+            with pytest.raises(ValueError, match="^temperature="):
+                call(temperature)
+    # float64 has the range: the same temperature is fine there
+    assert torch.isfinite(fdiv.token_loss(student_logits=s10.double(), teacher_logits=t.double(), temperature=1e-38))
+    # too large for float32 at any temperature: names the logits
+    with pytest.raises(ValueError, match="^student_logits holds a magnitude"):
+        fdiv.token_loss(student_logits=torch.full((1, 3), 3e38) * torch.tensor([1.0, -1.0, 0.0]), teacher_logits=t[:1, :3])
+
+
+def test_renormalize_without_student_topk_mass_is_a_value_error():
+    s = torch.tensor([[-math.inf, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="student_logits.*renormali"):
+        fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=torch.tensor([[0]]),
+                             teacher_topk_logprobs=torch.tensor([[-0.5]]), tail="renormalize")  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["transposed", "strided", "3d"])
+def test_layouts_and_half_precision_follow_the_contract(dtype, layout):
+    """Reproducer 5: non-contiguous / 3-D / half inputs equal the float64 reference on the same values."""
+    s64, t64 = logit_pair(2, 3, 5)
+    s_h, t_h = s64.to(dtype), t64.to(dtype)
+    if layout == "transposed":
+        s_h, t_h = (x.reshape(6, 5).T.contiguous().T for x in (s_h, t_h))
+    elif layout == "strided":
+        s_h, t_h = (torch.zeros(6, 10, dtype=dtype).index_copy(1, torch.arange(0, 10, 2), x.reshape(6, 5))[:, ::2]
+                    for x in (s_h, t_h))  # fmt: skip
+    assert layout == "3d" or not s_h.is_contiguous()
+    s_h = s_h.clone().requires_grad_(True) if layout == "3d" else s_h.requires_grad_(True)
+    rows = fdiv.token_loss(student_logits=s_h, teacher_logits=t_h, divergence="js", reduction="none")
+    assert rows.dtype == torch.float32 and rows.shape == s_h.shape[:-1]
+    ref = fdiv.get("js")(t_h.double(), s_h.detach().double())
+    torch.testing.assert_close(rows.double(), ref, rtol=1e-5, atol=1e-7)
+    rows.sum().backward()
+    assert s_h.grad.dtype == dtype and torch.isfinite(s_h.grad).all()
+    for reduction, expected in (("mean", 0.0), ("sum", 0.0)):  # empty and single-row batches
+        empty = torch.zeros(0, 5, dtype=dtype, requires_grad=True)
+        out = fdiv.token_loss(student_logits=empty, teacher_logits=empty.detach(), reduction=reduction)
+        out.backward()
+        assert out.item() == expected and empty.grad.shape == (0, 5)
+    one = fdiv.token_loss(student_logits=s_h[:1], teacher_logits=t_h[:1], divergence="js", reduction="none")
+    torch.testing.assert_close(one.double(), ref[:1], rtol=1e-5, atol=1e-7)
+
+
+def test_underflowing_probability_facing_a_zero_is_infinite_not_nan():
+    """A finite teacher log-probability whose probability underflows in float32 (-362), facing a
+    masked student entry, under Pearson (f'(inf) = inf): +inf (as the Triton kernel), not NaN."""
+    t = torch.tensor([[-231.0, 131.0]])
+    s = torch.tensor([[-math.inf, 0.0]], requires_grad=True)
+    rows = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="pearson_chi2", reduction="none",
+                           check_finite=False)  # fmt: skip
+    assert torch.isinf(rows).all()

@@ -275,6 +275,36 @@ def test_support_mismatch_gives_inf_row_and_finite_gradients(spec):
 
 
 @interpreted
+@pytest.mark.parametrize("spec", [("pearson_chi2", {}), ("neyman_chi2", {}), ("alpha", {"alpha": 2.0})], ids=spec_id)
+def test_overflowing_value_gives_inf_row_and_finite_gradients_like_eager(spec):
+    """Finite logits whose pointwise value overflows float32 (a logit gap of 1e4): +inf row, gradient
+    0 from the overflowing entries and finite elsewhere, as the eager template (contract 2)."""
+    div = _build(spec)
+    student = torch.tensor([[0.0, 1e4, 0.0, 1.0], [0.5, 0.0, 1.0, 0.2]])
+    teacher = torch.tensor([[1e4, 0.0, 0.0, 1.0], [0.0, 0.3, 0.1, 0.2]])
+    rows, g_s, g_t = tk.triton_token_rows(
+        student_logits=student, teacher_logits=teacher, divergence=div, row_weights=torch.ones(2), teacher_grad=True,
+    )
+    ref_rows, ref_s, ref_t = logit_chunk(div, student, teacher, 1.0, False, True)
+    assert math.isinf(rows[0].item()) and math.isinf(ref_rows[0].item())
+    assert torch.isfinite(g_s).all() and torch.isfinite(g_t).all()
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_s, ref_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_t, ref_t, rtol=1e-5, atol=1e-6)
+
+
+@interpreted
+def test_rows_are_clamped_at_zero():
+    """Near-identical rows: rounding may push a row below 0; the kernel clamps the value (contract 3)."""
+    x = torch.randn(32, 50, generator=torch.Generator().manual_seed(0))
+    noisy = x + 1e-7 * torch.randn(32, 50, generator=torch.Generator().manual_seed(1))
+    for name in ("forward_kl", "reverse_kl"):
+        rows, _, _ = tk.triton_token_rows(student_logits=x, teacher_logits=noisy, divergence=name,
+                                          row_weights=torch.ones(32))  # fmt: skip
+        assert (rows >= 0).all(), rows.min()
+
+
+@interpreted
 def test_uncounted_rows_are_not_read_and_all_masked_row_is_nan():
     div = fdiv.get("js")
     student, teacher, _ = make_inputs(div, n=3, seed=7)

@@ -105,7 +105,8 @@ def _build_cases():
 
 
 CASES = _build_cases()
-ERROR_CASES = ["renyi-rejected", "rows-mismatch", "mask-mismatch", "chunk-size-mismatch", "check-finite-mismatch"]
+ERROR_CASES = ["renyi-rejected", "rows-mismatch", "mask-mismatch", "chunk-size-mismatch", "check-finite-mismatch",
+               "temperature-overflow-one-rank"]
 
 
 # ------------------------------------------------------------------ worker side
@@ -233,6 +234,10 @@ def _run_error_case(name: str, rank: int):
         with_error(ValueError, "chunk_size", vocab_parallel_token_loss, **pair, chunk_size=4 + rank)
     elif name == "check-finite-mismatch":
         with_error(ValueError, "check_finite", vocab_parallel_token_loss, **pair, check_finite=rank == 0)
+    elif name == "temperature-overflow-one-rank":
+        # float32 logits / T overflow on rank 0's shard only: every rank raises, none hangs
+        big = dict(student_logits_shard=(s * (1e4 if rank == 0 else 1.0)).float(), teacher_logits_shard=t.float())
+        with_error(ValueError, "temperature=1e-35", vocab_parallel_token_loss, **big, temperature=1e-35)
     return []
 
 
@@ -325,6 +330,8 @@ def test_local_argument_errors_name_the_argument():
         call(s, t)
     with pytest.raises(ValueError, match="temperature"):
         call(s, s, temperature=0.0)
+    with pytest.raises(ValueError, match="^temperature=1e-45 is so small"):  # before any communication
+        call(s, s, temperature=1e-45)
     with pytest.raises(ValueError, match="chunk_size"):
         call(s, s, chunk_size=0)
     with pytest.raises(TypeError, match="student_logits_shard"):

@@ -21,24 +21,29 @@ import torch
 from .._validate import zero_uncounted_rows
 from ..math.base import Divergence
 from ..math.generators import FDivergence
-from ._rowmath import compute_dtype, softmax_backward
+from ..math.renyi import Bhattacharyya, Renyi
+from ._rowmath import clamp_rows, compute_dtype, finite_form_grads, softmax_backward
 
 
 def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
     """Row losses ``D(P_teacher || Q_student)`` and gradients w.r.t. both logit chunks, in float32 (or float64).
 
-    Returns ``(row_loss [n], grad_student [n, V], grad_teacher [n, V] or None)``.
+    Returns ``(row_loss [n], grad_student [n, V], grad_teacher [n, V] or None)``. The numerical
+    contract (``docs/design.md``) is kept here for every path: entries whose pointwise value
+    (or gradient) is infinite contribute 0 to the gradient (:func:`~fdiv.kernels._rowmath.finite_form_grads`),
+    and the row values are clamped at 0 (:func:`~fdiv.kernels._rowmath.clamp_rows`).
     """
     dtype = compute_dtype(student)
     log_q = torch.log_softmax(student.to(dtype) * inv_temperature, dim=-1)
     log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
     forms = divergence.masked_log_forms if masked else divergence._forms
     value, grad_p, grad_q = forms(log_p, log_q)
+    grad_q, grad_p = finite_form_grads(value, grad_q, grad_p if teacher_grad else None)
     grad_student = softmax_backward(grad_q, log_q, scale=inv_temperature)
     grad_teacher = None
     if teacher_grad:
         grad_teacher = softmax_backward(grad_p, log_p, scale=inv_temperature)
-    return value.sum(-1), grad_student, grad_teacher
+    return clamp_rows(value.sum(-1)), grad_student, grad_teacher
 
 
 def autograd_chunk(
@@ -65,7 +70,10 @@ def autograd_chunk(
         rows = divergence._rowwise(torch.log_softmax(p_scaled, dim=-1), torch.log_softmax(q_scaled, dim=-1), -1)
         inputs = (s, t) if teacher_grad else (s,)
         grads = torch.autograd.grad(rows.sum(), inputs)
-    return rows.detach(), grads[0], grads[1] if teacher_grad else None
+    rows = rows.detach()
+    if isinstance(divergence, (Renyi, Bhattacharyya)):  # lower bound 0 (a user Divergence may have none)
+        rows = clamp_rows(rows)
+    return rows, grads[0], grads[1] if teacher_grad else None
 
 
 def needs_row_keep(divergence: Divergence) -> bool:

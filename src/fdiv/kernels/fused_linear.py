@@ -13,6 +13,7 @@ from .._validate import (
     raise_if_nan,
 )
 from ._rowmath import (
+    check_scaled_logits,
     compute_dtype,
     counted_rows,
     cross_entropy_rows,
@@ -77,7 +78,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_chunk, weights, labels, ignore_index, divergence_weight,
-                hard_label_weight, chunk_size, grad_enabled):  # fmt: skip
+                hard_label_weight, chunk_size, grad_enabled, check_logits):  # fmt: skip
         n = hidden.shape[0]
         linear = _LinearFP32(weight, bias)
         acc = linear.compute
@@ -99,6 +100,8 @@ class _FusedLinearLoss(torch.autograd.Function):
             # weight would not stop it (0 * NaN = NaN in addmm_); torch.where, no host sync
             x = torch.where(counted[:, None], hidden[start:stop], zero_hidden)
             logits = linear(x)
+            if check_logits is not None:
+                check_logits(logits)
             d_rows = d_grad = ce_rows = ce_grad = None
             if divergence_weight:
                 d_rows, d_grad = teacher_chunk(logits, start, stop)
@@ -128,7 +131,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         refuse_second_backward(ctx)
         grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], *([None] * 8)
+        return grads[0], grads[1], grads[2], *([None] * 9)
 
 
 def fused_linear_loss(
@@ -258,12 +261,21 @@ def fused_linear_loss(
         def teacher_chunk(logits, start, stop):
             with torch.no_grad():
                 teacher_logits = teacher_linear(teacher_hidden[start:stop].detach())
+            if check_finite:
+                named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
+                check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
             rows, grad, _ = kernels(logits, teacher_logits, inv_temperature)
             return rows, grad
 
+    check_logits = None
+    if check_finite:  # logits / T must fit the compute dtype: checked per chunk, as the logits appear
+
+        def check_logits(logits):
+            check_scaled_logits({"student_hidden @ student_weight.T": logits}, inv_temperature, acc)
+
     out = _FusedLinearLoss.apply(
         student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ignore_index,
-        divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(),
+        divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(), check_logits,
     )  # fmt: skip
     if check_finite:
         named = {"student_hidden": student_hidden, "student_weight": student_weight}

@@ -34,7 +34,17 @@ from .._validate import (
     raise_if_nan,
 )
 from ..math.generators import FDivergence
-from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights, softmax_backward
+from ._rowmath import (
+    check_scaled_logits,
+    clamp_rows,
+    compute_dtype,
+    counted_rows,
+    finite_form_grads,
+    kernel_arguments,
+    resolve_check_finite,
+    row_weights,
+    softmax_backward,
+)
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 TAILS = ("bucket", "renormalize")
@@ -45,7 +55,8 @@ def check_topk(leading, vocab: int, device, indices, logprobs, *, scan: bool = T
 
     ``teacher_topk_indices`` int64/int32 and ``teacher_topk_logprobs`` floating, both
     ``[*leading, k]`` on ``device``. With ``scan`` (a host sync on accelerators), also: ids in
-    ``[0, vocab)``, distinct within a row, log-probabilities ``<= 0``.
+    ``[0, vocab)``, distinct within a row, log-probabilities ``<= 0`` whose probabilities sum
+    to at most 1 per row (up to :func:`topk_mass_tolerance` of their dtype).
     """
     check_tensor("teacher_topk_indices", indices, floating=False, min_dim=1)
     if indices.dtype not in (torch.int64, torch.int32):
@@ -70,12 +81,42 @@ def check_topk(leading, vocab: int, device, indices, logprobs, *, scan: bool = T
             raise ValueError("teacher_topk_indices has a repeated token id within a row")
     if bool((logprobs > 1e-6).any()):
         raise ValueError("teacher_topk_logprobs must be log-probabilities (<= 0)")
+    if logprobs.numel():
+        log_mass = torch.logsumexp(logprobs.detach().to(torch.float64), dim=-1)
+        worst = float(log_mass.max())
+        if worst > topk_mass_tolerance(logprobs.dtype):
+            raise ValueError(
+                f"teacher_topk_logprobs: the top-k probabilities of a row sum to {math.exp(worst):.6g} > 1; "
+                "they must be log-probabilities normalised over the full vocabulary"
+            )
+
+
+def topk_mass_tolerance(dtype: torch.dtype) -> float:
+    """How far above 0 the log of a row's top-k mass may lie from rounding in ``dtype``:
+    ``max(1e-5, 2 eps)`` (float32/64: 1e-5; float16: 2e-3; bfloat16: 1.6e-2)."""
+    return max(1e-5, 2 * torch.finfo(dtype).eps)
 
 
 def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     """``log(1 - e^x)`` for ``x <= 0``; ``-inf`` at ``x = 0`` (inputs above 0 from rounding count as 0)."""
     x = torch.clamp(x, max=0.0)
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_tail(logprobs: torch.Tensor) -> torch.Tensor:
+    """``[n, 1]`` float64 ``log(1 - sum_k p_k)`` of the teacher's tail bucket.
+
+    Computed in float64 from the stored log-probabilities (``[n, k]``: cheap) as
+    ``log(-expm1(logsumexp(a_k)))``. A tail mass within the rounding of the stored values,
+    ``k * eps(dtype)`` (for instance ``k = V``, or a top-k that holds all the mass), is 0
+    (``-inf``): rounding noise must not become teacher mass, which against an empty student
+    tail would make mass-covering divergences infinite.
+    """
+    k = logprobs.shape[-1]
+    mass = torch.logsumexp(logprobs.to(torch.float64), dim=-1, keepdim=True)
+    tail = _log1m_exp(mass)
+    noise = math.log(k * torch.finfo(logprobs.dtype).eps) if k else -math.inf
+    return torch.where(tail <= noise, torch.full_like(tail, -math.inf), tail)
 
 
 def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, inv_temperature: float, tail: str):
@@ -89,22 +130,27 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
         b_k = torch.log_softmax(z_k, dim=-1)
         a_hat = a_k - torch.logsumexp(a_k, dim=-1, keepdim=True)
         value, _, grad_b = divergence.masked_log_forms(a_hat, b_k)
+        (grad_b,) = finite_form_grads(value, grad_b)
         grad_k = softmax_backward(grad_b, b_k, scale=inv_temperature)
         grad = torch.zeros_like(z).scatter_(-1, idx, grad_k)
-        return value.sum(-1), grad, None
+        return clamp_rows(value.sum(-1)), grad, None
     log_q = torch.log_softmax(z, dim=-1)
     b_k = torch.gather(log_q, -1, idx)
     outside = log_q.scatter(-1, idx, -math.inf)
     b_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-    a_tail = _log1m_exp(torch.logsumexp(a_k, dim=-1, keepdim=True))
+    a_tail = teacher_tail(teacher_logprobs).to(dtype)
     value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
+    (grad_b,) = finite_form_grads(value, grad_b)
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]
-    # d b_tail / d log q_v = q_v / q_tail outside the top-k; then the softmax chain rule, whose
-    # sum_i g_i over the full vocabulary is the sum over the k + 1 coarsened outcomes
-    per_mass = torch.where(b_tail > -math.inf, g_tail * torch.exp(-b_tail), torch.zeros_like(g_tail))
-    grad_log_q = (log_q.exp() * per_mass).scatter_(-1, idx, g_k)
+    # d b_tail / d log q_v = q_v / q_tail = exp(log q_v - b_tail) outside the top-k, formed in log
+    # space: q_v and q_tail may both underflow (a logit gap of ~90 in float32) while their ratio
+    # is of order 1. Then the softmax chain rule, whose sum_i g_i over the full vocabulary is the
+    # sum over the k + 1 coarsened outcomes.
+    b_safe = torch.where(b_tail > -math.inf, b_tail, torch.zeros_like(b_tail))
+    share = torch.exp(outside - b_safe)  # 0 at the top-k ids and at masked entries
+    grad_log_q = (share * g_tail).scatter_(-1, idx, g_k)
     grad = softmax_backward(grad_log_q, log_q, grad_sum=grad_b.sum(-1, keepdim=True), scale=inv_temperature)
-    return value.sum(-1), grad, None
+    return clamp_rows(value.sum(-1)), grad, None
 
 
 def topk_token_loss(
@@ -153,6 +199,8 @@ def topk_token_loss(
     )
     inv_temperature = 1.0 / temperature
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
+    if check_finite:
+        check_scaled_logits({"student_logits": student_logits}, inv_temperature, compute_dtype(student_logits))
     k = teacher_topk_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     indices = teacher_topk_indices.reshape(-1, k)
@@ -170,8 +218,23 @@ def topk_token_loss(
     if reduction == "none":
         out = out.reshape(leading)
     if check_finite:
+        if tail == "renormalize" and bool(torch.isnan(out).any()):
+            _raise_if_no_topk_mass(student, indices, weights != 0)
         raise_if_nan(out, {"student_logits": student_logits, "teacher_topk_logprobs": teacher_topk_logprobs})
     return out
 
 
-__all__ = ["topk_token_loss", "sparse_chunk", "check_topk", "TAILS"]
+def _raise_if_no_topk_mass(student, indices, counted) -> None:
+    """``tail="renormalize"`` divides by the student's top-k mass: a counted row whose top-k
+    logits are all ``-inf`` has none (0/0), an input error rather than a NaN."""
+    if student.shape[-1] == 0 or indices.shape[-1] == 0:
+        return
+    empty = (torch.gather(student, -1, indices.long()) == -math.inf).all(-1) & counted
+    if bool(empty.any()):
+        raise ValueError(
+            "student_logits has a row whose entries at teacher_topk_indices are all -inf: tail='renormalize' "
+            "cannot renormalise the student over the top-k (use tail='bucket')"
+        )
+
+
+__all__ = ["topk_token_loss", "sparse_chunk", "check_topk", "teacher_tail", "topk_mass_tolerance", "TAILS"]

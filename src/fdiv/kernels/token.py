@@ -8,7 +8,14 @@ import torch
 
 from .._validate import check_choice, check_logit_pair, raise_if_nan
 from ._chunk import chunk_function, needs_row_keep
-from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights
+from ._rowmath import (
+    check_scaled_logits,
+    compute_dtype,
+    counted_rows,
+    kernel_arguments,
+    resolve_check_finite,
+    row_weights,
+)
 
 BACKENDS = ("auto", "eager", "compile", "triton")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
@@ -328,6 +335,9 @@ def token_loss(
     vocab = student_logits.shape[-1]
     check_finite = resolve_check_finite(check_finite, student_logits.device)
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
+    if check_finite:
+        named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+        check_scaled_logits(named, 1.0 / temperature, compute_dtype(student_logits))
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     n = student.shape[0]

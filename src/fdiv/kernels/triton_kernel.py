@@ -274,7 +274,9 @@ def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
     value = tl.where(both_zero, 0.0, value)
     grad_a = tl.where(only_q_zero, at_q_zero, grad_a)
     grad_b = tl.where(only_p_zero, at_p_zero, grad_b)
-    undefined = both_zero | ((value == float("inf")) & any_zero)
+    # an infinite value (a support mismatch, or an overflow such as Pearson's p^2/q) or an
+    # infinite gradient: the entry contributes 0 to the gradient (contract 2 of docs/design.md)
+    undefined = both_zero | (value == float("inf")) | (tl.abs(grad_a) == float("inf")) | (tl.abs(grad_b) == float("inf"))
     grad_a = tl.where(undefined | only_p_zero, 0.0, grad_a)
     grad_b = tl.where(undefined | only_q_zero, 0.0, grad_b)
     return value, grad_a, grad_b, p, q
@@ -735,7 +737,7 @@ def _token_rows(
             BLOCK_V=block, SINGLE_TILE=vocab <= block,
             num_warps=warps,
         )  # fmt: skip
-    return rows, grad_s, grad_t
+    return rows.clamp_min_(0.0), grad_s, grad_t  # the lower bound 0 (contract 3); NaN stays NaN
 
 
 def compile_for_target(

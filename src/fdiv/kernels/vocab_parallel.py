@@ -23,7 +23,17 @@ import torch.distributed as dist
 
 from .._validate import REDUCTIONS, check_like, check_tensor
 from ..math.generators import FDivergence
-from ._rowmath import compute_dtype, counted_rows, kernel_arguments, resolve_check_finite, row_weights, softmax_backward
+from ._rowmath import (
+    clamp_rows,
+    compute_dtype,
+    counted_rows,
+    finite_form_grads,
+    kernel_arguments,
+    resolve_check_finite,
+    row_weights,
+    scaled_logits_error,
+    softmax_backward,
+)
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 _NOT_INITIALIZED = (
@@ -132,6 +142,7 @@ def _chunk(plan: _Plan, student, teacher):
     log_p = t - log_sum[1, :, None]
     forms = plan.divergence.masked_log_forms if plan.masked else plan.divergence._forms
     value, grad_p, grad_q = forms(log_p, log_q)
+    grad_q, grad_p = finite_form_grads(value, grad_q, grad_p)  # infinite entries: gradient 0 (contract 2)
     # 3) SUM of the partial row sums: the value and sum_i g_i of each needed gradient
     partial = [value.sum(-1)]
     if plan.student_grad:
@@ -140,7 +151,7 @@ def _chunk(plan: _Plan, student, teacher):
         partial.append(grad_p.sum(-1))
     partial = torch.stack(partial)
     dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
-    row_loss = partial[0]
+    row_loss = clamp_rows(partial[0])
     grad_s = grad_t = None
     if plan.local_student_grad:
         grad_s = softmax_backward(grad_q, log_q, grad_sum=partial[1, :, None], scale=inv_t)
@@ -263,12 +274,18 @@ def vocab_parallel_token_loss(
     # labels: the range check needs the full vocabulary, unknown here before communicating
     counted = counted_rows(leading, device, mask, labels, ignore_index, None)
     check_finite = resolve_check_finite(check_finite, device)
+    dtype = compute_dtype(student_logits_shard)
+    if 1.0 / temperature > torch.finfo(dtype).max / 2:  # an argument error: the same on every rank
+        raise ValueError(scaled_logits_error({}, 1.0 / temperature, dtype))
+    overflow = None
+    if check_finite:  # data: logits / T must fit the compute dtype; the ranks share the verdict below
+        named = {"student_logits_shard": student_logits_shard, "teacher_logits_shard": teacher_logits_shard}
+        overflow = scaled_logits_error(named, 1.0 / temperature, dtype)
     _check_group(group)
 
     n = math.prod(leading)
     student = student_logits_shard.reshape(n, vocab_local)  # (n, -1) would be ambiguous for an empty shard
     teacher = teacher_logits_shard.reshape(n, vocab_local)
-    dtype = compute_dtype(student)
     weights = row_weights(counted, n, reduction, dtype, device)
 
     local_student_grad = torch.is_grad_enabled() and student.requires_grad
@@ -291,8 +308,12 @@ def vocab_parallel_token_loss(
         "masked": _has_neg_inf(student, teacher) if check_finite else True,
         "student_grad": local_student_grad,
         "teacher_grad": local_teacher_grad,
+        "overflow": overflow is not None,
     }
     high, low, flags = _agree_across_ranks(agree, flags, device, group)
+    if flags["overflow"]:  # every rank raises (none is left waiting in a later collective)
+        raise ValueError(overflow or f"temperature={temperature!r}: on another rank of the group, the logits / "
+                         f"temperature overflow {dtype} (the logits are too large or the temperature too small)")
     for name in agree:
         if high[name] != low[name]:
             if name == "rows":

@@ -62,7 +62,7 @@ class Renyi(Divergence):
         mismatch = (q_zero & live).any(dim)
         if al == 1:
             # KL(P || Q) as sum p (e^(b-a) - 1 - (b-a)) >= 0 (no cancellation); q = 0 under p > 0 is +inf
-            terms = torch.where(pair, weighted_expm1_minus_x(a, b - a), torch.zeros_like(a))
+            terms = torch.where(pair, weighted_expm1_minus_x(a, b - a, b), torch.zeros_like(a))
             terms = torch.where(p_zero & ~q_zero, q, terms)
             rows = terms.sum(dim)
             return torch.where(mismatch, torch.full_like(rows, INF), rows)
