@@ -144,15 +144,31 @@ def refuse_second_backward(ctx):
     ctx.used = True
 
 
+_HALF_SCALE_ROWS = 4096
+
+
 def scale_saved_gradient(grad, grad_output, reduction):
-    """``grad * grad_output`` in place; skipped for the usual scalar 1 on CPU (no extra pass)."""
+    """``grad * grad_output`` in place; skipped for the usual scalar 1 on CPU (no extra pass).
+
+    Half-precision buffers are multiplied in float32, a block of rows at a time: an upstream factor
+    outside the half range (a T² of 1e8, a loss scale) must not overflow before the product does.
+    """
     if grad is None:
         return None
     if reduction == "none":
-        return grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
-    if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+        factor = grad_output.reshape(-1, *([1] * (grad.dim() - 1)))
+    else:
+        if grad_output.device.type == "cpu" and grad_output.item() == 1.0:
+            return grad
+        factor = grad_output
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        factor = factor.float()
+        for start in range(0, grad.shape[0], _HALF_SCALE_ROWS):
+            rows = slice(start, start + _HALF_SCALE_ROWS)
+            block = factor[rows] if factor.dim() > 0 else factor
+            grad[rows].copy_(grad[rows].float() * block)
         return grad
-    return grad.mul_(grad_output.to(grad.dtype))
+    return grad.mul_(factor.to(grad.dtype))
 
 
 class TritonTokenLoss(torch.autograd.Function):
