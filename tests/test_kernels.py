@@ -884,7 +884,7 @@ def test_bad_inputs_are_value_errors_naming_the_argument():
     # float64 has the range: the same temperature is fine there
     assert torch.isfinite(fdiv.token_loss(student_logits=s10.double(), teacher_logits=t.double(), temperature=1e-38))
     # too large for float32 at any temperature: names the logits
-    with pytest.raises(ValueError, match="^student_logits holds a magnitude"):
+    with pytest.raises(ValueError, match="^student_logits has finite entries beyond"):
         fdiv.token_loss(student_logits=torch.full((1, 3), 3e38) * torch.tensor([1.0, -1.0, 0.0]), teacher_logits=t[:1, :3])
 
 

@@ -196,6 +196,7 @@ def check_logit_pair(
 ) -> int:
     """Two floating logit (or log-probability) tensors of one shape and device with a non-empty
     vocabulary along ``dim``; returns ``dim`` made non-negative."""
+    check_dim(dim)
     for name, x in ((first_name, first), (second_name, second)):
         check_tensor(name, x)
         if x.dim() == 0:
@@ -291,6 +292,79 @@ def check_finite(name: str, x: torch.Tensor, counted: torch.Tensor | None = None
         raise ValueError(f"{name} contains +inf" + ("" if counted is None else " at counted positions"))
     if not allow_neg_inf and bool(torch.isneginf(sel).any()):
         raise ValueError(f"{name} contains -inf" + ("" if counted is None else " at counted positions"))
+
+
+def log_prob_slack(dtype: torch.dtype) -> float:
+    """How far above 0 a log-probability may round before it is refused: ``max(1e-6, eps(dtype))``
+    (rounding of ``x - logsumexp`` or of a sum of token log-probabilities; bf16 / fp16 round coarsely)."""
+    return max(1e-6, torch.finfo(dtype).eps)
+
+
+def check_log_probs(name: str, x: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+    """A log-probability above :func:`log_prob_slack` at a counted position is a ValueError naming ``name``.
+
+    For log-probabilities of sampled tokens or sequences (discrete outcomes); log-densities of
+    continuous distributions, which may exceed 0, are not checked with this. NaN / inf are left
+    to :func:`check_finite`. One device-to-host sync.
+    """
+    sel = x if counted is None else x[counted]
+    if sel.numel() == 0:
+        return
+    worst = sel.max()
+    if bool(worst > log_prob_slack(x.dtype)):
+        raise ValueError(
+            f"{name} must be log-probabilities (<= 0), got {float(worst):.6g} > 0"
+            + ("" if counted is None else " at a counted position")
+            + "; pass log p, not logits or scores"
+        )
+
+
+def check_dim(dim) -> int:
+    """An integer dimension (range is checked against a tensor by :func:`check_logit_pair`)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ArgumentTypeError(f"dim must be an integer, got {dim!r}")
+    return dim
+
+
+def scaled_logits_error(named: dict, inv_temperature: float, dtype: torch.dtype) -> str | None:
+    """Why ``logits / T`` does not fit the ``dtype`` computation, or None when it does.
+
+    The log-space forms combine up to three log-softmax outputs (``2 b - a``), so finite
+    ``|logits / T|`` must stay below ``finfo(dtype).max / 8``. The message names ``temperature``
+    when ``1/T > 1`` pushed the logits there, else the tensor. ``-inf`` (masked), NaN and ``+inf``
+    entries are left to the NaN diagnosis. One ``aminmax`` per tensor (a host sync).
+    """
+    limit = torch.finfo(dtype).max / 8
+    temperature = 1.0 / inv_temperature
+    if inv_temperature > limit:
+        shown = "temperature" if math.isinf(inv_temperature) else f"temperature={temperature!r}"
+        return f"{shown} is so small that 1/temperature overflows {dtype} (too small for any logits)"
+    for name, x in named.items():
+        if x is None or x.numel() == 0:
+            continue
+        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+        if math.isnan(lo) or math.isnan(hi) or hi == math.inf or hi == -math.inf:
+            continue
+        if lo == -math.inf:  # masked entries: the smallest finite logit
+            lo = float(torch.where(x.detach() == -math.inf, hi, x.detach()).amin())
+        largest = max(abs(lo), abs(hi))
+        if largest * inv_temperature > limit:
+            if inv_temperature > 1.0:
+                return (
+                    f"temperature={temperature!r} is too small for {name}: {name} / temperature reaches "
+                    f"{largest * inv_temperature:.3g}, beyond the {dtype} range (max |{name}| = {largest:.3g})"
+                )
+            return (
+                f"{name} has finite entries beyond {limit * temperature:.3g} in magnitude ({dtype}): they overflow"
+            )
+    return None
+
+
+def check_scaled_logits(named: dict, inv_temperature: float, dtype: torch.dtype) -> None:
+    """:func:`scaled_logits_error` as a ValueError (contract: an overflowing temperature is named)."""
+    message = scaled_logits_error(named, inv_temperature, dtype)
+    if message is not None:
+        raise ValueError(message)
 
 
 def raise_if_nan(result: torch.Tensor, named_inputs: dict, dim: int = -1) -> None:

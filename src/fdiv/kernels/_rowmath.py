@@ -89,50 +89,6 @@ def clamp_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.clamp_min(0.0)
 
 
-def check_scaled_logits(named: dict, inv_temperature: float, dtype: torch.dtype) -> None:
-    """``logits / T`` must not overflow the compute ``dtype`` (contract 6).
-
-    Raises ValueError naming ``temperature`` where ``1/T > 1`` (a temperature too small for
-    these logits), else the tensor (logits too large for ``dtype``). The bound is half the
-    largest float so that the differences ``z_i - max z`` of ``log_softmax`` cannot overflow
-    either. One ``aminmax`` per tensor (a host sync: callers run it only with ``check_finite``);
-    NaN and ``+inf`` are left to the NaN diagnosis.
-    """
-    message = scaled_logits_error(named, inv_temperature, dtype)
-    if message is not None:
-        raise ValueError(message)
-
-
-def scaled_logits_error(named: dict, inv_temperature: float, dtype: torch.dtype) -> str | None:
-    """The message of :func:`check_scaled_logits`, or None when ``logits / T`` fits ``dtype``
-    (vocabulary-parallel ranks share the verdict through their agreement all-reduce)."""
-    # TODO(_validate): a generic "x / T fits the compute dtype" check belongs next to check_temperature
-    limit = torch.finfo(dtype).max / 2
-    temperature = 1.0 / inv_temperature
-    if inv_temperature > limit:
-        return f"temperature={temperature!r} is so small that 1/temperature overflows {dtype}"
-    for name, x in named.items():
-        if x is None or x.numel() == 0:
-            continue
-        lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-        if math.isnan(lo) or math.isnan(hi) or hi == math.inf or hi == -math.inf:
-            continue  # NaN / +inf / an all -inf tensor: reported by the NaN diagnosis
-        if lo == -math.inf:  # masked entries: the smallest finite logit
-            lo = float(torch.where(x.detach() == -math.inf, hi, x.detach()).amin())
-        largest = max(abs(lo), abs(hi))
-        if largest * inv_temperature > limit:
-            if inv_temperature > 1.0:
-                return (
-                    f"temperature={temperature!r} is too small: {name} / temperature reaches "
-                    f"{largest * inv_temperature:.3g}, beyond the {dtype} range (max |{name}| = {largest:.3g})"
-                )
-            return (
-                f"{name} holds a magnitude {largest:.3g} that overflows the {dtype} computation "
-                f"(at temperature={temperature!r}); logits must stay below {limit * temperature:.3g} in magnitude"
-            )
-    return None
-
-
 def cross_entropy_rows(
     logits2d: torch.Tensor,
     labels: torch.Tensor,

@@ -13,7 +13,6 @@ from .._validate import (
     raise_if_nan,
 )
 from ._rowmath import (
-    check_scaled_logits,
     compute_dtype,
     counted_rows,
     cross_entropy_rows,
@@ -22,6 +21,7 @@ from ._rowmath import (
     resolve_check_finite,
     row_weights,
 )
+from .._validate import check_scaled_logits
 from .sparse import TAILS, check_topk, sparse_chunk
 from .token import ChunkKernels, pick_backend, refuse_second_backward
 

@@ -35,7 +35,6 @@ from .._validate import (
 )
 from ..math.generators import FDivergence
 from ._rowmath import (
-    check_scaled_logits,
     clamp_rows,
     compute_dtype,
     counted_rows,
@@ -45,6 +44,7 @@ from ._rowmath import (
     row_weights,
     softmax_backward,
 )
+from .._validate import check_scaled_logits
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 TAILS = ("bucket", "renormalize")

@@ -9,13 +9,13 @@ import torch
 from .._validate import check_choice, check_logit_pair, raise_if_nan
 from ._chunk import chunk_function, needs_row_keep
 from ._rowmath import (
-    check_scaled_logits,
     compute_dtype,
     counted_rows,
     kernel_arguments,
     resolve_check_finite,
     row_weights,
 )
+from .._validate import check_scaled_logits
 
 BACKENDS = ("auto", "eager", "compile", "triton")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the

@@ -31,9 +31,9 @@ from ._rowmath import (
     kernel_arguments,
     resolve_check_finite,
     row_weights,
-    scaled_logits_error,
     softmax_backward,
 )
+from .._validate import scaled_logits_error
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 _NOT_INITIALIZED = (

@@ -23,12 +23,6 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def log_prob_slack(dtype: torch.dtype) -> float:
-    """How far above 0 a log-probability may round before it is refused: ``max(1e-6, eps(dtype))``
-    (the rule of ``fdiv.objectives._logprob.check_log_probs``; bf16 / fp16 round ``log p`` coarsely)."""
-    return max(1e-6, torch.finfo(dtype).eps)
-
-
 def times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight * x`` with the convention ``0 * anything = 0``."""
     return torch.where(weight == 0, torch.zeros_like(x), weight * x)

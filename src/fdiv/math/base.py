@@ -14,39 +14,15 @@ from typing import ClassVar
 import torch
 
 from .._validate import (
-    ArgumentTypeError,
+    check_log_probs,
     check_logit_pair,
     check_reduction,
+    check_scaled_logits,
     check_temperature,
     raise_if_nan,
     reduce,
 )
-from ._numerics import compute_dtype, log_prob_slack
-
-# TODO(_validate): generic checks the lead may move into _validate (dim type, temperature
-# overflow, log-probability sign); kept private here until then.
-def _check_dim(dim) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ArgumentTypeError(f"dim must be an integer, got {dim!r}")
-    return dim
-
-
-def _check_range(name: str, scaled: torch.Tensor, raw: torch.Tensor, temperature: float = 1.0) -> None:
-    """Finite logits (after ``/ temperature``) must stay below ``finfo.max / 8`` in magnitude: the
-    log-space forms combine up to three log-softmax outputs (``2 b - a``), which must not overflow.
-    ``-inf`` (masked), NaN and ``+inf`` entries are left to the other checks. A temperature that
-    pushes finite logits there is named (contract 6)."""
-    limit = torch.finfo(scaled.dtype).max / 8
-    finite = torch.isfinite(raw)
-    if not bool(((scaled.abs() > limit) & finite).any()):
-        return
-    if temperature != 1.0 and not bool(((raw.to(scaled.dtype).abs() > limit) & finite).any()):
-        raise ValueError(
-            f"temperature={temperature!r} is too small: {name} / temperature leaves the range of "
-            f"{scaled.dtype} (|logits / T| must stay below {limit:.3g})"
-        )
-    raise ValueError(f"{name} has finite entries beyond {limit:.3g} in magnitude ({scaled.dtype}): they overflow")
-
+from ._numerics import compute_dtype
 
 #: How far from 1 a probability row may sum (by dtype) before from_probs refuses it.
 _PROB_SUM_SLACK = {torch.float64: 1e-6, torch.float32: 1e-3}
@@ -103,7 +79,7 @@ class Divergence:
         (after ``/ T``) beyond ``finfo(dtype).max / 8`` are a ValueError naming the argument, or
         ``temperature`` when only the division takes them there.
         """
-        dim = check_logit_pair("p_logits", p_logits, "q_logits", q_logits, dim=_check_dim(dim))
+        dim = check_logit_pair("p_logits", p_logits, "q_logits", q_logits, dim=dim)
         temperature = check_temperature(temperature)
         check_reduction(reduction)
         dtype = compute_dtype(p_logits, q_logits)
@@ -111,8 +87,7 @@ class Divergence:
         q_scaled = q_logits.to(dtype)
         if temperature != 1.0:
             p_scaled, q_scaled = p_scaled / temperature, q_scaled / temperature
-        _check_range("p_logits", p_scaled, p_logits, temperature)
-        _check_range("q_logits", q_scaled, q_logits, temperature)
+        check_scaled_logits({"p_logits": p_logits, "q_logits": q_logits}, 1.0 / temperature, dtype)
         log_p = torch.log_softmax(p_scaled, dim=dim)
         log_q = torch.log_softmax(q_scaled, dim=dim)
         rows = self._rowwise(log_p, log_q, dim)
@@ -129,18 +104,12 @@ class Divergence:
         checked (it costs a pass), but a log-probability above 0 beyond rounding
         (``max(1e-6, eps(dtype))``) is a ValueError naming the argument.
         """
-        dim = check_logit_pair("log_p", log_p, "log_q", log_q, dim=_check_dim(dim))
+        dim = check_logit_pair("log_p", log_p, "log_q", log_q, dim=dim)
         check_reduction(reduction)
         for name, x in (("log_p", log_p), ("log_q", log_q)):
-            slack = log_prob_slack(x.dtype)
-            if x.numel() and bool((x.detach() > slack).any()):
-                raise ValueError(
-                    f"{name} must hold log-probabilities (<= 0), got a maximum of {x.detach().max().item():.6g}; "
-                    "pass logits to the divergence itself (it applies log_softmax)"
-                )
+            check_log_probs(name, x.detach())
         dtype = compute_dtype(log_p, log_q)
-        _check_range("log_p", log_p.detach().to(dtype), log_p)
-        _check_range("log_q", log_q.detach().to(dtype), log_q)
+        check_scaled_logits({"log_p": log_p, "log_q": log_q}, 1.0, dtype)
         rows = self._rowwise(log_p.to(dtype), log_q.to(dtype), dim)
         raise_if_nan(rows, {"log_p": log_p, "log_q": log_q}, dim)
         return reduce(_clamp_rows(rows), reduction)
@@ -151,7 +120,7 @@ class Divergence:
         """``D(P || Q)`` from probability vectors (non-negative, summing to one along ``dim``
         within 1e-6 in float64, 1e-3 in float32, 2e-2 in bf16/fp16; each row is divided by its
         sum, in float32 for half inputs)."""
-        dim = check_logit_pair("p", p, "q", q, dim=_check_dim(dim))
+        dim = check_logit_pair("p", p, "q", q, dim=dim)
         for name, x in (("p", p), ("q", q)):
             if torch.isnan(x).any() or (x < 0).any() or torch.isinf(x).any():
                 raise ValueError(f"{name} must contain finite non-negative probabilities")

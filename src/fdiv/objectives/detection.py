@@ -52,7 +52,7 @@ from collections.abc import Iterable
 
 import torch
 
-from ._logprob import check_log_probs
+from .._validate import check_log_probs
 from .._validate import (
     ArgumentTypeError,
     check_bool,

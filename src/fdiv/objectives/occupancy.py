@@ -44,7 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._logprob import check_log_probs
+from .._validate import check_log_probs
 from .._validate import (
     check_bool,
     check_choice,

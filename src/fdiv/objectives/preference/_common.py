@@ -12,7 +12,7 @@ import torch
 
 from ..._validate import check_finite, check_group
 from ...math._numerics import compute_dtype
-from .._logprob import check_log_probs
+from ..._validate import check_log_probs
 
 #: Default cap on exponentials: a score (or critic) is never larger than ``e**80`` in magnitude,
 #: TRL's clamp for fp32 / bf16. ``e**80 ~ 5.5e34`` fits float32 with room for ``beta * (s_w - s_l)``.

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._logprob import check_log_probs
+from ..._validate import check_log_probs
 from ..._validate import (
     check_finite,
     check_int,

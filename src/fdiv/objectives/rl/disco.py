@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._logprob import check_log_probs
+from ..._validate import check_log_probs
 from ..._validate import (
     check_choice,
     check_finite,

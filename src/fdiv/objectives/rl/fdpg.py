@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._logprob import check_log_probs
+from ..._validate import check_log_probs
 from ..._validate import check_finite, check_like, check_number, check_reduction, check_tensor, reduce
 from ...math._numerics import compute_dtype
 from ...math.generators import FDivergence

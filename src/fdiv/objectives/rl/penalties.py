@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .._logprob import check_log_probs
+from ..._validate import check_log_probs
 from ..._validate import (
     check_bool,
     check_choice,
