@@ -45,6 +45,23 @@ PARAMS = {
 }
 
 
+#: Broken JSON files written as text: kind -> file content.
+JSON_TEXTS = {
+    "json_empty_text": "",
+    "json_empty_list": "[]",
+    "json_empty_rows": "[[], []]",
+    "json_scalar": "0.5",
+    "json_ragged": "[[0.5, 0.5], [1.0]]",
+    "json_mixed_depth": "[0.5, [0.5]]",
+    "json_string": '[0.5, "0.5"]',
+    "json_bool": "[true, false]",
+    "json_null": "[0.5, null]",
+    "json_object": '{"p": [0.5, 0.5]}',
+    "json_huge_int": "[1" + "0" * 400 + ", 0]",
+    "json_too_many_digits": "[" + "1" * 5000 + ", 0]",
+}
+
+
 def teardown_module(module):
     shutil.rmtree(_TMP, ignore_errors=True)
 
@@ -139,30 +156,8 @@ def broken_file(kind, array):
             np.savez(handle, a=array)
     elif kind == "json_syntax":
         path.write_text(json.dumps(array.tolist())[:-1])
-    elif kind == "json_empty_text":
-        path.write_text("")
-    elif kind == "json_empty_list":
-        path.write_text("[]")
-    elif kind == "json_empty_rows":
-        path.write_text("[[], []]")
-    elif kind == "json_scalar":
-        path.write_text("0.5")
-    elif kind == "json_ragged":
-        path.write_text("[[0.5, 0.5], [1.0]]")
-    elif kind == "json_mixed_depth":
-        path.write_text("[0.5, [0.5]]")
-    elif kind == "json_string":
-        path.write_text('[0.5, "0.5"]')
-    elif kind == "json_bool":
-        path.write_text("[true, false]")
-    elif kind == "json_null":
-        path.write_text("[0.5, null]")
-    elif kind == "json_object":
-        path.write_text('{"p": [0.5, 0.5]}')
-    elif kind == "json_huge_int":
-        path.write_text("[1" + "0" * 400 + ", 0]")
-    elif kind == "json_too_many_digits":
-        path.write_text("[" + "1" * 5000 + ", 0]")
+    elif kind in JSON_TEXTS:
+        path.write_text(JSON_TEXTS[kind])
     elif kind == "json_deep":
         path.write_text("[" * 100_000 + "]" * 100_000)
     elif kind == "json_latin1":
