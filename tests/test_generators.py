@@ -379,3 +379,24 @@ def test_generator_parameters_accept_numbers_and_one_element_tensors():
         fdiv.get("skew_forward_kl", alpha=1.0)
     with pytest.raises(ValueError, match=r"beta must lie in \(0, 1\) for the unscaled js"):
         fdiv.get("js", beta=1)
+
+
+@pytest.mark.parametrize("name, params", [("pearson_chi2", {}), ("neyman_chi2", {}), ("alpha", {"alpha": 0.5})])
+def test_pointwise_forms_are_raw_and_the_row_path_zeroes_infinite_gradients(name, params):
+    # issue 11: the pointwise derivatives are f' for f-DPO / f-DPG and must not be zeroed where the
+    # VALUE overflows; the categorical row path applies contract 2 itself
+    div = fdiv.get(name, **params)
+    a = torch.tensor([-100.0, 100.0])
+    b = torch.zeros(2)
+    g32 = div.pointwise_grad_b(a, b)
+    g64 = div.pointwise_grad_b(a.double(), b.double())
+    assert (g32 != 0).all() and (g64 != 0).all()
+    both = torch.isfinite(g32)
+    torch.testing.assert_close(g32[both].double(), g64[both], rtol=1e-5, atol=1e-6)
+    # categorical path: an infinite (overflowing) value has gradient 0 at its culprit entries, finite elsewhere
+    p = torch.tensor([[0.0, -200.0, -1.0]], requires_grad=True)
+    q = torch.tensor([[-200.0, 0.0, -1.0]], requires_grad=True)
+    v = div(p, q)
+    v.sum().backward()
+    assert not torch.isnan(p.grad).any() and not torch.isnan(q.grad).any()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()

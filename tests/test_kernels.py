@@ -931,3 +931,120 @@ def test_underflowing_probability_facing_a_zero_is_infinite_not_nan():
     rows = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="pearson_chi2", reduction="none",
                            check_finite=False)  # fmt: skip
     assert torch.isinf(rows).all()
+
+
+# --------------------------------------------------------------- hardening regressions (review)
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "js", "hellinger"])
+def test_topk_small_genuine_teacher_tail_is_kept_in_float32(name):
+    # a teacher tail of 1.27e-7 (below k * eps(float32)) facing a non-empty student tail is
+    # genuine mass: mode-seeking losses stay finite and float32 agrees with float64 on the
+    # same stored log-probabilities
+    V, k = 100, 4
+    t = torch.zeros(1, V, dtype=torch.float64)
+    t[0, :k] = torch.tensor([20.0, 19.0, 18.0, 17.0])
+    logprobs, idx = torch.log_softmax(t, -1).topk(k, -1)
+    assert 0 < 1 - logprobs.exp().sum().item() < k * torch.finfo(torch.float32).eps
+    s = torch.randn(1, V, generator=torch.Generator().manual_seed(0))
+    lp32 = logprobs.float()
+    v32 = fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=idx, teacher_topk_logprobs=lp32, divergence=name)
+    v64 = fdiv.topk_token_loss(
+        student_logits=s.double(), teacher_topk_indices=idx, teacher_topk_logprobs=lp32.double(), divergence=name
+    )
+    assert math.isfinite(v32.item())
+    assert v32.item() == pytest.approx(v64.item(), rel=1e-5)
+
+
+def test_topk_k_equal_vocab_tail_noise_is_still_dropped():
+    V = 6
+    logprobs = torch.log_softmax(torch.randn(3, V), -1)
+    idx = torch.arange(V).expand(3, V).contiguous()
+    s = torch.randn(3, V, requires_grad=True)
+    v = fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=idx, teacher_topk_logprobs=logprobs)
+    full = fdiv.token_loss(student_logits=s.detach(), teacher_logits=logprobs)
+    v.backward()
+    assert v.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-6)
+    assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_topk_k_zero_is_a_value_error(fused):
+    idx, lp = torch.zeros(4, 0, dtype=torch.long), torch.zeros(4, 0)
+    with pytest.raises(ValueError, match="teacher_topk_indices"):
+        if fused:
+            fdiv.fused_linear_loss(student_hidden=torch.randn(4, 8), student_weight=torch.randn(8, 8),
+                                   teacher_topk_indices=idx, teacher_topk_logprobs=lp)  # fmt: skip
+        else:
+            fdiv.topk_token_loss(student_logits=torch.randn(4, 8), teacher_topk_indices=idx, teacher_topk_logprobs=lp)
+
+
+@pytest.mark.parametrize("kernel", ["token", "topk", "fused"])
+def test_overflowing_temperature_is_refused_without_check_finite(kernel):
+    s = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        if kernel == "token":
+            fdiv.token_loss(student_logits=s, teacher_logits=torch.randn(4, 8), temperature=1e-39, check_finite=False)
+        elif kernel == "topk":
+            fdiv.topk_token_loss(student_logits=s, teacher_topk_indices=torch.zeros(4, 1, dtype=torch.long),
+                                 teacher_topk_logprobs=torch.full((4, 1), -1.0), temperature=1e-39,
+                                 check_finite=False)  # fmt: skip
+        else:
+            fdiv.fused_linear_loss(student_hidden=s, student_weight=torch.randn(8, 8), teacher_hidden=s,
+                                   teacher_weight=torch.randn(8, 8), temperature=1e-39, check_finite=False)  # fmt: skip
+
+
+def test_fused_fp16_large_upstream_factor_gives_finite_grads():
+    torch.manual_seed(0)
+    H, V = 8, 50
+    hs = torch.randn(4, H).half().requires_grad_()
+    w = torch.randn(V, H).half().requires_grad_()
+    v = fdiv.fused_linear_loss(student_hidden=hs, student_weight=w, teacher_hidden=torch.randn(4, H).half(),
+                               teacher_weight=torch.randn(V, H).half())  # fmt: skip
+    (v * 1e5).backward()
+    assert torch.isfinite(hs.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_cross_entropy_label_at_minus_inf_has_zero_gradient():
+    from fdiv.kernels._rowmath import cross_entropy_rows
+
+    s = torch.randn(3, 5, dtype=torch.float64)
+    s[0, 2] = -math.inf
+    labels = torch.tensor([2, 0, 1])
+    rows, grad = cross_entropy_rows(s, labels, with_grad=True)
+    leaf = s.clone().requires_grad_()
+    auto = cross_entropy_rows(leaf, labels)
+    auto.sum().backward()
+    assert rows[0].item() == math.inf and auto[0].item() == math.inf
+    assert torch.equal(grad[0], torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(leaf.grad[0], torch.zeros(5, dtype=torch.float64))
+    assert torch.allclose(leaf.grad[1:], grad[1:])
+    ref = torch.nn.functional.cross_entropy(s[1:], labels[1:], reduction="none")
+    assert torch.allclose(rows[1:], ref)
+
+
+@pytest.mark.parametrize(
+    "name, params, expected",
+    [("forward_kl", {}, False), ("js", {}, False), ("tv", {}, False), ("pearson_chi2", {}, True),
+     ("neyman_chi2", {}, True), ("alpha", {"alpha": 0.5}, False), ("alpha", {"alpha": 2.0}, True)],
+)  # fmt: skip
+def test_finite_form_grads_is_skipped_only_where_nothing_can_overflow(name, params, expected):
+    from fdiv.kernels._rowmath import needs_finite_form_grads
+
+    d = fdiv.get(name, **params)
+    assert needs_finite_form_grads(d, masked=False) is expected
+    assert needs_finite_form_grads(d, masked=True) is True
+
+
+@pytest.mark.parametrize("name", ["pearson_chi2", "neyman_chi2"])
+def test_overflowing_gradient_sums_give_zero_rows_not_nan(name):
+    """Chi-squared at logit gaps of ~90 std: finite pointwise gradients whose row sum overflows
+    float32 (the row value is +inf): the row's gradient is 0 on both paths, never NaN."""
+    torch.manual_seed(0)
+    s = (torch.randn(64, 500) * 90).requires_grad_()
+    t = (torch.randn(64, 500) * 90).requires_grad_()
+    fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=name, backend="eager").backward()
+    assert not torch.isnan(s.grad).any() and not torch.isnan(t.grad).any()
+    s2, t2 = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+    rows = fdiv.get(name)(t2, s2)
+    rows.sum().backward()
+    assert torch.isinf(rows).any()
+    assert not torch.isnan(s2.grad).any() and not torch.isnan(t2.grad).any()

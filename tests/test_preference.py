@@ -1242,3 +1242,21 @@ def test_fdiv_sft_loss_with_no_samples_names_the_argument():
         P.fdiv_sft_loss(policy_logps=empty, reference_logps=empty, q_policy_logps=one, q_reference_logps=one)
     with pytest.raises(ValueError, match="^q_policy_logps has no sequences"):
         P.fdiv_sft_loss(policy_logps=one, reference_logps=one, q_policy_logps=empty, q_reference_logps=empty)
+
+
+@pytest.mark.parametrize("divergence", [("alpha", {"alpha": 0.5}), ("pearson_chi2", {})])
+def test_fdpo_score_float32_agrees_with_float64_far_from_the_reference(divergence):
+    # regression (issue 11): the pointwise forms zeroed their derivative where the VALUE overflowed
+    # float32, so the score (which reads that derivative) became 0 at log_ratio = -100
+    name, params = divergence
+    div = fdiv.get(name, **params)
+    for ell in (-50.0, -100.0):
+        s32 = fdiv.preference.fdpo_score(log_ratio=torch.tensor([ell]), divergence=div)
+        s64 = fdiv.preference.fdpo_score(log_ratio=torch.tensor([ell], dtype=torch.float64), divergence=div)
+        assert s32.dtype == torch.float32 and s64.dtype == torch.float64
+        assert torch.isfinite(s64).all()
+        if torch.isfinite(s32).all():
+            torch.testing.assert_close(s32.double(), s64, rtol=1e-5, atol=0.0)
+        else:  # documented: a score beyond the float32 range is -inf, never 0 / NaN
+            assert s64.abs().item() > torch.finfo(torch.float32).max and s32.item() == -math.inf
+        assert s32.item() != 0.0

@@ -1210,3 +1210,53 @@ def test_an_overflowing_importance_weight_is_never_nan():
         assert value[0].item() == first and value[1].item() == pytest.approx(0.5, rel=1e-14)
         (g,) = torch.autograd.grad(value.sum(), pol)
         assert g[0].item() == 0.0 and g[1].item() == pytest.approx(1.5, rel=1e-14)
+
+
+def test_fdpg_pseudo_rewards_stay_nonzero_where_the_divergence_value_overflows():
+    # regression (issue 11): neyman's f' at pi/p = e^-95 was zeroed with the overflowing value
+    x = torch.tensor([-1.0, 95.0])
+    for dtype in (torch.float32, torch.float64):
+        r = fdpg_pseudo_rewards(
+            policy_logps=torch.full((2,), -1.0, dtype=dtype),
+            target_log_scores=(x - 1).to(dtype),
+            log_partition=0.0,
+            divergence="neyman_chi2",
+        )
+        assert torch.isfinite(r).all() and (r != 0).all()
+        assert r[1].item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("divergence", ["js", "reverse_kl", "neyman_chi2"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fdpg_loss_overflowing_importance_weight_is_not_nan(divergence, reduction):
+    # regression (issue 11): e^(pi - q) = e^99 overflows float32; inf * 0 gave NaN value and gradient
+    pol = torch.tensor([-1.0, -1.0], requires_grad=True)
+    for scores in ([-1.0, -1.0], [-1.0, -3.0]):
+        pol.grad = None
+        v = fdpg_loss(
+            policy_logps=pol,
+            proposal_logps=torch.tensor([-1.0, -100.0]),
+            target_log_scores=torch.tensor(scores),
+            log_partition=0.0,
+            divergence=divergence,
+            reduction=reduction,
+        )
+        v.sum().backward()
+        assert not torch.isnan(v).any() and torch.isfinite(pol.grad).all()
+        assert pol.grad[1].item() == 0.0  # the overflowing (infinite or zero-advantage) term: gradient 0
+
+
+@pytest.mark.parametrize("estimator", ["k1+", "k2+", "k3+"])
+def test_straight_through_estimators_guard_overflow(estimator):
+    # regression (issue 11): k2 - k2.detach() was inf - inf = NaN where k2 overflows
+    pol = torch.tensor([-1.0, -1e30], requires_grad=True)
+    v = rl.kl_estimate(
+        policy_logps=pol,
+        reference_logps=torch.tensor([-1e30, 0.0]),
+        estimator=estimator,
+        placement="loss",
+        reduction="none",
+    )
+    v.sum().backward()
+    assert not torch.isnan(v).any() and torch.isfinite(pol.grad).all()
+    assert ((torch.isfinite(v)) | (pol.grad == 0)).all()  # an infinite value has gradient 0

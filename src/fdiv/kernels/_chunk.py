@@ -22,7 +22,7 @@ from .._validate import zero_uncounted_rows
 from ..math.base import Divergence
 from ..math.generators import FDivergence
 from ..math.renyi import Bhattacharyya, Renyi
-from ._rowmath import clamp_rows, compute_dtype, finite_form_grads, softmax_backward
+from ._rowmath import clamp_rows, compute_dtype, finite_form_grads, needs_finite_form_grads, softmax_backward
 
 
 def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: float, masked: bool, teacher_grad: bool):
@@ -38,11 +38,13 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
     log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
     forms = divergence.masked_log_forms if masked else divergence._forms
     value, grad_p, grad_q = forms(log_p, log_q)
-    grad_q, grad_p = finite_form_grads(value, grad_q, grad_p if teacher_grad else None)
-    grad_student = softmax_backward(grad_q, log_q, scale=inv_temperature)
+    guard = needs_finite_form_grads(divergence, masked)
+    if guard:
+        grad_q, grad_p = finite_form_grads(value, grad_q, grad_p if teacher_grad else None)
+    grad_student = softmax_backward(grad_q, log_q, scale=inv_temperature, guard_overflow=guard)
     grad_teacher = None
     if teacher_grad:
-        grad_teacher = softmax_backward(grad_p, log_p, scale=inv_temperature)
+        grad_teacher = softmax_backward(grad_p, log_p, scale=inv_temperature, guard_overflow=guard)
     return clamp_rows(value.sum(-1)), grad_student, grad_teacher
 
 

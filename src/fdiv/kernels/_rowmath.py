@@ -31,7 +31,9 @@ from .._validate import (
     check_labels,
     check_mask,
     check_reduction,
+    check_scaled_logits,
     check_temperature,
+    scaled_logits_error,
     zero_uncounted_rows,
 )
 from ..math._numerics import compute_dtype
@@ -44,6 +46,7 @@ def softmax_backward(
     *,
     grad_sum: torch.Tensor | None = None,
     scale: float = 1.0,
+    guard_overflow: bool = False,
 ) -> torch.Tensor:
     r"""The softmax chain rule: logit gradient from a log-probability gradient.
 
@@ -60,12 +63,18 @@ def softmax_backward(
             ``grad_logp.sum(-1)`` (vocabulary-parallel: the all-reduced sum; sparse top-k: the sum
             over the coarsened outcomes). Default: ``grad_logp.sum(-1, keepdim=True)``.
         scale: ``s``, the inverse temperature that multiplied the logits (1 by default).
+        guard_overflow: set rows whose gradient sum overflows to 0 (for generators whose forms
+            can overflow; an extra pass, so off by default).
 
     Returns:
         ``[..., V]`` in the dtype of the inputs.
     """
     total = grad_logp.sum(-1, keepdim=True) if grad_sum is None else grad_sum
     grad = grad_logp - log_probs.exp() * total
+    if guard_overflow:
+        # finite pointwise gradients whose row sum overflows (chi-squared at huge logit gaps, where
+        # the row value is +inf too): that row's gradient is undefined and set to 0, never NaN
+        grad = torch.where(torch.isinf(total), torch.zeros((), dtype=grad.dtype, device=grad.device), grad)
     return grad if scale == 1.0 else grad * scale
 
 
@@ -76,11 +85,48 @@ def finite_form_grads(value: torch.Tensor, *grads):
     mismatch, or a pointwise value that overflows the compute dtype, e.g. Pearson's
     ``p^2/q``) contribute 0 to its gradient and every other entry its finite gradient, so the
     softmax chain rule never meets ``inf - inf``. NaN is left as NaN (it reports bad inputs).
-    Returns the gradients in the order given (None stays None).
+    Returns the gradients in the order given (None stays None). A gradient tensor that owns its
+    memory (not a view, not ``value`` nor another gradient, no autograd history) is zeroed in
+    place. Callers skip it where no entry can be infinite (:func:`needs_finite_form_grads`).
     """
     bad = torch.isinf(value)
-    zero = torch.zeros((), dtype=value.dtype, device=value.device)
-    return tuple(None if g is None else torch.where(bad | torch.isinf(g), zero, g) for g in grads)
+    seen = {value.data_ptr()}
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        zero_at = torch.isinf(g)
+        zero_at |= bad
+        owned = g._base is None and g.is_contiguous() and not g.requires_grad and g.data_ptr() not in seen
+        seen.add(g.data_ptr())
+        out.append(g.masked_fill_(zero_at, 0.0) if owned else g.masked_fill(zero_at, 0.0))
+    return tuple(out)
+
+
+#: Built-in log-space form families whose values and gradients are finite for finite ``log p``,
+#: ``log q`` (bounded, or at most linear in the log-ratio): no overflow without ``-inf`` entries.
+_NON_OVERFLOWING_FORMS = frozenset(
+    {"forward_kl", "reverse_kl", "js", "skew_forward_kl", "skew_reverse_kl", "tv", "hellinger", "triangular",
+     "jeffreys"}
+)
+
+
+def needs_finite_form_grads(divergence, masked: bool) -> bool:
+    """Whether :func:`finite_form_grads` must run on a chunk: always where it may hold ``-inf``
+    (``masked``), else only for forms that can overflow on finite inputs (Pearson / Neyman
+    chi-square, alpha outside ``[0, 1]``, user generators: anything without a known built-in form)."""
+    if masked:
+        return True
+    kernel_form = getattr(divergence, "kernel_form", None)
+    form = kernel_form() if callable(kernel_form) else None
+    if form is None:
+        return True
+    if form.name in _NON_OVERFLOWING_FORMS:
+        return False
+    if form.name == "alpha" and len(form.constants) >= 2:
+        return not 0.0 <= float(form.constants[1]) <= 1.0
+    return True
 
 
 def clamp_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -116,6 +162,8 @@ def cross_entropy_rows(
         dtype: compute / result dtype; default float64 for float64 logits, else float32.
         with_grad: also return the logit gradient ``softmax(z_n) - onehot(y_n)`` per counted
             row (0 elsewhere), computed without autograd (the fused path).
+            A counted row whose label has ``log q_y = -inf`` has the value ``inf`` and gradient 0
+            (contract 2), by autograd and by ``with_grad`` alike.
 
     Returns:
         ``rows`` ``[n]`` in ``dtype`` with uncounted rows exactly 0, differentiable by autograd
@@ -133,10 +181,15 @@ def cross_entropy_rows(
     safe = torch.where(keep, labels, torch.zeros((), dtype=labels.dtype, device=labels.device)).long()
     log_q = torch.log_softmax(zero_uncounted_rows(logits2d, keep, dtype), dim=-1)
     picked = log_q.gather(-1, safe[:, None]).squeeze(-1)
+    # contract 2: a label the student gives probability 0 (log q_y = -inf) makes CE infinite; the
+    # entry that makes it infinite contributes 0 to the gradient (the value stays inf)
+    impossible = picked == -math.inf
+    picked = torch.where(impossible, picked.detach(), picked)
     rows = torch.where(keep, -picked, torch.zeros((), dtype=dtype, device=log_q.device))
     if not with_grad:
         return rows
-    onehot = torch.zeros_like(log_q).scatter_(-1, safe[:, None], -1.0)  # d CE / d log q
+    minus_one = torch.where(impossible, 0.0, -1.0).to(dtype)[:, None]
+    onehot = torch.zeros_like(log_q).scatter_(-1, safe[:, None], minus_one)  # d CE / d log q
     grad = softmax_backward(onehot, log_q)
     grad = torch.where(keep[:, None], grad, torch.zeros((), dtype=dtype, device=grad.device))
     return rows, grad
@@ -223,6 +276,7 @@ def resolve_check_finite(check_finite, device: torch.device) -> bool:
 __all__ = [
     "softmax_backward",
     "finite_form_grads",
+    "needs_finite_form_grads",
     "clamp_rows",
     "check_scaled_logits",
     "scaled_logits_error",

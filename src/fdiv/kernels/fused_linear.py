@@ -23,7 +23,7 @@ from ._rowmath import (
 )
 from .._validate import check_scaled_logits
 from .sparse import TAILS, check_topk, sparse_chunk
-from .token import ChunkKernels, pick_backend, refuse_second_backward
+from .token import ChunkKernels, pick_backend, refuse_second_backward, scale_saved_gradient
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -130,7 +130,8 @@ class _FusedLinearLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         refuse_second_backward(ctx)
-        grads = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in ctx.saved_tensors]
+        # float32 scaling for half buffers: an upstream factor (loss scale, T^2) must not overflow fp16
+        grads = [scale_saved_gradient(g, grad_output, "sum") for g in ctx.saved_tensors]
         return grads[0], grads[1], grads[2], *([None] * 9)
 
 
@@ -237,6 +238,7 @@ def fused_linear_loss(
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
     acc = compute_dtype(student_weight)
+    check_scaled_logits({}, inv_temperature, acc)  # 1/T alone overflows: always (no data, no sync)
     weights = row_weights(counted, n, reduction, acc, device)
 
     if sparse:

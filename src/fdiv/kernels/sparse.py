@@ -71,6 +71,8 @@ def check_topk(leading, vocab: int, device, indices, logprobs, *, scan: bool = T
     if indices.device != torch.device(device):
         raise ValueError(f"device mismatch: teacher_topk_indices is on {indices.device}, {target} on {device}")
     check_same_device("teacher_topk_indices", indices, "teacher_topk_logprobs", logprobs)
+    if indices.shape[-1] == 0:
+        raise ValueError("teacher_topk_indices has k=0 token ids per row (last dim 0): a top-k teacher needs k >= 1")
     if not scan:
         return
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= vocab):
@@ -103,20 +105,25 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def teacher_tail(logprobs: torch.Tensor) -> torch.Tensor:
+def teacher_tail(logprobs: torch.Tensor, student_tail: torch.Tensor | None = None) -> torch.Tensor:
     """``[n, 1]`` float64 ``log(1 - sum_k p_k)`` of the teacher's tail bucket.
 
     Computed in float64 from the stored log-probabilities (``[n, k]``: cheap) as
-    ``log(-expm1(logsumexp(a_k)))``. A tail mass within the rounding of the stored values,
-    ``k * eps(dtype)`` (for instance ``k = V``, or a top-k that holds all the mass), is 0
-    (``-inf``): rounding noise must not become teacher mass, which against an empty student
-    tail would make mass-covering divergences infinite.
+    ``log(-expm1(logsumexp(a_k)))``; a log-mass ``>= 0`` (pure rounding) gives 0 (``-inf``).
+    A tail mass within the rounding of the stored values, ``k * eps(dtype)``, is set to 0 only
+    where the student tail ``student_tail`` (``[n, 1]`` log-mass, when given) is empty too
+    (for instance ``k = V``): there rounding noise must not become teacher mass, which would
+    make mass-covering divergences infinite. Elsewhere a small genuine tail is kept (dropping
+    it would make mode-seeking divergences infinite).
     """
     k = logprobs.shape[-1]
     mass = torch.logsumexp(logprobs.to(torch.float64), dim=-1, keepdim=True)
-    tail = _log1m_exp(mass)
+    tail = _log1m_exp(mass)  # -inf where mass >= 0
+    if student_tail is None:
+        return tail
     noise = math.log(k * torch.finfo(logprobs.dtype).eps) if k else -math.inf
-    return torch.where(tail <= noise, torch.full_like(tail, -math.inf), tail)
+    drop = (tail <= noise) & (student_tail.to(tail.device) == -math.inf)
+    return tail.masked_fill(drop, -math.inf)
 
 
 def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, inv_temperature: float, tail: str):
@@ -138,7 +145,7 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
     b_k = torch.gather(log_q, -1, idx)
     outside = log_q.scatter(-1, idx, -math.inf)
     b_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-    a_tail = teacher_tail(teacher_logprobs).to(dtype)
+    a_tail = teacher_tail(teacher_logprobs, b_tail).to(dtype)
     value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
     (grad_b,) = finite_form_grads(value, grad_b)
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]
@@ -199,8 +206,9 @@ def topk_token_loss(
     )
     inv_temperature = 1.0 / temperature
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
-    if check_finite:
-        check_scaled_logits({"student_logits": student_logits}, inv_temperature, compute_dtype(student_logits))
+    # the argument part (1/T alone overflows) always; the data scan (a host sync) with check_finite
+    named = {"student_logits": student_logits} if check_finite else {}
+    check_scaled_logits(named, inv_temperature, compute_dtype(student_logits))
     k = teacher_topk_indices.shape[-1]
     student = student_logits.reshape(-1, vocab)
     indices = teacher_topk_indices.reshape(-1, k)

@@ -351,9 +351,9 @@ def token_loss(
     vocab = student_logits.shape[-1]
     check_finite = resolve_check_finite(check_finite, student_logits.device)
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
-    if check_finite:
-        named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
-        check_scaled_logits(named, 1.0 / temperature, compute_dtype(student_logits))
+    # the argument part (1/T alone overflows) always; the data scan (a host sync) with check_finite
+    named = {"student_logits": student_logits, "teacher_logits": teacher_logits} if check_finite else {}
+    check_scaled_logits(named, 1.0 / temperature, compute_dtype(student_logits))
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     n = student.shape[0]

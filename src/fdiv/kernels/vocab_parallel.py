@@ -28,12 +28,13 @@ from ._rowmath import (
     compute_dtype,
     counted_rows,
     finite_form_grads,
+    needs_finite_form_grads,
     kernel_arguments,
     resolve_check_finite,
     row_weights,
     softmax_backward,
 )
-from .._validate import scaled_logits_error
+from .._validate import check_scaled_logits, scaled_logits_error
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 _NOT_INITIALIZED = (
@@ -142,7 +143,8 @@ def _chunk(plan: _Plan, student, teacher):
     log_p = t - log_sum[1, :, None]
     forms = plan.divergence.masked_log_forms if plan.masked else plan.divergence._forms
     value, grad_p, grad_q = forms(log_p, log_q)
-    grad_q, grad_p = finite_form_grads(value, grad_q, grad_p)  # infinite entries: gradient 0 (contract 2)
+    if needs_finite_form_grads(plan.divergence, plan.masked):  # infinite entries: gradient 0 (contract 2)
+        grad_q, grad_p = finite_form_grads(value, grad_q, grad_p)
     # 3) SUM of the partial row sums: the value and sum_i g_i of each needed gradient
     partial = [value.sum(-1)]
     if plan.student_grad:
@@ -275,8 +277,7 @@ def vocab_parallel_token_loss(
     counted = counted_rows(leading, device, mask, labels, ignore_index, None)
     check_finite = resolve_check_finite(check_finite, device)
     dtype = compute_dtype(student_logits_shard)
-    if 1.0 / temperature > torch.finfo(dtype).max / 2:  # an argument error: the same on every rank
-        raise ValueError(scaled_logits_error({}, 1.0 / temperature, dtype))
+    check_scaled_logits({}, 1.0 / temperature, dtype)  # an argument error (1/T alone): the same on every rank
     overflow = None
     if check_finite:  # data: logits / T must fit the compute dtype; the ranks share the verdict below
         named = {"student_logits_shard": student_logits_shard, "teacher_logits_shard": teacher_logits_shard}

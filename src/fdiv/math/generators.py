@@ -232,7 +232,10 @@ class FDivergence(Divergence):
         take ``(p f'(inf), p f'(inf), 0)``, entries with both zero take zeros.
         Where the value is ``+inf`` (a support mismatch the divergence does not
         allow) the two gradients are set to 0: the gradient of an infinite
-        divergence is undefined. Inputs without ``-inf`` skip the masking.
+        divergence is undefined. Inputs without ``-inf`` skip the masking and get
+        the raw :meth:`_forms` (a value that overflows keeps its finite derivative:
+        f-DPO / f-DPG read it as ``f'``); the categorical row path and the kernels
+        zero the gradients of infinite values themselves (contract 2).
         """
         if not bool(((a == -INF) | (b == -INF)).any()):
             return self._forms(a, b)
@@ -355,6 +358,14 @@ class _FDivergenceRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, divergence: FDivergence, log_p, log_q, dim: int):
         terms, grad_a, grad_b = divergence.row_forms(log_p, log_q)
+        # contract 2 on the row path (the pointwise forms stay raw: f-DPO / f-DPG read them as f'):
+        # entries whose value or gradient is infinite contribute 0 to the gradient
+        _, grad_a, grad_b = _zero_grads_where_infinite(terms, grad_a, grad_b)
+        # finite gradients whose row sum overflows (chi-squared at huge logit gaps; the row value is
+        # +inf too): log_softmax's chain rule would make NaN of them, so that row's gradient is 0
+        zero = torch.zeros((), dtype=grad_a.dtype, device=grad_a.device)
+        grad_a = torch.where(torch.isinf(grad_a.sum(dim=dim, keepdim=True)), zero, grad_a)
+        grad_b = torch.where(torch.isinf(grad_b.sum(dim=dim, keepdim=True)), zero, grad_b)
         ctx.dim = dim
         ctx.save_for_backward(grad_a, grad_b)
         # contract 3: rounding never takes a row below 0 (value only; the gradients are the forms')
@@ -884,7 +895,7 @@ class PearsonChi2(FDivergence):
         value = torch.exp(2 * log_gap - b)
         grad_a = 2 * torch.sign(a - b) * torch.exp(a + log_gap - b)
         grad_b = torch.exp(b) - torch.exp(2 * a - b)
-        return _zero_grads_where_infinite(value, grad_a, grad_b)
+        return value, grad_a, grad_b
 
 
 class NeymanChi2(FDivergence):
@@ -918,7 +929,7 @@ class NeymanChi2(FDivergence):
         log_gap = log_abs_diff_exp(a, b)
         value = torch.exp(2 * log_gap - a)
         ratio = torch.exp(2 * b - a)
-        return _zero_grads_where_infinite(value, torch.exp(a) - ratio, 2 * (ratio - torch.exp(b)))
+        return value, torch.exp(a) - ratio, 2 * (ratio - torch.exp(b))
 
 
 class AlphaDivergence(FDivergence):
@@ -1011,7 +1022,7 @@ class AlphaDivergence(FDivergence):
         # q f(t) = grad_a + grad_b >= 0; both overflow together only when q f(t) does
         overflow = torch.isinf(grad_a) | torch.isinf(grad_b)
         value = torch.where(overflow, torch.full_like(grad_a, INF), grad_a + grad_b)
-        return _zero_grads_where_infinite(value, grad_a, grad_b)
+        return value, grad_a, grad_b
 
 
 def _weighted_expm1_over(log_w: torch.Tensor, w: torch.Tensor, d: torch.Tensor, c: float) -> torch.Tensor:

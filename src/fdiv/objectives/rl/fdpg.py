@@ -158,6 +158,13 @@ def fdpg_loss(
         b = baseline.detach().to(dtype)
     else:
         b = check_number("baseline", baseline)
-    coef = (weight * (f_prime + b)).detach()
-    terms = coef * pol
+    # An importance weight e^(pi - q) that overflows gives an infinite term with zero gradient
+    # (0 where the advantage is 0): never inf * 0 = NaN, in the value or the gradient.
+    advantage = (f_prime + b).detach()
+    weight = weight.detach()
+    coef = torch.where(advantage == 0, torch.zeros_like(advantage), weight * advantage)
+    finite = torch.isfinite(coef)
+    pol_d = pol.detach()
+    overflowed = torch.where(pol_d == 0, torch.zeros_like(coef), coef * pol_d)
+    terms = torch.where(finite, torch.where(finite, coef, torch.zeros_like(coef)) * pol, overflowed)
     return reduce(terms, reduction)

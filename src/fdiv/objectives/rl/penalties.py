@@ -262,8 +262,11 @@ def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | N
     value = _clamp(_overflow_guard(terms, pol, ref), v)
     if estimator.endswith("+"):
         # verl's straight-through: gradient of k2 on the raw (unclamped) log-ratio, value of the estimator.
-        k2 = _k_value("k2", ref, pol)
-        value = value.detach() + (k2 - k2.detach())
+        # Guarded like the value: where k2 (or the value) is not finite the straight-through term is 0
+        # with zero gradient (never inf - inf = NaN; an infinite value has gradient 0).
+        k2 = _overflow_guard(lambda p, r: _k_value("k2", r, p), pol, ref)
+        through = torch.isfinite(k2) & torch.isfinite(value)
+        value = value.detach() + torch.where(through, k2 - k2.detach(), torch.zeros_like(k2))
     return value
 
 
