@@ -145,7 +145,7 @@ def test_sparse_teacher_loss_is_topk_bucket_kl_times_the_one_t2_rule(monkeypatch
     T, k = 2.0, 3
     log_p = torch.log_softmax(teacher / T, -1)
     logprobs, indices = log_p.topk(k, dim=-1)
-    got = study.sparse_kd_loss(z, fdiv.get("forward_kl"), indices, logprobs, T)
+    got = study.sparse_kd_loss(student_logits=z, divergence=fdiv.get("forward_kl"), indices=indices, logprobs=logprobs, temperature=T)
     q = torch.softmax(z / T, -1)
     ref = 0.0
     for n in range(5):
@@ -161,6 +161,6 @@ def test_sparse_teacher_loss_is_topk_bucket_kl_times_the_one_t2_rule(monkeypatch
         return 7.0
 
     monkeypatch.setattr(study, "temperature_factor", spy)
-    assert math.isclose(study.sparse_kd_loss(z, fdiv.get("forward_kl"), indices, logprobs, T).item(), 7.0 * ref / 5,
+    assert math.isclose(study.sparse_kd_loss(student_logits=z, divergence=fdiv.get("forward_kl"), indices=indices, logprobs=logprobs, temperature=T).item(), 7.0 * ref / 5,
                         rel_tol=1e-10)
     assert calls == [(T, True)]

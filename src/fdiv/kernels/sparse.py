@@ -105,7 +105,7 @@ def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def teacher_tail(logprobs: torch.Tensor, student_tail: torch.Tensor | None = None) -> torch.Tensor:
+def teacher_tail(logprobs: torch.Tensor, *, student_tail: torch.Tensor | None = None) -> torch.Tensor:
     """``[n, 1]`` float64 ``log(1 - sum_k p_k)`` of the teacher's tail bucket.
 
     Computed in float64 from the stored log-probabilities (``[n, k]``: cheap) as
@@ -145,7 +145,7 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
     b_k = torch.gather(log_q, -1, idx)
     outside = log_q.scatter(-1, idx, -math.inf)
     b_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-    a_tail = teacher_tail(teacher_logprobs, b_tail).to(dtype)
+    a_tail = teacher_tail(teacher_logprobs, student_tail=b_tail).to(dtype)
     value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
     (grad_b,) = finite_form_grads(value, grad_b)
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]

@@ -357,10 +357,20 @@ class _FDivergenceRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, divergence: FDivergence, log_p, log_q, dim: int):
-        terms, grad_a, grad_b = divergence.row_forms(log_p, log_q)
+        value, grad_a, grad_b = divergence.log_forms(log_p, log_q)
+        rows = value.sum(dim=dim)
+        # the cancellation-free row terms only for rows whose plain sum lost digits (a small value next
+        # to its terms): one extra pass over the values instead of the costlier terms everywhere
+        small = (rows.abs() <= 1e-2 * value.abs().sum(dim=dim)).reshape(-1)
+        if bool(small.any()):
+            vocab = log_p.shape[dim]
+            a_rows = log_p.movedim(dim, -1).reshape(-1, vocab)[small]
+            b_rows = log_q.movedim(dim, -1).reshape(-1, vocab)[small]
+            exact = divergence.row_forms(a_rows, b_rows)[0].sum(dim=-1)
+            rows = rows.reshape(-1).index_put((small,), exact).reshape(rows.shape)
         # contract 2 on the row path (the pointwise forms stay raw: f-DPO / f-DPG read them as f'):
         # entries whose value or gradient is infinite contribute 0 to the gradient
-        _, grad_a, grad_b = _zero_grads_where_infinite(terms, grad_a, grad_b)
+        _, grad_a, grad_b = _zero_grads_where_infinite(value, grad_a, grad_b)
         # finite gradients whose row sum overflows (chi-squared at huge logit gaps; the row value is
         # +inf too): log_softmax's chain rule would make NaN of them, so that row's gradient is 0
         zero = torch.zeros((), dtype=grad_a.dtype, device=grad_a.device)
@@ -369,7 +379,7 @@ class _FDivergenceRows(torch.autograd.Function):
         ctx.dim = dim
         ctx.save_for_backward(grad_a, grad_b)
         # contract 3: rounding never takes a row below 0 (value only; the gradients are the forms')
-        return terms.sum(dim=dim).clamp_min(0)
+        return rows.clamp_min(0)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

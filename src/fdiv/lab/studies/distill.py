@@ -130,7 +130,7 @@ def _train_teacher(x, y, seed: int) -> nn.Module:
     return teacher.eval()
 
 
-def sparse_kd_loss(student_logits, divergence, indices, logprobs, temperature: float) -> torch.Tensor:
+def sparse_kd_loss(*, student_logits, divergence, indices, logprobs, temperature: float) -> torch.Tensor:
     """The sparse (top-k) teacher's loss: :func:`fdiv.topk_token_loss` (kernels never scale) times the one
     T² rule, :func:`fdiv._validate.temperature_factor` — the objective of ``kd_loss(temperature_scaling=True)``."""
     loss = topk_token_loss(
@@ -240,7 +240,7 @@ class DistillStudy(BuiltinStudy):
             indices, logprobs = topk_targets(TEMPERATURE)
 
             def sparse(z, divergence=divergence, indices=indices, logprobs=logprobs):
-                return sparse_kd_loss(z, divergence, indices, logprobs, TEMPERATURE)
+                return sparse_kd_loss(student_logits=z, divergence=divergence, indices=indices, logprobs=logprobs, temperature=TEMPERATURE)
 
             runs.append((label, index, "full", TEMPERATURE, full))
             runs.append((label, index, f"top-{TOP_K}", TEMPERATURE, sparse))
