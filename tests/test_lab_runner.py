@@ -89,10 +89,15 @@ def test_report_is_complete_valid_and_self_contained(tiny, tmp_path):
 
 def test_schema_validator_rejects_broken_documents():
     with pytest.raises(ValueError, match="missing required key 'studies'"):
-        validate_results({"fdiv_version": "0", "created": "now", "config": {}})
+        validate_results({"fdiv_version": "0", "created": "now", "config": {}, "recommendations": []})
+    with pytest.raises(ValueError, match="missing required key 'recommendations'"):
+        validate_results({"fdiv_version": "0", "created": "now", "config": {}, "studies": []})
+    with pytest.raises(ValueError, match=r"recommendations\[0\]: missing required key 'best'"):
+        validate_results({"fdiv_version": "0", "created": "now", "config": {}, "studies": [],
+                          "recommendations": [{"goal": "g", "evidence": "e"}]})
     with pytest.raises(ValueError, match=r"studies\[0\].rows: expected array"):
         validate_results(
-            {"fdiv_version": "0", "created": "now", "config": {}, "studies": [
+            {"fdiv_version": "0", "created": "now", "config": {}, "recommendations": [], "studies": [
                 {"name": "x", "title": "x", "finding": "", "columns": [], "rows": {}, "figures": [], "config": {},
                  "units": {}, "seconds": 0.0}]}
         )

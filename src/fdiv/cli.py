@@ -261,13 +261,15 @@ def cmd_compute(args) -> int:
 def cmd_lab(args) -> int:
     from .lab import LabConfig, LabError, available_studies, parse_divergences, run_lab, summary_table
     from .lab.runner import DEFAULT_STUDIES, load_config_file
+    from .lab.study import default_divergence_pairs, divergence_label
 
     if args.list:
         for name, study in available_studies().items():
             default = " (default)" if name in DEFAULT_STUDIES else ""
             print(f"{name}{default}: {study.title}")
             print(textwrap.indent(textwrap.fill(study.description, 88), "    "))
-            print(f"    default steps: {study.default_steps}; default divergences: {', '.join(study.default_divergences)}")
+            pairs = default_divergence_pairs(study)
+            print(f"    default steps: {study.default_steps}; default divergences: {', '.join(divergence_label(*d) for d in pairs)}")
         return 0
     try:
         values = load_config_file(args.config) if args.config else {}
@@ -275,7 +277,7 @@ def cmd_lab(args) -> int:
             values["studies"] = args.study
         if args.divergences is not None:
             values["divergences"] = args.divergences
-        for key in ("steps", "seed", "out", "device"):
+        for key in ("steps", "seed", "seeds", "out", "device"):
             if getattr(args, key) is not None:
                 values[key] = getattr(args, key)
         if args.resume:
@@ -296,6 +298,7 @@ def cmd_lab(args) -> int:
             divergences=divergences,
             steps=values.get("steps"),
             seed=int(values.get("seed", 0)),
+            seeds=values.get("seeds", 3),
             out=str(values.get("out", "fdiv-report")),
             device=values.get("device", "cpu"),
             resume=bool(values.get("resume", False)),
@@ -348,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_lab.add_argument("--divergences", default=None, help="e.g. forward_kl,reverse_kl,js(beta=0.3)")
     p_lab.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit (study default if omitted)")
     p_lab.add_argument("--seed", type=int, default=None, help="random seed (default 0); results are deterministic for a seed")
+    p_lab.add_argument("--seeds", type=_positive_int, default=None,
+                       help="repetitions per setting (default 3: seeds SEED..SEED+2); results show mean ± sd")
     p_lab.add_argument("--out", default=None, help="report folder (default fdiv-report)")
     p_lab.add_argument("--device", default=None, help="cpu (default) or cuda")
     p_lab.add_argument("--config", default=None, help="a .toml or .json file with the same keys")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -14,8 +15,35 @@ PALETTE = [
 ]
 
 
+#: One colour per built-in divergence, the same in every figure of every study.
+DIVERGENCE_COLOURS = {
+    "forward_kl": "#1f77b4",
+    "reverse_kl": "#d62728",
+    "js": "#2ca02c",
+    "tv": "#9467bd",
+    "hellinger": "#ff7f0e",
+    "alpha": "#8c564b",
+    "skew_forward_kl": "#17becf",
+    "skew_reverse_kl": "#e377c2",
+    "jeffreys": "#bcbd22",
+    "pearson": "#7f7f7f",
+    "neyman": "#393b79",
+    "squared_le_cam": "#637939",
+}
+_EXTRA = ["#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1", "#e6550d", "#636363"]
+NEUTRAL = "#4d4d4d"  # references (teacher, untrained model, target) in every figure
+
+
 def colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
+
+
+def colour_for(label: str) -> str:
+    """The colour of a divergence label (``"js"`` or ``"js(beta=0.3)"``), stable across figures and runs:
+    a built-in name without parameters has its fixed colour, anything else a colour from its name's hash."""
+    if label in DIVERGENCE_COLOURS:
+        return DIVERGENCE_COLOURS[label]
+    return _EXTRA[zlib.crc32(label.encode()) % len(_EXTRA)]
 
 
 def new_figure(width: float = 7.0, height: float = 4.2, ncols: int = 1):

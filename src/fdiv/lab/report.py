@@ -10,14 +10,28 @@ from pathlib import Path
 
 from .study import StudyResult
 
+_RECOMMENDATION = {
+    "type": "object",
+    "required": ["goal", "best", "evidence"],
+    "properties": {
+        "goal": {"type": "string"},
+        "best": {"type": "array", "items": {"type": "string"}},
+        "evidence": {"type": "string"},
+        "study": {"type": "string"},
+        "metric": {"type": "string"},
+        "caveat": {"type": "string"},
+    },
+}
+
 #: JSON Schema (draft 2020-12 subset) of results.json; ``validate_results`` checks it without dependencies.
 RESULTS_SCHEMA = {
     "type": "object",
-    "required": ["fdiv_version", "created", "config", "studies"],
+    "required": ["fdiv_version", "created", "config", "recommendations", "studies"],
     "properties": {
         "fdiv_version": {"type": "string"},
         "created": {"type": "string"},
         "config": {"type": "object"},
+        "recommendations": {"type": "array", "items": _RECOMMENDATION},
         "studies": {
             "type": "array",
             "items": {
@@ -44,6 +58,9 @@ RESULTS_SCHEMA = {
                     "config": {"type": "object"},
                     "units": {"type": "object"},
                     "seconds": {"type": "number"},
+                    "recommendations": {"type": "array", "items": _RECOMMENDATION},
+                    "notes": {"type": "array", "items": {"type": "string"}},
+                    "seeds": {"type": "array", "items": {"type": "integer"}},
                 },
             },
         },
@@ -75,15 +92,47 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def cell(row: dict, column: str) -> str:
+    """A table cell: ``mean ± sd`` where the row carries ``<column>_sd`` (several seeds), else the value."""
+    value, sd = row.get(column), row.get(column + "_sd")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(sd, (int, float)) and sd > 0:
+        return f"{value:.4g} ± {sd:.2g}"
+    return _fmt(value)
+
+
+def all_recommendations(results: list[StudyResult]) -> list[dict]:
+    """Every study's recommendations, each tagged with its study, in report order."""
+    return [{**rec, "study": rec.get("study") or r.name} for r in results for rec in r.recommendations]
+
+
+def recommendation_lines(results: list[StudyResult]) -> list[str]:
+    """The one-screen answer for the terminal: goal -> divergences, with the evidence."""
+    lines = []
+    for rec in all_recommendations(results):
+        lines.append(f"  {rec['goal']} [{rec['study']}]: use {' = '.join(rec['best'])}")
+        lines.append(f"      {rec['evidence']}")
+    return lines
+
+
 def _markdown(results: list[StudyResult], created: str) -> str:
     lines = [f"# fdiv lab report\n\nCreated {created}. Every divergence is D(P || Q): P = target, Q = model.\n"]
+    recs = all_recommendations(results)
+    if recs:
+        lines.append("## Which divergence for which goal\n")
+        lines.append("| goal | use | evidence | study |")
+        lines.append("|---|---|---|---|")
+        for rec in recs:
+            lines.append(f"| {rec['goal']} | {' = '.join(rec['best'])} | {rec['evidence']} | {rec['study']} |")
+        lines.append("")
     for result in results:
         lines.append(f"## {result.title}\n\n**Finding.** {result.finding}\n")
+        for note in result.notes:
+            lines.append(f"> {note}\n")
         columns = ["divergence", *result.columns]
         lines.append("| " + " | ".join(columns) + " |")
         lines.append("|" + "---|" * len(columns))
         for row in result.rows:
-            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+            lines.append("| " + " | ".join(cell(row, c) for c in columns) + " |")
         if result.units:
             lines.append("\n" + "; ".join(f"*{k}*: {v}" for k, v in result.units.items()))
         for figure in result.figures:
@@ -100,20 +149,35 @@ def _html(results: list[StudyResult], out: Path, created: str) -> str:
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}",
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.finding{background:#eef6ff;padding:.6em 1em;",
         "border-left:4px solid #1f77b4}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:.9em}",
-        ".units{color:#555;font-size:.9em}nav a{margin-right:1em}</style></head><body>",
+        ".units{color:#555;font-size:.9em}nav a{margin-right:1em}.note{background:#fff8e6;padding:.5em 1em;",
+        "border-left:4px solid #e6a700}.recs td{text-align:left;vertical-align:top}.evidence{font-size:.9em}",
+        "</style></head><body>",
         "<h1>fdiv lab report</h1>",
         f"<p>Created {esc(created)}. Every divergence is D(P&nbsp;||&nbsp;Q): <b>P = target</b>, <b>Q = model</b>. "
         "Numbers in <code>results.json</code>, with the configuration that produced each.</p><nav>",
     ]
     parts += [f"<a href='#{esc(r.name)}'>{esc(r.title)}</a>" for r in results]
     parts.append("</nav>")
+    recs = all_recommendations(results)
+    if recs:
+        parts.append("<section id='recommendations'><h2>Which divergence for which goal</h2>")
+        parts.append("<table class='recs'><tr><th>goal</th><th>use</th><th>evidence</th><th>study</th></tr>")
+        for rec in recs:
+            parts.append(
+                f"<tr><td>{esc(rec['goal'])}</td><td><b>{esc(' = '.join(rec['best']))}</b></td>"
+                f"<td class='evidence'>{esc(rec['evidence'])}</td><td><a href='#{esc(rec['study'])}'>{esc(rec['study'])}</a></td></tr>"
+            )
+        parts.append("</table><p class='units'>Several names joined by = are a tie: the run cannot tell them apart "
+                     "within its uncertainty (rule in each evidence line). Mean ± sd over seeds.</p></section>")
     for result in results:
         columns = ["divergence", *result.columns]
         parts.append(f"<section id='{esc(result.name)}'><h2>{esc(result.title)}</h2>")
         parts.append(f"<p class='finding'><b>Finding.</b> {esc(result.finding)}</p>")
+        for note in result.notes:
+            parts.append(f"<p class='note'>{esc(note)}</p>")
         parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
         for row in result.rows:
-            parts.append("<tr>" + "".join(f"<td>{esc(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>")
+            parts.append("<tr>" + "".join(f"<td>{esc(cell(row, c))}</td>" for c in columns) + "</tr>")
         parts.append("</table>")
         if result.units:
             parts.append("<p class='units'>" + "; ".join(f"<i>{esc(k)}</i>: {esc(v)}" for k, v in result.units.items()) + "</p>")
@@ -141,6 +205,7 @@ def write_report(out: Path, results: list[StudyResult], config: dict) -> dict:
         "fdiv_version": __version__,
         "created": created,
         "config": json.loads(json.dumps(config, default=str)),
+        "recommendations": all_recommendations(results),
         "studies": [r.to_json() for r in results],
     }
     validate_results(document)

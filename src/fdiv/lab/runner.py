@@ -14,7 +14,9 @@ import torch
 
 from ..math import registry
 from .report import write_report
-from .study import StudyContext, StudyResult, available_studies, divergence_label
+from .report import recommendation_lines
+from .report import cell as _cell
+from .study import StudyContext, StudyResult, available_studies, default_divergence_pairs, divergence_label
 
 DEFAULT_STUDIES = ("modes", "distill", "lm", "preference")
 
@@ -29,6 +31,7 @@ class LabConfig:
     divergences: list[tuple[str, dict]] | None = None  # None: each study's defaults
     steps: int | None = None  # None: each study's default
     seed: int = 0
+    seeds: int = 3  # repetitions per setting: seeds seed, seed + 1, ..., seed + seeds - 1
     out: str = "fdiv-report"
     device: str = "cpu"
     resume: bool = False
@@ -36,7 +39,8 @@ class LabConfig:
     def signature(self, study: str) -> str:
         """What a study's numbers depend on: resume reuses a result only when this matches."""
         key = json.dumps(
-            {"study": study, "divergences": self.divergences, "steps": self.steps, "seed": self.seed, "device": self.device},
+            {"study": study, "divergences": self.divergences, "steps": self.steps, "seed": self.seed,
+             "seeds": self.seeds, "device": self.device},
             sort_keys=True,
         )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -95,6 +99,8 @@ def validate(config: LabConfig) -> LabConfig:
         config.divergences = resolved
     if config.steps is not None and (not isinstance(config.steps, int) or config.steps <= 0):
         raise LabError(f"--steps must be a positive integer, got {config.steps!r}")
+    if isinstance(config.seeds, bool) or not isinstance(config.seeds, int) or not 1 <= config.seeds <= 20:
+        raise LabError(f"--seeds must be an integer from 1 to 20, got {config.seeds!r}")
     if config.device not in ("cpu", "cuda"):
         raise LabError(f"--device must be cpu or cuda, got {config.device!r}")
     if config.device == "cuda" and not torch.cuda.is_available():
@@ -127,7 +133,7 @@ def load_config_file(path: str) -> dict:
             data = tomllib.loads(text)
     except Exception as error:
         raise LabError(f"--config: cannot parse {path!r}: {error}") from None
-    allowed = {"studies", "divergences", "steps", "seed", "out", "device", "resume"}
+    allowed = {"studies", "divergences", "steps", "seed", "seeds", "out", "device", "resume"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise LabError(f"--config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
@@ -135,26 +141,29 @@ def load_config_file(path: str) -> dict:
 
 
 class _Progress:
-    """One line per study on a terminal (rewritten in place), a few lines otherwise."""
+    """Progress of one study: what is counted, elapsed time and an ETA. On a terminal one line
+    rewritten in place; otherwise a line at every quarter."""
 
     def __init__(self, label: str, stream=sys.stderr):
         self.label, self.stream = label, stream
         self.tty = stream.isatty()
-        self.last_decile = -1
+        self.last_quarter = -1
         self.start = time.perf_counter()
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, unit: str | None = None) -> None:
         fraction = done / max(total, 1)
         elapsed = time.perf_counter() - self.start
+        counted = f"{done}/{total} {unit or 'steps'}"
+        eta = f", ~{elapsed / fraction - elapsed:.0f}s left" if 0 < fraction < 1 and elapsed > 0.5 else ""
         if self.tty:
-            bar = "#" * int(30 * fraction)
-            self.stream.write(f"\r  {self.label:<10} [{bar:<30}] {done}/{total} {elapsed:5.1f}s")
+            bar = "#" * int(24 * fraction)
+            self.stream.write(f"\r  {self.label:<10} [{bar:<24}] {counted} {elapsed:5.1f}s{eta}\033[K")
             if done >= total:
                 self.stream.write("\n")
             self.stream.flush()
-        elif int(fraction * 4) > self.last_decile:
-            self.last_decile = int(fraction * 4)
-            self.stream.write(f"  {self.label}: {done}/{total} ({elapsed:.1f}s)\n")
+        elif int(fraction * 4) > self.last_quarter:
+            self.last_quarter = int(fraction * 4)
+            self.stream.write(f"  {self.label}: {counted} ({elapsed:.1f}s{eta})\n")
             self.stream.flush()
 
 
@@ -181,8 +190,9 @@ def run_lab(config: LabConfig, echo=print) -> list[StudyResult]:
                     echo(f"- {name}: reusing {cache} (--resume)")
                     results.append(StudyResult.from_json(saved["result"]))
                     continue
-            divergences = config.divergences or [(d, {}) for d in study.default_divergences]
+            divergences = config.divergences or default_divergence_pairs(study)
             torch.manual_seed(config.seed)
+            seeds = list(range(config.seed, config.seed + config.seeds))
             ctx = StudyContext(
                 divergences=divergences,
                 steps=config.steps,
@@ -190,11 +200,16 @@ def run_lab(config: LabConfig, echo=print) -> list[StudyResult]:
                 device=torch.device(config.device),
                 out_dir=out,
                 progress=_Progress(name),
+                seeds=seeds,
             )
-            echo(f"- {name}: {study.title} ({', '.join(divergence_label(*d) for d in divergences)})")
+            echo(f"- {name}: {study.title} ({', '.join(divergence_label(*d) for d in divergences)}; "
+                 f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
             start = time.perf_counter()
             result = study.run(ctx)
             result.seconds = round(time.perf_counter() - start, 2)
+            if not result.seeds:
+                result.seeds = seeds
+            echo(f"  {name} done in {result.seconds:.1f}s: {result.finding}")
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"signature": signature, "result": result.to_json()}, indent=1))
             results.append(result)
@@ -211,24 +226,24 @@ def run_lab(config: LabConfig, echo=print) -> list[StudyResult]:
 
 
 def summary_table(results: list[StudyResult]) -> str:
-    """Plain-text tables, one per study, for the terminal."""
+    """Plain-text tables, one per study, then the recommendations (the last screen of the terminal)."""
     lines = []
     for result in results:
         lines.append(f"\n== {result.title} ({result.seconds:.1f}s)")
         lines.append(f"   {result.finding}")
+        for note in result.notes:
+            lines.append(f"   Note: {note}")
         columns = ["divergence", *result.columns]
-        cells = [[_fmt(row.get(c)) for c in columns] for row in result.rows]
+        cells = [[_cell(row, c) for c in columns] for row in result.rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
         lines.append("   " + "  ".join(c.ljust(w) for c, w in zip(columns, widths)))
         for row in cells:
             lines.append("   " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    recs = recommendation_lines(results)
+    if recs:
+        lines.append("\n== Which divergence for which goal (ties joined by =; mean ± sd over seeds)")
+        lines.extend(recs)
     return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
 
 
 __all__ = ["LabConfig", "LabError", "run_lab", "parse_divergences", "load_config_file", "summary_table"]

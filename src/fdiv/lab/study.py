@@ -21,7 +21,12 @@ class StudyContext:
     seed: int
     device: torch.device
     out_dir: Path  # the report folder; a study writes its files under out_dir / <study name>
-    progress: Callable[[int, int], None] = lambda done, total: None
+    progress: Callable[..., None] = lambda done, total, unit=None: None  # (done, total, unit="training steps")
+    seeds: list[int] = field(default_factory=list)  # the repetitions; empty means [seed]
+
+    def __post_init__(self):
+        if not self.seeds:
+            self.seeds = [self.seed]
 
     def steps_or(self, default: int) -> int:
         return self.steps if self.steps is not None else default
@@ -31,18 +36,18 @@ class StudyContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def ticker(self, total: int, every: int) -> Callable[[], None]:
-        """Report ``(0, total)`` now and return a ``tick()`` that counts one step (at most ``total``)
-        and reports every ``every`` steps; the study reports ``(total, total)`` when it is done."""
+    def ticker(self, total: int, every: int, unit: str = "steps") -> Callable[[], None]:
+        """Report ``(0, total)`` now and return a ``tick()`` that counts one ``unit`` (at most ``total``)
+        and reports every ``every``; the study reports ``(total, total)`` when it is done."""
         done = 0
 
         def tick() -> None:
             nonlocal done
             done = min(done + 1, total)
             if done % every == 0:
-                self.progress(done, total)
+                self.progress(done, total, unit)
 
-        self.progress(0, total)
+        self.progress(0, total, unit)
         return tick
 
 
@@ -68,6 +73,9 @@ class StudyResult:
     config: dict = field(default_factory=dict)  # everything needed to reproduce the numbers
     units: dict = field(default_factory=dict)  # column -> unit / meaning, shown under the table
     seconds: float = 0.0
+    recommendations: list = field(default_factory=list)  # decide.Recommendation.to_json() dicts, one per goal
+    notes: list = field(default_factory=list)  # explanations of surprising results and circular metrics, in words
+    seeds: list = field(default_factory=list)  # the seeds whose mean ± sd the rows show
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,6 +84,10 @@ class StudyResult:
     def from_json(cls, data: dict) -> "StudyResult":
         data = dict(data)
         data["figures"] = [Figure(**f) for f in data.get("figures", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown study result key(s): {', '.join(unknown)}")
         return cls(**data)
 
 
@@ -126,6 +138,11 @@ def available_studies() -> dict[str, Study]:
 
 
 studies = available_studies  # the name inside this module; ``fdiv.lab.studies`` is the subpackage
+
+
+def default_divergence_pairs(study) -> list[tuple[str, dict]]:
+    """A study's ``default_divergences`` as ``(name, params)`` pairs (entries may be names or pairs)."""
+    return [(d, {}) if isinstance(d, str) else (d[0], dict(d[1])) for d in study.default_divergences]
 
 
 def divergence_label(name: str, params: dict) -> str:
