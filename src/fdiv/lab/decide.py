@@ -67,6 +67,7 @@ def recommend(
     unit: str = "",
     caveat: str = "",
     digits: int = 3,
+    paired_over: str = "seed",
 ) -> Recommendation:
     """The divergences best for ``goal`` by ``metric`` within the measured uncertainty.
 
@@ -74,6 +75,8 @@ def recommend(
         samples: label -> per-seed values, in the same seed order for every label (paired);
             non-finite values count as the worst possible.
         resolution: differences at or below this are ties whatever the seeds say.
+        paired_over: what one sample is (``"seed"``, or ``"held-out prompt"`` when the values are
+            per-prompt results of one training run); it only words the evidence.
     """
     if not samples:
         raise ValueError("samples: no candidates")
@@ -106,14 +109,15 @@ def recommend(
     if len(best) == 1:
         text = f"{shown(leader)}{unit_text} ({direction} is better)"
     else:
-        text = f"tie: {', '.join(shown(b) for b in best)}{unit_text} ({direction} is better; within {_rule(seeds, resolution)})"
+        text = (f"tie: {', '.join(shown(b) for b in best)}{unit_text} ({direction} is better; within "
+                f"{_rule(seeds, resolution, paired_over)})")
     rest = [label for label in order if label not in best]
     if rest:
         runner = rest[0]
         gap, se = margins[runner]
         gap_text = "not finite" if not math.isfinite(gap) else (f"{gap:.2g}" + (f" ± {se:.1g}" if se else ""))
         text += f"; next {shown(runner)} (behind by {gap_text})"
-    text += f"; {seeds} seed{'s' if seeds != 1 else ''}, mean ± sd"
+    text += f"; {seeds} {paired_over}{'s' if seeds != 1 else ''}, mean ± sd"
     if caveat:
         text += f". Caveat: {caveat}"
     values = {label: {"mean": m, "sd": s, "n": len(samples[label])} for label, (m, s) in stats.items()}
@@ -127,10 +131,10 @@ def _finite_mean(values: list[float]) -> float:
     return -math.inf if any(not math.isfinite(v) for v in values) else math.fsum(values) / len(values)
 
 
-def _rule(seeds: int, resolution: float) -> str:
+def _rule(seeds: int, resolution: float, paired_over: str = "seed") -> str:
     parts = []
     if seeds > 1:
-        parts.append(f"{Z_SCORE:g} paired standard errors over {seeds} seeds")
+        parts.append(f"{Z_SCORE:g} paired standard errors over {seeds} {paired_over}s")
     if resolution > 0:
         parts.append(f"the resolution {resolution:.2g}")
     return " and ".join(parts) if parts else "rounding"
