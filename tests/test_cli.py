@@ -318,3 +318,72 @@ def test_huge_negative_logit_matches_the_reference(capsys, name, side):
     assert code == 0, err
     expected = reference_rows(name, [p], [q])[0]
     assert float(out) == pytest.approx(expected, rel=1e-9), f"{name}: {out.strip()} vs reference {expected}"
+
+
+# ----------------------------------------------------------------------------- start-up: no torch for help and listings
+@pytest.mark.parametrize(
+    "argv,shown",
+    [
+        (["--help"], "lab"),
+        (["lab", "--help"], "--seeds"),
+        (["lab", "--list"], "modes (default)"),
+        (["compute", "--help"], "--temperature"),
+    ],
+)
+def test_help_and_lab_list_do_not_import_torch(argv, shown):
+    """`fdiv --help`, `fdiv lab --help` and `fdiv lab --list` answer without loading torch (or numpy)."""
+    code = (
+        "import sys; from fdiv.cli import main; code = main(%r); "
+        "print('MODULES', 'torch' in sys.modules, 'numpy' in sys.modules, code)" % (argv,)
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *printed, last = done.stdout.strip().splitlines()
+    assert last == "MODULES False False 0", done.stdout + done.stderr
+    assert shown in "\n".join(printed)
+
+
+def test_lab_help_documents_studies_seeds_and_own_models(capsys):
+    with pytest.raises(SystemExit):
+        from fdiv.cli import build_parser
+
+        build_parser().parse_args(["lab", "--help"])
+    out = capsys.readouterr().out
+    for word in ("STUDY", "--study", "--seeds", "1 to 20", "--resume", "--teacher", "--student", "--data", "fdiv lab distill lm"):
+        assert word in out, word
+
+
+def test_import_fdiv_is_lazy_and_keeps_every_public_name():
+    code = (
+        "import sys, fdiv\n"
+        "assert 'torch' not in sys.modules and fdiv.__version__\n"
+        "assert 'torch' not in sys.modules\n"
+        "from fdiv import token_loss\n"
+        "import fdiv.kernels, fdiv.math.registry\n"
+        "assert token_loss is fdiv.kernels.token_loss and fdiv.get is fdiv.math.registry.get\n"
+        "assert fdiv.get('js', beta=0.3).beta == 0.3\n"
+        "print(sorted(fdiv.__all__) == sorted(n for n in fdiv.__all__ if getattr(fdiv, n) is not None))\n"
+        "print(hasattr(fdiv, 'kl_estimate'), set(fdiv.__all__) <= set(dir(fdiv)), fdiv.lab.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "True", "fdiv.lab"]
+
+
+def test_every_public_name_resolves_to_the_library_object():
+    import fdiv.distill
+    import fdiv.kernels
+    import fdiv.math
+    import fdiv.math.closed_forms
+    import fdiv.math.estimators
+    import fdiv.math.generators
+
+    homes = [fdiv.kernels, fdiv.math, fdiv.math.closed_forms, fdiv.math.estimators, fdiv.math.generators]
+    for name in fdiv.__all__:
+        value = getattr(fdiv, name)
+        if isinstance(value, type(fdiv)):
+            assert value.__name__ == f"fdiv.{name}"
+        else:
+            assert any(getattr(home, name, None) is value for home in homes), name
+    assert set(fdiv.__all__) <= set(dir(fdiv))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        fdiv.no_such_name  # noqa: B018

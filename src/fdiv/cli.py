@@ -14,13 +14,20 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import numpy as np
 
-from .math import registry
-from .math.registry import get as get_divergence  # fdiv.get
-from .math.generators import FDivergence
+# torch, numpy and the library are imported inside the commands that use them: `fdiv --help`,
+# `fdiv lab --help` and `fdiv lab --list` answer without loading torch.
+
+
+def get_divergence(name: str, **params):
+    """``fdiv.get`` (the registry's constructor), imported on first use."""
+    from .math.registry import get
+
+    return get(name, **params)
 
 
 def _parse_number(text: str):
@@ -67,6 +74,8 @@ def _json_numbers(node, flag: str, text: str) -> None:
 
 def _read_file(path: Path, text: str, flag: str) -> np.ndarray:
     """The array in a .npy or .json file, or a ValueError naming ``flag`` and the file."""
+    import numpy as np
+
     try:
         exists, is_file = path.exists(), path.is_file()
     except (OSError, ValueError) as error:  # a name too long, a NUL byte, ...
@@ -116,6 +125,8 @@ def _load_vector(text: str, flag: str) -> np.ndarray:
     """Numbers separated by commas or spaces, or a path to a .npy / .json file, as float64.
 
     Every failure is a ValueError naming ``flag`` (and the file)."""
+    import numpy as np
+
     if not isinstance(text, str):  # argparse drops a value of "--" (`--p=--`) and leaves a list
         raise ValueError(f"{flag}: expected numbers separated by commas, or a .npy/.json file; got {text!r}")
     path = Path(text)
@@ -161,11 +172,16 @@ def _as_option_error(error: Exception) -> ValueError:
 
 
 def _describe_params(cls) -> str:
+    from .math import registry
+
     params = registry.parameters_of(cls)
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "—"
 
 
 def _rows_for_listing():
+    from .math import registry
+    from .math.generators import FDivergence
+
     alias_of: dict[str, list[str]] = {}
     for alias, target in registry.aliases().items():
         alias_of.setdefault(target, []).append(alias)
@@ -228,6 +244,10 @@ def _json_tree(node):
 
 
 def cmd_compute(args) -> int:
+    import torch
+
+    from .math import registry
+
     params = _parse_params(args.param)
     name = registry.resolve(args.name)  # an unknown NAME names itself, with suggestions
     try:
@@ -258,60 +278,79 @@ def cmd_compute(args) -> int:
     return 0
 
 
-def cmd_lab(args) -> int:
-    from .lab import LabConfig, LabError, available_studies, parse_divergences, run_lab, summary_table
-    from .lab.runner import DEFAULT_STUDIES, load_config_file
-    from .lab.study import default_divergence_pairs, divergence_label
+def _lab_list() -> int:
+    """``fdiv lab --list``: every study with its defaults, from the torch-free catalog."""
+    from .lab.catalog import DEFAULT_STUDIES, default_labels, known_studies
 
+    for name, study in known_studies().items():
+        default = " (default)" if name in DEFAULT_STUDIES else ""
+        print(f"{name}{default}: {study.title}")
+        print(textwrap.indent(textwrap.fill(study.description, 88), "    "))
+        print(f"    default steps: {study.default_steps}; default divergences: {', '.join(default_labels(study))}")
+    return 0
+
+
+def _lab_settings(args) -> tuple[dict, dict]:
+    """The lab's settings from ``--config`` and the command line (which wins), and how to name
+    each one in an error (the file's key, or the option)."""
+    from .lab.runner import OPTIONS, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    names = {key: f"{args.config}: {key}" for key in values}
+    given = {
+        "divergences": args.divergences, "steps": args.steps, "seed": args.seed, "seeds": args.seeds,
+        "out": args.out, "device": args.device, "resume": True if args.resume else None,
+    }  # fmt: skip
+    studies = list(args.studies or [])
+    if args.study is not None:
+        studies.append(args.study)
+    if studies:
+        given["studies"] = ",".join(studies)
+    for key, value in given.items():
+        if value is not None:
+            values[key], names[key] = value, OPTIONS[key]
+    return values, names
+
+
+def cmd_lab(args) -> int:
+    from .lab import own
+
+    if own.wants_own(args):  # the user's own models: `fdiv lab distill --teacher DIR --student DIR --data FILE`
+        named = list(args.studies or []) + [s.strip() for s in (args.study or "").split(",") if s.strip()]
+        other = next((name for name in named if name != "distill"), None)
+        if other is not None:
+            print(f"fdiv lab: error: --teacher/--student/--data run the distill study on your models; "
+                  f"study {other!r} does not take them (write `fdiv lab distill --teacher ...`)", file=sys.stderr)
+            return 2
+        return own.run_from_args(args)
     if args.list:
-        for name, study in available_studies().items():
-            default = " (default)" if name in DEFAULT_STUDIES else ""
-            print(f"{name}{default}: {study.title}")
-            print(textwrap.indent(textwrap.fill(study.description, 88), "    "))
-            pairs = default_divergence_pairs(study)
-            print(f"    default steps: {study.default_steps}; default divergences: {', '.join(divergence_label(*d) for d in pairs)}")
-        return 0
+        return _lab_list()
+    from .lab.runner import LabError, LabInterrupted, config_from_mapping, run_lab, summary_table
+
     try:
-        values = load_config_file(args.config) if args.config else {}
-        if args.study is not None:
-            values["studies"] = args.study
-        if args.divergences is not None:
-            values["divergences"] = args.divergences
-        for key in ("steps", "seed", "seeds", "out", "device"):
-            if getattr(args, key) is not None:
-                values[key] = getattr(args, key)
-        if args.resume:
-            values["resume"] = True
-        studies_value = values.get("studies", list(DEFAULT_STUDIES))
-        if isinstance(studies_value, str):
-            studies_value = [s.strip() for s in studies_value.split(",") if s.strip()]
-        divergences = values.get("divergences")
-        if isinstance(divergences, str):
-            divergences = parse_divergences(divergences)
-        elif isinstance(divergences, list):
-            divergences = [
-                parse_divergences(d)[0] if isinstance(d, str) else (d["name"], {k: v for k, v in d.items() if k != "name"})
-                for d in divergences
-            ]
-        config = LabConfig(
-            studies=studies_value,
-            divergences=divergences,
-            steps=values.get("steps"),
-            seed=int(values.get("seed", 0)),
-            seeds=values.get("seeds", 3),
-            out=str(values.get("out", "fdiv-report")),
-            device=values.get("device", "cpu"),
-            resume=bool(values.get("resume", False)),
-        )
+        config = config_from_mapping(*_lab_settings(args))
         results = run_lab(config)
     except LabError as error:
         print(f"fdiv lab: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fdiv lab: interrupted; finished studies are in the report (use --resume to continue)", file=sys.stderr)
+    except LabInterrupted as interrupted:
+        if interrupted.report is not None:
+            print(f"fdiv lab: interrupted; report {interrupted.report} written for the finished studies "
+                  f"({', '.join(interrupted.finished)}); rerun with --resume to continue", file=sys.stderr)
+        else:
+            print(f"fdiv lab: interrupted; the report in {config.out} was NOT updated (a previous report there is "
+                  "unchanged); rerun with --resume to continue", file=sys.stderr)
         return 130
-    print(summary_table(results))
-    print(f"\nReport: {Path(config.out) / 'index.html'} (also summary.md, results.json, PNG figures)")
+    except KeyboardInterrupt:
+        print("fdiv lab: interrupted; the report was NOT updated (a previous report is unchanged)", file=sys.stderr)
+        return 130
+    report = Path(config.out) / "index.html"
+    try:
+        print(summary_table(results))
+        print(f"\nReport: {report} (also summary.md, results.json, PNG figures)")
+    except KeyboardInterrupt:
+        print(f"fdiv lab: interrupted; report {report} was written", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -333,7 +372,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .lab.runner import DEFAULT_STUDIES
+    from .lab import own
+    from .lab.catalog import BUILTIN_STUDIES, DEFAULT_STUDIES
 
     parser = _OneLineParser(
         prog="fdiv",
@@ -344,20 +384,37 @@ def build_parser() -> argparse.ArgumentParser:
     p_lab = sub.add_parser(
         "lab",
         help="run studies comparing divergences on the same task and write a report (the main job)",
-        description="Run the lab studies (default: " + ", ".join(DEFAULT_STUDIES) + ") and write DIR/index.html, summary.md, "
-        "results.json and the PNG figures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Run the lab studies (default: " + ", ".join(DEFAULT_STUDIES) + ") and write DIR/index.html, summary.md, "
+            "results.json and the PNG figures. Each setting runs under --seeds seeds (default 3); tables show "
+            "mean ± sd and the recommendations call ties within that spread. With --teacher/--student/--data the "
+            "distill study runs on your own Hugging Face models.", 88),
+        epilog=textwrap.dedent("""\
+            examples:
+              fdiv lab                                  every default study, 3 seeds each
+              fdiv lab distill lm --steps 100           two studies, fewer steps
+              fdiv lab --seeds 5 --out my-report        more seeds per setting
+              fdiv lab --resume                         keep the finished studies of an interrupted run
+              fdiv lab distill --teacher DIR --student DIR --data FILE   your own models
+            """),
     )
-    p_lab.add_argument("--study", default=None, help="comma-separated study names (see --list)")
+    p_lab.add_argument("studies", nargs="*", metavar="STUDY",
+                       help="studies to run (" + ", ".join(BUILTIN_STUDIES) + "; see --list); default: all")
+    p_lab.add_argument("--study", default=None, help="comma-separated study names (as STUDY)")
     p_lab.add_argument("--divergences", default=None, help="e.g. forward_kl,reverse_kl,js(beta=0.3)")
     p_lab.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit (study default if omitted)")
-    p_lab.add_argument("--seed", type=int, default=None, help="random seed (default 0); results are deterministic for a seed")
+    p_lab.add_argument("--seed", type=int, default=None, help="base random seed (default 0); results are deterministic for a seed")
     p_lab.add_argument("--seeds", type=_positive_int, default=None,
-                       help="repetitions per setting (default 3: seeds SEED..SEED+2); results show mean ± sd")
+                       help="repetitions per setting, 1 to 20 (default 3: seeds SEED..SEED+2); results show mean ± sd")
     p_lab.add_argument("--out", default=None, help="report folder (default fdiv-report)")
     p_lab.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p_lab.add_argument("--config", default=None, help="a .toml or .json file with the same keys")
-    p_lab.add_argument("--resume", action="store_true", help="reuse finished studies with the same configuration")
-    p_lab.add_argument("--list", action="store_true", help="list the studies and exit")
+    p_lab.add_argument("--config", default=None, help="a .toml or .json file with the same keys (studies, divergences, "
+                       "steps, seed, seeds, out, device, resume); options given here win")
+    p_lab.add_argument("--resume", action="store_true",
+                       help="reuse finished studies with the same configuration (a damaged cache is recomputed)")
+    p_lab.add_argument("--list", action="store_true", help="list the studies with their defaults and exit")
+    own.add_arguments(p_lab)
     p_lab.set_defaults(func=cmd_lab)
 
     p_list = sub.add_parser("list", help="print every registered divergence with its formula and character")
@@ -443,6 +500,9 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fdiv {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, NotImplementedError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"fdiv {args.command}: error: {message}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""The lab report: results.json (validated against a schema), summary.md and a self-contained index.html."""
+"""The lab report: results.json (validated against a schema), summary.md and a self-contained index.html.
+
+Every file is rendered in memory first and then written with :func:`fdiv.lab.files.atomic_write_many`
+(index.html last): an interrupted or failed write leaves the previous report whole.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import html
 import json
 from pathlib import Path
 
-from .study import StudyResult
+from .files import atomic_write_many, png_problem
 
 _RECOMMENDATION = {
     "type": "object",
@@ -100,12 +104,12 @@ def cell(row: dict, column: str) -> str:
     return _fmt(value)
 
 
-def all_recommendations(results: list[StudyResult]) -> list[dict]:
+def all_recommendations(results: list) -> list[dict]:
     """Every study's recommendations, each tagged with its study, in report order."""
     return [{**rec, "study": rec.get("study") or r.name} for r in results for rec in r.recommendations]
 
 
-def recommendation_lines(results: list[StudyResult]) -> list[str]:
+def recommendation_lines(results: list) -> list[str]:
     """The one-screen answer for the terminal: goal -> divergences, with the evidence."""
     lines = []
     for rec in all_recommendations(results):
@@ -114,7 +118,7 @@ def recommendation_lines(results: list[StudyResult]) -> list[str]:
     return lines
 
 
-def _markdown(results: list[StudyResult], created: str) -> str:
+def _markdown(results: list, created: str) -> str:
     lines = [f"# fdiv lab report\n\nCreated {created}. Every divergence is D(P || Q): P = target, Q = model.\n"]
     recs = all_recommendations(results)
     if recs:
@@ -141,7 +145,7 @@ def _markdown(results: list[StudyResult], created: str) -> str:
     return "\n".join(lines)
 
 
-def _html(results: list[StudyResult], out: Path, created: str) -> str:
+def _html(results: list, images: dict[str, bytes], created: str) -> str:
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>fdiv lab report</title><style>",
@@ -182,7 +186,7 @@ def _html(results: list[StudyResult], out: Path, created: str) -> str:
         if result.units:
             parts.append("<p class='units'>" + "; ".join(f"<i>{esc(k)}</i>: {esc(v)}" for k, v in result.units.items()) + "</p>")
         for figure in result.figures:
-            data = base64.b64encode((out / figure.path).read_bytes()).decode()
+            data = base64.b64encode(images[figure.path]).decode()
             parts.append(
                 f"<figure><a href='{esc(figure.path)}'><img alt='{esc(figure.title)}' src='data:image/png;base64,{data}'></a>"
                 f"<figcaption>{esc(figure.caption)}</figcaption></figure>"
@@ -192,14 +196,38 @@ def _html(results: list[StudyResult], out: Path, created: str) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: Path, results: list[StudyResult], config: dict) -> dict:
-    """Write results.json, summary.md and index.html into ``out``; return the results document."""
+def figure_problem(out: Path, path: str) -> str | None:
+    """Why the figure ``path`` (relative to the report folder ``out``) cannot go into the report, or None."""
+    file = Path(out) / path
+    try:
+        inside = file.resolve().is_relative_to(Path(out).resolve())
+    except (OSError, ValueError):
+        inside = False
+    if Path(path).is_absolute() or not inside:
+        return f"figure {path!r} lies outside the report folder"
+    problem = png_problem(file)
+    return None if problem is None else f"figure {path} is {problem}"
+
+
+class ReportError(RuntimeError):
+    """The report cannot be written (a study listed a figure that is missing or incomplete)."""
+
+
+def write_report(out: Path, results: list, config: dict) -> dict:
+    """Write results.json, results.schema.json, summary.md and index.html into ``out`` (each atomically,
+    index.html last, as one step that Ctrl-C does not split); return the results document.
+
+    Every listed figure is checked (a complete PNG inside ``out``) before anything is written."""
     from .. import __version__
 
+    out = Path(out)
+    images: dict[str, bytes] = {}
     for result in results:
         for figure in result.figures:
-            if not (out / figure.path).is_file():
-                raise FileNotFoundError(f"study {result.name!r} lists figure {figure.path!r}, which was not written")
+            problem = figure_problem(out, figure.path)
+            if problem:
+                raise ReportError(f"study {result.name!r}: {problem}; no file was changed")
+            images[figure.path] = (out / figure.path).read_bytes()
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     document = {
         "fdiv_version": __version__,
@@ -209,8 +237,13 @@ def write_report(out: Path, results: list[StudyResult], config: dict) -> dict:
         "studies": [r.to_json() for r in results],
     }
     validate_results(document)
-    (out / "results.json").write_text(json.dumps(document, indent=1))
-    (out / "results.schema.json").write_text(json.dumps(RESULTS_SCHEMA, indent=1))
-    (out / "summary.md").write_text(_markdown(results, created))
-    (out / "index.html").write_text(_html(results, out, created))
+    atomic_write_many(
+        {
+            out / "results.schema.json": json.dumps(RESULTS_SCHEMA, indent=1),
+            out / "results.json": json.dumps(document, indent=1),
+            out / "summary.md": _markdown(results, created),
+            out / "index.html": _html(results, images, created),
+        },
+        lock=out,
+    )
     return document

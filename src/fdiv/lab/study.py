@@ -11,6 +11,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from .catalog import divergence_label  # noqa: F401  (re-exported: studies label rows with it)
+
 
 @dataclass
 class StudyContext:
@@ -145,7 +147,3 @@ def default_divergence_pairs(study) -> list[tuple[str, dict]]:
     return [(d, {}) if isinstance(d, str) else (d[0], dict(d[1])) for d in study.default_divergences]
 
 
-def divergence_label(name: str, params: dict) -> str:
-    if not params:
-        return name
-    return f"{name}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) + ")"

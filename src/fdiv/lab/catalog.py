@@ -1,0 +1,114 @@
+"""The built-in studies' names and defaults, without importing torch.
+
+``fdiv lab --list``, ``fdiv --help`` and the study-name check read this table so that they
+answer in a fraction of a second; running a study imports its module (and torch).
+``tests/test_lab_robustness.py`` asserts that every entry equals the attributes of the
+registered study class (:func:`fdiv.lab.available_studies`), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The studies ``fdiv lab`` runs when none is named, in report order.
+DEFAULT_STUDIES = ("modes", "distill", "lm", "preference")
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What ``fdiv lab --list`` shows of a study: the same attributes as the study class."""
+
+    name: str
+    title: str
+    description: str
+    default_steps: int
+    default_divergences: tuple  # names, or (name, params) pairs
+
+
+BUILTIN_STUDIES: dict[str, StudyInfo] = {
+    info.name: info
+    for info in (
+        StudyInfo(
+            name="modes",
+            title="Mode-seeking vs mass-covering",
+            description=(
+                "Fit a Gaussian to a 3-component 1-D mixture and a factorised categorical to three blobs on a 24x24 "
+                "grid by minimising D(P || Q) from several starting points (one per seed); which divergences cover "
+                "every mode (worst mode's share of its mass) and which concentrate on one (mass on a mode)."
+            ),
+            default_steps=150,
+            default_divergences=(
+                "forward_kl", "reverse_kl", "js", "tv", "hellinger", ("alpha", {"alpha": 2.0}),
+                "skew_forward_kl", "skew_reverse_kl",
+            ),
+        ),
+        StudyInfo(
+            name="distill",
+            title="Which divergence distils a classifier best?",
+            description=(
+                "Digits (sklearn, offline): a 64-128-10 MLP teacher is distilled into a 64-8-10 MLP student from its "
+                "soft targets only, once per divergence D(teacher || student) at T=2, with the full teacher and with "
+                "a sparse top-3 teacher (tail bucket), over several seeds (split and initialisations); test accuracy, "
+                "calibration (ECE), agreement with the teacher and NLL, with a recommendation per goal."
+            ),
+            default_steps=300,
+            default_divergences=(
+                "forward_kl", "reverse_kl", "js", "tv", "hellinger", "skew_forward_kl",
+                "skew_reverse_kl",
+            ),
+        ),
+        StudyInfo(
+            name="lm",
+            title="Distilling a language model: off-policy vs on-policy, per divergence",
+            description=(
+                "A 1-token-context MLP student distils a random hidden-Markov language (exact next-token "
+                "distributions by forward filtering), on teacher samples (off-policy) or its own samples (on-policy, "
+                "GKD), several seeds. Reports exact forward/reverse KL, diversity (distinct-2), quality (teacher "
+                "log-likelihood of student samples) and the speculative-decoding acceptance rate, and recommends a "
+                "divergence and regime per goal."
+            ),
+            default_steps=150,
+            default_divergences=("forward_kl", "reverse_kl", "js", "tv", "skew_forward_kl", "skew_reverse_kl"),
+        ),
+        StudyInfo(
+            name="preference",
+            title="Preference optimisation: f-DPO with each divergence",
+            description=(
+                "Train a tabular policy on Bradley-Terry preferences over a reference policy's responses with f-DPO "
+                "under each divergence (unlimited data: the exact optimum on a dense beta grid; finite data: Adam on "
+                "sampled pairs), several random bandits; compare the true reward at a matched drift KL(pi || pi_ref), "
+                "with finite data, and the policy's diversity at matched reward."
+            ),
+            default_steps=200,
+            default_divergences=("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys"),
+        ),
+    )
+}
+
+
+def divergence_label(name: str, params: dict) -> str:
+    """``("js", {"beta": 0.3})`` -> ``"js(beta=0.3)"``; a name without parameters is itself."""
+    if not params:
+        return name
+    return f"{name}(" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) + ")"
+
+
+def default_labels(study) -> list[str]:
+    """The labels of a study's ``default_divergences`` (entries are names or ``(name, params)`` pairs)."""
+    return [d if isinstance(d, str) else divergence_label(d[0], dict(d[1])) for d in study.default_divergences]
+
+
+def known_studies() -> dict:
+    """The built-in studies' info, plus any study already registered in this process (a plugin or a
+    test's study); registered ones win. Imports nothing heavy: the registry is read only when
+    :mod:`fdiv.lab.study` is already imported."""
+    import sys
+
+    known: dict = dict(BUILTIN_STUDIES)
+    study_module = sys.modules.get(__name__.rsplit(".", 1)[0] + ".study")
+    if study_module is not None:
+        known.update(getattr(study_module, "_STUDIES", {}))
+    return known
+
+
+__all__ = ["BUILTIN_STUDIES", "DEFAULT_STUDIES", "StudyInfo", "default_labels", "divergence_label", "known_studies"]
