@@ -175,8 +175,7 @@ class Options:
     @classmethod
     def from_args(cls, args) -> "Options":
         """Read and check parsed arguments (missing attributes take their defaults); LabError on bad values."""
-        from ..math import registry
-        from .runner import LabError, parse_divergences
+        from .runner import LabConfig, LabError, validate
 
         get = lambda name, default=None: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
         if get("config") is not None:
@@ -184,20 +183,13 @@ class Options:
         for flag in ("teacher", "student", "data"):
             if get(flag) is None:
                 raise LabError(f"--{flag} is required with --teacher/--student/--data (the lab on your own models)")
-        text = get("divergences")
-        pairs = parse_divergences(text) if isinstance(text, str) else (
-            [tuple(p) for p in text] if text else [(d, {}) for d in DEFAULT_DIVERGENCES])
-        if not pairs:
-            raise LabError("--divergences is empty")
-        divergences = []
-        for name, params in pairs:
-            try:
-                canonical = registry.resolve(name)
-                registry.get(canonical, **params)
-            except ValueError as error:
-                raise LabError(f"--divergences: {error}") from None
-            if (canonical, params) not in divergences:
-                divergences.append((canonical, dict(params)))
+        # the options shared with `fdiv lab` go through the lab's one settings check
+        common = validate(LabConfig(
+            studies=["distill"], divergences=get("divergences", [(d, {}) for d in DEFAULT_DIVERGENCES]),
+            steps=get("steps", DEFAULT_STEPS), seed=get("seed", 0), seeds=get("seeds", DEFAULT_SEEDS),
+            out=get("out", "fdiv-report"), device=get("device", "cpu"), resume=get("resume", False),
+        ))
+        divergences = [(name, dict(params)) for name, params in common.divergences]
         regimes = []
         for item in str(get("regimes", DEFAULTS["regimes"])).split(","):
             item = item.strip().lower()
@@ -207,36 +199,22 @@ class Options:
                 raise LabError(f"--regimes: unknown regime {item!r}; choose from {', '.join(REGIMES)}")
             if item not in regimes:
                 regimes.append(item)
-        values = {}
-        for key in ("steps", "seeds", "eval_prompts", "eval_samples", "max_new_tokens", "max_prompt_tokens",
-                    "batch_size"):
-            default = {"steps": DEFAULT_STEPS, "seeds": DEFAULT_SEEDS}.get(key, DEFAULTS.get(key))
-            value = get(key, default)
+        values = {"steps": common.steps, "seeds": common.seeds}
+        for key in ("eval_prompts", "eval_samples", "max_new_tokens", "max_prompt_tokens", "batch_size"):
+            value = get(key, DEFAULTS.get(key))
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise LabError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
             values[key] = value
-        if values["seeds"] > 20:
-            raise LabError(f"--seeds must be an integer from 1 to 20, got {values['seeds']}")
         lr, budget = get("lr", DEFAULTS["lr"]), get("time_budget")
         for flag, value in (("lr", lr), ("time-budget", budget)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not (value > 0 and math.isfinite(value))):
                 raise LabError(f"--{flag} must be a positive number, got {value!r}")
-        seed = get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise LabError(f"--seed must be a non-negative integer, got {seed!r}")
-        device = str(get("device", "cpu"))
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-            raise LabError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LabError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        seed, device = common.seed, common.device
         return cls(
             teacher=str(get("teacher")), student=str(get("student")), data=str(get("data")),
-            out=str(get("out", "fdiv-report")), divergences=divergences, regimes=regimes, seed=seed,
-            device=device, resume=bool(get("resume", False)), lr=float(lr),
+            out=common.out, divergences=divergences, regimes=regimes, seed=seed,
+            device=device, resume=common.resume, lr=float(lr),
             time_budget=None if budget is None else float(budget), **values,
         )
 
