@@ -172,7 +172,7 @@ def _html(results: list, images: dict[str, bytes], created: str) -> str:
                 f"<td class='evidence'>{esc(rec['evidence'])}</td><td><a href='#{esc(rec['study'])}'>{esc(rec['study'])}</a></td></tr>"
             )
         parts.append("</table><p class='units'>Several names joined by = are a tie: the run cannot tell them apart "
-                     "within its uncertainty (rule in each evidence line). Mean ± sd over seeds.</p></section>")
+                     "within its uncertainty (rule in each evidence line). Values are mean ± sd over the samples each evidence line names (seeds, or held-out prompts).</p></section>")
     for result in results:
         columns = ["divergence", *result.columns]
         parts.append(f"<section id='{esc(result.name)}'><h2>{esc(result.title)}</h2>")

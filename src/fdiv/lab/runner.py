@@ -412,7 +412,7 @@ def summary_table(results: list) -> str:
             lines.append("   " + "  ".join(v.ljust(w) for v, w in zip(row, widths)))
     recs = recommendation_lines(results)
     if recs:
-        lines.append("\n== Which divergence for which goal (ties joined by =; mean ± sd over seeds)")
+        lines.append("\n== Which divergence for which goal (ties joined by =; mean ± sd over the samples each line names)")
         lines.extend(recs)
     return "\n".join(lines)
 
