@@ -181,6 +181,7 @@ def _admissible(divergence, caller: str) -> FDivergence:
 # =============================================================================== the score
 _BOUNDS_CACHE: dict = {}
 _REVERSE_KL_CACHE: dict = {}
+_OFFSET_CACHE: dict = {}
 _KL_GRID = torch.tensor([-40.0, -3.0, -0.5, 0.0, 0.7, 5.0, 60.0], dtype=torch.float64)
 
 
@@ -190,7 +191,8 @@ def _raw_score(div: FDivergence, log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _score_offset(div: FDivergence) -> float:
-    return float(_raw_score(div, torch.zeros((), dtype=torch.float64)))
+    """``g'(1)``, computed once per divergence."""
+    return cached(_OFFSET_CACHE, div, lambda: float(_raw_score(div, torch.zeros((), dtype=torch.float64))))
 
 
 def _is_reverse_kl(div: FDivergence) -> bool:
@@ -205,10 +207,10 @@ def _is_reverse_kl(div: FDivergence) -> bool:
 
 
 def _score_bounds(div: FDivergence, max_exponent: float) -> tuple[float, float]:
-    offset = _score_offset(div)
     cap = math.exp(max_exponent)
     return cached(
-        _BOUNDS_CACHE, ("score", div, max_exponent), lambda: monotone_bounds(lambda x: _raw_score(div, x) - offset, cap)
+        _BOUNDS_CACHE, ("score", div, max_exponent),
+        lambda: monotone_bounds(lambda x: _raw_score(div, x) - _score_offset(div), cap),
     )
 
 
