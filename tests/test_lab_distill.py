@@ -12,6 +12,7 @@ import torch
 import fdiv
 from fdiv.distill import kd_loss
 from fdiv.lab import decide, plotting
+from fdiv.lab.decide import tie_notes
 from fdiv.lab.studies import distill as study
 from fdiv.lab.study import StudyContext, default_divergence_pairs, divergence_label, studies
 
@@ -352,9 +353,9 @@ def test_parameterised_divergences_are_built_once_and_used(tmp_path, monkeypatch
 def test_tie_notes_explain_a_tie_that_outranks_a_better_mean():
     values = {name: {"mean": mean, "sd": 0.0, "n": 3} for name, mean in (("a", 0.019), ("b", 0.021), ("c", 0.028), ("d", 0.023))}
     rec = {"metric": "ece", "higher_is_better": False, "best": ["a", "b", "c"], "values": values}
-    (note,) = study.tie_notes([rec])
+    (note,) = tie_notes([rec])
     assert note.startswith("ece: c 0.028 ties with the leader although d 0.023 (better mean) does not")
     rec["best"] = ["a", "b"]  # an ordinary tie: nothing to explain
-    assert study.tie_notes([rec]) == []
+    assert tie_notes([rec]) == []
     rec.update(higher_is_better=True, best=["c", "d", "a"])  # higher is better: a ties although b is better
-    assert study.tie_notes([rec])[0].startswith("ece: a 0.019 ties with the leader although b 0.021")
+    assert tie_notes([rec])[0].startswith("ece: a 0.019 ties with the leader although b 0.021")

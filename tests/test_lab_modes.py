@@ -250,7 +250,7 @@ def test_adam_matches_torch_optim_adam_with_the_cosine_schedule():
     loss = lambda a, b: ((a - target) ** 4).sum() + (b.exp() - 2).pow(2).sum()  # noqa: E731
     steps = 25
     mine = [t.clone().requires_grad_(True) for t in start]
-    ours = modes.Adam(mine, [0.2, 0.05])
+    ours = modes.Adam(mine, [0.2, 0.05], betas=modes.ADAM_BETAS)
     ref = [t.clone().requires_grad_(True) for t in start]
     torch_adam = torch.optim.Adam([{"params": [ref[0]], "lr": 0.2}, {"params": [ref[1]], "lr": 0.05}], betas=modes.ADAM_BETAS)
     schedule = torch.optim.lr_scheduler.LambdaLR(torch_adam, modes._cosine(steps))

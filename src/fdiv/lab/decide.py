@@ -169,4 +169,27 @@ def samples_by(rows: list[dict], *, metric: str, label_key: str = "divergence", 
     return out
 
 
-__all__ = ["Recommendation", "recommend", "aggregate", "samples_by", "mean_sd", "format_mean_sd", "Z_SCORE"]
+def tie_notes(recs: list[dict]) -> list[str]:
+    """Where :func:`fdiv.lab.decide.recommend` ties a candidate whose mean is worse than that of one it rules
+    out (the tied one's seeds disagree more, so the paired test cannot separate it), say so in words."""
+    notes = []
+    for rec in recs:
+        values, best = rec["values"], rec["best"]
+        sign = 1 if rec["higher_is_better"] else -1
+        out = [name for name in values if name not in best]
+        shown = lambda name: f"{name} {values[name]['mean']:.4g}"  # noqa: E731
+        odd = {name: [o for o in out if sign * values[o]["mean"] > sign * values[name]["mean"]] for name in best[1:]}
+        odd = {name: better for name, better in odd.items() if better}
+        if odd:
+            better = list(dict.fromkeys(o for names in odd.values() for o in names))
+            one, single = len(odd) == 1, len(better) == 1
+            notes.append(
+                f"{rec['metric']}: {', '.join(shown(n) for n in odd)} tie{'s' if one else ''} with the leader although "
+                f"{', '.join(shown(o) for o in better)} (better mean) {'does' if single else 'do'} not: the seeds "
+                f"disagree more about {'it' if one else 'them'}, so the paired test cannot separate "
+                f"{'it' if one else 'them'} from the leader. Such a tie means 'not shown to be worse', not 'as good'."
+            )
+    return notes
+
+
+__all__ = ["tie_notes", "Recommendation", "recommend", "aggregate", "samples_by", "mean_sd", "format_mean_sd", "Z_SCORE"]

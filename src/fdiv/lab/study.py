@@ -110,6 +110,15 @@ class BuiltinStudy:
     name: str
     default_steps: int
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        from .catalog import BUILTIN_STUDIES
+
+        info = BUILTIN_STUDIES.get(getattr(cls, "name", None))
+        if info is not None:  # the catalog is the one copy of a built-in study's title and defaults
+            for attr in ("title", "description", "default_steps", "default_divergences"):
+                setattr(cls, attr, getattr(info, attr))
+
     def run(self, ctx: StudyContext) -> StudyResult:
         start = time.perf_counter()
         result = self.execute(ctx, ctx.steps_or(self.default_steps), ctx.study_dir(self.name))

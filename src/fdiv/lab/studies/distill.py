@@ -59,7 +59,8 @@ from ..._validate import temperature_factor
 from ...distill import kd_loss
 from .. import decide, plotting
 from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
-from .modes import Adam, tie_notes  # shared with modes (candidates for fdiv.lab.decide / a lab optimiser module)
+from ..decide import tie_notes
+from ..optim import Adam
 
 #: Study settings (recorded in ``StudyResult.config``).
 TEMPERATURE = 2.0
@@ -493,16 +494,7 @@ def _plot_curves(path, runs, curves, teacher_accuracy: float, labels: list[str],
 # ------------------------------------------------------------------------------ the study
 @register_study
 class DistillStudy(BuiltinStudy):
-    name = "distill"
-    title = "Which divergence distils a classifier best?"
-    description = (
-        "Digits (sklearn, offline): a 64-128-10 MLP teacher is distilled into a 64-8-10 MLP student from its soft "
-        "targets only, once per divergence D(teacher || student) at T=2, with the full teacher and with a sparse "
-        "top-3 teacher (tail bucket), over several seeds (split and initialisations); test accuracy, calibration "
-        "(ECE), agreement with the teacher and NLL, with a recommendation per goal."
-    )
-    default_steps = 600
-    default_divergences = ("forward_kl", "reverse_kl", "js", "tv", "hellinger", "skew_forward_kl", "skew_reverse_kl")
+    name = "distill"  # title, description and defaults: fdiv.lab.catalog (torch-free, read by --list)
 
     def execute(self, ctx: StudyContext, steps: int, out_dir) -> StudyResult:
         start = time.perf_counter()

@@ -46,6 +46,7 @@ from ... import get, token_loss
 from ...distill import acceptance_rate
 from ...math.registry import as_divergence
 from .. import decide, plotting
+from ..optim import Adam
 from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 REGIMES = ("off-policy", "on-policy")
@@ -321,7 +322,8 @@ def train_students(
         groups[key][1].append(index)
         divergences.append(div)
     bank = StudentBank([make_student(settings, seed, device) for _, _, seed in runs])
-    optimiser = torch.optim.Adam(bank.parameters(), lr=settings["lr"])
+    params = list(bank.parameters())
+    optimiser = Adam(params, [settings["lr"]] * len(params))
     batch, length, vocab = settings["batch"], settings["seq_len"], settings["vocab"]
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     off = [i for i, run in enumerate(runs) if run[1] == "off-policy"]
@@ -354,7 +356,7 @@ def train_students(
             token_loss(student_logits=logits[members], teacher_logits=target[members], divergence=div, reduction="sum")
             for div, members in group_index
         ) / (batch * length)
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if on_step is not None:
@@ -653,17 +655,7 @@ def _plot_acceptance(path, rows, labels, untrained, title):
 
 @register_study
 class LanguageModelStudy(BuiltinStudy):
-    name = "lm"
-    title = "Distilling a language model: off-policy vs on-policy, per divergence"
-    description = (
-        "A 1-token-context MLP student distils a random hidden-Markov language (exact next-token "
-        "distributions by forward filtering), on teacher samples (off-policy) or its own samples "
-        "(on-policy, GKD), several seeds. Reports exact forward/reverse KL, diversity (distinct-2), quality "
-        "(teacher log-likelihood of student samples) and the speculative-decoding acceptance rate, and "
-        "recommends a divergence and regime per goal."
-    )
-    default_steps = 150
-    default_divergences = ("forward_kl", "reverse_kl", "js", "tv", "skew_forward_kl", "skew_reverse_kl")
+    name = "lm"  # title, description and defaults: fdiv.lab.catalog (torch-free, read by --list)
 
     def execute(self, ctx: StudyContext, steps: int, folder) -> StudyResult:
         settings = dict(SETTINGS)

@@ -58,6 +58,8 @@ import torch
 
 from ...math import registry
 from .. import decide, plotting
+from ..decide import tie_notes
+from ..optim import Adam
 from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 # ----------------------------------------------------------------- settings
@@ -202,41 +204,6 @@ class _GridTask:
 
 
 # ------------------------------------------------------------- the batched fit
-class Adam:
-    """Adam (Kingma & Ba, 2015) over a few leaf tensors, the update of ``torch.optim.Adam`` (no weight decay,
-    no amsgrad), with one learning rate per tensor and a schedule factor passed to :meth:`step`.
-
-    ``torch.optim``'s first optimiser in a process imports ``torch._dynamo`` (about 1 s of CPU, more than
-    this study's fits), so the lab's batched fits use this instead; the tests check it against
-    ``torch.optim.Adam`` step by step. Elementwise, like every Adam: stacking independent fits'
-    parameters in one tensor and summing their losses updates each fit exactly as if it ran alone.
-    """
-
-    def __init__(self, params: list[torch.Tensor], lrs: list[float], betas=ADAM_BETAS, eps: float = 1e-8):
-        self.params, self.lrs, self.betas, self.eps = list(params), list(lrs), betas, eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, factor: float = 1.0) -> None:
-        """One update with learning rates ``lr * factor`` (tensors without a gradient are skipped)."""
-        self.t += 1
-        beta1, beta2 = self.betas
-        correction1, correction2 = 1 - beta1**self.t, 1 - beta2**self.t
-        for p, m, v, lr in zip(self.params, self.m, self.v, self.lrs):
-            if p.grad is None:
-                continue
-            m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denominator = (v.sqrt() / math.sqrt(correction2)).add_(self.eps)
-            p.addcdiv_(m, denominator, value=-lr * factor / correction1)
-
-
 def initial_points(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each seed's starting point: (initial 1-D means [S], initial 2-D logits [S, 2, GRID_SIZE])."""
     lo, hi = GAUSS_INIT_RANGE
@@ -271,7 +238,7 @@ def fit_all(divergences, seeds: list[int], steps: int, device: torch.device, tic
     mu = init_mu.to(device).repeat(n_div, 1).requires_grad_(True)
     log_sigma = torch.full((n_div, n_seeds), math.log(GAUSS_INIT_SIGMA), dtype=DTYPE, device=device, requires_grad=True)
     logits = init_logits.to(device).repeat(n_div, 1, 1, 1).requires_grad_(True)
-    optimiser = Adam([mu, log_sigma, logits], [GAUSS_LR, GAUSS_LR, GRID_LR])
+    optimiser = Adam([mu, log_sigma, logits], [GAUSS_LR, GAUSS_LR, GRID_LR], betas=ADAM_BETAS)
     schedule = _cosine(steps)
     log_p = torch.cat([gauss.log_p.expand(n_seeds, -1), _pad(grid.log_p, width).expand(n_seeds, -1)])  # [2S, L]
     tiny = torch.finfo(DTYPE).tiny
@@ -353,29 +320,6 @@ def recommendations(rows: list[dict], study: str = "modes") -> list[dict]:
             caveat=caveat,
         ).to_json())
     return recs
-
-
-def tie_notes(recs: list[dict]) -> list[str]:
-    """Where :func:`fdiv.lab.decide.recommend` ties a candidate whose mean is worse than that of one it rules
-    out (the tied one's seeds disagree more, so the paired test cannot separate it), say so in words."""
-    notes = []
-    for rec in recs:
-        values, best = rec["values"], rec["best"]
-        sign = 1 if rec["higher_is_better"] else -1
-        out = [name for name in values if name not in best]
-        shown = lambda name: f"{name} {values[name]['mean']:.4g}"  # noqa: E731
-        odd = {name: [o for o in out if sign * values[o]["mean"] > sign * values[name]["mean"]] for name in best[1:]}
-        odd = {name: better for name, better in odd.items() if better}
-        if odd:
-            better = list(dict.fromkeys(o for names in odd.values() for o in names))
-            one, single = len(odd) == 1, len(better) == 1
-            notes.append(
-                f"{rec['metric']}: {', '.join(shown(n) for n in odd)} tie{'s' if one else ''} with the leader although "
-                f"{', '.join(shown(o) for o in better)} (better mean) {'does' if single else 'do'} not: the seeds "
-                f"disagree more about {'it' if one else 'them'}, so the paired test cannot separate "
-                f"{'it' if one else 'them'} from the leader. Such a tie means 'not shown to be worse', not 'as good'."
-            )
-    return notes
 
 
 def _fit_kind(row: dict) -> str:
@@ -560,18 +504,7 @@ def _plot_bars(path, labels, rows, aggregated, target_row, title) -> None:
 
 @register_study
 class ModesStudy(BuiltinStudy):
-    name = "modes"
-    title = "Mode-seeking vs mass-covering"
-    description = (
-        "Fit a Gaussian to a 3-component 1-D mixture and a factorised categorical to three blobs on a 24x24 grid by "
-        "minimising D(P || Q) from several starting points (one per seed); which divergences cover every mode "
-        "(worst mode's share of its mass) and which concentrate on one (mass on a mode)."
-    )
-    default_steps = 150
-    default_divergences = (
-        "forward_kl", "reverse_kl", "js", "tv", "hellinger", ("alpha", {"alpha": 2.0}), "skew_forward_kl",
-        "skew_reverse_kl",
-    )
+    name = "modes"  # title, description and defaults: fdiv.lab.catalog (torch-free, read by --list)
 
     def execute(self, ctx: StudyContext, steps: int, out) -> StudyResult:
         seeds = list(ctx.seeds)

@@ -51,6 +51,7 @@ from ...math import registry
 from ...math.base import Divergence
 from ...objectives.preference import fdpo_admissibility, fdpo_loss, fdpo_score
 from .. import decide, plotting
+from ..optim import Adam
 from ..study import BuiltinStudy, Figure, StudyContext, StudyResult, divergence_label, register_study
 
 CONTEXTS = 16
@@ -268,14 +269,14 @@ def train_sampled(bandits: list[_Bandit], div: Divergence, betas, steps: int, ti
     """
     pairs = _Pairs(bandits)
     logits = torch.stack([b.ref_logits for b in bandits])[:, None].repeat(1, len(betas), 1, 1).requires_grad_(True)
-    optimiser = torch.optim.Adam([logits], lr=LR, betas=ADAM_BETAS)
+    optimiser = Adam([logits], [LR], betas=ADAM_BETAS)
 
     def per_run(log_pi: torch.Tensor) -> torch.Tensor:  # [seeds, betas]
         return torch.stack([pairs.mean_per_seed(pairs.losses(log_pi[:, i], div, beta))
                             for i, beta in enumerate(betas)], 1)
 
     for _ in range(steps):
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         per_run(torch.log_softmax(logits, dim=-1)).sum().backward()
         optimiser.step()
         tick()
@@ -521,16 +522,7 @@ def _plot_frontier(path, curves, rows, labels, ref, targets, title):
 
 @register_study
 class PreferenceStudy(BuiltinStudy):
-    name = "preference"
-    title = "Preference optimisation: f-DPO with each divergence"
-    description = (
-        "Train a tabular policy on Bradley-Terry preferences over a reference policy's responses with f-DPO under "
-        "each divergence (unlimited data: the exact optimum on a dense beta grid; finite data: Adam on sampled "
-        "pairs), several random bandits; compare the true reward at a matched drift KL(pi || pi_ref), with finite "
-        "data, and the policy's diversity at matched reward."
-    )
-    default_steps = 200
-    default_divergences = ("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys")
+    name = "preference"  # title, description and defaults: fdiv.lab.catalog (torch-free, read by --list)
 
     def execute(self, ctx: StudyContext, steps: int, out) -> StudyResult:
         seeds = list(ctx.seeds)
