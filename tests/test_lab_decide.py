@@ -95,3 +95,15 @@ def test_aggregate_and_samples_by_against_direct_computation():
 def test_no_candidates_is_an_error():
     with pytest.raises(ValueError, match="samples"):
         recommend(goal="g", metric="m", samples={}, higher_is_better=True)
+
+
+def test_best_names_divergences_when_candidates_are_settings():
+    samples = {"tv (on-policy)": [0.86, 0.87, 0.865], "tv (off-policy)": [0.861, 0.869, 0.866],
+               "js (off-policy)": [0.80, 0.81, 0.805]}
+    divergence_of = {label: label.split(" ")[0] for label in samples}
+    rec = recommend(goal="acceptance", metric="acceptance", samples=samples, higher_is_better=True,
+                    divergence_of=divergence_of)
+    assert set(rec.candidates) == {"tv (on-policy)", "tv (off-policy)"}
+    assert rec.best == ["tv"]
+    plain = recommend(goal="acceptance", metric="acceptance", samples=samples, higher_is_better=True)
+    assert plain.best == plain.candidates == rec.candidates

@@ -206,7 +206,9 @@ def test_recommendations_follow_the_decision_rule_on_the_per_seed_values(studies
                 samples.setdefault(lm.candidate(row["divergence"], row["regime"]), []).append(value)
         expected = decide.recommend(goal=goal, metric=metric, samples=samples, higher_is_better=higher,
                                     resolution=lm.RESOLUTION[metric])
-        assert rec["best"] == expected.best, goal
+        assert rec["candidates"] == expected.best, goal
+        assert rec["best"] == list(dict.fromkeys(label.split(" (")[0] for label in expected.best)), goal
+        assert set(rec["best"]) <= set(lm.LanguageModelStudy.default_divergences)
         for label, values in samples.items():
             assert rec["values"][label]["mean"] == pytest.approx(np.mean(values), rel=1e-6)
     circular = next(r for r in both.recommendations if r["metric"] == "acceptance")
@@ -264,7 +266,7 @@ def test_figures_are_pngs_and_the_finding_quotes_the_recommendations(studies_run
     for figure in both.figures:
         assert (out.parent / "both" / figure.path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accept = both.recommendations[0]
-    leader = accept["best"][0]
+    leader = accept["candidates"][0]
     assert f"{leader} {accept['values'][leader]['mean']:.3f}" in both.finding
 
 

@@ -41,11 +41,13 @@ def format_mean_sd(values: list[float], digits: int = 3) -> str:
 
 @dataclass
 class Recommendation:
-    """One goal's answer. ``best`` are divergence labels, leader first; ``evidence`` says why in words."""
+    """One goal's answer. ``best`` are divergence labels, leader first; ``evidence`` says why in words;
+    ``candidates`` the tied settings when a candidate is more than a divergence (``"tv (on-policy)"``)."""
 
     goal: str
     best: list[str]
     evidence: str
+    candidates: list[str] = field(default_factory=list)
     study: str = ""
     metric: str = ""
     higher_is_better: bool = True
@@ -68,6 +70,7 @@ def recommend(
     caveat: str = "",
     digits: int = 3,
     paired_over: str = "seed",
+    divergence_of: dict | None = None,
 ) -> Recommendation:
     """The divergences best for ``goal`` by ``metric`` within the measured uncertainty.
 
@@ -75,6 +78,9 @@ def recommend(
         samples: label -> per-seed values, in the same seed order for every label (paired);
             non-finite values count as the worst possible.
         resolution: differences at or below this are ties whatever the seeds say.
+        divergence_of: candidate label -> divergence label, when a candidate is a setting (a divergence
+            and a regime, say): ``best`` then holds the divergences of the tied candidates (each once)
+            and ``candidates`` the candidates themselves.
         paired_over: what one sample is (``"seed"``, or ``"held-out prompt"`` when the values are
             per-prompt results of one training run); it only words the evidence.
     """
@@ -121,8 +127,9 @@ def recommend(
     if caveat:
         text += f". Caveat: {caveat}"
     values = {label: {"mean": m, "sd": s, "n": len(samples[label])} for label, (m, s) in stats.items()}
+    names = list(dict.fromkeys(divergence_of[label] for label in best)) if divergence_of else list(best)
     return Recommendation(
-        goal=goal, best=best, evidence=text, study=study, metric=metric, higher_is_better=higher_is_better,
+        goal=goal, best=names, candidates=list(best), evidence=text, study=study, metric=metric, higher_is_better=higher_is_better,
         caveat=caveat, values=values,
     )
 

@@ -20,6 +20,7 @@ _RECOMMENDATION = {
     "properties": {
         "goal": {"type": "string"},
         "best": {"type": "array", "items": {"type": "string"}},
+        "candidates": {"type": "array", "items": {"type": "string"}},
         "evidence": {"type": "string"},
         "study": {"type": "string"},
         "metric": {"type": "string"},
@@ -113,7 +114,7 @@ def recommendation_lines(results: list) -> list[str]:
     """The one-screen answer for the terminal: goal -> divergences, with the evidence."""
     lines = []
     for rec in all_recommendations(results):
-        lines.append(f"  {rec['goal']} [{rec['study']}]: use {' = '.join(rec['best'])}")
+        lines.append(f"  {rec['goal']} [{rec['study']}]: use {' = '.join(rec.get('candidates') or rec['best'])}")
         lines.append(f"      {rec['evidence']}")
     return lines
 
@@ -126,7 +127,7 @@ def _markdown(results: list, created: str) -> str:
         lines.append("| goal | use | evidence | study |")
         lines.append("|---|---|---|---|")
         for rec in recs:
-            lines.append(f"| {rec['goal']} | {' = '.join(rec['best'])} | {rec['evidence']} | {rec['study']} |")
+            lines.append(f"| {rec['goal']} | {' = '.join(rec.get('candidates') or rec['best'])} | {rec['evidence']} | {rec['study']} |")
         lines.append("")
     for result in results:
         lines.append(f"## {result.title}\n\n**Finding.** {result.finding}\n")
@@ -168,7 +169,7 @@ def _html(results: list, images: dict[str, bytes], created: str) -> str:
         parts.append("<table class='recs'><tr><th>goal</th><th>use</th><th>evidence</th><th>study</th></tr>")
         for rec in recs:
             parts.append(
-                f"<tr><td>{esc(rec['goal'])}</td><td><b>{esc(' = '.join(rec['best']))}</b></td>"
+                f"<tr><td>{esc(rec['goal'])}</td><td><b>{esc(' = '.join(rec.get('candidates') or rec['best']))}</b></td>"
                 f"<td class='evidence'>{esc(rec['evidence'])}</td><td><a href='#{esc(rec['study'])}'>{esc(rec['study'])}</a></td></tr>"
             )
         parts.append("</table><p class='units'>Several names joined by = are a tie: the run cannot tell them apart "

@@ -492,6 +492,7 @@ def recommendations(per_seed: list[dict], study: str = "lm") -> list[dict]:
         samples = decide.samples_by(per_seed, metric=metric, label_key="candidate")
         out.append(decide.recommend(
             goal=goal, metric=metric, samples=samples, higher_is_better=higher, study=study,
+            divergence_of={row["candidate"]: row["divergence"] for row in per_seed},
             resolution=RESOLUTION[metric], caveat=caveat,
             unit={"teacher_loglik": "nats/token", "forward_kl": "nats/token"}.get(metric, ""),
         ).to_json())
@@ -551,8 +552,8 @@ def _shown(rec: dict, digits: int = 3) -> str:
         v = rec["values"][k]
         return f"{k} {v['mean']:.{digits}f}" + (f" ± {v['sd']:.{digits}f}" if v["n"] > 1 else "")
 
-    items = ", ".join(one(k) for k in rec["best"])
-    return ("tie: " if len(rec["best"]) > 1 else "") + items
+    items = ", ".join(one(k) for k in rec["candidates"])
+    return ("tie: " if len(rec["candidates"]) > 1 else "") + items
 
 
 def _on_policy_sentence(per_seed: list[dict]) -> str:
@@ -576,7 +577,7 @@ def _finding(recs: list[dict], per_seed: list[dict], seeds: int) -> tuple[str, s
         without_tv = decide.recommend(goal="acceptance without tv", metric="acceptance", samples=others,
                                       higher_is_better=True, resolution=RESOLUTION["acceptance"]).to_json()
     finding = f"Speculative acceptance: {_shown(accept)}"
-    if any(k.startswith("tv ") for k in accept["best"]):
+    if any(k.startswith("tv ") for k in accept["candidates"]):
         finding += " (circular: tv optimises 1 - TV directly)"
         if without_tv:
             finding += f"; without tv: {_shown(without_tv)}"
@@ -587,7 +588,7 @@ def _finding(recs: list[dict], per_seed: list[dict], seeds: int) -> tuple[str, s
     )
     title_a = f"Quality: {' = '.join(quality['best'])}; diversity nearest the teacher: {' = '.join(diverse['best'])}"
     title_b = f"Acceptance: best {' = '.join(accept['best'])}"
-    if without_tv and accept["best"] != without_tv["best"]:
+    if without_tv and accept["candidates"] != without_tv["candidates"]:
         title_b += f"; without tv: {' = '.join(without_tv['best'])}"
     return finding, title_a, title_b
 
