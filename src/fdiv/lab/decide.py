@@ -123,7 +123,7 @@ def recommend(
         gap, se = margins[runner]
         gap_text = "not finite" if not math.isfinite(gap) else (f"{gap:.2g}" + (f" ± {se:.1g}" if se else ""))
         text += f"; next {shown(runner)} (behind by {gap_text})"
-    text += f"; {seeds} {paired_over}{'s' if seeds != 1 else ''}, mean ± sd"
+    text += f"; {seeds} {paired_over}s, mean ± sd" if seeds > 1 else f"; 1 {paired_over} (no spread)"
     if caveat:
         text += f". Caveat: {caveat}"
     values = {label: {"mean": m, "sd": s, "n": len(samples[label])} for label, (m, s) in stats.items()}
