@@ -28,6 +28,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "distill": (".distill", None),
     "preference": (".preference", None),
     "rl": (".rl", None),
+    "samples": (".samples", None),
     **{name: (".kernels", name) for name in
        ("fused_linear_loss", "token_loss", "topk_token_loss", "vocab_parallel_token_loss")},
     **{name: (".math", name) for name in
@@ -74,6 +75,7 @@ __all__ = [
     "register_closed_form",
     "resolve",
     "rl",
+    "samples",
     "token_loss",
     "topk_token_loss",
     "variational_bound",
