@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: The studies ``fdiv lab`` runs when none is named, in report order.
-DEFAULT_STUDIES = ("modes", "distill", "lm", "preference")
+DEFAULT_STUDIES = ("modes", "distill", "lm", "preference", "transport")
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,18 @@ BUILTIN_STUDIES: dict[str, StudyInfo] = {
             ),
             default_steps=200,
             default_divergences=("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys"),
+        ),
+        StudyInfo(
+            name="transport",
+            title="Beyond ratios: moving a model onto a target whose support it does not overlap",
+            description=(
+                "Particles that start far from a two-moons target are moved by Adam under Sinkhorn divergences at "
+                "three epsilons, MMD, the energy distance, the Cauchy-Schwarz divergence and f-divergences of kernel "
+                "density estimates; which objectives give a gradient at all, which arrive (exact W2 to the target), "
+                "and what a step costs."
+            ),
+            default_steps=100,
+            default_divergences=("js", "forward_kl"),
         ),
     )
 }

@@ -29,6 +29,14 @@ DIVERGENCE_COLOURS = {
     "pearson": "#7f7f7f",
     "neyman": "#393b79",
     "squared_le_cam": "#637939",
+    # the transport study's sample-based objectives
+    "sinkhorn(epsilon=0.1)": "#e6550d",
+    "sinkhorn(epsilon=1)": "#fdae6b",
+    "mmd": "#8c510a",
+    "energy": "#54278f",
+    "cs": "#c51b7d",
+    "js (KDE)": "#2ca02c",
+    "forward_kl (KDE)": "#1f77b4",
 }
 _EXTRA = ["#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1", "#e6550d", "#636363"]
 NEUTRAL = "#4d4d4d"  # references (teacher, untrained model, target) in every figure
