@@ -20,7 +20,7 @@ import fdiv.integrations.hf as hf
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
-NAMESPACES = [fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, hf]
+NAMESPACES = [fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, fdiv.transport, hf]
 
 
 def _public_callables() -> dict[str, inspect.Signature]:

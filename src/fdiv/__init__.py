@@ -29,6 +29,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "preference": (".preference", None),
     "rl": (".rl", None),
     "samples": (".samples", None),
+    "transport": (".transport", None),
     **{name: (".kernels", name) for name in
        ("fused_linear_loss", "token_loss", "topk_token_loss", "vocab_parallel_token_loss")},
     **{name: (".math", name) for name in
@@ -78,6 +79,7 @@ __all__ = [
     "samples",
     "token_loss",
     "topk_token_loss",
+    "transport",
     "variational_bound",
     "vocab_parallel_token_loss",
 ]
