@@ -1,23 +1,19 @@
-r"""Entropic optimal transport (Sinkhorn) and Sinkhorn knowledge distillation (SinKD).
+r"""Sinkhorn knowledge distillation (SinKD) on the shared entropic-OT solver.
 
-Two layers live here:
+Every Sinkhorn iteration of the package runs in :mod:`fdiv.math.transport`; this module
+builds SinKD's cost matrices and marginals and calls :func:`fdiv.math.transport.sinkhorn_cost`.
 
-* :func:`sinkhorn_log` — a batched, log-domain Sinkhorn solver for the entropic
-  optimal-transport problem between two discrete measures ``a`` (rows) and ``b``
-  (columns) under a ground cost ``C``:
-
-  .. math:: P_\varepsilon = \arg\min_{P \ge 0,\ P 1 = a,\ P^\top 1 = b}
-            \langle P, C\rangle - \varepsilon H(P), \qquad
-            \text{returned cost} = \langle P_\varepsilon, C \rangle .
-
-  The returned ``cost`` is the *Sinkhorn distance* of Cuturi (2013): the transport
-  cost of the entropic plan, without the entropy term.
-
-* :func:`sinkhorn_kd_loss` — the SinKD objective of Cui et al. (COLING 2024,
+* :func:`sinkhorn_kd_loss` — the SinKD objective of Cui et al. (LREC-COLING 2024,
   arXiv 2402.17110) in its two readings: the paper's **batch-wise** reformulation
   (an ``N x N`` transport problem between the student's and the teacher's
   probability rows) and a **sample-wise** form (one ``C x C`` transport problem
   between the two class distributions of each row).
+* :func:`sinkhorn_log` — the truncated Sinkhorn that SinKD uses, on a given cost matrix:
+  ``n_iters`` plain (row, column) updates from ``v = b`` (``g = 0``) with autograd through them, returning
+  the transport cost :math:`\langle P, C\rangle` (the Sinkhorn distance of Cuturi, 2013). A thin
+  wrapper over :func:`fdiv.math.transport.sinkhorn_cost` (``scaling=1``, ``tol=None``,
+  ``max_iter=n_iters``, ``gradient="unrolled"``), kept for its argument names and its
+  :class:`SinkhornResult`.
 
 Orientation follows the library (``docs/design.md``): P is the target (teacher),
 Q the model (student). Transport is symmetric for a symmetric ground cost; where
@@ -25,9 +21,10 @@ the order matters (an asymmetric cost, or the order of the truncated Sinkhorn
 updates) the plan's **rows index the student** and its **columns the teacher**,
 the layout of the authors' public code.
 
-Gradients flow through the unrolled iterations (plain autograd); nothing is
-detached. See ``docs/sinkhorn_kd.md`` for the derivations, the entropic bias and
-the caveats of the public code.
+Gradients flow through the unrolled iterations (the paper's form) by default;
+``gradient="implicit"`` differentiates the fixed point instead. See
+``docs/sinkhorn_kd.md`` for the derivations, the entropic bias and the caveats of
+the public code.
 """
 
 from __future__ import annotations
@@ -47,7 +44,6 @@ from .._validate import (
     check_number,
     check_positive,
     check_reduction,
-    check_same_device,
     check_temperature,
     check_tensor,
     raise_if_nan,
@@ -55,24 +51,34 @@ from .._validate import (
     zero_uncounted_rows,
 )
 from ..math._numerics import compute_dtype
+from ..math.transport import TransportResult, sinkhorn_cost
+from ..math.transport import _check_balanced as _check_balanced_masses
+from ..math.transport import _weights as _marginal
 
 __all__ = ["SinkhornResult", "sinkhorn_log", "sinkhorn_kd_loss", "zero_one_cost", "index_cost"]
 
 MODES = ("batch", "sample")
 BATCH_COSTS = ("l1", "l2", "sqeuclidean")
 SAMPLE_COSTS = ("zero_one", "index")
+#: How SinKD's loss is differentiated: through the ``n_iters`` iterations (the paper's code) or
+#: by the implicit function theorem at the Sinkhorn fixed point (``fdiv.math.transport``).
+GRADIENTS = ("unrolled", "implicit")
 
 
 class SinkhornResult(NamedTuple):
     """What :func:`sinkhorn_log` returns (a named tuple; unpack or use the fields).
 
     Attributes:
-        cost: ``<P, C>`` per problem, shape ``cost.shape[:-2]`` (the Sinkhorn distance).
+        cost: ``<P, C>`` per problem, shape ``cost.shape[:-2]`` (the Sinkhorn distance;
+            :attr:`fdiv.math.transport.TransportResult.transport_cost`).
         plan: the entropic transport plan ``P``, shape ``[..., n, m]``; exact zeros where
             ``a_i = 0`` or ``b_j = 0``.
         f: row dual potential in cost units, ``[..., n]`` (``-inf`` where ``a_i = 0``).
         g: column dual potential in cost units, ``[..., m]`` (``-inf`` where ``b_j = 0``).
-            ``P_ij = exp((f_i + g_j - C_ij) / epsilon)``.
+            ``P_ij = exp((f_i + g_j - C_ij) / epsilon)``: the marginals are folded in, i.e.
+            ``f = f_solver + epsilon log a`` and ``g = g_solver + epsilon log b`` with the
+            potentials of :class:`fdiv.math.transport.TransportResult`
+            (``P_ij = a_i b_j exp((f_i + g_j - C_ij) / epsilon)`` there).
         marginal_error: ``max_i |sum_j P_ij - a_i|`` per problem (detached). The column
             marginals are exact after the last (column) update; this is how far the
             rows are from theirs, i.e. how far the iteration is from convergence.
@@ -83,55 +89,6 @@ class SinkhornResult(NamedTuple):
     f: torch.Tensor
     g: torch.Tensor
     marginal_error: torch.Tensor
-
-
-# --------------------------------------------------------------------------- marginals
-def _log_marginal(name, probs, log_probs, cost, shape, dtype):
-    """log of a marginal given as masses (``name``), as log-masses (``log_name``), or None (uniform).
-
-    Specific to transport: a marginal broadcasts against the cost's leading dimensions
-    (one marginal shared by a batch of problems), unlike the never-broadcast logit pairs.
-    """
-    log_name = f"log_{name}"
-    if probs is not None and log_probs is not None:
-        raise ValueError(f"give either {name}= or {log_name}=, not both")
-    if probs is None and log_probs is None:
-        size = shape[-1]
-        return torch.full(shape, -math.log(size), dtype=dtype, device=cost.device)
-    label = name if probs is not None else log_name
-    x = probs if probs is not None else log_probs
-    check_tensor(label, x, min_dim=1)
-    if x.shape[-1] != shape[-1]:
-        raise ValueError(f"{label} must have {shape[-1]} entries along its last dimension, got shape {tuple(x.shape)}")
-    try:
-        torch.broadcast_shapes(x.shape, shape)
-    except RuntimeError:
-        raise ValueError(f"{label} of shape {tuple(x.shape)} does not broadcast to {tuple(shape)}") from None
-    check_same_device("cost", cost, label, x)
-    x = x.to(dtype)
-    if probs is not None:
-        check_finite(label, x.detach())
-        if bool((x < 0).any()):
-            raise ValueError(f"{label} must contain non-negative masses")
-        log_x = torch.log(x)
-    else:
-        check_finite(label, x.detach(), allow_neg_inf=True)
-        log_x = x
-    if (log_x == -math.inf).all(dim=-1).any():
-        raise ValueError(f"{label} has a marginal with zero total mass")
-    return log_x.expand(shape)
-
-
-def _check_balanced(log_a, log_b, dtype):
-    mass_a = torch.logsumexp(log_a.detach(), dim=-1).exp()
-    mass_b = torch.logsumexp(log_b.detach(), dim=-1).exp()
-    tol = 1e-6 if dtype == torch.float64 else 1e-4
-    gap = (mass_a - mass_b).abs() / torch.maximum(mass_a, mass_b)
-    if (gap > tol).any():
-        raise ValueError(
-            "row_marginal and column_marginal must have the same total mass (balanced transport); "
-            f"relative gap up to {gap.max().item():.3g}"
-        )
 
 
 def _check_cost_range(name: str, cost: torch.Tensor, reach, dtype) -> None:
@@ -146,38 +103,21 @@ def _check_cost_range(name: str, cost: torch.Tensor, reach, dtype) -> None:
         )
 
 
-# --------------------------------------------------------------------------- solver
-def _sinkhorn_core(cost, log_a, log_b, epsilon: float, n_iters: int, tol):
-    """Log-domain Sinkhorn on validated, same-dtype inputs. ``log_a``/``log_b`` already broadcast.
+# --------------------------------------------------------------------------- the truncated solver
+def _truncated(cost, log_a, log_b, epsilon: float, n_iters: int, tol, gradient: str) -> TransportResult:
+    """SinKD's Sinkhorn on validated inputs: :func:`fdiv.math.transport.sinkhorn_cost` with ``n_iters``
+    plain (row, column) updates at ``epsilon`` (``scaling=1``: no ε-scaling), or fewer once the
+    marginal error is ``<= tol``.
 
-    ``f`` and ``g`` are kept divided by ``epsilon`` (log-scalings ``log u``, ``log v``).
-    The iteration starts from ``g = 0`` (``v = 1``) and updates rows first, then columns:
-    step for step the same as alternately normalising the rows and the columns of
-    ``K = exp(-C / epsilon)`` (Sinkhorn-Knopp), but without ever forming ``K``.
+    The solver starts from ``g = 0``, i.e. the column scaling ``v = b`` of the probability-domain
+    loop ``u = a / K v, v = b / K^T u``. For a uniform ``b`` (batch mode, the paper's) that is a
+    constant multiple of the authors' ``v = 1``, which the first row update cancels: the iterates
+    and their derivatives are those of the public code.
     """
-    neg = cost / -epsilon
-    if not torch.isfinite(neg).all():
-        raise ValueError(
-            f"epsilon={epsilon!r} is too small for this cost in {cost.dtype}: cost / epsilon overflows"
-        )
-    # v = 1 on the support of b; columns without mass start (and stay) at v = 0
-    g = torch.where(log_b == -math.inf, log_b, torch.zeros_like(log_b))
-    f = log_a
-    for _ in range(n_iters):
-        f = log_a - torch.logsumexp(neg + g.unsqueeze(-2), dim=-1)
-        g = log_b - torch.logsumexp(neg + f.unsqueeze(-1), dim=-2)
-        if tol is not None:
-            with torch.no_grad():
-                rows = torch.logsumexp(neg + f.unsqueeze(-1) + g.unsqueeze(-2), dim=-1)
-                err = (rows.exp() - log_a.exp()).abs().amax()
-            if err.item() <= tol:
-                break
-    log_plan = neg + f.unsqueeze(-1) + g.unsqueeze(-2)
-    plan = torch.exp(log_plan)
-    value = (plan * cost).sum(dim=(-2, -1))
-    with torch.no_grad():
-        error = (plan.sum(dim=-1) - log_a.exp()).abs().amax(dim=-1)
-    return SinkhornResult(value, plan, f * epsilon, g * epsilon, error)
+    return sinkhorn_cost(
+        cost=cost, log_a=log_a, log_b=log_b, epsilon=epsilon, scaling=1.0, tol=tol, max_iter=n_iters,
+        gradient=gradient,
+    )
 
 
 def sinkhorn_log(
@@ -191,18 +131,21 @@ def sinkhorn_log(
     n_iters: int = 20,
     tol: float | None = None,
 ) -> SinkhornResult:
-    r"""Entropic optimal transport by Sinkhorn iterations in the log domain, batched.
+    r"""Truncated entropic optimal transport (SinKD's Sinkhorn), batched, on the shared solver.
 
-    Solves :math:`\min_{P 1 = a,\ P^\top 1 = b,\ P \ge 0} \langle P, C\rangle - \varepsilon H(P)`
-    and returns the plan and its transport cost :math:`\langle P_\varepsilon, C\rangle`
-    (the Sinkhorn distance of Cuturi, 2013; the entropy term is *not* included).
-
-    The scalings are kept as log-potentials and every update is a ``logsumexp``, so
-    ``exp(-C / epsilon)`` is never formed: small ``epsilon`` neither underflows to 0
-    nor produces NaN. The iteration starts from ``v = 1`` and updates the rows, then
-    the columns, ``n_iters`` times — identical, in exact arithmetic, to alternately
-    normalising the rows and columns of ``K = exp(-C / epsilon)``. After the last step
-    the column marginals are exact; ``marginal_error`` reports the row violation.
+    Runs ``n_iters`` Sinkhorn (row, column) updates for
+    :math:`\min_{P 1 = a,\ P^\top 1 = b,\ P \ge 0} \langle P, C\rangle - \varepsilon H(P)`
+    and returns the plan and its transport cost :math:`\langle P, C\rangle` (the Sinkhorn
+    distance of Cuturi, 2013; the entropy term is *not* included). The iteration is
+    :func:`fdiv.math.transport.sinkhorn_cost` with ``scaling=1`` (no ε-scaling),
+    ``max_iter=n_iters`` and ``gradient="unrolled"``: step for step the probability-domain loop
+    ``u = a / K v``, ``v = b / K^T u`` from ``v = b`` (the solver's start ``g = 0``; for a uniform
+    ``b`` this is alternately normalising the rows and the columns of ``K = exp(-C / epsilon)``
+    from ``v = 1``), computed without underflow in the log/stabilised domain, so small
+    ``epsilon`` gives neither 0 nor NaN.
+    After the last step the column marginals are exact; ``marginal_error`` reports the row
+    violation. For a converged solve with ε-scaling, envelope or implicit gradients and the
+    regularised value, call :func:`fdiv.math.transport.sinkhorn_cost` directly.
 
     All arguments are keyword-only: the row marginal ``a`` and the column marginal ``b``
     of the usual notation are ``row_marginal`` and ``column_marginal``.
@@ -220,8 +163,8 @@ def sinkhorn_log(
         epsilon: entropic regularisation ``> 0``, in cost units. Small values approach
             exact OT but need more iterations (roughly ``max(C) / epsilon``).
         n_iters: number of (row, column) update pairs; gradients flow through all of them.
-        tol: optional early stop once the row-marginal violation is ``<= tol`` (one
-            host sync per iteration; off by default).
+        tol: optional early stop once the marginal error ``||P 1 - a||_1`` (the solver's
+            stopping rule; the columns are exact) is ``<= tol``; off by default.
 
     Returns:
         :class:`SinkhornResult` ``(cost, plan, f, g, marginal_error)``. float64 inputs give
@@ -252,14 +195,18 @@ def sinkhorn_log(
     marginals = (row_marginal, column_marginal, log_row_marginal, log_column_marginal)
     dtype = compute_dtype(cost, *[t for t in marginals if isinstance(t, torch.Tensor)])
     c = cost.to(dtype)
-    la = _log_marginal("row_marginal", row_marginal, log_row_marginal, c, c.shape[:-1], dtype)
-    lb = _log_marginal("column_marginal", column_marginal, log_column_marginal, c, c.shape[:-2] + c.shape[-1:], dtype)
-    _check_balanced(la, lb, dtype)
-    _check_cost_range("cost", c, torch.logsumexp(la.detach(), dim=-1).exp().max(), dtype)
-    result = _sinkhorn_core(c, la, lb, epsilon, n_iters, tol)
-    if torch.isnan(result.cost).any():
-        raise FloatingPointError("sinkhorn_log produced NaN on validated inputs; please report this as a bug")
-    return result
+    # the solver's marginal validation, under this function's argument names
+    wa, la = _marginal("row_marginal", row_marginal, log_row_marginal, c.shape[:-1], dtype, "cost", cost)
+    wb, lb = _marginal(
+        "column_marginal", column_marginal, log_column_marginal, c.shape[:-2] + c.shape[-1:], dtype, "cost", cost
+    )
+    _check_balanced_masses("row_marginal", wa, "column_marginal", wb, dtype)
+    _check_cost_range("cost", c, wa.detach().sum(-1).max(), dtype)
+    res = _truncated(c, la, lb, epsilon, n_iters, tol, "unrolled")
+    plan = res.plan
+    with torch.no_grad():
+        error = (plan.sum(-1) - wa).abs().amax(-1)
+    return SinkhornResult(res.transport_cost, plan, res.f + epsilon * la, res.g + epsilon * lb, error)
 
 
 # --------------------------------------------------------------------------- ground costs
@@ -328,6 +275,7 @@ def sinkhorn_kd_loss(
     reduction: str = "mean",
     mask: torch.Tensor | None = None,
     tol: float | None = None,
+    gradient: str = "unrolled",
 ) -> torch.Tensor:
     r"""Sinkhorn knowledge distillation (SinKD, Cui et al., COLING 2024), batch-wise or sample-wise.
 
@@ -379,12 +327,22 @@ def sinkhorn_kd_loss(
         mask: bool (or 0/1), ``[..., N]`` (batch) or ``[...]`` (sample), on the logits' device;
             False rows are left out —
             in batch mode they carry no mass. A problem with no counted row contributes 0.
-        tol: optional early stop of the Sinkhorn loop (see :func:`sinkhorn_log`).
+        tol: optional early stop of the Sinkhorn loop once its marginal error
+            ``||P 1 - a||_1`` is ``<= tol`` (off by default: exactly ``n_iters`` iterations).
+        gradient: ``"unrolled"`` (default; the paper's form: autograd through the ``n_iters``
+            iterations, memory ``O(n_iters)`` plans) or ``"implicit"`` (the derivative of the
+            *converged* plan by the implicit function theorem, one linear solve in the backward
+            pass, memory ``O(1)`` plans; it matches the unrolled one only once the loop has
+            converged — use it with a large ``n_iters`` and a ``tol``).
 
     Returns:
         A scalar (or per-row values for ``"none"``), float32 for float32/half inputs,
-        float64 for float64. Gradients reach both logit tensors through the unrolled
-        iterations.
+        float64 for float64. Gradients reach both logit tensors.
+
+    The Sinkhorn loop is :func:`fdiv.math.transport.sinkhorn_cost` with ``scaling=1`` (no
+    ε-scaling) and ``max_iter=n_iters``, started at ``g = 0`` (column scaling ``v = b``): in batch
+    mode (uniform marginals) the iterates of the authors' probability-domain loop from ``v = 1``,
+    without its underflow at small ``epsilon``.
 
     To reproduce the public ``Sinkhorn`` module (2018cx/SinKD ``loss.py``) on ``[B, C]`` logits:
     ``sinkhorn_kd_loss(student_logits=s, teacher_logits=t, temperature=2.0, epsilon=0.1, n_iters=20,
@@ -419,6 +377,7 @@ def sinkhorn_kd_loss(
     n_iters = check_int("n_iters", n_iters, low=1)
     tol = check_positive("tol", tol, allow_none=True)
     scale = check_number("scale", scale)
+    check_choice("gradient", gradient, GRADIENTS)
     keep = check_mask(mask, student_logits.shape[:-1], student_logits.device)
     dtype = compute_dtype(student_logits, teacher_logits)
     # uncounted rows become zeros before any arithmetic: garbage there reaches neither value nor gradient
@@ -438,13 +397,13 @@ def sinkhorn_kd_loss(
         return reduce(student.sum(-1) * 0.0, reduction, mask=keep) * scale
     named = {"student_logits": student, "teacher_logits": teacher}
     run = _batch_mode if mode == "batch" else _sample_mode
-    out = run(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named)
+    out = run(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, gradient, dtype, named)
     out = out * scale
     raise_if_nan(out, {name: x.detach() for name, x in named.items()})
     return out
 
 
-def _batch_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named):
+def _batch_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, gradient, dtype, named):
     cost = "l1" if cost is None else cost
     if not (callable(cost) or (isinstance(cost, str) and cost in BATCH_COSTS)):
         raise ValueError(f"cost must be one of {BATCH_COSTS} or a callable for mode='batch', got {cost!r}")
@@ -469,12 +428,12 @@ def _batch_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, 
         live_counts = live.sum(dim=-1, keepdim=True).to(dtype)
         minus_inf = torch.full((), -math.inf, dtype=dtype, device=student.device)
         log_m = torch.where(live, -torch.log(live_counts), minus_inf)
-    result = _sinkhorn_core(w, log_m, log_m, epsilon, n_iters, tol)
+    result = _truncated(w, log_m, log_m, epsilon, n_iters, tol, gradient)
     rows = (result.plan * w).sum(dim=-1) * counts.clamp_min(1.0).unsqueeze(-1)
     return reduce(rows, reduction, mask=keep)
 
 
-def _sample_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, dtype, named):
+def _sample_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol, gradient, dtype, named):
     num_classes = student.shape[-1]
     c = _sample_cost("zero_one" if cost is None else cost, num_classes, dtype, student.device)
     log_s = torch.log_softmax(student, dim=-1)
@@ -495,5 +454,5 @@ def _sample_mode(student, teacher, keep, epsilon, n_iters, cost, reduction, tol,
     c = c.expand(batch_shape + (num_classes, num_classes))
     log_s = log_s.expand(batch_shape + (num_classes,))
     log_t = log_t.expand(batch_shape + (num_classes,))
-    rows = _sinkhorn_core(c, log_s, log_t, epsilon, n_iters, tol).cost
+    rows = _truncated(c, log_s, log_t, epsilon, n_iters, tol, gradient).transport_cost
     return reduce(rows, reduction, mask=keep)
