@@ -14,4 +14,6 @@ rows), ``y``/``b`` the second; every quantity here is symmetric for a symmetric 
 from .math.transport import *  # noqa: F401,F403
 from .math.transport import __all__ as _transport_all
 
-__all__ = list(_transport_all)
+from .objectives.transport import MongeMapFit, MongeMapLoss, fit_monge_map, monge_map_loss  # noqa: E402
+
+__all__ = [*_transport_all, "MongeMapFit", "MongeMapLoss", "fit_monge_map", "monge_map_loss"]
