@@ -68,14 +68,7 @@ METRICS = ("teacher_nll", "forward_kl", "reverse_kl", "acceptance", "distinct_2"
 
 
 # ----------------------------------------------------------------------------- command line
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from ..cli import _positive_int  # noqa: E402  (the command line's one positive-integer option type)
 
 
 def _positive_float(text: str) -> float:
