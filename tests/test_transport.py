@@ -256,6 +256,48 @@ def test_online_equals_tensorized_values_and_gradients(cost):
         torch.testing.assert_close(o, t, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("cost", ["sqeuclidean", "cosine"])
+def test_online_factored_costs_batched_unbalanced_and_monge_gap(cost):
+    """The block path of the factored costs: batched and unbalanced problems, and the Monge gap whose
+    per-problem ε comes from the cost statistics, all equal to the tensorized solver."""
+    x, y = clouds(13, 9, d=4, seed=31, batch=(2, 3))
+    outs = {}
+    for mode in ("tensorized", "online"):
+        xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+        res = sinkhorn(x=xx, y=yy, epsilon=0.1, cost=cost, reach=0.7, mode=mode, chunk_size=4, **TIGHT)
+        gap = monge_gap(
+            source=xx[..., :9, :], mapped=yy, epsilon=0.5, relative_epsilon="std", cost=cost, mode=mode, chunk_size=2, **TIGHT
+        )
+        grads = torch.autograd.grad((res.value + res.transport_cost + gap).sum(), (xx, yy))
+        outs[mode] = (res.value, res.transport_cost, res.f, res.g, gap, *grads)
+    for t, o in zip(outs["tensorized"], outs["online"]):
+        torch.testing.assert_close(o, t, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_online_shifted_blocks_equal_exact_blocks(dtype):
+    """A row block's log-sum-exp is shifted by the previous call's result; a block whose result
+    leaves the window is redone with its exact maximum. Every branch against float64 logsumexp."""
+    x, y = clouds(70, 50, d=3, seed=32, dtype=dtype)
+    kernel = transport_module._Factored(x, y, "sqeuclidean", 16)
+    C = ((x.double().unsqueeze(-2) - y.double().unsqueeze(-3)) ** 2).sum(-1)
+    eps = torch.tensor(0.02, dtype=dtype)
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(50, generator=gen, dtype=F64)
+    # the exponents are ~ C / eps: fp32 rounding of the cost is ~1e-7 of that scale
+    scale, bound = (C.max() / 0.02).item(), (1e-6 if dtype == torch.float32 else 1e-14)
+    for step, h_now in enumerate([h, h + 0.01 * torch.randn(50, generator=gen, dtype=F64), h + 300.0, h - 900.0]):
+        # exact (no estimate yet), shifted (close estimate), then two far jumps that overflow or
+        # underflow a shifted block and must be redone
+        got = kernel.row_lse(h_now.to(dtype), eps).double()
+        want = torch.logsumexp(h_now - C / 0.02, -1)
+        assert ((got - want).abs().max() / scale).item() < bound, step
+        fresh = transport_module._Factored(x, y, "sqeuclidean", 16).row_lse(h_now.to(dtype), eps).double()
+        assert ((got - fresh).abs().max() / scale).item() < bound, step
+        cols = kernel.col_lse(torch.zeros(70, dtype=dtype), eps).double()
+        assert ((cols - torch.logsumexp(-C / 0.02, -2)).abs().max() / scale).item() < bound
+
+
 def test_online_never_forms_the_cost_matrix_and_has_no_plan():
     shapes = []
 

@@ -84,7 +84,7 @@ AUTO_MAX_ENTRIES = 2**25
 #: Online mode: a block holds at most this many cost entries unless ``chunk_size`` is given.
 ONLINE_BLOCK_ENTRIES = 2**22
 #: ε-scaling: each stage iterates until its marginal error is below this fraction of the mass ...
-STAGE_TOL = 1e-3
+STAGE_TOL = 1e-2
 #: ... or this many iterations.
 STAGE_MAX_ITER = 100
 #: OTT-JAX's default entropic scale: ``epsilon = 0.05 * std(C)`` (``DEFAULT_EPSILON_SCALE``).
@@ -92,6 +92,25 @@ DEFAULT_EPSILON_SCALE = 0.05
 
 
 # ============================================================================ result
+class _Lazy:
+    """A detached tensor computed on first call and kept (the envelope-mode plan and transport cost)."""
+
+    __slots__ = ("_fn", "_value")
+
+    def __init__(self, fn):
+        self._fn, self._value = fn, None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            with torch.no_grad():
+                self._value = self._fn()
+            self._fn = None
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<formed on first access>" if self._value is None else repr(self._value)
+
+
 @dataclass(frozen=True)
 class TransportResult:
     """What :func:`sinkhorn` and :func:`sinkhorn_cost` return. Leading dims ``[..]`` are the batch.
@@ -118,13 +137,19 @@ class TransportResult:
     value: torch.Tensor
     f: torch.Tensor
     g: torch.Tensor
-    transport_cost: torch.Tensor
+    _transport_cost: torch.Tensor | _Lazy | None
     marginal_error: torch.Tensor
     iterations: int
     converged: torch.Tensor | None
     epsilon: torch.Tensor
     mode: str
-    _plan: torch.Tensor | None = None
+    _plan: torch.Tensor | _Lazy | None = None
+
+    @property
+    def transport_cost(self) -> torch.Tensor:
+        """``[..]`` ``<P, C>`` (POT's ``sinkhorn2``); detached in envelope mode (formed on first access)."""
+        cost = self._transport_cost
+        return cost() if isinstance(cost, _Lazy) else cost
 
     @property
     def plan(self) -> torch.Tensor:
@@ -138,7 +163,7 @@ class TransportResult:
                 "plan is not formed in mode='online' (memory O((n + m) d)); use mode='tensorized', "
                 "or rebuild rows from .f and .g: P_ij = a_i b_j exp((f_i + g_j - C_ij) / epsilon)"
             )
-        return self._plan
+        return self._plan() if isinstance(self._plan, _Lazy) else self._plan
 
 
 # ============================================================================ costs
@@ -272,6 +297,20 @@ def _exp(z: torch.Tensor) -> torch.Tensor:
     return torch.exp(z.clamp_min(floor)).masked_fill(small, 0.0)
 
 
+def _plan_from(neg, hr, hc):
+    """``exp(neg + hr_i + hc_j)`` without autograd, in place on one temporary: arguments below the
+    smallest normal number give it (at most ~1e-38 above the true entry, no slow ``exp`` path) and
+    rows / columns of zero weight (``hr_i`` or ``hc_j = -inf``) are exactly 0."""
+    floor = math.log(torch.finfo(neg.dtype).tiny)
+    P = (neg + hr.unsqueeze(-1)).add_(hc.unsqueeze(-2)).clamp_min_(floor).exp_()
+    dead_r, dead_c = torch.isneginf(hr), torch.isneginf(hc)
+    if bool(dead_r.any()):
+        P.masked_fill_(dead_r.unsqueeze(-1), 0.0)
+    if bool(dead_c.any()):
+        P.masked_fill_(dead_c.unsqueeze(-2), 0.0)
+    return P
+
+
 # ============================================================================ kernels
 class _Dense:
     """The cost matrix ``C [.., n, m]`` held in memory; ``-C/eps`` cached per ε value."""
@@ -315,10 +354,13 @@ class _Dense:
     def vjp(self, hr, hc, eps, w, needs):
         if not needs[0]:
             return (None,)
-        return (_exp(self.log_plan(hr, hc, eps)) * w[..., None, None],)
+        return (_plan_from(self.neg(eps), hr, hc).mul_(w[..., None, None]),)
+
+    def plan(self, hr, hc, eps):
+        return _plan_from(self.neg(eps), hr, hc)
 
     def transport_cost(self, hr, hc, eps):
-        return (_exp(self.log_plan(hr, hc, eps)) * self.C).sum((-2, -1))
+        return (self.plan(hr, hc, eps) * self.C).sum((-2, -1))
 
     def cost_range(self):
         C = self.C.detach()
@@ -420,6 +462,203 @@ class _Online:
                 Cb = self._block(self.x[..., i:k, :], self.y)
                 s2 = s2 + (Cb - mean[..., None, None]).square().sum((-2, -1))
         return mean, torch.sqrt(s2 / (n * m)), big
+
+
+
+#: Online mode, factored costs: a row block's log-sum-exp is shifted by the previous call's result
+#: and accepted when its log lies in this window (else the block is redone with its exact maximum).
+_SHIFT_WINDOW = (-20.0, 30.0)
+
+
+def _factors(name, x, y):
+    """``C = alpha_i + beta_j - coef <u_i, v_j>`` for the factorable named costs (``None`` otherwise).
+
+    ``sqeuclidean``: ``|x|^2 + |y|^2 - 2 x.y`` (clouds already centred); ``cosine``: ``1 - xn.yn``.
+    Returns ``(alpha [B, n], beta [B, m], u [B, n, d], v [B, m, d], coef)`` with the batch flattened.
+    """
+    d_x, d_y = x.shape[-1], y.shape[-1]
+    xf, yf = x.reshape(-1, x.shape[-2], d_x), y.reshape(-1, y.shape[-2], d_y)
+    if name == "sqeuclidean":
+        return xf.square().sum(-1), yf.square().sum(-1), xf, yf, 2.0
+    xn = torch.nn.functional.normalize(xf, dim=-1)
+    yn = torch.nn.functional.normalize(yf, dim=-1)
+    return torch.ones_like(xn[..., 0]), torch.zeros_like(yn[..., 0]), xn, yn, 1.0
+
+
+class _Factored:
+    """Online kernel for costs ``C_ij = alpha_i + beta_j - coef <u_i, v_j>`` (``sqeuclidean``, ``cosine``).
+
+    Every pass works on one preallocated block of ``rows x m`` entries, written by a single
+    ``baddbmm`` (the row shift rides along as an extra column of ``u`` against a column of ones),
+    then exponentiated and summed in place: no autograd graph and no allocation per block. The
+    log-sum-exp of a row is shifted by the previous call's result for that row (potentials move
+    little between iterations and are continuous across ε stages in cost units), which saves the
+    pass that finds each row's maximum; a block whose result leaves :data:`_SHIFT_WINDOW` is
+    redone with its exact maximum. Gradients: ``dC/dalpha = 1``, ``dC/du_i = -coef v_j``, ..., so
+    a plan pass gives ``P 1``, ``P^T 1``, ``P v`` and ``P^T u``, and autograd maps those to ``x``, ``y``.
+    """
+
+    online = True
+
+    def __init__(self, x, y, name, chunk_size):
+        self.x, self.y, self.name = x, y, name
+        self.inputs = (x, y)
+        self.batch = x.shape[:-2]
+        self.alpha, self.beta, self.u, self.v, self.coef = (t.detach() if isinstance(t, torch.Tensor) else t
+                                                            for t in _factors(name, x, y))
+        B, n, m = self.u.shape[0], self.u.shape[1], self.v.shape[1]
+        self.rows = chunk_size or max(1, ONLINE_BLOCK_ENTRIES // (B * m))
+        self.cols = chunk_size or max(1, ONLINE_BLOCK_ENTRIES // (B * n))
+        size = max(B * min(self.rows, n) * m, B * min(self.cols, m) * n)
+        self._buf = torch.empty(size, dtype=x.dtype, device=x.device)
+        ones = lambda t: torch.ones_like(t[..., :1])  # noqa: E731
+        self._v1 = torch.cat([self.v, ones(self.v)], -1).transpose(-1, -2).contiguous()  # [B, d+1, m]
+        self._u1 = torch.cat([self.u, ones(self.u)], -1).transpose(-1, -2).contiguous()  # [B, d+1, n]
+        self._est = {}
+
+    # -- block machinery
+    def _lse(self, left, right_t, bias, shift, step):
+        """``out_i = LSE_j(left_i . right_j + bias_j)``, ``left [B, n, d]``, ``right_t [B, d+1, m]``.
+
+        ``shift [B, n]`` (or ``None``): the expected result, subtracted before ``exp``.
+        """
+        lo = _RANGE[left.dtype][0]
+        B, n = left.shape[0], left.shape[1]
+        m = right_t.shape[-1]
+        out = torch.empty(B, n, dtype=left.dtype, device=left.device)
+        base = torch.zeros(B, n, dtype=left.dtype, device=left.device) if shift is None else shift
+        left1 = torch.cat([left, -base.unsqueeze(-1)], -1)
+        bias = bias.unsqueeze(-2)
+        win_lo, win_hi = _SHIFT_WINDOW
+        for i in range(0, n, step):
+            k = min(n, i + step)
+            z = self._buf[: B * (k - i) * m].view(B, k - i, m)
+            torch.baddbmm(bias, left1[:, i:k], right_t, out=z)
+            if shift is not None:
+                ls = z.clamp_min_(lo).exp_().sum(-1).log_()
+                if bool(((ls >= win_lo) & (ls <= win_hi)).all()):
+                    out[:, i:k] = ls + base[:, i:k]
+                    continue
+                torch.baddbmm(bias, left1[:, i:k], right_t, out=z)
+            mx = z.amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            ls = z.sub_(mx).clamp_min_(lo).exp_().sum(-1).log_()
+            out[:, i:k] = ls + mx.squeeze(-1) + base[:, i:k]
+        return out
+
+    def _reduce(self, key, h, eps, scale_side, other_t, own_shift, other_shift, step):
+        """Shared body of ``row_lse`` / ``col_lse``; the estimate is kept in cost units per side."""
+        e = eps.reshape(-1, 1)
+        hf = h.reshape(e.shape[0], -1)
+        left = scale_side * (self.coef / e).unsqueeze(-1)
+        prev = self._est.get(key)
+        shift = None if prev is None else prev / e + own_shift / e
+        res = self._lse(left, other_t, hf - other_shift / e, shift, step)
+        self._est[key] = e * res - own_shift
+        return (res - own_shift / e).reshape(self.batch + (-1,))
+
+    def row_lse(self, h, eps):
+        """``LSE_j (h_j - C_ij / eps)`` -> ``[.., n]``."""
+        return self._reduce("row", h, eps, self.u, self._v1, self.alpha, self.beta, self.rows)
+
+    def col_lse(self, h, eps):
+        """``LSE_i (h_i - C_ij / eps)`` -> ``[.., m]``."""
+        return self._reduce("col", h, eps, self.v, self._u1, self.beta, self.alpha, self.cols)
+
+    def _plan_sums(self, hr, hc, eps, with_products):
+        """One pass over the plan ``P = exp(hr_i + hc_j - C_ij / eps)``: ``P 1``, ``P^T 1`` and
+        (``with_products``) ``P v``, ``P^T u``; entries below ``e^lo`` count as 0."""
+        lo = _RANGE[self.u.dtype][0]
+        e = eps.reshape(-1, 1)
+        B, n, m = self.u.shape[0], self.u.shape[1], self.v.shape[1]
+        left = torch.cat([self.u * (self.coef / e).unsqueeze(-1), (hr.reshape(B, n) - self.alpha / e).unsqueeze(-1)], -1)
+        bias = (hc.reshape(B, m) - self.beta / e).unsqueeze(-2)
+        rows = torch.empty(B, n, dtype=self.u.dtype, device=self.u.device)
+        cols = torch.zeros(B, m, dtype=self.u.dtype, device=self.u.device)
+        pv = torch.empty_like(self.u) if with_products else None
+        ptu = torch.zeros_like(self.v) if with_products else None
+        floor = math.exp(lo)
+        for i in range(0, n, self.rows):
+            k = min(n, i + self.rows)
+            P = self._buf[: B * (k - i) * m].view(B, k - i, m)
+            torch.baddbmm(bias, left[:, i:k], self._v1, out=P)
+            P.clamp_min_(lo).exp_()
+            P.masked_fill_(P <= floor, 0.0)
+            rows[:, i:k] = P.sum(-1)
+            cols += P.sum(-2)
+            if with_products:
+                pv[:, i:k] = torch.bmm(P, self.v)
+                ptu.baddbmm_(P.transpose(-1, -2), self.u[:, i:k])
+        return rows, cols, pv, ptu
+
+    def vjp(self, hr, hc, eps, w, needs):
+        if not (needs[0] or needs[1]):
+            return None, None
+        rows, cols, pv, ptu = self._plan_sums(hr, hc, eps, True)
+        wf = w.reshape(-1, 1)
+        with torch.enable_grad():
+            xs = self.x.detach().requires_grad_(needs[0])
+            ys = self.y.detach().requires_grad_(needs[1])
+            alpha, beta, u, v, coef = _factors(self.name, xs, ys)
+            outs = (alpha, beta, u, v)
+            seeds = (wf * rows, wf * cols, -coef * wf.unsqueeze(-1) * pv, -coef * wf.unsqueeze(-1) * ptu)
+            keep = [(o, s) for o, s in zip(outs, seeds) if o.requires_grad]
+            wrt = [t for t, need in ((xs, needs[0]), (ys, needs[1])) if need]
+            grads = torch.autograd.grad([o for o, _ in keep], wrt, [s for _, s in keep], allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]
+        gx = grads[0] if needs[0] else None
+        gy = grads[-1] if needs[1] else None
+        return gx, gy
+
+    def transport_cost(self, hr, hc, eps):
+        rows, cols, pv, _ = self._plan_sums(hr, hc, eps, True)
+        total = (rows * self.alpha).sum(-1) + (cols * self.beta).sum(-1) - self.coef * (pv * self.u).sum((-2, -1))
+        return total.reshape(self.batch)
+
+    def _cost_blocks(self):
+        """Yield ``C`` row blocks ``[B, r, m]`` (written into the shared buffer)."""
+        B, n, m = self.u.shape[0], self.u.shape[1], self.v.shape[1]
+        left = torch.cat([-self.coef * self.u, self.alpha.unsqueeze(-1)], -1)
+        bias = self.beta.unsqueeze(-2)
+        for i in range(0, n, self.rows):
+            k = min(n, i + self.rows)
+            C = self._buf[: B * (k - i) * m].view(B, k - i, m)
+            torch.baddbmm(bias, left[:, i:k], self._v1, out=C)
+            yield C
+
+    def cost_range(self):
+        lo = hi = None
+        for C in self._cost_blocks():
+            bl, bh = C.amin((-2, -1)), C.amax((-2, -1))
+            lo = bl if lo is None else torch.minimum(lo, bl)
+            hi = bh if hi is None else torch.maximum(hi, bh)
+        check_finite("cost", hi)
+        check_finite("cost", lo)
+        return (hi - lo.clamp_min(0.0) if self.name == "sqeuclidean" else hi - lo).reshape(self.batch)
+
+    def cost_stats(self):
+        n, m = self.u.shape[1], self.v.shape[1]
+        s1 = big = None
+        clamp = self.name == "sqeuclidean"
+        for C in self._cost_blocks():
+            C = C.clamp_min_(0.0) if clamp else C
+            b1, bb = C.sum((-2, -1)), C.abs().amax((-2, -1))
+            s1 = b1 if s1 is None else s1 + b1
+            big = bb if big is None else torch.maximum(big, bb)
+        mean = s1 / (n * m)
+        s2 = 0.0
+        for C in self._cost_blocks():
+            C = C.clamp_min_(0.0) if clamp else C
+            s2 = s2 + C.sub_(mean[:, None, None]).square_().sum((-2, -1))
+        std = torch.sqrt(s2 / (n * m))
+        return mean.reshape(self.batch), std.reshape(self.batch), big.reshape(self.batch)
+
+
+def _online(x, y, name, fn, chunk_size):
+    """Online kernel: the factored block path for ``sqeuclidean`` / ``cosine``, generic blocks otherwise."""
+    if name in ("sqeuclidean", "cosine"):
+        return _Factored(x, y, name, chunk_size)
+    return _Online(x, y, fn, chunk_size)
 
 
 # ============================================================================ the dual value
@@ -938,10 +1177,13 @@ def _entropic_ot(
     hr, hc = la + f / e, lb + g / e
     if not extras:
         cost = plan = None
-    elif gradient == "envelope":
+    elif gradient == "envelope" and kernel.online:
         with torch.no_grad():
-            cost = kernel.transport_cost(hr, hc, eps)
-            plan = None if kernel.online else _exp(kernel.log_plan(hr, hc, eps))
+            cost, plan = kernel.transport_cost(hr, hc, eps), None
+        f, g = f.detach(), g.detach()
+    elif gradient == "envelope":  # formed on first use: most callers want the value alone
+        plan = _Lazy(lambda: kernel.plan(hr, hc, eps))
+        cost = _Lazy(lambda: (plan() * kernel.C.detach()).sum((-2, -1)))
         f, g = f.detach(), g.detach()
     else:
         plan = _exp(kernel.log_plan(hr, hc, eps))
@@ -956,7 +1198,7 @@ def _build(x, y, fn, name, mode, chunk_size, dtype):
     """Kernel for the (already validated) clouds in the compute dtype."""
     xc, yc = _center(name, x.to(dtype), y.to(dtype))
     if mode == "online":
-        return _Online(xc, yc, fn, chunk_size)
+        return _online(xc, yc, name, fn, chunk_size)
     C = _call_cost(fn, xc, yc, x.shape[:-1] + (y.shape[-2],)).to(dtype)
     if name is None:
         check_finite("cost", C.detach())
@@ -1222,7 +1464,7 @@ def sinkhorn_divergence(
     mode = _pick_mode(mode, gradient, batch, [n * m, n * n, m * m])
     xc, yc = _center(name, x.to(dtype), y.to(dtype))
     if mode == "online":
-        k_xy, k_xx, k_yy = _Online(xc, yc, fn, chunk_size), _Online(xc, xc, fn, chunk_size), _Online(yc, yc, fn, chunk_size)
+        k_xy, k_xx, k_yy = (_online(p, q, name, fn, chunk_size) for p, q in ((xc, yc), (xc, xc), (yc, yc)))
     else:
         mats = []
         for p, q in ((xc, yc), (xc, xc), (yc, yc)):
