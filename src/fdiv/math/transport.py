@@ -1241,7 +1241,7 @@ def sinkhorn(
     by mat-vecs on an absorbed kernel in tensorized mode, by chunked log-sum-exp online), with
     ε-scaling: stage ``k`` solves at ``eps_k = max(range(C) * scaling**k, epsilon)``
     (``range(C) = max C - min C``) from the previous stage's potentials until its marginal error is
-    ``<= max(tol, 1e-3 * mass)`` or 100 iterations; then ``epsilon`` runs until the marginal error
+    ``<= max(tol, 1e-2 * mass)`` or 100 iterations; then ``epsilon`` runs until the marginal error
     ``||P1 - a||_1 + ||P^T 1 - b||_1`` is ``<= tol`` or ``max_iter`` iterations (stages included)
     have run. ``tol=None``: one iteration per stage, then exactly the remaining iterations.
 
