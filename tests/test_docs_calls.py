@@ -20,7 +20,10 @@ import fdiv.integrations.hf as hf
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
-NAMESPACES = [fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, fdiv.transport, hf]
+NAMESPACES = [
+    fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, fdiv.transport,
+    fdiv.robust, fdiv.classification, fdiv.clustering, hf,
+]
 
 
 def _public_callables() -> dict[str, inspect.Signature]:

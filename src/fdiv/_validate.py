@@ -294,6 +294,31 @@ def check_finite(name: str, x: torch.Tensor, counted: torch.Tensor | None = None
         raise ValueError(f"{name} contains -inf" + ("" if counted is None else " at counted positions"))
 
 
+#: How far from 1 a probability row may sum (by dtype) before it is refused; half types round each
+#: entry to ~3 significant digits, so a bf16 row sums to 1 +- ~4e-3.
+PROB_SUM_SLACK = {torch.float64: 1e-6, torch.float32: 1e-3}
+HALF_PROB_SUM_SLACK = 2e-2
+
+
+def check_probs(name: str, x: torch.Tensor, *, dim: int = -1, min_dim: int = 1) -> torch.Tensor:
+    """Finite, non-negative probabilities summing to 1 along ``dim``: within 1e-6 in float64, 1e-3 in
+    float32, 2e-2 in bf16/fp16 (callers renormalise each row by its sum). Returns ``x``."""
+    check_tensor(name, x, min_dim=min_dim)
+    check_finite(name, x)
+    if x.numel() == 0:
+        return x
+    if bool((x < 0).any()):
+        raise ValueError(f"{name} must contain non-negative probabilities, got a minimum of {float(x.min()):.6g}")
+    total = x.detach().to(torch.float64).sum(dim=dim)
+    tol = PROB_SUM_SLACK.get(x.dtype, HALF_PROB_SUM_SLACK)
+    if bool(((total - 1).abs() > tol).any()):
+        raise ValueError(
+            f"{name} must sum to 1 along dim={dim}; row sums range over "
+            f"[{float(total.min()):.6g}, {float(total.max()):.6g}]"
+        )
+    return x
+
+
 def log_prob_slack(dtype: torch.dtype) -> float:
     """How far above 0 a log-probability may round before it is refused: ``max(1e-6, eps(dtype))``
     (rounding of ``x - logsumexp`` or of a sum of token log-probabilities; bf16 / fp16 round coarsely)."""
