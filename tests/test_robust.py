@@ -159,7 +159,8 @@ def test_chi2_equals_the_alpha_form():
 
             res = minimize_scalar(neg, bounds=(v.min(), v.max()), method="bounded", options={"xatol": 1e-12})
             best = max(-res.fun, -neg(v.max()), -neg(v.min()))
-            assert dro_dual(values=t64(v), probs=t64(p), lam=lam, divergence="chi2").item() == pytest.approx(best, abs=1e-8)
+            value = dro_dual(values=t64(v), probs=t64(p), lam=lam, divergence="chi2").item()
+            assert value == pytest.approx(best, abs=1e-8)
 
 
 def test_chi2_root_with_ties_and_many_entries():
@@ -172,7 +173,8 @@ def test_chi2_root_with_ties_and_many_entries():
         p /= p.sum()
         for lam in (0.05, 0.7, 4.0):
             ref, ref_q = brute(v, p, lam, "chi2")
-            assert dro_dual(values=t64(v), probs=t64(p), lam=lam, divergence="chi2").item() == pytest.approx(ref, abs=1e-7)
+            value = dro_dual(values=t64(v), probs=t64(p), lam=lam, divergence="chi2").item()
+            assert value == pytest.approx(ref, abs=1e-7)
             q = dro_weights(values=t64(v), probs=t64(p), lam=lam, divergence="chi2").numpy()
             np.testing.assert_allclose(q, ref_q, atol=2e-5)
 
@@ -281,9 +283,17 @@ def test_limits(div, sense):
     extreme = v[s].min() if sense == "inf" else v[s].max()
     mean = (p * v).sum()
     for lam in (0.0, 1e-12):
-        assert dro_dual(values=v, probs=p, lam=lam, divergence=div, sense=sense).item() == pytest.approx(extreme.item(), abs=1e-10)
+        value = dro_dual(values=v, probs=p, lam=lam, divergence=div, sense=sense).item()
+        assert value == pytest.approx(extreme.item(), abs=1e-10)
     for lam in (math.inf, torch.tensor(math.inf, dtype=torch.float64)):
-        assert dro_dual(values=v, probs=p, lam=lam, divergence=div, sense=sense).item() == pytest.approx(mean.item(), abs=1e-14)
+        value = dro_dual(values=v, probs=p, lam=lam, divergence=div, sense=sense).item()
+        assert value == pytest.approx(mean.item(), abs=1e-14)
+    # a differentiable lam at 0 and inf: exact limits, finite gradients (0 for lam)
+    lam = torch.tensor([0.0, math.inf], dtype=torch.float64, requires_grad=True)
+    both = dro_dual(values=torch.stack([v, v]), probs=torch.stack([p, p]), lam=lam, divergence=div, sense=sense)
+    torch.testing.assert_close(both.detach(), torch.stack([extreme, mean]))
+    both.sum().backward()
+    assert torch.isfinite(lam.grad).all() and lam.grad[1].item() == 0.0
     q0 = dro_weights(values=v, probs=p, lam=0.0, divergence=div, sense=sense)
     assert q0[v == extreme].item() == pytest.approx(1.0)
     torch.testing.assert_close(dro_weights(values=v, probs=p, lam=math.inf, divergence=div, sense=sense), p)
@@ -291,7 +301,7 @@ def test_limits(div, sense):
     var = (p * (v - mean) ** 2).sum().item()
     big = 1e7
     sign = -1.0 if sense == "inf" else 1.0
-    expected = {"kl": mean.item() + sign * var / (2 * big), "chi2": mean.item() + sign * var / (4 * big), "tv": mean.item()}[div]
+    expected = mean.item() + {"kl": sign * var / (2 * big), "chi2": sign * var / (4 * big), "tv": 0.0}[div]
     value = dro_dual(values=v, probs=p, lam=big, divergence=div, sense=sense).item()
     assert value == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
@@ -310,7 +320,8 @@ def test_float32_and_bfloat16_agree_with_float64(div):
         out16 = dro_dual(values=vb, probs=pb, lam=lam, divergence=div)
         assert out16.dtype == torch.float32
         pb64 = pb.double() / pb.double().sum(-1, keepdim=True)
-        torch.testing.assert_close(out16.double(), dro_dual(values=vb.double(), probs=pb64, lam=lam, divergence=div), rtol=1e-5, atol=0)
+        ref16 = dro_dual(values=vb.double(), probs=pb64, lam=lam, divergence=div)
+        torch.testing.assert_close(out16.double(), ref16, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("div", DIVS)
@@ -336,8 +347,12 @@ def test_extremes_give_finite_values_and_gradients(div, dtype):
             assert torch.isfinite(grad).all(), (values, probs, lam, v.grad, p.grad, lt.grad)
         lo, hi = min(x for x, q in zip(values, probs) if q > 0), sum(x * q for x, q in zip(values, probs))
         assert lo - 1e-6 * abs(lo) - 1e-6 <= out.item() <= hi + 1e-6 * abs(hi) + 1e-6
+        v.grad = p.grad = lt.grad = None
         q = dro_weights(values=v, probs=p, lam=lt, divergence=div)
         assert torch.isfinite(q).all() and q.sum().item() == pytest.approx(1.0, abs=1e-5)
+        (q * torch.linspace(-1, 1, len(values), dtype=dtype)).sum().backward()
+        for grad in (v.grad, p.grad, lt.grad):
+            assert grad is None or torch.isfinite(grad).all(), (values, probs, lam, v.grad, p.grad, lt.grad)
 
 
 def test_values_off_the_support_are_ignored():
@@ -408,7 +423,8 @@ def test_kl_dro_weights_and_loss_against_softmax_and_brute_force():
         np.testing.assert_allclose(w.numpy(), ref_q, atol=2e-5)
         assert losses.mean() <= value <= losses.max()
     # limits: r -> inf uniform, r -> 0 the largest loss (ties share)
-    torch.testing.assert_close(kl_dro_weights(losses=losses, temperature=math.inf), torch.full((4,), 0.25, dtype=torch.float64))
+    uniform = torch.full((4,), 0.25, dtype=torch.float64)
+    torch.testing.assert_close(kl_dro_weights(losses=losses, temperature=math.inf), uniform)
     assert kl_dro_loss(losses=losses, temperature=1e8).item() == pytest.approx(losses.mean().item(), abs=1e-7)
     assert kl_dro_loss(losses=losses, temperature=1e-9).item() == pytest.approx(2.2, abs=1e-8)
     tied = t64([1.0, 3.0, 3.0])
@@ -439,7 +455,8 @@ def test_kl_dro_mask():
     risk = kl_dro_loss(losses=losses, temperature=0.5, mask=mask, reduction="none")
     assert risk[0].item() == pytest.approx(0.5 * (logsumexp(np.array([0.3, 0.9, 2.2]) / 0.5) - math.log(3)), abs=1e-13)
     assert risk[1].item() == 0.0
-    assert kl_dro_loss(losses=losses, temperature=0.5, mask=mask).item() == pytest.approx((risk[0] + risk[2]).item() / 2)
+    reduced = kl_dro_loss(losses=losses, temperature=0.5, mask=mask)
+    assert reduced.item() == pytest.approx((risk[0] + risk[2]).item() / 2)
     # float32 and bfloat16 losses compute in float32
     w32 = kl_dro_weights(losses=losses[2].float(), temperature=0.5)
     assert w32.dtype == torch.float32
@@ -474,7 +491,8 @@ def test_rate_one_is_self_normalised_importance_sampling():
         losses = torch.randn(7, generator=g, dtype=torch.float64).requires_grad_()
         out = est(losses=losses)
         torch.testing.assert_close(out.weights, torch.softmax(losses.detach() / 0.5, 0))
-        assert out.value.item() == pytest.approx(0.5 * (logsumexp(losses.detach().numpy() / 0.5) - math.log(7)), abs=1e-13)
+        expected = 0.5 * (logsumexp(losses.detach().numpy() / 0.5) - math.log(7))
+        assert out.value.item() == pytest.approx(expected, abs=1e-13)
         assert out.loss.item() == pytest.approx(out.value.item(), abs=1e-14)
         (grad,) = torch.autograd.grad(out.loss, losses)
         torch.testing.assert_close(grad, out.weights)
@@ -582,8 +600,9 @@ def test_unnormalized_log_partition_against_quadrature():
     plug, run = [], []
     for t in range(2000):
         f_noise, log_q = noise(2)
-        plug.append(unnormalized_nll(data_scores=data, noise_scores=f_noise, log_noise_density=log_q, return_parts=True).log_partition.item())
-        value = unnormalized_nll(data_scores=data, noise_scores=f_noise, log_noise_density=log_q, estimator=est, return_parts=True).log_partition.item()
+        kwargs = dict(data_scores=data, noise_scores=f_noise, log_noise_density=log_q, return_parts=True)
+        plug.append(unnormalized_nll(**kwargs).log_partition.item())
+        value = unnormalized_nll(**kwargs, estimator=est).log_partition.item()
         if t >= 300:
             run.append(value)
     assert abs(np.mean(run) - math.log(z_true)) < abs(np.mean(plug) - math.log(z_true)) / 3
@@ -623,4 +642,5 @@ def test_unnormalized_bad_inputs():
     with pytest.raises(ValueError, match="temperature"):
         unnormalized_nll(**ok, estimator=CompositionalLogMeanExp(temperature=2.0))
     with pytest.raises(ValueError, match="noise_scores"):
-        unnormalized_nll(**{**ok, "noise_scores": torch.zeros(0, dtype=torch.float64), "log_noise_density": torch.zeros(0, dtype=torch.float64)})
+        empty = torch.zeros(0, dtype=torch.float64)
+        unnormalized_nll(**{**ok, "noise_scores": empty, "log_noise_density": empty})

@@ -142,7 +142,9 @@ def _kl_scaled(v, p, support, m, lam):
     """``x = (V - min V) / lam`` on the support, capped where ``exp(-x)`` underflows anyway."""
     cap = -math.log(torch.finfo(v.dtype).tiny)
     y = torch.where(support, v - m.detach(), torch.zeros_like(v))
-    return (y / lam).clamp_max(cap)
+    # divide only where the result stays below the cap: the backward of y / lam never meets 0 * inf
+    below = y <= cap * lam
+    return torch.where(below, torch.where(below, y, torch.zeros_like(y)) / lam, torch.full_like(y, cap))
 
 
 def _kl_value(v, p, support, lam):
@@ -228,8 +230,11 @@ def _chi2_weights(v, p, support, lam):
     head = torch.where(active, p, zero_p).sum(-1, keepdim=True)
     tail = torch.where(support & ~active, p, zero_p).sum(-1, keepdim=True)
     moment = torch.where(active, p * y, zero_p).sum(-1, keepdim=True)
-    zeta = (2 * safe * tail + moment) / head
-    weights = torch.where(active, p * (1 + (zeta - y) / (2 * safe)), zero_p)
+    # (eta* - V)/(2 lam) = p(not A)/p(A) + (E_A y - y)/(2 lam): the lam-free part is kept apart, so a
+    # tiny lam never forms zeta/(2 lam)^2; inactive entries never reach the division (no 0 * inf backward)
+    y_active = torch.where(active, y, zero_p)
+    shift = tail / head + (moment / head - y_active) / (2 * safe)
+    weights = torch.where(active, p * (1 + shift), zero_p)
     return torch.where(zero, _argmin_weights(v, p, support, m), torch.where(infinite, p, weights))
 
 
@@ -255,7 +260,9 @@ _WEIGHTS = {"kl": _kl_weights, "chi2": _chi2_weights, "tv": _tv_weights}
 
 
 # ============================================================================ public
-def dro_dual(*, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str = "kl", sense: str = "inf") -> torch.Tensor:
+def dro_dual(
+    *, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str = "kl", sense: str = "inf"
+) -> torch.Tensor:
     r"""The penalised worst-case expectation along the last dimension.
 
     .. math::
@@ -289,7 +296,8 @@ def dro_dual(*, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str 
         probs: ``[..., n]`` nominal distribution (same shape, never broadcast), non-negative,
             rows summing to 1 (within 1e-6 in float64, 1e-3 in float32, 2e-2 in half types);
             each row is divided by its sum, so the gradient with respect to ``probs`` is
-            tangent to the simplex. Zero entries are allowed: ``q`` is 0 there.
+            tangent to the simplex. Zero entries are allowed: ``q`` is 0 there, and they are
+            treated as outside the support (no one-sided derivative for entering it).
         lam: penalty ``>= 0`` (``inf`` allowed): a number, a 0-d tensor, or a tensor of the
             batch shape ``values.shape[:-1]``; differentiable when a tensor.
         divergence: ``"kl"``, ``"chi2"`` or ``"tv"``.
@@ -318,12 +326,15 @@ def dro_dual(*, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str 
     v, p, support, lam_t = _prepare(values, probs, lam, divergence, sense)
     value, divergence_value = _VALUE[divergence](v, p, support, lam_t)
     if divergence_value is not None and lam_t.requires_grad:
-        value = value + divergence_value * (lam_t - lam_t.detach())
+        finite_lam = torch.where(torch.isinf(lam_t), torch.zeros_like(lam_t), lam_t)
+        value = value + divergence_value * (finite_lam - finite_lam.detach())
     value = value.squeeze(-1)
     return -value if sense == "sup" else value
 
 
-def dro_weights(*, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str = "kl", sense: str = "inf") -> torch.Tensor:
+def dro_weights(
+    *, values: torch.Tensor, probs: torch.Tensor, lam, divergence: str = "kl", sense: str = "inf"
+) -> torch.Tensor:
     r"""The worst-case distribution ``q*`` of :func:`dro_dual` (same arguments), ``[..., n]``.
 
     * ``"kl"``: ``q* ∝ p exp(-V/lam)`` (``"sup"``: ``p exp(V/lam)``, the KL-DRO instance weights);

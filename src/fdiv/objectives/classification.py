@@ -43,6 +43,7 @@ from .._validate import (
 )
 from ..math._numerics import compute_dtype
 from ..math.registry import get
+from ..math.robust import dro_dual
 
 __all__ = [
     "LDR_NORMALIZATIONS",
@@ -202,23 +203,12 @@ def _margins(z: torch.Tensor, z_y: torch.Tensor, y: torch.Tensor, margin: float)
 
 
 def _lam_log_mean_exp(delta: torch.Tensor, lam) -> torch.Tensor:
-    r"""``lam * log((1/K) sum_k exp(delta_k / lam))`` per row, ``lam`` a number or ``[R]``.
-
-    Rows with ``max_k (delta_k - mean delta) <= lam`` use the centred form
-    ``mean delta + lam log1p(mean expm1((delta - mean delta) / lam))`` (absolute error
-    ~eps |delta| for any large ``lam``, where the shifted ``log``-sum loses ``eps * lam``);
-    the others the max-shifted log-sum-exp.
-    """
-    if isinstance(lam, torch.Tensor):
-        lam = lam[:, None]
-    classes = delta.shape[-1]
-    mean = delta.mean(-1, keepdim=True)
-    g = (delta - mean) / lam
-    centred_row = g.detach().amax(-1, keepdim=True) <= 1.0
-    centred = mean + lam * torch.log1p(torch.expm1(g.clamp(max=1.0)).mean(-1, keepdim=True))
-    top = delta.detach().amax(-1, keepdim=True)
-    shifted = top + lam * (torch.logsumexp((delta - top) / lam, -1, keepdim=True) - math.log(classes))
-    return torch.where(centred_row, centred, shifted).squeeze(-1)
+    r"""``lam * log((1/K) sum_k exp(delta_k / lam))`` per row, ``lam`` a number or ``[R]``: the KL-DRO
+    worst case ``max_q E_q[delta] - lam KL(q || u_K)`` of :func:`fdiv.math.robust.dro_dual`."""
+    if not bool(torch.isfinite(delta.detach()).all()):  # overflowed margins: the caller reports it
+        return torch.full(delta.shape[:-1], math.inf, dtype=delta.dtype, device=delta.device)
+    uniform = torch.full_like(delta, 1.0 / delta.shape[-1])
+    return dro_dual(values=delta, probs=uniform, lam=lam, divergence="kl", sense="sup")
 
 
 def _check_lam(name: str, lam, dtype: torch.dtype) -> float:

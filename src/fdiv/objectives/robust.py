@@ -77,7 +77,9 @@ def _uniform_nominal(losses, counted, live, dtype):
 
 
 # ============================================================================ KL-DRO
-def kl_dro_weights(*, losses: torch.Tensor, temperature, mask: torch.Tensor | None = None, detach: bool = True) -> torch.Tensor:
+def kl_dro_weights(
+    *, losses: torch.Tensor, temperature, mask: torch.Tensor | None = None, detach: bool = True
+) -> torch.Tensor:
     r"""KL-DRO instance weights: ``softmax(losses / temperature)`` over the counted examples.
 
     .. math::
@@ -238,7 +240,9 @@ class CompositionalLogMeanExp:
             counted = check_mask(mask, losses.shape, losses.device)
             check_tensor("groups", groups, integer=True, dim=1)
             if groups.shape[0] != losses.shape[0]:
-                raise ValueError(f"groups must have shape [{losses.shape[0]}] (one id per row of losses), got {tuple(groups.shape)}")
+                raise ValueError(
+                    f"groups must have shape [{losses.shape[0]}] (one id per row of losses), got {tuple(groups.shape)}"
+                )
             check_same_device("losses", losses, "groups", groups)
             if groups.numel() and bool(((groups < 0) | (groups >= self.num_groups)).any()):
                 raise ValueError(f"groups must lie in [0, {self.num_groups})")
