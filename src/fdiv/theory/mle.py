@@ -1,0 +1,3 @@
+"""The asymptotic KL risk of the MLE to the information projection (layer 1 tool)."""
+
+__all__: list[str] = []
