@@ -36,7 +36,7 @@ class RobustStudy:
 
     ``mode`` "partial" writes half a PNG and then raises KeyboardInterrupt (Ctrl-C mid-save)."""
 
-    name = "robust"
+    name = "probe"
     title = "Robustness test study"
     description = "Fit a categorical to a fixed target."
     default_steps = 3
@@ -75,15 +75,15 @@ def robust():
     register_study(RobustStudy)
     RobustStudy.runs, RobustStudy.mode = 0, None
     yield RobustStudy
-    _STUDIES.pop("robust", None)
+    _STUDIES.pop("probe", None)
 
 
 def _config(out, **kw):
-    return LabConfig(**{"studies": ["robust"], "steps": 2, "seeds": 1, "out": str(out), **kw})
+    return LabConfig(**{"studies": ["probe"], "steps": 2, "seeds": 1, "out": str(out), **kw})
 
 
 def _snapshot(out: Path) -> dict:
-    return {name: (out / name).read_bytes() for name in (*REPORT_FILES, "robust/result.json", "robust/final.png")}
+    return {name: (out / name).read_bytes() for name in (*REPORT_FILES, "probe/result.json", "probe/final.png")}
 
 
 def _assert_report_whole(out: Path) -> dict:
@@ -99,7 +99,7 @@ def _assert_report_whole(out: Path) -> dict:
             assert f"| {row['divergence']} | {report.cell(row, 'final')} |" in summary
         for figure in study["figures"]:
             assert files.png_problem(out / figure["path"]) is None
-    cached = json.loads((out / "robust" / "result.json").read_text())
+    cached = json.loads((out / "probe" / "result.json").read_text())
     assert set(cached) == {"signature", "result"}
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".fdiv-run-")]
     assert not leftovers, leftovers
@@ -108,46 +108,46 @@ def _assert_report_whole(out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- resume with a damaged cache
 def _truncate(out):
-    cache = out / "robust" / "result.json"
+    cache = out / "probe" / "result.json"
     cache.write_bytes(cache.read_bytes()[: len(cache.read_bytes()) // 2])
 
 
 def _set_signature(out):
-    cache = out / "robust" / "result.json"
+    cache = out / "probe" / "result.json"
     saved = json.loads(cache.read_text())
     saved["signature"] = "0" * 16
     cache.write_text(json.dumps(saved))
 
 
 def _unknown_key(out):
-    cache = out / "robust" / "result.json"
+    cache = out / "probe" / "result.json"
     saved = json.loads(cache.read_text())
     saved["result"]["surprise"] = 1
     cache.write_text(json.dumps(saved))
 
 
 def _rows_not_a_list(out):
-    cache = out / "robust" / "result.json"
+    cache = out / "probe" / "result.json"
     saved = json.loads(cache.read_text())
     saved["result"]["rows"] = {"divergence": "js"}
     cache.write_text(json.dumps(saved))
 
 
 def _truncate_png(out):
-    png = out / "robust" / "final.png"
+    png = out / "probe" / "final.png"
     png.write_bytes(png.read_bytes()[:100])
 
 
 DAMAGE = {
     "truncated json": (_truncate, r"is corrupt \((Unterminated|Expecting|Invalid)"),
-    "empty file": (lambda out: (out / "robust" / "result.json").write_bytes(b""), "is corrupt \\(Expecting value"),
-    "binary garbage": (lambda out: (out / "robust" / "result.json").write_bytes(b"\xff\xfe\x00"), r"is corrupt \(not UTF-8 text"),
-    "a json list": (lambda out: (out / "robust" / "result.json").write_text("[1, 2]"), "is corrupt \\(not a study result"),
+    "empty file": (lambda out: (out / "probe" / "result.json").write_bytes(b""), "is corrupt \\(Expecting value"),
+    "binary garbage": (lambda out: (out / "probe" / "result.json").write_bytes(b"\xff\xfe\x00"), r"is corrupt \(not UTF-8 text"),
+    "a json list": (lambda out: (out / "probe" / "result.json").write_text("[1, 2]"), "is corrupt \\(not a study result"),
     "another configuration": (_set_signature, "was computed with another configuration"),
     "unknown key": (_unknown_key, "is corrupt \\(unknown study result key\\(s\\): surprise"),
     "rows not a list": (_rows_not_a_list, "is corrupt \\(result.rows: expected array"),
-    "missing figure": (lambda out: (out / "robust" / "final.png").unlink(), "is unusable: figure robust/final.png is missing"),
-    "truncated figure": (_truncate_png, "is unusable: figure robust/final.png is truncated"),
+    "missing figure": (lambda out: (out / "probe" / "final.png").unlink(), "is unusable: figure probe/final.png is missing"),
+    "truncated figure": (_truncate_png, "is unusable: figure probe/final.png is truncated"),
 }
 
 
@@ -162,25 +162,25 @@ def test_resume_recomputes_a_damaged_cache_with_one_line(robust, tmp_path, damag
     lines = []
     run_lab(_config(tmp_path, resume=True), echo=lines.append)
     assert robust.runs == 2, "the damaged study must be recomputed"
-    cache = tmp_path / "robust" / "result.json"
+    cache = tmp_path / "probe" / "result.json"
     notes = [line for line in lines if "cache" in line]
-    assert len(notes) == 1 and f"- robust: cache {cache} " in notes[0] and notes[0].endswith("; recomputing"), lines
+    assert len(notes) == 1 and f"- probe: cache {cache} " in notes[0] and notes[0].endswith("; recomputing"), lines
     assert re.search(reason, notes[0]), notes[0]
     _assert_report_whole(tmp_path)
     lines.clear()
     run_lab(_config(tmp_path, resume=True), echo=lines.append)  # whole again: reused
-    assert robust.runs == 2 and lines == [f"- robust: reusing {cache} (--resume)"]
+    assert robust.runs == 2 and lines == [f"- probe: reusing {cache} (--resume)"]
 
 
 def test_resume_from_the_command_line_prints_no_traceback(robust, tmp_path, capsys):
-    args = ["lab", "robust", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]
+    args = ["lab", "probe", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]
     assert main(args) == 0
-    (tmp_path / "robust" / "result.json").write_text('{"signature": "')
+    (tmp_path / "probe" / "result.json").write_text('{"signature": "')
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
-    assert f"- robust: cache {tmp_path / 'robust' / 'result.json'} is corrupt (Unterminated string" in captured.out
+    assert f"- probe: cache {tmp_path / 'probe' / 'result.json'} is corrupt (Unterminated string" in captured.out
     assert robust.runs == 2
 
 
@@ -194,7 +194,7 @@ def test_interrupt_inside_a_study_keeps_the_previous_report_and_figures(robust, 
     assert caught.value.report is None and caught.value.finished == []
     assert _snapshot(tmp_path) == before, "the half-written figure must not replace the finished one"
     _assert_report_whole(tmp_path)
-    assert main(["lab", "robust", "--steps", "3", "--seeds", "1", "--out", str(tmp_path)]) == 130
+    assert main(["lab", "probe", "--steps", "3", "--seeds", "1", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "was NOT updated" in err and len(err.strip().splitlines()) == 1
 
@@ -209,9 +209,9 @@ def test_interrupt_while_rendering_the_report_leaves_the_previous_one(robust, tm
     monkeypatch.setattr(report, "_html", interrupted)
     with pytest.raises(LabInterrupted) as caught:
         run_lab(_config(tmp_path, steps=4), echo=lambda *_: None)
-    assert caught.value.report is None and caught.value.finished == ["robust"]
+    assert caught.value.report is None and caught.value.finished == ["probe"]
     assert {name: (tmp_path / name).read_bytes() for name in REPORT_FILES} == before
-    assert main(["lab", "robust", "--steps", "5", "--seeds", "1", "--out", str(tmp_path)]) == 130
+    assert main(["lab", "probe", "--steps", "5", "--seeds", "1", "--out", str(tmp_path)]) == 130
     assert "NOT updated" in capsys.readouterr().err
 
 
@@ -227,10 +227,10 @@ def test_sigint_during_the_report_commit_is_delivered_after_every_file_is_writte
         real_replace(source, target)
 
     monkeypatch.setattr(files.os, "replace", replace_and_interrupt)
-    assert main(["lab", "robust", "--steps", "6", "--seeds", "1", "--out", str(tmp_path)]) == 130
+    assert main(["lab", "probe", "--steps", "6", "--seeds", "1", "--out", str(tmp_path)]) == 130
     assert calls[-4:] == ["results.schema.json", "results.json", "summary.md", "index.html"]
     err = capsys.readouterr().err
-    assert f"report {tmp_path / 'index.html'} written" in err and "robust" in err
+    assert f"report {tmp_path / 'index.html'} written" in err and "probe" in err
     document = _assert_report_whole(tmp_path)
     assert document["config"]["steps"] == 6
 
@@ -248,8 +248,8 @@ def test_deferred_interrupt_holds_a_real_sigint_until_the_block_ends():
 def test_a_missing_figure_stops_the_report_before_any_file_changes(robust, tmp_path):
     results = run_lab(_config(tmp_path), echo=lambda *_: None)
     before = {name: (tmp_path / name).read_bytes() for name in REPORT_FILES}
-    (tmp_path / "robust" / "final.png").unlink()
-    with pytest.raises(report.ReportError, match="figure robust/final.png is missing; no file was changed"):
+    (tmp_path / "probe" / "final.png").unlink()
+    with pytest.raises(report.ReportError, match="figure probe/final.png is missing; no file was changed"):
         report.write_report(tmp_path, results, {})
     assert {name: (tmp_path / name).read_bytes() for name in REPORT_FILES} == before
     results[0].figures[0].path = "../outside.png"
@@ -333,7 +333,7 @@ def test_concurrent_lab_runs_into_one_folder_leave_whole_files(tmp_path):
         from fdiv.lab import LabConfig, register_study, run_lab
         from test_lab_robustness import RobustStudy
         register_study(RobustStudy)
-        run_lab(LabConfig(studies=["robust"], steps=int(sys.argv[1]), seeds=1, out={str(out)!r}), echo=lambda *a: None)
+        run_lab(LabConfig(studies=["probe"], steps=int(sys.argv[1]), seeds=1, out={str(out)!r}), echo=lambda *a: None)
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
