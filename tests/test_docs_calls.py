@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 NAMESPACES = [
     fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, fdiv.transport,
-    fdiv.robust, fdiv.classification, fdiv.clustering, hf,
+    fdiv.robust, fdiv.classification, fdiv.clustering, fdiv.diffusion, fdiv.theory, hf,
 ]
 
 
