@@ -108,6 +108,19 @@ BUILTIN_STUDIES: dict[str, StudyInfo] = {
             default_steps=250,
             default_divergences=("forward_kl",),
         ),
+        StudyInfo(
+            name="diffusion",
+            title="Score distillation: a one-step generator from a diffusion teacher, per f-divergence",
+            description=(
+                "Opt-in (fdiv lab diffusion). A 2-D ring of 8 Gaussians is the teacher (its noised scores exact in "
+                "closed form); a one-step MLP generator is distilled with f-distill under each divergence (reverse KL "
+                "= VSD/DMD, forward KL, JS, Hellinger, Jeffreys), with a learned student score and a discriminator "
+                "for log r, over several seeds; mode coverage, energy distance to the teacher and the generator's "
+                "gradient noise, with a recommendation per goal."
+            ),
+            default_steps=600,
+            default_divergences=("reverse_kl", "forward_kl", "js", "hellinger", "jeffreys"),
+        ),
     )
 }
 

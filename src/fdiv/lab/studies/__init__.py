@@ -1,3 +1,3 @@
 """Built-in studies; importing this package registers them."""
 
-from . import distill, lm, modes, preference, robust, transport  # noqa: F401
+from . import diffusion, distill, lm, modes, preference, robust, transport  # noqa: F401
