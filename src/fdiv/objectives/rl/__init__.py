@@ -32,6 +32,9 @@ function                               objective (module)
 :func:`dph_loss`                       DPH-RL (Li et al., 2025) mass-covering term on initial-policy samples
 :func:`dph_split`                      DPH-RL's pre-sampling split into near-perfect / exploration prompts
 :func:`disco_loss`                     DisCO (Li et al., 2025) discriminative objective + KL trust region
+:func:`distillation_advantage`         per-token on-policy distillation advantage ``teacher - student`` log-probs
+:func:`divergence_advantage`           ``-D(teacher_t || student_t)`` over the full vocabulary, per position
+:func:`aggregate`                      verl's loss aggregation modes over a ``[B, T]`` matrix (advantage)
 =====================================  ====================================================================
 
 Every tensor argument is keyword-only and named by its role (``policy_logps=``,
@@ -48,6 +51,8 @@ value, ``-inf`` and NaN included. Half-precision inputs compute in float32; floa
 float64. Bad input raises ``ValueError`` naming the argument; nothing returns a silent NaN.
 """
 
+from .advantage import *  # noqa: F401,F403
+from .advantage import __all__ as _advantage_all
 from .controllers import *  # noqa: F401,F403
 from .controllers import __all__ as _controllers_all
 from .disco import *  # noqa: F401,F403
@@ -59,4 +64,4 @@ from .fdpg import __all__ as _fdpg_all
 from .penalties import *  # noqa: F401,F403
 from .penalties import __all__ as _penalties_all
 
-__all__ = [*_penalties_all, *_controllers_all, *_fdpg_all, *_dph_all, *_disco_all]
+__all__ = [*_penalties_all, *_advantage_all, *_controllers_all, *_fdpg_all, *_dph_all, *_disco_all]
