@@ -387,3 +387,49 @@ def test_every_public_name_resolves_to_the_library_object():
     assert set(fdiv.__all__) <= set(dir(fdiv))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         fdiv.no_such_name  # noqa: B018
+
+
+def test_lab_without_its_extra_says_which_install_to_run(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["lab", "modes", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and 'pip install "fdiv[lab]"' in err and "Traceback" not in err
+
+
+def test_core_install_imports_and_computes_without_the_extras(tmp_path):
+    """`pip install fdiv` has torch and numpy only: with matplotlib, scikit-learn, scipy, transformers,
+    accelerate and triton made unimportable, `import fdiv`, every core namespace and a loss still work."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class Block:
+            blocked = ("matplotlib", "sklearn", "scipy", "transformers", "accelerate", "triton")
+
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in self.blocked:
+                    raise ImportError(f"{name} is blocked (not in the core install)")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import torch
+        import fdiv
+
+        for ns in ("distill", "preference", "rl", "samples", "transport", "robust", "classification",
+                   "clustering", "diffusion", "decoding", "detection"):
+            getattr(fdiv, ns)
+        s, t = torch.randn(4, 9), torch.randn(4, 9)
+        print(float(fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="js")))
+        assert not any(m.split(".")[0] in Block.blocked for m in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) > 0

@@ -312,7 +312,23 @@ def _lab_settings(args) -> tuple[dict, dict]:
     return values, names
 
 
+#: what `fdiv lab` imports beyond the core install (the `lab` extra), by module name
+LAB_MODULES = ("matplotlib", "sklearn", "scipy")
+
+
+def _missing_modules(names) -> list[str]:
+    import importlib.util
+
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def cmd_lab(args) -> int:
+    missing = _missing_modules(LAB_MODULES)
+    if missing and not args.list:
+        print(f"fdiv lab: error: the lab needs {', '.join(missing)}, which the core install leaves out; "
+              'install the lab extra: pip install "fdiv[lab]" (from a checkout: pip install -e ".[lab]")',
+              file=sys.stderr)
+        return 2
     from .lab import own
 
     if own.wants_own(args):  # the user's own models: `fdiv lab distill --teacher DIR --student DIR --data FILE`
