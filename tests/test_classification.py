@@ -580,3 +580,9 @@ def test_bad_inputs_name_the_argument():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_squared_hinge_output_weight_must_be_finite():
+    logits, labels = torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="output_weight contains NaN"):
+        squared_hinge_loss(logits=logits, labels=labels, output_weight=torch.full((3, 4), math.nan, dtype=torch.float64))

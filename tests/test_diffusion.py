@@ -629,3 +629,40 @@ def test_bad_inputs_are_value_errors_naming_the_argument():
         dmd_normalizer(samples=x, teacher_denoised=torch.randn(4))
     with pytest.raises(ValueError, match="eps"):
         dmd_normalizer(samples=x, teacher_denoised=s, eps=0.0)
+
+
+def test_non_finite_scores_are_named_not_returned_as_nan():
+    # a NaN / inf score used to flow into a NaN loss; the error names the tensor that holds it
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    s_p, s_q, log_r = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64), torch.zeros(4, dtype=F64)
+    bad = s_q.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match="fake_score contains NaN"):
+        f_distill_loss(samples=x, teacher_score=s_p, fake_score=bad, log_ratio=log_r, divergence="forward_kl")
+    with pytest.raises(ValueError, match="fake_score contains NaN"):
+        score_divergence(teacher_score=s_p, fake_score=bad, c=1.0)
+    with pytest.raises(ValueError, match="fake_score contains NaN"):
+        expanded_f_divergence_value(teacher_score=s_p, fake_score=bad, log_ratio=log_r, divergence="js")
+    inf_x = x.detach().clone()
+    inf_x[0, 0] = math.inf
+    with pytest.raises(ValueError, match="noisy_samples contains \\+inf"):
+        diff_instruct_star_loss(
+            clean_samples=x, noisy_samples=inf_x, alpha=1.0, sigma=0.5, teacher_score=s_p, fake_score=s_q, c=1.0
+        )
+    with pytest.raises(ValueError, match="noisy_samples contains \\+inf"):
+        uni_instruct_loss(
+            clean_samples=x, noisy_samples=inf_x, alpha=1.0, sigma=0.5, teacher_score=s_p, fake_score=s_q,
+            log_ratio=log_r, divergence="reverse_kl",
+        )
+    with pytest.raises(ValueError, match="rewards"):
+        diff_instruct_star_loss(
+            clean_samples=x, noisy_samples=x, alpha=1.0, sigma=0.5, teacher_score=s_p, fake_score=s_q,
+            distance="squared_l2", rewards=torch.tensor([0.0, math.nan, 0.0, 0.0], dtype=F64),
+        )
+    # finite inputs whose product overflows float32: an overflow error, not a silent inf
+    x32 = torch.ones(4, 3)
+    with pytest.raises(ValueError, match="overflows"):
+        diff_instruct_star_loss(
+            clean_samples=x32, noisy_samples=x32, alpha=0.0, sigma=1e-30, teacher_score=torch.ones(4, 3),
+            fake_score=torch.zeros(4, 3), distance="squared_l2",
+        )

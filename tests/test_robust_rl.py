@@ -530,3 +530,17 @@ def test_bad_inputs():
         WarmupGate(offline_data_ratio=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         WarmupGate(batch_size=0)
+
+
+def test_sac_actor_loss_and_backup_refuse_non_finite_inputs():
+    q, logp = torch.zeros(2, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="q_values contains NaN"):
+        sac_actor_loss(q_values=torch.full((2, 3), math.nan, dtype=torch.float64), log_probs=logp, alpha=0.1)
+    with pytest.raises(ValueError, match="log_probs contains \\+inf"):
+        sac_actor_loss(q_values=q, log_probs=torch.full((3,), math.inf, dtype=torch.float64), alpha=0.1)
+    features = torch.full((3, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="bonus contains NaN"):
+        robust_bellman_backup(
+            features=features, rewards=torch.zeros(3, dtype=torch.float64),
+            factor_values=torch.zeros(2, dtype=torch.float64), bonus=torch.full((3,), math.nan, dtype=torch.float64),
+        )

@@ -330,11 +330,11 @@ def test_crrelu_module_learnable_and_dtypes():
         loss.backward()
         opt.step()
     assert float(mod.eps.detach()) == pytest.approx(0.5, abs=1e-3)
-    fixed = CRReLU(0.3, learnable=False)
+    fixed = CRReLU(eps=0.3, learnable=False)
     assert list(fixed.parameters()) == [] and float(fixed.eps) == pytest.approx(0.3)
     # dtype: half inputs compute in float32 and come back in their dtype; fp32 vs fp64 agree
     xb = torch.linspace(-4, 4, 33, dtype=torch.bfloat16)
-    out = CRReLU(0.2)(xb)
+    out = CRReLU(eps=0.2)(xb)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, crrelu(x=xb.float(), eps=0.2).to(torch.bfloat16))
     x32 = torch.linspace(-5, 5, 101)
@@ -399,4 +399,11 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="eps"):
         crrelu(x=torch.zeros(3), eps=torch.zeros(2))
     with pytest.raises(ValueError, match="learnable"):
-        CRReLU(0.1, learnable=1)
+        CRReLU(eps=0.1, learnable=1)
+
+
+def test_crrelu_module_arguments_are_keyword_only():
+    with pytest.raises(TypeError):
+        CRReLU(0.1)  # noqa: the initial eps is named
+    with pytest.raises(ValueError, match="eps"):
+        crrelu(x=torch.zeros(3), eps=torch.tensor([math.inf]))

@@ -36,6 +36,7 @@ from .._validate import (
     check_number,
     check_positive,
     check_reduction,
+    check_same_device,
     check_tensor,
     check_weights,
     reduce,
@@ -354,8 +355,7 @@ class ALDRKL:
         check_tensor("indices", indices, integer=True, dim=1)
         if indices.shape[0] != logits.shape[0]:
             raise ValueError(f"indices must have shape ({logits.shape[0]},), got {tuple(indices.shape)}")
-        if indices.device != logits.device:
-            raise ValueError(f"device mismatch: indices is on {indices.device}, the logits on {logits.device}")
+        check_same_device("logits", logits, "indices", indices)
         if indices.numel() and bool(((indices < 0) | (indices >= self.num_examples)).any()):
             raise ValueError(f"indices must lie in [0, {self.num_examples})")
         z, _, y, counted, leading = _label_rows(logits, labels, ignore_index, allow_neg_inf=False)
@@ -428,12 +428,13 @@ def squared_hinge_loss(
     if output_weight is not None and reduction == "none":
         raise ValueError('output_weight adds one 0.5 ||W||^2 term to the reduced loss; it needs reduction="sum" or "mean"')
     z, _, y, counted, leading = _label_rows(logits, labels, ignore_index, allow_neg_inf=False)
+    if output_weight is not None:
+        check_same_device("logits", logits, "output_weight", output_weight)
+        check_finite("output_weight", output_weight)
     signs = 2.0 * _one_hot(y, z.shape[-1], z.dtype) - 1.0
     rows = c * torch.relu(1.0 - signs * z).square().sum(-1)
     out = _finish(rows, counted, leading, reduction, "squared_hinge_loss")
     if output_weight is not None:
-        if output_weight.device != logits.device:
-            raise ValueError(f"device mismatch: output_weight is on {output_weight.device}, the logits on {logits.device}")
         out = out + 0.5 * output_weight.to(out.dtype).square().sum()
     return out
 
@@ -586,6 +587,17 @@ def energy_weights(*, logits: torch.Tensor) -> torch.Tensor:
     decreases in ``|E|``: examples whose energy is far from 0 (very high-likelihood or very
     low-likelihood inputs) count less. ``log(1 + e^{|E|})`` is computed as
     ``|E| + log1p(e^{-|E|})``. No gradient flows through the weights.
+
+    Args:
+        logits: ``[..., K]`` logits on the natural inputs (``-inf``: a class with zero weight).
+
+    Returns:
+        ``[...]`` weights in ``(0, 1 / log 2]``, float32 (float64 for float64 logits; bf16/fp16
+        compute in float32).
+
+    Reference:
+        M. J. Mirza et al. (2024), "Shedding More Light on Robust Classifiers under the Lens of
+        Energy-Based Models", ECCV (WEAT).
     """
     e = free_energy(logits=logits).detach().abs()
     return 1.0 / (e + torch.log1p(torch.exp(-e)))
@@ -611,6 +623,14 @@ def trades_kl(
         adv_logits: ``[..., K]`` logits on the adversarial inputs (same shape).
         weights: optional non-negative ``[...]`` per-example weights (e.g. :func:`energy_weights`).
         reduction: ``"mean"`` over rows (the reference's ``(1/B) sum_i``), ``"sum"`` or ``"none"``.
+
+    Returns:
+        The reduced KL (``[...]`` for ``"none"``), float32 (float64 for float64 logits; bf16/fp16
+        compute in float32), as the registry's ``forward_kl`` returns it.
+
+    Reference:
+        H. Zhang, Y. Yu, J. Jiao, E. P. Xing, L. El Ghaoui, M. I. Jordan (2019), "Theoretically
+        Principled Trade-off between Robustness and Accuracy", ICML (TRADES).
     """
     check_logit_pair("clean_logits", clean_logits, "adv_logits", adv_logits)
     check_reduction(reduction)

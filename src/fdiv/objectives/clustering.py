@@ -31,12 +31,12 @@ from .._validate import (
     check_like,
     check_mask,
     check_nonnegative,
-    check_number,
     check_positive,
     check_probs,
     check_reduction,
     check_same_device,
     check_tensor,
+    check_unit_interval,
     reduce,
 )
 from ..math._numerics import compute_dtype
@@ -91,13 +91,12 @@ def _model_log_probs(probs, logits, *, dim: int, min_dim: int) -> tuple[str, tor
     return name, torch.log_softmax(x.to(dtype), dim=dim), dtype
 
 
-def _check_prior_vector(name: str, prior, k: int, device, *, positive: bool) -> torch.Tensor:
-    """A ``[K]`` distribution (strictly positive where ``positive``)."""
+def _check_prior_vector(name: str, prior, k: int, like: torch.Tensor, *, positive: bool) -> torch.Tensor:
+    """A ``[K]`` distribution on ``like``'s device (strictly positive where ``positive``)."""
     check_probs(name, prior, dim=-1, min_dim=1)
     if prior.dim() != 1 or prior.shape[0] != k:
         raise ValueError(f"{name} must have shape ({k},), got {tuple(prior.shape)}")
-    if prior.device != torch.device(device):
-        raise ValueError(f"device mismatch: {name} is on {prior.device}, the probabilities on {device}")
+    check_same_device(name, prior, "the probabilities", like)
     if positive and bool((prior <= 0).any()):
         raise ValueError(f"{name} must be strictly positive (a zero prior frequency forbids that cluster)")
     return prior
@@ -230,7 +229,7 @@ def depict_target(
     if mode == "dec" and prior is not None:
         raise ValueError("prior must be None for mode='dec' (the DEC target has no frequency prior)")
     if prior is not None:
-        _check_prior_vector("prior", prior, k, probs.device, positive=True)
+        _check_prior_vector("prior", prior, k, probs, positive=True)
         log_u = torch.log(prior.to(torch.float64) / prior.to(torch.float64).sum())
     else:
         log_u = torch.full((k,), -math.log(k), dtype=torch.float64, device=probs.device)
@@ -318,7 +317,7 @@ def depict_loss(
     n, k = model.shape
     counted = check_mask(mask, (n,), model.device)
     if prior is not None:
-        _check_prior_vector("prior", prior, k, model.device, positive=True)
+        _check_prior_vector("prior", prior, k, model, positive=True)
     dtype = compute_dtype(model, target)
     log_target = _log_probs_of(target, -1, dtype)
     kl = get("forward_kl").from_log_probs(log_target, log_model.to(dtype))
@@ -442,14 +441,14 @@ def _pixel_shape(x: torch.Tensor) -> tuple[int, ...]:
     return (x.shape[0],) if x.dim() == 2 else (x.shape[0], *x.shape[2:])
 
 
-def _class_weights(class_weights, k: int, device, dtype) -> torch.Tensor:
+def _class_weights(class_weights, model: torch.Tensor, dtype) -> torch.Tensor:
+    k = model.shape[1]
     if class_weights is None:
-        return torch.ones(k, dtype=dtype, device=device)
+        return torch.ones(k, dtype=dtype, device=model.device)
     check_tensor("class_weights", class_weights, dim=1)
     if class_weights.shape[0] != k:
         raise ValueError(f"class_weights must have shape ({k},), got {tuple(class_weights.shape)}")
-    if class_weights.device != torch.device(device):
-        raise ValueError(f"device mismatch: class_weights is on {class_weights.device}, the predictions on {device}")
+    check_same_device("class_weights", class_weights, "the predictions", model)
     check_finite("class_weights", class_weights)
     if bool((class_weights < 0).any()):
         raise ValueError("class_weights must be non-negative")
@@ -505,7 +504,7 @@ def weighted_entropy(
     """
     check_reduction(reduction)
     model, log_s, counted, dtype = _sfda_inputs(probs, logits, mask)
-    w = _class_weights(class_weights, model.shape[1], model.device, dtype)
+    w = _class_weights(class_weights, model, dtype)
     shape = _pixel_shape(model)
     h = -(w.view(1, -1, 1) * _xlogx_from_log(log_s)).sum(1).reshape(shape)
     return reduce(h, reduction, mask=None if counted is None else counted.reshape(shape))
@@ -530,11 +529,10 @@ def _log_class_ratio(log_s: torch.Tensor, counted: torch.Tensor | None) -> tuple
     return _logsumexp(masked, 2) - torch.log(count.clamp_min(1)).unsqueeze(-1), count
 
 
-def _log_prior(prior, b: int, k: int, device, dtype, prior_eps: float, flat: bool) -> torch.Tensor:
+def _log_prior(prior, b: int, k: int, model: torch.Tensor, dtype, prior_eps: float, flat: bool) -> torch.Tensor:
     """The ``[B, K]`` smoothed log prior ``log((pi + eps) / (1 + K eps))``."""
     check_tensor("prior", prior, min_dim=1)
-    if prior.device != torch.device(device):
-        raise ValueError(f"device mismatch: prior is on {prior.device}, the predictions on {device}")
+    check_same_device("prior", prior, "the predictions", model)
     allowed = [(k,)] if flat else [(k,), (b, k)]
     if tuple(prior.shape) not in allowed:
         raise ValueError(f"prior must have shape {' or '.join(str(s) for s in allowed)}, got {tuple(prior.shape)}")
@@ -598,7 +596,7 @@ def class_ratio_kl(
 
 def _ratio_divergence(div, prior, model, log_s, counted, dtype, prior_eps):
     b, k, _ = log_s.shape
-    log_pi = _log_prior(prior, b, k, model.device, dtype, prior_eps, model.dim() == 2)
+    log_pi = _log_prior(prior, b, k, model, dtype, prior_eps, model.dim() == 2)
     log_tau, count = _log_class_ratio(log_s, counted)
     live = count > 0
     log_tau = torch.where(live.unsqueeze(-1), log_tau, log_pi)  # empty images: D = 0, left out
@@ -670,7 +668,7 @@ def sfda_loss(
     prior_eps = check_nonnegative("prior_eps", prior_eps)
     div = as_divergence(divergence)
     model, log_s, counted, dtype = _sfda_inputs(probs, logits, mask)
-    w = _class_weights(class_weights, model.shape[1], model.device, dtype)
+    w = _class_weights(class_weights, model, dtype)
     h = -(w.view(1, -1, 1) * _xlogx_from_log(log_s)).sum(1)  # [B, P]
     if counted is None:
         entropy = h.mean(-1) if h.shape[-1] else h.sum(-1)
@@ -779,7 +777,7 @@ def attribution_kl(
     """
     mode = check_choice("mode", mode, ATTRIBUTION_MODES)
     temperature = check_positive("temperature", temperature)
-    smoothing = check_number("smoothing", smoothing, low=0.0, high=1.0)
+    smoothing = check_unit_interval("smoothing", smoothing)
     check_reduction(reduction)
     div = as_divergence(divergence)
     _check_attributions("attributions", attributions)

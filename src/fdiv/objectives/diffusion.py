@@ -38,9 +38,11 @@ from .._validate import (
     check_finite,
     check_int,
     check_like,
+    check_nonnegative,
     check_number,
     check_positive,
     check_reduction,
+    check_same_device,
     check_tensor,
     check_weights,
     reduce,
@@ -262,8 +264,7 @@ def _check_per_sample(name: str, x, batch: int, like_name: str, like: torch.Tens
         raise ValueError(
             f"{name} must have shape [{batch}] (one value per sample of {like_name}), got {tuple(x.shape)}"
         )
-    if x.device != like.device:
-        raise ValueError(f"device mismatch: {name} is on {x.device}, {like_name} on {like.device}")
+    check_same_device(name, x, like_name, like)
     return x
 
 
@@ -298,7 +299,22 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return product if product.dim() == 1 else product.flatten(start_dim=1).sum(dim=1)
 
 
-def _finish(per_sample: torch.Tensor, weights, reduction: str) -> torch.Tensor:
+def _check_result(per_sample: torch.Tensor, named: dict) -> None:
+    """A non-finite per-sample value is an error naming its cause: the first input holding NaN or
+    inf (inputs are scanned only then, so the finite path costs one ``[B]`` check), else an overflow."""
+    if per_sample.numel() == 0 or bool(torch.isfinite(per_sample.detach()).all()):
+        return
+    for name, x in named.items():
+        if isinstance(x, torch.Tensor):
+            check_finite(name, x.detach())
+    raise ValueError(
+        f"the per-sample loss overflows {per_sample.dtype} (finite inputs whose products exceed the dtype's "
+        "range); use float64 inputs"
+    )
+
+
+def _finish(per_sample: torch.Tensor, weights, reduction: str, named: dict) -> torch.Tensor:
+    _check_result(per_sample, named)
     if weights is not None:
         per_sample = per_sample * weights.detach().to(per_sample.dtype)
     return reduce(per_sample, reduction)
@@ -411,7 +427,8 @@ def f_distill_loss(
         direction = teacher_score.detach().to(dtype) - fake_score.detach().to(dtype)
     x = samples.to(dtype)
     per_sample = -coefficient * _inner(direction, x)
-    return _finish(per_sample, weights, reduction)
+    named = {"samples": samples, "teacher_score": teacher_score, "fake_score": fake_score}
+    return _finish(per_sample, weights, reduction, named)
 
 
 # ============================================================================ Uni-Instruct
@@ -475,7 +492,7 @@ def expanded_f_divergence_value(
     h = torch.exp(_log_weight(div, log_ratio.to(torch.float64))).to(dtype)
     _raise_if_overflow(h, "use float64 inputs")
     y = teacher_score.to(dtype) - fake_score.to(dtype)
-    return _finish(h * _inner(y, y), weights, reduction)
+    return _finish(h * _inner(y, y), weights, reduction, {"teacher_score": teacher_score, "fake_score": fake_score})
 
 
 def _weight_coefficients(div: FDivergence, u: torch.Tensor, *, derivatives: bool):
@@ -605,7 +622,13 @@ def uni_instruct_loss(
             along = dpath.to(dtype) * y_sq + 2.0 * dh.to(dtype) * sim
             direction = y.detach()
         per_sample = per_sample + along * _inner(direction, xt)
-    return _finish(per_sample, weights, reduction)
+    named = {
+        "clean_samples": clean_samples,
+        "noisy_samples": noisy_samples,
+        "teacher_score": teacher_score,
+        "fake_score": fake_score,
+    }
+    return _finish(per_sample, weights, reduction, named)
 
 
 # ============================================================================ Diff-Instruct*
@@ -733,7 +756,7 @@ def score_divergence(
     check_reduction(reduction)
     dtype = compute_dtype(teacher_score, fake_score)
     value, _ = _distance_and_grad(distance, teacher_score.to(dtype) - fake_score.to(dtype), c)
-    return _finish(value, weights, reduction)
+    return _finish(value, weights, reduction, {"teacher_score": teacher_score, "fake_score": fake_score})
 
 
 def diff_instruct_star_loss(
@@ -806,7 +829,8 @@ def diff_instruct_star_loss(
     include_path_term = check_bool("include_path_term", include_path_term)
     if rewards is not None:
         _check_per_sample("rewards", rewards, batch, "clean_samples", clean_samples)
-    reward_scale = check_number("reward_scale", reward_scale, low=0.0)
+        check_finite("rewards", rewards)
+    reward_scale = check_nonnegative("reward_scale", reward_scale)
     weights = _check_sample_weights(weights, batch, "noisy_samples", noisy_samples)
     check_reduction(reduction)
 
@@ -819,6 +843,10 @@ def diff_instruct_star_loss(
     per_sample = _inner(grad, s_q - k)
     if include_path_term:
         per_sample = per_sample + value
+    _check_result(
+        per_sample,
+        {"clean_samples": clean_samples, "noisy_samples": noisy_samples, "teacher_score": teacher_score, "fake_score": fake_score},
+    )
     if weights is not None:
         per_sample = per_sample * weights.detach().to(dtype)
     if rewards is not None:

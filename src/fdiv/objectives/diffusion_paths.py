@@ -28,6 +28,7 @@ from .._validate import (
     check_bool,
     check_callable,
     check_choice,
+    check_dim,
     check_finite,
     check_int,
     check_like,
@@ -35,6 +36,7 @@ from .._validate import (
     check_positive,
     check_probs,
     check_reduction,
+    check_same_device,
     check_tensor,
     reduce,
 )
@@ -95,8 +97,7 @@ def _check_sigma(sigma, mean: torch.Tensor, step_dim):
     """``sigma`` as a number or tensor, and the step dimension of ``mean``."""
     if isinstance(sigma, torch.Tensor) and sigma.dim() > 0:
         check_tensor("sigma", sigma)
-        if sigma.device != mean.device:
-            raise ValueError(f"device mismatch: sigma is on {sigma.device}, mean_a on {mean.device}")
+        check_same_device("sigma", sigma, "mean_a", mean)
         check_finite("sigma", sigma)
         if bool((sigma <= 0).any()):
             raise ValueError(f"sigma must be > 0 at every step, got a minimum of {float(sigma.min()):.6g}")
@@ -283,7 +284,8 @@ def tilted_target(
         Zhao et al. (2025), ICLR (CTRL); the Gibbs variational principle.
     """
     check_tensor("reference_probs", reference_probs, min_dim=1)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -reference_probs.dim() <= dim < reference_probs.dim():
+    check_dim(dim)
+    if not -reference_probs.dim() <= dim < reference_probs.dim():
         raise ValueError(f"dim={dim!r} is out of range for reference_probs of shape {tuple(reference_probs.shape)}")
     check_probs("reference_probs", reference_probs, dim=dim)
     check_like("reference_probs", reference_probs, "log_likelihood", log_likelihood)

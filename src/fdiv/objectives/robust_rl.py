@@ -50,6 +50,7 @@ from .._validate import (
     check_same_device,
     check_tensor,
     check_unit_interval,
+    check_weights,
     reduce,
 )
 from ..math._numerics import compute_dtype
@@ -211,13 +212,7 @@ def robust_bellman_backup(
     max_value = check_positive("max_value", max_value, allow_none=True)
     tensors = [features, rewards, factor_values]
     if bonus is not None:
-        check_tensor("bonus", bonus)
-        check_same_device("rewards", rewards, "bonus", bonus)
-        if bonus.shape != rewards.shape:
-            raise ValueError(f"bonus must have the shape of rewards {tuple(rewards.shape)}, got {tuple(bonus.shape)}")
-        check_finite("bonus", bonus)
-        if bool((bonus < 0).any()):
-            raise ValueError("bonus must be non-negative (a pessimism penalty)")
+        check_weights("bonus", bonus, "rewards", rewards)  # a finite, non-negative penalty per (s, a)
         tensors.append(bonus)
     dtype = compute_dtype(*tensors)
     q = rewards.to(dtype) + features.to(dtype) @ factor_values.to(dtype)
@@ -697,6 +692,8 @@ def sac_actor_loss(
     check_same_device("q_values", q_values, "log_probs", log_probs)
     if log_probs.shape[0] != q_values.shape[1]:
         raise ValueError(f"log_probs must have shape [B] = [{q_values.shape[1]}], got {tuple(log_probs.shape)}")
+    check_finite("q_values", q_values)
+    check_finite("log_probs", log_probs)
     dtype = compute_dtype(q_values, log_probs)
     q = q_values.to(dtype)
     q = q.amin(dim=0) if aggregate == "min" else q.mean(dim=0)

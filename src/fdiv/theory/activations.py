@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._validate import check_bool, check_number, check_same_device, check_tensor
+from .._validate import check_bool, check_finite, check_number, check_same_device, check_tensor
 from ..math._numerics import compute_dtype
 
 __all__ = ["CRRELU_EPS_INIT", "CRReLU", "crrelu"]
@@ -61,8 +61,7 @@ def crrelu(*, x, eps=CRRELU_EPS_INIT) -> torch.Tensor:
         if eps.numel() != 1:
             raise ValueError(f"eps must be a number or a one-element tensor, got shape {tuple(eps.shape)}")
         check_same_device("x", x, "eps", eps)
-        if not bool(torch.isfinite(eps.detach()).all()):
-            raise ValueError("eps must be finite")
+        check_finite("eps", eps.detach())
         eps = eps.reshape(())
     else:
         eps = check_number("eps", eps)
@@ -82,7 +81,7 @@ class CRReLU(nn.Module):
     Reference: Sun et al. (2024), arXiv:2405.12954.
     """
 
-    def __init__(self, eps: float = CRRELU_EPS_INIT, *, learnable: bool = True) -> None:
+    def __init__(self, *, eps: float = CRRELU_EPS_INIT, learnable: bool = True) -> None:
         super().__init__()
         value = torch.tensor(check_number("eps", eps), dtype=torch.float32)
         self.learnable = check_bool("learnable", learnable)

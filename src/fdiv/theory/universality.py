@@ -42,6 +42,7 @@ import torch
 from .._validate import (
     check_finite,
     check_int,
+    check_log_probs,
     check_number,
     check_same_device,
     check_tensor,
@@ -84,15 +85,14 @@ class UniversalityRegret(NamedTuple):
 
 
 # ============================================================================ inputs
-def _log_prior(log_prior, m: int, device) -> torch.Tensor:
-    """Normalised float64 log prior ``[m]`` (uniform when None)."""
+def _log_prior(log_prior, m: int, like: torch.Tensor) -> torch.Tensor:
+    """Normalised float64 log prior ``[m]`` on ``like``'s device (uniform when None)."""
     if log_prior is None:
-        return torch.full((m,), -math.log(m), dtype=_F64, device=device)
+        return torch.full((m,), -math.log(m), dtype=_F64, device=like.device)
     check_tensor("log_prior", log_prior, dim=1)
     if log_prior.shape[0] != m:
         raise ValueError(f"log_prior must have one entry per predictor ({m}), got {log_prior.shape[0]}")
-    if log_prior.device != torch.device(device):
-        raise ValueError(f"device mismatch: log_prior is on {log_prior.device}, the predictors on {device}")
+    check_same_device("log_prior", log_prior, "the predictors", like)
     check_finite("log_prior", log_prior, allow_neg_inf=True)
     lp = log_prior.to(_F64)
     if bool(torch.isneginf(lp).all()):
@@ -105,8 +105,7 @@ def _check_log_likelihoods(log_likelihoods) -> torch.Tensor:
     if log_likelihoods.shape[0] == 0 or log_likelihoods.shape[1] == 0:
         raise ValueError(f"log_likelihoods must be non-empty [m, S], got shape {tuple(log_likelihoods.shape)}")
     check_finite("log_likelihoods", log_likelihoods, allow_neg_inf=True)
-    if bool((log_likelihoods > 1e-9).any()):
-        raise ValueError("log_likelihoods must be log-probabilities of sequences (<= 0)")
+    check_log_probs("log_likelihoods", log_likelihoods)
     return log_likelihoods.to(_F64)
 
 
@@ -121,7 +120,7 @@ def mixture_log_prob(*, log_likelihoods, log_prior=None) -> torch.Tensor:
     Returns ``[S]`` float64.
     """
     ll = _check_log_likelihoods(log_likelihoods)
-    lw = _log_prior(log_prior, ll.shape[0], ll.device)
+    lw = _log_prior(log_prior, ll.shape[0], ll)
     return torch.logsumexp(lw[:, None] + ll, 0)
 
 
@@ -140,7 +139,7 @@ def mixture_regret_bound(*, log_likelihoods, log_prior=None) -> torch.Tensor:
     r"""The pointwise bound ``-log w_{j*(x)}`` (``j*`` the best predictor in hindsight; among ties the
     heaviest), ``[S]``; it is ``log m`` for the uniform prior. Sequences no predictor can produce: 0."""
     ll = _check_log_likelihoods(log_likelihoods)
-    lw = _log_prior(log_prior, ll.shape[0], ll.device)
+    lw = _log_prior(log_prior, ll.shape[0], ll)
     best = ll.max(0).values
     attains = (ll == best) & torch.isfinite(ll)
     heaviest = torch.where(attains, lw[:, None].expand_as(ll), torch.full_like(ll, -math.inf)).max(0).values
@@ -171,7 +170,7 @@ def mixture_predictions(*, predictions, bits, log_prior=None) -> MixturePredicti
     check_same_device("predictions", predictions, "bits", bits)
     if bool(((bits != 0) & (bits != 1)).any()):
         raise ValueError("bits must hold only 0 and 1")
-    lw = _log_prior(log_prior, m, predictions.device)
+    lw = _log_prior(log_prior, m, predictions)
     p1 = predictions.to(_F64)
     x = bits.to(torch.bool)
     step_ll = torch.log(torch.where(x[None, :], p1, 1.0 - p1))  # [m, T] log P_j(x_t | past)
@@ -223,7 +222,7 @@ def hypothesis_weight_bound(*, divergences, n: int, log_prior=None) -> tuple[tor
         raise ValueError("divergences must be non-negative")
     n = check_int("n", n, low=1)
     d = divergences.to(_F64)
-    lw = _log_prior(log_prior, d.shape[0], d.device)
+    lw = _log_prior(log_prior, d.shape[0], d)
     finite = torch.isfinite(d) & torch.isfinite(lw)
     if not bool(finite.any()):  # no member is within a finite distance: the regret bound is infinite
         inf = torch.tensor(math.inf, dtype=_F64, device=d.device)
@@ -284,7 +283,7 @@ def bernoulli_mixture_regret(*, theta0: float, thetas, n: int, log_prior=None) -
     theta0 = check_number("theta0", theta0, low=0.0, high=1.0)
     th = _bernoulli_thetas("thetas", thetas)
     n = check_int("n", n, low=1)
-    lw = _log_prior(log_prior, th.shape[0], th.device)
+    lw = _log_prior(log_prior, th.shape[0], th)
     k = torch.arange(n + 1, dtype=_F64, device=th.device)
     log_choose = torch.lgamma(torch.tensor(n + 1.0, dtype=_F64)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
     t0 = torch.tensor(theta0, dtype=_F64, device=th.device)
