@@ -136,6 +136,13 @@ def check_callable(name: str, value, *, allow_none: bool = False) -> Callable | 
 
 
 # ----------------------------------------------------------------------------- tensors
+def check_generator(generator) -> torch.Generator | None:
+    """A ``torch.Generator`` (for a reproducible draw) or ``None``; anything else is an ``ArgumentTypeError``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
 def check_tensor(
     name: str,
     x,

@@ -30,6 +30,7 @@ from .._validate import (
     check_choice,
     check_dim,
     check_finite,
+    check_generator,
     check_int,
     check_like,
     check_nonnegative,
@@ -646,8 +647,7 @@ def path_kinetic_energy(
     conditional = check_bool("conditional", conditional)
     n_times = check_int("n_times", n_times, low=2)
     n_samples = check_int("n_samples", n_samples, low=1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     if data_points is not None:
         check_tensor("data_points", data_points, dim=2)
         if data_points.shape[0] == 0 or data_points.shape[1] == 0:

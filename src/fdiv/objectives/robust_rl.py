@@ -36,10 +36,10 @@ from typing import NamedTuple
 import torch
 
 from .._validate import (
-    ArgumentTypeError,
     check_bool,
     check_choice,
     check_finite,
+    check_generator,
     check_int,
     check_mask,
     check_nonnegative,
@@ -635,8 +635,7 @@ def redq_target(
         subset_size = check_int("subset_size", subset_size, low=1)
         if not with_replacement and subset_size > ensemble:
             raise ValueError(f"subset_size={subset_size} exceeds the ensemble size E={ensemble} (without replacement)")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ArgumentTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_generator(generator)
         draw_device = generator.device if generator is not None else torch.device("cpu")
         if with_replacement:
             idx = torch.randint(0, ensemble, (subset_size,), generator=generator, device=draw_device)

@@ -36,6 +36,7 @@ from .._validate import (
     ArgumentTypeError,
     check_callable,
     check_finite,
+    check_generator,
     check_int,
     check_tensor,
 )
@@ -57,12 +58,6 @@ _GAMMA_PAD = 40.0
 
 
 # ============================================================================ helpers
-def _check_generator(generator) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
 def _gauss_legendre(nodes: int, low: float = 0.0, high: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     x, w = np.polynomial.legendre.leggauss(nodes)
     x = torch.as_tensor(x, dtype=torch.float64)
@@ -126,7 +121,7 @@ def ginibre_eigenvalues(
     """
     n = check_int("n", n, low=1)
     replications = check_int("replications", replications, low=1)
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     scale = 1.0 / math.sqrt(2.0 * n)
     real = torch.randn((replications, n, n), dtype=torch.float64, generator=generator)
     imag = torch.randn((replications, n, n), dtype=torch.float64, generator=generator)

@@ -42,9 +42,9 @@ from typing import NamedTuple
 import torch
 
 from .._validate import (
-    ArgumentTypeError,
     check_choice,
     check_finite,
+    check_generator,
     check_int,
     check_number,
     check_positive,
@@ -314,8 +314,7 @@ def mle_kl_risk_monte_carlo(
     """
     n = check_int("n", n, low=1)
     repeats = check_int("repeats", repeats, low=2)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     proj = information_projection(probs=probs, features=features, log_base=log_base)
     t, b = _check_family(features, log_base)
     g = _check_truth(probs, features)

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from .._validate import (
-    ArgumentTypeError,
     check_callable,
     check_finite,
+    check_generator,
     check_int,
     check_tensor,
     check_weights,
@@ -64,12 +64,6 @@ _ENVELOPE = 2.0
 
 
 # ============================================================================ helpers
-def _check_generator(generator) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ArgumentTypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return generator
-
-
 def _legendre(x: torch.Tensor, m: int) -> torch.Tensor:
     """Orthonormal Legendre features ``[..., m]`` by the three-term recurrence (trusted inputs)."""
     cols = [torch.ones_like(x)]
@@ -235,7 +229,7 @@ def sample_optimal_iid(
     m = check_int("m", m, low=1)
     n = check_int("n", n, low=1)
     replications = check_int("replications", replications, low=1)
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     return _iid_legendre(replications * n, m, generator).reshape(replications, n)
 
 
@@ -258,7 +252,7 @@ def sample_projection_dpp(
     """
     m = check_int("m", m, low=1)
     replications = check_int("replications", replications, low=1)
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     return _dpp_legendre(replications, m, generator)
 
 
@@ -283,7 +277,7 @@ def sample_volume_rescaled(
     replications = check_int("replications", replications, low=1)
     if n < m:
         raise ValueError(f"n must be >= m for volume-rescaled sampling, got n={n}, m={m}")
-    generator = _check_generator(generator)
+    generator = check_generator(generator)
     dpp = _dpp_legendre(replications, m, generator)
     extra = _iid_legendre(replications * (n - m), m, generator).reshape(replications, n - m)
     points = torch.cat([dpp, extra], dim=-1)
