@@ -17,12 +17,14 @@ import pytest
 
 import fdiv
 import fdiv.integrations.hf as hf
+import fdiv.integrations.teacher_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 NAMESPACES = [
     fdiv, fdiv.distill, fdiv.preference, fdiv.rl, fdiv.decoding, fdiv.detection, fdiv.samples, fdiv.transport,
     fdiv.robust, fdiv.classification, fdiv.clustering, fdiv.diffusion, fdiv.theory, hf,
+    fdiv.integrations.teacher_cache,
 ]
 
 

@@ -12,6 +12,7 @@ The implementations live in layer 3, :mod:`fdiv.objectives.distill`,
 Hugging Face trainer and the on-policy step are in :mod:`fdiv.integrations.hf`.
 """
 
+from .integrations.teacher_cache import TeacherCache, TeacherCacheCollator, cached_topk_loss, write_teacher_cache
 from .objectives.distill import *  # noqa: F401,F403
 from .objectives.distill import __all__ as _distill_all
 from .objectives.sinkhorn import *  # noqa: F401,F403
@@ -19,4 +20,7 @@ from .objectives.sinkhorn import __all__ as _sinkhorn_all
 from .objectives.speculative import *  # noqa: F401,F403
 from .objectives.speculative import __all__ as _speculative_all
 
-__all__ = [*_distill_all, *_sinkhorn_all, *_speculative_all]
+__all__ = [
+    *_distill_all, *_sinkhorn_all, *_speculative_all,
+    "TeacherCache", "TeacherCacheCollator", "cached_topk_loss", "write_teacher_cache",
+]
