@@ -15,13 +15,14 @@ the generator's pointwise log-space forms (``DESIGN.md`` §2).
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .._validate import REDUCTIONS, check_like, check_tensor
+from .._validate import REDUCTIONS, ArgumentTypeError, check_like, check_logit_pair, check_tensor
 from ..math.generators import FDivergence
 from ._rowmath import (
     clamp_rows,
@@ -37,6 +38,8 @@ from ._rowmath import (
 from .._validate import check_scaled_logits, scaled_logits_error
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
+_SHARD_NAMES = ("student_logits_shard", "teacher_logits_shard")
+_DTENSOR_NAMES = ("student_logits", "teacher_logits")
 _NOT_INITIALIZED = (
     "vocab_parallel_token_loss needs an initialized torch.distributed process group "
     "(call torch.distributed.init_process_group first); for full-vocabulary logits in a "
@@ -66,11 +69,11 @@ def _check_group(group):
         raise ValueError("this process is not a member of the process group passed as group=")
 
 
-def _check_shards(student, teacher):
+def _check_shards(student, teacher, names=_SHARD_NAMES):
     """Two floating shards of one shape and device (kernel-specific: unlike
     :func:`fdiv._validate.check_logit_pair`, a shard's vocabulary may be empty)."""
-    check_tensor("student_logits_shard", student, min_dim=1)
-    check_like("student_logits_shard", student, "teacher_logits_shard", teacher)
+    check_tensor(names[0], student, min_dim=1)
+    check_like(names[0], student, names[1], teacher)
 
 
 def _has_neg_inf(*tensors) -> torch.Tensor:
@@ -173,8 +176,10 @@ def _chunk_runner(plan: _Plan, student, teacher):
 
 def vocab_parallel_token_loss(
     *,
-    student_logits_shard: torch.Tensor,
-    teacher_logits_shard: torch.Tensor,
+    student_logits_shard: torch.Tensor | None = None,
+    teacher_logits_shard: torch.Tensor | None = None,
+    student_logits=None,
+    teacher_logits=None,
     divergence="forward_kl",
     group=None,
     temperature: float = 1.0,
@@ -189,7 +194,9 @@ def vocab_parallel_token_loss(
 
     Every rank of ``group`` passes its ``[..., V_r]`` slice of the student and the
     teacher logits (the same vocabulary slice for both; slices may be uneven and
-    any rank's may be empty). The result is, on every rank, the value of
+    any rank's may be empty) — or, instead, both logits as ``DTensor``\ s sharded on
+    the vocabulary (last) dimension (``student_logits=``, ``teacher_logits=``; see
+    below). The result is, on every rank, the value of
 
     .. math:: \mathcal{L} = \frac{1}{|M|} \sum_{n \in M} D_f\big(\mathrm{softmax}(t_n / T) \,\|\, \mathrm{softmax}(z_n / T)\big)
 
@@ -224,32 +231,57 @@ def vocab_parallel_token_loss(
     (on CPU tensors fewer when whole chunks are uncounted; on accelerators every chunk runs,
     so the only host sync is the one agreement at the start).
 
+    DTensor input: ``student_logits`` and ``teacher_logits`` are
+    :class:`torch.distributed.tensor.DTensor`\ s of one global shape ``[..., V]`` on one
+    device mesh with the same placements: ``Shard(-1)`` (the vocabulary) on exactly one mesh
+    dimension and ``Replicate()`` on every other one (a 1-D tensor-parallel mesh, or the
+    tensor-parallel dimension of a larger mesh). Shards may be uneven (``V`` not divisible by
+    the mesh size) or empty. The call takes each tensor's local shard (``to_local()``, which
+    keeps the autograd link, so the gradient arrives on the DTensor sharded like it) and the
+    process group of that mesh dimension, and runs the computation above. Rows sharded on
+    another mesh dimension and ``Partial`` placements are refused (the loss needs every row on
+    every rank of the vocabulary group, and normalised logits). The result is a **plain**
+    tensor, the same on every rank of the mesh (replicated); wrap it with
+    ``DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim)`` if a DTensor is wanted.
+
     Args:
         student_logits_shard: ``[..., V_r]`` this rank's slice of the model logits (any float
             dtype; bf16/fp16 are computed in fp32, float64 in float64).
         teacher_logits_shard: ``[..., V_r]`` the same slice of the target logits. ``-inf`` marks
             masked vocabulary entries (on any rank).
+        student_logits, teacher_logits: instead of the two shards, ``[..., V]`` DTensors sharded
+            on the vocabulary dimension as described above (the two shard arguments then stay
+            ``None``).
         divergence: an f-divergence: registered name, alias or :class:`fdiv.FDivergence` instance
             (``divergence=fdiv.get("js", beta=0.5)``). Other divergences (``renyi``, ...) raise ValueError.
-        group: the tensor-parallel process group; ``None`` is the default group.
+        group: the tensor-parallel process group; ``None`` is the default group. With DTensor
+            input ``None`` means the group of the mesh dimension that shards the vocabulary;
+            a group given there must hold the same ranks.
         temperature, mask, labels, ignore_index, reduction, chunk_size:
             as in :func:`fdiv.token_loss` (no ``T**2`` factor: kernels never scale);
-            ``mask``/``labels`` are ``[...]`` and must be the same on every rank. The default
-            ``chunk_size`` sizes a chunk by the largest shard.
+            ``mask``/``labels`` are ``[...]`` and must be the same on every rank (with DTensor
+            logits: plain tensors, or DTensors replicated on the same mesh; ``labels`` are then
+            range-checked against the global ``V``). The default ``chunk_size`` sizes a chunk by
+            the largest shard.
         check_finite: as in :func:`fdiv.token_loss` (default on for CPU tensors only, the same on
             every rank): off, the ``-inf``-aware forms always run and a NaN loss is returned as is.
 
     Returns:
         The same tensor on every rank: a float32 scalar (float64 for float64 inputs), or ``[...]``
-        for ``reduction="none"``. Gradients come back in the input dtype. Backward may be called
-        once; with ``reduction="none"`` each rank scales its gradient by its own ``grad_output``.
+        for ``reduction="none"``; a plain tensor for DTensor input too. Gradients come back in
+        the input dtype (for DTensor input as DTensors with the input's placements). Backward may
+        be called once; with ``reduction="none"`` each rank scales its gradient by its own
+        ``grad_output``.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized (use :func:`fdiv.token_loss`).
         ValueError: a non-f divergence, the ranks disagree on the number of rows (or the mask,
-            chunk size, ...), or the same input errors as :func:`fdiv.token_loss`. Errors found
-            on the local arguments are raised before any communication, so pass the same
-            arguments on every rank.
+            chunk size, ...), or the same input errors as :func:`fdiv.token_loss`; for DTensor
+            input also a placement other than the above, two different meshes or placements, or
+            a ``group`` with other ranks than the mesh's. Errors found on the local arguments are
+            raised before any communication, so pass the same arguments on every rank.
+        TypeError: (also a ValueError) neither the two shards nor the two DTensors given, a
+            DTensor passed as a shard, or a plain tensor passed as ``student_logits``.
 
     Example (inside a tensor-parallel model whose lm_head is split by vocabulary columns)::
 
@@ -266,21 +298,44 @@ def vocab_parallel_token_loss(
         Shoeybi et al. (2019), Megatron-LM (vocab-parallel cross-entropy); Hinton, Vinyals &
         Dean (2015); Agarwal et al. (2024), GKD; Ko et al. (2024), DistiLLM.
     """
-    _check_shards(student_logits_shard, teacher_logits_shard)
+    options = dict(
+        divergence=divergence, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+        chunk_size=chunk_size, check_finite=check_finite,
+    )
+    if student_logits is None and teacher_logits is None:
+        _check_plain_shards(student_logits_shard, teacher_logits_shard)
+        return _sharded_loss(student_logits_shard, teacher_logits_shard, names=_SHARD_NAMES, label_vocab=None,
+                             group=group, mask=mask, labels=labels, **options)
+    if student_logits_shard is not None or teacher_logits_shard is not None:
+        raise ValueError(
+            "pass either this rank's slices (student_logits_shard=, teacher_logits_shard=) or DTensors sharded on "
+            "the vocabulary dimension (student_logits=, teacher_logits=), not both"
+        )
+    student, teacher, group, mask, labels = _local_from_dtensors(student_logits, teacher_logits, group, mask, labels)
+    return _sharded_loss(student, teacher, names=_DTENSOR_NAMES, label_vocab=student_logits.shape[-1],
+                         group=group, mask=mask, labels=labels, **options)
+
+
+def _sharded_loss(
+    student_logits_shard, teacher_logits_shard, *, names, label_vocab, divergence, group, temperature, mask,
+    labels, ignore_index, reduction, chunk_size, check_finite,
+):
+    """The computation on this rank's two shards (``names``: how errors call them)."""
+    _check_shards(student_logits_shard, teacher_logits_shard, names)
     divergence, temperature, reduction, chunk_size = kernel_arguments(
         "vocab_parallel_token_loss", divergence, temperature, reduction, chunk_size, f_divergence=True
     )
     leading = student_logits_shard.shape[:-1]
     vocab_local = student_logits_shard.shape[-1]
     device = student_logits_shard.device
-    # labels: the range check needs the full vocabulary, unknown here before communicating
-    counted = counted_rows(leading, device, mask, labels, ignore_index, None)
+    # labels: the range check needs the full vocabulary, unknown here before communicating (None)
+    counted = counted_rows(leading, device, mask, labels, ignore_index, label_vocab)
     check_finite = resolve_check_finite(check_finite, device)
     dtype = compute_dtype(student_logits_shard)
     check_scaled_logits({}, 1.0 / temperature, dtype)  # an argument error (1/T alone): the same on every rank
     overflow = None
     if check_finite:  # data: logits / T must fit the compute dtype; the ranks share the verdict below
-        named = {"student_logits_shard": student_logits_shard, "teacher_logits_shard": teacher_logits_shard}
+        named = {names[0]: student_logits_shard, names[1]: teacher_logits_shard}
         overflow = scaled_logits_error(named, 1.0 / temperature, dtype)
     _check_group(group)
 
@@ -319,7 +374,7 @@ def vocab_parallel_token_loss(
         if high[name] != low[name]:
             if name == "rows":
                 raise ValueError(
-                    "all ranks must hold the same rows of logits: student_logits_shard has "
+                    f"all ranks must hold the same rows of logits: {names[0]} has "
                     f"{n} rows (shape {tuple(student_logits_shard.shape)}) on this rank, but the ranks of the "
                     f"group hold between {low[name]} and {high[name]}"
                 )
@@ -346,6 +401,132 @@ def vocab_parallel_token_loss(
             "-inf on every rank"
         )
     return out
+
+
+# ----------------------------------------------------------------------------- DTensor input
+
+
+def _dtensor_class():
+    """``torch.distributed.tensor.DTensor`` if that module is loaded (no DTensor can exist otherwise)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _is_dtensor(x) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(x, cls)
+
+
+def _check_plain_shards(student, teacher):
+    """The shard arguments are given and are not DTensors (those go through ``student_logits=``)."""
+    for name, x in zip(_SHARD_NAMES, (student, teacher)):
+        if x is None:
+            raise ArgumentTypeError(
+                f"vocab_parallel_token_loss() needs {name}=: pass this rank's slices as student_logits_shard= and "
+                "teacher_logits_shard=, or DTensors sharded on the vocabulary dimension as student_logits= and "
+                "teacher_logits="
+            )
+        if _is_dtensor(x):
+            raise ArgumentTypeError(
+                f"{name} is a DTensor: pass DTensors as {name.removesuffix('_shard')}= (the local shard and the process "
+                "group then come from its device mesh)"
+            )
+
+
+def _mesh_dim_label(mesh, i: int) -> str:
+    names = mesh.mesh_dim_names
+    return f"{i} ({names[i]!r})" if names else str(i)
+
+
+def _vocab_mesh_dim(name: str, x) -> int:
+    """The one mesh dimension that shards ``x``'s last (vocabulary) dimension; every other placement is
+    ``Replicate``. Anything else is a ValueError naming ``name`` and the placement."""
+    last = x.dim() - 1
+    found = []
+    for i, placement in enumerate(x.placements):
+        if placement.is_replicate():
+            continue
+        if placement.is_shard() and placement.dim % x.dim() == last:
+            found.append(i)
+            continue
+        if placement.is_shard():
+            why = (f"it shards dimension {placement.dim}, but only the vocabulary (last) dimension {last} may be "
+                   "sharded: every rank of the vocabulary group needs the same rows (for rows split over a "
+                   "data-parallel mesh dimension, wrap the local shard on the sub-mesh of the vocabulary dimension)")
+        elif placement.is_partial():
+            why = "the logits are partial sums; redistribute them to Shard(-1) first"
+        else:
+            why = "only Shard(-1) (the vocabulary) and Replicate() are supported"
+        raise ValueError(
+            f"{name} has placement {placement!r} on mesh dimension {_mesh_dim_label(x.device_mesh, i)} "
+            f"(placements {tuple(x.placements)}): {why}"
+        )
+    if not found:
+        raise ValueError(
+            f"{name} has placements {tuple(x.placements)}: it is not sharded on the vocabulary (last) dimension; "
+            f"expected Shard(-1) (= Shard({last})) on one mesh dimension (for replicated logits call "
+            f"fdiv.token_loss on {name}.to_local())"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{name} has placements {tuple(x.placements)}: the vocabulary is sharded over {len(found)} mesh "
+            "dimensions; shard it over one (flatten those mesh dimensions into one)"
+        )
+    return found[0]
+
+
+def _same_ranks(group, other) -> bool:
+    if group is other:
+        return True
+    try:
+        return sorted(dist.get_process_group_ranks(group)) == sorted(dist.get_process_group_ranks(other))
+    except (KeyError, RuntimeError, ValueError):  # not a process group this process belongs to
+        return False
+
+
+def _replicated_local(name: str, x, mesh):
+    """``mask`` / ``labels`` given as a DTensor: replicated on the logits' mesh -> its local tensor."""
+    if not _is_dtensor(x):
+        return x
+    if x.device_mesh != mesh or not all(p.is_replicate() for p in x.placements):
+        raise ValueError(
+            f"{name} is a DTensor with placements {tuple(x.placements)}: with DTensor logits it must be a plain "
+            "tensor or a DTensor replicated (Replicate() on every mesh dimension) on the logits' mesh"
+        )
+    return x.to_local()
+
+
+def _local_from_dtensors(student, teacher, group, mask, labels):
+    """Checks the two DTensors and returns their local shards, the vocabulary group and local mask / labels."""
+    for name, x in zip(_DTENSOR_NAMES, (student, teacher)):
+        if not _is_dtensor(x):
+            raise ArgumentTypeError(
+                f"{name} must be a torch.distributed.tensor.DTensor sharded on the vocabulary (last) dimension, got "
+                f"{type(x).__name__}; pass this rank's plain slice as {name}_shard=, or full logits to fdiv.token_loss"
+            )
+    check_logit_pair(_DTENSOR_NAMES[0], student, _DTENSOR_NAMES[1], teacher)
+    mesh = student.device_mesh
+    if teacher.device_mesh != mesh:
+        raise ValueError(
+            f"teacher_logits is on another device mesh than student_logits ({teacher.device_mesh} and {mesh}): "
+            "both must be on one mesh"
+        )
+    vocab_dim = _vocab_mesh_dim(_DTENSOR_NAMES[0], student)
+    if _vocab_mesh_dim(_DTENSOR_NAMES[1], teacher) != vocab_dim:  # every other placement is Replicate()
+        raise ValueError(
+            f"teacher_logits has placements {tuple(teacher.placements)} but student_logits "
+            f"{tuple(student.placements)}: both must shard the vocabulary on the same mesh dimension"
+        )
+    mesh_group = mesh.get_group(vocab_dim)
+    if group is not None and not _same_ranks(group, mesh_group):
+        raise ValueError(
+            "group= holds other ranks than the mesh dimension "
+            f"{_mesh_dim_label(mesh, vocab_dim)} that shards the vocabulary of student_logits; with DTensor input "
+            "leave group=None (the group comes from the device mesh)"
+        )
+    mask = _replicated_local("mask", mask, mesh)
+    labels = _replicated_local("labels", labels, mesh)
+    return student.to_local(), teacher.to_local(), mesh_group, mask, labels
 
 
 __all__ = ["vocab_parallel_token_loss"]
