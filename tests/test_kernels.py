@@ -1048,3 +1048,34 @@ def test_overflowing_gradient_sums_give_zero_rows_not_nan(name):
     rows.sum().backward()
     assert torch.isinf(rows).any()
     assert not torch.isnan(s2.grad).any() and not torch.isnan(t2.grad).any()
+
+
+def test_topk_loss_uses_the_exact_teacher_tail_when_given():
+    """A tail mass far below float32's rounding of the top-k (8e-17) is lost by recomputing it from
+    the stored log-probabilities; passed exactly (teacher_tail_logprobs=) the bucketed divergence
+    equals its float64 reference from the full logits."""
+    import math
+
+    V, k = 50, 5
+    t = torch.full((3, V), -40.0, dtype=torch.float64)
+    t[:, :k] = torch.tensor([0.0, -0.5, -1.0, -1.5, -2.0], dtype=torch.float64)
+    s = torch.randn(3, V, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lp = torch.log_softmax(t, -1)
+    top = torch.topk(lp, k, -1)
+    tail = torch.logsumexp(lp.scatter(-1, top.indices, -math.inf), -1)
+    lq = torch.log_softmax(s, -1)
+    q_tail = torch.logsumexp(lq.scatter(-1, top.indices, -math.inf), -1, keepdim=True)
+    for name in ("reverse_kl", "forward_kl", "js"):
+        ref = fdiv.get(name).from_log_probs(
+            torch.cat([top.values, tail[:, None]], -1), torch.cat([lq.gather(-1, top.indices), q_tail], -1)
+        ).mean()
+        kw = dict(student_logits=s.float(), teacher_topk_indices=top.indices,
+                  teacher_topk_logprobs=top.values.float(), divergence=name)
+        exact = fdiv.topk_token_loss(**kw, teacher_tail_logprobs=tail.float())
+        assert exact.item() == pytest.approx(ref.item(), rel=1e-5)
+        if name == "reverse_kl":  # mode-seeking: the lost tail changes the value by half
+            assert abs(fdiv.topk_token_loss(**kw).item() - ref.item()) > 0.3 * ref.item()
+    with pytest.raises(ValueError, match="teacher_tail_logprobs"):
+        fdiv.topk_token_loss(**kw, teacher_tail_logprobs=tail[:2].float())
+    with pytest.raises(ValueError, match="teacher_tail_logprobs"):
+        fdiv.topk_token_loss(**kw, teacher_tail_logprobs=torch.full((3,), 0.5))

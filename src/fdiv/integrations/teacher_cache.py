@@ -654,6 +654,7 @@ def cached_topk_loss(
         student_logits=student_logits,
         teacher_topk_indices=batch["teacher_topk_indices"],
         teacher_topk_logprobs=batch["teacher_topk_logprobs"],
+        teacher_tail_logprobs=batch["teacher_tail_logprobs"],
         divergence=divergence,
         tail=tail,
         temperature=temperature,

@@ -29,10 +29,12 @@ import torch
 from .._validate import (
     ArgumentTypeError,
     check_choice,
+    check_log_probs,
     check_same_device,
     check_tensor,
     raise_if_nan,
 )
+from .._validate import check_finite as check_finite_values
 from ..math.generators import FDivergence
 from ._rowmath import (
     clamp_rows,
@@ -126,8 +128,11 @@ def teacher_tail(logprobs: torch.Tensor, *, student_tail: torch.Tensor | None = 
     return tail.masked_fill(drop, -math.inf)
 
 
-def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, inv_temperature: float, tail: str):
-    """Row losses and student-logit gradients for a chunk of rows against a top-k teacher."""
+def sparse_chunk(
+    divergence: FDivergence, student, indices, teacher_logprobs, inv_temperature: float, tail: str, teacher_tail_lp=None
+):
+    """Row losses and student-logit gradients for a chunk of rows against a top-k teacher
+    (``teacher_tail_lp`` ``[n, 1]``: the teacher's exact tail log-mass, else recomputed)."""
     dtype = compute_dtype(student)
     z = student.to(dtype) * inv_temperature
     a_k = teacher_logprobs.to(dtype)
@@ -145,7 +150,10 @@ def sparse_chunk(divergence: FDivergence, student, indices, teacher_logprobs, in
     b_k = torch.gather(log_q, -1, idx)
     outside = log_q.scatter(-1, idx, -math.inf)
     b_tail = torch.logsumexp(outside, dim=-1, keepdim=True)
-    a_tail = teacher_tail(teacher_logprobs, student_tail=b_tail).to(dtype)
+    if teacher_tail_lp is None:
+        a_tail = teacher_tail(teacher_logprobs, student_tail=b_tail).to(dtype)
+    else:
+        a_tail = teacher_tail_lp.to(dtype)
     value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
     (grad_b,) = finite_form_grads(value, grad_b)
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]
@@ -165,6 +173,7 @@ def topk_token_loss(
     student_logits: torch.Tensor,
     teacher_topk_indices: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
+    teacher_tail_logprobs: torch.Tensor | None = None,
     divergence="forward_kl",
     tail: str = "bucket",
     temperature: float = 1.0,
@@ -183,6 +192,11 @@ def topk_token_loss(
         teacher_topk_logprobs: ``[..., k]`` the teacher's (P) log-probabilities of those ids, normalised over
             the full vocabulary at the distillation temperature (store them that way: the
             temperature is not re-applied to the teacher).
+        teacher_tail_logprobs: optional ``[...]`` the teacher's exact log-mass outside its top-k,
+            ``log(1 - sum_k p_k)`` computed from the full logits (``-inf`` for an empty tail), as an
+            offline cache stores it (:func:`fdiv.distill.write_teacher_cache`); used by
+            ``tail="bucket"`` instead of recomputing it from ``teacher_topk_logprobs``, which loses
+            tails below the rounding of the stored values (about ``k * eps``: all of it in bf16).
         divergence: an f-divergence: registered name or :class:`fdiv.FDivergence` instance
             (``divergence=fdiv.get("js", beta=0.3)``).
         tail: ``"bucket"`` or ``"renormalize"`` — see :mod:`fdiv.kernels.sparse`.
@@ -201,6 +215,17 @@ def topk_token_loss(
     check_finite = resolve_check_finite(check_finite, student_logits.device)
     check_topk(leading, vocab, student_logits.device, teacher_topk_indices, teacher_topk_logprobs, scan=check_finite)
     tail = check_choice("tail", tail, TAILS)
+    if teacher_tail_logprobs is not None:
+        check_tensor("teacher_tail_logprobs", teacher_tail_logprobs)
+        if tuple(teacher_tail_logprobs.shape) != tuple(leading):
+            raise ValueError(
+                f"teacher_tail_logprobs has shape {tuple(teacher_tail_logprobs.shape)}; it must be {tuple(leading)} "
+                "(one tail log-mass per row of student_logits)"
+            )
+        check_same_device("student_logits", student_logits, "teacher_tail_logprobs", teacher_tail_logprobs)
+        if check_finite:
+            check_finite_values("teacher_tail_logprobs", teacher_tail_logprobs, allow_neg_inf=True)
+            check_log_probs("teacher_tail_logprobs", teacher_tail_logprobs)
     divergence, temperature, reduction, chunk_size = kernel_arguments(
         "topk_token_loss", divergence, temperature, reduction, chunk_size, f_divergence=True
     )
@@ -213,13 +238,15 @@ def topk_token_loss(
     student = student_logits.reshape(-1, vocab)
     indices = teacher_topk_indices.reshape(-1, k)
     logprobs = teacher_topk_logprobs.reshape(-1, k)
+    tails = None if teacher_tail_logprobs is None else teacher_tail_logprobs.reshape(-1, 1).to(torch.float64)
     n = student.shape[0]
     chunk_size = chunk_size or default_chunk_size(n, vocab)
     weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
 
     def kernel(start, stop):
         return sparse_chunk(
-            divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail
+            divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail,
+            None if tails is None else tails[start:stop],
         )
 
     out = apply_chunked(student, None, chunk_runner(kernel), weights, reduction, chunk_size)
