@@ -21,6 +21,7 @@ from scipy.optimize import brentq
 from scipy.special import rel_entr
 
 import fdiv
+from fdiv._validate import reduce
 from fdiv.objectives import rl
 from fdiv.objectives.rl import (
     AdaptiveKLController,
@@ -363,7 +364,12 @@ def test_aggregation_keyword_is_gone():
     for loss, other in ((kl_estimate, "reference_logps"), (f_estimate, "reference_logps"), (dph_loss, "initial_logps")):
         with pytest.raises(TypeError, match="aggregation"):
             loss(policy_logps=z, **{other: z}, aggregation="token-mean")
-    assert not hasattr(rl, "aggregate") and not hasattr(rl, "AGGREGATIONS")
+    # the one aggregation vocabulary is the reducer's; fdiv.rl.aggregate (verl's contract) is a thin
+    # public call of it, not a second reducer
+    assert not hasattr(rl, "AGGREGATIONS")
+    v, m = torch.randn(3, 4), torch.rand(3, 4) > 0.3
+    for mode in rl.AGGREGATION_MODES:
+        assert torch.equal(rl.aggregate(values=v, mask=m, mode=mode), reduce(v, mode, mask=m))
 
 
 def test_half_precision_computes_in_float32():
