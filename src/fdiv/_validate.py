@@ -171,6 +171,19 @@ def check_tensor(
     return x
 
 
+def check_indices(name: str, x, size: int, *, shape=None, ref_name: str | None = None, ref=None) -> torch.Tensor:
+    """Integer ids in ``[0, size)`` (indexing would wrap a negative id silently), of ``shape`` when
+    given, on ``ref``'s device when given (``ref_name`` names it). Returns ``x``."""
+    check_tensor(name, x, integer=True)
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if ref is not None:
+        check_same_device(ref_name, ref, name, x)
+    if x.numel() and bool(((x < 0) | (x >= size)).any()):
+        raise ValueError(f"{name} must lie in [0, {size}), got ids from {int(x.min())} to {int(x.max())}")
+    return x
+
+
 def check_same_device(first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor) -> None:
     if first.device != second.device:
         raise ValueError(f"device mismatch: {first_name} is on {first.device}, {second_name} on {second.device}")

@@ -28,6 +28,7 @@ from .._validate import (
     check_bool,
     check_choice,
     check_finite,
+    check_indices,
     check_int,
     check_labels,
     check_like,
@@ -352,12 +353,7 @@ class ALDRKL:
         classes = logits.shape[-1]
         if classes < 2:
             raise ValueError(f"logits must have at least 2 classes for ALDR-KL (log K > 0), got {classes}")
-        check_tensor("indices", indices, integer=True, dim=1)
-        if indices.shape[0] != logits.shape[0]:
-            raise ValueError(f"indices must have shape ({logits.shape[0]},), got {tuple(indices.shape)}")
-        check_same_device("logits", logits, "indices", indices)
-        if indices.numel() and bool(((indices < 0) | (indices >= self.num_examples)).any()):
-            raise ValueError(f"indices must lie in [0, {self.num_examples})")
+        check_indices("indices", indices, self.num_examples, shape=(logits.shape[0],), ref_name="logits", ref=logits)
         z, _, y, counted, leading = _label_rows(logits, labels, ignore_index, allow_neg_inf=False)
         if self.lambdas.device != logits.device:
             self.lambdas = self.lambdas.to(logits.device)

@@ -27,6 +27,7 @@ import torch
 from .._validate import (
     check_bool,
     check_finite,
+    check_indices,
     check_int,
     check_like,
     check_mask,
@@ -238,14 +239,7 @@ class CompositionalLogMeanExp:
             if losses.shape[1] == 0:
                 raise ValueError("losses has no sample per row (shape [B, 0])")
             counted = check_mask(mask, losses.shape, losses.device)
-            check_tensor("groups", groups, integer=True, dim=1)
-            if groups.shape[0] != losses.shape[0]:
-                raise ValueError(
-                    f"groups must have shape [{losses.shape[0]}] (one id per row of losses), got {tuple(groups.shape)}"
-                )
-            check_same_device("losses", losses, "groups", groups)
-            if groups.numel() and bool(((groups < 0) | (groups >= self.num_groups)).any()):
-                raise ValueError(f"groups must lie in [0, {self.num_groups})")
+            check_indices("groups", groups, self.num_groups, shape=(losses.shape[0],), ref_name="losses", ref=losses)
             flat, counted_flat, row_groups = losses, counted, groups
         if counted_flat is None:
             counted_flat = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)

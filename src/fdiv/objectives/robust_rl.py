@@ -40,6 +40,7 @@ from .._validate import (
     check_choice,
     check_finite,
     check_generator,
+    check_indices,
     check_int,
     check_mask,
     check_nonnegative,
@@ -85,18 +86,6 @@ TV_SUPPORTS = ("all", "factor")
 # ============================================================================ validation helpers
 def _check_divergence(divergence) -> str:
     return check_choice("divergence", divergence, ROBUST_RL_DIVERGENCES)
-
-
-def _check_indices(name: str, x, size: int, shape, device) -> torch.Tensor:
-    """Integer indices of ``shape`` on ``device``, each in ``[0, size)``."""
-    check_tensor(name, x, integer=True)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if x.device != torch.device(device):
-        raise ValueError(f"device mismatch: {name} is on {x.device}, the features on {device}")
-    if x.numel() and bool(((x < 0) | (x >= size)).any()):
-        raise ValueError(f"{name} must lie in [0, {size})")
-    return x
 
 
 # ============================================================================ R2PVI: model-based pieces
@@ -524,9 +513,8 @@ def r2pvi(
     check_tensor("states", states, integer=True, dim=2)
     if states.shape[0] != horizon:
         raise ValueError(f"states must have shape [H, N] with H = {horizon}, got {tuple(states.shape)}")
-    _check_indices("states", states, s, states.shape, features.device)
-    _check_indices("actions", actions, a, states.shape, features.device)
-    _check_indices("next_states", next_states, s, states.shape, features.device)
+    for name, ids, size in (("states", states, s), ("actions", actions, a), ("next_states", next_states, s)):
+        check_indices(name, ids, size, shape=states.shape, ref_name="features", ref=features)
     if truncate and bool(((rewards < 0) | (rewards > 1)).any()):
         raise ValueError("rewards must lie in [0, 1] when truncate=True (Q_h is clipped to [0, H - h])")
     dtype = compute_dtype(features, rewards)
@@ -646,8 +634,7 @@ def redq_target(
         check_tensor("indices", indices, integer=True, dim=1)
         if indices.shape[0] == 0:
             raise ValueError("indices must name at least one ensemble member")
-        if bool(((indices < 0) | (indices >= ensemble)).any()):
-            raise ValueError(f"indices must lie in [0, {ensemble})")
+        check_indices("indices", indices, ensemble)
         idx = indices.to(next_q_values.device)
     dtype = compute_dtype(*tensors)
     soft = next_q_values.to(dtype).index_select(0, idx).amin(dim=0)
