@@ -23,6 +23,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def safe_log(x: torch.Tensor) -> torch.Tensor:
+    """``log x`` for ``x >= 0`` with ``-inf`` at exact zeros and a zero (not NaN) derivative there."""
+    pos = x > 0
+    return torch.where(pos, torch.log(torch.where(pos, x, torch.ones_like(x))), torch.full_like(x, -math.inf))
+
+
 def times(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``weight * x`` with the convention ``0 * anything = 0``."""
     return torch.where(weight == 0, torch.zeros_like(x), weight * x)

@@ -59,7 +59,7 @@ from .._validate import (
     check_same_device,
     check_tensor,
 )
-from ._numerics import compute_dtype
+from ._numerics import compute_dtype, safe_log
 
 __all__ = [
     "COSTS",
@@ -1044,12 +1044,6 @@ def _check_clouds(x_name, x, y_name, y, cost):
     return x, y, x.shape[:-2]
 
 
-def _safe_log(w: torch.Tensor) -> torch.Tensor:
-    """``log w`` with ``-inf`` at exact zeros and a zero (not NaN) derivative there."""
-    pos = w > 0
-    return torch.where(pos, torch.log(torch.where(pos, w, torch.ones_like(w))), torch.full_like(w, -math.inf))
-
-
 def _weights(name, probs, log_probs, shape, dtype, ref_name, ref):
     """``(w, log w)`` of shape ``shape`` (``[.., n]``) from masses, log-masses or None (uniform 1/n).
 
@@ -1078,7 +1072,7 @@ def _weights(name, probs, log_probs, shape, dtype, ref_name, ref):
         check_finite(label, t.detach())
         if bool((t.detach() < 0).any()):
             raise ValueError(f"{label} must be non-negative (a measure's weights)")
-        w, lw = t, _safe_log(t)
+        w, lw = t, safe_log(t)
     else:
         check_finite(label, t.detach(), allow_neg_inf=True)
         w, lw = torch.exp(t), t

@@ -39,7 +39,7 @@ from .._validate import (
     check_unit_interval,
     reduce,
 )
-from ..math._numerics import compute_dtype
+from ..math._numerics import compute_dtype, safe_log
 from ..math.registry import as_divergence, get
 
 __all__ = [
@@ -64,9 +64,7 @@ ATTRIBUTION_MODES = ("abs", "softmax")
 # ============================================================================ shared checks
 def _log_probs_of(probs: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """``log p`` renormalised along ``dim`` (``-inf`` at zeros, gradient 0 there)."""
-    x = probs.to(dtype)
-    safe = torch.where(x > 0, x, torch.ones((), dtype=dtype, device=x.device))
-    log_x = torch.where(x > 0, torch.log(safe), torch.full((), -math.inf, dtype=dtype, device=x.device))
+    log_x = safe_log(probs.to(dtype))
     return log_x - torch.logsumexp(log_x, dim=dim, keepdim=True)
 
 

@@ -41,7 +41,7 @@ from .._validate import (
     check_tensor,
     reduce,
 )
-from ..math._numerics import compute_dtype
+from ..math._numerics import compute_dtype, safe_log
 from ..math.registry import get
 
 __all__ = [
@@ -300,7 +300,7 @@ def tilted_target(
     # zero-probability states and -inf log-likelihoods enter as constants (-inf logits), so that
     # neither value nor gradient meets log(0) or 0 * inf
     has_mass, possible = p > 0, torch.isfinite(ll)
-    log_p = torch.where(has_mass, torch.log(torch.where(has_mass, p, torch.ones_like(p))), -math.inf)
+    log_p = safe_log(p)
     ll_safe = torch.where(possible, ll, torch.zeros_like(ll))
     scaled = ll_safe / alpha
     if not bool(torch.isfinite(scaled.detach()).all()):
