@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -196,7 +197,11 @@ def test_distillation_trainer_swaps_the_loss_only_during_its_call():
     seen = {}
 
     def fake_base(self, unwrapped_student, inputs, num_items_in_batch):
-        seen["loss"] = trl_distillation._chunked_divergence_loss(**case, beta=0.5)[0]
+        # as TRL calls it: the first six arguments by position, the rest by name
+        named = {**case, "beta": 0.5}
+        first = list(inspect.signature(original).parameters)[:6]
+        args = [named.pop(name) for name in first]
+        seen["loss"] = trl_distillation._chunked_divergence_loss(*args, **named)[0]
         return seen["loss"]
 
     base = adapter.DistillationTrainer.__mro__[1]

@@ -24,6 +24,7 @@ access and raise ImportError when TRL is missing or outside :data:`SUPPORTED_TRL
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 
@@ -111,6 +112,7 @@ def gkd_loss(
 
 
 def chunked_divergence_loss(
+    *,
     student_hidden_states: torch.Tensor,
     teacher_hidden_states: torch.Tensor,
     student_lm_head_weight: torch.Tensor,
@@ -125,10 +127,9 @@ def chunked_divergence_loss(
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
-    *,
     divergence=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""TRL's ``distillation_trainer._chunked_divergence_loss`` (same positional call) with any fdiv divergence.
+    r"""TRL's ``distillation_trainer._chunked_divergence_loss`` (its argument names, keyword-only) with any fdiv divergence.
 
     The hidden states ``[B, K, H]`` are projected by each model's ``lm_head`` chunk by chunk inside
     :func:`fdiv.fused_linear_loss`. A ``logit_scale`` multiplies the hidden states and the bias
@@ -274,11 +275,13 @@ def _build_distillation():
         Base.__init__(self, *args, **kwargs)
         self.divergence = resolve_divergence(divergence, self.beta)
 
+    trl_signature = inspect.signature(module._chunked_divergence_loss)
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         div = self.divergence
 
-        def loss(*args, **kwargs):
-            return chunked_divergence_loss(*args, divergence=div, **kwargs)
+        def loss(*args, **kwargs):  # TRL calls its loss positionally: bind to its names
+            return chunked_divergence_loss(**trl_signature.bind(*args, **kwargs).arguments, divergence=div)
 
         # TRL's _compute_loss calls its module-level loss by name; swap it for this call only.
         with _replaced(module, "_chunked_divergence_loss", loss):
