@@ -31,8 +31,8 @@ divergence (see ``docs/robust.md`` for the derivations):
   evaluated with ``log1p`` of an ``expm1`` sum for large ``lambda`` (the dual with the
   registry's ``exp(u - 1)`` would cancel ``eta - lambda``) and shifted by the minimum
   over the support for small ``lambda``;
-* ``"chi2"``: the registry conjugate of ``pearson_chi2`` at the exact inner optimum ``eta*``,
-  found by sorting (``eta*`` solves a piecewise-linear equation: the active set
+* ``"chi2"``: the conjugate of ``pearson_chi2`` (``f*(u) = u + u^2/4``, evaluated in float64 as
+  ``lam f*(u)``) at the exact inner optimum ``eta*``, found by sorting (``eta*`` solves a piecewise-linear equation: the active set
   ``{V < eta + 2 lambda}`` is a prefix of the sorted values);
 * ``"tv"``: ``E_p[min(V, min_{supp p} V + lambda)]``, the dual at its boundary optimum
   ``eta* = min V + lambda/2`` (the TV conjugate is ``+inf`` above ``1/2``).
@@ -54,7 +54,6 @@ from .._validate import (
     check_tensor,
 )
 from ._numerics import compute_dtype
-from .registry import get
 
 __all__ = ["DRO_DIVERGENCES", "DRO_SENSES", "dro_dual", "dro_weights"]
 
@@ -121,11 +120,20 @@ def _support_min(v: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return torch.where(support, v, inf).amin(-1, keepdim=True)
 
 
+def _normalise(mass: torch.Tensor) -> torch.Tensor:
+    """``mass / mass.sum(-1)`` for non-negative rows with a positive entry, scaled by the (detached) row
+    maximum first: the sum is then ``>= 1``, so the backward never squares a tiny (subnormal) total to 0
+    (``0 / 0`` = NaN); the ratio is scale-invariant, so the detached scale changes no gradient."""
+    top = mass.detach().amax(-1, keepdim=True)
+    scaled = mass / torch.where(top > 0, top, torch.ones_like(top))
+    return scaled / scaled.sum(-1, keepdim=True)
+
+
 def _argmin_weights(v, p, support, m):
     """``p`` restricted to the minimisers of ``V`` over the support, renormalised (the ``lam = 0`` worst case)."""
     at_min = support & (v == m)
     mass = torch.where(at_min, p, torch.zeros_like(p))
-    return mass / mass.sum(-1, keepdim=True)
+    return _normalise(mass)
 
 
 # ============================================================================ KL
@@ -168,7 +176,7 @@ def _kl_weights(v, p, support, lam):
     x = _kl_scaled(v, p, support, m, safe)
     # p exp(-x) / sum p exp(-x): x >= 0 with x = 0 at a minimiser, so the sum is >= its mass
     unnormalised = torch.where(support, p * torch.exp(-x), torch.zeros_like(p))
-    weights = unnormalised / unnormalised.sum(-1, keepdim=True)
+    weights = _normalise(unnormalised)
     return torch.where(zero, _argmin_weights(v, p, support, m), torch.where(infinite, p, weights))
 
 
@@ -191,51 +199,79 @@ def _chi2_root(y, p, support, lam):
         moment = torch.cumsum(ps * ys, -1)
         live = torch.gather(support, -1, order)
         zeta_k = (2 * lam * tail + moment) / torch.where(live, head, torch.ones_like(head))
-        ok = live & (ys < zeta_k + 2 * lam)
-        index = torch.arange(y.shape[-1], device=y.device).expand_as(ys)
-        last = torch.where(ok, index, torch.zeros_like(index)).amax(-1, keepdim=True)
-        zeta = torch.gather(zeta_k, -1, last)
-        active = support & (y < zeta + 2 * lam)
+        # the root is the first k whose next entry stays inactive (y_{k+1} >= zeta_k + 2 lam), and the
+        # active set is that sorted prefix: testing each entry's own activity instead misfires under
+        # rounding when an entry's share of the mass is below the resolution of zeta_k (tiny p, tiny lam)
+        n = y.shape[-1]
+        next_y = torch.cat([ys[..., 1:], torch.full_like(ys[..., :1], math.inf)], -1)
+        next_live = torch.cat([live[..., 1:], torch.zeros_like(live[..., :1])], -1)
+        stop = live & (~next_live | (next_y >= zeta_k + 2 * lam))
+        index = torch.arange(n, device=y.device).expand_as(ys)
+        first = torch.where(stop, index, torch.full_like(index, n - 1)).amin(-1, keepdim=True)
+        zeta = torch.gather(zeta_k, -1, first)
+        active = torch.zeros_like(support).scatter(-1, order, live & (index <= first))
     return zeta, active
 
 
 def _chi2_value(v, p, support, lam):
+    # float64 inside: u = (zeta - V) / lam reaches 1e30 and more for a tiny lam (u^2 overflows float32)
+    dtype = v.dtype
+    v, p, lam = v.to(torch.float64), p.to(torch.float64), lam.to(torch.float64)
     zero, infinite, interior, safe = _regimes(lam)
     m = _support_min(v, support)
     y = torch.where(support, v - m.detach(), torch.zeros_like(v))
     lam_d = safe.detach()
     zeta, active = _chi2_root(y.detach(), p.detach(), support, lam_d)
-    # the dual at its inner optimum with the registry's conjugate f*(u) = u + u^2/4 (u >= -2), -1 below;
-    # eta is detached: d(dual)/d(eta) = 0 there (envelope theorem)
-    u = ((zeta - y) / lam_d).clamp_min(-2.0)
-    conjugate = get(_REGISTRY_NAMES["chi2"]).conjugate(u)
-    terms = torch.where(support, p * conjugate, torch.zeros_like(p))
-    value = m.detach() + zeta - lam_d * terms.sum(-1, keepdim=True)
+    # the dual at its inner optimum with the registry's conjugate f*(u) = u + u^2/4 (u >= -2), -1 below,
+    # as lam p f*(u) = d (p + p d / (4 lam)) with d = lam u = zeta - y >= -2 lam: p d / (2 lam) = q - p <= 1,
+    # so nothing overflows where u^2 would; eta is detached: d(dual)/d(eta) = 0 there (envelope theorem)
+    d = torch.maximum(zeta - y, -2 * lam_d)
+    p_d = p.detach()
+    terms = torch.where(support, d * (p_d + (p_d * d) / (4 * lam_d)), torch.zeros_like(p))
+    # d/dp = -lam f*(u) = -(d + d^2 / (4 lam)): beyond the input dtype for a tiny lam and wide values, where
+    # the renormalisation's backward would form inf - inf; it is saturated at a bound that sum stays below
+    bound = torch.finfo(dtype).max / (4 * max(v.shape[-1], 1))
+    slope = torch.where(support, (d + d * d / (4 * lam_d)).detach().clamp(-bound, bound), torch.zeros_like(p))
+    value = m.detach() + zeta - terms.sum(-1, keepdim=True) - ((p - p_d) * slope).sum(-1, keepdim=True)
     with torch.no_grad():  # chi2(q* || p) = sum_A p s^2 + p(outside A), s = (zeta - y) / (2 lam)
         s = (zeta - y) / (2 * lam_d)
-        divergence = torch.where(active, p * s * s, torch.where(support, p, torch.zeros_like(p))).sum(-1, keepdim=True)
+        outside = torch.where(support, p, torch.zeros_like(p))
+        divergence = torch.where(active, (p * s) * s, outside).sum(-1, keepdim=True)
     mean = (p * v).sum(-1, keepdim=True)
     value = torch.where(zero, m, torch.where(infinite, mean, value))
-    return value, torch.where(interior, divergence, torch.zeros_like(divergence))
+    return value.to(dtype), torch.where(interior, divergence, torch.zeros_like(divergence)).to(dtype)
+
+
+def _argmax_mask(x: torch.Tensor) -> torch.Tensor:
+    """A bool mask of the (first) largest entry of each row."""
+    return torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter(-1, x.argmax(-1, keepdim=True), True)
 
 
 def _chi2_weights(v, p, support, lam):
     """``q = p (1 + (eta* - V)/(2 lam))_+`` with ``eta*`` differentiable: on its (locally constant)
     active set ``A`` the root is ``(2 lam p(not A) + sum_A p y) / p(A)``, an explicit function."""
+    dtype = v.dtype  # float64 inside, as in _chi2_value
+    v, p, lam = v.to(torch.float64), p.to(torch.float64), lam.to(torch.float64)
     zero, infinite, interior, safe = _regimes(lam)
     m = _support_min(v, support).detach()
     y = torch.where(support, v - m, torch.zeros_like(v))
     _, active = _chi2_root(y.detach(), p.detach(), support, safe.detach())
     zero_p = torch.zeros_like(p)
-    head = torch.where(active, p, zero_p).sum(-1, keepdim=True)
-    tail = torch.where(support & ~active, p, zero_p).sum(-1, keepdim=True)
-    moment = torch.where(active, p * y, zero_p).sum(-1, keepdim=True)
-    # (eta* - V)/(2 lam) = p(not A)/p(A) + (E_A y - y)/(2 lam): the lam-free part is kept apart, so a
-    # tiny lam never forms zeta/(2 lam)^2; inactive entries never reach the division (no 0 * inf backward)
+    # q = p (1 + (eta* - V)/(2 lam)) = p(supp) * p/p(A) + p (E_A y - y)/(2 lam) on A: the within-A ratio
+    # p/p(A) is normalised by _normalise (no 1/p(A)^2 in the backward when p(A) is tiny), the lam-free part
+    # is kept apart, so a tiny lam never forms zeta/(2 lam)^2; inactive entries never reach the division
+    ratio = _normalise(torch.where(active, p, zero_p))
+    total = torch.where(support, p, zero_p).sum(-1, keepdim=True)
     y_active = torch.where(active, y, zero_p)
-    shift = tail / head + (moment / head - y_active) / (2 * safe)
-    weights = torch.where(active, p * (1 + shift), zero_p)
-    return torch.where(zero, _argmin_weights(v, p, support, m), torch.where(infinite, p, weights))
+    mean_active = (ratio * y_active).sum(-1, keepdim=True)
+    weights = torch.where(active, total * ratio + p * ((mean_active - y_active) / (2 * safe)), zero_p)
+    # the active entry of largest p takes the rest of the mass: where lam is below the resolution of V its own
+    # (eta* - V)/(2 lam) is rounding noise, while the other entries' shares (small p) stay accurate
+    anchor = _argmax_mask(torch.where(active, p.detach(), torch.full_like(p, -1.0)))
+    others = torch.where(anchor, zero_p, weights)
+    weights = torch.where(anchor, (total - others.sum(-1, keepdim=True)).clamp_min(0), others)
+    weights = torch.where(zero, _argmin_weights(v, p, support, m), torch.where(infinite, p, weights))
+    return weights.to(dtype)
 
 
 # ============================================================================ TV
@@ -326,6 +362,8 @@ def dro_dual(
     v, p, support, lam_t = _prepare(values, probs, lam, divergence, sense)
     value, divergence_value = _VALUE[divergence](v, p, support, lam_t)
     if divergence_value is not None and lam_t.requires_grad:
+        # d/d lam = D(q* || p) can exceed the dtype (tiny lam, wide values): saturate it, 0 * inf is NaN
+        divergence_value = divergence_value.clamp(max=torch.finfo(divergence_value.dtype).max)
         finite_lam = torch.where(torch.isinf(lam_t), torch.zeros_like(lam_t), lam_t)
         value = value + divergence_value * (finite_lam - finite_lam.detach())
     value = value.squeeze(-1)

@@ -547,13 +547,13 @@ def any_loss(
         value = (negatives * tp + positives * tn) / (2.0 * positives * negatives + smoothing)
     elif metric == "g_mean":
         value = tp * tn / (positives * negatives + smoothing)
-        if g_mean_sqrt:
-            live = value > 0
-            value = torch.where(live, torch.sqrt(torch.where(live, value, torch.ones_like(value))), torch.zeros_like(value))
     else:
         value = (tp + tn) / a.shape[0]
     if bool(torch.isnan(value.detach()).any()):
         raise ValueError(f"any_loss: {metric} is undefined (0/0) for a problem with no positives or no negatives; use smoothing > 0")
+    if metric == "g_mean" and g_mean_sqrt:  # after the check: the sqrt's mask would hide a 0/0 (NaN gradient)
+        live = value > 0
+        value = torch.where(live, torch.sqrt(torch.where(live, value, torch.ones_like(value))), torch.zeros_like(value))
     return reduce(1.0 - value, reduction)
 
 

@@ -651,8 +651,10 @@ def _norm(y: torch.Tensor, batch_dims: int) -> torch.Tensor:
 
 
 def _pseudo_huber_from_norm(norm: torch.Tensor, c: float) -> torch.Tensor:
-    """``sqrt(n^2 + c^2) - c`` as ``n * n / (hypot(n, c) + c)``: no cancellation, no overflow."""
-    return norm * (norm / (torch.hypot(norm, torch.full_like(norm, c)) + c))
+    """``sqrt(n^2 + c^2) - c`` as ``n * n / (hypot(n, c) + c)``: no cancellation, no overflow. In float64:
+    ``c`` is any positive Python float, which float32 may round to 0 (``0 / 0`` at ``n = 0``) or overflow."""
+    n = norm.to(torch.float64)
+    return (n * (n / (torch.hypot(n, torch.full_like(n, c)) + c))).to(norm.dtype)
 
 
 def _squared_norm(y: torch.Tensor, batch_dims: int) -> torch.Tensor:

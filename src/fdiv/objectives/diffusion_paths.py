@@ -101,7 +101,7 @@ def _check_sigma(sigma, mean: torch.Tensor, step_dim):
         check_same_device("sigma", sigma, "mean_a", mean)
         check_finite("sigma", sigma)
         if bool((sigma <= 0).any()):
-            raise ValueError(f"sigma must be > 0 at every step, got a minimum of {float(sigma.min()):.6g}")
+            raise ValueError(f"sigma must be > 0 at every step, got a minimum of {float(sigma.detach().min()):.6g}")
         if step_dim is None:
             step_dim = sigma.dim() - 1
         step_dim = check_int("step_dim", step_dim, low=0)
