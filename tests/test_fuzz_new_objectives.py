@@ -544,3 +544,13 @@ def test_regression_any_loss_g_mean_sqrt_without_negatives_is_a_value_error():
         C.any_loss(probs=probs, targets=torch.tensor([1]), metric="g_mean", g_mean_sqrt=True, smoothing=0.0)
     out = C.any_loss(probs=probs, targets=torch.tensor([1]), metric="g_mean", g_mean_sqrt=True, smoothing=1e-5)
     _check(out, [probs], shape=())
+
+
+def test_attribution_kl_softmax_overflow_names_temperature():
+    """Falsifying example: float32 attributions of scale 1e30 at temperature 1e-30 in softmax mode
+    overflowed to inf - inf = NaN inside the log-softmax; now the error names the temperature."""
+    from fdiv.clustering import attribution_kl
+
+    a = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)) * 1e30
+    with pytest.raises(ValueError, match="temperature"):
+        attribution_kl(attributions=a, reference=a.flip(-1), mode="softmax", temperature=1e-30)

@@ -683,14 +683,27 @@ def sfda_loss(
 
 
 # ============================================================================ attributions
+def _check_scaled(scores: torch.Tensor, dtype: torch.dtype, temperature: float) -> None:
+    """Attribution scores divided by ``temperature`` must stay finite in the compute dtype."""
+    if not bool(torch.isfinite(scores.detach()).all()):
+        raise ValueError(
+            f"the attribution scores / temperature overflow {dtype}: temperature={temperature!r} is too small for "
+            "these attributions (use a larger temperature or float64)"
+        )
+
+
 def _log_importance(a: torch.Tensor, mode: str, temperature: float) -> torch.Tensor:
     """``log I`` along the last dimension, in ``a``'s dtype."""
     if mode == "softmax":
-        return torch.log_softmax(a / temperature, dim=-1)
+        scaled = a / temperature
+        _check_scaled(scaled, a.dtype, temperature)
+        return torch.log_softmax(scaled, dim=-1)
     nonzero = a != 0
     safe = torch.where(nonzero, a.abs(), torch.ones((), dtype=a.dtype, device=a.device))
     neg_inf = torch.full((), -math.inf, dtype=a.dtype, device=a.device)
-    scores = torch.where(nonzero, torch.log(safe) / temperature, neg_inf)
+    logs = torch.log(safe) / temperature
+    _check_scaled(logs, a.dtype, temperature)
+    scores = torch.where(nonzero, logs, neg_inf)
     all_zero = ~nonzero.any(dim=-1, keepdim=True)
     scores = torch.where(all_zero, torch.zeros((), dtype=a.dtype, device=a.device), scores)  # uniform
     return scores - torch.logsumexp(scores, dim=-1, keepdim=True)
