@@ -15,7 +15,7 @@ import torch
 
 import transformers  # a test dependency (the test extras)
 
-pytest.importorskip("safetensors")
+pytest.importorskip("safetensors", reason="the teacher cache is stored as safetensors shards ([hf] extra)")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="own-model lab runs need the [hf] extra (transformers)")
 pytest.importorskip("tokenizers")
 
 from fdiv.lab import own  # noqa: E402

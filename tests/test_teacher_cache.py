@@ -72,7 +72,7 @@ def numpy_reference(logits_row: np.ndarray, k: int, temperature: float):
 
 
 def tiny_gpt2(seed):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="the tiny teacher model needs the [hf] extra")
     cfg = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=16, n_layer=2, n_head=2,
                                   pad_token_id=0, eos_token_id=1)
     torch.manual_seed(seed)
@@ -375,7 +375,7 @@ def test_bad_inputs_name_the_argument(tmp_path):
 
 # ----------------------------------------------------------------------------- the docs page runs
 def test_docs_examples_run(tmp_path, monkeypatch):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="the tiny teacher model needs the [hf] extra")
     page = Path(__file__).resolve().parent.parent / "docs" / "teacher_cache.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
     assert blocks

@@ -277,7 +277,7 @@ def train(objective_list, data: dict, x_train, x_test, y_test, seeds: list[int],
     return [p.detach() for p in params], (points, torch.stack(curve) if curve else torch.zeros(0, groups, n_runs))
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+def classification_metrics(*, logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """Test accuracy, worst-class accuracy, ECE and the per-class accuracies of one network."""
     probs = torch.softmax(logits.detach().double(), -1)
     correct = (probs.argmax(-1) == labels).double()
@@ -640,7 +640,7 @@ class RobustStudy(BuiltinStudy):
             for r, condition in enumerate(conditions):
                 s = int(data["seed_of"][r])
                 row = {"divergence": label, "condition": condition, "seed": seeds[s],
-                       **classification_metrics(test_logits[g, r], y_test[s])}
+                       **classification_metrics(logits=test_logits[g, r], labels=y_test[s])}
                 flips = data["flipped"][r] & in_pool[r]
                 if bool(flips.any()):
                     row["memorised"] = float((train_logits[g, r, flips].argmax(-1) == data["labels"][r, flips])
