@@ -475,6 +475,30 @@ def test_f_estimate_unbiased_value_and_exact_loss_gradient(name, params, samples
         torch.testing.assert_close(_grad((weights * value_terms).sum(), theta), target, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("name, params", F_CASES, ids=[n + str(p.get("alpha", "")) for n, p in F_CASES])
+def test_f_estimate_importance_weighted_gradient_is_exact_off_policy(name, params):
+    theta = _theta(10)
+    theta_old = theta.detach() + torch.tensor([0.3, -0.2, 0.5, 0.0, -0.4], dtype=D64)
+    pi_old = torch.softmax(theta_old, 0)
+    div = fdiv.get(name, **params)
+    terms = f_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), divergence=div,
+                       placement="loss", old_logps=pi_old.log())
+    g = _grad((pi_old * terms).sum(), theta)  # E_{x ~ pi_old}[grad(rho t)]
+    target = _grad(reference_divergence(name, REF, torch.softmax(theta, 0), **params), theta)
+    torch.testing.assert_close(g, target, rtol=1e-11, atol=1e-13)
+    # the value is rho * t: unbiased for D_f under the old policy
+    exact = reference_divergence(name, REF, torch.softmax(theta, 0).detach(), **params)
+    assert (pi_old * terms.detach()).sum().item() == pytest.approx(exact.item(), rel=1e-12)
+    if name == "reverse_kl":  # = kl_estimate's importance-weighted k3 (TRL's use_bias_correction_kl)
+        k3 = kl_estimate(policy_logps=torch.log_softmax(theta, 0), reference_logps=REF.log(), estimator="k3",
+                         placement="loss", old_logps=pi_old.log())
+        torch.testing.assert_close(_grad((pi_old * k3).sum(), theta), g, rtol=1e-12, atol=1e-14)
+    z = torch.zeros(3)
+    for bad in ({"placement": "reward"}, {"samples_from": "reference"}):
+        with pytest.raises(ValueError, match="old_logps"):
+            f_estimate(policy_logps=z, reference_logps=z, old_logps=z, **{"placement": "loss", **bad})
+
+
 def test_divergence_is_a_name_or_an_instance_never_loose_parameters():
     a = 0.3
     alpha = fdiv.get("alpha", alpha=a)

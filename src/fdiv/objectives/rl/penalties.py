@@ -244,13 +244,16 @@ def kl_estimate(
     counted, (pol, ref, *old) = _sampled_logps(named, mask)
     value = _kl_terms(pol, ref, estimator, c, v)
     if old:
-        # rho * k; an overflowing rho = e^(pol - old) gives +-inf (0 where k = 0) with zero gradient
-        k = value
-        value = _overflow_guard(lambda p, o: torch.exp(p - o) * k, pol, old[0].detach())
-        value = torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf)
+        value = _importance_weighted(value, pol, old[0])
     if placement == "reward":
         value = value.detach()
     return reduce(value, reduction, mask=counted)
+
+
+def _importance_weighted(terms: torch.Tensor, pol: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``rho * terms`` with ``rho = exp(pol - sg(old))``; an overflowing rho gives +-inf (0 where the term is 0) with zero gradient."""
+    value = _overflow_guard(lambda p, o: torch.exp(p - o) * terms, pol, old.detach())
+    return torch.nan_to_num(value, nan=0.0, posinf=math.inf, neginf=-math.inf)
 
 
 def _kl_terms(pol: torch.Tensor, ref: torch.Tensor, estimator: str, c: float | None, v: float | None):
@@ -279,6 +282,7 @@ def f_estimate(
     control_variate: bool = True,
     placement: str = "reward",
     mask: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
     reduction: str = "none",
 ) -> torch.Tensor:
     r"""Per-sample estimates of the f-divergence ``D_f(reference || policy)`` (any registered generator).
@@ -309,6 +313,14 @@ def f_estimate(
     * ``"reward"`` (default, as in :func:`kl_estimate`): the term detached (for logging,
       or ``reward - coef * term``).
 
+    **Off-policy correction** (``old_logps``, policy samples, ``"loss"`` or ``"value"``): the
+    term is ``rho * t`` with ``t`` the pathwise term and ``rho = exp(policy_logps -
+    sg(old_logps))`` differentiable in its numerator, so that ``E_old[grad(rho t)] =
+    grad E_pi[t] = grad D_f(reference || policy)`` for samples from the policy that wrote
+    ``old_logps`` (on-policy, ``old_logps = policy_logps.detach()``, this is another unbiased
+    form of the ``"loss"`` gradient; for ``reverse_kl`` it is :func:`kl_estimate`'s ``"k3"`` with
+    ``old_logps``, TRL's ``use_bias_correction_kl``).
+
     Args:
         policy_logps: ``[...]`` float policy log-probabilities of the samples (differentiable).
         reference_logps: same shape and device, reference log-probabilities.
@@ -318,6 +330,7 @@ def f_estimate(
         control_variate: subtract ``f'(1)`` times the zero-mean ratio term (default True).
         placement: ``"reward"`` (default: detached), ``"loss"`` or ``"value"``.
         mask: bool / 0-1 tensor of the same shape; uncounted entries are 0 and never read.
+        old_logps: log-probabilities of the sampling policy, same shape (optional; see above).
         reduction: ``"none"`` (default), ``"mean"``, ``"sum"`` or a verl sequence mode.
 
     Returns:
@@ -340,11 +353,18 @@ def f_estimate(
     on_policy = samples_from == "policy"
     # the sampled side is finite where counted; the other may be -inf (the divergence decides)
     sampled, other = ("policy_logps", "reference_logps") if on_policy else ("reference_logps", "policy_logps")
-    counted, (pol, ref) = _sampled_logps(
-        {"policy_logps": policy_logps, "reference_logps": reference_logps}, mask, allow_neg_inf=(other,)
-    )
+    named = {"policy_logps": policy_logps, "reference_logps": reference_logps}
+    if old_logps is not None:
+        if placement == "reward" or not on_policy:
+            raise ValueError(
+                "old_logps (importance weighting) needs samples_from='policy' and placement 'loss' or 'value'"
+            )
+        named["old_logps"] = old_logps
+    counted, (pol, ref, *old) = _sampled_logps(named, mask, allow_neg_inf=(other,))
     terms = _f_terms(div, ref, pol, _MATH_SOURCE[samples_from], control_variate)
-    if placement == "reward":
+    if old:
+        terms = _importance_weighted(terms, pol, old[0])
+    elif placement == "reward":
         terms = terms.detach()
     elif placement == "loss" and on_policy:
         log_r = (ref - pol).detach()
