@@ -305,3 +305,43 @@ def test_grpo_errors_name_the_argument(grpo_model_dir, tmp_path):
         grpo_trainer(adapter.GRPOTrainer, grpo_model_dir, tmp_path, extra={"divergence": "renyi"})
     with pytest.raises(ValueError, match="importance_sampling_level"):
         grpo_trainer(adapter.GRPOTrainer, grpo_model_dir, tmp_path, importance_sampling_level="sequence")
+
+
+# ============================================================================ whole runs
+def logged(trainer, key="loss"):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+def test_whole_runs_with_the_defaults_log_trls_losses(grpo_model_dir, tmp_path, kind):
+    """Two optimizer steps of trainer.train() (sampling, updates, logging): the default adapters log TRL's losses."""
+    runs = []
+    for cls in (trl.DPOTrainer, adapter.DPOTrainer) if kind == "dpo" else (trl.GRPOTrainer, adapter.GRPOTrainer):
+        trainer = dpo_trainer(cls, tmp_path) if kind == "dpo" else grpo_trainer(cls, grpo_model_dir, tmp_path)
+        trainer.train()
+        runs.append(logged(trainer))
+    assert len(runs[0]) == 2
+    torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), rtol=1e-4, atol=1e-8)
+
+
+def distillation_trainer(cls, model_dir, teacher_dir, tmp_path, **extra):
+    args = trl.DistillationConfig(**common(tmp_path, per_device_train_batch_size=4, max_steps=2,
+                                           max_completion_length=6))
+    prompts = datasets.Dataset.from_list([{"prompt": words(torch.Generator().manual_seed(i), 3)} for i in range(8)])
+    return cls(model=model_dir, teacher_model=teacher_dir, args=args, train_dataset=prompts, processing_class=TOK,
+               **extra)
+
+
+def test_distillation_trainer_whole_run(grpo_model_dir, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    llama(1).save_pretrained(teacher_dir)
+    TOK.save_pretrained(teacher_dir)
+    runs = {}
+    for key, cls, extra in (("trl", trl.DistillationTrainer, {}), ("default", adapter.DistillationTrainer, {}),
+                            ("hellinger", adapter.DistillationTrainer, {"divergence": "hellinger"})):
+        trainer = distillation_trainer(cls, grpo_model_dir, str(teacher_dir), tmp_path, **extra)
+        trainer.train()
+        runs[key] = torch.tensor(logged(trainer))
+    assert len(runs["trl"]) == 2
+    torch.testing.assert_close(runs["default"], runs["trl"], rtol=1e-4, atol=1e-8)
+    assert (runs["hellinger"] - runs["trl"]).abs().min() > 1e-4  # another divergence: another loss
