@@ -96,14 +96,23 @@ def _compiled(divergence: FDivergence, masked: bool, teacher_grad: bool, device_
 _COMPILE_FAILED: set = set()
 
 
+def _cpu_chunk(divergence, student, teacher, inv_temperature, *, teacher_grad):
+    from .cpu_kernel import cpu_token_rows
+
+    ones = torch.ones(student.shape[0], dtype=torch.float32)
+    return cpu_token_rows(divergence, student, teacher, ones, inv_temperature, teacher_grad=teacher_grad)
+
+
 def chunk_function(divergence: Divergence, backend: str, masked: bool, teacher_grad: bool, device_type: str):
-    """The chunk kernel for ``backend`` in {"eager", "compile"}; falls back to eager if compiling fails.
+    """The chunk kernel for ``backend`` in {"eager", "compile", "cpu"}; falls back to eager if compiling fails.
 
     Its arguments are ``(student, teacher, inv_temperature)``, plus the counted rows ``keep``
     where :func:`needs_row_keep` (the autograd kernel of divergences without pointwise forms).
     """
     if needs_row_keep(divergence):
         return functools.partial(autograd_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
+    if backend == "cpu":  # the C++ row kernel: -inf entries are handled inside it, masked or not
+        return functools.partial(_cpu_chunk, divergence, teacher_grad=teacher_grad)
     eager = functools.partial(logit_chunk, divergence, masked=masked, teacher_grad=teacher_grad)
     if backend != "compile" or not _compile_enabled():
         return eager

@@ -23,7 +23,7 @@ from ._rowmath import (
 )
 from .._validate import check_scaled_logits
 from .sparse import TAILS, check_topk, sparse_chunk
-from .token import ChunkKernels, pick_backend, refuse_second_backward, scale_saved_gradient
+from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, scale_saved_gradient
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -189,6 +189,9 @@ def fused_linear_loss(
         divergence_weight: weight ``w_D >= 0`` of the divergence term (not both 0).
         reduction: ``"mean"`` over counted rows or ``"sum"``.
         check_finite: as in :func:`fdiv.token_loss` (default on for CPU tensors only).
+        backend: the chunk kernel of a dense teacher: ``"eager"``, ``"compile"``, ``"cpu"`` (the C++
+            row kernel, :mod:`fdiv.kernels.cpu_kernel`) or ``"auto"`` (the C++ kernel for float32
+            chunks on CPU where it supports the divergence, else as :func:`fdiv.token_loss`).
 
     Returns:
         A float32 scalar (float64 for float64 inputs). Half-precision inputs are multiplied
@@ -233,7 +236,7 @@ def fused_linear_loss(
         raise ValueError("hard_label_weight > 0 needs labels")
     inv_temperature = 1.0 / temperature
     memory_budget = check_int("memory_budget", memory_budget, low=1)
-    backend = check_choice("backend", backend, ("auto", "eager", "compile"))
+    backend = check_choice("backend", backend, ("auto", "eager", "compile", "cpu"))
     if chunk_size is None:
         chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
@@ -256,7 +259,7 @@ def fused_linear_loss(
 
     else:
         teacher_linear = _LinearFP32(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-        chosen = pick_backend(backend, n * vocab, device)
+        chosen = pick_chunk_backend(backend, n * vocab, device, acc, divergence)
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 

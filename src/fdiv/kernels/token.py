@@ -17,7 +17,7 @@ from ._rowmath import (
 )
 from .._validate import check_scaled_logits
 
-BACKENDS = ("auto", "eager", "compile", "triton")
+BACKENDS = ("auto", "eager", "compile", "triton", "cpu")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
 #: one-off compile time (seconds) outweighs the saving.
 COMPILE_MIN_ELEMENTS = 1 << 24
@@ -34,8 +34,8 @@ def default_chunk_size(rows: int, vocab: int, backend: str = "eager") -> int:
 
 
 def pick_backend(backend: str, elements: int, device: torch.device, student=None, teacher=None, divergence=None) -> str:
-    """``auto``: the Triton kernel on CUDA where it supports the divergence and dtype, else
-    ``compile`` from ``COMPILE_MIN_ELEMENTS`` logits on, else ``eager``."""
+    """``auto``: the Triton kernel on CUDA, the C++ row kernel on CPU, where either supports the
+    divergence and dtype; else ``compile`` from ``COMPILE_MIN_ELEMENTS`` logits on, else ``eager``."""
     check_choice("backend", backend, BACKENDS)
     if backend == "triton":
         from . import triton_kernel
@@ -46,6 +46,16 @@ def pick_backend(backend: str, elements: int, device: torch.device, student=None
                 f"logits and a divergence with Triton forms; {divergence!r} on {device} does not qualify"
             )
         return backend
+    if backend == "cpu":
+        from . import cpu_kernel
+
+        if student is not None and not cpu_kernel.usable(student, teacher, divergence):
+            raise ValueError(
+                "backend='cpu' needs CPU tensors, float32/bf16/fp16 logits, a divergence with kernel forms and a "
+                f"built CPU row kernel (fdiv.kernels.cpu_kernel.available()); {divergence!r} on {device} "
+                f"({None if student is None else student.dtype}) does not qualify"
+            )
+        return backend
     if backend != "auto":
         return backend
     if device.type == "cuda" and student is not None:
@@ -53,7 +63,33 @@ def pick_backend(backend: str, elements: int, device: torch.device, student=None
 
         if triton_kernel.usable(student, teacher, divergence):
             return "triton"
+    if device.type == "cpu" and student is not None:
+        from . import cpu_kernel
+
+        if cpu_kernel.enabled() and cpu_kernel.usable(student, teacher, divergence):
+            return "cpu"
     return "compile" if elements >= COMPILE_MIN_ELEMENTS else "eager"
+
+
+def pick_chunk_backend(backend: str, elements: int, device: torch.device, dtype: torch.dtype, divergence) -> str:
+    """:func:`pick_backend` for paths that form float logit chunks themselves (the fused linear loss):
+    ``auto`` takes the C++ row kernel for float32 chunks on CPU where it supports the divergence."""
+    if backend == "cpu":
+        from . import cpu_kernel
+
+        if not (device.type == "cpu" and dtype == torch.float32 and cpu_kernel.supports(divergence)
+                and cpu_kernel.available()):  # fmt: skip
+            raise ValueError(
+                f"backend='cpu' needs CPU float32 chunks, a divergence with kernel forms and a built CPU row kernel; "
+                f"{divergence!r} on {device} ({dtype}) does not qualify"
+            )
+        return backend
+    if backend == "auto" and device.type == "cpu" and dtype == torch.float32:
+        from . import cpu_kernel
+
+        if cpu_kernel.enabled() and cpu_kernel.supports(divergence) and cpu_kernel.available():
+            return "cpu"
+    return pick_backend(backend, elements, device)
 
 
 def has_masked_entries(*tensors) -> bool:
@@ -171,14 +207,12 @@ def scale_saved_gradient(grad, grad_output, reduction):
     return grad.mul_(factor.to(grad.dtype))
 
 
-class TritonTokenLoss(torch.autograd.Function):
-    """One Triton launch over all rows: the row losses and the weighted logit gradients."""
+class RowKernelLoss(torch.autograd.Function):
+    """One call of a row kernel over all rows (Triton on GPU, C++ on CPU): row losses and weighted gradients."""
 
     @staticmethod
-    def forward(ctx, student, teacher, divergence, temperature, weights, reduction):
-        from .triton_kernel import _token_rows  # the private core: token_loss has checked everything
-
-        rows, grad_student, grad_teacher = _token_rows(
+    def forward(ctx, student, teacher, rows_fn, divergence, temperature, weights, reduction):
+        rows, grad_student, grad_teacher = rows_fn(
             divergence,
             student,
             teacher,
@@ -193,7 +227,22 @@ class TritonTokenLoss(torch.autograd.Function):
         weighted = rows.to(weights.dtype) * weights
         return weighted if reduction == "none" else weighted.sum()
 
-    backward = ChunkedLogitsLoss.backward
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grads = ChunkedLogitsLoss.backward(ctx, grad_output)
+        return grads[0], grads[1], None, None, None, None, None
+
+
+def row_kernel(backend: str):
+    """The rows function of ``backend`` (``"triton"`` or ``"cpu"``), its private core on checked arguments."""
+    if backend == "triton":
+        from .triton_kernel import _token_rows
+
+        return _token_rows
+    from .cpu_kernel import cpu_token_rows
+
+    return cpu_token_rows
 
 
 def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):
@@ -228,6 +277,10 @@ class ChunkKernels:
                     self.divergence, "eager", True, self.teacher_grad, self.device_type
                 )
             return self._cache["autograd"](student_chunk, teacher_chunk, inv_temperature, keep)
+        if self.backend == "cpu":  # the C++ kernel takes any chunk and finds -inf itself
+            if "cpu" not in self._cache:
+                self._cache["cpu"] = chunk_function(self.divergence, "cpu", True, self.teacher_grad, self.device_type)
+            return self._cache["cpu"](student_chunk, teacher_chunk, inv_temperature)
         masked = self.global_masked
         if masked is None:
             masked = has_masked_entries(student_chunk, teacher_chunk)
@@ -315,8 +368,11 @@ def token_loss(
         chunk_size: rows per chunk; default keeps one float32 chunk near 4 MiB.
         backend: ``"eager"``, ``"compile"`` (torch.compile of the chunk kernel: one fused loop on CPU,
             Inductor-generated Triton on GPU), ``"triton"`` (the hand-written kernel of
-            :mod:`fdiv.kernels.triton_kernel`: one launch, no chunking) or ``"auto"`` (Triton on CUDA where
-            supported, else compile from 2**24 logits on, else eager; ``FDIV_COMPILE=0`` disables compiling).
+            :mod:`fdiv.kernels.triton_kernel`: one launch, no chunking), ``"cpu"`` (the C++ row kernel of
+            :mod:`fdiv.kernels.cpu_kernel`, built on first use: one call, no chunking) or ``"auto"``
+            (Triton on CUDA, the C++ kernel on CPU, where they support the divergence and dtype; else
+            compile from 2**24 logits on, else eager; ``FDIV_COMPILE=0`` disables compiling,
+            ``FDIV_CPU_KERNEL=0`` the C++ kernel).
         check_finite: scan the data: check that ``labels`` lie in ``[0, V)`` (or equal
             ``ignore_index``), pick the plain or the ``-inf``-aware forms by looking for ``-inf``
             (per chunk on CPU, once elsewhere) and raise ValueError naming ``student_logits`` or
@@ -371,10 +427,10 @@ def token_loss(
 
 def _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, backend, check_finite):
     """The core of :func:`token_loss` on ``[N, V]`` rows with resolved, checked arguments."""
-    if backend == "triton":
+    if backend in ("triton", "cpu"):
         grad_on = torch.is_grad_enabled()
         pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
-        return TritonTokenLoss.apply(*pair, divergence, temperature, weights, reduction)
+        return RowKernelLoss.apply(*pair, row_kernel(backend), divergence, temperature, weights, reduction)
     run_chunk = dense_chunk_runner(student, teacher, divergence, 1.0 / temperature, backend, chunk_size, check_finite)
     return apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
 

@@ -37,12 +37,12 @@ import types
 import torch
 
 from .._validate import ArgumentTypeError, check_bool, check_like, check_temperature, check_tensor
-from ..math.base import Divergence
+from ._forms import FORM_NAMES, N_CONSTANTS, as_divergence_object, kernel_scalars, resolve_form
 
 __all__ = ["supports", "usable", "triton_available", "triton_token_rows", "pick_block", "compile_for_target"]
 
 #: Number of scalar parameter slots a forms function receives (``c0 .. c5``).
-N_PARAMS = 6
+N_PARAMS = N_CONSTANTS
 #: Largest vocabulary tile on a GPU; rows up to this size are read once.
 MAX_BLOCK_V = 4096
 #: Largest tile in interpreter mode (numpy per tile: larger is faster there).
@@ -493,42 +493,16 @@ def _namespace(interpret: bool) -> dict:
 # =====================================================================================
 
 #: ``KernelForm.name`` -> the Triton forms function of this module.
-FORMS = {
-    "forward_kl": "_forms_forward_kl",
-    "reverse_kl": "_forms_reverse_kl",
-    "js": "_forms_js",
-    "skew_forward_kl": "_forms_skew_forward_kl",
-    "skew_reverse_kl": "_forms_skew_reverse_kl",
-    "tv": "_forms_tv",
-    "hellinger": "_forms_hellinger",
-    "pearson_chi2": "_forms_pearson_chi2",
-    "neyman_chi2": "_forms_neyman_chi2",
-    "jeffreys": "_forms_jeffreys",
-    "triangular": "_forms_triangular",
-    "alpha": "_forms_alpha",
-}
+FORMS = {name: f"_forms_{name}" for name in FORM_NAMES}
 
 
 def _resolve(div):
-    """``(forms function name, constants, swap, slope)`` for ``div``, or None if the kernel cannot run it.
-
-    The generator answers (:meth:`fdiv.FDivergence.kernel_form`): ``Standardized`` adds its
-    slope, ``Swapped`` exchanges the arguments, and a user subclass that overrides ``_forms``
-    gets None, so it is never run with the wrong forms. Non-f divergences have no form.
-    """
-    form_of = getattr(div, "kernel_form", None)
-    form = form_of() if callable(form_of) else None
-    if form is None or form.name not in FORMS:
-        return None
-    return FORMS[form.name], tuple(form.constants), bool(form.swap), float(form.slope)
+    """``(forms function name, constants, swap, slope)`` for ``div``, or None if the kernel cannot run it."""
+    resolved = resolve_form(div)
+    return None if resolved is None else (FORMS[resolved[0]], *resolved[1:])
 
 
-def _as_divergence(divergence):
-    if isinstance(divergence, Divergence):
-        return divergence
-    from ..math.registry import as_divergence
-
-    return as_divergence(divergence)
+_as_divergence = as_divergence_object
 
 
 def supports(divergence) -> bool:
@@ -580,15 +554,8 @@ def pick_block(vocab: int, interpret: bool) -> tuple[int, int]:
 
 
 def _kernel_args(div, inv_temperature: float):
-    resolved = _resolve(div)
-    if resolved is None:
-        raise ValueError(
-            f"the Triton kernel has no forms for {div!r}; check fdiv.kernels.triton_kernel.supports() first"
-        )
-    name, consts, swap, slope = resolved
-    consts = tuple(float(c) for c in consts) + (0.0,) * (N_PARAMS - len(consts))
-    scalars = (float(inv_temperature), float(div.f_at_zero()), float(div.f_prime_at_infinity()), float(slope))
-    return name, scalars + consts, swap, slope != 0.0
+    name, scalars, swap, standardize = kernel_scalars(div, inv_temperature, "Triton kernel")
+    return FORMS[name], scalars, swap, standardize
 
 
 def _rows_2d(name: str, x) -> torch.Tensor:

@@ -1,0 +1,214 @@
+r"""The CPU row kernel: the token-loss template in C++, built on first use, every built-in generator.
+
+``csrc/token_rows.cpp`` runs the same template as the Triton kernel on x86 (and any CPU with a
+C++17 compiler): per row, the scaled logits go into an L2-resident workspace, one ``exp`` per
+element and row gives both log-normalisers, one pass evaluates the generator's pointwise forms
+(the same families and constants as :mod:`fdiv.kernels.triton_kernel`, from
+:meth:`fdiv.FDivergence.kernel_form`) with the zero-probability limits and contract 2, and the
+softmax chain rule is written straight into the gradient in the input dtype. Math is float32
+with ATen's vectorised SLEEF functions (AVX-512 or AVX2, by
+``torch.backends.cpu.get_cpu_capability()``); row sums accumulate in float64. Threads: one
+slice of rows per thread, ``torch.get_num_threads()`` of them.
+
+**Build and cache.** The library is compiled once per (source, compiler flags, torch version,
+CPU capability) with the system C++ compiler (``$CXX``, else ``c++``; about 2 s) against
+torch's headers, and cached in ``$FDIV_KERNEL_CACHE`` (default
+``$XDG_CACHE_HOME/fdiv/kernels``, i.e. ``~/.cache/fdiv/kernels``); later processes load it in
+milliseconds. Delete that folder to clear it. Without a compiler, or if the build fails, one
+warning is printed and the torch paths (compiled / eager) run instead; ``FDIV_CPU_KERNEL=0``
+disables the kernel.
+
+Divergences without a kernel family (user generators, Rényi, Bhattacharyya) and float64 inputs
+take the torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._forms import FORM_NAMES, kernel_scalars, resolve_form
+from ._rowmath import needs_finite_form_grads
+
+__all__ = ["available", "cache_dir", "library_path", "supports", "usable", "cpu_token_rows"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}  # fmt: skip
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def enabled() -> bool:
+    """False when ``FDIV_CPU_KERNEL=0``."""
+    return os.environ.get("FDIV_CPU_KERNEL", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$FDIV_KERNEL_CACHE`` or ``$XDG_CACHE_HOME/fdiv/kernels``."""
+    if os.environ.get("FDIV_KERNEL_CACHE"):
+        return Path(os.environ["FDIV_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fdiv" / "kernels"
+
+
+def _capability() -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # pragma: no cover - very old torch
+        return "DEFAULT"
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
+
+
+def _command(compiler: str, source: Path, output: Path) -> list[str]:
+    torch_dir = Path(torch.__file__).parent
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
+    flags = _CAPABILITY_FLAGS.get(_capability(), [])
+    return [
+        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", *flags,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(source), "-o", str(output),
+        f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+
+
+def library_path(compiler: str | None = None) -> Path:
+    """The cached library's path for this source, torch, compiler flags and CPU capability."""
+    compiler = compiler or _compiler() or "c++"
+    key = hashlib.sha256()
+    key.update(_SOURCE.read_bytes())
+    key.update(" ".join(_command(compiler, Path("src"), Path("out"))).encode())
+    key.update(torch.__version__.encode())
+    return cache_dir() / f"token_rows-{_capability().lower()}-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        result = subprocess.run(_command(compiler, _SOURCE, staged), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip()[-2000:] or f"{compiler} exited with {result.returncode}")
+        os.replace(staged, path)  # atomic: a concurrent process sees no half-written library
+
+
+def _bind(path: Path):
+    lib = ctypes.CDLL(str(path))
+    fn = lib.fdiv_token_rows
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32,
+                   i32, ptr, i32]  # fmt: skip
+    fn.restype = None
+    return fn
+
+
+def _load():
+    """The kernel's entry point, building it on first use; None (after one warning) if it cannot be built."""
+    with _LOCK:
+        if "fn" in _STATE:
+            return _STATE["fn"]
+        fn = None
+        try:
+            compiler = _compiler()
+            if compiler is None:
+                raise RuntimeError("no C++ compiler found (set $CXX, or install g++ / clang++)")
+            path = library_path(compiler)
+            if not path.exists():
+                _build(compiler, path)
+            fn = _bind(path)
+        except Exception as error:  # no compiler, a failed build, an unloadable library: stay correct, lose speed
+            warnings.warn(f"fdiv: the CPU row kernel is unavailable ({error}); using the torch paths", stacklevel=3)
+        _STATE["fn"] = fn
+        return fn
+
+
+def available() -> bool:
+    """Whether the kernel is enabled and built (builds it on the first call)."""
+    return enabled() and sys.platform != "win32" and _load() is not None
+
+
+def supports(divergence) -> bool:
+    """Whether the kernel has forms for ``divergence`` (a :class:`fdiv.Divergence`)."""
+    return resolve_form(divergence) is not None
+
+
+def usable(student: torch.Tensor, teacher: torch.Tensor, divergence) -> bool:
+    """Whether :func:`cpu_token_rows` runs these tensors: CPU, float32 / bf16 / fp16, a supported divergence, built."""
+    return (
+        student.device.type == "cpu"
+        and teacher.device.type == "cpu"
+        and student.dtype in _DTYPE_CODES
+        and teacher.dtype in _DTYPE_CODES
+        and supports(divergence)
+        and available()
+    )
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def cpu_token_rows(
+    divergence,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    row_weights: torch.Tensor,
+    inv_temperature: float,
+    *,
+    teacher_grad: bool,
+    student_grad: bool = True,
+    out_student: torch.Tensor | None = None,
+    out_teacher: torch.Tensor | None = None,
+):
+    """Row divergences ``D(softmax(teacher/T) || softmax(student/T))`` and weighted logit gradients.
+
+    The contract of :func:`fdiv.kernels.triton_kernel.triton_token_rows` (its private core, on
+    checked arguments): ``student`` / ``teacher`` ``[N, V]`` CPU float32 / bf16 / fp16 with a
+    unit last stride; ``row_weights`` ``[N]``. Returns ``(rows, grad_student, grad_teacher)``:
+    ``rows`` ``[N]`` float32, the unweighted row divergence clamped at 0 (0 where ``w == 0``;
+    those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
+    dtype (written into ``out_*`` when given, contiguous), None where not asked for.
+    """
+    fn = _load()
+    if fn is None:
+        raise RuntimeError("the CPU row kernel is unavailable; check fdiv.kernels.cpu_kernel.available() first")
+    student, teacher = _rows_2d(student), _rows_2d(teacher)
+    n, vocab = student.shape
+    name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+    weights = row_weights.detach().to(dtype=torch.float32).contiguous()
+    rows = torch.empty(n, dtype=torch.float32)
+    grad_s = (torch.empty_like(student) if out_student is None else out_student) if student_grad else None
+    grad_t = (torch.empty_like(teacher) if out_teacher is None else out_teacher) if teacher_grad else None
+    if n == 0:
+        return rows, grad_s, grad_t
+    scalar_buffer = torch.tensor(scalars, dtype=torch.float32)
+    gs = grad_s if grad_s is not None else student
+    gt = grad_t if grad_t is not None else teacher
+    fn(
+        student.data_ptr(), teacher.data_ptr(), gs.data_ptr(), gt.data_ptr(), rows.data_ptr(), weights.data_ptr(),
+        n, vocab, student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
+        _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype], int(grad_s is not None), int(grad_t is not None),
+        FORM_NAMES.index(name), int(swap), int(standardize), int(needs_finite_form_grads(divergence, False)),
+        scalar_buffer.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return rows, grad_s, grad_t

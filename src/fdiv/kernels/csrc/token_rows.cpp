@@ -1,0 +1,491 @@
+// fdiv's CPU row kernel for the logits-level token loss (see fdiv/kernels/cpu_kernel.py).
+//
+// One row of [N, V] logits at a time, fp32 math whatever the input dtype, vectorised with
+// ATen's Vectorized<float> (SLEEF exp / log / log1p / expm1 on AVX2 and AVX-512):
+//   pass 1: the scaled rows z/T into a row workspace, their maxima and whether -inf occurs;
+//   pass 2: the two log-normalisers (one exp per element and row);
+//   pass 3: a = log p, b = log q, p, q, the generator's pointwise forms and (only for a row
+//           holding -inf) the zero-probability limits; the row value and the sums of the gradients
+//           accumulated in double; grad_b and q kept in the workspace;
+//   pass 4: the softmax chain rule (g - prob * sum g) * w / T, written in the input dtype.
+// The forms mirror the Triton kernel's forms functions (fdiv/kernels/triton_kernel.py)
+// term for term; `form` selects one by index (FORM_NAMES in cpu_kernel.py).
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t L = Vec::size();
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+constexpr int64_t FLUSH = 64;  // tiles per float accumulator before it is added to a double
+
+enum Form {
+  FORWARD_KL = 0, REVERSE_KL, JS, SKEW_FORWARD_KL, SKEW_REVERSE_KL, TV, HELLINGER,
+  PEARSON_CHI2, NEYMAN_CHI2, JEFFREYS, TRIANGULAR, ALPHA
+};
+
+inline Vec where(const Vec& mask, const Vec& yes, const Vec& no) { return Vec::blendv(no, yes, mask); }
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+inline Vec sign(const Vec& x) {
+  const Vec zero(0.f);
+  return where(x > zero, Vec(1.f), where(x < zero, Vec(-1.f), zero));
+}
+// log|e^a - e^b| without forming e^a or e^b; -inf where a == b
+inline Vec log_abs_diff_exp(const Vec& a, const Vec& b) {
+  Vec gap = (a - b).abs().neg();
+  return vmax(a, b) + (gap.expm1().neg()).log();
+}
+inline Vec logaddexp(const Vec& x, const Vec& y) {
+  return vmax(x, y) + ((x - y).abs().neg().exp()).log1p();
+}
+// expm1(x) / x, 1 at x = 0
+inline Vec expm1_ratio(const Vec& x) {
+  const Vec zero(0.f), one(1.f);
+  Vec is0 = x == zero;
+  Vec safe = where(is0, one, x);
+  return where(is0, one, safe.expm1() / safe);
+}
+// w * expm1(c d) / c for c != 0
+inline Vec weighted_expm1_over(const Vec& log_w, const Vec& w, const Vec& d, float c) {
+  Vec x = d * Vec(c);
+  Vec small = x.abs() <= Vec(1.f);
+  Vec near = w * d * expm1_ratio(where(small, x, Vec(0.f)));
+  Vec far = ((log_w + where(small, Vec(0.f), x)).exp() - w) / Vec(c);
+  return where(small, near, far);
+}
+// (log m - a, log m - b) for m = w p + (1 - w) q: one log1p(weight * expm1(x)) per lane, the
+// branch whose argument is bounded by 1 (threshold = log(1 - w) - log w).
+inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold, Vec& la, Vec& lb) {
+  Vec d = a - b;
+  Vec q_dominates = d <= Vec(threshold);
+  Vec x = where(q_dominates, d, d.neg());
+  Vec weight = where(q_dominates, Vec(w), Vec(one_minus_w));
+  Vec t = (weight * x.expm1()).log1p();
+  lb = where(q_dominates, t, t + d);
+  la = where(q_dominates, t - d, t);
+}
+
+struct Consts { float c[6]; };
+
+// (value, grad_a, grad_b) of one tile for finite a = log p, b = log q (p = e^a, q = e^b given).
+template <int form>
+inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const Consts& k,
+                  Vec& value, Vec& ga, Vec& gb) {
+  const Vec half(0.5f), one(1.f), two(2.f);
+  switch (form) {
+    case FORWARD_KL: {
+      Vec d = a - b;
+      value = p * d; ga = p * (d + one); gb = p.neg();
+      break;
+    }
+    case REVERSE_KL: {
+      Vec d = b - a;
+      value = q * d; ga = q.neg(); gb = q * (d + one);
+      break;
+    }
+    case JS: {
+      Vec la, lb;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
+      ga = Vec(k.c[3]) * p * la;
+      gb = Vec(k.c[4]) * q * lb;
+      value = ga + gb;
+      break;
+    }
+    case SKEW_FORWARD_KL: {
+      Vec la, lb;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
+      value = (p * la).neg();
+      gb = Vec(k.c[3]) * p * lb.neg().exp();
+      ga = value - gb;
+      break;
+    }
+    case SKEW_REVERSE_KL: {
+      Vec la, lb;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
+      value = (q * lb).neg();
+      ga = Vec(k.c[3]) * q * la.neg().exp();
+      gb = value - ga;
+      break;
+    }
+    case TV: {
+      Vec s = sign(a - b);
+      value = half * (p - q).abs(); ga = half * p * s; gb = (half * q * s).neg();
+      break;
+    }
+    case HELLINGER: {
+      Vec geometric = (half * (a + b)).exp();
+      value = half * (two * (log_abs_diff_exp(a, b) - logaddexp(half * a, half * b))).exp();
+      ga = half * (p - geometric); gb = half * (q - geometric);
+      break;
+    }
+    case PEARSON_CHI2: {
+      Vec log_gap = log_abs_diff_exp(a, b);
+      value = (two * log_gap - b).exp();
+      ga = two * sign(a - b) * (a + log_gap - b).exp();
+      gb = q - (two * a - b).exp();
+      break;
+    }
+    case NEYMAN_CHI2: {
+      Vec log_gap = log_abs_diff_exp(a, b);
+      Vec ratio = (two * b - a).exp();
+      value = (two * log_gap - a).exp(); ga = p - ratio; gb = two * (ratio - q);
+      break;
+    }
+    case JEFFREYS: {
+      Vec d = a - b;
+      value = (p - q) * d; ga = p * (d + one) - q; gb = q * (one - d) - p;
+      break;
+    }
+    case TRIANGULAR: {
+      Vec log_gap = log_abs_diff_exp(a, b);
+      Vec log_sum = logaddexp(a, b);
+      value = (two * log_gap - log_sum).exp();
+      Vec s = sign(a - b);
+      Vec log_p_plus_3q = logaddexp(a, b + Vec(k.c[0]));
+      Vec log_3p_plus_q = logaddexp(a + Vec(k.c[0]), b);
+      ga = s * (a + log_gap + log_p_plus_3q - two * log_sum).exp();
+      gb = (s * (b + log_gap + log_3p_plus_q - two * log_sum).exp()).neg();
+      break;
+    }
+    case ALPHA: {
+      Vec d = a - b;
+      ga = weighted_expm1_over(a, p, d, k.c[0]);
+      gb = weighted_expm1_over(b, q, d, k.c[1]).neg();
+      Vec inf(POS_INF);
+      Vec overflow = (ga.abs() == inf) | (gb.abs() == inf);
+      value = where(overflow, inf, ga + gb);
+      break;
+    }
+    default:
+      value = ga = gb = Vec(std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+struct Params {
+  int form, swap, standardize;
+  float inv_temp, f0, fpinf, slope;
+  Consts k;
+};
+
+// The template around the forms: zero-probability limits, standardisation, contract 2
+// (an infinite value or gradient contributes 0 to the gradient). Mirrors triton's _row_forms.
+// MASKED = false: no -inf in either row (the limits are skipped); GUARD = false: a family whose
+// values and gradients are finite for finite inputs (contract 2 cannot trigger).
+template <int form, bool MASKED, bool GUARD>
+inline void row_forms(const Params& P, const Vec& a, const Vec& b, Vec& value, Vec& ga, Vec& gb, Vec& p, Vec& q) {
+  const Vec ninf(NEG_INF), inf(POS_INF), zero(0.f);
+  p = a.exp();
+  q = b.exp();
+  if (!MASKED) {
+    if (P.swap) {
+      forms<form>(b, a, q, p, P.k, value, gb, ga);
+    } else {
+      forms<form>(a, b, p, q, P.k, value, ga, gb);
+    }
+    if (P.standardize) {
+      Vec slope(P.slope);
+      value = value - slope * (p - q);
+      ga = ga - slope * p;
+      gb = gb + slope * q;
+    }
+    if (GUARD) {
+      Vec undefined = (value == inf) | (ga.abs() == inf) | (gb.abs() == inf);
+      ga = where(undefined, zero, ga);
+      gb = where(undefined, zero, gb);
+    }
+    return;
+  }
+  Vec p_zero = a == ninf;
+  Vec q_zero = b == ninf;
+  Vec any_zero = p_zero | q_zero;
+  Vec a0 = where(any_zero, zero, a);
+  Vec b0 = where(any_zero, zero, b);
+  if (P.swap) {
+    forms<form>(b0, a0, q, p, P.k, value, gb, ga);
+  } else {
+    forms<form>(a0, b0, p, q, P.k, value, ga, gb);
+  }
+  if (P.standardize) {
+    Vec slope(P.slope);
+    value = value - slope * (p - q);
+    ga = ga - slope * p;
+    gb = gb + slope * q;
+  }
+  Vec at_p_zero = q * Vec(P.f0);
+  at_p_zero = where(at_p_zero != at_p_zero, inf, at_p_zero);
+  Vec at_q_zero = p * Vec(P.fpinf);
+  at_q_zero = where(at_q_zero != at_q_zero, inf, at_q_zero);
+  Vec only_p_zero = p_zero & (b != ninf);
+  Vec only_q_zero = q_zero & (a != ninf);
+  Vec both_zero = p_zero & q_zero;
+  value = where(only_p_zero, at_p_zero, where(only_q_zero, at_q_zero, value));
+  value = where(both_zero, zero, value);
+  ga = where(only_q_zero, at_q_zero, ga);
+  gb = where(only_p_zero, at_p_zero, gb);
+  Vec undefined = both_zero | (value == inf) | (ga.abs() == inf) | (gb.abs() == inf);
+  ga = where(undefined | only_p_zero, zero, ga);
+  gb = where(undefined | only_q_zero, zero, gb);
+}
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+inline double hsum(const Vec& v) {
+  float buf[L];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t i = 0; i < L; ++i) s += buf[i];
+  return s;
+}
+
+inline float hmax(const Vec& v) {
+  float buf[L];
+  v.store(buf);
+  float m = buf[0];
+  for (int64_t i = 1; i < L; ++i) m = std::max(m, buf[i]);
+  return m;
+}
+
+// dtype codes: 0 float32, 1 bfloat16, 2 float16. Loads one row scaled by 1/T into dst (padding
+// -inf) and returns its maximum; has_neg_inf tells whether a real entry is -inf.
+template <typename T>
+float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_temp, bool& has_neg_inf) {
+  const Vec scale(inv_temp), ninf(NEG_INF);
+  Vec mx(NEG_INF), mn(POS_INF);
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    Vec x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = Vec::loadu(src + j) * scale;
+    } else {
+      float tmp[L];
+      for (int64_t i = 0; i < L; ++i) tmp[i] = static_cast<float>(src[j + i]);
+      x = Vec::loadu(tmp) * scale;
+    }
+    x.store(dst + j);
+    mx = vmax(mx, x);
+    mn = at::vec::minimum(mn, x);
+  }
+  float m = hmax(mx);
+  float lo = -hmax(mn.neg());
+  for (; j < V; ++j) {
+    const float x = static_cast<float>(src[j]) * inv_temp;
+    dst[j] = x;
+    m = std::max(m, x);
+    lo = std::min(lo, x);
+  }
+  for (; j < Vpad; ++j) dst[j] = NEG_INF;
+  has_neg_inf = lo == NEG_INF;
+  return m;
+}
+
+float load_row(const void* base, int dtype, int64_t offset, float* dst, int64_t V, int64_t Vpad, float inv_temp,
+               bool& has_neg_inf) {
+  switch (dtype) {
+    case 0: return load_scaled(static_cast<const float*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
+    case 1:
+      return load_scaled(static_cast<const c10::BFloat16*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
+    default: return load_scaled(static_cast<const c10::Half*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
+  }
+}
+
+template <typename T>
+void store_chain(T* out, const float* g, const float* prob, double grad_sum, float scale, int64_t V) {
+  const float s = static_cast<float>(grad_sum);
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec vs(s), vscale(scale);
+    int64_t j = 0;
+    for (; j + L <= V; j += L) {
+      ((Vec::loadu(g + j) - Vec::loadu(prob + j) * vs) * vscale).store(out + j);
+    }
+    for (; j < V; ++j) out[j] = (g[j] - prob[j] * s) * scale;
+  } else {
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>((g[j] - prob[j] * s) * scale);
+  }
+}
+
+void store_row(void* base, int dtype, int64_t offset, const float* g, const float* prob, double grad_sum, float scale,
+               int64_t V) {
+  switch (dtype) {
+    case 0: store_chain(static_cast<float*>(base) + offset, g, prob, grad_sum, scale, V); break;
+    case 1: store_chain(static_cast<c10::BFloat16*>(base) + offset, g, prob, grad_sum, scale, V); break;
+    default: store_chain(static_cast<c10::Half*>(base) + offset, g, prob, grad_sum, scale, V); break;
+  }
+}
+
+void zero_row(void* base, int dtype, int64_t offset, int64_t V) {
+  const int64_t size = dtype == 0 ? 4 : 2;
+  std::memset(static_cast<char*>(base) + offset * size, 0, static_cast<size_t>(V * size));
+}
+
+// (max, log sum exp(x - max)) of a padded row (padding -inf): log p = (x - max) - log_sum, in
+// two roundings as log_softmax does (forming max + log_sum first would shift every entry of
+// the row by the rounding of their sum). An all -inf row gives (-inf, NaN): not a distribution.
+struct Normaliser { float max, log_sum; };
+
+Normaliser row_normaliser(const float* x, int64_t Vpad, float mx) {
+  if (!std::isfinite(mx)) return {mx, std::numeric_limits<float>::quiet_NaN()};
+  const Vec shift(mx);
+  double total = 0.0;
+  Vec acc(0.f);
+  int64_t tiles = 0;
+  for (int64_t j = 0; j < Vpad; j += L) {
+    acc = acc + (Vec::loadu(x + j) - shift).exp();
+    if (++tiles == FLUSH) { total += hsum(acc); acc = Vec(0.f); tiles = 0; }
+  }
+  total += hsum(acc);
+  return {mx, static_cast<float>(std::log(total))};
+}
+
+struct Job {
+  const void* S; const void* T; void* GS; void* GT; float* rows; const float* W;
+  int64_t n, V, stride_s, stride_t, stride_gs, stride_gt;
+  int dtype_s, dtype_t, student_grad, teacher_grad, guard;
+  Params P;
+};
+
+struct Sums { double value, b, a; };
+
+// Pass 3 over one row: forms, sums, grad_b / q (and grad_a / p) kept in the workspace.
+template <int form, bool MASKED, bool GUARD, bool TGRAD>
+Sums forms_pass(const Params& P, float* xs, float* xt, float* ga_buf, float* p_buf, int64_t Vpad,
+                const Normaliser& ns, const Normaliser& nt) {
+  const Vec max_s(ns.max), log_sum_s(ns.log_sum), max_t(nt.max), log_sum_t(nt.log_sum);
+  Sums out{0.0, 0.0, 0.0};
+  Vec acc_v(0.f), acc_b(0.f), acc_a(0.f);
+  int64_t tiles = 0;
+  for (int64_t j = 0; j < Vpad; j += L) {
+    Vec a = (Vec::loadu(xt + j) - max_t) - log_sum_t;
+    Vec b = (Vec::loadu(xs + j) - max_s) - log_sum_s;
+    Vec value, ga, gb, p, q;
+    row_forms<form, MASKED, GUARD>(P, a, b, value, ga, gb, p, q);
+    if (!MASKED && j + L > Vpad - L) {  // the padded tail of the last tile (a = b = -inf) counts 0
+      // (the unmasked forms never see -inf otherwise; padding lanes are exactly where p = q = 0)
+      Vec pad = (p == Vec(0.f)) & (q == Vec(0.f)) & (a == Vec(NEG_INF));
+      value = where(pad, Vec(0.f), value);
+      ga = where(pad, Vec(0.f), ga);
+      gb = where(pad, Vec(0.f), gb);
+    }
+    acc_v = acc_v + value;
+    acc_b = acc_b + gb;
+    gb.store(xs + j);
+    q.store(xt + j);
+    if (TGRAD) {
+      acc_a = acc_a + ga;
+      ga.store(ga_buf + j);
+      p.store(p_buf + j);
+    }
+    if (++tiles == FLUSH) {
+      out.value += hsum(acc_v); out.b += hsum(acc_b); out.a += hsum(acc_a);
+      acc_v = acc_b = acc_a = Vec(0.f);
+      tiles = 0;
+    }
+  }
+  out.value += hsum(acc_v); out.b += hsum(acc_b); out.a += hsum(acc_a);
+  return out;
+}
+
+using FormsPass = Sums (*)(const Params&, float*, float*, float*, float*, int64_t, const Normaliser&,
+                           const Normaliser&);
+
+template <int form>
+FormsPass pick(bool masked, bool guard, bool tgrad) {
+  if (masked) return tgrad ? forms_pass<form, true, true, true> : forms_pass<form, true, true, false>;
+  if (guard) return tgrad ? forms_pass<form, false, true, true> : forms_pass<form, false, true, false>;
+  return tgrad ? forms_pass<form, false, false, true> : forms_pass<form, false, false, false>;
+}
+
+FormsPass pick_forms(int form, bool masked, bool guard, bool tgrad) {
+  switch (form) {
+    case FORWARD_KL: return pick<FORWARD_KL>(masked, guard, tgrad);
+    case REVERSE_KL: return pick<REVERSE_KL>(masked, guard, tgrad);
+    case JS: return pick<JS>(masked, guard, tgrad);
+    case SKEW_FORWARD_KL: return pick<SKEW_FORWARD_KL>(masked, guard, tgrad);
+    case SKEW_REVERSE_KL: return pick<SKEW_REVERSE_KL>(masked, guard, tgrad);
+    case TV: return pick<TV>(masked, guard, tgrad);
+    case HELLINGER: return pick<HELLINGER>(masked, guard, tgrad);
+    case PEARSON_CHI2: return pick<PEARSON_CHI2>(masked, guard, tgrad);
+    case NEYMAN_CHI2: return pick<NEYMAN_CHI2>(masked, guard, tgrad);
+    case JEFFREYS: return pick<JEFFREYS>(masked, guard, tgrad);
+    case TRIANGULAR: return pick<TRIANGULAR>(masked, guard, tgrad);
+    default: return pick<ALPHA>(masked, guard, tgrad);
+  }
+}
+
+void run_rows(const Job& J, int64_t begin, int64_t end) {
+  const int64_t V = J.V;
+  const int64_t Vpad = (V + L - 1) / L * L;
+  const bool tgrad = J.teacher_grad != 0, sgrad = J.student_grad != 0;
+  std::vector<float> work(static_cast<size_t>(Vpad) * (tgrad ? 4 : 2));
+  float* xs = work.data();          // scaled student row, then grad_b
+  float* xt = xs + Vpad;            // scaled teacher row, then q
+  float* ga_buf = tgrad ? xt + Vpad : nullptr;
+  float* p_buf = tgrad ? ga_buf + Vpad : nullptr;
+  const FormsPass plain = pick_forms(J.P.form, false, J.guard != 0, tgrad);
+  const FormsPass masked = pick_forms(J.P.form, true, true, tgrad);
+  for (int64_t i = begin; i < end; ++i) {
+    const float w = J.W[i];
+    if (w == 0.f) {
+      J.rows[i] = 0.f;
+      if (sgrad) zero_row(J.GS, J.dtype_s, i * J.stride_gs, V);
+      if (tgrad) zero_row(J.GT, J.dtype_t, i * J.stride_gt, V);
+      continue;
+    }
+    bool inf_s = false, inf_t = false;
+    const float max_s = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, inf_s);
+    const float max_t = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, inf_t);
+    const Normaliser ns = row_normaliser(xs, Vpad, max_s), nt = row_normaliser(xt, Vpad, max_t);
+    const FormsPass pass = (inf_s || inf_t) ? masked : plain;
+    const Sums sums = pass(J.P, xs, xt, ga_buf, p_buf, Vpad, ns, nt);
+    const float row = static_cast<float>(sums.value);
+    J.rows[i] = row < 0.f ? 0.f : row;  // the lower bound 0 (contract 3); NaN stays NaN
+    const float scale = J.P.inv_temp * w;
+    if (sgrad) store_row(J.GS, J.dtype_s, i * J.stride_gs, xs, xt, sums.b, scale, V);
+    if (tgrad) store_row(J.GT, J.dtype_t, i * J.stride_gt, ga_buf, p_buf, sums.a, scale, V);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns the lane count of the vector type this library was built for (a load-time check).
+int64_t fdiv_vector_lanes() { return L; }
+
+void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, int64_t n,
+                     int64_t V, int64_t stride_s, int64_t stride_t, int64_t stride_gs, int64_t stride_gt,
+                     int dtype_s, int dtype_t, int student_grad, int teacher_grad, int form, int swap,
+                     int standardize, int guard, const float* scalars, int threads) {
+  Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t,
+        student_grad, teacher_grad, guard, Params{}};
+  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
+  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
+  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (workers == 1) {
+    run_rows(J, 0, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (n + workers - 1) / workers;
+  for (int64_t t = 1; t < workers; ++t) {
+    const int64_t b = t * per, e = std::min(n, b + per);
+    if (b < e) pool.emplace_back(run_rows, std::cref(J), b, e);
+  }
+  run_rows(J, 0, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+}  // extern "C"

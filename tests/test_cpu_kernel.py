@@ -1,0 +1,267 @@
+"""The C++ CPU row kernel against float64 autograd of the categorical path, and its place in token_loss."""
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import spec_id
+
+import fdiv
+from fdiv.kernels import cpu_kernel as ck
+from fdiv.kernels._chunk import logit_chunk
+from fdiv.math.generators import ForwardKL
+from test_triton_kernel import ALL, _build, make_inputs
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+    # skipped only without a compiler: with one, a failed build fails these tests
+    pytest.mark.skipif(ck._compiler() is None, reason="no C++ compiler here: the CPU row kernel cannot be built"),
+]
+
+
+def reference64(div, student, teacher, temperature, weights):
+    """Unweighted rows and gradients of ``sum_n w_n D_n``: autograd of ``div(p, q)`` in float64."""
+    s = student.detach().double().requires_grad_(True)
+    t = teacher.detach().double().requires_grad_(True)
+    rows = div(t, s, temperature=temperature)
+    counted = weights != 0
+    (rows[counted] * weights[counted].double()).sum().backward()
+    return rows.detach(), s.grad, t.grad
+
+
+def run(div, student, teacher, weights, temperature=1.0, teacher_grad=True):
+    return ck.cpu_token_rows(div, student, teacher, weights, 1.0 / temperature, teacher_grad=teacher_grad)
+
+
+def errors(rows, grads, ref_rows, ref_grads, counted):
+    """(worst relative row error, worst gradient error relative to the gradient's scale) against float64."""
+    finite = torch.isfinite(ref_rows) & counted
+    row_err = ((rows.double() - ref_rows)[finite].abs() / ref_rows[finite].abs().clamp_min(1e-3)).max().item()
+    grad_err = max(
+        # a gradient below 1e-2 everywhere (1e-47 at logits far apart) is compared absolutely, at 1e-7
+        [(g.double() - r).abs().max().item() / max(r.abs().max().item(), 1e-2) for g, r in zip(grads, ref_grads)],
+        default=0.0,
+    )
+    return row_err, grad_err
+
+
+def check(div, student, teacher, weights, temperature, rtol=1e-5):
+    """Float32: within ``rtol`` of float64, or no worse than twice fdiv's eager float32 path where
+    float32 itself cannot reach ``rtol`` (a logit scaled by 1/T rounds before any kernel sees it)."""
+    rows, g_s, g_t = run(div, student, teacher, weights, temperature)
+    ref_rows, ref_s, ref_t = reference64(div, student, teacher, temperature, weights)
+    counted = weights != 0
+    assert rows.dtype == torch.float32 and g_s.dtype == student.dtype and g_t.dtype == teacher.dtype
+    assert torch.all(rows[~counted] == 0) and torch.all(g_s[~counted] == 0) and torch.all(g_t[~counted] == 0)
+    assert torch.equal(torch.isinf(rows[counted]), torch.isinf(ref_rows[counted]))
+    assert not torch.isnan(rows[counted]).any()
+    for g, ref in ((g_s, ref_s), (g_t, ref_t)):  # finite wherever the input dtype can hold the gradient
+        representable = ref.abs() < torch.finfo(g.dtype).max / 2
+        assert torch.isfinite(g[representable]).all()
+    if student.dtype != torch.float32:  # fp32 math, rounded once to the input dtype
+        for g, ref in ((g_s, ref_s), (g_t, ref_t)):
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(g.float(), ref.to(g.dtype).float(), rtol=1e-2, atol=1e-2 * scale)
+        row_err, _ = errors(rows, (), ref_rows, (), counted)
+        assert row_err <= 1e-5
+        return
+    row_err, grad_err = errors(rows, (g_s, g_t), ref_rows, (ref_s, ref_t), counted)
+    eager_rows, eager_s, eager_t = logit_chunk(div, student, teacher, 1.0 / temperature, True, True)
+    w = weights[:, None]
+    eager_row_err, eager_grad_err = errors(eager_rows, (eager_s * w, eager_t * w), ref_rows, (ref_s, ref_t), counted)
+    assert row_err <= max(rtol, 2 * eager_row_err), (row_err, eager_row_err)
+    assert grad_err <= max(rtol, 2 * eager_grad_err), (grad_err, eager_grad_err)
+
+
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
+@pytest.mark.parametrize("vocab, temperature", [(37, 1.0), (1000, 0.7), (4099, 2.0)])
+def test_every_generator_masks_weights_temperature_tails(spec, vocab, temperature):
+    div = _build(spec)
+    if not ck.supports(div):
+        pytest.skip(f"{div!r} has no kernel family: the torch paths run it")
+    student, teacher, weights = make_inputs(div, vocab=vocab)
+    check(div, student, teacher, weights, temperature)
+
+
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_fp32(spec, dtype):
+    div = _build(spec)
+    student, teacher, weights = make_inputs(div, vocab=300, dtype=dtype)
+    check(div, student, teacher, weights, 1.5)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 15, 16, 17, 33, 1025])
+def test_every_tail_length(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    student, teacher = torch.randn(5, vocab, generator=g) * 4, torch.randn(5, vocab, generator=g) * 4
+    for name in ("forward_kl", "js", "hellinger"):
+        check(fdiv.get(name), student, teacher, torch.ones(5), 1.0)
+
+
+def test_support_mismatch_overflow_clamp_and_all_masked_row():
+    inf = -math.inf
+    student = torch.tensor([[0.0, 1.0, inf], [0.0, 0.0, 0.0], [inf, inf, inf], [0.0, 60.0, -60.0]])
+    teacher = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 1e-7], [0.0, 1.0, 2.0], [0.0, -60.0, 60.0]])
+    rows, g_s, g_t = run(fdiv.get("forward_kl"), student, teacher, torch.ones(4))
+    assert rows[0] == math.inf and torch.isfinite(g_s[0]).all() and torch.isfinite(g_t[0]).all()
+    assert rows[1] >= 0  # clamped at the lower bound
+    assert math.isnan(rows[2])  # not a distribution, as in eager
+    assert math.isfinite(rows[3])
+    rows, g_s, _ = run(fdiv.get("pearson_chi2"), student[3:], teacher[3:], torch.ones(1))
+    assert rows[0] == math.inf and torch.isfinite(g_s).all()  # p^2/q overflows: inf, finite gradient
+
+
+def test_threads_strides_and_preallocated_outputs():
+    g = torch.Generator().manual_seed(3)
+    wide_s = torch.randn(9, 2 * 301, generator=g)
+    wide_t = torch.randn(9, 301, generator=g)
+    student = wide_s[:, ::2]  # a strided view: copied to unit stride
+    rows_view = wide_s[:, :301]  # a row stride larger than the vocabulary
+    weights = torch.rand(9, generator=g) + 0.1
+    div = fdiv.get("js", beta=0.2)
+    base = run(div, student.contiguous(), wide_t, weights)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            for got, want in zip(run(div, student, wide_t, weights), base, strict=True):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    check(div, rows_view, wide_t, weights, 1.0)
+    out = torch.full((9, 301), math.nan)
+    _, g_s, g_t = ck.cpu_token_rows(div, student, wide_t, weights, 1.0, teacher_grad=False, out_student=out)
+    assert g_s is out and g_t is None
+    torch.testing.assert_close(out, base[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_token_loss_cpu_backend_equals_eager(reduction):
+    g = torch.Generator().manual_seed(5)
+    student = (torch.randn(3, 7, 513, generator=g) * 2).requires_grad_(True)
+    teacher = (torch.randn(3, 7, 513, generator=g) * 2).requires_grad_(True)
+    labels = torch.randint(0, 513, (3, 7), generator=g)
+    labels[0, :3] = -100
+    mask = torch.rand(3, 7, generator=g) > 0.2
+    results = []
+    for backend in ("eager", "cpu"):
+        s, t = student.detach().clone().requires_grad_(True), teacher.detach().clone().requires_grad_(True)
+        loss = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=fdiv.get("alpha", alpha=0.4),
+                               temperature=1.3, mask=mask, labels=labels, reduction=reduction, backend=backend)
+        (loss.sum() if reduction == "none" else loss).backward()
+        results.append((loss.detach(), s.grad, t.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_picks_the_kernel_for_supported_cpu_inputs(monkeypatch):
+    from fdiv.kernels.token import pick_backend
+
+    s = torch.zeros(2, 8)
+    assert pick_backend("auto", 16, s.device, s, s, fdiv.get("js")) == "cpu"
+    assert pick_backend("auto", 16, s.device, s.double(), s.double(), fdiv.get("js")) == "eager"  # fp64: torch
+    assert pick_backend("auto", 16, s.device, s, s, fdiv.get("renyi", alpha=0.5)) == "eager"  # no family
+    monkeypatch.setenv("FDIV_CPU_KERNEL", "0")
+    assert pick_backend("auto", 16, s.device, s, s, fdiv.get("js")) == "eager"
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        fdiv.token_loss(student_logits=s.double(), teacher_logits=s.double(), backend="cpu")
+
+
+def test_user_generator_takes_the_torch_path_with_the_same_numbers():
+    class Mine(ForwardKL):  # a user subclass with its own forms: no kernel family is assumed for it
+        def _forms(self, log_p, log_q):
+            return super()._forms(log_p, log_q)
+
+    div = Mine()
+    assert not ck.supports(div)
+    s, t = torch.randn(4, 50), torch.randn(4, 50)
+    got = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence=div)
+    want = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence="forward_kl", backend="cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_failed_build_warns_once_and_the_torch_path_runs(tmp_path):
+    """In a child process: a compiler that fails, an empty cache; one warning, then eager numbers."""
+    failing = tmp_path / "failing-cxx"
+    failing.write_text("#!/bin/sh\necho 'no such compiler' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    code = (
+        "import warnings, torch, fdiv\n"
+        "from fdiv.kernels import cpu_kernel\n"
+        "s, t = torch.randn(3, 40), torch.randn(3, 40)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence='js')\n"
+        "    b = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence='js')\n"
+        "e = fdiv.token_loss(student_logits=s, teacher_logits=t, divergence='js', backend='eager')\n"
+        "msgs = [str(w.message) for w in caught if 'CPU row kernel' in str(w.message)]\n"
+        "assert len(msgs) == 1 and 'no such compiler' in msgs[0], msgs\n"
+        "assert not cpu_kernel.available() and torch.equal(a, b) and torch.allclose(a, e)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "CXX": str(failing), "FDIV_KERNEL_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_build_is_cached_on_disk_and_reused(tmp_path):
+    """A fresh cache folder gets one library; a second process loads it without building."""
+    code = (
+        "import torch, fdiv\n"
+        "from fdiv.kernels import cpu_kernel\n"
+        "assert cpu_kernel.available()\n"
+        "print(cpu_kernel.library_path())\n"
+    )
+    env = {**os.environ, "FDIV_KERNEL_CACHE": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    path = first.stdout.strip().splitlines()[-1]
+    assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
+    stamp = os.stat(path).st_mtime_ns
+    env["CXX"] = "/nonexistent/compiler"  # a rebuild would fail: the second process must load the cache
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert os.stat(path).st_mtime_ns == stamp and sorted(os.listdir(tmp_path)) == [os.path.basename(path)]
+
+
+def test_large_and_peaked_logits_stay_finite():
+    g = torch.Generator().manual_seed(9)
+    student = torch.randn(4, 2000, generator=g) * 300
+    teacher = torch.randn(4, 2000, generator=g) * 300
+    for name in ("forward_kl", "reverse_kl", "js", "tv", "hellinger", "jeffreys", "triangular"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check(fdiv.get(name), student, teacher, torch.ones(4), 1.0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "js", fdiv.get("alpha", alpha=1.5)])
+def test_fused_linear_cpu_chunks_equal_eager_for_hidden_weight_and_bias(divergence):
+    g = torch.Generator().manual_seed(11)
+    n, h, v = 37, 16, 301
+    student_hidden = torch.randn(n, h, generator=g)
+    student_weight = torch.randn(v, h, generator=g) * 0.5
+    student_bias = torch.randn(v, generator=g)
+    teacher_hidden = torch.randn(n, h, generator=g)
+    teacher_weight = torch.randn(v, h, generator=g) * 0.5
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[:4] = -100
+    results = []
+    for backend in ("eager", "cpu"):
+        leaves = [x.clone().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
+        loss = fdiv.fused_linear_loss(student_hidden=leaves[0], student_weight=leaves[1], student_bias=leaves[2],
+                                      teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=labels,
+                                      divergence=divergence, temperature=1.7, hard_label_weight=0.3, chunk_size=8,
+                                      backend=backend)
+        loss.backward()
+        results.append([loss.detach()] + [x.grad for x in leaves])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    from fdiv.kernels.token import pick_chunk_backend
+
+    assert pick_chunk_backend("auto", 1, torch.device("cpu"), torch.float32, fdiv.get("js")) == "cpu"
+    assert pick_chunk_backend("auto", 1, torch.device("cpu"), torch.float64, fdiv.get("js")) == "eager"
