@@ -7,6 +7,7 @@ counted) minus the RSS just before them, with the inputs allocated and no gradie
 
     python benchmarks/bench_token.py                       # both shapes of the issue
     python benchmarks/bench_token.py --shapes 2048x32000   # one shape
+    python benchmarks/bench_token.py --shapes 2048x32000 --dtype bf16   # bf16 logits (fp32 math)
 """
 
 from __future__ import annotations
@@ -21,31 +22,42 @@ from _memory import machine_line, timed_window
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+#: Built-in f-divergences timed on the C++ row kernel beyond the two compared with every peer.
+OTHER_DIVERGENCES = ("reverse_kl", "tv", "hellinger", "pearson_chi2", "jeffreys", "triangular", "alpha", "skew_forward_kl")
+
 METHODS = {
-    # name: (divergence, label)
+    # name: label
     "naive:forward_kl": "naive torch (autograd)",
     "trl:forward_kl": "TRL generalized_jsd_loss(beta=0)",
     "fdiv-eager:forward_kl": "fdiv.token_loss eager",
     "fdiv-compile:forward_kl": "fdiv.token_loss compiled",
+    "fdiv-cpu:forward_kl": "fdiv.token_loss C++ kernel",
+    "fdiv-cpu-thp:forward_kl": "fdiv.token_loss C++ kernel, THP_MEM_ALLOC_ENABLE=1",
     "naive:js": "naive torch (autograd)",
     "trl:js": "TRL generalized_jsd_loss(beta=0.5)",
     "fdiv-eager:js": "fdiv.token_loss eager",
     "fdiv-compile:js": "fdiv.token_loss compiled",
+    "fdiv-cpu:js": "fdiv.token_loss C++ kernel",
+    "fdiv-cpu-thp:js": "fdiv.token_loss C++ kernel, THP_MEM_ALLOC_ENABLE=1",
+    **{f"fdiv-cpu:{d}": "fdiv.token_loss C++ kernel" for d in OTHER_DIVERGENCES},
     "floor:bandwidth": "read 2 + write 1 logits tensor (torch.add)",
     "floor:exp": "2 exp per element (torch.exp x2)",
 }
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
-def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
+def worker(method: str, n: int, vocab: int, repeats: int, dtype: str) -> dict:
     import torch
 
     import fdiv
 
     torch.manual_seed(0)
     kind, div = method.split(":")
-    student = torch.randn(n, vocab).requires_grad_(kind not in ("floor",))
-    teacher = torch.randn(n, vocab)
+    dt = getattr(torch, DTYPES[dtype]) if kind != "floor" else torch.float32  # the floors: fp32 exp / traffic
+    student = torch.randn(n, vocab).to(dt).requires_grad_(kind not in ("floor",))
+    teacher = torch.randn(n, vocab).to(dt)
     out = torch.empty(n, vocab) if kind == "floor" else None
+    divergence = fdiv.get("alpha", alpha=0.5) if div == "alpha" else div
     if kind == "trl":
         from trl.experimental.gkd import GKDTrainer
 
@@ -71,8 +83,9 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
             # TRL's batchmean without labels divides by the batch size: rows here
             loss = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta)
         else:
-            backend = "eager" if kind == "fdiv-eager" else "compile"
-            loss = fdiv.token_loss(student_logits=student, teacher_logits=teacher, divergence=div, backend=backend)
+            backend = {"fdiv-eager": "eager", "fdiv-compile": "compile"}.get(kind, "cpu")
+            loss = fdiv.token_loss(student_logits=student, teacher_logits=teacher, divergence=divergence,
+                                   backend=backend)
         loss.backward()
 
     step()  # warm-up (and compilation), outside the memory window
@@ -81,10 +94,14 @@ def worker(method: str, n: int, vocab: int, repeats: int) -> dict:
     return timed_window(step, repeats)
 
 
-def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--shapes", f"{n}x{vocab}", "--repeats", str(repeats)]
+def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--shapes", f"{n}x{vocab}", "--repeats", str(repeats),
+           "--dtype", dtype]
+    env = dict(os.environ)
+    if method.startswith("fdiv-cpu-thp"):  # torch's CPU allocator backs large tensors with huge pages
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout > {timeout}s"}
     if result.returncode != 0:
@@ -100,35 +117,40 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--worker", default=None)
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     if args.worker:
-        print(json.dumps(worker(args.worker, *shapes[0], args.repeats)))
+        print(json.dumps(worker(args.worker, *shapes[0], args.repeats, args.dtype)))
         return
 
     import torch
 
     print(machine_line())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, forward+backward, median of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} logits, forward+backward, "
+          f"median of {args.repeats}")  # fmt: skip
     for n, vocab in shapes:
-        logits_bytes = n * vocab * 4
-        results = {m: run_one(m, n, vocab, args.repeats, args.timeout) for m in args.methods.split(",")}
+        logits_bytes = n * vocab * (4 if args.dtype == "fp32" else 2)
+        results = {m: run_one(m, n, vocab, args.repeats, args.timeout, args.dtype) for m in args.methods.split(",")}
         floor_ms = results.get("floor:bandwidth", {}).get("ms")
-        print(f"\n### N={n}, V={vocab} (one fp32 logits tensor = {logits_bytes / 2**20:.0f} MiB)\n")
-        print("| method | divergence | ms | x naive | x TRL | x bandwidth floor | peak extra / logits tensor |")
-        print("|---|---|---|---|---|---|---|")
+        exp_ms = results.get("floor:exp", {}).get("ms")
+        print(f"\n### N={n}, V={vocab}, {args.dtype} (one logits tensor = {logits_bytes / 2**20:.0f} MiB)\n")
+        print("| method | divergence | ms | x naive | x TRL | x bandwidth floor | x exp floor | peak extra / logits tensor |")
+        print("|---|---|---|---|---|---|---|---|")
         for method, res in results.items():
             kind, div = method.split(":")
             if "error" in res:
-                print(f"| {METHODS[method]} | {div} | {res['error']} | | | | |")
+                print(f"| {METHODS[method]} | {div} | {res['error']} | | | | | |")
                 continue
             naive = results.get(f"naive:{div}", {}).get("ms")
             trl = results.get(f"trl:{div}", {}).get("ms")
             ratio = lambda ref: f"{ref / res['ms']:.2f}" if ref else "—"  # noqa: E731
             floor = f"{res['ms'] / floor_ms:.1f}" if floor_ms else "—"
+            exp_floor = f"{res['ms'] / exp_ms:.2f}" if exp_ms else "—"
             mem = res["peak_extra_bytes"] / logits_bytes
-            print(f"| {METHODS[method]} | {div} | {res['ms']:.0f} | {ratio(naive)} | {ratio(trl)} | {floor} | {mem:.2f} |")
+            print(f"| {METHODS[method]} | {div} | {res['ms']:.0f} | {ratio(naive)} | {ratio(trl)} | {floor} | "
+                  f"{exp_floor} | {mem:.2f} |")  # fmt: skip
         sys.stdout.flush()
 
 
