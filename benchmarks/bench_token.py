@@ -40,6 +40,10 @@ METHODS = {
     "fdiv-cpu:js": "fdiv.token_loss C++ kernel",
     "fdiv-cpu-thp:js": "fdiv.token_loss C++ kernel, THP_MEM_ALLOC_ENABLE=1",
     **{f"fdiv-cpu:{d}": "fdiv.token_loss C++ kernel" for d in OTHER_DIVERGENCES},
+    "topk-torch:forward_kl": "fdiv.topk_token_loss k=64 bucket, torch path (FDIV_CPU_KERNEL=0)",
+    "topk:forward_kl": "fdiv.topk_token_loss k=64 bucket, C++ kernel",
+    "topk-torch:js": "fdiv.topk_token_loss k=64 bucket, torch path (FDIV_CPU_KERNEL=0)",
+    "topk:js": "fdiv.topk_token_loss k=64 bucket, C++ kernel",
     "floor:bandwidth": "read 2 + write 1 logits tensor (torch.add)",
     "floor:exp": "2 exp per element (torch.exp x2)",
 }
@@ -60,6 +64,8 @@ def worker(method: str, n: int, vocab: int, repeats: int, dtype: str) -> dict:
     divergence = fdiv.get("alpha", alpha=0.5) if div == "alpha" else div
     if kind == "trl":
         from trl.experimental.gkd import GKDTrainer
+    if kind.startswith("topk"):  # the teacher as an offline cache would store it, outside the timing
+        top = torch.log_softmax(teacher.float(), -1).topk(64, -1)
 
     def step():
         if kind == "floor":
@@ -78,6 +84,9 @@ def worker(method: str, n: int, vocab: int, repeats: int, dtype: str) -> dict:
             else:
                 log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - torch.log(torch.tensor(2.0))
                 loss = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (log_q.exp() * (log_q - log_m)).sum(-1)).mean()
+        elif kind.startswith("topk"):
+            loss = fdiv.topk_token_loss(student_logits=student, teacher_topk_indices=top.indices,
+                                        teacher_topk_logprobs=top.values, divergence=divergence)
         elif kind == "trl":
             beta = 0.0 if div == "forward_kl" else 0.5
             # TRL's batchmean without labels divides by the batch size: rows here
@@ -100,6 +109,8 @@ def run_one(method: str, n: int, vocab: int, repeats: int, timeout: int, dtype: 
     env = dict(os.environ)
     if method.startswith("fdiv-cpu-thp"):  # torch's CPU allocator backs large tensors with huge pages
         env["THP_MEM_ALLOC_ENABLE"] = "1"
+    if method.startswith("topk-torch"):
+        env["FDIV_CPU_KERNEL"] = "0"
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -265,3 +265,85 @@ def test_fused_linear_cpu_chunks_equal_eager_for_hidden_weight_and_bias(divergen
 
     assert pick_chunk_backend("auto", 1, torch.device("cpu"), torch.float32, fdiv.get("js")) == "cpu"
     assert pick_chunk_backend("auto", 1, torch.device("cpu"), torch.float64, fdiv.get("js")) == "eager"
+
+
+# ------------------------------------------------------------------ sparse top-k teacher, tail bucket
+def topk_case(seed=0, n=7, vocab=500, k=13, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, vocab, generator=g) * 3
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    student[1, :40] = -math.inf  # masked student entries, some of them top-k ids of the teacher
+    student[2] = -300.0  # every entry outside the top-k underflows relative to the row max
+    top = torch.log_softmax(teacher, -1).topk(k, -1)
+    indices, logprobs = top.indices.clone(), top.values.clone()
+    indices[2] = torch.arange(k)
+    student[2, :k] = torch.randn(k, generator=g)
+    indices[1, 0] = 3  # a top-k id the student masks
+    return student.to(dtype), indices, logprobs
+
+
+def topk_pair(monkeypatch, **kwargs):
+    """(torch path, C++ path): loss and student gradient of the same call."""
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FDIV_CPU_KERNEL", flag)
+        s = kwargs["student_logits"].detach().clone().requires_grad_(True)
+        loss = fdiv.topk_token_loss(**{**kwargs, "student_logits": s})
+        (loss.sum() if loss.dim() else loss).backward()
+        out.append((loss.detach(), s.grad))
+    return out
+
+
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
+def test_topk_bucket_kernel_equals_the_torch_path(monkeypatch, spec):
+    div = _build(spec)
+    student, indices, logprobs = topk_case()
+    mask = torch.ones(student.shape[0], dtype=torch.bool)
+    mask[4] = False
+    (ref, ref_g), (got, g) = topk_pair(monkeypatch, student_logits=student, teacher_topk_indices=indices,
+                                       teacher_topk_logprobs=logprobs, divergence=div, temperature=0.8, mask=mask,
+                                       reduction="none")
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(got[finite], ref[finite], rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=2e-6 * max(ref_g.abs().max().item(), 1.0))
+    assert torch.all(g[4] == 0)
+
+
+def test_topk_bucket_kernel_against_float64_and_tails(monkeypatch):
+    student, indices, logprobs = topk_case(seed=1)
+    # float64 reference: the torch path on float64 inputs (the kernel is never used for float64)
+    for div in ("forward_kl", "js", "reverse_kl"):
+        want = fdiv.topk_token_loss(student_logits=student.double(), teacher_topk_indices=indices,
+                                    teacher_topk_logprobs=logprobs.double(), divergence=div, reduction="none")
+        got = fdiv.topk_token_loss(student_logits=student, teacher_topk_indices=indices,
+                                   teacher_topk_logprobs=logprobs, divergence=div, reduction="none")
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite].double(), want[finite], rtol=1e-5, atol=1e-6)
+    # exact tails given (an offline cache), k = V (an empty tail on both sides), bf16 logits
+    tails = torch.log1p(-torch.exp(torch.logsumexp(logprobs.double(), -1))).float()
+    (ref, ref_g), (got, g) = topk_pair(monkeypatch, student_logits=student, teacher_topk_indices=indices,
+                                       teacher_topk_logprobs=logprobs, teacher_tail_logprobs=tails, divergence="js")
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=1e-8)
+    full = torch.log_softmax(torch.randn(3, 40), -1).topk(40, -1)
+    s = torch.randn(3, 40)
+    (ref, ref_g), (got, g) = topk_pair(monkeypatch, student_logits=s, teacher_topk_indices=full.indices,
+                                       teacher_topk_logprobs=full.values, divergence="forward_kl")
+    assert math.isfinite(ref.item())  # the rounding tail is dropped, not +inf
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(g, ref_g, rtol=2e-5, atol=1e-8)
+    sb, ib, lb = topk_case(seed=2, dtype=torch.bfloat16)
+    (ref, ref_g), (got, g) = topk_pair(monkeypatch, student_logits=sb, teacher_topk_indices=ib,
+                                       teacher_topk_logprobs=lb, divergence="reverse_kl")
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g.float(), ref_g.float(), rtol=1e-2, atol=1e-3 * ref_g.float().abs().max().item())
+
+
+def test_topk_ids_out_of_range_unchecked_give_nan_not_a_crash():
+    student, indices, logprobs = topk_case(seed=3, n=3)
+    indices[1, 2] = 10**9
+    out = fdiv.topk_token_loss(student_logits=student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
+                               reduction="none", check_finite=False)
+    assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -40,7 +41,7 @@ import torch
 from ._forms import FORM_NAMES, kernel_scalars, resolve_form
 from ._rowmath import needs_finite_form_grads
 
-__all__ = ["available", "cache_dir", "library_path", "supports", "usable", "cpu_token_rows"]
+__all__ = ["available", "cache_dir", "library_path", "supports", "usable", "cpu_token_rows", "cpu_topk_rows"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -114,12 +115,16 @@ def _build(compiler: str, path: Path) -> None:
 
 def _bind(path: Path):
     lib = ctypes.CDLL(str(path))
-    fn = lib.fdiv_token_rows
-    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32,
-                   i32, ptr, i32]  # fmt: skip
-    fn.restype = None
-    return fn
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    dense = lib.fdiv_token_rows
+    dense.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32,
+                      i32, ptr, i32]  # fmt: skip
+    dense.restype = None
+    topk = lib.fdiv_topk_rows
+    topk.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, f32, ptr,
+                     i32]  # fmt: skip
+    topk.restype = None
+    return types.SimpleNamespace(dense=dense, topk=topk)
 
 
 def _load():
@@ -164,6 +169,13 @@ def usable(student: torch.Tensor, teacher: torch.Tensor, divergence) -> bool:
     )
 
 
+def _entry(name: str):
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the CPU row kernel is unavailable; check fdiv.kernels.cpu_kernel.available() first")
+    return getattr(lib, name)
+
+
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -189,9 +201,7 @@ def cpu_token_rows(
     those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
     dtype (written into ``out_*`` when given, contiguous), None where not asked for.
     """
-    fn = _load()
-    if fn is None:
-        raise RuntimeError("the CPU row kernel is unavailable; check fdiv.kernels.cpu_kernel.available() first")
+    fn = _entry("dense")
     student, teacher = _rows_2d(student), _rows_2d(teacher)
     n, vocab = student.shape
     name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
@@ -212,3 +222,49 @@ def cpu_token_rows(
         scalar_buffer.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return rows, grad_s, grad_t
+
+
+def cpu_topk_rows(
+    divergence,
+    student: torch.Tensor,
+    indices: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    row_weights: torch.Tensor,
+    inv_temperature: float,
+    *,
+    noise: float | None,
+):
+    """Row divergences against a top-k teacher with a tail bucket (``tail="bucket"``) and the weighted gradient.
+
+    The math of :func:`fdiv.kernels.sparse.sparse_chunk` (``k + 1`` outcomes: the top-k ids and
+    the rest, the student's tail mass summed directly over the entries outside the top-k, never
+    ``1 - sum``), one exp per vocabulary entry. ``student`` ``[N, V]`` CPU float32 / bf16 / fp16;
+    ``indices`` ``[N, k]`` ids in ``[0, V)`` (a row with an id outside gives NaN, no memory
+    access outside the row); ``teacher_logprobs`` ``[N, k]``; ``teacher_tail`` ``[N]`` the
+    teacher's tail log-mass; ``noise``: where not None, a teacher tail at or below ``noise``
+    counts as empty in rows whose student tail is empty (:func:`fdiv.kernels.sparse.teacher_tail`).
+    Returns ``(rows, grad_student)``: ``[N]`` float32 unweighted, clamped at 0 (0 where ``w == 0``),
+    and ``w / T * dD_row/dlogits`` in the student's dtype.
+    """
+    fn = _entry("topk")
+    student = _rows_2d(student)
+    n, vocab = student.shape
+    k = indices.shape[-1]
+    name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+    ids = indices.to(torch.int64).contiguous()
+    logprobs = teacher_logprobs.to(torch.float32).contiguous()
+    tails = teacher_tail.reshape(n).to(torch.float32).contiguous()
+    weights = row_weights.detach().to(dtype=torch.float32).contiguous()
+    rows = torch.empty(n, dtype=torch.float32)
+    grad = torch.empty_like(student)
+    if n == 0:
+        return rows, grad
+    scalar_buffer = torch.tensor(scalars, dtype=torch.float32)
+    fn(
+        student.data_ptr(), ids.data_ptr(), logprobs.data_ptr(), tails.data_ptr(), grad.data_ptr(), rows.data_ptr(),
+        weights.data_ptr(), n, vocab, k, student.stride(0), grad.stride(0), _DTYPE_CODES[student.dtype],
+        FORM_NAMES.index(name), int(swap), int(standardize), int(noise is not None),
+        float(noise if noise is not None else 0.0), scalar_buffer.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return rows, grad

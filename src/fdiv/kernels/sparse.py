@@ -5,7 +5,7 @@ their log-probabilities (normalised over the full vocabulary). The rest of the
 teacher distribution is unknown, so the divergence is taken over a coarsening of
 both distributions, chosen explicitly by ``tail``:
 
-``"bucket"`` (default)
+``"bucket"`` (default; on CPU the C++ row kernel of :mod:`fdiv.kernels.cpu_kernel` runs it)
     ``k + 1`` outcomes: the top-k tokens and one tail bucket holding the remaining
     mass, ``1 - sum_k p_k`` for the teacher (computed as ``log(-expm1(logsumexp(a_k)))``)
     and the exact student mass outside the top-k (a ``logsumexp`` over the other
@@ -243,13 +243,17 @@ def topk_token_loss(
     chunk_size = chunk_size or default_chunk_size(n, vocab)
     weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
 
-    def kernel(start, stop):
-        return sparse_chunk(
-            divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail,
-            None if tails is None else tails[start:stop],
-        )
+    if tail == "bucket" and _cpu_kernel_usable(student, divergence):
+        out = _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature, weights, reduction)
+    else:
 
-    out = apply_chunked(student, None, chunk_runner(kernel), weights, reduction, chunk_size)
+        def kernel(start, stop):
+            return sparse_chunk(
+                divergence, student[start:stop], indices[start:stop], logprobs[start:stop], inv_temperature, tail,
+                None if tails is None else tails[start:stop],
+            )
+
+        out = apply_chunked(student, None, chunk_runner(kernel), weights, reduction, chunk_size)
     if reduction == "none":
         out = out.reshape(leading)
     if check_finite:
@@ -257,6 +261,39 @@ def topk_token_loss(
             _raise_if_no_topk_mass(student, indices, weights != 0)
         raise_if_nan(out, {"student_logits": student_logits, "teacher_topk_logprobs": teacher_topk_logprobs})
     return out
+
+
+def _cpu_kernel_usable(student, divergence) -> bool:
+    """The C++ row kernel runs the bucket path: CPU float32 / bf16 / fp16 logits, a kernel family, built."""
+    from . import cpu_kernel
+
+    return (
+        cpu_kernel.enabled()
+        and student.device.type == "cpu"
+        and student.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and cpu_kernel.supports(divergence)
+        and cpu_kernel.available()
+    )
+
+
+def _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature, weights, reduction):
+    """``tail="bucket"`` through :func:`fdiv.kernels.cpu_kernel.cpu_topk_rows` (one call, no chunks)."""
+    from .cpu_kernel import cpu_topk_rows
+    from .token import RowKernelLoss
+
+    k = indices.shape[-1]
+    if tails is None:  # recomputed from the stored values; rounding noise dropped where the student tail is empty
+        tail_lp, noise = teacher_tail(logprobs), math.log(k * torch.finfo(logprobs.dtype).eps)
+    else:
+        tail_lp, noise = tails, None
+
+    def rows_fn(div, s, _teacher, w, inv_t, *, teacher_grad, student_grad):
+        rows, grad = cpu_topk_rows(div, s, indices, logprobs, tail_lp, w, inv_t, noise=noise)
+        return rows, grad if student_grad else None, None
+
+    grad_on = torch.is_grad_enabled()
+    s = student if grad_on else student.detach()
+    return RowKernelLoss.apply(s, None, rows_fn, divergence, temperature, weights, reduction)
 
 
 def _raise_if_no_topk_mass(student, indices, counted) -> None:

@@ -3,7 +3,8 @@
 // One row of [N, V] logits at a time, fp32 math whatever the input dtype, vectorised with
 // ATen's Vectorized<float> (SLEEF exp / log / log1p / expm1 on AVX2 and AVX-512):
 //   pass 1: the scaled rows z/T into a row workspace, their maxima and whether -inf occurs;
-//   pass 2: the two log-normalisers (one exp per element and row);
+//   pass 2: e = exp(z/T - max) kept in the workspace, the two log-normalisers (the only exp
+//           per element and row that p and q need: p = e / sum);
 //   pass 3: a = log p, b = log q, p, q, the generator's pointwise forms and (only for a row
 //           holding -inf) the zero-probability limits; the row value and the sums of the gradients
 //           accumulated in double; grad_b and q kept in the workspace;
@@ -184,10 +185,9 @@ struct Params {
 // MASKED = false: no -inf in either row (the limits are skipped); GUARD = false: a family whose
 // values and gradients are finite for finite inputs (contract 2 cannot trigger).
 template <int form, bool MASKED, bool GUARD>
-inline void row_forms(const Params& P, const Vec& a, const Vec& b, Vec& value, Vec& ga, Vec& gb, Vec& p, Vec& q) {
+inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
+                      Vec& gb) {
   const Vec ninf(NEG_INF), inf(POS_INF), zero(0.f);
-  p = a.exp();
-  q = b.exp();
   if (!MASKED) {
     if (P.swap) {
       forms<form>(b, a, q, p, P.k, value, gb, ga);
@@ -237,6 +237,24 @@ inline void row_forms(const Params& P, const Vec& a, const Vec& b, Vec& value, V
   Vec undefined = both_zero | (value == inf) | (ga.abs() == inf) | (gb.abs() == inf);
   ga = where(undefined | only_p_zero, zero, ga);
   gb = where(undefined | only_q_zero, zero, gb);
+}
+
+void row_forms_masked(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
+                      Vec& gb) {
+  switch (P.form) {
+    case FORWARD_KL: row_forms<FORWARD_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case REVERSE_KL: row_forms<REVERSE_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case JS: row_forms<JS, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case SKEW_FORWARD_KL: row_forms<SKEW_FORWARD_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case SKEW_REVERSE_KL: row_forms<SKEW_REVERSE_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case TV: row_forms<TV, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case HELLINGER: row_forms<HELLINGER, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case PEARSON_CHI2: row_forms<PEARSON_CHI2, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case NEYMAN_CHI2: row_forms<NEYMAN_CHI2, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case JEFFREYS: row_forms<JEFFREYS, true, true>(P, a, b, p, q, value, ga, gb); break;
+    case TRIANGULAR: row_forms<TRIANGULAR, true, true>(P, a, b, p, q, value, ga, gb); break;
+    default: row_forms<ALPHA, true, true>(P, a, b, p, q, value, ga, gb); break;
+  }
 }
 
 template <typename T>
@@ -333,20 +351,27 @@ void zero_row(void* base, int dtype, int64_t offset, int64_t V) {
 // (max, log sum exp(x - max)) of a padded row (padding -inf): log p = (x - max) - log_sum, in
 // two roundings as log_softmax does (forming max + log_sum first would shift every entry of
 // the row by the rounding of their sum). An all -inf row gives (-inf, NaN): not a distribution.
-struct Normaliser { float max, log_sum; };
+struct Normaliser { float max, log_sum, inv_sum; };
 
-Normaliser row_normaliser(const float* x, int64_t Vpad, float mx) {
-  if (!std::isfinite(mx)) return {mx, std::numeric_limits<float>::quiet_NaN()};
+// Pass 2: e = exp(x - max) into `e` (so that p = e / sum needs no second exp), and the normaliser.
+Normaliser row_normaliser(const float* x, float* e, int64_t Vpad, float mx) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (!std::isfinite(mx)) {
+    std::fill(e, e + Vpad, nan);
+    return {mx, nan, nan};
+  }
   const Vec shift(mx);
   double total = 0.0;
   Vec acc(0.f);
   int64_t tiles = 0;
   for (int64_t j = 0; j < Vpad; j += L) {
-    acc = acc + (Vec::loadu(x + j) - shift).exp();
+    Vec ej = (Vec::loadu(x + j) - shift).exp();
+    ej.store(e + j);
+    acc = acc + ej;
     if (++tiles == FLUSH) { total += hsum(acc); acc = Vec(0.f); tiles = 0; }
   }
   total += hsum(acc);
-  return {mx, static_cast<float>(std::log(total))};
+  return {mx, static_cast<float>(std::log(total)), static_cast<float>(1.0 / total)};
 }
 
 struct Job {
@@ -358,19 +383,22 @@ struct Job {
 
 struct Sums { double value, b, a; };
 
-// Pass 3 over one row: forms, sums, grad_b / q (and grad_a / p) kept in the workspace.
+// Pass 3 over one row: forms, sums; grad_b and q replace xs and es (grad_a and p replace xt and et).
 template <int form, bool MASKED, bool GUARD, bool TGRAD>
-Sums forms_pass(const Params& P, float* xs, float* xt, float* ga_buf, float* p_buf, int64_t Vpad,
-                const Normaliser& ns, const Normaliser& nt) {
+Sums forms_pass(const Params& P, float* xs, float* xt, float* es, float* et, int64_t Vpad, const Normaliser& ns,
+                const Normaliser& nt) {
   const Vec max_s(ns.max), log_sum_s(ns.log_sum), max_t(nt.max), log_sum_t(nt.log_sum);
+  const Vec inv_s(ns.inv_sum), inv_t(nt.inv_sum);
   Sums out{0.0, 0.0, 0.0};
   Vec acc_v(0.f), acc_b(0.f), acc_a(0.f);
   int64_t tiles = 0;
   for (int64_t j = 0; j < Vpad; j += L) {
     Vec a = (Vec::loadu(xt + j) - max_t) - log_sum_t;
     Vec b = (Vec::loadu(xs + j) - max_s) - log_sum_s;
-    Vec value, ga, gb, p, q;
-    row_forms<form, MASKED, GUARD>(P, a, b, value, ga, gb, p, q);
+    Vec p = Vec::loadu(et + j) * inv_t;
+    Vec q = Vec::loadu(es + j) * inv_s;
+    Vec value, ga, gb;
+    row_forms<form, MASKED, GUARD>(P, a, b, p, q, value, ga, gb);
     if (!MASKED && j + L > Vpad - L) {  // the padded tail of the last tile (a = b = -inf) counts 0
       // (the unmasked forms never see -inf otherwise; padding lanes are exactly where p = q = 0)
       Vec pad = (p == Vec(0.f)) & (q == Vec(0.f)) & (a == Vec(NEG_INF));
@@ -381,11 +409,11 @@ Sums forms_pass(const Params& P, float* xs, float* xt, float* ga_buf, float* p_b
     acc_v = acc_v + value;
     acc_b = acc_b + gb;
     gb.store(xs + j);
-    q.store(xt + j);
+    q.store(es + j);
     if (TGRAD) {
       acc_a = acc_a + ga;
-      ga.store(ga_buf + j);
-      p.store(p_buf + j);
+      ga.store(xt + j);
+      p.store(et + j);
     }
     if (++tiles == FLUSH) {
       out.value += hsum(acc_v); out.b += hsum(acc_b); out.a += hsum(acc_a);
@@ -428,11 +456,11 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
   const int64_t V = J.V;
   const int64_t Vpad = (V + L - 1) / L * L;
   const bool tgrad = J.teacher_grad != 0, sgrad = J.student_grad != 0;
-  std::vector<float> work(static_cast<size_t>(Vpad) * (tgrad ? 4 : 2));
-  float* xs = work.data();          // scaled student row, then grad_b
-  float* xt = xs + Vpad;            // scaled teacher row, then q
-  float* ga_buf = tgrad ? xt + Vpad : nullptr;
-  float* p_buf = tgrad ? ga_buf + Vpad : nullptr;
+  std::vector<float> work(static_cast<size_t>(Vpad) * 4);
+  float* xs = work.data();  // scaled student row, then grad_b
+  float* xt = xs + Vpad;    // scaled teacher row, then grad_a
+  float* es = xt + Vpad;    // exp(student - max), then q
+  float* et = es + Vpad;    // exp(teacher - max), then p
   const FormsPass plain = pick_forms(J.P.form, false, J.guard != 0, tgrad);
   const FormsPass masked = pick_forms(J.P.form, true, true, tgrad);
   for (int64_t i = begin; i < end; ++i) {
@@ -446,14 +474,153 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
     bool inf_s = false, inf_t = false;
     const float max_s = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, inf_s);
     const float max_t = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, inf_t);
-    const Normaliser ns = row_normaliser(xs, Vpad, max_s), nt = row_normaliser(xt, Vpad, max_t);
+    const Normaliser ns = row_normaliser(xs, es, Vpad, max_s), nt = row_normaliser(xt, et, Vpad, max_t);
     const FormsPass pass = (inf_s || inf_t) ? masked : plain;
-    const Sums sums = pass(J.P, xs, xt, ga_buf, p_buf, Vpad, ns, nt);
+    const Sums sums = pass(J.P, xs, xt, es, et, Vpad, ns, nt);
     const float row = static_cast<float>(sums.value);
     J.rows[i] = row < 0.f ? 0.f : row;  // the lower bound 0 (contract 3); NaN stays NaN
     const float scale = J.P.inv_temp * w;
-    if (sgrad) store_row(J.GS, J.dtype_s, i * J.stride_gs, xs, xt, sums.b, scale, V);
-    if (tgrad) store_row(J.GT, J.dtype_t, i * J.stride_gt, ga_buf, p_buf, sums.a, scale, V);
+    if (sgrad) store_row(J.GS, J.dtype_s, i * J.stride_gs, xs, es, sums.b, scale, V);
+    if (tgrad) store_row(J.GT, J.dtype_t, i * J.stride_gt, xt, et, sums.a, scale, V);
+  }
+}
+
+// ---- sparse top-k teacher, tail bucket: k + 1 outcomes (the top-k ids and the rest).
+struct TopkJob {
+  const void* S; const int64_t* idx; const float* A; const float* a_tail; void* GS; float* rows; const float* W;
+  int64_t n, V, K, stride_s, stride_gs;
+  int dtype_s, drop_noise_tail;
+  float noise;
+  Params P;
+};
+
+template <typename T>
+void store_scaled(T* out, const float* e, float c, int64_t V) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec vc(c);
+    int64_t j = 0;
+    for (; j + L <= V; j += L) (Vec::loadu(e + j) * vc).store(out + j);
+    for (; j < V; ++j) out[j] = e[j] * c;
+  } else {
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(e[j] * c);
+  }
+}
+
+template <typename T>
+void store_at(void* base, int64_t offset, int64_t j, float v) { static_cast<T*>(base)[offset + j] = static_cast<T>(v); }
+
+void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
+  const int64_t V = J.V, K = J.K;
+  const int64_t Vpad = (V + L - 1) / L * L;
+  const int64_t Kpad = (K + 1 + L - 1) / L * L;  // the k outcomes and the tail, padded
+  std::vector<float> work(static_cast<size_t>(Vpad) * 2 + static_cast<size_t>(Kpad) * 4);
+  float* x = work.data();   // scaled student row
+  float* e = x + Vpad;      // exp(x - max): zeroed at the top-k ids, then the tail's share
+  float* av = e + Vpad;     // teacher log-probabilities of the k + 1 outcomes
+  float* bv = av + Kpad;    // student log-probabilities of the k + 1 outcomes
+  float* qv = bv + Kpad;
+  float* gv = qv + Kpad;    // d value / d b of each outcome
+  for (int64_t i = begin; i < end; ++i) {
+    const float w = J.W[i];
+    const int64_t so = i * J.stride_gs;
+    if (w == 0.f) {
+      J.rows[i] = 0.f;
+      zero_row(J.GS, J.dtype_s, so, V);
+      continue;
+    }
+    bool has_neg_inf = false;
+    const float mx = load_row(J.S, J.dtype_s, i * J.stride_s, x, V, Vpad, J.P.inv_temp, has_neg_inf);
+    const Normaliser nz = row_normaliser(x, e, Vpad, mx);
+    const int64_t* ids = J.idx + i * K;
+    const float* a = J.A + i * K;
+    bool ids_ok = true;
+    for (int64_t k = 0; k < K; ++k) ids_ok = ids_ok && ids[k] >= 0 && ids[k] < V;
+    if (!ids_ok) {  // unchecked ids out of range: NaN, never a read or write outside the row
+      J.rows[i] = std::numeric_limits<float>::quiet_NaN();
+      zero_row(J.GS, J.dtype_s, so, V);
+      continue;
+    }
+    // the top-k outcomes; their e leaves the tail sum (summed directly: no cancellation)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t id = ids[k];
+      av[k] = a[k];
+      bv[k] = (x[id] - nz.max) - nz.log_sum;
+      qv[k] = e[id] * nz.inv_sum;
+      e[id] = 0.f;
+    }
+    double tail_e = 0.0;
+    {
+      Vec acc(0.f);
+      int64_t tiles = 0;
+      for (int64_t j = 0; j < Vpad; j += L) {
+        acc = acc + Vec::loadu(e + j);
+        if (++tiles == FLUSH) { tail_e += hsum(acc); acc = Vec(0.f); tiles = 0; }
+      }
+      tail_e += hsum(acc);
+    }
+    // the tail's log-mass; if it underflows relative to the row max, redo it relative to its own max
+    float share_scale;  // grad_v = e_v * (g_tail * share_scale - q_scale * S) / T for v outside the top-k
+    float q_scale;
+    float b_tail;
+    if (tail_e > 1e-30 || !std::isfinite(nz.max)) {
+      b_tail = static_cast<float>(std::log(tail_e)) - nz.log_sum;
+      share_scale = static_cast<float>(1.0 / tail_e);
+      q_scale = nz.inv_sum;
+    } else {  // the outside mass underflows relative to the row max: redo it relative to its own max
+      std::vector<char> top(static_cast<size_t>(V), 0);
+      for (int64_t k = 0; k < K; ++k) top[ids[k]] = 1;
+      float m_out = NEG_INF;
+      for (int64_t j = 0; j < V; ++j) if (!top[j]) m_out = std::max(m_out, x[j]);
+      double sum_out = 0.0;
+      for (int64_t j = 0; j < V; ++j) {
+        const float v = (top[j] || m_out == NEG_INF) ? 0.f : std::exp(x[j] - m_out);
+        e[j] = v;
+        sum_out += v;
+      }
+      if (sum_out > 0.0) {
+        b_tail = (m_out - nz.max) + static_cast<float>(std::log(sum_out)) - nz.log_sum;
+        share_scale = static_cast<float>(1.0 / sum_out);
+        q_scale = std::exp(m_out - nz.max) * nz.inv_sum;  // may underflow to 0: q_v is then 0
+      } else {  // no outside entry with positive probability: an empty student tail
+        b_tail = NEG_INF;
+        share_scale = 0.f;
+        q_scale = 0.f;
+      }
+    }
+    float a_tail = J.a_tail[i];
+    if (J.drop_noise_tail && b_tail == NEG_INF && a_tail <= J.noise) a_tail = NEG_INF;
+    av[K] = a_tail;
+    bv[K] = b_tail;
+    qv[K] = std::exp(b_tail);
+    for (int64_t k = K + 1; k < Kpad; ++k) { av[k] = NEG_INF; bv[k] = NEG_INF; qv[k] = 0.f; }
+    double value_sum = 0.0, grad_sum = 0.0;
+    for (int64_t k = 0; k < Kpad; k += L) {
+      Vec va = Vec::loadu(av + k), vb = Vec::loadu(bv + k);
+      Vec vp = va.exp(), vq = Vec::loadu(qv + k);
+      Vec value, ga, gb;
+      row_forms_masked(J.P, va, vb, vp, vq, value, ga, gb);
+      gb.store(gv + k);
+      value_sum += hsum(value);
+      grad_sum += hsum(gb);
+    }
+    const float row = static_cast<float>(value_sum);
+    J.rows[i] = row < 0.f ? 0.f : row;
+    const float scale = J.P.inv_temp * w;
+    const float S = static_cast<float>(grad_sum);
+    const float c = (gv[K] * share_scale - q_scale * S) * scale;
+    switch (J.dtype_s) {
+      case 0: store_scaled(static_cast<float*>(J.GS) + so, e, c, V); break;
+      case 1: store_scaled(static_cast<c10::BFloat16*>(J.GS) + so, e, c, V); break;
+      default: store_scaled(static_cast<c10::Half*>(J.GS) + so, e, c, V); break;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float gk = (gv[k] - qv[k] * S) * scale;
+      switch (J.dtype_s) {
+        case 0: store_at<float>(J.GS, so, ids[k], gk); break;
+        case 1: store_at<c10::BFloat16>(J.GS, so, ids[k], gk); break;
+        default: store_at<c10::Half>(J.GS, so, ids[k], gk); break;
+      }
+    }
   }
 }
 
@@ -485,6 +652,29 @@ void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* ro
     if (b < e) pool.emplace_back(run_rows, std::cref(J), b, e);
   }
   run_rows(J, 0, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+void fdiv_topk_rows(const void* S, const int64_t* idx, const float* A, const float* a_tail, void* GS, float* rows,
+                    const float* W, int64_t n, int64_t V, int64_t K, int64_t stride_s, int64_t stride_gs, int dtype_s,
+                    int form, int swap, int standardize, int drop_noise_tail, float noise, const float* scalars,
+                    int threads) {
+  TopkJob J{S, idx, A, a_tail, GS, rows, W, n, V, K, stride_s, stride_gs, dtype_s, drop_noise_tail, noise, Params{}};
+  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
+  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
+  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (workers == 1) {
+    run_topk_rows(J, 0, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (n + workers - 1) / workers;
+  for (int64_t t = 1; t < workers; ++t) {
+    const int64_t b = t * per, e = std::min(n, b + per);
+    if (b < e) pool.emplace_back(run_topk_rows, std::cref(J), b, e);
+  }
+  run_topk_rows(J, 0, std::min(n, per));
   for (auto& th : pool) th.join();
 }
 
