@@ -27,14 +27,17 @@ from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, sca
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
-#: float32 ``[chunk, V]`` tensors alive at once inside one chunk (logits of both models,
-#: log-probabilities, the three pointwise forms, the gradient).
+#: float32 ``[chunk, V]`` tensors alive at once inside one chunk on the torch paths (logits of
+#: both models, log-probabilities, the three pointwise forms, the gradient).
 LIVE_CHUNK_TENSORS = 8
+#: The same on the C++ row kernel: the two logit chunks and the gradient (its row workspaces are
+#: per thread, a few ``[V]`` rows).
+LIVE_CHUNK_TENSORS_CPU_KERNEL = 3
 
 
-def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int) -> int:
-    """Rows per chunk so that ``LIVE_CHUNK_TENSORS`` float32 ``[chunk, V]`` tensors fit ``memory_budget`` bytes."""
-    per_row = LIVE_CHUNK_TENSORS * 4 * vocab
+def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int, live: int = LIVE_CHUNK_TENSORS) -> int:
+    """Rows per chunk so that ``live`` float32 ``[chunk, V]`` tensors fit ``memory_budget`` bytes."""
+    per_row = live * 4 * vocab
     return max(1, min(rows, memory_budget // per_row))
 
 
@@ -237,8 +240,10 @@ def fused_linear_loss(
     inv_temperature = 1.0 / temperature
     memory_budget = check_int("memory_budget", memory_budget, low=1)
     backend = check_choice("backend", backend, ("auto", "eager", "compile", "cpu"))
+    chosen = None if sparse else pick_chunk_backend(backend, n * vocab, device, compute_dtype(student_weight), divergence)
     if chunk_size is None:
-        chunk_size = chunk_rows_for_budget(n, vocab, memory_budget)
+        live = LIVE_CHUNK_TENSORS_CPU_KERNEL if chosen == "cpu" else LIVE_CHUNK_TENSORS
+        chunk_size = chunk_rows_for_budget(n, vocab, memory_budget, live)
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
     acc = compute_dtype(student_weight)
     check_scaled_logits({}, inv_temperature, acc)  # 1/T alone overflows: always (no data, no sync)
@@ -259,7 +264,6 @@ def fused_linear_loss(
 
     else:
         teacher_linear = _LinearFP32(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-        chosen = pick_chunk_backend(backend, n * vocab, device, acc, divergence)
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
