@@ -154,8 +154,9 @@ def main() -> None:
             if "error" in res:
                 print(f"| {METHODS[method]} | {div} | {res['error']} | | | | | |")
                 continue
-            naive = results.get(f"naive:{div}", {}).get("ms")
-            trl = results.get(f"trl:{div}", {}).get("ms")
+            dense = not kind.startswith("topk")  # a top-k teacher is another problem than naive / TRL solve
+            naive = results.get(f"naive:{div}", {}).get("ms") if dense else None
+            trl = results.get(f"trl:{div}", {}).get("ms") if dense else None
             ratio = lambda ref: f"{ref / res['ms']:.2f}" if ref else "—"  # noqa: E731
             floor = f"{res['ms'] / floor_ms:.1f}" if floor_ms else "—"
             exp_floor = f"{res['ms'] / exp_ms:.2f}" if exp_ms else "—"
