@@ -347,3 +347,29 @@ def test_topk_ids_out_of_range_unchecked_give_nan_not_a_crash():
     out = fdiv.topk_token_loss(student_logits=student, teacher_topk_indices=indices, teacher_topk_logprobs=logprobs,
                                reduction="none", check_finite=False)
     assert math.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+# ------------------------------------------------------------------ vocabulary shards (one process)
+@pytest.mark.parametrize("spec", ALL, ids=spec_id)
+def test_shard_passes_reduced_by_hand_equal_the_whole_row(spec):
+    """Three shards of the vocabulary (one empty), the all-reduces done here: the rows and the
+    concatenated gradients equal the dense kernel's, and float64 autograd."""
+    div = _build(spec)
+    student, teacher, weights = make_inputs(div, vocab=301)
+    weights = torch.ones_like(weights)
+    cuts = [(0, 120), (120, 120), (120, 301)]
+    shards = [ck.ShardRows(div, student[:, a:b], teacher[:, a:b], 1 / 0.9, masked=True, student_grad=True,
+                           teacher_grad=True) for a, b in cuts]
+    top = torch.stack([sh.local_maxima() for sh in shards]).amax(0)
+    sum_exp = torch.stack([sh.local_sum_exp(top) for sh in shards]).sum(0)
+    partial = torch.stack([sh.partial_sums(top, sum_exp.log()) for sh in shards]).sum(0)
+    grads = [sh.gradients(partial[1:]) for sh in shards]
+    g_s = torch.cat([g[0] for g in grads], -1)
+    g_t = torch.cat([g[1] for g in grads], -1)
+    rows, d_s, d_t = run(div, student, teacher, weights, 0.9)
+    torch.testing.assert_close(partial[0].clamp_min(0), rows, rtol=1e-4, atol=1e-6)  # alpha=4 rows reach 1e19
+    for got, want in ((g_s, d_s), (g_t, d_t)):  # fp32 roundings differ (exp(a) vs e / sum): scale-relative
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1e-2))
+    ref_rows, ref_s, _ = reference64(div, student, teacher, 0.9, weights)
+    finite = torch.isfinite(ref_rows)
+    torch.testing.assert_close(partial[0][finite].double(), ref_rows[finite], rtol=1e-4, atol=1e-5)

@@ -41,7 +41,16 @@ import torch
 from ._forms import FORM_NAMES, kernel_scalars, resolve_form
 from ._rowmath import needs_finite_form_grads
 
-__all__ = ["available", "cache_dir", "library_path", "supports", "usable", "cpu_token_rows", "cpu_topk_rows"]
+__all__ = [
+    "available",
+    "cache_dir",
+    "library_path",
+    "supports",
+    "usable",
+    "cpu_token_rows",
+    "cpu_topk_rows",
+    "ShardRows",
+]
 
 _SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -124,7 +133,11 @@ def _bind(path: Path):
     topk.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, f32, ptr,
                      i32]  # fmt: skip
     topk.restype = None
-    return types.SimpleNamespace(dense=dense, topk=topk)
+    shard = lib.fdiv_shard_phase
+    shard.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32, i32, i32, ptr,
+                      ptr, ptr, ptr, ptr, i32]  # fmt: skip
+    shard.restype = None
+    return types.SimpleNamespace(dense=dense, topk=topk, shard=shard)
 
 
 def _load():
@@ -268,3 +281,55 @@ def cpu_topk_rows(
         float(noise if noise is not None else 0.0), scalar_buffer.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return rows, grad
+
+
+class ShardRows:
+    """The token-loss template on vocabulary shards, split at its three all-reduces.
+
+    For :mod:`fdiv.kernels.vocab_parallel`: each method is one pass over the ``[n, V_r]`` shards
+    of this rank (CPU float32 / bf16 / fp16, unit last stride); the caller all-reduces between
+    them. ``local_maxima`` -> MAX; ``local_sum_exp(max)`` -> SUM; ``partial_sums(max, log_sum)``
+    returns ``[3, n]`` (row value, ``sum grad_b``, ``sum grad_a`` of this shard) and keeps the
+    pointwise gradients in float32 buffers -> SUM; ``gradients(max, log_sum, sums)`` applies the
+    softmax chain rule in place and returns them (``[n, V_r]`` float32, ``1/T`` included, no row
+    weight). Every pass re-reads the shards; no ``[n, V_r]`` temporary besides the gradients.
+    """
+
+    def __init__(self, divergence, student, teacher, inv_temperature, *, masked, student_grad, teacher_grad):
+        self._fn = _entry("shard")
+        self.student, self.teacher = _rows_2d(student), _rows_2d(teacher)
+        self.n, self.vocab = self.student.shape
+        name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+        self._form = (FORM_NAMES.index(name), int(swap), int(standardize))
+        self._guard = int(needs_finite_form_grads(divergence, False))
+        self._scalars = torch.tensor(scalars, dtype=torch.float32)
+        self.masked = bool(masked)
+        shape = (self.n, self.vocab)
+        self.grad_student = torch.empty(shape, dtype=torch.float32) if student_grad else None
+        self.grad_teacher = torch.empty(shape, dtype=torch.float32) if teacher_grad else None
+
+    def _run(self, phase, out, maxima=None, log_sum=None, sums=None):
+        null = 0
+        ptr = lambda t: null if t is None else t.data_ptr()  # noqa: E731
+        self._fn(
+            phase, self.student.data_ptr(), self.teacher.data_ptr(), ptr(self.grad_student), ptr(self.grad_teacher),
+            self.n, self.vocab, self.student.stride(0), self.teacher.stride(0), _DTYPE_CODES[self.student.dtype],
+            _DTYPE_CODES[self.teacher.dtype], int(self.grad_student is not None), int(self.grad_teacher is not None),
+            int(self.masked), *self._form, self._guard, self._scalars.data_ptr(), ptr(maxima), ptr(log_sum),
+            ptr(sums), ptr(out), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def local_maxima(self) -> torch.Tensor:
+        return self._run(1, torch.empty(2, self.n, dtype=torch.float32))
+
+    def local_sum_exp(self, maxima: torch.Tensor) -> torch.Tensor:
+        return self._run(2, torch.empty(2, self.n, dtype=torch.float32), maxima=maxima.float().contiguous())
+
+    def partial_sums(self, maxima: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+        self._maxima, self._log_sum = maxima.float().contiguous(), log_sum.float().contiguous()
+        return self._run(3, torch.empty(3, self.n, dtype=torch.float32), maxima=self._maxima, log_sum=self._log_sum)
+
+    def gradients(self, sums: torch.Tensor):
+        self._run(4, None, maxima=self._maxima, log_sum=self._log_sum, sums=sums.float().contiguous())
+        return self.grad_student, self.grad_teacher

@@ -123,8 +123,49 @@ def _agree_across_ranks(agree: dict, flags: dict, device, group):
     return high, low, dict(zip(flags, out[2 * k :]))
 
 
+def _cpu_kernel_usable(plan: _Plan, student, teacher) -> bool:
+    from . import cpu_kernel
+
+    return (
+        cpu_kernel.enabled()
+        and student.device.type == "cpu"
+        and student.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and teacher.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and cpu_kernel.supports(plan.divergence)
+        and cpu_kernel.available()
+    )
+
+
+def _chunk_cpu(plan: _Plan, student, teacher):
+    """:func:`_chunk` on the C++ row kernel: the same three all-reduces, the passes in C++."""
+    from .cpu_kernel import ShardRows
+
+    group = plan.group
+    shard = ShardRows(
+        plan.divergence, student, teacher, plan.inv_temperature, masked=plan.masked,
+        student_grad=plan.local_student_grad, teacher_grad=plan.local_teacher_grad,
+    )  # fmt: skip
+    top = shard.local_maxima()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sum_exp = shard.local_sum_exp(top)
+    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+    local = shard.partial_sums(top, sum_exp.log())
+    keep = [0] + ([1] if plan.student_grad else []) + ([2] if plan.teacher_grad else [])
+    partial = local[keep]
+    dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
+    sums = torch.zeros(2, student.shape[0], dtype=torch.float32)
+    if plan.student_grad:
+        sums[0] = partial[1]
+    if plan.teacher_grad:
+        sums[1] = partial[-1]
+    grad_s, grad_t = shard.gradients(sums)
+    return clamp_rows(partial[0]), grad_s, grad_t
+
+
 def _chunk(plan: _Plan, student, teacher):
     """Row losses and local logit gradients for one chunk of rows: exactly three all-reduces."""
+    if _cpu_kernel_usable(plan, student, teacher):
+        return _chunk_cpu(plan, student, teacher)
     group, inv_t = plan.group, plan.inv_temperature
     dtype = compute_dtype(student)
     s = student.to(dtype) * inv_t

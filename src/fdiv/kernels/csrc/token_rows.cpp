@@ -624,6 +624,137 @@ void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
   }
 }
 
+// ---- vocabulary-parallel shards: the template split at its three all-reduces (the caller reduces
+// across ranks between the phases). Rows are [n, V_r] shards; normalisers are global.
+struct ShardJob {
+  const void* S; const void* T; float* GS; float* GT;  // GS / GT: float32 [n, V_r] buffers
+  int64_t n, V, stride_s, stride_t;
+  int dtype_s, dtype_t, student_grad, teacher_grad, masked, guard;
+  const float* max;      // [2, n] global maxima (phases 2-4)
+  const float* log_sum;  // [2, n] global log sum exp(x - max) (phases 3-4)
+  const float* sums;     // [2, n] global sum grad_b, sum grad_a (phase 4)
+  float* out;            // phase 1: [2, n] local maxima; 2: [2, n] local sums of exp; 3: [3, n] partial sums
+  float scale;           // phase 4: 1 / T (the row weights are applied by the caller)
+  Params P;
+};
+
+template <int form, bool MASKED, bool GUARD>
+void shard_forms_row(const ShardJob& J, int64_t i, float* xs, float* xt, int64_t Vpad) {
+  const Vec max_s(J.max[i]), max_t(J.max[J.n + i]), ls_s(J.log_sum[i]), ls_t(J.log_sum[J.n + i]);
+  double v = 0.0, sb = 0.0, sa = 0.0;
+  Vec acc_v(0.f), acc_b(0.f), acc_a(0.f);
+  int64_t tiles = 0;
+  float* gs = J.student_grad ? J.GS + i * J.V : nullptr;
+  float* gt = J.teacher_grad ? J.GT + i * J.V : nullptr;
+  for (int64_t j = 0; j < Vpad; j += L) {
+    Vec a = (Vec::loadu(xt + j) - max_t) - ls_t;
+    Vec b = (Vec::loadu(xs + j) - max_s) - ls_s;
+    Vec p = a.exp(), q = b.exp();
+    Vec value, ga, gb;
+    row_forms<form, MASKED, GUARD>(J.P, a, b, p, q, value, ga, gb);
+    const int64_t count = std::min<int64_t>(L, J.V - j);
+    if (count < L) {  // padding lanes (a = b = -inf) count 0
+      Vec lane(0.f);
+      float idx[L];
+      for (int64_t l = 0; l < L; ++l) idx[l] = l < count ? 1.f : 0.f;
+      lane = Vec::loadu(idx) == Vec(1.f);
+      value = where(lane, value, Vec(0.f));
+      ga = where(lane, ga, Vec(0.f));
+      gb = where(lane, gb, Vec(0.f));
+    }
+    acc_v = acc_v + value;
+    acc_b = acc_b + gb;
+    acc_a = acc_a + ga;
+    if (gs) gb.store(gs + j, static_cast<int>(count));
+    if (gt) ga.store(gt + j, static_cast<int>(count));
+    if (++tiles == FLUSH) {
+      v += hsum(acc_v); sb += hsum(acc_b); sa += hsum(acc_a);
+      acc_v = acc_b = acc_a = Vec(0.f);
+      tiles = 0;
+    }
+  }
+  v += hsum(acc_v); sb += hsum(acc_b); sa += hsum(acc_a);
+  J.out[i] = static_cast<float>(v);
+  J.out[J.n + i] = static_cast<float>(sb);
+  J.out[2 * J.n + i] = static_cast<float>(sa);
+}
+
+using ShardFormsRow = void (*)(const ShardJob&, int64_t, float*, float*, int64_t);
+
+template <int form>
+ShardFormsRow pick_shard(bool masked, bool guard) {
+  if (masked) return shard_forms_row<form, true, true>;
+  if (guard) return shard_forms_row<form, false, true>;
+  return shard_forms_row<form, false, false>;
+}
+
+ShardFormsRow pick_shard_forms(int form, bool masked, bool guard) {
+  switch (form) {
+    case FORWARD_KL: return pick_shard<FORWARD_KL>(masked, guard);
+    case REVERSE_KL: return pick_shard<REVERSE_KL>(masked, guard);
+    case JS: return pick_shard<JS>(masked, guard);
+    case SKEW_FORWARD_KL: return pick_shard<SKEW_FORWARD_KL>(masked, guard);
+    case SKEW_REVERSE_KL: return pick_shard<SKEW_REVERSE_KL>(masked, guard);
+    case TV: return pick_shard<TV>(masked, guard);
+    case HELLINGER: return pick_shard<HELLINGER>(masked, guard);
+    case PEARSON_CHI2: return pick_shard<PEARSON_CHI2>(masked, guard);
+    case NEYMAN_CHI2: return pick_shard<NEYMAN_CHI2>(masked, guard);
+    case JEFFREYS: return pick_shard<JEFFREYS>(masked, guard);
+    case TRIANGULAR: return pick_shard<TRIANGULAR>(masked, guard);
+    default: return pick_shard<ALPHA>(masked, guard);
+  }
+}
+
+// chain rule in place: g <- (g - exp((x - max) - log_sum) * S) * scale
+void shard_chain_row(float* g, const float* x, int64_t V, float mx, float ls, float S, float scale) {
+  const Vec vmx(mx), vls(ls), vS(S), vscale(scale);
+  int64_t j = 0;
+  for (; j + L <= V; j += L) {
+    Vec prob = ((Vec::loadu(x + j) - vmx) - vls).exp();
+    ((Vec::loadu(g + j) - prob * vS) * vscale).store(g + j);
+  }
+  for (; j < V; ++j) g[j] = (g[j] - std::exp((x[j] - mx) - ls) * S) * scale;
+}
+
+void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
+  const int64_t V = J.V;
+  const int64_t Vpad = (V + L - 1) / L * L;
+  std::vector<float> work(static_cast<size_t>(Vpad) * 2);
+  float* xs = work.data();
+  float* xt = xs + Vpad;
+  const ShardFormsRow forms_row = phase == 3 ? pick_shard_forms(J.P.form, J.masked != 0, J.guard != 0) : nullptr;
+  for (int64_t i = begin; i < end; ++i) {
+    bool inf_s = false, inf_t = false;
+    const float mxs = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, inf_s);
+    const float mxt = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, inf_t);
+    if (phase == 1) {
+      J.out[i] = mxs;
+      J.out[J.n + i] = mxt;
+    } else if (phase == 2) {
+      for (int side = 0; side < 2; ++side) {
+        const float* x = side == 0 ? xs : xt;
+        const float m = J.max[side * J.n + i];
+        const Vec shift(m == NEG_INF ? 0.f : m);
+        double total = 0.0;
+        Vec acc(0.f);
+        int64_t tiles = 0;
+        for (int64_t j = 0; j < Vpad; j += L) {
+          acc = acc + (Vec::loadu(x + j) - shift).exp();
+          if (++tiles == FLUSH) { total += hsum(acc); acc = Vec(0.f); tiles = 0; }
+        }
+        J.out[side * J.n + i] = static_cast<float>(total + hsum(acc));
+      }
+    } else if (phase == 3) {
+      forms_row(J, i, xs, xt, Vpad);
+    } else {
+      if (J.student_grad)
+        shard_chain_row(J.GS + i * V, xs, V, J.max[i], J.log_sum[i], J.sums[i], J.scale);
+      if (J.teacher_grad)
+        shard_chain_row(J.GT + i * V, xt, V, J.max[J.n + i], J.log_sum[J.n + i], J.sums[J.n + i], J.scale);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -675,6 +806,31 @@ void fdiv_topk_rows(const void* S, const int64_t* idx, const float* A, const flo
     if (b < e) pool.emplace_back(run_topk_rows, std::cref(J), b, e);
   }
   run_topk_rows(J, 0, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+void fdiv_shard_phase(int phase, const void* S, const void* T, float* GS, float* GT, int64_t n, int64_t V,
+                      int64_t stride_s, int64_t stride_t, int dtype_s, int dtype_t, int student_grad,
+                      int teacher_grad, int masked, int form, int swap, int standardize, int guard,
+                      const float* scalars, const float* max, const float* log_sum, const float* sums, float* out,
+                      int threads) {
+  ShardJob J{S, T, GS, GT, n, V, stride_s, stride_t, dtype_s, dtype_t, student_grad, teacher_grad, masked, guard,
+             max, log_sum, sums, out, scalars[0], Params{}};
+  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
+  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
+  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (workers == 1) {
+    run_shard(J, phase, 0, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (n + workers - 1) / workers;
+  for (int64_t t = 1; t < workers; ++t) {
+    const int64_t b = t * per, e = std::min(n, b + per);
+    if (b < e) pool.emplace_back(run_shard, std::cref(J), phase, b, e);
+  }
+  run_shard(J, phase, 0, std::min(n, per));
   for (auto& th : pool) th.join();
 }
 
