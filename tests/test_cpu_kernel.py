@@ -118,10 +118,10 @@ def test_support_mismatch_overflow_clamp_and_all_masked_row():
 
 def test_threads_strides_and_preallocated_outputs():
     g = torch.Generator().manual_seed(3)
-    wide_s = torch.randn(9, 2 * 301, generator=g)
-    wide_t = torch.randn(9, 301, generator=g)
+    wide_s = torch.randn(9, 2 * 30001, generator=g)  # 9 x 30001: enough work for 3 threads
+    wide_t = torch.randn(9, 30001, generator=g)
     student = wide_s[:, ::2]  # a strided view: copied to unit stride
-    rows_view = wide_s[:, :301]  # a row stride larger than the vocabulary
+    rows_view = wide_s[:, :30001]  # a row stride larger than the vocabulary
     weights = torch.rand(9, generator=g) + 0.1
     div = fdiv.get("js", beta=0.2)
     base = run(div, student.contiguous(), wide_t, weights)
@@ -134,7 +134,7 @@ def test_threads_strides_and_preallocated_outputs():
     finally:
         torch.set_num_threads(threads)
     check(div, rows_view, wide_t, weights, 1.0)
-    out = torch.full((9, 301), math.nan)
+    out = torch.full((9, 30001), math.nan)
     _, g_s, g_t = ck.cpu_token_rows(div, student, wide_t, weights, 1.0, teacher_grad=False, out_student=out)
     assert g_s is out and g_t is None
     torch.testing.assert_close(out, base[1], rtol=0, atol=0)

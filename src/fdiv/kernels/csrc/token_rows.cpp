@@ -755,6 +755,12 @@ void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
   }
 }
 
+// Threads for n rows of V entries: at most one per row and per 2^16 entries (a thread costs ~20 us).
+int64_t worker_count(int threads, int64_t n, int64_t V) {
+  const int64_t by_work = std::max<int64_t>(1, (n * std::max<int64_t>(V, 1)) >> 16);
+  return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), n, by_work}));
+}
+
 }  // namespace
 
 extern "C" {
@@ -771,7 +777,7 @@ void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* ro
   J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
   J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
   for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t workers = worker_count(threads, n, V);
   if (workers == 1) {
     run_rows(J, 0, n);
     return;
@@ -794,7 +800,7 @@ void fdiv_topk_rows(const void* S, const int64_t* idx, const float* A, const flo
   J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
   J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
   for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t workers = worker_count(threads, n, V);
   if (workers == 1) {
     run_topk_rows(J, 0, n);
     return;
@@ -819,7 +825,7 @@ void fdiv_shard_phase(int phase, const void* S, const void* T, float* GS, float*
   J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
   J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
   for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t workers = worker_count(threads, n, V);
   if (workers == 1) {
     run_shard(J, phase, 0, n);
     return;
