@@ -35,6 +35,11 @@ LIVE_CHUNK_TENSORS = 8
 LIVE_CHUNK_TENSORS_CPU_KERNEL = 3
 
 
+def weight_grad_rows_for_budget(rows: int, vocab: int, memory_budget: int) -> int:
+    """Rows whose logit gradients wait for one weight-gradient GEMM: a quarter of ``memory_budget`` of float32."""
+    return max(1, min(rows, memory_budget // 4 // (4 * max(vocab, 1))))
+
+
 def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int, live: int = LIVE_CHUNK_TENSORS) -> int:
     """Rows per chunk so that ``live`` float32 ``[chunk, V]`` tensors fit ``memory_budget`` bytes."""
     per_row = live * 4 * vocab
@@ -81,7 +86,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_chunk, weights, labels, ignore_index, divergence_weight,
-                hard_label_weight, chunk_size, grad_enabled, check_logits):  # fmt: skip
+                hard_label_weight, chunk_size, grad_enabled, check_logits, weight_grad_rows):  # fmt: skip
         n = hidden.shape[0]
         linear = _LinearFP32(weight, bias)
         acc = linear.compute
@@ -93,6 +98,18 @@ class _FusedLinearLoss(torch.autograd.Function):
         weights = weights.to(acc)
         may_skip = weights.device.type == "cpu"  # bool() of a CPU tensor does not sync a device
         zero_hidden = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+        # the weight gradient gW += g^T x is accumulated over several chunks at once (one pass over
+        # the [V, H] gradient per `batch` rows instead of per chunk): g and x of the pending rows wait here
+        batch = max(chunk_size, weight_grad_rows) if grad_weight is not None else 0
+        g_wait = torch.empty((batch, weight.shape[0]), dtype=acc, device=hidden.device) if batch else None
+        x_wait = torch.empty((batch, hidden.shape[1]), dtype=acc, device=hidden.device) if batch else None
+        waiting = 0
+
+        def flush(rows):
+            if rows:
+                grad_weight.addmm_(g_wait[:rows].T, x_wait[:rows])
+            return 0
+
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             w = weights[start:stop]
@@ -116,13 +133,23 @@ class _FusedLinearLoss(torch.autograd.Function):
             rows = kd_ce_combine(d_rows, ce_rows, **mix)
             grad_logits = kd_ce_combine(d_grad, ce_grad, **mix)
             total += torch.where(counted, rows, 0.0).mul(w).sum()
-            grad_logits = torch.where(counted[:, None], grad_logits * w[:, None], 0.0)
+            size = stop - start
+            if g_wait is not None:
+                if waiting + size > batch:
+                    waiting = flush(waiting)
+                slot = g_wait[waiting : waiting + size]
+                torch.mul(grad_logits, w[:, None], out=slot)
+                grad_logits = slot.masked_fill_(~counted[:, None], 0.0)
+                x_wait[waiting : waiting + size] = x
+                waiting += size
+            else:
+                grad_logits = torch.where(counted[:, None], grad_logits * w[:, None], 0.0)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = grad_logits @ linear.weight
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, x.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+        if g_wait is not None:
+            flush(waiting)
         ctx.used = False
         ctx.save_for_backward(
             *(None if g is None else g.to(t.dtype) for g, t in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight)))
@@ -135,7 +162,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         refuse_second_backward(ctx)
         # float32 scaling for half buffers: an upstream factor (loss scale, T^2) must not overflow fp16
         grads = [scale_saved_gradient(g, grad_output, "sum") for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], *([None] * 9)
+        return grads[0], grads[1], grads[2], *([None] * 10)
 
 
 def fused_linear_loss(
@@ -285,6 +312,7 @@ def fused_linear_loss(
     out = _FusedLinearLoss.apply(
         student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ignore_index,
         divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(), check_logits,
+        weight_grad_rows_for_budget(n, vocab, memory_budget),
     )  # fmt: skip
     if check_finite:
         named = {"student_hidden": student_hidden, "student_weight": student_weight}
