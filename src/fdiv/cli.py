@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._argtypes import positive_int
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -370,16 +372,6 @@ def cmd_lab(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 class _OneLineParser(argparse.ArgumentParser):
     """Bad options give one clear line (and exit 2), not a usage block."""
 
@@ -419,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="studies to run (" + ", ".join(BUILTIN_STUDIES) + "; see --list); default: all")
     p_lab.add_argument("--study", default=None, help="comma-separated study names (as STUDY)")
     p_lab.add_argument("--divergences", default=None, help="e.g. forward_kl,reverse_kl,js(beta=0.3)")
-    p_lab.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps per fit (study default if omitted)")
+    p_lab.add_argument("--steps", type=positive_int, default=None, help="optimisation steps per fit (study default if omitted)")
     p_lab.add_argument("--seed", type=int, default=None, help="base random seed (default 0); results are deterministic for a seed")
-    p_lab.add_argument("--seeds", type=_positive_int, default=None,
+    p_lab.add_argument("--seeds", type=positive_int, default=None,
                        help="repetitions per setting, 1 to 20 (default 3: seeds SEED..SEED+2); results show mean ± sd")
     p_lab.add_argument("--out", default=None, help="report folder (default fdiv-report)")
     p_lab.add_argument("--device", default=None, help="cpu (default) or cuda")

@@ -68,7 +68,7 @@ METRICS = ("teacher_nll", "forward_kl", "reverse_kl", "acceptance", "distinct_2"
 
 
 # ----------------------------------------------------------------------------- command line
-from ..cli import _positive_int  # noqa: E402  (the command line's one positive-integer option type)
+from .._argtypes import positive_int as _positive_int  # noqa: E402  (the command line's option type)
 
 
 def _positive_float(text: str) -> float:
