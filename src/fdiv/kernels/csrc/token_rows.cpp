@@ -126,9 +126,14 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       break;
     }
     case HELLINGER: {
-      Vec geometric = (half * (a + b)).exp();
-      value = half * (two * (log_abs_diff_exp(a, b) - logaddexp(half * a, half * b))).exp();
-      ga = half * (p - geometric); gb = half * (q - geometric);
+      // sqrt p - sqrt q = -sign(a - b) sqrt(max(p, q)) expm1(-|a - b| / 2): one expm1, no cancellation
+      // (the same values as the log-space forms of the torch / Triton paths, from p and q)
+      Vec d = a - b;
+      Vec big = where(d > Vec(0.f), p, q);
+      Vec gap = (sign(d) * big.sqrt() * (half * d.abs().neg()).expm1()).neg();
+      value = half * gap * gap;
+      ga = half * p.sqrt() * gap;
+      gb = (half * q.sqrt() * gap).neg();
       break;
     }
     case PEARSON_CHI2: {
@@ -150,14 +155,19 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       break;
     }
     case TRIANGULAR: {
-      Vec log_gap = log_abs_diff_exp(a, b);
-      Vec log_sum = logaddexp(a, b);
-      value = (two * log_gap - log_sum).exp();
-      Vec s = sign(a - b);
-      Vec log_p_plus_3q = logaddexp(a, b + Vec(k.c[0]));
-      Vec log_3p_plus_q = logaddexp(a + Vec(k.c[0]), b);
-      ga = s * (a + log_gap + log_p_plus_3q - two * log_sum).exp();
-      gb = (s * (b + log_gap + log_3p_plus_q - two * log_sum).exp()).neg();
+      // p - q = -sign(a - b) max(p, q) expm1(-|a - b|): one expm1; (p - q)^2 / (p + q) and its
+      // derivatives p (p - q)(p + 3q) / (p + q)^2, -q (p - q)(3p + q) / (p + q)^2; 0 where p + q underflows
+      Vec d = a - b;
+      Vec big = where(d > Vec(0.f), p, q);
+      Vec diff = (sign(d) * big * d.abs().neg().expm1()).neg();
+      Vec total = p + q;
+      Vec empty = total == Vec(0.f);
+      Vec safe = where(empty, Vec(1.f), total);
+      Vec ratio = diff / safe;
+      value = where(empty, Vec(0.f), diff * ratio);
+      Vec three(3.f);
+      ga = where(empty, Vec(0.f), p * ratio * (p + three * q) / safe);
+      gb = where(empty, Vec(0.f), (q * ratio * (three * p + q) / safe).neg());
       break;
     }
     case ALPHA: {
