@@ -34,7 +34,7 @@ def reference64(div, student, teacher, temperature, weights):
 
 
 def run(div, student, teacher, weights, temperature=1.0, teacher_grad=True):
-    return ck.cpu_token_rows(div, student, teacher, weights, 1.0 / temperature, teacher_grad=teacher_grad)
+    return ck._token_rows(div, student, teacher, weights, 1.0 / temperature, teacher_grad=teacher_grad)
 
 
 def errors(rows, grads, ref_rows, ref_grads, counted):
@@ -135,7 +135,7 @@ def test_threads_strides_and_preallocated_outputs():
         torch.set_num_threads(threads)
     check(div, rows_view, wide_t, weights, 1.0)
     out = torch.full((9, 30001), math.nan)
-    _, g_s, g_t = ck.cpu_token_rows(div, student, wide_t, weights, 1.0, teacher_grad=False, out_student=out)
+    _, g_s, g_t = ck._token_rows(div, student, wide_t, weights, 1.0, teacher_grad=False, out_student=out)
     assert g_s is out and g_t is None
     torch.testing.assert_close(out, base[1], rtol=0, atol=0)
 
@@ -361,7 +361,7 @@ def test_shard_passes_reduced_by_hand_equal_the_whole_row(spec):
     student, teacher, weights = make_inputs(div, vocab=301)
     weights = torch.ones_like(weights)
     cuts = [(0, 120), (120, 120), (120, 301)]
-    shards = [ck.ShardRows(div, student[:, a:b], teacher[:, a:b], 1 / 0.9, masked=True, student_grad=True,
+    shards = [ck._ShardRows(div, student[:, a:b], teacher[:, a:b], 1 / 0.9, masked=True, student_grad=True,
                            teacher_grad=True) for a, b in cuts]
     top = torch.stack([sh.local_maxima() for sh in shards]).amax(0)
     sum_exp = torch.stack([sh.local_sum_exp(top) for sh in shards]).sum(0)

@@ -97,10 +97,10 @@ _COMPILE_FAILED: set = set()
 
 
 def _cpu_chunk(divergence, student, teacher, inv_temperature, *, teacher_grad):
-    from .cpu_kernel import cpu_token_rows
+    from .cpu_kernel import _token_rows
 
     ones = torch.ones(student.shape[0], dtype=torch.float32)
-    return cpu_token_rows(divergence, student, teacher, ones, inv_temperature, teacher_grad=teacher_grad)
+    return _token_rows(divergence, student, teacher, ones, inv_temperature, teacher_grad=teacher_grad)
 
 
 def chunk_function(divergence: Divergence, backend: str, masked: bool, teacher_grad: bool, device_type: str):

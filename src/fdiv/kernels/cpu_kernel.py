@@ -41,16 +41,10 @@ import torch
 from ._forms import FORM_NAMES, kernel_scalars, resolve_form
 from ._rowmath import needs_finite_form_grads
 
-__all__ = [
-    "available",
-    "cache_dir",
-    "library_path",
-    "supports",
-    "usable",
-    "cpu_token_rows",
-    "cpu_topk_rows",
-    "ShardRows",
-]
+# The three entry points (_token_rows, _topk_rows, _ShardRows) are private cores on checked
+# arguments, called by fdiv.token_loss / topk_token_loss / vocab_parallel_token_loss, which own
+# the public, keyword-only boundary.
+__all__ = ["available", "cache_dir", "library_path", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -171,7 +165,7 @@ def supports(divergence) -> bool:
 
 
 def usable(student: torch.Tensor, teacher: torch.Tensor, divergence) -> bool:
-    """Whether :func:`cpu_token_rows` runs these tensors: CPU, float32 / bf16 / fp16, a supported divergence, built."""
+    """Whether :func:`_token_rows` runs these tensors: CPU, float32 / bf16 / fp16, a supported divergence, built."""
     return (
         student.device.type == "cpu"
         and teacher.device.type == "cpu"
@@ -193,7 +187,7 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def cpu_token_rows(
+def _token_rows(
     divergence,
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -237,7 +231,7 @@ def cpu_token_rows(
     return rows, grad_s, grad_t
 
 
-def cpu_topk_rows(
+def _topk_rows(
     divergence,
     student: torch.Tensor,
     indices: torch.Tensor,
@@ -283,7 +277,7 @@ def cpu_topk_rows(
     return rows, grad
 
 
-class ShardRows:
+class _ShardRows:
     """The token-loss template on vocabulary shards, split at its three all-reduces.
 
     For :mod:`fdiv.kernels.vocab_parallel`: each method is one pass over the ``[n, V_r]`` shards

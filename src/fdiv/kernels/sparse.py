@@ -277,8 +277,8 @@ def _cpu_kernel_usable(student, divergence) -> bool:
 
 
 def _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature, weights, reduction):
-    """``tail="bucket"`` through :func:`fdiv.kernels.cpu_kernel.cpu_topk_rows` (one call, no chunks)."""
-    from .cpu_kernel import cpu_topk_rows
+    """``tail="bucket"`` through :func:`fdiv.kernels.cpu_kernel._topk_rows` (one call, no chunks)."""
+    from .cpu_kernel import _topk_rows
     from .token import RowKernelLoss
 
     k = indices.shape[-1]
@@ -288,7 +288,7 @@ def _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature,
         tail_lp, noise = tails, None
 
     def rows_fn(div, s, _teacher, w, inv_t, *, teacher_grad, student_grad):
-        rows, grad = cpu_topk_rows(div, s, indices, logprobs, tail_lp, w, inv_t, noise=noise)
+        rows, grad = _topk_rows(div, s, indices, logprobs, tail_lp, w, inv_t, noise=noise)
         return rows, grad if student_grad else None, None
 
     grad_on = torch.is_grad_enabled()

@@ -240,9 +240,9 @@ def row_kernel(backend: str):
         from .triton_kernel import _token_rows
 
         return _token_rows
-    from .cpu_kernel import cpu_token_rows
+    from .cpu_kernel import _token_rows
 
-    return cpu_token_rows
+    return _token_rows
 
 
 def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):

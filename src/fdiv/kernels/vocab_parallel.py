@@ -138,10 +138,10 @@ def _cpu_kernel_usable(plan: _Plan, student, teacher) -> bool:
 
 def _chunk_cpu(plan: _Plan, student, teacher):
     """:func:`_chunk` on the C++ row kernel: the same three all-reduces, the passes in C++."""
-    from .cpu_kernel import ShardRows
+    from .cpu_kernel import _ShardRows
 
     group = plan.group
-    shard = ShardRows(
+    shard = _ShardRows(
         plan.divergence, student, teacher, plan.inv_temperature, masked=plan.masked,
         student_grad=plan.local_student_grad, teacher_grad=plan.local_teacher_grad,
     )  # fmt: skip
