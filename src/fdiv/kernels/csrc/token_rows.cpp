@@ -51,21 +51,15 @@ inline Vec log_abs_diff_exp(const Vec& a, const Vec& b) {
 inline Vec logaddexp(const Vec& x, const Vec& y) {
   return vmax(x, y) + ((x - y).abs().neg().exp()).log1p();
 }
-// expm1(x) / x, 1 at x = 0
-inline Vec expm1_ratio(const Vec& x) {
-  const Vec zero(0.f), one(1.f);
-  Vec is0 = x == zero;
-  Vec safe = where(is0, one, x);
-  return where(is0, one, safe.expm1() / safe);
-}
-// w * expm1(c d) / c for c != 0
-inline Vec weighted_expm1_over(const Vec& log_w, const Vec& w, const Vec& d, float c) {
+// w expm1(c d) / c with w = e^log_w: one expm1 per lane. Where c d > 80 (expm1 would overflow
+// before the product with a small w does) the same expm1 gives e^(log_w + c d) - 1 instead.
+inline Vec weighted_expm1(const Vec& log_w, const Vec& w, const Vec& d, float c) {
   Vec x = d * Vec(c);
-  Vec small = x.abs() <= Vec(1.f);
-  Vec near = w * d * expm1_ratio(where(small, x, Vec(0.f)));
-  Vec far = ((log_w + where(small, Vec(0.f), x)).exp() - w) / Vec(c);
-  return where(small, near, far);
+  Vec far = x > Vec(80.f);
+  Vec m = where(far, log_w + x, x).expm1();
+  return where(far, m + Vec(1.f) - w, w * m) / Vec(c);
 }
+
 // (log m - a, log m - b) for m = w p + (1 - w) q: one log1p(weight * expm1(x)) per lane, the
 // branch whose argument is bounded by 1 (threshold = log(1 - w) - log w).
 inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold, Vec& la, Vec& lb) {
@@ -172,8 +166,8 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
     }
     case ALPHA: {
       Vec d = a - b;
-      ga = weighted_expm1_over(a, p, d, k.c[0]);
-      gb = weighted_expm1_over(b, q, d, k.c[1]).neg();
+      ga = weighted_expm1(a, p, d, k.c[0]);
+      gb = weighted_expm1(b, q, d, k.c[1]).neg();
       Vec inf(POS_INF);
       Vec overflow = (ga.abs() == inf) | (gb.abs() == inf);
       value = where(overflow, inf, ga + gb);
