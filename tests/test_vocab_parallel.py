@@ -7,17 +7,14 @@ outcomes; the parent asserts per case, including that both ranks returned bit-id
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import os
-import time
-import traceback
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import pytest
 import torch
+import _gloo
 
 import fdiv
 from fdiv.kernels.vocab_parallel import vocab_parallel_token_loss
@@ -266,16 +263,9 @@ def _worker(rank: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=30))
     groups = {"new": dist.new_group(ranks=list(range(WORLD)))}
-    results = {}
     work = [(c.name, lambda c=c: _run_case(c, rank, groups)) for c in CASES]
     work += [(n, lambda n=n: _run_error_case(n, rank)) for n in ERROR_CASES]
-    for name, run in work:
-        try:
-            results[name] = {"ok": True, "loss": run()}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
+    _gloo.record(work, os.path.join(out_dir, f"rank{rank}.json"))
     dist.destroy_process_group()
 
 
@@ -285,20 +275,8 @@ def _worker(rank: int, init_file: str, out_dir: str):
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_parallel")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp / "init"), str(tmp))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 180
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join()
-    assert not hung, "vocab-parallel workers hung (a collective mismatch?)"
-    assert [p.exitcode for p in procs] == [0] * WORLD, [p.exitcode for p in procs]
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    _gloo.spawn(_worker, [(r, str(tmp / "init"), str(tmp)) for r in range(WORLD)], "vocab-parallel")
+    return [_gloo.load(tmp / f"rank{r}.json") for r in range(WORLD)]
 
 
 @pytest.mark.parametrize("name", [c.name for c in CASES] + ERROR_CASES)

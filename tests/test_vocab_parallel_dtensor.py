@@ -8,17 +8,14 @@ outcomes; the parent asserts per case and world size, including that all ranks r
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import os
-import time
-import traceback
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import pytest
 import torch
+import _gloo
 
 import fdiv
 from fdiv.kernels.vocab_parallel import vocab_parallel_token_loss
@@ -290,16 +287,9 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
     meshes = _meshes(world)
-    results = {}
     work = [(c.name, lambda c=c: _run_case(c, meshes)) for c in CASES]
     work += [(n, lambda n=n: _run_error_case(n, meshes, rank)) for n in ERROR_CASES]
-    for name, run in work:
-        try:
-            results[name] = {"ok": True, "loss": run()}
-        except Exception:
-            results[name] = {"ok": False, "error": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"world{world}-rank{rank}.json"), "w") as fh:
-        json.dump(results, fh)
+    _gloo.record(work, os.path.join(out_dir, f"world{world}-rank{rank}.json"))
     dist.destroy_process_group()
 
 
@@ -309,21 +299,9 @@ def _worker(world: int, rank: int, init_file: str, out_dir: str):
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_parallel_dtensor")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(w, r, str(tmp / f"init{w}"), str(tmp)))
-             for w in WORLDS for r in range(w)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 180
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.terminate()
-        p.join()
-    assert not hung, "DTensor vocab-parallel workers hung (a collective mismatch?)"
-    assert [p.exitcode for p in procs] == [0] * len(procs), [p.exitcode for p in procs]
-    return {w: [json.loads((tmp / f"world{w}-rank{r}.json").read_text()) for r in range(w)] for w in WORLDS}
+    args = [(w, r, str(tmp / f"init{w}"), str(tmp)) for w in WORLDS for r in range(w)]
+    _gloo.spawn(_worker, args, "DTensor vocab-parallel")
+    return {w: [_gloo.load(tmp / f"world{w}-rank{r}.json") for r in range(w)] for w in WORLDS}
 
 
 @pytest.mark.parametrize("world", WORLDS)

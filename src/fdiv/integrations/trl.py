@@ -76,6 +76,13 @@ def resolve_divergence(divergence, beta) -> object:
 
 
 # ------------------------------------------------------------------------------------ losses
+def _per_item(total: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """``total / num_items_in_batch``, TRL's normalisation by the tokens of the whole accumulated batch."""
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return total / num_items_in_batch.to(total.device)
+    return total / check_positive("num_items_in_batch", num_items_in_batch)
+
+
 def gkd_loss(
     *,
     student_logits: torch.Tensor,
@@ -114,11 +121,7 @@ def gkd_loss(
         reduction="sum",
     )
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        else:
-            check_positive("num_items_in_batch", num_items_in_batch)
-        return total / num_items_in_batch
+        return _per_item(total, num_items_in_batch)
     vocab = student_logits.shape[-1]
     counted = mask.sum() if mask is not None else student_logits[..., 0].numel()
     if reduction == "batchmean":
@@ -193,12 +196,7 @@ def chunked_divergence_loss(
         reduction="sum",
     )
     entropy_sum = _entropy_sum(h_s, w_s, b_s, temperature)
-    if num_items_in_batch is None:
-        loss = loss / n_valid.clamp(min=1)
-    else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
+    loss = loss / n_valid.clamp(min=1) if num_items_in_batch is None else _per_item(loss, num_items_in_batch)
     return loss, entropy_sum, n_valid
 
 

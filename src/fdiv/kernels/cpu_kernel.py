@@ -164,13 +164,12 @@ def supports(divergence) -> bool:
     return resolve_form(divergence) is not None
 
 
-def usable(student: torch.Tensor, teacher: torch.Tensor, divergence) -> bool:
-    """Whether :func:`_token_rows` runs these tensors: CPU, float32 / bf16 / fp16, a supported divergence, built."""
+def usable(divergence, device, *dtypes) -> bool:
+    """Whether the kernel runs ``divergence`` on tensors of ``device`` with these dtypes: CPU,
+    float32 / bf16 / fp16, a kernel family, enabled and built (builds it on the first call)."""
     return (
-        student.device.type == "cpu"
-        and teacher.device.type == "cpu"
-        and student.dtype in _DTYPE_CODES
-        and teacher.dtype in _DTYPE_CODES
+        torch.device(device).type == "cpu"
+        and all(dtype in _DTYPE_CODES for dtype in dtypes)
         and supports(divergence)
         and available()
     )
@@ -185,6 +184,23 @@ def _entry(name: str):
 
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Family(types.SimpleNamespace):
+    """The kernel arguments of a divergence: ``form`` (family id), ``swap``, ``standardize``,
+    ``guard`` (its forms can overflow on finite inputs) and ``scalars`` (float32 ``[10]``:
+    ``1/T, f(0), f'(inf), slope, c0..c5``), resolved once per call by :func:`_family`."""
+
+
+def _family(divergence, inv_temperature: float) -> _Family:
+    name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+    return _Family(
+        form=FORM_NAMES.index(name),
+        swap=int(swap),
+        standardize=int(standardize),
+        guard=int(needs_finite_form_grads(divergence, False)),
+        scalars=torch.tensor(scalars, dtype=torch.float32),
+    )
 
 
 def _token_rows(
@@ -211,22 +227,21 @@ def _token_rows(
     fn = _entry("dense")
     student, teacher = _rows_2d(student), _rows_2d(teacher)
     n, vocab = student.shape
-    name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+    family = _family(divergence, inv_temperature)
     weights = row_weights.detach().to(dtype=torch.float32).contiguous()
     rows = torch.empty(n, dtype=torch.float32)
     grad_s = (torch.empty_like(student) if out_student is None else out_student) if student_grad else None
     grad_t = (torch.empty_like(teacher) if out_teacher is None else out_teacher) if teacher_grad else None
     if n == 0:
         return rows, grad_s, grad_t
-    scalar_buffer = torch.tensor(scalars, dtype=torch.float32)
     gs = grad_s if grad_s is not None else student
     gt = grad_t if grad_t is not None else teacher
     fn(
         student.data_ptr(), teacher.data_ptr(), gs.data_ptr(), gt.data_ptr(), rows.data_ptr(), weights.data_ptr(),
         n, vocab, student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
         _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype], int(grad_s is not None), int(grad_t is not None),
-        FORM_NAMES.index(name), int(swap), int(standardize), int(needs_finite_form_grads(divergence, False)),
-        scalar_buffer.data_ptr(), torch.get_num_threads(),
+        family.form, family.swap, family.standardize, family.guard, family.scalars.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return rows, grad_s, grad_t
 
@@ -258,7 +273,7 @@ def _topk_rows(
     student = _rows_2d(student)
     n, vocab = student.shape
     k = indices.shape[-1]
-    name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
+    family = _family(divergence, inv_temperature)
     ids = indices.to(torch.int64).contiguous()
     logprobs = teacher_logprobs.to(torch.float32).contiguous()
     tails = teacher_tail.reshape(n).to(torch.float32).contiguous()
@@ -267,12 +282,11 @@ def _topk_rows(
     grad = torch.empty_like(student)
     if n == 0:
         return rows, grad
-    scalar_buffer = torch.tensor(scalars, dtype=torch.float32)
     fn(
         student.data_ptr(), ids.data_ptr(), logprobs.data_ptr(), tails.data_ptr(), grad.data_ptr(), rows.data_ptr(),
         weights.data_ptr(), n, vocab, k, student.stride(0), grad.stride(0), _DTYPE_CODES[student.dtype],
-        FORM_NAMES.index(name), int(swap), int(standardize), int(noise is not None),
-        float(noise if noise is not None else 0.0), scalar_buffer.data_ptr(), torch.get_num_threads(),
+        family.form, family.swap, family.standardize, int(noise is not None),
+        float(noise if noise is not None else 0.0), family.scalars.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return rows, grad
 
@@ -293,23 +307,20 @@ class _ShardRows:
         self._fn = _entry("shard")
         self.student, self.teacher = _rows_2d(student), _rows_2d(teacher)
         self.n, self.vocab = self.student.shape
-        name, scalars, swap, standardize = kernel_scalars(divergence, inv_temperature, "CPU row kernel")
-        self._form = (FORM_NAMES.index(name), int(swap), int(standardize))
-        self._guard = int(needs_finite_form_grads(divergence, False))
-        self._scalars = torch.tensor(scalars, dtype=torch.float32)
+        self._family = _family(divergence, inv_temperature)
         self.masked = bool(masked)
         shape = (self.n, self.vocab)
         self.grad_student = torch.empty(shape, dtype=torch.float32) if student_grad else None
         self.grad_teacher = torch.empty(shape, dtype=torch.float32) if teacher_grad else None
 
     def _run(self, phase, out, maxima=None, log_sum=None, sums=None):
-        null = 0
-        ptr = lambda t: null if t is None else t.data_ptr()  # noqa: E731
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        f = self._family
         self._fn(
             phase, self.student.data_ptr(), self.teacher.data_ptr(), ptr(self.grad_student), ptr(self.grad_teacher),
             self.n, self.vocab, self.student.stride(0), self.teacher.stride(0), _DTYPE_CODES[self.student.dtype],
             _DTYPE_CODES[self.teacher.dtype], int(self.grad_student is not None), int(self.grad_teacher is not None),
-            int(self.masked), *self._form, self._guard, self._scalars.data_ptr(), ptr(maxima), ptr(log_sum),
+            int(self.masked), f.form, f.swap, f.standardize, f.guard, f.scalars.data_ptr(), ptr(maxima), ptr(log_sum),
             ptr(sums), ptr(out), torch.get_num_threads(),
         )  # fmt: skip
         return out

@@ -47,6 +47,7 @@ from ._rowmath import (
     softmax_backward,
 )
 from .._validate import check_scaled_logits
+from . import cpu_kernel
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 TAILS = ("bucket", "renormalize")
@@ -243,7 +244,7 @@ def topk_token_loss(
     chunk_size = chunk_size or default_chunk_size(n, vocab)
     weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
 
-    if tail == "bucket" and _cpu_kernel_usable(student, divergence):
+    if tail == "bucket" and cpu_kernel.usable(divergence, student.device, student.dtype):
         out = _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature, weights, reduction)
     else:
 
@@ -263,22 +264,8 @@ def topk_token_loss(
     return out
 
 
-def _cpu_kernel_usable(student, divergence) -> bool:
-    """The C++ row kernel runs the bucket path: CPU float32 / bf16 / fp16 logits, a kernel family, built."""
-    from . import cpu_kernel
-
-    return (
-        cpu_kernel.enabled()
-        and student.device.type == "cpu"
-        and student.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and cpu_kernel.supports(divergence)
-        and cpu_kernel.available()
-    )
-
-
 def _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature, weights, reduction):
     """``tail="bucket"`` through :func:`fdiv.kernels.cpu_kernel._topk_rows` (one call, no chunks)."""
-    from .cpu_kernel import _topk_rows
     from .token import RowKernelLoss
 
     k = indices.shape[-1]
@@ -288,7 +275,7 @@ def _cpu_bucket_loss(student, indices, logprobs, tails, divergence, temperature,
         tail_lp, noise = tails, None
 
     def rows_fn(div, s, _teacher, w, inv_t, *, teacher_grad, student_grad):
-        rows, grad = _topk_rows(div, s, indices, logprobs, tail_lp, w, inv_t, noise=noise)
+        rows, grad = cpu_kernel._topk_rows(div, s, indices, logprobs, tail_lp, w, inv_t, noise=noise)
         return rows, grad if student_grad else None, None
 
     grad_on = torch.is_grad_enabled()

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .._validate import check_choice, check_logit_pair, raise_if_nan
+from . import cpu_kernel
 from ._chunk import chunk_function, needs_row_keep
 from ._rowmath import (
     compute_dtype,
@@ -47,9 +48,7 @@ def pick_backend(backend: str, elements: int, device: torch.device, student=None
             )
         return backend
     if backend == "cpu":
-        from . import cpu_kernel
-
-        if student is not None and not cpu_kernel.usable(student, teacher, divergence):
+        if student is not None and not cpu_kernel.usable(divergence, device, student.dtype, teacher.dtype):
             raise ValueError(
                 "backend='cpu' needs CPU tensors, float32/bf16/fp16 logits, a divergence with kernel forms and a "
                 f"built CPU row kernel (fdiv.kernels.cpu_kernel.available()); {divergence!r} on {device} "
@@ -63,11 +62,8 @@ def pick_backend(backend: str, elements: int, device: torch.device, student=None
 
         if triton_kernel.usable(student, teacher, divergence):
             return "triton"
-    if device.type == "cpu" and student is not None:
-        from . import cpu_kernel
-
-        if cpu_kernel.enabled() and cpu_kernel.usable(student, teacher, divergence):
-            return "cpu"
+    if student is not None and cpu_kernel.usable(divergence, device, student.dtype, teacher.dtype):
+        return "cpu"
     return "compile" if elements >= COMPILE_MIN_ELEMENTS else "eager"
 
 
@@ -75,20 +71,14 @@ def pick_chunk_backend(backend: str, elements: int, device: torch.device, dtype:
     """:func:`pick_backend` for paths that form float logit chunks themselves (the fused linear loss):
     ``auto`` takes the C++ row kernel for float32 chunks on CPU where it supports the divergence."""
     if backend == "cpu":
-        from . import cpu_kernel
-
-        if not (device.type == "cpu" and dtype == torch.float32 and cpu_kernel.supports(divergence)
-                and cpu_kernel.available()):  # fmt: skip
+        if not (dtype == torch.float32 and cpu_kernel.usable(divergence, device, dtype)):
             raise ValueError(
                 f"backend='cpu' needs CPU float32 chunks, a divergence with kernel forms and a built CPU row kernel; "
                 f"{divergence!r} on {device} ({dtype}) does not qualify"
             )
         return backend
-    if backend == "auto" and device.type == "cpu" and dtype == torch.float32:
-        from . import cpu_kernel
-
-        if cpu_kernel.enabled() and cpu_kernel.supports(divergence) and cpu_kernel.available():
-            return "cpu"
+    if backend == "auto" and dtype == torch.float32 and cpu_kernel.usable(divergence, device, dtype):
+        return "cpu"
     return pick_backend(backend, elements, device)
 
 
@@ -240,9 +230,7 @@ def row_kernel(backend: str):
         from .triton_kernel import _token_rows
 
         return _token_rows
-    from .cpu_kernel import _token_rows
-
-    return _token_rows
+    return cpu_kernel._token_rows
 
 
 def apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size):

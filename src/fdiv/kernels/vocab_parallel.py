@@ -36,6 +36,7 @@ from ._rowmath import (
     softmax_backward,
 )
 from .._validate import check_scaled_logits, scaled_logits_error
+from . import cpu_kernel
 from .token import apply_chunked, chunk_runner, default_chunk_size
 
 _SHARD_NAMES = ("student_logits_shard", "teacher_logits_shard")
@@ -123,25 +124,10 @@ def _agree_across_ranks(agree: dict, flags: dict, device, group):
     return high, low, dict(zip(flags, out[2 * k :]))
 
 
-def _cpu_kernel_usable(plan: _Plan, student, teacher) -> bool:
-    from . import cpu_kernel
-
-    return (
-        cpu_kernel.enabled()
-        and student.device.type == "cpu"
-        and student.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and teacher.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and cpu_kernel.supports(plan.divergence)
-        and cpu_kernel.available()
-    )
-
-
 def _chunk_cpu(plan: _Plan, student, teacher):
     """:func:`_chunk` on the C++ row kernel: the same three all-reduces, the passes in C++."""
-    from .cpu_kernel import _ShardRows
-
     group = plan.group
-    shard = _ShardRows(
+    shard = cpu_kernel._ShardRows(
         plan.divergence, student, teacher, plan.inv_temperature, masked=plan.masked,
         student_grad=plan.local_student_grad, teacher_grad=plan.local_teacher_grad,
     )  # fmt: skip
@@ -164,7 +150,7 @@ def _chunk_cpu(plan: _Plan, student, teacher):
 
 def _chunk(plan: _Plan, student, teacher):
     """Row losses and local logit gradients for one chunk of rows: exactly three all-reduces."""
-    if _cpu_kernel_usable(plan, student, teacher):
+    if cpu_kernel.usable(plan.divergence, student.device, student.dtype, teacher.dtype):
         return _chunk_cpu(plan, student, teacher)
     group, inv_t = plan.group, plan.inv_temperature
     dtype = compute_dtype(student)

@@ -243,26 +243,53 @@ inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p,
   gb = where(undefined | only_q_zero, zero, gb);
 }
 
-void row_forms_masked(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
-                      Vec& gb) {
-  switch (P.form) {
-    case FORWARD_KL: row_forms<FORWARD_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case REVERSE_KL: row_forms<REVERSE_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case JS: row_forms<JS, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case SKEW_FORWARD_KL: row_forms<SKEW_FORWARD_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case SKEW_REVERSE_KL: row_forms<SKEW_REVERSE_KL, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case TV: row_forms<TV, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case HELLINGER: row_forms<HELLINGER, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case PEARSON_CHI2: row_forms<PEARSON_CHI2, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case NEYMAN_CHI2: row_forms<NEYMAN_CHI2, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case JEFFREYS: row_forms<JEFFREYS, true, true>(P, a, b, p, q, value, ga, gb); break;
-    case TRIANGULAR: row_forms<TRIANGULAR, true, true>(P, a, b, p, q, value, ga, gb); break;
-    default: row_forms<ALPHA, true, true>(P, a, b, p, q, value, ga, gb); break;
+// Calls visit(std::integral_constant<int, F>{}) for the runtime family id: the one place a
+// family number becomes a template argument.
+template <typename Visitor>
+decltype(auto) with_form(int form, Visitor&& visit) {
+  switch (form) {
+    case FORWARD_KL: return visit(std::integral_constant<int, FORWARD_KL>{});
+    case REVERSE_KL: return visit(std::integral_constant<int, REVERSE_KL>{});
+    case JS: return visit(std::integral_constant<int, JS>{});
+    case SKEW_FORWARD_KL: return visit(std::integral_constant<int, SKEW_FORWARD_KL>{});
+    case SKEW_REVERSE_KL: return visit(std::integral_constant<int, SKEW_REVERSE_KL>{});
+    case TV: return visit(std::integral_constant<int, TV>{});
+    case HELLINGER: return visit(std::integral_constant<int, HELLINGER>{});
+    case PEARSON_CHI2: return visit(std::integral_constant<int, PEARSON_CHI2>{});
+    case NEYMAN_CHI2: return visit(std::integral_constant<int, NEYMAN_CHI2>{});
+    case JEFFREYS: return visit(std::integral_constant<int, JEFFREYS>{});
+    case TRIANGULAR: return visit(std::integral_constant<int, TRIANGULAR>{});
+    default: return visit(std::integral_constant<int, ALPHA>{});
   }
 }
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
+// Calls visit(T{}) with the element type of a dtype code: 0 float32, 1 bfloat16, 2 float16.
+template <typename Visitor>
+decltype(auto) with_dtype(int dtype, Visitor&& visit) {
+  switch (dtype) {
+    case 0: return visit(float{});
+    case 1: return visit(c10::BFloat16{});
+    default: return visit(c10::Half{});
+  }
+}
+
+void row_forms_masked(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
+                      Vec& gb) {
+  with_form(P.form, [&](auto f) { row_forms<decltype(f)::value, true, true>(P, a, b, p, q, value, ga, gb); });
+}
+
+// A row sum accumulated lane-wise in float and flushed into a double every FLUSH tiles.
+struct RowSum {
+  double total = 0.0;
+  Vec acc = Vec(0.f);
+  int64_t tiles = 0;
+  void add(const Vec& v) {
+    acc = acc + v;
+    if (++tiles == FLUSH) flush();
+  }
+  void flush();
+  double done() { flush(); return total; }
+};
 
 inline double hsum(const Vec& v) {
   float buf[L];
@@ -270,6 +297,12 @@ inline double hsum(const Vec& v) {
   double s = 0.0;
   for (int64_t i = 0; i < L; ++i) s += buf[i];
   return s;
+}
+
+void RowSum::flush() {
+  total += hsum(acc);
+  acc = Vec(0.f);
+  tiles = 0;
 }
 
 inline float hmax(const Vec& v) {
@@ -315,12 +348,10 @@ float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_t
 
 float load_row(const void* base, int dtype, int64_t offset, float* dst, int64_t V, int64_t Vpad, float inv_temp,
                bool& has_neg_inf) {
-  switch (dtype) {
-    case 0: return load_scaled(static_cast<const float*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
-    case 1:
-      return load_scaled(static_cast<const c10::BFloat16*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
-    default: return load_scaled(static_cast<const c10::Half*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
-  }
+  return with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return load_scaled(static_cast<const T*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
+  });
 }
 
 template <typename T>
@@ -340,11 +371,10 @@ void store_chain(T* out, const float* g, const float* prob, double grad_sum, flo
 
 void store_row(void* base, int dtype, int64_t offset, const float* g, const float* prob, double grad_sum, float scale,
                int64_t V) {
-  switch (dtype) {
-    case 0: store_chain(static_cast<float*>(base) + offset, g, prob, grad_sum, scale, V); break;
-    case 1: store_chain(static_cast<c10::BFloat16*>(base) + offset, g, prob, grad_sum, scale, V); break;
-    default: store_chain(static_cast<c10::Half*>(base) + offset, g, prob, grad_sum, scale, V); break;
-  }
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    store_chain(static_cast<T*>(base) + offset, g, prob, grad_sum, scale, V);
+  });
 }
 
 void zero_row(void* base, int dtype, int64_t offset, int64_t V) {
@@ -365,16 +395,13 @@ Normaliser row_normaliser(const float* x, float* e, int64_t Vpad, float mx) {
     return {mx, nan, nan};
   }
   const Vec shift(mx);
-  double total = 0.0;
-  Vec acc(0.f);
-  int64_t tiles = 0;
+  RowSum sum;
   for (int64_t j = 0; j < Vpad; j += L) {
     Vec ej = (Vec::loadu(x + j) - shift).exp();
     ej.store(e + j);
-    acc = acc + ej;
-    if (++tiles == FLUSH) { total += hsum(acc); acc = Vec(0.f); tiles = 0; }
+    sum.add(ej);
   }
-  total += hsum(acc);
+  const double total = sum.done();
   return {mx, static_cast<float>(std::log(total)), static_cast<float>(1.0 / total)};
 }
 
@@ -393,9 +420,7 @@ Sums forms_pass(const Params& P, float* xs, float* xt, float* es, float* et, int
                 const Normaliser& nt) {
   const Vec max_s(ns.max), log_sum_s(ns.log_sum), max_t(nt.max), log_sum_t(nt.log_sum);
   const Vec inv_s(ns.inv_sum), inv_t(nt.inv_sum);
-  Sums out{0.0, 0.0, 0.0};
-  Vec acc_v(0.f), acc_b(0.f), acc_a(0.f);
-  int64_t tiles = 0;
+  RowSum value_sum, sum_b, sum_a;
   for (int64_t j = 0; j < Vpad; j += L) {
     Vec a = (Vec::loadu(xt + j) - max_t) - log_sum_t;
     Vec b = (Vec::loadu(xs + j) - max_s) - log_sum_s;
@@ -410,23 +435,17 @@ Sums forms_pass(const Params& P, float* xs, float* xt, float* es, float* et, int
       ga = where(pad, Vec(0.f), ga);
       gb = where(pad, Vec(0.f), gb);
     }
-    acc_v = acc_v + value;
-    acc_b = acc_b + gb;
+    value_sum.add(value);
+    sum_b.add(gb);
     gb.store(xs + j);
     q.store(es + j);
     if (TGRAD) {
-      acc_a = acc_a + ga;
+      sum_a.add(ga);
       ga.store(xt + j);
       p.store(et + j);
     }
-    if (++tiles == FLUSH) {
-      out.value += hsum(acc_v); out.b += hsum(acc_b); out.a += hsum(acc_a);
-      acc_v = acc_b = acc_a = Vec(0.f);
-      tiles = 0;
-    }
   }
-  out.value += hsum(acc_v); out.b += hsum(acc_b); out.a += hsum(acc_a);
-  return out;
+  return Sums{value_sum.done(), sum_b.done(), sum_a.done()};
 }
 
 using FormsPass = Sums (*)(const Params&, float*, float*, float*, float*, int64_t, const Normaliser&,
@@ -440,20 +459,7 @@ FormsPass pick(bool masked, bool guard, bool tgrad) {
 }
 
 FormsPass pick_forms(int form, bool masked, bool guard, bool tgrad) {
-  switch (form) {
-    case FORWARD_KL: return pick<FORWARD_KL>(masked, guard, tgrad);
-    case REVERSE_KL: return pick<REVERSE_KL>(masked, guard, tgrad);
-    case JS: return pick<JS>(masked, guard, tgrad);
-    case SKEW_FORWARD_KL: return pick<SKEW_FORWARD_KL>(masked, guard, tgrad);
-    case SKEW_REVERSE_KL: return pick<SKEW_REVERSE_KL>(masked, guard, tgrad);
-    case TV: return pick<TV>(masked, guard, tgrad);
-    case HELLINGER: return pick<HELLINGER>(masked, guard, tgrad);
-    case PEARSON_CHI2: return pick<PEARSON_CHI2>(masked, guard, tgrad);
-    case NEYMAN_CHI2: return pick<NEYMAN_CHI2>(masked, guard, tgrad);
-    case JEFFREYS: return pick<JEFFREYS>(masked, guard, tgrad);
-    case TRIANGULAR: return pick<TRIANGULAR>(masked, guard, tgrad);
-    default: return pick<ALPHA>(masked, guard, tgrad);
-  }
+  return with_form(form, [&](auto f) { return pick<decltype(f)::value>(masked, guard, tgrad); });
 }
 
 void run_rows(const Job& J, int64_t begin, int64_t end) {
@@ -510,9 +516,6 @@ void store_scaled(T* out, const float* e, float c, int64_t V) {
   }
 }
 
-template <typename T>
-void store_at(void* base, int64_t offset, int64_t j, float v) { static_cast<T*>(base)[offset + j] = static_cast<T>(v); }
-
 void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
   const int64_t V = J.V, K = J.K;
   const int64_t Vpad = (V + L - 1) / L * L;
@@ -552,16 +555,9 @@ void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
       qv[k] = e[id] * nz.inv_sum;
       e[id] = 0.f;
     }
-    double tail_e = 0.0;
-    {
-      Vec acc(0.f);
-      int64_t tiles = 0;
-      for (int64_t j = 0; j < Vpad; j += L) {
-        acc = acc + Vec::loadu(e + j);
-        if (++tiles == FLUSH) { tail_e += hsum(acc); acc = Vec(0.f); tiles = 0; }
-      }
-      tail_e += hsum(acc);
-    }
+    RowSum tail_sum;
+    for (int64_t j = 0; j < Vpad; j += L) tail_sum.add(Vec::loadu(e + j));
+    const double tail_e = tail_sum.done();
     // the tail's log-mass; if it underflows relative to the row max, redo it relative to its own max
     float share_scale;  // grad_v = e_v * (g_tail * share_scale - q_scale * S) / T for v outside the top-k
     float q_scale;
@@ -612,19 +608,12 @@ void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
     const float scale = J.P.inv_temp * w;
     const float S = static_cast<float>(grad_sum);
     const float c = (gv[K] * share_scale - q_scale * S) * scale;
-    switch (J.dtype_s) {
-      case 0: store_scaled(static_cast<float*>(J.GS) + so, e, c, V); break;
-      case 1: store_scaled(static_cast<c10::BFloat16*>(J.GS) + so, e, c, V); break;
-      default: store_scaled(static_cast<c10::Half*>(J.GS) + so, e, c, V); break;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const float gk = (gv[k] - qv[k] * S) * scale;
-      switch (J.dtype_s) {
-        case 0: store_at<float>(J.GS, so, ids[k], gk); break;
-        case 1: store_at<c10::BFloat16>(J.GS, so, ids[k], gk); break;
-        default: store_at<c10::Half>(J.GS, so, ids[k], gk); break;
-      }
-    }
+    with_dtype(J.dtype_s, [&](auto t) {
+      using T = decltype(t);
+      T* out = static_cast<T*>(J.GS) + so;
+      store_scaled(out, e, c, V);
+      for (int64_t k = 0; k < K; ++k) out[ids[k]] = static_cast<T>((gv[k] - qv[k] * S) * scale);
+    });
   }
 }
 
@@ -638,16 +627,13 @@ struct ShardJob {
   const float* log_sum;  // [2, n] global log sum exp(x - max) (phases 3-4)
   const float* sums;     // [2, n] global sum grad_b, sum grad_a (phase 4)
   float* out;            // phase 1: [2, n] local maxima; 2: [2, n] local sums of exp; 3: [3, n] partial sums
-  float scale;           // phase 4: 1 / T (the row weights are applied by the caller)
-  Params P;
+  Params P;              // phase 4 scales by P.inv_temp (the row weights are applied by the caller)
 };
 
 template <int form, bool MASKED, bool GUARD>
 void shard_forms_row(const ShardJob& J, int64_t i, float* xs, float* xt, int64_t Vpad) {
   const Vec max_s(J.max[i]), max_t(J.max[J.n + i]), ls_s(J.log_sum[i]), ls_t(J.log_sum[J.n + i]);
-  double v = 0.0, sb = 0.0, sa = 0.0;
-  Vec acc_v(0.f), acc_b(0.f), acc_a(0.f);
-  int64_t tiles = 0;
+  RowSum value_sum, sum_b, sum_a;
   float* gs = J.student_grad ? J.GS + i * J.V : nullptr;
   float* gt = J.teacher_grad ? J.GT + i * J.V : nullptr;
   for (int64_t j = 0; j < Vpad; j += L) {
@@ -658,29 +644,19 @@ void shard_forms_row(const ShardJob& J, int64_t i, float* xs, float* xt, int64_t
     row_forms<form, MASKED, GUARD>(J.P, a, b, p, q, value, ga, gb);
     const int64_t count = std::min<int64_t>(L, J.V - j);
     if (count < L) {  // padding lanes (a = b = -inf) count 0
-      Vec lane(0.f);
-      float idx[L];
-      for (int64_t l = 0; l < L; ++l) idx[l] = l < count ? 1.f : 0.f;
-      lane = Vec::loadu(idx) == Vec(1.f);
-      value = where(lane, value, Vec(0.f));
-      ga = where(lane, ga, Vec(0.f));
-      gb = where(lane, gb, Vec(0.f));
+      value = Vec::set(Vec(0.f), value, count);
+      ga = Vec::set(Vec(0.f), ga, count);
+      gb = Vec::set(Vec(0.f), gb, count);
     }
-    acc_v = acc_v + value;
-    acc_b = acc_b + gb;
-    acc_a = acc_a + ga;
+    value_sum.add(value);
+    sum_b.add(gb);
+    sum_a.add(ga);
     if (gs) gb.store(gs + j, static_cast<int>(count));
     if (gt) ga.store(gt + j, static_cast<int>(count));
-    if (++tiles == FLUSH) {
-      v += hsum(acc_v); sb += hsum(acc_b); sa += hsum(acc_a);
-      acc_v = acc_b = acc_a = Vec(0.f);
-      tiles = 0;
-    }
   }
-  v += hsum(acc_v); sb += hsum(acc_b); sa += hsum(acc_a);
-  J.out[i] = static_cast<float>(v);
-  J.out[J.n + i] = static_cast<float>(sb);
-  J.out[2 * J.n + i] = static_cast<float>(sa);
+  J.out[i] = static_cast<float>(value_sum.done());
+  J.out[J.n + i] = static_cast<float>(sum_b.done());
+  J.out[2 * J.n + i] = static_cast<float>(sum_a.done());
 }
 
 using ShardFormsRow = void (*)(const ShardJob&, int64_t, float*, float*, int64_t);
@@ -693,20 +669,7 @@ ShardFormsRow pick_shard(bool masked, bool guard) {
 }
 
 ShardFormsRow pick_shard_forms(int form, bool masked, bool guard) {
-  switch (form) {
-    case FORWARD_KL: return pick_shard<FORWARD_KL>(masked, guard);
-    case REVERSE_KL: return pick_shard<REVERSE_KL>(masked, guard);
-    case JS: return pick_shard<JS>(masked, guard);
-    case SKEW_FORWARD_KL: return pick_shard<SKEW_FORWARD_KL>(masked, guard);
-    case SKEW_REVERSE_KL: return pick_shard<SKEW_REVERSE_KL>(masked, guard);
-    case TV: return pick_shard<TV>(masked, guard);
-    case HELLINGER: return pick_shard<HELLINGER>(masked, guard);
-    case PEARSON_CHI2: return pick_shard<PEARSON_CHI2>(masked, guard);
-    case NEYMAN_CHI2: return pick_shard<NEYMAN_CHI2>(masked, guard);
-    case JEFFREYS: return pick_shard<JEFFREYS>(masked, guard);
-    case TRIANGULAR: return pick_shard<TRIANGULAR>(masked, guard);
-    default: return pick_shard<ALPHA>(masked, guard);
-  }
+  return with_form(form, [&](auto f) { return pick_shard<decltype(f)::value>(masked, guard); });
 }
 
 // chain rule in place: g <- (g - exp((x - max) - log_sum) * S) * scale
@@ -739,22 +702,17 @@ void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
         const float* x = side == 0 ? xs : xt;
         const float m = J.max[side * J.n + i];
         const Vec shift(m == NEG_INF ? 0.f : m);
-        double total = 0.0;
-        Vec acc(0.f);
-        int64_t tiles = 0;
-        for (int64_t j = 0; j < Vpad; j += L) {
-          acc = acc + (Vec::loadu(x + j) - shift).exp();
-          if (++tiles == FLUSH) { total += hsum(acc); acc = Vec(0.f); tiles = 0; }
-        }
-        J.out[side * J.n + i] = static_cast<float>(total + hsum(acc));
+        RowSum sum;
+        for (int64_t j = 0; j < Vpad; j += L) sum.add((Vec::loadu(x + j) - shift).exp());
+        J.out[side * J.n + i] = static_cast<float>(sum.done());
       }
     } else if (phase == 3) {
       forms_row(J, i, xs, xt, Vpad);
     } else {
       if (J.student_grad)
-        shard_chain_row(J.GS + i * V, xs, V, J.max[i], J.log_sum[i], J.sums[i], J.scale);
+        shard_chain_row(J.GS + i * V, xs, V, J.max[i], J.log_sum[i], J.sums[i], J.P.inv_temp);
       if (J.teacher_grad)
-        shard_chain_row(J.GT + i * V, xt, V, J.max[J.n + i], J.log_sum[J.n + i], J.sums[J.n + i], J.scale);
+        shard_chain_row(J.GT + i * V, xt, V, J.max[J.n + i], J.log_sum[J.n + i], J.sums[J.n + i], J.P.inv_temp);
     }
   }
 }
@@ -763,6 +721,29 @@ void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
 int64_t worker_count(int threads, int64_t n, int64_t V) {
   const int64_t by_work = std::max<int64_t>(1, (n * std::max<int64_t>(V, 1)) >> 16);
   return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), n, by_work}));
+}
+
+// run(begin, end) over contiguous slices of the n rows, one per worker; the caller's thread takes the first.
+template <typename Run>
+void parallel_rows(int threads, int64_t n, int64_t V, Run run) {
+  const int64_t workers = worker_count(threads, n, V);
+  const int64_t per = (n + workers - 1) / workers;
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < workers; ++t) {
+    const int64_t b = t * per, e = std::min(n, b + per);
+    if (b < e) pool.emplace_back(run, b, e);
+  }
+  run(int64_t{0}, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+// The family and its scalars as the Python driver passes them: (1/T, f(0), f'(inf), slope, c0..c5).
+Params make_params(int form, int swap, int standardize, const float* scalars) {
+  Params P{};
+  P.form = form; P.swap = swap; P.standardize = standardize;
+  P.inv_temp = scalars[0]; P.f0 = scalars[1]; P.fpinf = scalars[2]; P.slope = scalars[3];
+  for (int i = 0; i < 6; ++i) P.k.c[i] = scalars[4 + i];
+  return P;
 }
 
 }  // namespace
@@ -776,47 +757,18 @@ void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* ro
                      int64_t V, int64_t stride_s, int64_t stride_t, int64_t stride_gs, int64_t stride_gt,
                      int dtype_s, int dtype_t, int student_grad, int teacher_grad, int form, int swap,
                      int standardize, int guard, const float* scalars, int threads) {
-  Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t,
-        student_grad, teacher_grad, guard, Params{}};
-  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
-  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
-  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = worker_count(threads, n, V);
-  if (workers == 1) {
-    run_rows(J, 0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (n + workers - 1) / workers;
-  for (int64_t t = 1; t < workers; ++t) {
-    const int64_t b = t * per, e = std::min(n, b + per);
-    if (b < e) pool.emplace_back(run_rows, std::cref(J), b, e);
-  }
-  run_rows(J, 0, std::min(n, per));
-  for (auto& th : pool) th.join();
+  const Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t,
+              student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
+  parallel_rows(threads, n, V, [&J](int64_t b, int64_t e) { run_rows(J, b, e); });
 }
 
 void fdiv_topk_rows(const void* S, const int64_t* idx, const float* A, const float* a_tail, void* GS, float* rows,
                     const float* W, int64_t n, int64_t V, int64_t K, int64_t stride_s, int64_t stride_gs, int dtype_s,
                     int form, int swap, int standardize, int drop_noise_tail, float noise, const float* scalars,
                     int threads) {
-  TopkJob J{S, idx, A, a_tail, GS, rows, W, n, V, K, stride_s, stride_gs, dtype_s, drop_noise_tail, noise, Params{}};
-  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
-  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
-  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = worker_count(threads, n, V);
-  if (workers == 1) {
-    run_topk_rows(J, 0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (n + workers - 1) / workers;
-  for (int64_t t = 1; t < workers; ++t) {
-    const int64_t b = t * per, e = std::min(n, b + per);
-    if (b < e) pool.emplace_back(run_topk_rows, std::cref(J), b, e);
-  }
-  run_topk_rows(J, 0, std::min(n, per));
-  for (auto& th : pool) th.join();
+  const TopkJob J{S, idx, A, a_tail, GS, rows, W, n, V, K, stride_s, stride_gs, dtype_s, drop_noise_tail, noise,
+                  make_params(form, swap, standardize, scalars)};
+  parallel_rows(threads, n, V, [&J](int64_t b, int64_t e) { run_topk_rows(J, b, e); });
 }
 
 void fdiv_shard_phase(int phase, const void* S, const void* T, float* GS, float* GT, int64_t n, int64_t V,
@@ -824,24 +776,9 @@ void fdiv_shard_phase(int phase, const void* S, const void* T, float* GS, float*
                       int teacher_grad, int masked, int form, int swap, int standardize, int guard,
                       const float* scalars, const float* max, const float* log_sum, const float* sums, float* out,
                       int threads) {
-  ShardJob J{S, T, GS, GT, n, V, stride_s, stride_t, dtype_s, dtype_t, student_grad, teacher_grad, masked, guard,
-             max, log_sum, sums, out, scalars[0], Params{}};
-  J.P.form = form; J.P.swap = swap; J.P.standardize = standardize;
-  J.P.inv_temp = scalars[0]; J.P.f0 = scalars[1]; J.P.fpinf = scalars[2]; J.P.slope = scalars[3];
-  for (int i = 0; i < 6; ++i) J.P.k.c[i] = scalars[4 + i];
-  const int64_t workers = worker_count(threads, n, V);
-  if (workers == 1) {
-    run_shard(J, phase, 0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  const int64_t per = (n + workers - 1) / workers;
-  for (int64_t t = 1; t < workers; ++t) {
-    const int64_t b = t * per, e = std::min(n, b + per);
-    if (b < e) pool.emplace_back(run_shard, std::cref(J), phase, b, e);
-  }
-  run_shard(J, phase, 0, std::min(n, per));
-  for (auto& th : pool) th.join();
+  const ShardJob J{S, T, GS, GT, n, V, stride_s, stride_t, dtype_s, dtype_t, student_grad, teacher_grad, masked,
+                   guard, max, log_sum, sums, out, make_params(form, swap, standardize, scalars)};
+  parallel_rows(threads, n, V, [&J, phase](int64_t b, int64_t e) { run_shard(J, phase, b, e); });
 }
 
 }  // extern "C"
