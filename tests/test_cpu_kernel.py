@@ -376,3 +376,57 @@ def test_shard_passes_reduced_by_hand_equal_the_whole_row(spec):
     ref_rows, ref_s, _ = reference64(div, student, teacher, 0.9, weights)
     finite = torch.isfinite(ref_rows)
     torch.testing.assert_close(partial[0][finite].double(), ref_rows[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_pool_never_hands_out_a_buffer_in_use(monkeypatch):
+    monkeypatch.setenv("FDIV_GRAD_POOL", "1")
+    pool = ck.GradientPool(max_blocks=3)
+    shape = (64, 32768)  # 8 MiB float32: pooled
+    first = pool.empty(shape, torch.float32)
+    view = first[3:].view(-1)
+    ptr = first.data_ptr()
+    del first
+    second = pool.empty(shape, torch.float32)
+    assert second.data_ptr() != ptr  # a view still holds the first buffer
+    del view
+    third = pool.empty(shape, torch.float32)
+    assert third.data_ptr() == ptr and third.shape == shape and third.is_contiguous()
+    # a request up to 1/8 smaller reuses an idle buffer, a smaller one does not; bf16 of the same bytes does
+    del third
+    assert pool.empty((60, 32768), torch.float32).data_ptr() == ptr
+    quarter = pool.empty((32, 32768), torch.float32).data_ptr()
+    assert quarter != ptr
+    assert pool.empty((64, 65536), torch.bfloat16).data_ptr() == ptr
+    # at most max_blocks kept: a new size drops the oldest idle block; clear() frees the idle ones
+    assert len(pool._blocks) == 3
+    pool.empty((16, 2**20), torch.float32)
+    kept = {b.data_ptr() for b in pool._blocks}
+    assert len(kept) == 3 and quarter not in kept and ptr in kept
+    pool.clear()
+    assert pool.idle_bytes() == 0
+    small = pool.empty((4, 4), torch.float32)  # below the pooling size: plain torch.empty
+    assert pool.idle_bytes() == 0 and small.shape == (4, 4)
+    monkeypatch.setenv("FDIV_GRAD_POOL", "0")
+    assert pool.empty(shape, torch.float32).data_ptr() != second.data_ptr() and pool.idle_bytes() == 0
+
+
+def test_pooled_gradients_of_consecutive_calls_stay_independent():
+    torch.manual_seed(0)
+    shape = (40, 30011)  # above the pooling size
+    grads, expected = [], []
+    for step in range(3):
+        student = torch.randn(shape, requires_grad=True)
+        teacher = torch.randn(shape) * (step + 1)
+        fdiv.token_loss(student_logits=student, teacher_logits=teacher, divergence="js", backend="cpu").backward()
+        grads.append(student.grad)  # kept: the pool must not reuse it for the next call
+        s64 = student.detach().double().requires_grad_(True)
+        fdiv.token_loss(student_logits=s64, teacher_logits=teacher.double(), divergence="js").backward()
+        expected.append(s64.grad)
+    assert len({g.data_ptr() for g in grads}) == 3
+    for got, ref in zip(grads, expected):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-9)
+    ptr = grads[-1].data_ptr()
+    del grads
+    student = torch.randn(shape, requires_grad=True)
+    fdiv.token_loss(student_logits=student, teacher_logits=torch.randn(shape), divergence="js", backend="cpu").backward()
+    assert student.grad.data_ptr() in {ptr} | {b.data_ptr() for b in ck._POOL._blocks}  # a freed buffer came back

@@ -20,6 +20,13 @@ disables the kernel.
 
 Divergences without a kernel family (user generators, Rényi, Bhattacharyya) and float64 inputs
 take the torch paths.
+
+**Gradient buffers.** The ``[N, V]`` gradients the kernel writes are reused across calls
+(:class:`GradientPool`): a buffer goes back to the pool when the last tensor on it is freed
+(after the lm_head backward, or ``zero_grad``), and the next call of that size writes into pages
+that are already mapped instead of page-faulting a fresh allocation (on a 2-core VM that fault
+cost was as large as the kernel itself). Between calls the pool holds at most
+:data:`POOL_BLOCKS` idle buffers; :func:`empty_cache` frees them, ``FDIV_GRAD_POOL=0`` disables it.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from ._rowmath import needs_finite_form_grads
 # The three entry points (_token_rows, _topk_rows, _ShardRows) are private cores on checked
 # arguments, called by fdiv.token_loss / topk_token_loss / vocab_parallel_token_loss, which own
 # the public, keyword-only boundary.
-__all__ = ["available", "cache_dir", "library_path", "supports", "usable"]
+__all__ = ["available", "cache_dir", "empty_cache", "library_path", "pool_bytes", "supports", "usable"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -175,6 +182,72 @@ def usable(divergence, device, *dtypes) -> bool:
     )
 
 
+POOL_BLOCKS = 4
+_POOL_MIN_BYTES = 1 << 22  # smaller buffers come back from malloc's free lists without page faults
+
+
+class GradientPool:
+    """Gradient buffers handed out as tensors and taken back when nothing references them.
+
+    Each block is an ``UntypedStorage`` the pool keeps one reference to; a block is idle when
+    that is its only reference (``use_count == 1``: every tensor, view, autograd buffer or
+    ``.grad`` on it is gone), so a buffer still in use is never handed out twice. A request takes
+    the smallest idle block of at least its size and at most 1/8 above it (variable sequence
+    lengths reuse one block); otherwise a new block is allocated and, past ``POOL_BLOCKS``,
+    the oldest idle block is dropped. Requests under 4 MiB bypass the pool.
+    """
+
+    def __init__(self, max_blocks: int = POOL_BLOCKS):
+        self.max_blocks = max_blocks
+        self._blocks: list = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _idle(block) -> bool:
+        return torch._C._storage_Use_Count(block._cdata) == 1
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised contiguous CPU tensor of ``shape`` and ``dtype``."""
+        nbytes = dtype.itemsize
+        for size in shape:
+            nbytes *= size
+        if nbytes < _POOL_MIN_BYTES or os.environ.get("FDIV_GRAD_POOL", "1") == "0":
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fits = [b for b in self._blocks if nbytes <= b.nbytes() <= nbytes + nbytes // 8 and self._idle(b)]
+            if fits:
+                block = min(fits, key=lambda b: b.nbytes())
+                self._blocks.remove(block)
+            else:
+                block = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+                idle = [b for b in self._blocks if self._idle(b)]
+                while len(self._blocks) >= self.max_blocks and idle:
+                    self._blocks.remove(idle.pop(0))
+            self._blocks.append(block)  # most recently used last
+            return torch.empty(0, dtype=dtype).set_(block, 0, tuple(shape))
+
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes() for b in self._blocks if self._idle(b))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks = [b for b in self._blocks if not self._idle(b)]
+
+
+_POOL = GradientPool()
+
+
+def empty_cache() -> None:
+    """Free the idle gradient buffers the CPU kernel keeps for reuse (:class:`GradientPool`)."""
+    _POOL.clear()
+
+
+def pool_bytes() -> int:
+    """Bytes of idle gradient buffers the CPU kernel holds for its next calls."""
+    return _POOL.idle_bytes()
+
+
 def _entry(name: str):
     lib = _load()
     if lib is None:
@@ -230,8 +303,8 @@ def _token_rows(
     family = _family(divergence, inv_temperature)
     weights = row_weights.detach().to(dtype=torch.float32).contiguous()
     rows = torch.empty(n, dtype=torch.float32)
-    grad_s = (torch.empty_like(student) if out_student is None else out_student) if student_grad else None
-    grad_t = (torch.empty_like(teacher) if out_teacher is None else out_teacher) if teacher_grad else None
+    grad_s = (_POOL.empty(student.shape, student.dtype) if out_student is None else out_student) if student_grad else None
+    grad_t = (_POOL.empty(teacher.shape, teacher.dtype) if out_teacher is None else out_teacher) if teacher_grad else None
     if n == 0:
         return rows, grad_s, grad_t
     gs = grad_s if grad_s is not None else student
@@ -279,7 +352,7 @@ def _topk_rows(
     tails = teacher_tail.reshape(n).to(torch.float32).contiguous()
     weights = row_weights.detach().to(dtype=torch.float32).contiguous()
     rows = torch.empty(n, dtype=torch.float32)
-    grad = torch.empty_like(student)
+    grad = _POOL.empty(student.shape, student.dtype)
     if n == 0:
         return rows, grad
     fn(
@@ -310,8 +383,8 @@ class _ShardRows:
         self._family = _family(divergence, inv_temperature)
         self.masked = bool(masked)
         shape = (self.n, self.vocab)
-        self.grad_student = torch.empty(shape, dtype=torch.float32) if student_grad else None
-        self.grad_teacher = torch.empty(shape, dtype=torch.float32) if teacher_grad else None
+        self.grad_student = _POOL.empty(shape, torch.float32) if student_grad else None
+        self.grad_teacher = _POOL.empty(shape, torch.float32) if teacher_grad else None
 
     def _run(self, phase, out, maxima=None, log_sum=None, sums=None):
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
