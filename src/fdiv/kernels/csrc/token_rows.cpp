@@ -72,6 +72,20 @@ inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus
   la = where(q_dominates, t - d, t);
 }
 
+// w (e^x - 1 - x) >= 0 without cancellation, w_ex = w e^x given: a Taylor series where |x| < 1/2,
+// else (w_ex - w) - w x. The cancellation-free row terms of the KL families (their values minus
+// f'(1) (p - q), which sums to 0 over a row), as FDivergence._row_terms on the torch paths.
+inline Vec weighted_phi(const Vec& w, const Vec& x, const Vec& w_ex) {
+  // 1/(k + 2)! for k = 0..7: the series of (e^x - 1 - x) / x^2, to float precision for |x| < 1/2
+  static constexpr float c[8] = {1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040, 1.f / 40320,
+                                 1.f / 362880};
+  Vec small = x.abs() < Vec(0.5f);
+  Vec xs = where(small, x, Vec(0.f));
+  Vec series(c[7]);
+  for (int i = 6; i >= 0; --i) series = at::vec::fmadd(series, xs, Vec(c[i]));
+  return where(small, w * xs * xs * series, (w_ex - w) - w * x);
+}
+
 struct Consts { float c[6]; };
 
 // (value, grad_a, grad_b) of one tile for finite a = log p, b = log q (p = e^a, q = e^b given).
@@ -81,13 +95,14 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
   const Vec half(0.5f), one(1.f), two(2.f);
   switch (form) {
     case FORWARD_KL: {
+      // row term p (e^(b - a) - 1 - (b - a)) = p (a - b) - (p - q)
       Vec d = a - b;
-      value = p * d; ga = p * (d + one); gb = p.neg();
+      value = weighted_phi(p, d.neg(), q); ga = p * (d + one); gb = p.neg();
       break;
     }
     case REVERSE_KL: {
       Vec d = b - a;
-      value = q * d; ga = q.neg(); gb = q * (d + one);
+      value = weighted_phi(q, d.neg(), p); ga = q.neg(); gb = q * (d + one);
       break;
     }
     case JS: {
@@ -99,19 +114,21 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       break;
     }
     case SKEW_FORWARD_KL: {
+      // value -p la, summed as the row term p phi(la) (p e^la = m = w p + (1 - w) q); grad_b = c p e^(-lb)
+      // (e^(-lb) from the log-space offset: q / m from p and q loses the gradient's last digits)
       Vec la, lb;
       mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
-      value = (p * la).neg();
       gb = Vec(k.c[3]) * p * lb.neg().exp();
-      ga = value - gb;
+      ga = (p * la).neg() - gb;
+      value = weighted_phi(p, la, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
       break;
     }
     case SKEW_REVERSE_KL: {
       Vec la, lb;
       mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
-      value = (q * lb).neg();
       ga = Vec(k.c[3]) * q * la.neg().exp();
-      gb = value - ga;
+      gb = (q * lb).neg() - ga;
+      value = weighted_phi(q, lb, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
       break;
     }
     case TV: {
@@ -181,6 +198,9 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
 struct Params {
   int form, swap, standardize;
   float inv_temp, f0, fpinf, slope;
+  // the KL families' values are row terms (value - s (p - q), s their f'(1), -s if swapped):
+  // standardisation subtracts value_slope = slope - s, the value limits at p = 0 / q = 0 take limit_shift
+  float value_slope, limit_shift;
   Consts k;
 };
 
@@ -200,7 +220,7 @@ inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p,
     }
     if (P.standardize) {
       Vec slope(P.slope);
-      value = value - slope * (p - q);
+      value = value - Vec(P.value_slope) * (p - q);
       ga = ga - slope * p;
       gb = gb + slope * q;
     }
@@ -223,7 +243,7 @@ inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p,
   }
   if (P.standardize) {
     Vec slope(P.slope);
-    value = value - slope * (p - q);
+    value = value - Vec(P.value_slope) * (p - q);
     ga = ga - slope * p;
     gb = gb + slope * q;
   }
@@ -234,7 +254,8 @@ inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p,
   Vec only_p_zero = p_zero & (b != ninf);
   Vec only_q_zero = q_zero & (a != ninf);
   Vec both_zero = p_zero & q_zero;
-  value = where(only_p_zero, at_p_zero, where(only_q_zero, at_q_zero, value));
+  const Vec shift(P.limit_shift);  // the limits of the row terms (the gradients keep the plain limits)
+  value = where(only_p_zero, at_p_zero + shift * q, where(only_q_zero, at_q_zero - shift * p, value));
   value = where(both_zero, zero, value);
   ga = where(only_q_zero, at_q_zero, ga);
   gb = where(only_p_zero, at_p_zero, gb);
@@ -743,6 +764,17 @@ Params make_params(int form, int swap, int standardize, const float* scalars) {
   P.form = form; P.swap = swap; P.standardize = standardize;
   P.inv_temp = scalars[0]; P.f0 = scalars[1]; P.fpinf = scalars[2]; P.slope = scalars[3];
   for (int i = 0; i < 6; ++i) P.k.c[i] = scalars[4 + i];
+  float row_slope = 0.f;  // f'(1) of the family whose value is a row term
+  switch (form) {
+    case FORWARD_KL: row_slope = 1.f; break;
+    case REVERSE_KL: row_slope = -1.f; break;
+    case SKEW_FORWARD_KL: row_slope = -P.k.c[3]; break;  // 1 - alpha
+    case SKEW_REVERSE_KL: row_slope = P.k.c[3]; break;   // -(1 - alpha)
+    default: break;
+  }
+  if (swap) row_slope = -row_slope;  // f◇'(1) = -f'(1)
+  P.value_slope = standardize ? P.slope - row_slope : 0.f;
+  P.limit_shift = standardize ? 0.f : row_slope;  // a wrapper's f(0), f'(inf) are standardised already
   return P;
 }
 
