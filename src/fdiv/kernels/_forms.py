@@ -52,12 +52,30 @@ def resolve_form(div):
     return form.name, tuple(form.constants), bool(form.swap), float(form.slope)
 
 
+def row_term_slope(name: str, constants: tuple, swap: bool) -> float:
+    """``s`` of a family whose kernel value is the row term ``value - s (p - q)`` (0 for the others).
+
+    The KL families sum cancellation-free terms ``w (e^x - 1 - x) >= 0`` (as
+    :meth:`fdiv.FDivergence._row_terms` on the torch paths): ``s`` is the family generator's
+    ``f'(1)``, negated when the arguments are swapped (``f◇'(1) = -f'(1)``). ``sum (p - q) = 0``
+    over a row, so the row value is unchanged; a standardising wrapper then subtracts
+    ``slope - s``, and the value limits at ``p = 0`` / ``q = 0`` take the same shift.
+    """
+    own = {"forward_kl": 1.0, "reverse_kl": -1.0}.get(name, 0.0)
+    if name == "skew_forward_kl":
+        own = -float(constants[3])  # 1 - alpha
+    elif name == "skew_reverse_kl":
+        own = float(constants[3])  # -(1 - alpha)
+    return -own if swap else own
+
+
 def kernel_scalars(div, inv_temperature: float, caller: str):
-    """``(family, scalars, swap, standardize)``: ``scalars`` = ``(1/T, f(0), f'(inf), slope, c0..c5)``."""
+    """``(family, scalars, swap, standardize)``: ``scalars`` = ``(1/T, f(0), f'(inf), slope, c0..c5, row_slope)``
+    (``row_slope``: :func:`row_term_slope`)."""
     resolved = resolve_form(div)
     if resolved is None:
         raise ValueError(f"the {caller} has no forms for {div!r}; check its supports() first")
     name, consts, swap, slope = resolved
     consts = tuple(float(c) for c in consts) + (0.0,) * (N_CONSTANTS - len(consts))
     scalars = (float(inv_temperature), float(div.f_at_zero()), float(div.f_prime_at_infinity()), float(slope))
-    return name, scalars + consts, swap, slope != 0.0
+    return name, scalars + consts + (row_term_slope(name, consts, swap),), swap, slope != 0.0

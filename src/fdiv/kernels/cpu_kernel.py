@@ -261,8 +261,8 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
 
 class _Family(types.SimpleNamespace):
     """The kernel arguments of a divergence: ``form`` (family id), ``swap``, ``standardize``,
-    ``guard`` (its forms can overflow on finite inputs) and ``scalars`` (float32 ``[10]``:
-    ``1/T, f(0), f'(inf), slope, c0..c5``), resolved once per call by :func:`_family`."""
+    ``guard`` (its forms can overflow on finite inputs) and ``scalars`` (float32 ``[11]``:
+    ``1/T, f(0), f'(inf), slope, c0..c5, row_slope``), resolved once per call by :func:`_family`."""
 
 
 def _family(divergence, inv_temperature: float) -> _Family:

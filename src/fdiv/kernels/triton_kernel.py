@@ -139,18 +139,34 @@ def _weighted_expm1_over(log_w, w, d, c):
     return tl.where(small, near, far)
 
 
-# ---- forms functions: (a, b, c0..c5) -> (value, grad_a, grad_b) for finite a = log p, b = log q
+def _weighted_phi(w, x, w_ex):
+    # w (e^x - 1 - x) >= 0 with w_ex = w e^x: a Taylor series where |x| < 1/2, else (w_ex - w) - w x
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    series = 1.0 / 362880.0
+    series = series * xs + 1.0 / 40320.0
+    series = series * xs + 1.0 / 5040.0
+    series = series * xs + 1.0 / 720.0
+    series = series * xs + 1.0 / 120.0
+    series = series * xs + 1.0 / 24.0
+    series = series * xs + 1.0 / 6.0
+    series = series * xs + 0.5
+    return tl.where(small, w * xs * xs * series, (w_ex - w) - w * x)
+
+
+# ---- forms functions: (a, b, c0..c5) -> (value, grad_a, grad_b) for finite a = log p, b = log q;
+# the KL families return the row term value - s (p - q) as value (fdiv/kernels/_forms.py: row_term_slope)
 
 def _forms_forward_kl(a, b, c0, c1, c2, c3, c4, c5):
     p = tl.exp(a)
     d = a - b
-    return p * d, p * (d + 1.0), -p
+    return _weighted_phi(p, -d, tl.exp(b)), p * (d + 1.0), -p
 
 
 def _forms_reverse_kl(a, b, c0, c1, c2, c3, c4, c5):
     q = tl.exp(b)
     d = b - a
-    return q * d, -q, q * (d + 1.0)
+    return _weighted_phi(q, -d, tl.exp(a)), -q, q * (d + 1.0)
 
 
 def _forms_js(a, b, c0, c1, c2, c3, c4, c5):
@@ -162,21 +178,20 @@ def _forms_js(a, b, c0, c1, c2, c3, c4, c5):
 
 
 def _forms_skew_forward_kl(a, b, c0, c1, c2, c3, c4, c5):
-    # KL(P || alpha P + (1 - alpha) Q): c0 = alpha, c1 = 1 - alpha, c2 = threshold, c3 = -(1 - alpha)
+    # KL(P || alpha P + (1 - alpha) Q): c0 = alpha, c1 = 1 - alpha, c2 = threshold, c3 = -(1 - alpha);
+    # value -p la as the row term p phi(la), p e^la = m
     la, lb = _mixture_offsets(a, b, c0, c1, c2)
     p = tl.exp(a)
-    value = -p * la
     grad_b = c3 * p * tl.exp(-lb)
-    return value, value - grad_b, grad_b
+    return _weighted_phi(p, la, c0 * p + c1 * tl.exp(b)), -p * la - grad_b, grad_b
 
 
 def _forms_skew_reverse_kl(a, b, c0, c1, c2, c3, c4, c5):
     # KL(Q || alpha Q + (1 - alpha) P): mixture weight on p is c0 = 1 - alpha; c3 = -(1 - alpha)
     la, lb = _mixture_offsets(a, b, c0, c1, c2)
     q = tl.exp(b)
-    value = -q * lb
     grad_a = c3 * q * tl.exp(-la)
-    return value, grad_a, value - grad_a
+    return _weighted_phi(q, lb, c0 * tl.exp(a) + c1 * q), grad_a, -q * lb - grad_a
 
 
 def _forms_tv(a, b, c0, c1, c2, c3, c4, c5):
@@ -241,7 +256,7 @@ def _forms_alpha(a, b, c0, c1, c2, c3, c4, c5):
 
 # ---- the template
 
-def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope,
                FORMS: tl.constexpr, SWAP: tl.constexpr, STANDARDIZE: tl.constexpr):
     """Pointwise (value, grad_a, grad_b, p, q) of one tile, with the zero-probability limits."""
     a = xt - lse_t
@@ -258,9 +273,13 @@ def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
     p = tl.exp(a)
     q = tl.exp(b)
     if STANDARDIZE:
-        value = value - slope * (p - q)
+        # a row-term value has s (p - q) removed already (row_slope = s)
+        value = value - (slope - row_slope) * (p - q)
         grad_a = grad_a - slope * p
         grad_b = grad_b + slope * q
+        shift = 0.0  # a wrapper's f(0), f'(inf) are standardised already
+    else:
+        shift = row_slope
     # q f(0) where p = 0 and p f'(inf) where q = 0; a finite log-probability is a positive
     # probability even where exp underflows, so 0 * inf means +inf (f(0), f'(inf) > -inf).
     at_p_zero = q * f0
@@ -270,7 +289,8 @@ def _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
     only_p_zero = p_zero & (b != float("-inf"))
     only_q_zero = q_zero & (a != float("-inf"))
     both_zero = p_zero & q_zero
-    value = tl.where(only_p_zero, at_p_zero, tl.where(only_q_zero, at_q_zero, value))
+    # the value limits of the row terms shift by s (p - q); the gradients keep the plain limits
+    value = tl.where(only_p_zero, at_p_zero + shift * q, tl.where(only_q_zero, at_q_zero - shift * p, value))
     value = tl.where(both_zero, 0.0, value)
     grad_a = tl.where(only_q_zero, at_q_zero, grad_a)
     grad_b = tl.where(only_p_zero, at_p_zero, grad_b)
@@ -287,12 +307,12 @@ def _load_tile(ptr, offs, V, inv_temp):
     return tl.load(ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
 
 
-def _tile_forms(s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+def _tile_forms(s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope,
                 FORMS: tl.constexpr, SWAP: tl.constexpr, STANDARDIZE: tl.constexpr):
     """:func:`_row_forms` of the tile ``offs`` of both rows, read from memory."""
     xs = _load_tile(s_row, offs, V, inv_temp)
     xt = _load_tile(t_row, offs, V, inv_temp)
-    return _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+    return _row_forms(xs, xt, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope, FORMS, SWAP, STANDARDIZE)
 
 
 def _lse(x):
@@ -324,7 +344,7 @@ def _lse_update(m, s, x):
 def _token_rows_kernel(
     S, T, GS, GT, ROWS, W,
     V, stride_s, stride_t, stride_gs, stride_gt,
-    inv_temp, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+    inv_temp, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope,
     FORMS: tl.constexpr, SWAP: tl.constexpr, STANDARDIZE: tl.constexpr,
     STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, SINGLE_TILE: tl.constexpr,
@@ -344,7 +364,7 @@ def _token_rows_kernel(
             xs = _load_tile(s_row, cols, V, inv_temp)
             xt = _load_tile(t_row, cols, V, inv_temp)
             value, grad_a, grad_b, p, q = _row_forms(
-                xs, xt, _lse(xs), _lse(xt), f0, fpinf, slope, c0, c1, c2, c3, c4, c5, FORMS, SWAP, STANDARDIZE)
+                xs, xt, _lse(xs), _lse(xt), f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope, FORMS, SWAP, STANDARDIZE)
             tl.store(ROWS + row, tl.sum(value, axis=0))
             if STUDENT_GRAD:
                 _store_chain_rule(gs_row, cols, mask, grad_b, q, tl.sum(grad_b, axis=0), scale)
@@ -368,7 +388,7 @@ def _token_rows_kernel(
             acc_a = tl.zeros([BLOCK_V], tl.float32)
             for start in range(0, V, BLOCK_V):
                 value, grad_a, grad_b, p, q = _tile_forms(
-                    s_row, t_row, start + cols, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+                    s_row, t_row, start + cols, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope,
                     FORMS, SWAP, STANDARDIZE)
                 acc_value += value
                 if STUDENT_GRAD:
@@ -384,7 +404,7 @@ def _token_rows_kernel(
                     offs = start + cols
                     mask = offs < V
                     value, grad_a, grad_b, p, q = _tile_forms(
-                        s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5,
+                        s_row, t_row, offs, V, inv_temp, lse_s, lse_t, f0, fpinf, slope, c0, c1, c2, c3, c4, c5, row_slope,
                         FORMS, SWAP, STANDARDIZE)
                     if STUDENT_GRAD:
                         _store_chain_rule(gs_row, offs, mask, grad_b, q, sum_b, scale)
@@ -408,6 +428,7 @@ _TRITON_FUNCTIONS = (
     "_expm1_ratio",
     "_mixture_offsets",
     "_weighted_expm1_over",
+    "_weighted_phi",
     "_forms_forward_kl",
     "_forms_reverse_kl",
     "_forms_js",
@@ -739,7 +760,7 @@ def compile_for_target(
     signature = {
         "S": ptr, "T": ptr, "GS": ptr, "GT": ptr, "ROWS": "*fp32", "W": "*fp32",
         "V": "i32", "stride_s": "i32", "stride_t": "i32", "stride_gs": "i32", "stride_gt": "i32",
-        **{k: "fp32" for k in ("inv_temp", "f0", "fpinf", "slope", "c0", "c1", "c2", "c3", "c4", "c5")},
+        **{k: "fp32" for k in ("inv_temp", "f0", "fpinf", "slope", "c0", "c1", "c2", "c3", "c4", "c5", "row_slope")},
     }  # fmt: skip
     constexprs = {
         "FORMS": ns[name], "SWAP": swap, "STANDARDIZE": standardize,

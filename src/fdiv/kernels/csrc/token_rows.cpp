@@ -198,7 +198,7 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
 struct Params {
   int form, swap, standardize;
   float inv_temp, f0, fpinf, slope;
-  // the KL families' values are row terms (value - s (p - q), s their f'(1), -s if swapped):
+  // the KL families' values are row terms (value - s (p - q), s = row_term_slope in _forms.py):
   // standardisation subtracts value_slope = slope - s, the value limits at p = 0 / q = 0 take limit_shift
   float value_slope, limit_shift;
   Consts k;
@@ -764,15 +764,7 @@ Params make_params(int form, int swap, int standardize, const float* scalars) {
   P.form = form; P.swap = swap; P.standardize = standardize;
   P.inv_temp = scalars[0]; P.f0 = scalars[1]; P.fpinf = scalars[2]; P.slope = scalars[3];
   for (int i = 0; i < 6; ++i) P.k.c[i] = scalars[4 + i];
-  float row_slope = 0.f;  // f'(1) of the family whose value is a row term
-  switch (form) {
-    case FORWARD_KL: row_slope = 1.f; break;
-    case REVERSE_KL: row_slope = -1.f; break;
-    case SKEW_FORWARD_KL: row_slope = -P.k.c[3]; break;  // 1 - alpha
-    case SKEW_REVERSE_KL: row_slope = P.k.c[3]; break;   // -(1 - alpha)
-    default: break;
-  }
-  if (swap) row_slope = -row_slope;  // f◇'(1) = -f'(1)
+  const float row_slope = scalars[10];  // fdiv/kernels/_forms.py: row_term_slope
   P.value_slope = standardize ? P.slope - row_slope : 0.f;
   P.limit_shift = standardize ? 0.f : row_slope;  // a wrapper's f(0), f'(inf) are standardised already
   return P;
