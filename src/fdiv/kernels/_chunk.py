@@ -36,8 +36,8 @@ def logit_chunk(divergence: FDivergence, student, teacher, inv_temperature: floa
     dtype = compute_dtype(student)
     log_q = torch.log_softmax(student.to(dtype) * inv_temperature, dim=-1)
     log_p = torch.log_softmax(teacher.to(dtype) * inv_temperature, dim=-1)
-    forms = divergence.masked_log_forms if masked else divergence._forms
-    value, grad_p, grad_q = forms(log_p, log_q)
+    # row terms (cancellation-free, FDivergence.row_forms) for the row sums; infinite where the values are
+    value, grad_p, grad_q = divergence.row_forms(log_p, log_q, masked=masked)
     guard = needs_finite_form_grads(divergence, masked)
     if guard:
         grad_q, grad_p = finite_form_grads(value, grad_q, grad_p if teacher_grad else None)

@@ -142,7 +142,7 @@ def sparse_chunk(
         z_k = torch.gather(z, -1, idx)
         b_k = torch.log_softmax(z_k, dim=-1)
         a_hat = a_k - torch.logsumexp(a_k, dim=-1, keepdim=True)
-        value, _, grad_b = divergence.masked_log_forms(a_hat, b_k)
+        value, _, grad_b = divergence.row_forms(a_hat, b_k, masked=True)
         (grad_b,) = finite_form_grads(value, grad_b)
         grad_k = softmax_backward(grad_b, b_k, scale=inv_temperature)
         grad = torch.zeros_like(z).scatter_(-1, idx, grad_k)
@@ -155,7 +155,7 @@ def sparse_chunk(
         a_tail = teacher_tail(teacher_logprobs, student_tail=b_tail).to(dtype)
     else:
         a_tail = teacher_tail_lp.to(dtype)
-    value, _, grad_b = divergence.masked_log_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1))
+    value, _, grad_b = divergence.row_forms(torch.cat([a_k, a_tail], -1), torch.cat([b_k, b_tail], -1), masked=True)
     (grad_b,) = finite_form_grads(value, grad_b)
     g_k, g_tail = grad_b[:, :-1], grad_b[:, -1:]
     # d b_tail / d log q_v = q_v / q_tail = exp(log q_v - b_tail) outside the top-k, formed in log

@@ -171,8 +171,7 @@ def _chunk(plan: _Plan, student, teacher):
     log_sum = sum_exp.log()
     log_q = s - log_sum[0, :, None]
     log_p = t - log_sum[1, :, None]
-    forms = plan.divergence.masked_log_forms if plan.masked else plan.divergence._forms
-    value, grad_p, grad_q = forms(log_p, log_q)
+    value, grad_p, grad_q = plan.divergence.row_forms(log_p, log_q, masked=plan.masked)
     if needs_finite_form_grads(plan.divergence, plan.masked):  # infinite entries: gradient 0 (contract 2)
         grad_q, grad_p = finite_form_grads(value, grad_q, grad_p)
     # 3) SUM of the partial row sums: the value and sum_i g_i of each needed gradient
