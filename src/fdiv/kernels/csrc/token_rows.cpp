@@ -43,10 +43,51 @@ inline Vec sign(const Vec& x) {
   const Vec zero(0.f);
   return where(x > zero, Vec(1.f), where(x < zero, Vec(-1.f), zero));
 }
+// Whether every lane of a comparison mask is set.
+inline bool all_lanes(const Vec& mask) { return mask.zero_mask() == 0; }
+
+// e^x - 1 to a few ulp, cheaper than SLEEF's double-float expm1: a Taylor polynomial (to x^8 / 8!)
+// where |x| < 1/2, e^x - 1 elsewhere (|e^x - 1| > 0.39 there: no cancellation).
+inline Vec fast_expm1(const Vec& x) {
+  static constexpr float c[8] = {1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040, 1.f / 40320};
+  Vec small = x.abs() < Vec(0.5f);
+  Vec xs = where(small, x, Vec(0.f));
+  Vec poly(c[7]);
+  for (int i = 6; i >= 0; --i) poly = at::vec::fmadd(poly, xs, Vec(c[i]));
+  if (all_lanes(small)) return xs * poly;
+  return where(small, xs * poly, x.exp() - Vec(1.f));
+}
+
+// log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p: 2 atanh(s), s = y / (2 + y), as
+// an odd series (to s^15) where -1/2 <= y <= 1 (|s| <= 1/3); log(1 + y) elsewhere (1 + y is exact
+// for y in [-1, -1/2], and no cancellation above 1).
+inline Vec fast_log1p(const Vec& y) {
+  static constexpr float c[8] = {2.f, 2.f / 3, 2.f / 5, 2.f / 7, 2.f / 9, 2.f / 11, 2.f / 13, 2.f / 15};
+  Vec mid = (y >= Vec(-0.5f)) & (y <= Vec(1.f));
+  Vec ym = where(mid, y, Vec(0.f));
+  Vec s = ym / (Vec(2.f) + ym);
+  Vec s2 = s * s;
+  Vec poly(c[7]);
+  for (int i = 6; i >= 0; --i) poly = at::vec::fmadd(poly, s2, Vec(c[i]));
+  if (all_lanes(mid)) return s * poly;
+  return where(mid, s * poly, (Vec(1.f) + y).log());
+}
+
+// Whether any lane of x is below t.
+inline bool any_below(const Vec& x, float t) { return !all_lanes(x >= Vec(t)); }
+// Below this probability p / q or q / p may leave the float range: such tiles take log-space forms.
+constexpr float DIRECT_MIN = 1e-30f;
+
+// p - q = -sign(d) max(p, q) expm1(-|d|), d = a - b: relative precision of d, no cancellation.
+inline Vec signed_gap(const Vec& d, const Vec& p, const Vec& q) {
+  Vec big = where(d > Vec(0.f), p, q);
+  return (sign(d) * big * fast_expm1(d.abs().neg())).neg();
+}
+
 // log|e^a - e^b| without forming e^a or e^b; -inf where a == b
 inline Vec log_abs_diff_exp(const Vec& a, const Vec& b) {
   Vec gap = (a - b).abs().neg();
-  return vmax(a, b) + (gap.expm1().neg()).log();
+  return vmax(a, b) + (fast_expm1(gap).neg()).log();
 }
 inline Vec logaddexp(const Vec& x, const Vec& y) {
   return vmax(x, y) + ((x - y).abs().neg().exp()).log1p();
@@ -56,20 +97,26 @@ inline Vec logaddexp(const Vec& x, const Vec& y) {
 inline Vec weighted_expm1(const Vec& log_w, const Vec& w, const Vec& d, float c) {
   Vec x = d * Vec(c);
   Vec far = x > Vec(80.f);
-  Vec m = where(far, log_w + x, x).expm1();
+  Vec m = fast_expm1(where(far, log_w + x, x));
   return where(far, m + Vec(1.f) - w, w * m) / Vec(c);
 }
 
-// (log m - a, log m - b) for m = w p + (1 - w) q: one log1p(weight * expm1(x)) per lane, the
-// branch whose argument is bounded by 1 (threshold = log(1 - w) - log w).
-inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold, Vec& la, Vec& lb) {
+// (log m - a, log m - b) for m = w p + (1 - w) q: one log1p(y), y = weight * expm1(x), per lane, the
+// branch whose argument is bounded by 1 (threshold = log(1 - w) - log w). Also e^(-la) and e^(-lb)
+// from the same x and y (1 / (1 + y) and e^(+-d) / (1 + y), e^(+-d) = 1 + x): no further exp.
+inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold, Vec& la, Vec& lb,
+                            Vec& exp_neg_la, Vec& exp_neg_lb) {
   Vec d = a - b;
   Vec q_dominates = d <= Vec(threshold);
-  Vec x = where(q_dominates, d, d.neg());
-  Vec weight = where(q_dominates, Vec(w), Vec(one_minus_w));
-  Vec t = (weight * x.expm1()).log1p();
+  Vec x = fast_expm1(where(q_dominates, d, d.neg()));
+  Vec y = where(q_dominates, Vec(w), Vec(one_minus_w)) * x;
+  Vec t = fast_log1p(y);
   lb = where(q_dominates, t, t + d);
   la = where(q_dominates, t - d, t);
+  Vec inv = Vec(1.f) / (Vec(1.f) + y);
+  Vec ratio = (Vec(1.f) + x) * inv;
+  exp_neg_lb = where(q_dominates, inv, ratio);
+  exp_neg_la = where(q_dominates, ratio, inv);
 }
 
 // w (e^x - 1 - x) >= 0 without cancellation, w_ex = w e^x given: a Taylor series where |x| < 1/2,
@@ -106,8 +153,8 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       break;
     }
     case JS: {
-      Vec la, lb;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
+      Vec la, lb, unused_a, unused_b;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, unused_a, unused_b);
       ga = Vec(k.c[3]) * p * la;
       gb = Vec(k.c[4]) * q * lb;
       value = ga + gb;
@@ -115,18 +162,17 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
     }
     case SKEW_FORWARD_KL: {
       // value -p la, summed as the row term p phi(la) (p e^la = m = w p + (1 - w) q); grad_b = c p e^(-lb)
-      // (e^(-lb) from the log-space offset: q / m from p and q loses the gradient's last digits)
-      Vec la, lb;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
-      gb = Vec(k.c[3]) * p * lb.neg().exp();
+      Vec la, lb, exp_neg_la, exp_neg_lb;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, exp_neg_la, exp_neg_lb);
+      gb = Vec(k.c[3]) * p * exp_neg_lb;
       ga = (p * la).neg() - gb;
       value = weighted_phi(p, la, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
       break;
     }
     case SKEW_REVERSE_KL: {
-      Vec la, lb;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb);
-      ga = Vec(k.c[3]) * q * la.neg().exp();
+      Vec la, lb, exp_neg_la, exp_neg_lb;
+      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, exp_neg_la, exp_neg_lb);
+      ga = Vec(k.c[3]) * q * exp_neg_la;
       gb = (q * lb).neg() - ga;
       value = weighted_phi(q, lb, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
       break;
@@ -141,23 +187,37 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       // (the same values as the log-space forms of the torch / Triton paths, from p and q)
       Vec d = a - b;
       Vec big = where(d > Vec(0.f), p, q);
-      Vec gap = (sign(d) * big.sqrt() * (half * d.abs().neg()).expm1()).neg();
+      Vec gap = (sign(d) * big.sqrt() * fast_expm1(half * d.abs().neg())).neg();
       value = half * gap * gap;
       ga = half * p.sqrt() * gap;
       gb = (half * q.sqrt() * gap).neg();
       break;
     }
     case PEARSON_CHI2: {
-      Vec log_gap = log_abs_diff_exp(a, b);
-      value = (two * log_gap - b).exp();
-      ga = two * sign(a - b) * (a + log_gap - b).exp();
-      gb = q - (two * a - b).exp();
+      // (p - q)^2 / q from the signed gap (one expm1); a tile where q < DIRECT_MIN (the ratio could
+      // leave the float range) takes the log-space forms
+      if (any_below(q, DIRECT_MIN)) {
+        Vec log_gap = log_abs_diff_exp(a, b);
+        value = (two * log_gap - b).exp();
+        ga = two * sign(a - b) * (a + log_gap - b).exp();
+        gb = q - (two * a - b).exp();
+      } else {
+        Vec diff = signed_gap(a - b, p, q);
+        Vec r = diff / q;
+        value = diff * r; ga = two * p * r; gb = (r * (p + q)).neg();
+      }
       break;
     }
     case NEYMAN_CHI2: {
-      Vec log_gap = log_abs_diff_exp(a, b);
-      Vec ratio = (two * b - a).exp();
-      value = (two * log_gap - a).exp(); ga = p - ratio; gb = two * (ratio - q);
+      if (any_below(p, DIRECT_MIN)) {
+        Vec log_gap = log_abs_diff_exp(a, b);
+        Vec ratio = (two * b - a).exp();
+        value = (two * log_gap - a).exp(); ga = p - ratio; gb = two * (ratio - q);
+      } else {
+        Vec diff = signed_gap(a - b, p, q);
+        Vec r = diff / p;
+        value = diff * r; ga = r * (p + q); gb = (two * q * r).neg();
+      }
       break;
     }
     case JEFFREYS: {
@@ -169,8 +229,7 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       // p - q = -sign(a - b) max(p, q) expm1(-|a - b|): one expm1; (p - q)^2 / (p + q) and its
       // derivatives p (p - q)(p + 3q) / (p + q)^2, -q (p - q)(3p + q) / (p + q)^2; 0 where p + q underflows
       Vec d = a - b;
-      Vec big = where(d > Vec(0.f), p, q);
-      Vec diff = (sign(d) * big * d.abs().neg().expm1()).neg();
+      Vec diff = signed_gap(d, p, q);
       Vec total = p + q;
       Vec empty = total == Vec(0.f);
       Vec safe = where(empty, Vec(1.f), total);
