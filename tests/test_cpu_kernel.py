@@ -267,20 +267,25 @@ def test_fused_linear_cpu_chunks_equal_eager_for_hidden_weight_and_bias(divergen
     teacher_weight = torch.randn(v, h, generator=g) * 0.5
     labels = torch.randint(0, v, (n,), generator=g)
     labels[:4] = -100
-    results = []
-    # budgets: the default (one weight-gradient GEMM for all rows), 10 rows per GEMM (a flush every
-    # second 8-row chunk, a partial one at the end), 1 row (a GEMM per chunk)
-    for backend, budget in (("eager", 2**28), ("cpu", 2**28), ("cpu", 10 * 16 * v), ("cpu", 16 * v)):
-        leaves = [x.clone().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
-        loss = fdiv.fused_linear_loss(student_hidden=leaves[0], student_weight=leaves[1], student_bias=leaves[2],
-                                      teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=labels,
-                                      divergence=divergence, temperature=1.7, hard_label_weight=0.3, chunk_size=8,
-                                      backend=backend, memory_budget=budget)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for other in results[1:]:
-        for got, want in zip(other, results[0], strict=True):
-            torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    # with hard labels (the kernel's gradient mixed with cross-entropy's), and without (the kernel
+    # writes the weighted gradient straight into the weight-gradient batch)
+    for hard, soft in ((0.3, 1.0), (0.0, 1.3)):
+        results = []
+        # budgets: the default (one weight-gradient GEMM for all rows), 10 rows per GEMM (a flush every
+        # second 8-row chunk, a partial one at the end), 1 row (a GEMM per chunk)
+        for backend, budget in (("eager", 2**28), ("cpu", 2**28), ("cpu", 10 * 16 * v), ("cpu", 16 * v)):
+            leaves = [x.clone().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
+            loss = fdiv.fused_linear_loss(
+                student_hidden=leaves[0], student_weight=leaves[1], student_bias=leaves[2],
+                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, labels=labels, divergence=divergence,
+                temperature=1.7, hard_label_weight=hard, divergence_weight=soft, chunk_size=8, backend=backend,
+                memory_budget=budget,
+            )  # fmt: skip
+            loss.backward()
+            results.append([loss.detach()] + [x.grad for x in leaves])
+        for other in results[1:]:
+            for got, want in zip(other, results[0], strict=True):
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
     from fdiv.kernels.token import pick_chunk_backend
 
     assert pick_chunk_backend("auto", 1, torch.device("cpu"), torch.float32, fdiv.get("js")) == "cpu"

@@ -22,6 +22,7 @@ from ._rowmath import (
     row_weights,
 )
 from .._validate import check_scaled_logits
+from . import cpu_kernel
 from .sparse import TAILS, check_topk, sparse_chunk
 from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, scale_saved_gradient
 
@@ -86,7 +87,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, teacher_chunk, weights, labels, ignore_index, divergence_weight,
-                hard_label_weight, chunk_size, grad_enabled, check_logits, weight_grad_rows):  # fmt: skip
+                hard_label_weight, chunk_size, grad_enabled, check_logits, weight_grad_rows, weighted_chunk):  # fmt: skip
         n = hidden.shape[0]
         linear = _LinearFP32(weight, bias)
         acc = linear.compute
@@ -122,6 +123,21 @@ class _FusedLinearLoss(torch.autograd.Function):
             logits = linear(x)
             if check_logits is not None:
                 check_logits(logits)
+            size = stop - start
+            if weighted_chunk is not None and g_wait is not None:
+                # the row kernel writes w * divergence_weight * dD/dlogits straight into the waiting slot
+                if waiting + size > batch:
+                    waiting = flush(waiting)
+                grad_logits = g_wait[waiting : waiting + size]
+                rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
+                total += (rows * w).sum() * divergence_weight
+                x_wait[waiting : waiting + size] = x
+                waiting += size
+                if grad_hidden is not None:
+                    torch.mm(grad_logits, linear.weight, out=grad_hidden[start:stop])
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+                continue
             d_rows = d_grad = ce_rows = ce_grad = None
             if divergence_weight:
                 d_rows, d_grad = teacher_chunk(logits, start, stop)
@@ -133,7 +149,6 @@ class _FusedLinearLoss(torch.autograd.Function):
             rows = kd_ce_combine(d_rows, ce_rows, **mix)
             grad_logits = kd_ce_combine(d_grad, ce_grad, **mix)
             total += torch.where(counted, rows, 0.0).mul(w).sum()
-            size = stop - start
             if g_wait is not None:
                 if waiting + size > batch:
                     waiting = flush(waiting)
@@ -162,7 +177,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         refuse_second_backward(ctx)
         # float32 scaling for half buffers: an upstream factor (loss scale, T^2) must not overflow fp16
         grads = [scale_saved_gradient(g, grad_output, "sum") for g in ctx.saved_tensors]
-        return grads[0], grads[1], grads[2], *([None] * 10)
+        return grads[0], grads[1], grads[2], *([None] * 11)
 
 
 def fused_linear_loss(
@@ -276,6 +291,7 @@ def fused_linear_loss(
     check_scaled_logits({}, inv_temperature, acc)  # 1/T alone overflows: always (no data, no sync)
     weights = row_weights(counted, n, reduction, acc, device)
 
+    weighted_chunk = None
     if sparse:
 
         def teacher_chunk(logits, start, stop):
@@ -294,14 +310,27 @@ def fused_linear_loss(
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
-        def teacher_chunk(logits, start, stop):
+        def teacher_logits_of(start, stop):
             with torch.no_grad():
                 teacher_logits = teacher_linear(teacher_hidden[start:stop].detach())
             if check_finite:
                 named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
                 check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
-            rows, grad, _ = kernels(logits, teacher_logits, inv_temperature)
+            return teacher_logits
+
+        def teacher_chunk(logits, start, stop):
+            rows, grad, _ = kernels(logits, teacher_logits_of(start, stop), inv_temperature)
             return rows, grad
+
+        if chosen == "cpu" and not hard_label_weight:
+
+            def weighted_chunk(logits, start, stop, chunk_weights, out):
+                """Unweighted rows; ``out`` <- the weighted logit gradient (0 in rows of weight 0)."""
+                rows, _, _ = cpu_kernel._token_rows(
+                    divergence, logits, teacher_logits_of(start, stop), chunk_weights, inv_temperature,
+                    teacher_grad=False, out_student=out,
+                )  # fmt: skip
+                return rows
 
     check_logits = None
     if check_finite:  # logits / T must fit the compute dtype: checked per chunk, as the logits appear
@@ -312,7 +341,7 @@ def fused_linear_loss(
     out = _FusedLinearLoss.apply(
         student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ignore_index,
         divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(), check_logits,
-        weight_grad_rows_for_budget(n, vocab, memory_budget),
+        weight_grad_rows_for_budget(n, vocab, memory_budget), weighted_chunk,
     )  # fmt: skip
     if check_finite:
         named = {"student_hidden": student_hidden, "student_weight": student_weight}
