@@ -272,7 +272,8 @@ def test_fused_linear_cpu_chunks_equal_eager_for_hidden_weight_and_bias(divergen
     for hard, soft in ((0.3, 1.0), (0.0, 1.3)):
         results = []
         # budgets: the default (one weight-gradient GEMM for all rows), 10 rows per GEMM (a flush every
-        # second 8-row chunk, a partial one at the end), 1 row (a GEMM per chunk)
+        # second 8-row chunk, a partial one at the end), 1 row (a GEMM per chunk; without hard labels
+        # the kernel then writes the gradient over the chunk's logits)
         for backend, budget in (("eager", 2**28), ("cpu", 2**28), ("cpu", 10 * 16 * v), ("cpu", 16 * v)):
             leaves = [x.clone().requires_grad_(True) for x in (student_hidden, student_weight, student_bias)]
             loss = fdiv.fused_linear_loss(

@@ -295,7 +295,8 @@ def _token_rows(
     unit last stride; ``row_weights`` ``[N]``. Returns ``(rows, grad_student, grad_teacher)``:
     ``rows`` ``[N]`` float32, the unweighted row divergence clamped at 0 (0 where ``w == 0``;
     those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
-    dtype (written into ``out_*`` when given, contiguous), None where not asked for.
+    dtype (written into ``out_*`` when given, contiguous; ``out_student`` may be ``student`` itself:
+    each row is read into the workspace before its gradient is written), None where not asked for.
     """
     fn = _entry("dense")
     student, teacher = _rows_2d(student), _rows_2d(teacher)

@@ -32,7 +32,8 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: both models, log-probabilities, the three pointwise forms, the gradient).
 LIVE_CHUNK_TENSORS = 8
 #: The same on the C++ row kernel: the two logit chunks and the gradient (its row workspaces are
-#: per thread, a few ``[V]`` rows).
+#: per thread, a few ``[V]`` rows). Without hard labels the gradient goes over the student logits
+#: or into the weight-gradient batch, so two are live; the third keeps chunks at 1/3 of the budget.
 LIVE_CHUNK_TENSORS_CPU_KERNEL = 3
 
 
@@ -100,8 +101,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         may_skip = weights.device.type == "cpu"  # bool() of a CPU tensor does not sync a device
         zero_hidden = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
         # the weight gradient gW += g^T x is accumulated over several chunks at once (one pass over
-        # the [V, H] gradient per `batch` rows instead of per chunk): g and x of the pending rows wait here
-        batch = max(chunk_size, weight_grad_rows) if grad_weight is not None else 0
+        # the [V, H] gradient per `batch` rows instead of per chunk): g and x of the pending rows wait here.
+        # The row kernel writes its weighted gradient over the logits it read (in place) where a chunk
+        # alone has enough rows for one weight-gradient GEMM: no waiting buffer then.
+        in_place = weighted_chunk is not None and chunk_size >= weight_grad_rows
+        batch = max(chunk_size, weight_grad_rows) if grad_weight is not None and not in_place else 0
         g_wait = torch.empty((batch, weight.shape[0]), dtype=acc, device=hidden.device) if batch else None
         x_wait = torch.empty((batch, hidden.shape[1]), dtype=acc, device=hidden.device) if batch else None
         waiting = 0
@@ -124,19 +128,28 @@ class _FusedLinearLoss(torch.autograd.Function):
             if check_logits is not None:
                 check_logits(logits)
             size = stop - start
-            if weighted_chunk is not None and g_wait is not None:
-                # the row kernel writes w * divergence_weight * dD/dlogits straight into the waiting slot
-                if waiting + size > batch:
-                    waiting = flush(waiting)
-                grad_logits = g_wait[waiting : waiting + size]
+            if weighted_chunk is not None and (in_place or g_wait is not None):
+                # the row kernel writes w * divergence_weight * dD/dlogits straight into the waiting slot,
+                # or over the logits themselves
+                if in_place:
+                    grad_logits = logits
+                else:
+                    if waiting + size > batch:
+                        waiting = flush(waiting)
+                    grad_logits = g_wait[waiting : waiting + size]
                 rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
                 total += (rows * w).sum() * divergence_weight
-                x_wait[waiting : waiting + size] = x
-                waiting += size
+                if in_place:
+                    if grad_weight is not None:
+                        grad_weight.addmm_(grad_logits.T, x.to(acc))
+                else:
+                    x_wait[waiting : waiting + size] = x
+                    waiting += size
                 if grad_hidden is not None:
                     torch.mm(grad_logits, linear.weight, out=grad_hidden[start:stop])
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(0)
+                del logits, grad_logits  # the next chunk's logits reuse this memory
                 continue
             d_rows = d_grad = ce_rows = ce_grad = None
             if divergence_weight:
