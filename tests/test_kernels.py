@@ -1092,12 +1092,15 @@ NEAR_CONVERGENCE = [
 ]
 
 
+@pytest.mark.parametrize("cpu_kernel", ["0", "1"], ids=["torch paths", "C++ kernel"])
 @pytest.mark.parametrize("div", NEAR_CONVERGENCE, ids=repr)
-def test_torch_paths_keep_small_rows_near_convergence(monkeypatch, div):
+def test_paths_keep_small_rows_near_convergence(monkeypatch, div, cpu_kernel):
     """Student = teacher + 1e-3 logit noise: a KL of ~1e-7 whose plain terms p log(p/q) are ~1e-4 and
-    cancel (their float32 sum kept no digit, even its sign). Every torch path sums the row terms
-    (FDivergence.row_forms): within 1e-3 relative of float64, where float32 log-probabilities limit it."""
-    monkeypatch.setenv("FDIV_CPU_KERNEL", "0")
+    cancel (their float32 sum kept no digit, even its sign). Every path sums the row terms
+    (FDivergence.row_forms on the torch paths, the kernel's own with _forms.row_term_slope): within
+    1e-3 relative of float64, where float32 log-probabilities limit it. ``auto`` takes the C++ kernel
+    for token_loss and topk_token_loss when it is enabled (and buildable)."""
+    monkeypatch.setenv("FDIV_CPU_KERNEL", cpu_kernel)
     gen = torch.Generator().manual_seed(11)
     student = 3 * torch.randn(8, 2000, generator=gen)
     teacher = student + 1e-3 * torch.randn(8, 2000, generator=gen)
@@ -1106,7 +1109,8 @@ def test_torch_paths_keep_small_rows_near_convergence(monkeypatch, div):
     got = {
         "categorical": div(teacher, student),
         "token_loss": fdiv.token_loss(
-            student_logits=student, teacher_logits=teacher, divergence=div, reduction="none", backend="eager"
+            student_logits=student, teacher_logits=teacher, divergence=div, reduction="none",
+            backend="eager" if cpu_kernel == "0" else "auto",
         ),
         "topk_token_loss": fdiv.topk_token_loss(
             student_logits=student, teacher_topk_indices=top.indices, teacher_topk_logprobs=top.values,
