@@ -128,54 +128,43 @@ class _FusedLinearLoss(torch.autograd.Function):
             if check_logits is not None:
                 check_logits(logits)
             size = stop - start
-            if weighted_chunk is not None and (in_place or g_wait is not None):
-                # the row kernel writes w * divergence_weight * dD/dlogits straight into the waiting slot,
-                # or over the logits themselves
-                if in_place:
-                    grad_logits = logits
-                else:
-                    if waiting + size > batch:
-                        waiting = flush(waiting)
-                    grad_logits = g_wait[waiting : waiting + size]
-                rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
-                total += (rows * w).sum() * divergence_weight
-                if in_place:
-                    if grad_weight is not None:
-                        grad_weight.addmm_(grad_logits.T, x.to(acc))
-                else:
-                    x_wait[waiting : waiting + size] = x
-                    waiting += size
-                if grad_hidden is not None:
-                    torch.mm(grad_logits, linear.weight, out=grad_hidden[start:stop])
-                if grad_bias is not None:
-                    grad_bias += grad_logits.sum(0)
-                del logits, grad_logits  # the next chunk's logits reuse this memory
-                continue
-            d_rows = d_grad = ce_rows = ce_grad = None
-            if divergence_weight:
-                d_rows, d_grad = teacher_chunk(logits, start, stop)
-            if hard_label_weight:
-                ce_rows, ce_grad = cross_entropy_rows(
-                    logits, labels[start:stop], counted, ignore_index=ignore_index, dtype=acc, with_grad=True
-                )
-            mix = dict(divergence_weight=divergence_weight, hard_label_weight=hard_label_weight)
-            rows = kd_ce_combine(d_rows, ce_rows, **mix)
-            grad_logits = kd_ce_combine(d_grad, ce_grad, **mix)
-            total += torch.where(counted, rows, 0.0).mul(w).sum()
+            slot = None  # this chunk's rows of the weight-gradient batch
             if g_wait is not None:
                 if waiting + size > batch:
                     waiting = flush(waiting)
                 slot = g_wait[waiting : waiting + size]
-                torch.mul(grad_logits, w[:, None], out=slot)
-                grad_logits = slot.masked_fill_(~counted[:, None], 0.0)
+            if weighted_chunk is not None and (in_place or slot is not None):
+                # the row kernel writes w * divergence_weight * dD/dlogits into the slot, or over the logits
+                grad_logits = logits if in_place else slot
+                rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
+                total += (rows * w).sum() * divergence_weight
+            else:
+                d_rows = d_grad = ce_rows = ce_grad = None
+                if divergence_weight:
+                    d_rows, d_grad = teacher_chunk(logits, start, stop)
+                if hard_label_weight:
+                    ce_rows, ce_grad = cross_entropy_rows(
+                        logits, labels[start:stop], counted, ignore_index=ignore_index, dtype=acc, with_grad=True
+                    )
+                mix = dict(divergence_weight=divergence_weight, hard_label_weight=hard_label_weight)
+                rows = kd_ce_combine(d_rows, ce_rows, **mix)
+                grad_logits = kd_ce_combine(d_grad, ce_grad, **mix)
+                total += torch.where(counted, rows, 0.0).mul(w).sum()
+                if slot is not None:
+                    torch.mul(grad_logits, w[:, None], out=slot)
+                    grad_logits = slot.masked_fill_(~counted[:, None], 0.0)
+                else:
+                    grad_logits = torch.where(counted[:, None], grad_logits * w[:, None], 0.0)
+            if slot is not None:
                 x_wait[waiting : waiting + size] = x
                 waiting += size
-            else:
-                grad_logits = torch.where(counted[:, None], grad_logits * w[:, None], 0.0)
+            elif in_place and grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, x.to(acc))
             if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ linear.weight
+                torch.mm(grad_logits, linear.weight, out=grad_hidden[start:stop])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
+            del logits, grad_logits  # the next chunk's logits reuse this memory
         if g_wait is not None:
             flush(waiting)
         ctx.used = False

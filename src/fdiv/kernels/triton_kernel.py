@@ -187,11 +187,10 @@ def _forms_skew_forward_kl(a, b, c0, c1, c2, c3, c4, c5):
 
 
 def _forms_skew_reverse_kl(a, b, c0, c1, c2, c3, c4, c5):
-    # KL(Q || alpha Q + (1 - alpha) P): mixture weight on p is c0 = 1 - alpha; c3 = -(1 - alpha)
-    la, lb = _mixture_offsets(a, b, c0, c1, c2)
-    q = tl.exp(b)
-    grad_a = c3 * q * tl.exp(-la)
-    return _weighted_phi(q, lb, c0 * tl.exp(a) + c1 * q), grad_a, -q * lb - grad_a
+    # KL(Q || alpha Q + (1 - alpha) P): the forward form with the roles swapped (weight c1 = alpha on q,
+    # threshold negated, gradients exchanged)
+    value, grad_b, grad_a = _forms_skew_forward_kl(b, a, c1, c0, -c2, c3, c4, c5)
+    return value, grad_a, grad_b
 
 
 def _forms_tv(a, b, c0, c1, c2, c3, c4, c5):

@@ -111,21 +111,22 @@ inline Vec weighted_expm1(const Vec& log_w, const Vec& w, const Vec& d, float c)
 }
 
 // (log m - a, log m - b) for m = w p + (1 - w) q: one log1p(y), y = weight * expm1(x), per lane, the
-// branch whose argument is bounded by 1 (threshold = log(1 - w) - log w). Also e^(-la) and e^(-lb)
-// from the same x and y (1 / (1 + y) and e^(+-d) / (1 + y), e^(+-d) = 1 + x): no further exp.
-inline void mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold, Vec& la, Vec& lb,
-                            Vec& exp_neg_la, Vec& exp_neg_lb) {
+// branch whose argument is bounded by 1 (threshold = log(1 - w) - log w); x, y and the branch are
+// kept for exp_neg_lb.
+struct Mixture { Vec la, lb, x, y, q_dominates; };
+inline Mixture mixture_offsets(const Vec& a, const Vec& b, float w, float one_minus_w, float threshold) {
   Vec d = a - b;
   Vec q_dominates = d <= Vec(threshold);
   Vec x = fast_expm1(where(q_dominates, d, d.neg()));
   Vec y = where(q_dominates, Vec(w), Vec(one_minus_w)) * x;
   Vec t = fast_log1p(y);
-  lb = where(q_dominates, t, t + d);
-  la = where(q_dominates, t - d, t);
-  Vec inv = Vec(1.f) / (Vec(1.f) + y);
-  Vec ratio = (Vec(1.f) + x) * inv;
-  exp_neg_lb = where(q_dominates, inv, ratio);
-  exp_neg_la = where(q_dominates, ratio, inv);
+  return {where(q_dominates, t - d, t), where(q_dominates, t, t + d), x, y, q_dominates};
+}
+// e^(-lb) = q / m from the offsets' own x and y: 1 / (1 + y) where q dominates, else e^(-d) / (1 + y)
+// with e^(-d) = 1 + x. No further exp.
+inline Vec exp_neg_lb(const Mixture& m) {
+  Vec inv = Vec(1.f) / (Vec(1.f) + m.y);
+  return where(m.q_dominates, inv, (Vec(1.f) + m.x) * inv);
 }
 
 // w (e^x - 1 - x) >= 0 without cancellation, w_ex = w e^x given: a Taylor series where |x| < 1/2,
@@ -143,6 +144,16 @@ inline Vec weighted_phi(const Vec& w, const Vec& x, const Vec& w_ex) {
 }
 
 struct Consts { float c[6]; };
+
+// KL(P || w P + (1 - w) Q) of one tile: the value -p la summed as the row term p phi(la) (p e^la = m),
+// grad_a = -p la - grad_b, grad_b = c p e^(-lb) (c = -(1 - w)).
+inline void skew_forward_forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, float w, float one_minus_w,
+                               float threshold, float c, Vec& value, Vec& ga, Vec& gb) {
+  Mixture m = mixture_offsets(a, b, w, one_minus_w, threshold);
+  gb = Vec(c) * p * exp_neg_lb(m);
+  ga = (p * m.la).neg() - gb;
+  value = weighted_phi(p, m.la, Vec(w) * p + Vec(one_minus_w) * q);
+}
 
 // (value, grad_a, grad_b) of one tile for finite a = log p, b = log q (p = e^a, q = e^b given).
 template <int form>
@@ -162,30 +173,20 @@ inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const 
       break;
     }
     case JS: {
-      Vec la, lb, unused_a, unused_b;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, unused_a, unused_b);
-      ga = Vec(k.c[3]) * p * la;
-      gb = Vec(k.c[4]) * q * lb;
+      Mixture m = mixture_offsets(a, b, k.c[0], k.c[1], k.c[2]);
+      ga = Vec(k.c[3]) * p * m.la;
+      gb = Vec(k.c[4]) * q * m.lb;
       value = ga + gb;
       break;
     }
-    case SKEW_FORWARD_KL: {
-      // value -p la, summed as the row term p phi(la) (p e^la = m = w p + (1 - w) q); grad_b = c p e^(-lb)
-      Vec la, lb, exp_neg_la, exp_neg_lb;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, exp_neg_la, exp_neg_lb);
-      gb = Vec(k.c[3]) * p * exp_neg_lb;
-      ga = (p * la).neg() - gb;
-      value = weighted_phi(p, la, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
+    case SKEW_FORWARD_KL:
+      skew_forward_forms(a, b, p, q, k.c[0], k.c[1], k.c[2], k.c[3], value, ga, gb);
       break;
-    }
-    case SKEW_REVERSE_KL: {
-      Vec la, lb, exp_neg_la, exp_neg_lb;
-      mixture_offsets(a, b, k.c[0], k.c[1], k.c[2], la, lb, exp_neg_la, exp_neg_lb);
-      ga = Vec(k.c[3]) * q * exp_neg_la;
-      gb = (q * lb).neg() - ga;
-      value = weighted_phi(q, lb, Vec(k.c[0]) * p + Vec(k.c[1]) * q);
+    case SKEW_REVERSE_KL:
+      // KL(Q || alpha Q + (1 - alpha) P) is the forward form with the roles swapped: weight c1 = alpha
+      // on q, the threshold negated, the gradients exchanged
+      skew_forward_forms(b, a, q, p, k.c[1], k.c[0], -k.c[2], k.c[3], value, gb, ga);
       break;
-    }
     case TV: {
       Vec s = sign(a - b);
       value = half * (p - q).abs(); ga = half * p * s; gb = (half * q * s).neg();
