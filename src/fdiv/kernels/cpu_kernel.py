@@ -53,7 +53,9 @@ from ._rowmath import needs_finite_form_grads
 # the public, keyword-only boundary.
 __all__ = ["available", "cache_dir", "empty_cache", "library_path", "pool_bytes", "supports", "usable"]
 
-_SOURCE = Path(__file__).with_name("csrc") / "token_rows.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = (_CSRC / "token_rows.cpp", _CSRC / "gemm_bf16.cpp")  # one library; parallel.h is included by both
+_HEADERS = (_CSRC / "parallel.h",)
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
@@ -91,14 +93,14 @@ def _compiler() -> str | None:
     return None
 
 
-def _command(compiler: str, source: Path, output: Path) -> list[str]:
+def _command(compiler: str, sources, output: Path) -> list[str]:
     torch_dir = Path(torch.__file__).parent
     include, lib = torch_dir / "include", torch_dir / "lib"
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True))
     flags = _CAPABILITY_FLAGS.get(_capability(), [])
     return [
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", *flags,
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", str(source), "-o", str(output),
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{include}", *map(str, sources), "-o", str(output),
         f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}",
     ]  # fmt: skip
 
@@ -107,8 +109,9 @@ def library_path(compiler: str | None = None) -> Path:
     """The cached library's path for this source, torch, compiler flags and CPU capability."""
     compiler = compiler or _compiler() or "c++"
     key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
-    key.update(" ".join(_command(compiler, Path("src"), Path("out"))).encode())
+    for source in (*_SOURCES, *_HEADERS):
+        key.update(source.read_bytes())
+    key.update(" ".join(_command(compiler, [Path("src")], Path("out"))).encode())
     key.update(torch.__version__.encode())
     return cache_dir() / f"token_rows-{_capability().lower()}-{key.hexdigest()[:16]}.so"
 
@@ -117,7 +120,7 @@ def _build(compiler: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        result = subprocess.run(_command(compiler, _SOURCE, staged), capture_output=True, text=True)
+        result = subprocess.run(_command(compiler, _SOURCES, staged), capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip()[-2000:] or f"{compiler} exited with {result.returncode}")
         os.replace(staged, path)  # atomic: a concurrent process sees no half-written library
@@ -128,7 +131,7 @@ def _bind(path: Path):
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     dense = lib.fdiv_token_rows
     dense.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32,
-                      i32, ptr, i32]  # fmt: skip
+                      i32, i32, i32, ptr, i32]  # fmt: skip
     dense.restype = None
     topk = lib.fdiv_topk_rows
     topk.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, f32, ptr,
@@ -138,7 +141,18 @@ def _bind(path: Path):
     shard.argtypes = [i32, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32, i32, i32, ptr,
                       ptr, ptr, ptr, ptr, i32]  # fmt: skip
     shard.restype = None
-    return types.SimpleNamespace(dense=dense, topk=topk, shard=shard)
+    bf16_supported = lib.fdiv_bf16_gemm_supported
+    bf16_supported.argtypes, bf16_supported.restype = [], i32
+    bf16_packed_elements = lib.fdiv_bf16_packed_elements
+    bf16_packed_elements.argtypes, bf16_packed_elements.restype = [i64, i64], i64
+    bf16_pack = lib.fdiv_bf16_pack
+    bf16_pack.argtypes, bf16_pack.restype = [ptr, i64, i64, i64, ptr, i32], None
+    bf16_gemm = lib.fdiv_bf16_gemm
+    bf16_gemm.argtypes, bf16_gemm.restype = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i32], None
+    return types.SimpleNamespace(
+        dense=dense, topk=topk, shard=shard, bf16_supported=bf16_supported,
+        bf16_packed_elements=bf16_packed_elements, bf16_pack=bf16_pack, bf16_gemm=bf16_gemm,
+    )  # fmt: skip
 
 
 def _load():
@@ -238,6 +252,12 @@ class GradientPool:
 _POOL = GradientPool()
 
 
+def pooled_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor from the pool (:class:`GradientPool`): a workspace that lives for
+    one call and is reused, already mapped, by the next."""
+    return _POOL.empty(shape, dtype)
+
+
 def empty_cache() -> None:
     """Free the idle gradient buffers the CPU kernel keeps for reuse (:class:`GradientPool`)."""
     _POOL.clear()
@@ -295,8 +315,9 @@ def _token_rows(
     unit last stride; ``row_weights`` ``[N]``. Returns ``(rows, grad_student, grad_teacher)``:
     ``rows`` ``[N]`` float32, the unweighted row divergence clamped at 0 (0 where ``w == 0``;
     those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
-    dtype (written into ``out_*`` when given, contiguous; ``out_student`` may be ``student`` itself:
-    each row is read into the workspace before its gradient is written), None where not asked for.
+    dtype (written into ``out_*`` when given, contiguous, in ``out_*``'s dtype of the three;
+    ``out_student`` may be ``student`` itself: each row is read into the workspace before its
+    gradient is written), None where not asked for.
     """
     fn = _entry("dense")
     student, teacher = _rows_2d(student), _rows_2d(teacher)
@@ -313,7 +334,8 @@ def _token_rows(
     fn(
         student.data_ptr(), teacher.data_ptr(), gs.data_ptr(), gt.data_ptr(), rows.data_ptr(), weights.data_ptr(),
         n, vocab, student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
-        _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype], int(grad_s is not None), int(grad_t is not None),
+        _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype], _DTYPE_CODES[gs.dtype], _DTYPE_CODES[gt.dtype],
+        int(grad_s is not None), int(grad_t is not None),
         family.form, family.swap, family.standardize, family.guard, family.scalars.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip

@@ -22,7 +22,7 @@ from ._rowmath import (
     row_weights,
 )
 from .._validate import check_scaled_logits
-from . import cpu_kernel
+from . import cpu_gemm, cpu_kernel
 from .sparse import TAILS, check_topk, sparse_chunk
 from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, scale_saved_gradient
 
@@ -48,21 +48,60 @@ def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int, live: int =
     return max(1, min(rows, memory_budget // per_row))
 
 
-class _LinearFP32:
-    """``x @ W.T + b`` with a float32 (or float64) result whatever the input dtype.
+def chunk_buffer(device, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The ``[rows, vocab]`` buffer every chunk's logits are written into, on the CPU (a fresh
+    allocation of that size page-faults on each chunk); None elsewhere (the caching allocator reuses)."""
+    if torch.device(device).type != "cpu":
+        return None
+    return cpu_kernel.pooled_empty((rows, vocab), dtype)
 
-    Half-precision inputs are multiplied in float32 so that the logits, and hence the
-    divergence gradient, are not rounded to bf16 (Liger-Kernel issue #1432); the
-    float32 copy of ``W`` is made once per call.
+
+class _Linear:
+    """``x @ W.T + b`` with a float32 (or float64) result whatever the input dtype, and the two
+    gradient products of the same ``W``.
+
+    The logits are never rounded to bf16 (Liger-Kernel issue #1432: that rounding moves the
+    divergence gradient). bf16 ``x`` and ``W`` on a CPU with AVX512-BF16 use the bf16 GEMM with a
+    float32 result (:mod:`fdiv.kernels.cpu_gemm`: exact products, float32 sums) on ``W`` packed
+    once per call; the gradient products then run as bf16 GEMMs (the logit gradient rounded to
+    bf16 once, the ``W`` gradient's chunk sums added into a float32 accumulator). Otherwise half
+    inputs are multiplied in float32 on a float32 copy of ``W`` made once per call.
     """
 
-    def __init__(self, weight, bias):
+    def __init__(self, weight, bias, hidden_dtype):
         self.compute = compute_dtype(weight)
-        self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
-        self.bias = None if bias is None else bias.to(self.compute)
+        self.packed = None
+        if hidden_dtype == torch.bfloat16 and cpu_gemm.usable(weight):
+            self.packed = cpu_gemm.PackedBF16Weight(weight.detach(), bias)
+            self.weight, self.bias, self.operand = weight.detach(), None, torch.bfloat16
+        else:
+            self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
+            self.bias = None if bias is None else bias.to(self.compute)
+            self.operand = self.compute  # dtype of the gradient GEMMs' operands and of grad_input's result
 
-    def __call__(self, x):
-        return torch.nn.functional.linear(x.to(self.compute), self.weight, self.bias)
+    def __call__(self, x, out=None):
+        """The logits ``[M, V]`` in :attr:`compute`, written into ``out`` when given."""
+        if self.packed is not None:
+            return self.packed(x.to(torch.bfloat16), out=out)
+        x = x.to(self.compute)
+        if out is None:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight.T, out=out)
+        return torch.addmm(self.bias, x, self.weight.T, out=out)
+
+    def grad_input(self, grad_logits, out):
+        """``out`` (dtype :attr:`operand`) <- ``grad_logits @ W``."""
+        torch.mm(grad_logits.to(self.operand), self.weight, out=out)
+
+    def add_grad_weight(self, acc, grad_logits, x, first):
+        """``acc`` (float32 / float64) += ``grad_logits.T @ x``; ``acc`` is overwritten when ``first``."""
+        if self.operand == acc.dtype:
+            acc.addmm_(grad_logits.T, x.to(acc.dtype), beta=0 if first else 1)  # beta=0 ignores acc
+            return
+        product = cpu_kernel.pooled_empty(acc.shape, self.operand)
+        torch.mm(grad_logits.to(self.operand).T, x.to(self.operand), out=product)
+        acc.copy_(product) if first else acc.add_(product)
 
 
 def _check_linear(hidden, weight, bias, hidden_name, weight_name, bias_name):
@@ -90,11 +129,15 @@ class _FusedLinearLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, teacher_chunk, weights, labels, ignore_index, divergence_weight,
                 hard_label_weight, chunk_size, grad_enabled, check_logits, weight_grad_rows, weighted_chunk):  # fmt: skip
         n = hidden.shape[0]
-        linear = _LinearFP32(weight, bias)
+        linear = _Linear(weight, bias, hidden.dtype)
         acc = linear.compute
         needs = [x is not None and x.requires_grad and grad_enabled for x in (hidden, weight, bias)]
-        grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if needs[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=linear.operand, device=hidden.device) if needs[0] else None
+        # written by the first weight-gradient GEMM (zeroed at the end if no row counted)
+        grad_weight = chunk_buffer(weight.device, *weight.shape, acc) if needs[1] else None
+        if grad_weight is None and needs[1]:
+            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        weight_grad_fresh = True
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         weights = weights.to(acc)
@@ -106,13 +149,24 @@ class _FusedLinearLoss(torch.autograd.Function):
         # alone has enough rows for one weight-gradient GEMM: no waiting buffer then.
         in_place = weighted_chunk is not None and chunk_size >= weight_grad_rows
         batch = max(chunk_size, weight_grad_rows) if grad_weight is not None and not in_place else 0
-        g_wait = torch.empty((batch, weight.shape[0]), dtype=acc, device=hidden.device) if batch else None
-        x_wait = torch.empty((batch, hidden.shape[1]), dtype=acc, device=hidden.device) if batch else None
+        g_wait = torch.empty((batch, weight.shape[0]), dtype=linear.operand, device=hidden.device) if batch else None
+        x_wait = torch.empty((batch, hidden.shape[1]), dtype=linear.operand, device=hidden.device) if batch else None
         waiting = 0
+        # one logits buffer for every chunk (a fresh [chunk, V] allocation page-faults each time on CPU)
+        logits_buffer = chunk_buffer(hidden.device, min(chunk_size, n), weight.shape[0], acc)
+        # the kernel's in-place gradient in the gradient GEMMs' dtype when that is not the logits' (bf16 GEMMs)
+        grad_buffer = None
+        if in_place and linear.operand != acc:
+            grad_buffer = chunk_buffer(hidden.device, min(chunk_size, n), weight.shape[0], linear.operand)
+
+        def add_grad_weight(grad_logits, x):
+            nonlocal weight_grad_fresh
+            linear.add_grad_weight(grad_weight, grad_logits, x, weight_grad_fresh)
+            weight_grad_fresh = False
 
         def flush(rows):
             if rows:
-                grad_weight.addmm_(g_wait[:rows].T, x_wait[:rows])
+                add_grad_weight(g_wait[:rows], x_wait[:rows])
             return 0
 
         for start in range(0, n, chunk_size):
@@ -124,7 +178,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             # uncounted rows may hold garbage (NaN, inf): zero them before the GEMMs, where a 0
             # weight would not stop it (0 * NaN = NaN in addmm_); torch.where, no host sync
             x = torch.where(counted[:, None], hidden[start:stop], zero_hidden)
-            logits = linear(x)
+            logits = linear(x, out=None if logits_buffer is None else logits_buffer[: stop - start])
             if check_logits is not None:
                 check_logits(logits)
             size = stop - start
@@ -135,7 +189,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 slot = g_wait[waiting : waiting + size]
             if weighted_chunk is not None and (in_place or slot is not None):
                 # the row kernel writes w * divergence_weight * dD/dlogits into the slot, or over the logits
-                grad_logits = logits if in_place else slot
+                grad_logits = slot if not in_place else logits if grad_buffer is None else grad_buffer[:size]
                 rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
                 total += (rows * w).sum() * divergence_weight
             else:
@@ -159,14 +213,18 @@ class _FusedLinearLoss(torch.autograd.Function):
                 x_wait[waiting : waiting + size] = x
                 waiting += size
             elif in_place and grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, x.to(acc))
+                if grad_hidden is not None:  # one rounding for both products
+                    grad_logits = grad_logits.to(linear.operand)
+                add_grad_weight(grad_logits, x)
             if grad_hidden is not None:
-                torch.mm(grad_logits, linear.weight, out=grad_hidden[start:stop])
+                linear.grad_input(grad_logits, grad_hidden[start:stop])
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             del logits, grad_logits  # the next chunk's logits reuse this memory
         if g_wait is not None:
             flush(waiting)
+        if grad_weight is not None and weight_grad_fresh:
+            grad_weight.zero_()
         ctx.used = False
         ctx.save_for_backward(
             *(None if g is None else g.to(t.dtype) for g, t in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight)))
@@ -308,13 +366,17 @@ def fused_linear_loss(
             return rows, grad
 
     else:
-        teacher_linear = _LinearFP32(teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
+        teacher_linear = _Linear(
+            teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), teacher_hidden.dtype
+        )
+        teacher_buffer = chunk_buffer(device, min(chunk_size, n), vocab, teacher_linear.compute)
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
         def teacher_logits_of(start, stop):
             with torch.no_grad():
-                teacher_logits = teacher_linear(teacher_hidden[start:stop].detach())
+                out = None if teacher_buffer is None else teacher_buffer[: stop - start]
+                teacher_logits = teacher_linear(teacher_hidden[start:stop].detach(), out=out)
             if check_finite:
                 named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
                 check_scaled_logits(named, inv_temperature, teacher_logits.dtype)

@@ -16,12 +16,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -498,7 +499,7 @@ Normaliser row_normaliser(const float* x, float* e, int64_t Vpad, float mx) {
 struct Job {
   const void* S; const void* T; void* GS; void* GT; float* rows; const float* W;
   int64_t n, V, stride_s, stride_t, stride_gs, stride_gt;
-  int dtype_s, dtype_t, student_grad, teacher_grad, guard;
+  int dtype_s, dtype_t, dtype_gs, dtype_gt, student_grad, teacher_grad, guard;
   Params P;
 };
 
@@ -567,8 +568,8 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
     const float w = J.W[i];
     if (w == 0.f) {
       J.rows[i] = 0.f;
-      if (sgrad) zero_row(J.GS, J.dtype_s, i * J.stride_gs, V);
-      if (tgrad) zero_row(J.GT, J.dtype_t, i * J.stride_gt, V);
+      if (sgrad) zero_row(J.GS, J.dtype_gs, i * J.stride_gs, V);
+      if (tgrad) zero_row(J.GT, J.dtype_gt, i * J.stride_gt, V);
       continue;
     }
     bool inf_s = false, inf_t = false;
@@ -580,8 +581,8 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
     const float row = static_cast<float>(sums.value);
     J.rows[i] = row < 0.f ? 0.f : row;  // the lower bound 0 (contract 3); NaN stays NaN
     const float scale = J.P.inv_temp * w;
-    if (sgrad) store_row(J.GS, J.dtype_s, i * J.stride_gs, xs, es, sums.b, scale, V);
-    if (tgrad) store_row(J.GT, J.dtype_t, i * J.stride_gt, xt, et, sums.a, scale, V);
+    if (sgrad) store_row(J.GS, J.dtype_gs, i * J.stride_gs, xs, es, sums.b, scale, V);
+    if (tgrad) store_row(J.GT, J.dtype_gt, i * J.stride_gt, xt, et, sums.a, scale, V);
   }
 }
 
@@ -813,18 +814,10 @@ int64_t worker_count(int threads, int64_t n, int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(threads), n, by_work}));
 }
 
-// run(begin, end) over contiguous slices of the n rows, one per worker; the caller's thread takes the first.
+// run(begin, end) over contiguous slices of the n rows, one per worker.
 template <typename Run>
 void parallel_rows(int threads, int64_t n, int64_t V, Run run) {
-  const int64_t workers = worker_count(threads, n, V);
-  const int64_t per = (n + workers - 1) / workers;
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < workers; ++t) {
-    const int64_t b = t * per, e = std::min(n, b + per);
-    if (b < e) pool.emplace_back(run, b, e);
-  }
-  run(int64_t{0}, std::min(n, per));
-  for (auto& th : pool) th.join();
+  fdiv_cpu::run_slices(worker_count(threads, n, V), n, run);
 }
 
 // The family and its scalars as the Python driver passes them: (1/T, f(0), f'(inf), slope, c0..c5).
@@ -848,10 +841,10 @@ int64_t fdiv_vector_lanes() { return L; }
 
 void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, int64_t n,
                      int64_t V, int64_t stride_s, int64_t stride_t, int64_t stride_gs, int64_t stride_gt,
-                     int dtype_s, int dtype_t, int student_grad, int teacher_grad, int form, int swap,
-                     int standardize, int guard, const float* scalars, int threads) {
-  const Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t,
-              student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
+                     int dtype_s, int dtype_t, int dtype_gs, int dtype_gt, int student_grad, int teacher_grad,
+                     int form, int swap, int standardize, int guard, const float* scalars, int threads) {
+  const Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t, dtype_gs,
+              dtype_gt, student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
   parallel_rows(threads, n, V, [&J](int64_t b, int64_t e) { run_rows(J, b, e); });
 }
 
