@@ -27,7 +27,7 @@ METHODS = {
     "fdiv-compile": "fdiv.fused_linear_loss, backend='compile' (torch chunks)",
     "fdiv": "fdiv.fused_linear_loss (auto: C++ row kernel chunks)",
     "floor-gemm": "floor: the four GEMMs (two logit products, grad hidden, grad lm_head), input dtype",
-    "floor-gemm-fp32": "floor: the four GEMMs in float32 (fdiv's logits are float32 for any input dtype)",
+    "floor-gemm-fp32": "floor: the four GEMMs in float32 (fdiv's logit GEMMs for half inputs without AVX512-BF16)",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -133,7 +133,7 @@ def main() -> None:
                 results[method] = {"error": f"timeout > {args.timeout}s"}
         naive = results.get("naive", {})
         liger = results.get("liger-compiled", {}) or results.get("liger", {})
-        floor = results.get("floor-gemm-fp32", {}) or results.get("floor-gemm", {})
+        floor = results.get("floor-gemm", {}) or results.get("floor-gemm-fp32", {})
         for method, res in results.items():
             if "error" in res:
                 print(f"| {METHODS[method]} | {res['error']} | | | | | | |")
