@@ -27,12 +27,12 @@ def test_gemm_equals_float64_up_to_float32_accumulation(m, n, k):
     a = torch.randn(m, k, generator=g).to(BF16)
     b = torch.randn(n, k, generator=g).to(BF16)
     bias = torch.randn(n, generator=g)
-    packed = cpu_gemm.PackedBF16Weight(b, bias)
-    got = packed(a)
+    packed = cpu_gemm.PackedBF16Weight(weight=b, bias=bias)
+    got = packed(hidden=a)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     exact = a.double() @ b.double().T + bias.double()
     assert torch.all((got.double() - exact).abs() <= accumulation_bound(a, b) + 2.0**-24 * exact.abs())
-    no_bias = cpu_gemm.PackedBF16Weight(b)(a)
+    no_bias = cpu_gemm.PackedBF16Weight(weight=b)(hidden=a)
     assert torch.all((no_bias.double() - (exact - bias.double())).abs() <= accumulation_bound(a, b))
 
 
@@ -42,7 +42,7 @@ def test_gemm_is_more_exact_than_a_bf16_result():
     a = torch.randn(64, 512, generator=g).to(BF16)
     b = torch.randn(96, 512, generator=g).to(BF16)
     exact = a.double() @ b.double().T
-    ours = (cpu_gemm.PackedBF16Weight(b)(a).double() - exact).abs() / accumulation_bound(a, b)
+    ours = (cpu_gemm.PackedBF16Weight(weight=b)(hidden=a).double() - exact).abs() / accumulation_bound(a, b)
     rounded = ((a @ b.T).double() - exact).abs() / accumulation_bound(a, b)
     assert ours.max() <= 1.0 < rounded.max()
 
@@ -55,7 +55,7 @@ def test_strided_rows_and_an_output_slice():
     b = b_wide[:, :67]
     out_wide = torch.full((20, 60), 7.0)
     out = out_wide[:, 5:50]  # row stride 60
-    got = cpu_gemm.PackedBF16Weight(b)(a, out=out)
+    got = cpu_gemm.PackedBF16Weight(weight=b)(hidden=a, out=out)
     assert got.data_ptr() == out.data_ptr()
     exact = a.double() @ b.double().T
     assert torch.all((out.double() - exact).abs() <= accumulation_bound(a, b))
@@ -63,14 +63,14 @@ def test_strided_rows_and_an_output_slice():
 
 
 def test_bad_operands_are_value_errors():
-    packed = cpu_gemm.PackedBF16Weight(torch.randn(8, 4).to(BF16))
-    with pytest.raises(ValueError, match="x must be bf16"):
-        packed(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="x must be bf16"):
-        packed(torch.randn(3, 5).to(BF16))
+    packed = cpu_gemm.PackedBF16Weight(weight=torch.randn(8, 4).to(BF16))
+    with pytest.raises(ValueError, match="hidden must be bf16"):
+        packed(hidden=torch.randn(3, 4))
+    with pytest.raises(ValueError, match="hidden must be bf16"):
+        packed(hidden=torch.randn(3, 5).to(BF16))
     with pytest.raises(ValueError, match="out must be float32"):
-        packed(torch.randn(3, 4).to(BF16), out=torch.empty(3, 8, dtype=BF16))
-    assert packed(torch.empty(0, 4, dtype=BF16)).shape == (0, 8)
+        packed(hidden=torch.randn(3, 4).to(BF16), out=torch.empty(3, 8, dtype=BF16))
+    assert packed(hidden=torch.empty(0, 4, dtype=BF16)).shape == (0, 8)
 
 
 def _problem(n=37, h=48, v=301, seed=5):
@@ -100,7 +100,8 @@ def test_fused_bf16_gemm_path_against_float64_and_the_float32_path(monkeypatch, 
                   memory_budget=budget)  # fmt: skip
     calls = []
     packed_call = cpu_gemm.PackedBF16Weight.__call__
-    monkeypatch.setattr(cpu_gemm.PackedBF16Weight, "__call__", lambda self, *a, **k: calls.append(1) or packed_call(self, *a, **k))
+    spy = lambda self, **k: calls.append(1) or packed_call(self, **k)  # noqa: E731
+    monkeypatch.setattr(cpu_gemm.PackedBF16Weight, "__call__", spy)
     loss, grads = _run(prob, **kwargs)
     assert len(calls) == 2 * 5  # student and teacher logits of the five chunks came from the bf16 GEMM
     monkeypatch.setenv("FDIV_BF16_GEMM", "0")

@@ -37,14 +37,14 @@ def usable(*tensors: torch.Tensor) -> bool:
 class PackedBF16Weight:
     """``weight [N, K]`` (bf16, CPU) in the GEMM's panel layout, with ``bias [N]`` in float32.
 
-    Calling it on bf16 ``x [M, K]`` returns float32 ``x @ weight.T + bias`` (``[M, N]``),
-    written into ``out`` (float32, row-contiguous) when given.
+    Calling it on bf16 ``hidden [M, K]`` returns float32 ``hidden @ weight.T + bias``
+    (``[M, N]``), written into ``out`` (float32, unit column stride) when given.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, *, weight: torch.Tensor, bias: torch.Tensor | None = None):
         if not usable(weight):
             raise RuntimeError("the bf16 GEMM is unavailable here; check fdiv.kernels.cpu_gemm.usable() first")
-        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        weight = cpu_kernel._rows_2d(weight)
         self.rows, self.depth = weight.shape
         size = cpu_kernel._entry("bf16_packed_elements")(self.rows, self.depth)
         self.panels = cpu_kernel.pooled_empty((size,), torch.bfloat16)  # reused, already mapped, by the next call
@@ -53,10 +53,10 @@ class PackedBF16Weight:
         )
         self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.depth:
-            raise ValueError(f"x must be bf16 [M, {self.depth}], got {x.dtype} {tuple(x.shape)}")
-        x = x if x.stride(-1) == 1 else x.contiguous()
+    def __call__(self, *, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if hidden.dtype != torch.bfloat16 or hidden.dim() != 2 or hidden.shape[1] != self.depth:
+            raise ValueError(f"hidden must be bf16 [M, {self.depth}], got {hidden.dtype} {tuple(hidden.shape)}")
+        x = cpu_kernel._rows_2d(hidden)
         m = x.shape[0]
         if out is None:
             out = torch.empty((m, self.rows), dtype=torch.float32)

@@ -48,12 +48,12 @@ def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int, live: int =
     return max(1, min(rows, memory_budget // per_row))
 
 
-def chunk_buffer(device, rows: int, vocab: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """The ``[rows, vocab]`` buffer every chunk's logits are written into, on the CPU (a fresh
-    allocation of that size page-faults on each chunk); None elsewhere (the caching allocator reuses)."""
-    if torch.device(device).type != "cpu":
-        return None
-    return cpu_kernel.pooled_empty((rows, vocab), dtype)
+def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised buffer that lives for one call: on the CPU from the row kernel's pool (a fresh
+    allocation of a [chunk, V] or [V, H] size page-faults every time), elsewhere ``torch.empty``."""
+    if torch.device(device).type == "cpu":
+        return cpu_kernel.pooled_empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _Linear:
@@ -72,20 +72,18 @@ class _Linear:
         self.compute = compute_dtype(weight)
         self.packed = None
         if hidden_dtype == torch.bfloat16 and cpu_gemm.usable(weight):
-            self.packed = cpu_gemm.PackedBF16Weight(weight.detach(), bias)
+            self.packed = cpu_gemm.PackedBF16Weight(weight=weight.detach(), bias=bias)
             self.weight, self.bias, self.operand = weight.detach(), None, torch.bfloat16
         else:
             self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
             self.bias = None if bias is None else bias.to(self.compute)
             self.operand = self.compute  # dtype of the gradient GEMMs' operands and of grad_input's result
 
-    def __call__(self, x, out=None):
-        """The logits ``[M, V]`` in :attr:`compute`, written into ``out`` when given."""
+    def __call__(self, x, out):
+        """``out`` (``[M, V]``, :attr:`compute`) <- the logits of ``x``."""
         if self.packed is not None:
-            return self.packed(x.to(torch.bfloat16), out=out)
+            return self.packed(hidden=x.to(torch.bfloat16), out=out)
         x = x.to(self.compute)
-        if out is None:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
         if self.bias is None:
             return torch.mm(x, self.weight.T, out=out)
         return torch.addmm(self.bias, x, self.weight.T, out=out)
@@ -101,7 +99,10 @@ class _Linear:
             return
         product = cpu_kernel.pooled_empty(acc.shape, self.operand)
         torch.mm(grad_logits.to(self.operand).T, x.to(self.operand), out=product)
-        acc.copy_(product) if first else acc.add_(product)
+        if first:
+            acc.copy_(product)
+        else:
+            acc.add_(product)
 
 
 def _check_linear(hidden, weight, bias, hidden_name, weight_name, bias_name):
@@ -134,9 +135,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         needs = [x is not None and x.requires_grad and grad_enabled for x in (hidden, weight, bias)]
         grad_hidden = torch.zeros(hidden.shape, dtype=linear.operand, device=hidden.device) if needs[0] else None
         # written by the first weight-gradient GEMM (zeroed at the end if no row counted)
-        grad_weight = chunk_buffer(weight.device, *weight.shape, acc) if needs[1] else None
-        if grad_weight is None and needs[1]:
-            grad_weight = torch.empty(weight.shape, dtype=acc, device=weight.device)
+        grad_weight = workspace(weight.shape, acc, weight.device) if needs[1] else None
         weight_grad_fresh = True
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -152,12 +151,12 @@ class _FusedLinearLoss(torch.autograd.Function):
         g_wait = torch.empty((batch, weight.shape[0]), dtype=linear.operand, device=hidden.device) if batch else None
         x_wait = torch.empty((batch, hidden.shape[1]), dtype=linear.operand, device=hidden.device) if batch else None
         waiting = 0
-        # one logits buffer for every chunk (a fresh [chunk, V] allocation page-faults each time on CPU)
-        logits_buffer = chunk_buffer(hidden.device, min(chunk_size, n), weight.shape[0], acc)
+        chunk_shape = (min(chunk_size, n), weight.shape[0])
+        logits_buffer = workspace(chunk_shape, acc, hidden.device)  # every chunk's logits
         # the kernel's in-place gradient in the gradient GEMMs' dtype when that is not the logits' (bf16 GEMMs)
         grad_buffer = None
         if in_place and linear.operand != acc:
-            grad_buffer = chunk_buffer(hidden.device, min(chunk_size, n), weight.shape[0], linear.operand)
+            grad_buffer = workspace(chunk_shape, linear.operand, hidden.device)
 
         def add_grad_weight(grad_logits, x):
             nonlocal weight_grad_fresh
@@ -178,7 +177,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             # uncounted rows may hold garbage (NaN, inf): zero them before the GEMMs, where a 0
             # weight would not stop it (0 * NaN = NaN in addmm_); torch.where, no host sync
             x = torch.where(counted[:, None], hidden[start:stop], zero_hidden)
-            logits = linear(x, out=None if logits_buffer is None else logits_buffer[: stop - start])
+            logits = linear(x, logits_buffer[: stop - start])
             if check_logits is not None:
                 check_logits(logits)
             size = stop - start
@@ -213,13 +212,11 @@ class _FusedLinearLoss(torch.autograd.Function):
                 x_wait[waiting : waiting + size] = x
                 waiting += size
             elif in_place and grad_weight is not None:
-                if grad_hidden is not None:  # one rounding for both products
-                    grad_logits = grad_logits.to(linear.operand)
                 add_grad_weight(grad_logits, x)
             if grad_hidden is not None:
                 linear.grad_input(grad_logits, grad_hidden[start:stop])
             if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+                grad_bias += grad_logits.sum(0, dtype=acc)
             del logits, grad_logits  # the next chunk's logits reuse this memory
         if g_wait is not None:
             flush(waiting)
@@ -369,14 +366,13 @@ def fused_linear_loss(
         teacher_linear = _Linear(
             teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), teacher_hidden.dtype
         )
-        teacher_buffer = chunk_buffer(device, min(chunk_size, n), vocab, teacher_linear.compute)
+        teacher_buffer = workspace((min(chunk_size, n), vocab), teacher_linear.compute, device)
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
         def teacher_logits_of(start, stop):
             with torch.no_grad():
-                out = None if teacher_buffer is None else teacher_buffer[: stop - start]
-                teacher_logits = teacher_linear(teacher_hidden[start:stop].detach(), out=out)
+                teacher_logits = teacher_linear(teacher_hidden[start:stop].detach(), teacher_buffer[: stop - start])
             if check_finite:
                 named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
                 check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
