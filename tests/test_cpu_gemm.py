@@ -73,6 +73,22 @@ def test_bad_operands_are_value_errors():
     assert packed(hidden=torch.empty(0, 4, dtype=BF16)).shape == (0, 8)
 
 
+@pytest.mark.parametrize("size", [1, 17, 70_001])  # one thread; a ragged split over threads
+def test_bf16_added_into_float32_equals_torch(size):
+    g = torch.Generator().manual_seed(size)
+    acc = torch.randn(size, generator=g) * 1e3
+    addend = (torch.randn(size, generator=g) * 1e-2).to(BF16)
+    added = acc.clone()
+    cpu_gemm.add_into_float32(accumulator=added, addend=addend)
+    assert torch.equal(added, acc + addend.float())
+    cpu_gemm.add_into_float32(accumulator=added, addend=addend, overwrite=True)
+    assert torch.equal(added, addend.float())
+    with pytest.raises(ValueError, match="accumulator"):
+        cpu_gemm.add_into_float32(accumulator=acc.double(), addend=addend)
+    with pytest.raises(ValueError, match="addend"):
+        cpu_gemm.add_into_float32(accumulator=acc, addend=addend.float())
+
+
 def _problem(n=37, h=48, v=301, seed=5):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(BF16)  # noqa: E731

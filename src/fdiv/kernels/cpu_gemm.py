@@ -21,7 +21,7 @@ import torch
 
 from . import cpu_kernel
 
-__all__ = ["PackedBF16Weight", "usable"]
+__all__ = ["PackedBF16Weight", "add_into_float32", "usable"]
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -69,3 +69,15 @@ class PackedBF16Weight:
                 torch.get_num_threads(),
             )  # fmt: skip
         return out
+
+
+def add_into_float32(*, accumulator: torch.Tensor, addend: torch.Tensor, overwrite: bool = False) -> None:
+    """``accumulator`` (float32, contiguous CPU) += ``addend`` (bf16, same shape, contiguous), or ``=``
+    when ``overwrite``: one pass, where torch's mixed-dtype ``add_`` first copies ``addend`` to float32."""
+    if accumulator.dtype != torch.float32 or not accumulator.is_contiguous():
+        raise ValueError("accumulator must be a contiguous float32 tensor")
+    if addend.dtype != torch.bfloat16 or addend.shape != accumulator.shape or not addend.is_contiguous():
+        raise ValueError(f"addend must be a contiguous bf16 tensor of shape {tuple(accumulator.shape)}")
+    cpu_kernel._entry("bf16_add")(
+        accumulator.data_ptr(), addend.data_ptr(), accumulator.numel(), int(overwrite), torch.get_num_threads()
+    )

@@ -149,9 +149,11 @@ def _bind(path: Path):
     bf16_pack.argtypes, bf16_pack.restype = [ptr, i64, i64, i64, ptr, i32], None
     bf16_gemm = lib.fdiv_bf16_gemm
     bf16_gemm.argtypes, bf16_gemm.restype = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i32], None
+    bf16_add = lib.fdiv_bf16_add_to_float
+    bf16_add.argtypes, bf16_add.restype = [ptr, ptr, i64, i32, i32], None
     return types.SimpleNamespace(
         dense=dense, topk=topk, shard=shard, bf16_supported=bf16_supported,
-        bf16_packed_elements=bf16_packed_elements, bf16_pack=bf16_pack, bf16_gemm=bf16_gemm,
+        bf16_packed_elements=bf16_packed_elements, bf16_pack=bf16_pack, bf16_gemm=bf16_gemm, bf16_add=bf16_add,
     )  # fmt: skip
 
 

@@ -56,6 +56,14 @@ def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _in_dtype(gradient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``gradient`` cast to the parameter's ``dtype``, in a workspace (the pool reuses it once the
+    caller's ``.grad`` lets go) rather than a fresh [V, H] allocation."""
+    if gradient.dtype == dtype:
+        return gradient
+    return workspace(gradient.shape, dtype, gradient.device).copy_(gradient)
+
+
 class _Linear:
     """``x @ W.T + b`` with a float32 (or float64) result whatever the input dtype, and the two
     gradient products of the same ``W``.
@@ -99,10 +107,7 @@ class _Linear:
             return
         product = cpu_kernel.pooled_empty(acc.shape, self.operand)
         torch.mm(grad_logits.to(self.operand).T, x.to(self.operand), out=product)
-        if first:
-            acc.copy_(product)
-        else:
-            acc.add_(product)
+        cpu_gemm.add_into_float32(accumulator=acc, addend=product, overwrite=first)
 
 
 def _check_linear(hidden, weight, bias, hidden_name, weight_name, bias_name):
@@ -223,9 +228,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         if grad_weight is not None and weight_grad_fresh:
             grad_weight.zero_()
         ctx.used = False
-        ctx.save_for_backward(
-            *(None if g is None else g.to(t.dtype) for g, t in ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight)))
-        )
+        pairs = ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight))
+        ctx.save_for_backward(*(None if g is None else _in_dtype(g, t.dtype) for g, t in pairs))
         return total  # already float64 or float32 (acc)
 
     @staticmethod

@@ -10,6 +10,7 @@
 // broadcasting A's k-pairs from its rows; the panel is prefetched 16 k-pairs ahead (at ~120 rows
 // it comes from memory once per 10 tiles: 218 -> 378 GFLOPS). Threads take contiguous runs of panels.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -138,6 +139,21 @@ int fdiv_bf16_gemm_supported() {
 #else
   return 0;
 #endif
+}
+
+// acc[i] (+)= x[i] for bf16 x and float32 acc, n contiguous elements (overwrite: acc = x). torch's
+// mixed-dtype add_ converts x into a fresh float32 tensor first (a [V, H] allocation and pass).
+void fdiv_bf16_add_to_float(float* acc, const void* x_, int64_t n, int overwrite, int threads) {
+  const auto* x = static_cast<const uint16_t*>(x_);
+  constexpr int64_t GRAIN = 1 << 16;
+  fdiv_cpu::run_slices(std::min<int64_t>(threads, (n + GRAIN - 1) / GRAIN), n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(x[i]) << 16;  // bf16 is float32's upper half
+      float value;
+      std::memcpy(&value, &bits, 4);
+      acc[i] = overwrite ? value : acc[i] + value;
+    }
+  });
 }
 
 // bf16 elements of B [n, k] packed.
