@@ -120,6 +120,40 @@ def test_every_tail_length(vocab):
         check(fdiv.get(name), student, teacher, torch.ones(5), 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_ranges_are_the_scaled_extremes_of_every_row(dtype):
+    """The kernel's by-product that replaces check_finite's scan: per row (max, min) of student / T and
+    teacher / T, uncounted rows included, -inf where a row is masked."""
+    g = torch.Generator().manual_seed(4)
+    student = (torch.randn(6, 77, generator=g) * 5).to(dtype)
+    teacher = (torch.randn(6, 77, generator=g) * 5).to(dtype)
+    student[2, 5] = -math.inf
+    weights = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 1.0])
+    ranges = torch.full((6, 4), math.nan)
+    ck._token_rows(fdiv.get("js"), student, teacher, weights, 1 / 1.7, teacher_grad=False, ranges=ranges)
+    for j, x in enumerate((student, teacher)):
+        scaled = x.float() * torch.tensor(1 / 1.7)
+        assert torch.equal(ranges[:, 2 * j], scaled.amax(1)) and torch.equal(ranges[:, 2 * j + 1], scaled.amin(1))
+    assert ranges[2, 1] == -math.inf
+
+
+def test_check_finite_on_the_kernel_refuses_what_the_scan_refuses():
+    """Overflowing logits are a ValueError naming the tensor also when the kernel's row extremes stand in
+    for the scan, in a counted row and in an uncounted one (as the scan of the whole tensor does)."""
+    t = torch.zeros(3, 4)
+    for row, mask in ((0, None), (1, torch.tensor([True, False, True]))):
+        s = torch.zeros(3, 4)
+        s[row, 2] = 3e38
+        with pytest.raises(ValueError, match="^student_logits has finite entries beyond"):
+            fdiv.token_loss(student_logits=s, teacher_logits=t, mask=mask, backend="cpu")
+    s = torch.zeros(3, 4)
+    s[0, 1] = 1e37
+    with pytest.raises(ValueError, match="^temperature=0.01 is too small for student_logits"):
+        fdiv.token_loss(student_logits=s, teacher_logits=t, temperature=0.01, backend="cpu")
+    masked = torch.tensor([[0.0, -math.inf, 1.0, 2.0]] * 3)  # -inf masks: the scan runs and finds nothing wrong
+    assert torch.isfinite(fdiv.token_loss(student_logits=masked, teacher_logits=masked.flip(0) * 2, backend="cpu"))
+
+
 def test_support_mismatch_overflow_clamp_and_all_masked_row():
     inf = -math.inf
     student = torch.tensor([[0.0, 1.0, inf], [0.0, 0.0, 0.0], [inf, inf, inf], [0.0, 60.0, -60.0]])

@@ -371,6 +371,20 @@ def check_dim(dim) -> int:
     return dim
 
 
+def scaled_logits_limit(dtype: torch.dtype) -> float:
+    """The largest ``|logits / T|`` the ``dtype`` computation takes (see :func:`scaled_logits_error`)."""
+    return torch.finfo(dtype).max / 8
+
+
+def scaled_ranges_fit(ranges: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether per-row extremes of ``logits / T`` (a kernel's by-product, any shape) are all finite and
+    within :func:`scaled_logits_limit`: then :func:`scaled_logits_error` has nothing to report and
+    its scan can be skipped; otherwise (``-inf`` masks included) that scan decides."""
+    if ranges.numel() == 0:
+        return True
+    return bool(torch.isfinite(ranges).all()) and float(ranges.abs().max()) <= scaled_logits_limit(dtype)
+
+
 def scaled_logits_error(named: dict, inv_temperature: float, dtype: torch.dtype) -> str | None:
     """Why ``logits / T`` does not fit the ``dtype`` computation, or None when it does.
 
@@ -379,7 +393,7 @@ def scaled_logits_error(named: dict, inv_temperature: float, dtype: torch.dtype)
     when ``1/T > 1`` pushed the logits there, else the tensor. ``-inf`` (masked), NaN and ``+inf``
     entries are left to the NaN diagnosis. One ``aminmax`` per tensor (a host sync).
     """
-    limit = torch.finfo(dtype).max / 8
+    limit = scaled_logits_limit(dtype)
     temperature = 1.0 / inv_temperature
     if inv_temperature > limit:
         shown = "temperature" if math.isinf(inv_temperature) else f"temperature={temperature!r}"

@@ -130,8 +130,8 @@ def _bind(path: Path):
     lib = ctypes.CDLL(str(path))
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     dense = lib.fdiv_token_rows
-    dense.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32, i32,
-                      i32, i32, i32, ptr, i32]  # fmt: skip
+    dense.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, i32,
+                      i32, i32, i32, i32, ptr, i32]  # fmt: skip
     dense.restype = None
     topk = lib.fdiv_topk_rows
     topk.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i32, i32, i32, i32, i32, f32, ptr,
@@ -309,6 +309,7 @@ def _token_rows(
     student_grad: bool = True,
     out_student: torch.Tensor | None = None,
     out_teacher: torch.Tensor | None = None,
+    ranges: torch.Tensor | None = None,
 ):
     """Row divergences ``D(softmax(teacher/T) || softmax(student/T))`` and weighted logit gradients.
 
@@ -319,7 +320,10 @@ def _token_rows(
     those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
     dtype (written into ``out_*`` when given, contiguous, in ``out_*``'s dtype of the three;
     ``out_student`` may be ``student`` itself: each row is read into the workspace before its
-    gradient is written), None where not asked for.
+    gradient is written), None where not asked for. ``ranges`` (float32 ``[N, 4]``, contiguous), when
+    given, receives each row's (max, min) of ``student / T`` then ``teacher / T`` as the kernel loads
+    them (rows of weight 0 are loaded for this alone): the by-product that replaces the input scan of
+    ``check_finite``.
     """
     fn = _entry("dense")
     student, teacher = _rows_2d(student), _rows_2d(teacher)
@@ -335,7 +339,8 @@ def _token_rows(
     gt = grad_t if grad_t is not None else teacher
     fn(
         student.data_ptr(), teacher.data_ptr(), gs.data_ptr(), gt.data_ptr(), rows.data_ptr(), weights.data_ptr(),
-        n, vocab, student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
+        None if ranges is None else ranges.data_ptr(), n, vocab,
+        student.stride(0), teacher.stride(0), gs.stride(0), gt.stride(0),
         _DTYPE_CODES[student.dtype], _DTYPE_CODES[teacher.dtype], _DTYPE_CODES[gs.dtype], _DTYPE_CODES[gt.dtype],
         int(grad_s is not None), int(grad_t is not None),
         family.form, family.swap, family.standardize, family.guard, family.scalars.data_ptr(),

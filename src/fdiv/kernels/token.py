@@ -2,6 +2,7 @@ r"""Logits-level token loss for any divergence, chunked, with the gradient compu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,7 +17,7 @@ from ._rowmath import (
     resolve_check_finite,
     row_weights,
 )
-from .._validate import check_scaled_logits
+from .._validate import check_scaled_logits, scaled_ranges_fit
 
 BACKENDS = ("auto", "eager", "compile", "triton", "cpu")
 #: ``auto`` compiles the chunk kernel (torch.compile) from this many logits on; below it the
@@ -395,30 +396,40 @@ def token_loss(
     vocab = student_logits.shape[-1]
     check_finite = resolve_check_finite(check_finite, student_logits.device)
     counted = counted_rows(leading, student_logits.device, mask, labels, ignore_index, vocab if check_finite else None)
-    # the argument part (1/T alone overflows) always; the data scan (a host sync) with check_finite
-    named = {"student_logits": student_logits, "teacher_logits": teacher_logits} if check_finite else {}
-    check_scaled_logits(named, 1.0 / temperature, compute_dtype(student_logits))
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.reshape(-1, vocab)
     n = student.shape[0]
     chosen = pick_backend(backend, n * vocab, student.device, student, teacher, divergence)
+    named = {"student_logits": student_logits, "teacher_logits": teacher_logits}
+    dtype = compute_dtype(student_logits)
+    # the argument part (1/T alone overflows) always; the data scan (a host sync) with check_finite,
+    # which the C++ kernel replaces by the row extremes it finds while loading (scanned only if they do not fit)
+    ranges = torch.empty((n, 4)) if check_finite and chosen == "cpu" else None
+    check_scaled_logits(named if check_finite and ranges is None else {}, 1.0 / temperature, dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, chosen)
     weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
-    out = _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, chosen, check_finite)
+    out = _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, chosen, check_finite,
+                      ranges)  # fmt: skip
+    if ranges is not None and not scaled_ranges_fit(ranges, dtype):
+        check_scaled_logits(named, 1.0 / temperature, dtype)
     if reduction == "none":
         out = out.reshape(leading)
     if check_finite:
-        raise_if_nan(out, {"student_logits": student_logits, "teacher_logits": teacher_logits})
+        raise_if_nan(out, named)
     return out
 
 
-def _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, backend, check_finite):
-    """The core of :func:`token_loss` on ``[N, V]`` rows with resolved, checked arguments."""
+def _token_loss(
+    student, teacher, divergence, temperature, weights, reduction, chunk_size, backend, check_finite, ranges=None
+):
+    """The core of :func:`token_loss` on ``[N, V]`` rows with resolved, checked arguments; ``ranges``:
+    the C++ kernel's row extremes (:func:`fdiv.kernels.cpu_kernel._token_rows`), or None."""
     if backend in ("triton", "cpu"):
         grad_on = torch.is_grad_enabled()
         pair = (student, teacher) if grad_on else (student.detach(), teacher.detach())
-        return RowKernelLoss.apply(*pair, row_kernel(backend), divergence, temperature, weights, reduction)
+        rows_fn = row_kernel(backend) if ranges is None else functools.partial(row_kernel(backend), ranges=ranges)
+        return RowKernelLoss.apply(*pair, rows_fn, divergence, temperature, weights, reduction)
     run_chunk = dense_chunk_runner(student, teacher, divergence, 1.0 / temperature, backend, chunk_size, check_finite)
     return apply_chunked(student, teacher, run_chunk, weights, reduction, chunk_size)
 

@@ -405,9 +405,9 @@ inline float hmax(const Vec& v) {
 }
 
 // dtype codes: 0 float32, 1 bfloat16, 2 float16. Loads one row scaled by 1/T into dst (padding
-// -inf) and returns its maximum; has_neg_inf tells whether a real entry is -inf.
+// -inf) and returns its maximum; lo is its minimum (-inf where a real entry is -inf).
 template <typename T>
-float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_temp, bool& has_neg_inf) {
+float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_temp, float& lo) {
   const Vec scale(inv_temp), ninf(NEG_INF);
   Vec mx(NEG_INF), mn(POS_INF);
   int64_t j = 0;
@@ -425,7 +425,7 @@ float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_t
     mn = at::vec::minimum(mn, x);
   }
   float m = hmax(mx);
-  float lo = -hmax(mn.neg());
+  lo = -hmax(mn.neg());
   for (; j < V; ++j) {
     const float x = static_cast<float>(src[j]) * inv_temp;
     dst[j] = x;
@@ -433,15 +433,14 @@ float load_scaled(const T* src, float* dst, int64_t V, int64_t Vpad, float inv_t
     lo = std::min(lo, x);
   }
   for (; j < Vpad; ++j) dst[j] = NEG_INF;
-  has_neg_inf = lo == NEG_INF;
   return m;
 }
 
 float load_row(const void* base, int dtype, int64_t offset, float* dst, int64_t V, int64_t Vpad, float inv_temp,
-               bool& has_neg_inf) {
+               float& lo) {
   return with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    return load_scaled(static_cast<const T*>(base) + offset, dst, V, Vpad, inv_temp, has_neg_inf);
+    return load_scaled(static_cast<const T*>(base) + offset, dst, V, Vpad, inv_temp, lo);
   });
 }
 
@@ -498,6 +497,7 @@ Normaliser row_normaliser(const float* x, float* e, int64_t Vpad, float mx) {
 
 struct Job {
   const void* S; const void* T; void* GS; void* GT; float* rows; const float* W;
+  float* ranges;  // null, or per row (max, min) of the scaled student then teacher logits (every row)
   int64_t n, V, stride_s, stride_t, stride_gs, stride_gt;
   int dtype_s, dtype_t, dtype_gs, dtype_gt, student_grad, teacher_grad, guard;
   Params P;
@@ -568,13 +568,23 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
     const float w = J.W[i];
     if (w == 0.f) {
       J.rows[i] = 0.f;
+      if (J.ranges) {  // the input check covers uncounted rows too: their extremes without the forms
+        float* r = J.ranges + 4 * i;
+        r[0] = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, r[1]);
+        r[2] = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, r[3]);
+      }
       if (sgrad) zero_row(J.GS, J.dtype_gs, i * J.stride_gs, V);
       if (tgrad) zero_row(J.GT, J.dtype_gt, i * J.stride_gt, V);
       continue;
     }
-    bool inf_s = false, inf_t = false;
-    const float max_s = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, inf_s);
-    const float max_t = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, inf_t);
+    float min_s, min_t;
+    const float max_s = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, min_s);
+    const float max_t = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, min_t);
+    if (J.ranges) {
+      float* r = J.ranges + 4 * i;
+      r[0] = max_s; r[1] = min_s; r[2] = max_t; r[3] = min_t;
+    }
+    const bool inf_s = min_s == NEG_INF, inf_t = min_t == NEG_INF;
     const Normaliser ns = row_normaliser(xs, es, Vpad, max_s), nt = row_normaliser(xt, et, Vpad, max_t);
     const FormsPass pass = (inf_s || inf_t) ? masked : plain;
     const Sums sums = pass(J.P, xs, xt, es, et, Vpad, ns, nt);
@@ -626,8 +636,9 @@ void run_topk_rows(const TopkJob& J, int64_t begin, int64_t end) {
       zero_row(J.GS, J.dtype_s, so, V);
       continue;
     }
-    bool has_neg_inf = false;
-    const float mx = load_row(J.S, J.dtype_s, i * J.stride_s, x, V, Vpad, J.P.inv_temp, has_neg_inf);
+    float lo;
+    const float mx = load_row(J.S, J.dtype_s, i * J.stride_s, x, V, Vpad, J.P.inv_temp, lo);
+    const bool has_neg_inf = lo == NEG_INF;
     const Normaliser nz = row_normaliser(x, e, Vpad, mx);
     const int64_t* ids = J.idx + i * K;
     const float* a = J.A + i * K;
@@ -782,9 +793,10 @@ void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
   float* xt = xs + Vpad;
   const ShardFormsRow forms_row = phase == 3 ? pick_shard_forms(J.P.form, J.masked != 0, J.guard != 0) : nullptr;
   for (int64_t i = begin; i < end; ++i) {
-    bool inf_s = false, inf_t = false;
-    const float mxs = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, inf_s);
-    const float mxt = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, inf_t);
+    float min_s, min_t;
+    const float mxs = load_row(J.S, J.dtype_s, i * J.stride_s, xs, V, Vpad, J.P.inv_temp, min_s);
+    const float mxt = load_row(J.T, J.dtype_t, i * J.stride_t, xt, V, Vpad, J.P.inv_temp, min_t);
+    const bool inf_s = min_s == NEG_INF, inf_t = min_t == NEG_INF;
     if (phase == 1) {
       J.out[i] = mxs;
       J.out[J.n + i] = mxt;
@@ -839,12 +851,12 @@ extern "C" {
 // Returns the lane count of the vector type this library was built for (a load-time check).
 int64_t fdiv_vector_lanes() { return L; }
 
-void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, int64_t n,
-                     int64_t V, int64_t stride_s, int64_t stride_t, int64_t stride_gs, int64_t stride_gt,
+void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, float* ranges,
+                     int64_t n, int64_t V, int64_t stride_s, int64_t stride_t, int64_t stride_gs, int64_t stride_gt,
                      int dtype_s, int dtype_t, int dtype_gs, int dtype_gt, int student_grad, int teacher_grad,
                      int form, int swap, int standardize, int guard, const float* scalars, int threads) {
-  const Job J{S, T, GS, GT, rows, W, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t, dtype_gs,
-              dtype_gt, student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
+  const Job J{S, T, GS, GT, rows, W, ranges, n, V, stride_s, stride_t, stride_gs, stride_gt, dtype_s, dtype_t,
+              dtype_gs, dtype_gt, student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
   parallel_rows(threads, n, V, [&J](int64_t b, int64_t e) { run_rows(J, b, e); });
 }
 
