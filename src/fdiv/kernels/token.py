@@ -408,7 +408,7 @@ def token_loss(
     check_scaled_logits(named if check_finite and ranges is None else {}, 1.0 / temperature, dtype)
     if chunk_size is None:
         chunk_size = default_chunk_size(n, vocab, chosen)
-    weights = row_weights(counted, n, reduction, compute_dtype(student), student.device)
+    weights = row_weights(counted, n, reduction, dtype, student.device)
     out = _token_loss(student, teacher, divergence, temperature, weights, reduction, chunk_size, chosen, check_finite,
                       ranges)  # fmt: skip
     if ranges is not None and not scaled_ranges_fit(ranges, dtype):
