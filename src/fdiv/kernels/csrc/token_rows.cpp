@@ -60,7 +60,9 @@ inline Vec fast_log(const Vec& x) {
 }
 
 // e^x - 1 to a few ulp, cheaper than SLEEF's double-float expm1: a Taylor polynomial (to x^8 / 8!)
-// where |x| < 1/2, e^x - 1 elsewhere (|e^x - 1| > 0.39 there: no cancellation).
+// where |x| < 1/2, e^x - 1 elsewhere (|e^x - 1| > 0.39 there: no cancellation), with ATen's 20-ulp
+// exp (1.2e-6 relative; the kernel's rows and gradients against float64 did not move, and JS,
+// Hellinger, alpha, triangular took 17-27 % less time than with the 1-ulp one).
 inline Vec fast_expm1(const Vec& x) {
   static constexpr float c[8] = {1.f, 1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040, 1.f / 40320};
   Vec small = x.abs() < Vec(0.5f);
@@ -68,7 +70,7 @@ inline Vec fast_expm1(const Vec& x) {
   Vec poly(c[7]);
   for (int i = 6; i >= 0; --i) poly = at::vec::fmadd(poly, xs, Vec(c[i]));
   if (all_lanes(small)) return xs * poly;
-  return where(small, xs * poly, x.exp() - Vec(1.f));
+  return where(small, xs * poly, x.exp_u20() - Vec(1.f));
 }
 
 // log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p: 2 atanh(s), s = y / (2 + y), as
