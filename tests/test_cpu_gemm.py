@@ -1,5 +1,5 @@
-"""The bf16 x bf16 -> float32 GEMM (fdiv.kernels.cpu_gemm) against float64 products, and the fused
-linear loss on it against float64 and against its float32-GEMM fallback."""
+"""The bf16 GEMMs (fdiv.kernels.cpu_gemm: float32 logits, the lm_head gradient as a bf16 pair) against
+float64 products, and the fused linear loss on them against float64 and against its float32-GEMM fallback."""
 
 import pytest
 import torch
@@ -27,12 +27,11 @@ def test_gemm_equals_float64_up_to_float32_accumulation(m, n, k):
     a = torch.randn(m, k, generator=g).to(BF16)
     b = torch.randn(n, k, generator=g).to(BF16)
     bias = torch.randn(n, generator=g)
-    packed = cpu_gemm.PackedBF16Weight(weight=b, bias=bias)
-    got = packed(hidden=a)
+    got = cpu_gemm.linear(hidden=a, weight=b, bias=bias)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     exact = a.double() @ b.double().T + bias.double()
     assert torch.all((got.double() - exact).abs() <= accumulation_bound(a, b) + 2.0**-24 * exact.abs())
-    no_bias = cpu_gemm.PackedBF16Weight(weight=b)(hidden=a)
+    no_bias = cpu_gemm.linear(hidden=a, weight=b)
     assert torch.all((no_bias.double() - (exact - bias.double())).abs() <= accumulation_bound(a, b))
 
 
@@ -42,7 +41,7 @@ def test_gemm_is_more_exact_than_a_bf16_result():
     a = torch.randn(64, 512, generator=g).to(BF16)
     b = torch.randn(96, 512, generator=g).to(BF16)
     exact = a.double() @ b.double().T
-    ours = (cpu_gemm.PackedBF16Weight(weight=b)(hidden=a).double() - exact).abs() / accumulation_bound(a, b)
+    ours = (cpu_gemm.linear(hidden=a, weight=b).double() - exact).abs() / accumulation_bound(a, b)
     rounded = ((a @ b.T).double() - exact).abs() / accumulation_bound(a, b)
     assert ours.max() <= 1.0 < rounded.max()
 
@@ -52,10 +51,10 @@ def test_strided_rows_and_an_output_slice():
     wide = torch.randn(20, 90, generator=g).to(BF16)
     a = wide[:, 3:70]  # row stride 90, k = 67 (odd)
     b_wide = torch.randn(45, 80, generator=g).to(BF16)
-    b = b_wide[:, :67]
+    b = b_wide[:, :67]  # row stride 80: the weight's panels are packed from its strided rows
     out_wide = torch.full((20, 60), 7.0)
     out = out_wide[:, 5:50]  # row stride 60
-    got = cpu_gemm.PackedBF16Weight(weight=b)(hidden=a, out=out)
+    got = cpu_gemm.linear(hidden=a, weight=b, out=out)
     assert got.data_ptr() == out.data_ptr()
     exact = a.double() @ b.double().T
     assert torch.all((out.double() - exact).abs() <= accumulation_bound(a, b))
@@ -63,30 +62,80 @@ def test_strided_rows_and_an_output_slice():
 
 
 def test_bad_operands_are_value_errors():
-    packed = cpu_gemm.PackedBF16Weight(weight=torch.randn(8, 4).to(BF16))
-    with pytest.raises(ValueError, match="hidden must be bf16"):
-        packed(hidden=torch.randn(3, 4))
-    with pytest.raises(ValueError, match="hidden must be bf16"):
-        packed(hidden=torch.randn(3, 5).to(BF16))
+    w = torch.randn(8, 4).to(BF16)
+    with pytest.raises(ValueError, match="hidden must be a 2-D bf16"):
+        cpu_gemm.linear(hidden=torch.randn(3, 4), weight=w)
+    with pytest.raises(ValueError, match="hidden must have 4 columns"):
+        cpu_gemm.linear(hidden=torch.randn(3, 5).to(BF16), weight=w)
     with pytest.raises(ValueError, match="out must be float32"):
-        packed(hidden=torch.randn(3, 4).to(BF16), out=torch.empty(3, 8, dtype=BF16))
-    assert packed(hidden=torch.empty(0, 4, dtype=BF16)).shape == (0, 8)
+        cpu_gemm.linear(hidden=torch.randn(3, 4).to(BF16), weight=w, out=torch.empty(3, 8, dtype=BF16))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cpu_gemm.linear(hidden=torch.randn(3, 4).to(BF16), weight=w, bias=torch.zeros(7))
+    assert cpu_gemm.linear(hidden=torch.empty(0, 4, dtype=BF16), weight=w).shape == (0, 8)
+    pair = torch.zeros(8, 4, dtype=BF16), torch.zeros(8, 4, dtype=BF16)
+    with pytest.raises(ValueError, match="hidden must have 3 rows"):
+        cpu_gemm.add_weight_grad(grad_weight=pair[0], residual=pair[1], grad_logits=torch.zeros(3, 8, dtype=BF16),
+                                 hidden=torch.zeros(2, 4, dtype=BF16))  # fmt: skip
+    with pytest.raises(ValueError, match="residual must be a contiguous bf16"):
+        cpu_gemm.add_weight_grad(grad_weight=pair[0], residual=pair[1].float(),
+                                 grad_logits=torch.zeros(3, 8, dtype=BF16), hidden=torch.zeros(3, 4, dtype=BF16))  # fmt: skip
 
 
-@pytest.mark.parametrize("size", [1, 17, 70_001])  # one thread; a ragged split over threads
-def test_bf16_added_into_float32_equals_torch(size):
-    g = torch.Generator().manual_seed(size)
-    acc = torch.randn(size, generator=g) * 1e3
-    addend = (torch.randn(size, generator=g) * 1e-2).to(BF16)
-    added = acc.clone()
-    cpu_gemm.add_into_float32(accumulator=added, addend=addend)
-    assert torch.equal(added, acc + addend.float())
-    cpu_gemm.add_into_float32(accumulator=added, addend=addend, overwrite=True)
-    assert torch.equal(added, addend.float())
-    with pytest.raises(ValueError, match="accumulator"):
-        cpu_gemm.add_into_float32(accumulator=acc.double(), addend=addend)
-    with pytest.raises(ValueError, match="addend"):
-        cpu_gemm.add_into_float32(accumulator=acc, addend=addend.float())
+def _weight_grad_bound(gs, xs):
+    """|hi + lo - exact| after one call per (g, x): each call's float32 sum (m * 2^-24 * sum|g x|) and its
+    split (bf16 keeps 8 bits: |s - hi| <= 2^-8 |s|, so the residual's rounding is <= 2^-16 of the running sum)."""
+    bound, running = 0.0, 0.0
+    for g, x in zip(gs, xs):
+        term = g.double().abs().T @ x.double().abs()
+        running = running + term
+        bound = bound + g.shape[0] * 2.0**-24 * term + 2.0**-24 * running + 2.0**-16 * running
+    return bound + 1e-300
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 24, 75])  # odd rows: the unpaired last row pairs with zeros
+@pytest.mark.parametrize("v,h", [(1, 1), (12, 32), (13, 33), (97, 20), (200, 70)])  # V-blocks of 96, panels of 32
+def test_weight_gradient_pair_against_float64(m, v, h):
+    g = torch.Generator().manual_seed(m * 7919 + v * 31 + h)
+    calls = 3
+    gs = [torch.randn(m, v, generator=g).to(BF16) for _ in range(calls)]
+    xs = [torch.randn(m, h, generator=g).to(BF16) for _ in range(calls)]
+    hi, lo = torch.full((v, h), float("nan"), dtype=BF16), torch.full((v, h), float("nan"), dtype=BF16)
+    exact = torch.zeros(v, h, dtype=torch.float64)
+    for i, (gi, xi) in enumerate(zip(gs, xs)):
+        cpu_gemm.add_weight_grad(grad_weight=hi, residual=lo, grad_logits=gi, hidden=xi, first=i == 0)
+        exact += gi.double().T @ xi.double()
+    # the pair holds the sum to ~16 bits: far inside a bf16 ulp, and the gradient is its bf16 rounding
+    assert torch.all((hi.double() + lo.double() - exact).abs() <= _weight_grad_bound(gs, xs))
+    assert torch.all((hi.double() - exact).abs() <= 2.0**-8 * exact.abs() + _weight_grad_bound(gs, xs))
+
+
+def test_weight_gradient_pair_is_more_exact_than_bf16_accumulation():
+    """Many small chunks: adding bf16 products into a bf16 gradient drifts; the pair does not."""
+    g = torch.Generator().manual_seed(3)
+    gs = [torch.randn(4, 40, generator=g).to(BF16) for _ in range(64)]
+    xs = [(torch.randn(4, 24, generator=g) + 1.0).to(BF16) for _ in range(64)]
+    hi, lo = torch.empty(40, 24, dtype=BF16), torch.empty(40, 24, dtype=BF16)
+    naive = torch.zeros(40, 24, dtype=BF16)
+    exact = torch.zeros(40, 24, dtype=torch.float64)
+    for i, (gi, xi) in enumerate(zip(gs, xs)):
+        cpu_gemm.add_weight_grad(grad_weight=hi, residual=lo, grad_logits=gi, hidden=xi, first=i == 0)
+        naive += gi.T @ xi
+        exact += gi.double().T @ xi.double()
+    allowed = 2.0**-8 * exact.abs() + _weight_grad_bound(gs, xs)  # bf16's rounding of a ~16-bit sum
+    ours, drift = (hi.double() - exact).abs() / allowed, (naive.double() - exact).abs() / allowed
+    assert ours.max() <= 1.0 and drift.max() > 4
+
+
+def test_weight_gradient_of_strided_operands_and_zero_rows():
+    g = torch.Generator().manual_seed(4)
+    gw = torch.randn(9, 150, generator=g).to(BF16)[:, 10:110]  # row stride 150
+    xw = torch.randn(9, 64, generator=g).to(BF16)[:, 3:40]
+    hi, lo = torch.empty(100, 37, dtype=BF16), torch.empty(100, 37, dtype=BF16)
+    cpu_gemm.add_weight_grad(grad_weight=hi, residual=lo, grad_logits=gw, hidden=xw, first=True)
+    exact = gw.double().T @ xw.double()
+    assert torch.all((hi.double() + lo.double() - exact).abs() <= _weight_grad_bound([gw], [xw]))
+    cpu_gemm.add_weight_grad(grad_weight=hi, residual=lo, grad_logits=gw[:0], hidden=xw[:0], first=True)
+    assert not hi.any() and not lo.any()
 
 
 def _problem(n=37, h=48, v=301, seed=5):
@@ -114,15 +163,18 @@ def test_fused_bf16_gemm_path_against_float64_and_the_float32_path(monkeypatch, 
     labels[:3] = -100
     kwargs = dict(divergence=divergence, labels=labels, hard_label_weight=hard, temperature=1.5, chunk_size=8,
                   memory_budget=budget)  # fmt: skip
-    calls = []
-    packed_call = cpu_gemm.PackedBF16Weight.__call__
-    spy = lambda self, **k: calls.append(1) or packed_call(self, **k)  # noqa: E731
-    monkeypatch.setattr(cpu_gemm.PackedBF16Weight, "__call__", spy)
+    calls = {"linear": 0, "add_weight_grad": 0}
+    for name in calls:
+        real = getattr(cpu_gemm, name)
+        spy = lambda real=real, name=name, **k: calls.__setitem__(name, calls[name] + 1) or real(**k)  # noqa: E731
+        monkeypatch.setattr(cpu_gemm, name, spy)
     loss, grads = _run(prob, **kwargs)
-    assert len(calls) == 2 * 5  # student and teacher logits of the five chunks came from the bf16 GEMM
+    assert calls["linear"] == 2 * 5  # student and teacher logits of the five chunks came from the bf16 GEMM
+    assert calls["add_weight_grad"] >= 1  # and the lm_head gradient from the bf16 pair
     monkeypatch.setenv("FDIV_BF16_GEMM", "0")
+    seen = dict(calls)
     loss32, grads32 = _run(prob, **kwargs)
-    assert len(calls) == 10
+    assert calls == seen
     exact = {k: v.double() for k, v in prob.items()}
     loss64, grads64 = _run(exact, **kwargs)
     # the logits are the float32 GEMM's up to summation order: the loss is float32-exact either way

@@ -1,16 +1,21 @@
-r"""bf16 × bf16 → float32 GEMM on CPUs with AVX512-BF16, for the fused linear loss.
+r"""bf16 GEMMs with float32 sums on CPUs with AVX512-BF16, for the fused linear loss.
 
-``csrc/gemm_bf16.cpp`` (built into the row kernel's library, :mod:`fdiv.kernels.cpu_kernel`)
-computes ``x @ W.T + b`` for bf16 ``x [M, K]`` and ``W [N, K]`` with a float32 result: every
-bf16 product is exact in float32 and the sums accumulate in float32, so the logits equal those
-of the float32 GEMM on upcast inputs up to float32 accumulation order (``|error| ≲ K · 2^-24 ·
-Σ_k |x_k W_k|``), at the bf16 instruction rate (``vdpbf16ps``) instead of the float32 one and
-without float32 copies of ``W``. torch 2.13 has no CPU kernel for a bf16 matmul with a float32
-output (``torch.mm(..., out_dtype=)``) and its bf16 matmul rounds the result to bf16.
+``csrc/gemm_bf16.cpp`` (built into the row kernel's library, :mod:`fdiv.kernels.cpu_kernel`) has two:
 
-``W`` is packed once (:class:`PackedBF16Weight`, the size of ``W``) into panels of 32 rows and
-reused by every chunk. Where the CPU lacks AVX512-BF16, the library cannot be built or
-``FDIV_BF16_GEMM=0``, :func:`usable` is False and callers keep the float32 GEMM.
+* :func:`linear`: ``hidden @ weight.T + bias`` for bf16 ``hidden [M, K]`` and ``weight [N, K]`` with
+  a float32 result. Every bf16 product is exact in float32 and the sums accumulate in float32, so
+  the logits equal those of the float32 GEMM on upcast inputs up to float32 accumulation order
+  (``|error| ≲ K · 2^-24 · Σ_k |x_k W_k|``), at the bf16 instruction rate (``vdpbf16ps``) and
+  without a float32 copy of ``weight``. torch 2.13 has no CPU kernel for a bf16 matmul with a
+  float32 output (``torch.mm(..., out_dtype=)``); its bf16 matmul rounds the result to bf16.
+* :func:`add_weight_grad`: ``grad_weight + residual += grad_logits.T @ hidden``, the lm_head
+  gradient accumulated over chunks of rows in two bf16 arrays whose sum carries about 16
+  significant bits (``residual = bf16(s - bf16(s))``), so ``grad_weight`` ends as the bf16
+  gradient of a float32-accurate sum without a float32 ``[V, H]`` accumulator or a bf16 product.
+
+Both pack their operands' panels as they go in per-thread buffers: no packed copy of the weight
+is kept. Where the CPU lacks AVX512-BF16, the library cannot be built or ``FDIV_BF16_GEMM=0``,
+:func:`usable` is False and callers keep float32 GEMMs.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import torch
 
 from . import cpu_kernel
 
-__all__ = ["PackedBF16Weight", "add_into_float32", "usable"]
+__all__ = ["add_weight_grad", "linear", "usable"]
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the bf16 GEMM runs for these tensors: all bf16 on the CPU, the kernel enabled and
+    """Whether the bf16 GEMMs run for these tensors: all bf16 on the CPU, the kernel enabled and
     built, the CPU with AVX512-BF16, ``FDIV_BF16_GEMM`` not ``0``."""
     if os.environ.get("FDIV_BF16_GEMM", "1") == "0":
         return False
@@ -34,50 +39,73 @@ def usable(*tensors: torch.Tensor) -> bool:
     return cpu_kernel.available() and bool(cpu_kernel._entry("bf16_supported")())
 
 
-class PackedBF16Weight:
-    """``weight [N, K]`` (bf16, CPU) in the GEMM's panel layout, with ``bias [N]`` in float32.
+def _bf16_matrix(name: str, x: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+    """``x`` as a bf16 CPU matrix with unit column stride (a copy only if its columns are strided)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D bf16 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if columns is not None and x.shape[1] != columns:
+        raise ValueError(f"{name} must have {columns} columns, got {tuple(x.shape)}")
+    return cpu_kernel._rows_2d(x)
 
-    Calling it on bf16 ``hidden [M, K]`` returns float32 ``hidden @ weight.T + bias``
-    (``[M, N]``), written into ``out`` (float32, unit column stride) when given.
+
+def _check_usable() -> None:
+    if not usable(torch.empty(0, dtype=torch.bfloat16)):
+        raise RuntimeError("the bf16 GEMM is unavailable here; check fdiv.kernels.cpu_gemm.usable() first")
+
+
+def linear(
+    *, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 ``hidden @ weight.T + bias`` (``[M, N]``) for bf16 ``hidden [M, K]``, ``weight [N, K]``
+    and ``bias [N]`` (any float dtype, added in float32), written into ``out`` (float32, unit column
+    stride) when given."""
+    _check_usable()
+    weight = _bf16_matrix("weight", weight)
+    x = _bf16_matrix("hidden", hidden, weight.shape[1])
+    (m, k), n = x.shape, weight.shape[0]
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        bias = bias.detach().to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float32)
+    elif out.dtype != torch.float32 or out.shape != (m, n) or out.stride(-1) != 1:
+        raise ValueError(f"out must be float32 [{m}, {n}] with unit column stride")
+    if m and n:
+        cpu_kernel._entry("bf16_gemm")(
+            x.data_ptr(), x.stride(0), weight.data_ptr(), weight.stride(0), m, n, k,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def add_weight_grad(
+    *, grad_weight: torch.Tensor, residual: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor,
+    first: bool = False,
+) -> None:  # fmt: skip
+    """``grad_weight + residual`` (bf16 ``[V, H]`` each, contiguous) ``+= grad_logits.T @ hidden`` for bf16
+    ``grad_logits [M, V]`` and ``hidden [M, H]``; when ``first`` both are only written (``=``).
+
+    Each call forms the float32 sum ``s`` of the old pair and the new product (exact bf16 products,
+    float32 sums over the ``M`` rows) and stores ``grad_weight = bf16(s)``, ``residual = bf16(s -
+    grad_weight)``: over many calls ``grad_weight`` stays the bf16 rounding of a sum kept to about
+    16 significant bits, as a float32 accumulator rounded once at the end would give.
     """
-
-    def __init__(self, *, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        if not usable(weight):
-            raise RuntimeError("the bf16 GEMM is unavailable here; check fdiv.kernels.cpu_gemm.usable() first")
-        weight = cpu_kernel._rows_2d(weight)
-        self.rows, self.depth = weight.shape
-        size = cpu_kernel._entry("bf16_packed_elements")(self.rows, self.depth)
-        self.panels = cpu_kernel.pooled_empty((size,), torch.bfloat16)  # reused, already mapped, by the next call
-        cpu_kernel._entry("bf16_pack")(
-            weight.data_ptr(), weight.stride(0), self.rows, self.depth, self.panels.data_ptr(), torch.get_num_threads()
-        )
-        self.bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-
-    def __call__(self, *, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if hidden.dtype != torch.bfloat16 or hidden.dim() != 2 or hidden.shape[1] != self.depth:
-            raise ValueError(f"hidden must be bf16 [M, {self.depth}], got {hidden.dtype} {tuple(hidden.shape)}")
-        x = cpu_kernel._rows_2d(hidden)
-        m = x.shape[0]
-        if out is None:
-            out = torch.empty((m, self.rows), dtype=torch.float32)
-        elif out.dtype != torch.float32 or out.shape != (m, self.rows) or out.stride(-1) != 1:
-            raise ValueError(f"out must be float32 [{m}, {self.rows}] with unit column stride")
-        if m:
-            cpu_kernel._entry("bf16_gemm")(
-                x.data_ptr(), x.stride(0), self.panels.data_ptr(), m, self.rows, self.depth,
-                None if self.bias is None else self.bias.data_ptr(), out.data_ptr(), out.stride(0),
-                torch.get_num_threads(),
-            )  # fmt: skip
-        return out
-
-
-def add_into_float32(*, accumulator: torch.Tensor, addend: torch.Tensor, overwrite: bool = False) -> None:
-    """``accumulator`` (float32, contiguous CPU) += ``addend`` (bf16, same shape, contiguous), or ``=``
-    when ``overwrite``: one pass, where torch's mixed-dtype ``add_`` first copies ``addend`` to float32."""
-    if accumulator.dtype != torch.float32 or not accumulator.is_contiguous():
-        raise ValueError("accumulator must be a contiguous float32 tensor")
-    if addend.dtype != torch.bfloat16 or addend.shape != accumulator.shape or not addend.is_contiguous():
-        raise ValueError(f"addend must be a contiguous bf16 tensor of shape {tuple(accumulator.shape)}")
-    cpu_kernel._entry("bf16_add")(
-        accumulator.data_ptr(), addend.data_ptr(), accumulator.numel(), int(overwrite), torch.get_num_threads()
-    )
+    _check_usable()
+    g = _bf16_matrix("grad_logits", grad_logits)
+    x = _bf16_matrix("hidden", hidden)
+    (m, v), h = g.shape, x.shape[1]
+    if x.shape[0] != m:
+        raise ValueError(f"hidden must have {m} rows like grad_logits, got {tuple(x.shape)}")
+    for name, t in (("grad_weight", grad_weight), ("residual", residual)):
+        if t.dtype != torch.bfloat16 or t.shape != (v, h) or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous bf16 CPU tensor of shape ({v}, {h})")
+    if m == 0:
+        if first:
+            grad_weight.zero_()
+            residual.zero_()
+        return
+    cpu_kernel._entry("bf16_weight_grad")(
+        g.data_ptr(), g.stride(0), x.data_ptr(), x.stride(0), m, v, h, grad_weight.data_ptr(), residual.data_ptr(),
+        h, int(first), torch.get_num_threads(),
+    )  # fmt: skip

@@ -143,17 +143,14 @@ def _bind(path: Path):
     shard.restype = None
     bf16_supported = lib.fdiv_bf16_gemm_supported
     bf16_supported.argtypes, bf16_supported.restype = [], i32
-    bf16_packed_elements = lib.fdiv_bf16_packed_elements
-    bf16_packed_elements.argtypes, bf16_packed_elements.restype = [i64, i64], i64
-    bf16_pack = lib.fdiv_bf16_pack
-    bf16_pack.argtypes, bf16_pack.restype = [ptr, i64, i64, i64, ptr, i32], None
     bf16_gemm = lib.fdiv_bf16_gemm
-    bf16_gemm.argtypes, bf16_gemm.restype = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, i64, i32], None
-    bf16_add = lib.fdiv_bf16_add_to_float
-    bf16_add.argtypes, bf16_add.restype = [ptr, ptr, i64, i32, i32], None
+    bf16_gemm.argtypes, bf16_gemm.restype = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i32], None
+    bf16_weight_grad = lib.fdiv_bf16_weight_grad
+    bf16_weight_grad.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, ptr, i64, i32, i32]
+    bf16_weight_grad.restype = None
     return types.SimpleNamespace(
         dense=dense, topk=topk, shard=shard, bf16_supported=bf16_supported,
-        bf16_packed_elements=bf16_packed_elements, bf16_pack=bf16_pack, bf16_gemm=bf16_gemm, bf16_add=bf16_add,
+        bf16_gemm=bf16_gemm, bf16_weight_grad=bf16_weight_grad,
     )  # fmt: skip
 
 
@@ -318,9 +315,10 @@ def _token_rows(
     unit last stride; ``row_weights`` ``[N]``. Returns ``(rows, grad_student, grad_teacher)``:
     ``rows`` ``[N]`` float32, the unweighted row divergence clamped at 0 (0 where ``w == 0``;
     those rows' logits are not read); the gradients ``w / T * dD_row/dlogits`` in each input's
-    dtype (written into ``out_*`` when given, contiguous, in ``out_*``'s dtype of the three;
-    ``out_student`` may be ``student`` itself: each row is read into the workspace before its
-    gradient is written), None where not asked for. ``ranges`` (float32 ``[N, 4]``, contiguous), when
+    dtype (written into ``out_*`` when given, unit last stride, in ``out_*``'s dtype of the three;
+    ``out_student`` may lie over ``student``'s own rows, in another dtype too (a bf16 view of the first
+    half of each float32 row): each row is read into the workspace before its gradient is written),
+    None where not asked for. ``ranges`` (float32 ``[N, 4]``, contiguous), when
     given, receives each row's (max, min) of ``student / T`` then ``teacher / T`` as the kernel loads
     them (rows of weight 0 are loaded for this alone): the by-product that replaces the input scan of
     ``check_finite``.

@@ -69,19 +69,20 @@ class _Linear:
     gradient products of the same ``W``.
 
     The logits are never rounded to bf16 (Liger-Kernel issue #1432: that rounding moves the
-    divergence gradient). bf16 ``x`` and ``W`` on a CPU with AVX512-BF16 use the bf16 GEMM with a
-    float32 result (:mod:`fdiv.kernels.cpu_gemm`: exact products, float32 sums) on ``W`` packed
-    once per call; the gradient products then run as bf16 GEMMs (the logit gradient rounded to
-    bf16 once, the ``W`` gradient's chunk sums added into a float32 accumulator). Otherwise half
-    inputs are multiplied in float32 on a float32 copy of ``W`` made once per call.
+    divergence gradient). bf16 ``x`` and ``W`` on a CPU with AVX512-BF16 use the bf16 GEMMs of
+    :mod:`fdiv.kernels.cpu_gemm` (exact products, float32 sums): the logits in float32, the
+    ``W`` gradient accumulated over chunks as a bf16 pair worth ~16 significant bits (the bf16
+    gradient and its residual, no float32 ``[V, H]`` accumulator), the ``x`` gradient as a
+    bf16 GEMM of the logit gradient rounded to bf16 once. Otherwise half inputs are multiplied in
+    float32 on a float32 copy of ``W`` made once per call.
     """
 
     def __init__(self, weight, bias, hidden_dtype):
         self.compute = compute_dtype(weight)
-        self.packed = None
-        if hidden_dtype == torch.bfloat16 and cpu_gemm.usable(weight):
-            self.packed = cpu_gemm.PackedBF16Weight(weight=weight.detach(), bias=bias)
-            self.weight, self.bias, self.operand = weight.detach(), None, torch.bfloat16
+        self.bf16 = hidden_dtype == torch.bfloat16 and cpu_gemm.usable(weight)
+        if self.bf16:
+            self.weight, self.operand = weight.detach(), torch.bfloat16
+            self.bias = None if bias is None else bias.detach().to(torch.float32)
         else:
             self.weight = weight if weight.dtype == self.compute else weight.to(self.compute)
             self.bias = None if bias is None else bias.to(self.compute)
@@ -89,8 +90,8 @@ class _Linear:
 
     def __call__(self, x, out):
         """``out`` (``[M, V]``, :attr:`compute`) <- the logits of ``x``."""
-        if self.packed is not None:
-            return self.packed(hidden=x.to(torch.bfloat16), out=out)
+        if self.bf16:
+            return cpu_gemm.linear(hidden=x.to(torch.bfloat16), weight=self.weight, bias=self.bias, out=out)
         x = x.to(self.compute)
         if self.bias is None:
             return torch.mm(x, self.weight.T, out=out)
@@ -100,14 +101,25 @@ class _Linear:
         """``out`` (dtype :attr:`operand`) <- ``grad_logits @ W``."""
         torch.mm(grad_logits.to(self.operand), self.weight, out=out)
 
+    def weight_grad_accumulator(self):
+        """Workspace for :meth:`add_grad_weight`: a ``[V, H]`` :attr:`compute` tensor, or the bf16 pair."""
+        shape, device = self.weight.shape, self.weight.device
+        if self.bf16:
+            return workspace(shape, torch.bfloat16, device), workspace(shape, torch.bfloat16, device)
+        return workspace(shape, self.compute, device)
+
     def add_grad_weight(self, acc, grad_logits, x, first):
-        """``acc`` (float32 / float64) += ``grad_logits.T @ x``; ``acc`` is overwritten when ``first``."""
-        if self.operand == acc.dtype:
-            acc.addmm_(grad_logits.T, x.to(acc.dtype), beta=0 if first else 1)  # beta=0 ignores acc
+        """``acc`` += ``grad_logits.T @ x``; ``acc`` is overwritten when ``first``."""
+        if self.bf16:
+            cpu_gemm.add_weight_grad(grad_weight=acc[0], residual=acc[1], grad_logits=grad_logits.to(torch.bfloat16),
+                                     hidden=x.to(torch.bfloat16), first=first)  # fmt: skip
             return
-        product = cpu_kernel.pooled_empty(acc.shape, self.operand)
-        torch.mm(grad_logits.to(self.operand).T, x.to(self.operand), out=product)
-        cpu_gemm.add_into_float32(accumulator=acc, addend=product, overwrite=first)
+        acc.addmm_(grad_logits.T, x.to(acc.dtype), beta=0 if first else 1)  # beta=0 ignores acc
+
+    def weight_grad(self, acc, zero):
+        """The accumulated ``W`` gradient (zeroed first when ``zero``: no row was counted)."""
+        value = acc[0] if self.bf16 else acc
+        return value.zero_() if zero else value
 
 
 def _check_linear(hidden, weight, bias, hidden_name, weight_name, bias_name):
@@ -140,7 +152,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         needs = [x is not None and x.requires_grad and grad_enabled for x in (hidden, weight, bias)]
         grad_hidden = torch.zeros(hidden.shape, dtype=linear.operand, device=hidden.device) if needs[0] else None
         # written by the first weight-gradient GEMM (zeroed at the end if no row counted)
-        grad_weight = workspace(weight.shape, acc, weight.device) if needs[1] else None
+        grad_weight = linear.weight_grad_accumulator() if needs[1] else None
         weight_grad_fresh = True
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -158,11 +170,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         waiting = 0
         chunk_shape = (min(chunk_size, n), weight.shape[0])
         logits_buffer = workspace(chunk_shape, acc, hidden.device)  # every chunk's logits
-        # the kernel's in-place gradient in the gradient GEMMs' dtype when that is not the logits' (bf16 GEMMs)
-        grad_buffer = None
-        if in_place and linear.operand != acc:
-            grad_buffer = workspace(chunk_shape, linear.operand, hidden.device)
-
+        # the kernel's in-place gradient in the gradient GEMMs' dtype when that is not the logits' (bf16
+        # GEMMs): written over the first half of each logits row's bytes (each row is read before it is written)
+        narrow_grad = in_place and linear.operand != acc
         def add_grad_weight(grad_logits, x):
             nonlocal weight_grad_fresh
             linear.add_grad_weight(grad_weight, grad_logits, x, weight_grad_fresh)
@@ -193,7 +203,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                 slot = g_wait[waiting : waiting + size]
             if weighted_chunk is not None and (in_place or slot is not None):
                 # the row kernel writes w * divergence_weight * dD/dlogits into the slot, or over the logits
-                grad_logits = slot if not in_place else logits if grad_buffer is None else grad_buffer[:size]
+                grad_logits = slot if not in_place else logits
+                if narrow_grad:
+                    grad_logits = logits.view(linear.operand)[:, : logits.shape[1]]
                 rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
                 total += (rows * w).sum() * divergence_weight
             else:
@@ -225,8 +237,8 @@ class _FusedLinearLoss(torch.autograd.Function):
             del logits, grad_logits  # the next chunk's logits reuse this memory
         if g_wait is not None:
             flush(waiting)
-        if grad_weight is not None and weight_grad_fresh:
-            grad_weight.zero_()
+        if grad_weight is not None:
+            grad_weight = linear.weight_grad(grad_weight, zero=weight_grad_fresh)
         ctx.used = False
         pairs = ((grad_hidden, hidden), (grad_weight, weight), (grad_bias, weight))
         ctx.save_for_backward(*(None if g is None else _in_dtype(g, t.dtype) for g, t in pairs))
