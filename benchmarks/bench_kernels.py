@@ -2,7 +2,8 @@
 and 4096 x 128256) against naive PyTorch, TRL and the exp / bandwidth floors, and the fused linear
 loss (fp32 and bf16, N x H x V = 2048 x 2048 x 32000 and 1024 x 4096 x 128256) against the
 materialised path, Liger's chunked loss (eager and compiled) and the four-GEMM floor, at each
-library's default chunk and at 128-row chunks. Each table comes from the script named above it
+library's default chunk and at 128-row chunks, and the fused loss's bf16 GEMMs against torch's
+(bench_gemm.py, where the CPU has AVX512-BF16). Each table comes from the script named above it
 (every row in its own process) and starts with the CPU model and
 ``torch.backends.cpu.get_cpu_capability()``.
 
@@ -34,6 +35,9 @@ def commands(quick: bool) -> list[list[str]]:
             token + ["--shapes", "4096x128256", "--methods", TOKEN_METHODS_LARGE],
             token + ["--shapes", "4096x128256", "--dtype", "bf16", "--methods", TOKEN_METHODS_LARGE],
         ]
+    runs.append([sys.executable, str(HERE / "bench_gemm.py")])
+    if not quick:
+        runs.append([sys.executable, str(HERE / "bench_gemm.py"), "--n", "128256", "--k", "4096", "--rows", "174"])
     shapes = [("2048", "2048", "32000")] + ([] if quick else [("1024", "4096", "128256")])
     for n, hidden, vocab in shapes:
         for dtype in ("fp32", "bf16"):
