@@ -38,6 +38,9 @@ enum Form {
   PEARSON_CHI2, NEYMAN_CHI2, JEFFREYS, TRIANGULAR, ALPHA
 };
 
+// Small vector helpers inlined into each family's loop: a call per tile passes its vectors through memory.
+#define FDIV_INLINE inline __attribute__((always_inline))
+
 inline Vec where(const Vec& mask, const Vec& yes, const Vec& no) { return Vec::blendv(no, yes, mask); }
 inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
 inline Vec sign(const Vec& x) {
@@ -73,19 +76,23 @@ inline Vec fast_expm1(const Vec& x) {
   return where(small, xs * poly, x.exp_u20() - Vec(1.f));
 }
 
-// log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p: 2 atanh(s), s = y / (2 + y), as
-// an odd series (to s^15) where -1/2 <= y <= 1 (|s| <= 1/3); log(1 + y) elsewhere (1 + y is exact
-// for y in [-1, -1/2], and no cancellation above 1).
+// log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p. Where every lane has
+// -1/2 <= y <= 1: 2 atanh(s), s = y / (2 + y), as an odd series (to s^15, |s| <= 1/3). Otherwise, for
+// all lanes, log(u) + (y - (u - 1)) / u with u = 1 + y rounded: u - 1 is exact, and the second term
+// restores what the rounding of u lost (y itself where u == 1); one log and one division per tile
+// instead of the series and a log blended (skew KL's tiles mix both ranges: 140 -> 122 ms).
 inline Vec fast_log1p(const Vec& y) {
-  static constexpr float c[8] = {2.f, 2.f / 3, 2.f / 5, 2.f / 7, 2.f / 9, 2.f / 11, 2.f / 13, 2.f / 15};
-  Vec mid = (y >= Vec(-0.5f)) & (y <= Vec(1.f));
-  Vec ym = where(mid, y, Vec(0.f));
-  Vec s = ym / (Vec(2.f) + ym);
-  Vec s2 = s * s;
-  Vec poly(c[7]);
-  for (int i = 6; i >= 0; --i) poly = at::vec::fmadd(poly, s2, Vec(c[i]));
-  if (all_lanes(mid)) return s * poly;
-  return where(mid, s * poly, fast_log(Vec(1.f) + y));
+  const Vec one(1.f);
+  if (all_lanes((y >= Vec(-0.5f)) & (y <= one))) {
+    static constexpr float c[8] = {2.f, 2.f / 3, 2.f / 5, 2.f / 7, 2.f / 9, 2.f / 11, 2.f / 13, 2.f / 15};
+    Vec s = y / (Vec(2.f) + y);
+    Vec s2 = s * s;
+    Vec poly(c[7]);
+    for (int i = 6; i >= 0; --i) poly = at::vec::fmadd(poly, s2, Vec(c[i]));
+    return s * poly;
+  }
+  Vec u = one + y;
+  return fast_log(u) + (y - (u - one)) / u;
 }
 
 // Whether any lane of x is below t.
@@ -135,7 +142,7 @@ inline Vec exp_neg_lb(const Mixture& m) {
 // w (e^x - 1 - x) >= 0 without cancellation, w_ex = w e^x given: a Taylor series where |x| < 1/2,
 // else (w_ex - w) - w x. The cancellation-free row terms of the KL families (their values minus
 // f'(1) (p - q), which sums to 0 over a row), as FDivergence._row_terms on the torch paths.
-inline Vec weighted_phi(const Vec& w, const Vec& x, const Vec& w_ex) {
+FDIV_INLINE Vec weighted_phi(const Vec& w, const Vec& x, const Vec& w_ex) {
   // 1/(k + 2)! for k = 0..7: the series of (e^x - 1 - x) / x^2, to float precision for |x| < 1/2
   static constexpr float c[8] = {1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040, 1.f / 40320,
                                  1.f / 362880};
@@ -150,7 +157,7 @@ struct Consts { float c[6]; };
 
 // KL(P || w P + (1 - w) Q) of one tile: the value -p la summed as the row term p phi(la) (p e^la = m),
 // grad_a = -p la - grad_b, grad_b = c p e^(-lb) (c = -(1 - w)).
-inline void skew_forward_forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, float w, float one_minus_w,
+FDIV_INLINE void skew_forward_forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, float w, float one_minus_w,
                                float threshold, float c, Vec& value, Vec& ga, Vec& gb) {
   Mixture m = mixture_offsets(a, b, w, one_minus_w, threshold);
   gb = Vec(c) * p * exp_neg_lb(m);
@@ -160,7 +167,7 @@ inline void skew_forward_forms(const Vec& a, const Vec& b, const Vec& p, const V
 
 // (value, grad_a, grad_b) of one tile for finite a = log p, b = log q (p = e^a, q = e^b given).
 template <int form>
-inline void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const Consts& k,
+FDIV_INLINE void forms(const Vec& a, const Vec& b, const Vec& p, const Vec& q, const Consts& k,
                   Vec& value, Vec& ga, Vec& gb) {
   const Vec half(0.5f), one(1.f), two(2.f);
   switch (form) {
@@ -281,7 +288,7 @@ struct Params {
 // MASKED = false: no -inf in either row (the limits are skipped); GUARD = false: a family whose
 // values and gradients are finite for finite inputs (contract 2 cannot trigger).
 template <int form, bool MASKED, bool GUARD>
-inline void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
+FDIV_INLINE void row_forms(const Params& P, const Vec& a, const Vec& b, const Vec& p, const Vec& q, Vec& value, Vec& ga,
                       Vec& gb) {
   const Vec ninf(NEG_INF), inf(POS_INF), zero(0.f);
   if (!MASKED) {
