@@ -6,6 +6,7 @@ import torch
 
 import fdiv
 from fdiv.kernels import cpu_gemm, cpu_kernel
+from fdiv.kernels._forms import FORM_NAMES
 
 BF16 = torch.bfloat16
 pytestmark = pytest.mark.skipif(
@@ -186,3 +187,19 @@ def test_fused_bf16_gemm_path_against_float64_and_the_float32_path(monkeypatch, 
         # bf16 gradients: the bf16 GEMMs round the logit gradient once more than the float32 path
         assert (got.double() - ref64).abs().max() <= 2 * 2.0**-8 * scale
         assert (ref.double() - ref64).abs().max() <= 2.0**-8 * scale
+
+
+@pytest.mark.parametrize("divergence", FORM_NAMES)
+def test_fused_bf16_gemm_path_every_kernel_family(divergence):
+    """Every family the row kernel has, on the bf16 GEMMs (logits, weight-gradient pair), one chunk per
+    weight-gradient GEMM (the gradient written over the logits rows), mask and temperature included."""
+    prob = _problem(n=29, h=40, v=197, seed=11)
+    mask = torch.ones(29, dtype=torch.bool)
+    mask[[2, 17]] = False
+    kwargs = dict(divergence=divergence, mask=mask, temperature=0.8, chunk_size=7, memory_budget=16 * 197)
+    loss, grads = _run(prob, backend="cpu", **kwargs)
+    loss64, grads64 = _run({k: v.double() for k, v in prob.items()}, **kwargs)  # float64: the torch path
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-7)
+    for got, ref64 in zip(grads, grads64):
+        assert got.dtype == BF16
+        assert (got.double() - ref64).abs().max() <= 2 * 2.0**-8 * ref64.abs().max()

@@ -11,7 +11,7 @@ with ATen's vectorised SLEEF functions (AVX-512 or AVX2, by
 slice of rows per thread, ``torch.get_num_threads()`` of them.
 
 **Build and cache.** The library is compiled once per (source, compiler flags, torch version,
-CPU capability) with the system C++ compiler (``$CXX``, else ``c++``; about 8 s on a 2-core machine) against
+CPU capability) with the system C++ compiler (``$CXX``, else ``c++``; about 13 s on a 2-core machine) against
 torch's headers, and cached in ``$FDIV_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/fdiv/kernels``, i.e. ``~/.cache/fdiv/kernels``); later processes load it in
 milliseconds. Delete that folder to clear it. Without a compiler, or if the build fails, one
