@@ -222,7 +222,7 @@ BF16_TARGET void logits_gemm(const uint16_t* a, int64_t lda, const uint16_t* b, 
                              int64_t k, const float* bias, float* c, int64_t ldc, int threads) {
   const int64_t panels = (n + NR - 1) / NR;
   fdiv_cpu::run_slices(threads, panels, [&](int64_t p0, int64_t p1) {
-    std::vector<uint32_t> panel(static_cast<size_t>((k + 1) / 2 * NR) + 16);  // +16: the prefetch may look past it
+    std::vector<uint32_t> panel(static_cast<size_t>((k + 1) / 2 * NR));
     const auto* bp = reinterpret_cast<const uint16_t*>(panel.data());
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t col = p * NR, width = std::min(NR, n - col);

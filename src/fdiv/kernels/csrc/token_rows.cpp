@@ -562,6 +562,7 @@ FormsPass pick_forms(int form, bool masked, bool guard, bool tgrad) {
   return with_form(form, [&](auto f) { return pick<decltype(f)::value>(masked, guard, tgrad); });
 }
 
+#if FDIV_PART != 2  // the dense rows (one of two parallel builds; both when FDIV_PART is unset)
 void run_rows(const Job& J, int64_t begin, int64_t end) {
   const int64_t V = J.V;
   const int64_t Vpad = (V + L - 1) / L * L;
@@ -605,6 +606,9 @@ void run_rows(const Job& J, int64_t begin, int64_t end) {
   }
 }
 
+#endif
+
+#if FDIV_PART != 1  // the top-k and vocabulary-parallel rows
 // ---- sparse top-k teacher, tail bucket: k + 1 outcomes (the top-k ids and the rest).
 struct TopkJob {
   const void* S; const int64_t* idx; const float* A; const float* a_tail; void* GS; float* rows; const float* W;
@@ -829,6 +833,8 @@ void run_shard(const ShardJob& J, int phase, int64_t begin, int64_t end) {
   }
 }
 
+#endif
+
 // Threads for n rows of V entries: at most one per row and per 2^16 entries (a thread costs ~20 us).
 int64_t worker_count(int threads, int64_t n, int64_t V) {
   const int64_t by_work = std::max<int64_t>(1, (n * std::max<int64_t>(V, 1)) >> 16);
@@ -858,6 +864,7 @@ Params make_params(int form, int swap, int standardize, const float* scalars) {
 extern "C" {
 
 // Returns the lane count of the vector type this library was built for (a load-time check).
+#if FDIV_PART != 2
 int64_t fdiv_vector_lanes() { return L; }
 
 void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, float* ranges,
@@ -868,6 +875,8 @@ void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* ro
               dtype_gs, dtype_gt, student_grad, teacher_grad, guard, make_params(form, swap, standardize, scalars)};
   parallel_rows(threads, n, V, [&J](int64_t b, int64_t e) { run_rows(J, b, e); });
 }
+#endif
+#if FDIV_PART != 1
 
 void fdiv_topk_rows(const void* S, const int64_t* idx, const float* A, const float* a_tail, void* GS, float* rows,
                     const float* W, int64_t n, int64_t V, int64_t K, int64_t stride_s, int64_t stride_gs, int dtype_s,
@@ -888,4 +897,5 @@ void fdiv_shard_phase(int phase, const void* S, const void* T, float* GS, float*
   parallel_rows(threads, n, V, [&J, phase](int64_t b, int64_t e) { run_shard(J, phase, b, e); });
 }
 
+#endif
 }  // extern "C"
