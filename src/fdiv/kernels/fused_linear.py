@@ -173,6 +173,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         # the kernel's in-place gradient in the gradient GEMMs' dtype when that is not the logits' (bf16
         # GEMMs): written over the first half of each logits row's bytes (each row is read before it is written)
         narrow_grad = in_place and linear.operand != acc
+
         def add_grad_weight(grad_logits, x):
             nonlocal weight_grad_fresh
             linear.add_grad_weight(grad_weight, grad_logits, x, weight_grad_fresh)
@@ -294,8 +295,9 @@ def fused_linear_loss(
     bytes of float32 chunk workspace); each chunk's logits are computed, turned into
     a logit gradient by the divergence's pointwise forms and the softmax chain rule,
     and immediately contracted into the gradients of ``student_hidden``,
-    ``student_weight`` and ``student_bias`` (accumulated in float32). Peak extra
-    memory: those gradients plus one chunk.
+    ``student_weight`` and ``student_bias`` (accumulated in float32; a bf16 lm_head
+    gradient on a CPU with AVX512-BF16 as a bf16 pair of ~16 significant bits,
+    :mod:`fdiv.kernels.cpu_gemm`). Peak extra memory: those gradients plus one chunk.
 
     Args:
         student_hidden: ``[N, H_s]``; student_weight: ``[V, H_s]``; student_bias: ``[V]`` or None.

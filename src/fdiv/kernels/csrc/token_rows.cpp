@@ -76,14 +76,14 @@ inline Vec fast_expm1(const Vec& x) {
   return where(small, xs * poly, x.exp_u20() - Vec(1.f));
 }
 
-// log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p. Where every lane has
-// -1/2 <= y <= 1: 2 atanh(s), s = y / (2 + y), as an odd series (to s^15, |s| <= 1/3). Otherwise, for
-// all lanes, log(u) + (y - (u - 1)) / u with u = 1 + y rounded: u - 1 is exact, and the second term
-// restores what the rounding of u lost (y itself where u == 1); one log and one division per tile
-// instead of the series and a log blended (skew KL's tiles mix both ranges: 140 -> 122 ms).
-inline Vec fast_log1p(const Vec& y) {
+// log(1 + y) to a few ulp, cheaper than SLEEF's double-float log1p. `bounded` (the caller knows
+// -1/2 <= y <= 1 in every lane): 2 atanh(s), s = y / (2 + y), as an odd series (to s^15, |s| <= 1/3).
+// Otherwise log(u) + (y - (u - 1)) / u with u = 1 + y rounded: u - 1 is exact and the second term
+// restores what the rounding of u lost (y itself where u == 1). Chosen per call, not per tile: a
+// per-tile test mispredicted on mixed tiles and blending both cost skew KL 15 % of its time.
+inline Vec fast_log1p(const Vec& y, bool bounded) {
   const Vec one(1.f);
-  if (all_lanes((y >= Vec(-0.5f)) & (y <= one))) {
+  if (bounded) {
     static constexpr float c[8] = {2.f, 2.f / 3, 2.f / 5, 2.f / 7, 2.f / 9, 2.f / 11, 2.f / 13, 2.f / 15};
     Vec s = y / (Vec(2.f) + y);
     Vec s2 = s * s;
@@ -129,7 +129,7 @@ inline Mixture mixture_offsets(const Vec& a, const Vec& b, float w, float one_mi
   Vec q_dominates = d <= Vec(threshold);
   Vec x = fast_expm1(where(q_dominates, d, d.neg()));
   Vec y = where(q_dominates, Vec(w), Vec(one_minus_w)) * x;
-  Vec t = fast_log1p(y);
+  Vec t = fast_log1p(y, w == 0.5f);  // y in (-max(w, 1 - w), |1 - 2w|]: inside [-1/2, 1] for w = 1/2 only
   return {where(q_dominates, t - d, t), where(q_dominates, t, t + d), x, y, q_dominates};
 }
 // e^(-lb) = q / m from the offsets' own x and y: 1 / (1 + y) where q dominates, else e^(-d) / (1 + y)
