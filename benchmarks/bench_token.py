@@ -23,7 +23,8 @@ from _memory import machine_line, timed_window
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 #: Built-in f-divergences timed on the C++ row kernel beyond the two compared with every peer.
-OTHER_DIVERGENCES = ("reverse_kl", "tv", "hellinger", "pearson_chi2", "jeffreys", "triangular", "alpha", "skew_forward_kl")
+OTHER_DIVERGENCES = ("reverse_kl", "tv", "hellinger", "pearson_chi2", "neyman_chi2", "jeffreys", "triangular", "alpha",
+                     "skew_forward_kl", "skew_reverse_kl")
 
 METHODS = {
     # name: label
