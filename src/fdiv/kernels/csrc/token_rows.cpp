@@ -38,7 +38,8 @@ enum Form {
   PEARSON_CHI2, NEYMAN_CHI2, JEFFREYS, TRIANGULAR, ALPHA
 };
 
-// Small vector helpers inlined into each family's loop: a call per tile passes its vectors through memory.
+// For the family forms and their heavier helpers, forced into each family's loop: left to the compiler
+// some stayed calls per tile, passing their vectors through memory.
 #define FDIV_INLINE inline __attribute__((always_inline))
 
 inline Vec where(const Vec& mask, const Vec& yes, const Vec& no) { return Vec::blendv(no, yes, mask); }
@@ -863,8 +864,8 @@ Params make_params(int form, int swap, int standardize, const float* scalars) {
 
 extern "C" {
 
-// Returns the lane count of the vector type this library was built for (a load-time check).
 #if FDIV_PART != 2
+// Returns the lane count of the vector type this library was built for (a load-time check).
 int64_t fdiv_vector_lanes() { return L; }
 
 void fdiv_token_rows(const void* S, const void* T, void* GS, void* GT, float* rows, const float* W, float* ranges,
