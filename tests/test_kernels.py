@@ -524,6 +524,30 @@ def test_fused_linear_chunk_from_memory_budget():
     torch.testing.assert_close(small, large)
 
 
+def test_fused_linear_default_chunk_keeps_a_minimum_of_rows_on_the_cpu_kernel(monkeypatch):
+    """The default budget (here shrunk to 10 rows' worth) gives way to MIN_DEFAULT_CHUNK_ROWS on the C++
+    kernel's path; an explicit memory_budget is kept to."""
+    from fdiv.kernels import cpu_kernel, fused_linear
+
+    if not cpu_kernel.usable(fdiv.get("forward_kl"), "cpu", torch.float32):
+        pytest.skip("the C++ row kernel cannot be built here (no compiler)")
+    n, h, v = 300, 4, 64
+    budget = fused_linear.LIVE_CHUNK_TENSORS_CPU_KERNEL * 4 * v * 10
+    monkeypatch.setattr(fused_linear, "DEFAULT_MEMORY_BUDGET", budget)
+    g = torch.Generator().manual_seed(0)
+    prob = dict(student_hidden=torch.randn(n, h, generator=g), student_weight=torch.randn(v, h, generator=g),
+                teacher_hidden=torch.randn(n, h, generator=g), teacher_weight=torch.randn(v, h, generator=g))
+    chunks = []
+    real = cpu_kernel._token_rows
+    monkeypatch.setattr(cpu_kernel, "_token_rows", lambda *a, **k: chunks.append(a[1].shape[0]) or real(*a, **k))
+    default = fdiv.fused_linear_loss(**prob, backend="cpu")
+    assert chunks == [fused_linear.MIN_DEFAULT_CHUNK_ROWS, n - fused_linear.MIN_DEFAULT_CHUNK_ROWS]
+    chunks.clear()
+    strict = fdiv.fused_linear_loss(**prob, backend="cpu", memory_budget=budget)
+    assert chunks == [10] * 30
+    torch.testing.assert_close(default, strict)
+
+
 def test_fused_linear_errors():
     prob = _linear_problem()
     with pytest.raises(ValueError, match="hidden size mismatch"):

@@ -28,6 +28,11 @@ from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, sca
 
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+#: Rows per chunk the default budget does not go below on the C++ row kernel's path (when the call has
+#: them): the chunk GEMMs run well below their rate under it (development machine, torch float32 matmul
+#: at V = 128256, H = 4096: ~130 GFLOPS at 174 rows, ~155 at 256, ~180 at 1024). At V = 128256 this
+#: is 1.5x the budget; an explicit ``memory_budget`` is kept to.
+MIN_DEFAULT_CHUNK_ROWS = 256
 #: float32 ``[chunk, V]`` tensors alive at once inside one chunk on the torch paths (logits of
 #: both models, log-probabilities, the three pointwise forms, the gradient).
 LIVE_CHUNK_TENSORS = 8
@@ -274,7 +279,7 @@ def fused_linear_loss(
     divergence_weight: float = 1.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     backend: str = "auto",
     check_finite: bool | None = None,
 ) -> torch.Tensor:
@@ -291,8 +296,9 @@ def fused_linear_loss(
     factor (kernels never scale; an objective passes ``divergence_weight * T**2``
     for Hinton's convention). The teacher side runs under ``no_grad``.
 
-    Rows are processed ``chunk_size`` at a time (default: from ``memory_budget``
-    bytes of float32 chunk workspace); each chunk's logits are computed, turned into
+    Rows are processed ``chunk_size`` at a time (default: from ``memory_budget`` bytes of
+    float32 chunk workspace, 256 MiB when not given, and then on the C++ row kernel's path at
+    least :data:`MIN_DEFAULT_CHUNK_ROWS` rows); each chunk's logits are computed, turned into
     a logit gradient by the divergence's pointwise forms and the softmax chain rule,
     and immediately contracted into the gradients of ``student_hidden``,
     ``student_weight`` and ``student_bias`` (accumulated in float32; a bf16 lm_head
@@ -309,6 +315,8 @@ def fused_linear_loss(
         divergence_weight: weight ``w_D >= 0`` of the divergence term (not both 0).
         reduction: ``"mean"`` over counted rows or ``"sum"``.
         check_finite: as in :func:`fdiv.token_loss` (default on for CPU tensors only).
+        memory_budget: bytes of float32 chunk workspace the default ``chunk_size`` is sized to
+            (kept to exactly when given; see above for the default).
         backend: the chunk kernel of a dense teacher: ``"eager"``, ``"compile"``, ``"cpu"`` (the C++
             row kernel, :mod:`fdiv.kernels.cpu_kernel`) or ``"auto"`` (the C++ kernel for float32
             chunks on CPU where it supports the divergence, else as :func:`fdiv.token_loss`).
@@ -355,12 +363,14 @@ def fused_linear_loss(
     if hard_label_weight and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
     inv_temperature = 1.0 / temperature
-    memory_budget = check_int("memory_budget", memory_budget, low=1)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else check_int("memory_budget", memory_budget, low=1)
     backend = check_choice("backend", backend, ("auto", "eager", "compile", "cpu"))
     chosen = None if sparse else pick_chunk_backend(backend, n * vocab, device, compute_dtype(student_weight), divergence)
     if chunk_size is None:
         live = LIVE_CHUNK_TENSORS_CPU_KERNEL if chosen == "cpu" else LIVE_CHUNK_TENSORS
-        chunk_size = chunk_rows_for_budget(n, vocab, memory_budget, live)
+        chunk_size = chunk_rows_for_budget(n, vocab, budget, live)
+        if memory_budget is None and chosen == "cpu":
+            chunk_size = max(chunk_size, min(n, MIN_DEFAULT_CHUNK_ROWS))
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
     acc = compute_dtype(student_weight)
     check_scaled_logits({}, inv_temperature, acc)  # 1/T alone overflows: always (no data, no sync)
@@ -419,7 +429,7 @@ def fused_linear_loss(
     out = _FusedLinearLoss.apply(
         student_hidden, student_weight, student_bias, teacher_chunk, weights, labels, ignore_index,
         divergence_weight, hard_label_weight, chunk_size, torch.is_grad_enabled(), check_logits,
-        weight_grad_rows_for_budget(n, vocab, memory_budget), weighted_chunk,
+        weight_grad_rows_for_budget(n, vocab, budget), weighted_chunk,
     )  # fmt: skip
     if check_finite:
         named = {"student_hidden": student_hidden, "student_weight": student_weight}
@@ -431,4 +441,4 @@ def fused_linear_loss(
     return out
 
 
-__all__ = ["fused_linear_loss", "chunk_rows_for_budget", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["fused_linear_loss", "chunk_rows_for_budget", "DEFAULT_MEMORY_BUDGET", "MIN_DEFAULT_CHUNK_ROWS"]
