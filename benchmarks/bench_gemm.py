@@ -14,23 +14,16 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from _memory import machine_line
+from _memory import machine_line, timed_window
 
 from fdiv.kernels import cpu_gemm
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    fn()  # warm-up
+    return timed_window(fn, repeats)["ms"]
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from .._validate import check_tensor
 from . import cpu_kernel
 
 __all__ = ["add_weight_grad", "linear", "usable"]
@@ -41,8 +42,9 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def _bf16_matrix(name: str, x: torch.Tensor, columns: int | None = None) -> torch.Tensor:
     """``x`` as a bf16 CPU matrix with unit column stride (a copy only if its columns are strided)."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D bf16 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    check_tensor(name, x, dim=2)
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"{name} must be a 2-D bf16 CPU tensor, got {x.dtype} on {x.device}")
     if columns is not None and x.shape[1] != columns:
         raise ValueError(f"{name} must have {columns} columns, got {tuple(x.shape)}")
     return cpu_kernel._rows_2d(x)
