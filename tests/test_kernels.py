@@ -1144,3 +1144,25 @@ def test_paths_keep_small_rows_near_convergence(monkeypatch, div, cpu_kernel):
     for path, rows in got.items():
         error = ((rows.double() - exact).abs() / exact).max().item()
         assert error <= 1e-3, (path, error)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("hard", [0.0, 0.5])
+def test_fused_linear_overflowing_logits_are_named(side, temperature, hard):
+    """Finite logits / T beyond the float32 range of the forms: a ValueError naming the product (or the
+    temperature that pushed it there), on the C++ kernel's chunks and on the eager ones."""
+    big = 3e37 if temperature == 1.0 else 3e37 / 1.5  # / T = 6e37 or 4e37 * 2 > finfo.max / 8 = 4.25e37
+    h = torch.tensor([[2.0, 0.0], [0.5, 1.0], [1.0, 1.0]])
+    w = torch.tensor([[big, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    small = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.2, 0.1]])
+    prob = dict(student_hidden=h.clone().requires_grad_(True), teacher_hidden=h.clone(),
+                student_weight=(w if side == "student" else small).clone().requires_grad_(True),
+                teacher_weight=small if side == "student" else w)  # fmt: skip
+    name = f"{side}_hidden @ {side}_weight.T"
+    expected = "temperature=0.5 is too small for" if temperature != 1.0 else "has finite entries beyond"
+    for backend in ("auto", "eager"):
+        with pytest.raises(ValueError) as info:
+            fdiv.fused_linear_loss(**prob, temperature=temperature, backend=backend, labels=torch.tensor([0, 1, 2]),
+                                   hard_label_weight=hard)  # fmt: skip
+        assert name in str(info.value) and expected in str(info.value)

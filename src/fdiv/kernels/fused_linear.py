@@ -21,7 +21,7 @@ from ._rowmath import (
     resolve_check_finite,
     row_weights,
 )
-from .._validate import check_scaled_logits
+from .._validate import check_scaled_logits, scaled_ranges_fit
 from . import cpu_gemm, cpu_kernel
 from .sparse import TAILS, check_topk, sparse_chunk
 from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, scale_saved_gradient
@@ -198,21 +198,24 @@ class _FusedLinearLoss(torch.autograd.Function):
             # uncounted rows may hold garbage (NaN, inf): zero them before the GEMMs, where a 0
             # weight would not stop it (0 * NaN = NaN in addmm_); torch.where, no host sync
             x = torch.where(counted[:, None], hidden[start:stop], zero_hidden)
-            logits = linear(x, logits_buffer[: stop - start])
-            if check_logits is not None:
-                check_logits(logits)
             size = stop - start
+            logits = linear(x, logits_buffer[:size])
             slot = None  # this chunk's rows of the weight-gradient batch
             if g_wait is not None:
                 if waiting + size > batch:
                     waiting = flush(waiting)
                 slot = g_wait[waiting : waiting + size]
-            if weighted_chunk is not None and (in_place or slot is not None):
+            row_kernel = weighted_chunk is not None and (in_place or slot is not None)
+            if check_logits is not None and not row_kernel:  # the row kernel checks the extremes it loads
+                check_logits(logits)
+            if row_kernel:
                 # the row kernel writes w * divergence_weight * dD/dlogits into the slot, or over the logits
                 grad_logits = slot if not in_place else logits
                 if narrow_grad:
                     grad_logits = logits.view(linear.operand)[:, : logits.shape[1]]
-                rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits)
+                # the logits again (a new tensor), for the exact scan if the kernel's extremes do not fit
+                again = lambda x=x, like=logits: linear(x, torch.empty_like(like))  # noqa: E731
+                rows = weighted_chunk(logits, start, stop, w * divergence_weight, grad_logits, again)
                 total += (rows * w).sum() * divergence_weight
             else:
                 d_rows = d_grad = ce_rows = ce_grad = None
@@ -398,10 +401,10 @@ def fused_linear_loss(
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
-        def teacher_logits_of(start, stop):
+        def teacher_logits_of(start, stop, scan=True):
             with torch.no_grad():
                 teacher_logits = teacher_linear(teacher_hidden[start:stop].detach(), teacher_buffer[: stop - start])
-            if check_finite:
+            if check_finite and scan:
                 named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
                 check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
             return teacher_logits
@@ -412,12 +415,21 @@ def fused_linear_loss(
 
         if chosen == "cpu" and not hard_label_weight:
 
-            def weighted_chunk(logits, start, stop, chunk_weights, out):
-                """Unweighted rows; ``out`` <- the weighted logit gradient (0 in rows of weight 0)."""
+            def weighted_chunk(logits, start, stop, chunk_weights, out, logits_again):
+                """Unweighted rows; ``out`` <- the weighted logit gradient (0 in rows of weight 0). With
+                ``check_finite`` the kernel returns each row's extremes of both logits / T; only if they do
+                not fit are both scanned exactly (the student's from ``logits_again()``: ``out`` may have
+                overwritten them)."""
+                teacher_logits = teacher_logits_of(start, stop, scan=False)
+                ranges = torch.empty((stop - start, 4)) if check_finite else None
                 rows, _, _ = cpu_kernel._token_rows(
-                    divergence, logits, teacher_logits_of(start, stop), chunk_weights, inv_temperature,
-                    teacher_grad=False, out_student=out,
+                    divergence, logits, teacher_logits, chunk_weights, inv_temperature,
+                    teacher_grad=False, out_student=out, ranges=ranges,
                 )  # fmt: skip
+                if ranges is not None and not scaled_ranges_fit(ranges, acc):
+                    check_logits(logits_again())
+                    named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
+                    check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
                 return rows
 
     check_logits = None
