@@ -529,8 +529,8 @@ def test_fused_linear_default_chunk_keeps_a_minimum_of_rows_on_the_cpu_kernel(mo
     kernel's path; an explicit memory_budget is kept to."""
     from fdiv.kernels import cpu_kernel, fused_linear
 
-    if not cpu_kernel.usable(fdiv.get("forward_kl"), "cpu", torch.float32):
-        pytest.skip("the C++ row kernel cannot be built here (no compiler)")
+    if cpu_kernel._compiler() is None:  # with a compiler, a failed build fails this test (backend="cpu" refuses)
+        pytest.skip("no C++ compiler here: the C++ row kernel cannot be built")
     n, h, v = 300, 4, 64
     budget = fused_linear.LIVE_CHUNK_TENSORS_CPU_KERNEL * 4 * v * 10
     monkeypatch.setattr(fused_linear, "DEFAULT_MEMORY_BUDGET", budget)
