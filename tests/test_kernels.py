@@ -548,6 +548,37 @@ def test_fused_linear_default_chunk_keeps_a_minimum_of_rows_on_the_cpu_kernel(mo
     torch.testing.assert_close(default, strict)
 
 
+@pytest.mark.parametrize("dtype,backend", [(torch.float32, "eager"), (torch.float32, "cpu"), (torch.float64, "auto")])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("w_major_rows", [0, 512], ids=["x-left", "w-major"])
+def test_fused_linear_cpu_gemm_orders_against_float64(monkeypatch, dtype, bias, backend, w_major_rows):
+    """The logits and x-gradient GEMMs with W on the left (in blocks of W's rows, here 5: 17 = 5 + 5 + 5 + 2)
+    and with x on the left give the float64 loss and the float64 gradients of hidden, weight and bias."""
+    from fdiv.kernels import cpu_kernel, fused_linear
+
+    if backend == "cpu" and cpu_kernel._compiler() is None:
+        pytest.skip("no C++ compiler here: the C++ row kernel cannot be built")
+    monkeypatch.setattr(fused_linear, "W_MAJOR_MAX_ROWS", w_major_rows)
+    monkeypatch.setattr(fused_linear, "W_MAJOR_BLOCK", 5)
+    prob = _linear_problem(dtype=dtype)
+    if not bias:
+        del prob["student_bias"], prob["teacher_bias"]
+    labels = torch.randint(0, 17, (9,), generator=torch.Generator().manual_seed(2))
+    got = fdiv.fused_linear_loss(**prob, divergence="js", temperature=1.5, labels=labels, hard_label_weight=0.3,
+                                 chunk_size=4, backend=backend)  # fmt: skip
+    exact = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in prob.items()}
+    student = exact["student_hidden"] @ exact["student_weight"].T + exact.get("student_bias", 0.0)
+    teacher = exact["teacher_hidden"] @ exact["teacher_weight"].T + exact.get("teacher_bias", 0.0)
+    ref = _reference("js", {}, student, teacher, temperature=1.5) + 0.3 * torch.nn.functional.cross_entropy(
+        student, labels
+    )
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.double(), ref, **tol)
+    names = [k for k in ("student_hidden", "student_weight", "student_bias") if k in prob]
+    for a, b in zip(_grads(got, [prob[k] for k in names]), _grads(ref, [exact[k] for k in names]), strict=True):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
 def test_fused_linear_errors():
     prob = _linear_problem()
     with pytest.raises(ValueError, match="hidden size mismatch"):
