@@ -524,9 +524,30 @@ def test_fused_linear_chunk_from_memory_budget():
     torch.testing.assert_close(small, large)
 
 
+def test_even_chunk_rows_against_brute_force():
+    """The smallest chunk that needs no more chunks than `chunk` rows do (nor more than `minimum`-row
+    chunks would), rounded up to a multiple of 16 where that keeps the count (and `chunk`, unless `minimum` set the count)."""
+    from fdiv.kernels.fused_linear import CHUNK_ROW_ALIGN, even_chunk_rows
+
+    chunks = lambda rows, c: -(-rows // c)  # noqa: E731
+    for rows in range(1, 90):
+        for chunk in range(1, 100):
+            for minimum in (1, 7, 40):
+                most = max(1, min(chunks(rows, chunk), rows // minimum))
+                smallest = min(c for c in range(1, rows + 1) if chunks(rows, c) <= most)
+                count = chunks(rows, smallest)
+                bound = chunk if most == chunks(rows, chunk) else rows
+                aligned = [c for c in range(1, bound + 1) if chunks(rows, c) == count and c % CHUNK_ROW_ALIGN == 0]
+                want = min(aligned[0], rows) if aligned else smallest
+                got = even_chunk_rows(rows, chunk, minimum)
+                assert chunks(rows, got) == count and got == want, (rows, chunk, minimum, got, want)
+    assert even_chunk_rows(1024, 174, 192) == 208
+    assert even_chunk_rows(1024, 256) == 256
+
+
 def test_fused_linear_default_chunk_keeps_a_minimum_of_rows_on_the_cpu_kernel(monkeypatch):
     """The default budget (here shrunk to 10 rows' worth) gives way to MIN_DEFAULT_CHUNK_ROWS on the C++
-    kernel's path; an explicit memory_budget is kept to."""
+    kernel's path (as many chunks as that many rows need, evened); an explicit memory_budget is kept to."""
     from fdiv.kernels import cpu_kernel, fused_linear
 
     if cpu_kernel._compiler() is None:  # with a compiler, a failed build fails this test (backend="cpu" refuses)
@@ -541,7 +562,8 @@ def test_fused_linear_default_chunk_keeps_a_minimum_of_rows_on_the_cpu_kernel(mo
     real = cpu_kernel._token_rows
     monkeypatch.setattr(cpu_kernel, "_token_rows", lambda *a, **k: chunks.append(a[1].shape[0]) or real(*a, **k))
     default = fdiv.fused_linear_loss(**prob, backend="cpu")
-    assert chunks == [fused_linear.MIN_DEFAULT_CHUNK_ROWS, n - fused_linear.MIN_DEFAULT_CHUNK_ROWS]
+    assert 300 // fused_linear.MIN_DEFAULT_CHUNK_ROWS == 1
+    assert chunks == [n]  # one chunk: two would hold fewer than the minimum
     chunks.clear()
     strict = fdiv.fused_linear_loss(**prob, backend="cpu", memory_budget=budget)
     assert chunks == [10] * 30

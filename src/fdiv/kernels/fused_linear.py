@@ -29,10 +29,14 @@ from .token import ChunkKernels, pick_chunk_backend, refuse_second_backward, sca
 #: Default working-set budget for the per-chunk float32 logit tensors.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per chunk the default budget does not go below on the C++ row kernel's path (when the call has
-#: them): the chunk GEMMs run well below their rate under it (development machine, torch float32 matmul
-#: at V = 128256, H = 4096: ~130 GFLOPS at 174 rows, ~155 at 256, ~180 at 1024). At V = 128256 this
-#: is 1.5x the budget; an explicit ``memory_budget`` is kept to.
-MIN_DEFAULT_CHUNK_ROWS = 256
+#: them): the chunk GEMMs run below their rate under it (development machine, V = 128256, H = 4096: the
+#: float32 W-major GEMMs ~150-160 GFLOPS at 128 rows, ~172 at 192, ~178 at 256; the bf16 fused loss 1.17x
+#: its floor at 174-row chunks, 1.06x at 256). At V = 128256 this is 1.1x the budget; an explicit
+#: ``memory_budget`` is kept to.
+MIN_DEFAULT_CHUNK_ROWS = 192
+#: Default chunks are rounded up to a multiple of this many rows where that keeps their count
+#: (:func:`even_chunk_rows`): torch's float32 matmul ran 147-156 GFLOPS at 205 rows, 170-179 at 200 and 208.
+CHUNK_ROW_ALIGN = 16
 #: float32 ``[chunk, V]`` tensors alive at once inside one chunk on the torch paths (logits of
 #: both models, log-probabilities, the three pointwise forms, the gradient).
 LIVE_CHUNK_TENSORS = 8
@@ -60,6 +64,24 @@ def chunk_rows_for_budget(rows: int, vocab: int, memory_budget: int, live: int =
     """Rows per chunk so that ``live`` float32 ``[chunk, V]`` tensors fit ``memory_budget`` bytes."""
     per_row = live * 4 * vocab
     return max(1, min(rows, memory_budget // per_row))
+
+
+def even_chunk_rows(rows: int, chunk: int, minimum: int = 1) -> int:
+    """Rows per chunk: the smallest chunk that covers ``rows`` in no more chunks than ``chunk`` rows per
+    chunk need (fewer where that would put fewer than ``minimum`` rows in a chunk), rounded up to a multiple of
+    :data:`CHUNK_ROW_ALIGN` where that keeps the count (and, unless ``minimum`` set the count, ``chunk``).
+    1024 rows at 174 per chunk and a minimum of 192: 5 chunks of 208 (4 x 208 + 192), not 5 x 192 + 64
+    (a short chunk, or an odd row count, runs the chunk's GEMMs below their rate)."""
+    if rows <= 0:
+        return max(chunk, 1)
+    by_chunk = -(-rows // max(chunk, 1))
+    count = max(1, min(by_chunk, rows // max(minimum, 1)))
+    even = -(-rows // count)
+    aligned = -(-even // CHUNK_ROW_ALIGN) * CHUNK_ROW_ALIGN
+    bound = chunk if count == by_chunk else rows  # chunk: e.g. from an explicit memory budget
+    if aligned <= bound and -(-rows // aligned) == -(-rows // even):
+        return min(aligned, rows)
+    return even
 
 
 def workspace(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -330,7 +352,8 @@ def fused_linear_loss(
 
     Rows are processed ``chunk_size`` at a time (default: from ``memory_budget`` bytes of
     float32 chunk workspace, 256 MiB when not given, and then on the C++ row kernel's path at
-    least :data:`MIN_DEFAULT_CHUNK_ROWS` rows); each chunk's logits are computed, turned into
+    least :data:`MIN_DEFAULT_CHUNK_ROWS` rows; evened out over the chunks and rounded to 16 rows,
+    :func:`even_chunk_rows`); each chunk's logits are computed, turned into
     a logit gradient by the divergence's pointwise forms and the softmax chain rule,
     and immediately contracted into the gradients of ``student_hidden``,
     ``student_weight`` and ``student_bias`` (accumulated in float32; a bf16 lm_head
@@ -401,8 +424,8 @@ def fused_linear_loss(
     if chunk_size is None:
         live = LIVE_CHUNK_TENSORS_CPU_KERNEL if chosen == "cpu" else LIVE_CHUNK_TENSORS
         chunk_size = chunk_rows_for_budget(n, vocab, budget, live)
-        if memory_budget is None and chosen == "cpu":
-            chunk_size = max(chunk_size, min(n, MIN_DEFAULT_CHUNK_ROWS))
+        floor = MIN_DEFAULT_CHUNK_ROWS if memory_budget is None and chosen == "cpu" else 1
+        chunk_size = even_chunk_rows(n, chunk_size, floor)
     counted = counted_rows((n,), device, mask, labels, ignore_index, vocab if check_finite else None)
     acc = compute_dtype(student_weight)
     check_scaled_logits({}, inv_temperature, acc)  # 1/T alone overflows: always (no data, no sync)
