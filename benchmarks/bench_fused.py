@@ -26,7 +26,7 @@ METHODS = {
     "liger-compiled": "Liger LigerFusedLinearJSDLoss (compiled=True)",
     "fdiv-compile": "fdiv.fused_linear_loss, backend='compile' (torch chunks)",
     "fdiv": "fdiv.fused_linear_loss (auto: C++ row kernel chunks)",
-    "floor-gemm": "floor: the four GEMMs (two logit products, grad hidden, grad lm_head; faster operand order), input dtype",
+    "floor-gemm": "floor: the four GEMMs (two logit products, grad hidden, grad lm_head; faster operand order, preallocated outputs), input dtype",
     "floor-gemm-fp32": "floor: the four GEMMs in float32, faster operand order (fdiv's GEMMs for half inputs without AVX512-BF16)",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -34,8 +34,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 def floor_gemms(hidden, weight, teacher_hidden, teacher_weight) -> list:
     """The floor's four GEMMs, each in the operand order that ran faster here (one timing of each after a
-    warm-up): a BLAS runs ``x @ W.T`` and ``(W @ x.T).T``, the same products, at different rates
-    (torch's CPU matmul at 256 rows, V = 128256: ~130 vs ~175 GFLOPS on the development machine)."""
+    warm-up), into outputs allocated once: a BLAS runs ``x @ W.T`` and ``W @ x.T``, the same products, at
+    different rates (torch's CPU matmul at 256 rows, V = 128256: ~130 vs ~175 GFLOPS on the development
+    machine), and a fresh [V, H] or [N, V] output page-faults on every call."""
     import time
 
     import torch
@@ -43,21 +44,24 @@ def floor_gemms(hidden, weight, teacher_hidden, teacher_weight) -> list:
     with torch.no_grad():
         grad = hidden @ weight.T  # stands in for dL/dlogits
     orders = [
-        (lambda: hidden @ weight.T, lambda: weight @ hidden.T),  # student logits
-        (lambda: teacher_hidden @ teacher_weight.T, lambda: teacher_weight @ teacher_hidden.T),  # teacher logits
-        (lambda: grad @ weight, lambda: weight.T @ grad.T),  # grad hidden = dL/dlogits @ W
-        (lambda: grad.T @ hidden, lambda: hidden.T @ grad),  # grad lm_head = dL/dlogits^T @ h
+        ((hidden, weight.T), (weight, hidden.T)),  # student logits
+        ((teacher_hidden, teacher_weight.T), (teacher_weight, teacher_hidden.T)),  # teacher logits
+        ((grad, weight), (weight.T, grad.T)),  # grad hidden = dL/dlogits @ W
+        ((grad.T, hidden), (hidden.T, grad)),  # grad lm_head = dL/dlogits^T @ h
     ]
     chosen = []
     with torch.no_grad():
         for forms in orders:
-            seconds = []
-            for form in forms:
-                form()
+            seconds, gemms = [], []
+            for a, b in forms:
+                out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+                gemm = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)  # noqa: E731
+                gemm()
                 start = time.perf_counter()
-                form()
+                gemm()
                 seconds.append(time.perf_counter() - start)
-            chosen.append(forms[seconds.index(min(seconds))])
+                gemms.append(gemm)
+            chosen.append(gemms[seconds.index(min(seconds))])
     return chosen
 
 
