@@ -178,8 +178,9 @@ def main() -> None:
             above = lambda m: max(m - weight_grad_bytes, 0)  # noqa: E731
             naive_above = above(naive.get("peak_extra_bytes", 0))
             mem_ratio = f"{above(mem) / naive_above:.2f}" if naive_above else "—"
+            loss = "—" if method.startswith("floor") else f"{res['loss']:.6f}"  # a floor computes no loss
             print(f"| {METHODS[method]} | {res['ms']:.0f} | {x_naive} | {x_liger} | {x_floor} | {mem / 2**20:.0f} | "
-                  f"{mem_ratio} | {res['loss']:.6f} |")
+                  f"{mem_ratio} | {loss} |")
         sys.stdout.flush()
 
 

@@ -18,8 +18,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench_token import OTHER_DIVERGENCES
+
 HERE = Path(__file__).parent
-TOKEN_METHODS_LARGE = "naive:forward_kl,trl:forward_kl,fdiv-cpu:forward_kl,fdiv-cpu:js,topk:forward_kl,floor:exp"
+#: 4096 x 128256: naive and TRL on forward KL only (their JS needs 14-15 logits tensors, 28-30 GiB), the C++
+#: kernel on every built-in f-divergence.
+TOKEN_METHODS_LARGE = ",".join(
+    ["floor:exp", "naive:forward_kl", "trl:forward_kl", "fdiv-cpu:forward_kl", "fdiv-cpu:js"]
+    + [f"fdiv-cpu:{name}" for name in OTHER_DIVERGENCES]
+    + ["topk:forward_kl"]
+)
 FUSED_METHODS = "naive,liger,liger-compiled,fdiv,floor-gemm,floor-gemm-fp32"
 
 
