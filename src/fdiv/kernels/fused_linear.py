@@ -31,7 +31,7 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Rows per chunk the default budget does not go below on the C++ row kernel's path (when the call has
 #: them): the chunk GEMMs run below their rate under it (development machine, V = 128256, H = 4096: the
 #: float32 W-major GEMMs ~150-160 GFLOPS at 128 rows, ~172 at 192, ~178 at 256; the bf16 fused loss 1.17x
-#: its floor at 174-row chunks, 1.06x at 256). At V = 128256 this is 1.1x the budget; an explicit
+#: its floor at 174-row chunks, 1.06x at 256). At V = 128256, N = 1024 the chunks are 1.2x the budget; an explicit
 #: ``memory_budget`` is kept to.
 MIN_DEFAULT_CHUNK_ROWS = 192
 #: Default chunks are rounded up to a multiple of this many rows where that keeps their count
