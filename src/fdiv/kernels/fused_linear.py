@@ -453,12 +453,15 @@ def fused_linear_loss(
         # with check_finite, -inf is looked for per chunk (a sync per chunk off the CPU: opted in)
         kernels = ChunkKernels(divergence, chosen, False, device.type, chunk_size, None if check_finite else True)
 
+        def check_teacher(teacher_logits):
+            named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
+            check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
+
         def teacher_logits_of(start, stop, scan=True):
             with torch.no_grad():
                 teacher_logits = teacher_linear(teacher_hidden[start:stop].detach(), teacher_buffer[: stop - start])
             if check_finite and scan:
-                named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
-                check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
+                check_teacher(teacher_logits)
             return teacher_logits
 
         def teacher_chunk(logits, start, stop):
@@ -480,8 +483,7 @@ def fused_linear_loss(
                 )  # fmt: skip
                 if ranges is not None and not scaled_ranges_fit(ranges, acc):
                     check_logits(logits_again())
-                    named = {"teacher_hidden @ teacher_weight.T": teacher_logits}
-                    check_scaled_logits(named, inv_temperature, teacher_logits.dtype)
+                    check_teacher(teacher_logits)
                 return rows
 
     check_logits = None
